@@ -1,0 +1,645 @@
+"""The typed config tree: dataclasses, JSON loading, dotted overrides and one validation pass.
+
+A training config is one JSON object with the sections `model`, `training`, `data`, `parallel`,
+`kernels`, `checkpoint` and `logging` (see configs/README.md for every field). `model` may name a
+Hugging Face GPT-2 architecture file (`model.config_file`) and `data` a dataset config
+(`data.config_file`); values written inline must agree with them, and command-line overrides,
+applied after the files are merged, replace either.
+
+`load_config(path, overrides)` reads, merges, type-checks and validates, and raises `ConfigError`
+listing every problem at once, each naming the field, its value, the rule and a fix. Nothing here
+creates a process group or a tensor, so a bad config is caught before launch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REQUIRED = object()  # sentinel default: the field must be present in the file
+
+ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "sdpa", "eager")
+LAYERNORM_BACKENDS = ("auto", "triton", "torch", "apex")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+
+
+def _field(default=REQUIRED, choices: tuple | None = None, doc: str = ""):
+    """A dataclass field with its allowed values and one line of documentation."""
+    meta = {"choices": choices, "doc": doc, "required": default is REQUIRED}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=None if default is REQUIRED else default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    config_file: str | None = _field(None, doc="a Hugging Face GPT-2 config (configs/models/*.json)")
+    vocab_size: int = _field(doc="tokenizer vocabulary size (GPT-2: 50257)")
+    d_model: int = _field(doc="hidden width")
+    n_heads: int = _field(doc="attention heads")
+    n_layers: int = _field(doc="transformer blocks")
+    seq_length: int = _field(1024, doc="context length (learned positions)")
+    ffn_hidden_size: int | None = _field(None, doc="MLP width; default 4 * d_model")
+    dropout: float = _field(0.1, doc="dropout on embeddings, residuals and attention")
+    layernorm_eps: float = _field(1e-5)
+    init_std: float = _field(0.02, doc="std of the normal initialisation")
+    make_vocab_size_divisible_by: int = _field(128, doc="pad the vocabulary to a multiple of this x tp")
+    estimated_parameters: int | None = _field(None, doc="expected parameter count, checked by the validator")
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.d_model
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Vocabulary padded to a multiple of make_vocab_size_divisible_by * tp (Megatron's rule)."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+@dataclass
+class TrainingConfig:
+    mode: str = _field("pretrain", choices=("pretrain", "finetune"))
+    learning_rate: float = _field(doc="peak learning rate")
+    min_lr: float = _field(0.0, doc="learning rate at the end of the decay")
+    lr_schedule: str = _field("cosine", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = _field(0)
+    lr_decay_steps: int | None = _field(None, doc="steps of decay after which min_lr holds; default max_steps")
+    batch_size: int = _field(doc="micro-batch size per GPU (sequences)")
+    grad_accumulation_steps: int = _field(1, doc="micro-batches per optimizer step on each data-parallel rank")
+    global_batch_size: int | None = _field(None, doc="optional check: batch_size * grad_accumulation_steps * dp")
+    max_steps: int = _field(doc="optimizer steps")
+    weight_decay: float = _field(0.1, doc="AdamW decay; never applied to biases, norms and embeddings")
+    adam_beta1: float = _field(0.9)
+    adam_beta2: float = _field(0.95)
+    adam_eps: float = _field(1e-8)
+    grad_clip: float = _field(1.0, doc="clip the global gradient norm to this; 0 turns clipping off")
+    precision: str = _field("bf16", choices=("fp32", "bf16", "fp16"))
+    seed: int = _field(1234)
+    log_interval: int = _field(10, doc="steps between console lines and metrics records")
+    eval_interval: int = _field(1000, doc="steps between validation passes; 0 turns them off")
+    eval_iters: int = _field(10, doc="micro-batches per validation pass")
+    recompute: str = _field("none", choices=("none", "selective", "full"))
+    max_skipped_steps: int = _field(10, doc="consecutive non-finite steps before the run aborts")
+
+
+@dataclass
+class PreprocessingConfig:
+    input: str = _field(doc="jsonl or jsonl.gz to tokenize")
+    output_prefix: str = _field(doc="writes <prefix>_<key>_document.bin/.idx")
+    json_keys: list = _field(["text"])
+    append_eod: bool = _field(True)
+    workers: int = _field(1)
+
+
+@dataclass
+class DataConfig:
+    config_file: str | None = _field(None, doc="a dataset config (configs/dataset/*.json)")
+    description: str | None = _field(None)
+    format: str = _field("indexed", choices=("indexed", "sft"))
+    train_data_path: list = _field(doc="a prefix, or [weight, prefix, weight, prefix, ...] to blend")
+    val_data_path: list = _field(doc="validation prefixes; empty: carve validation out of data.split")
+    test_data_path: list = _field([])
+    split: str = _field("969,30,1", doc="train,valid,test document weights when val_data_path is empty")
+    tokenizer_path: str = _field(doc='"gpt2" (bundled), a tokenizer.json, or a vocab/merges folder')
+    mock: bool = _field(False, doc="random tokens instead of a dataset (benchmarks, tests)")
+    num_workers: int = _field(2, doc="data-loader worker processes")
+    sft_packing: bool = _field(True, doc="fine-tuning: pack examples into full windows (else pad)")
+    cache_dir: str | None = _field(None, doc="where index arrays are cached; default next to the data")
+    preprocessing: PreprocessingConfig | None = _field(None)
+
+
+@dataclass
+class ParallelConfig:
+    world_size: int = _field(1, doc="number of processes (GPUs); must equal torchrun's world size")
+    tensor_parallel_size: int = _field(1)
+    pipeline_parallel_size: int = _field(1)
+    virtual_pipeline_size: int = _field(1, doc="model chunks per pipeline rank (>1: interleaved 1F1B)")
+    sequence_parallel: bool = _field(False)
+    zero_stage: int = _field(0, doc="0 or 1 natively (1 shards optimizer state); 0-3 with DeepSpeed")
+    deepspeed_config: str | None = _field(None, doc="a DeepSpeed JSON; training then runs through DeepSpeed")
+    bucket_size_mb: float = _field(25.0, doc="gradient all-reduce bucket size")
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.tensor_parallel_size * self.pipeline_parallel_size)
+
+
+@dataclass
+class KernelsConfig:
+    attention: str = _field("auto", choices=ATTENTION_BACKENDS)
+    layernorm: str = _field("auto", choices=LAYERNORM_BACKENDS)
+    softmax: str = _field("auto", choices=KERNEL_BACKENDS)
+    bias_gelu: str = _field("auto", choices=KERNEL_BACKENDS)
+    cross_entropy: str = _field("auto", choices=KERNEL_BACKENDS)
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str | None = _field(None, doc="default <logging.run_dir>/checkpoints")
+    save_interval: int = _field(1000, doc="steps between checkpoints; 0: only at the end")
+    load: str = _field("auto", doc='"auto" (resume from latest if any), "none", or a path')
+    keep_last: int = _field(3, doc="complete checkpoints kept")
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str | None = _field(None, doc="default runs/<config name>")
+    metrics_file: str | None = _field(None, doc="default <run_dir>/metrics.jsonl")
+    tensorboard: bool = _field(False)
+    progress_bar: bool = _field(True)
+
+
+@dataclass
+class Config:
+    name: str | None = _field(None, doc="run name; default the config file's stem")
+    description: str | None = _field(None)
+    model: ModelConfig = _field()
+    training: TrainingConfig = _field()
+    data: DataConfig = _field()
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    @property
+    def run_dir(self) -> str:
+        return self.logging.run_dir or f"runs/{self.name or 'default'}"
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "data": DataConfig,
+            "parallel": ParallelConfig, "kernels": KernelsConfig,
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+OPTIONAL_SECTIONS = ("parallel", "kernels", "checkpoint", "logging")
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, each naming the field, the value, the rule and the fix."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be read or is not valid JSON (line and column named)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files and applying overrides
+
+def read_json(path: str | Path, what: str = "config") -> dict:
+    """Read a JSON object, with errors that name the file, the line and the column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigFileError(f"{what} file not found: {path} (check the path; it is read relative "
+                              f"to the current directory {Path.cwd()})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigFileError(f"cannot read {what} file {path}: {e}") from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigFileError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg} "
+                              f"(run `python -m json.tool {path}` to see it)") from e
+    if not isinstance(obj, dict):
+        raise ConfigFileError(f"{path}: the top level must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--section.field=value` or `--section.field value` pairs into {"section.field": "value"}."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError([f"override {arg!r} is not of the form --section.field=value "
+                               f"(e.g. --training.max_steps=100)"])
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 1
+        else:
+            raise ConfigError([f"override --{key} has no value; write --{key}=VALUE"])
+        out[key] = value
+        i += 1
+    return out
+
+
+def _override_value(raw: str) -> Any:
+    """Command-line text to a JSON value: numbers, true/false/null and lists parse; the rest is text."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def apply_overrides(raw: dict, overrides: dict[str, str], problems: list[str]) -> None:
+    """Write each dotted override into the raw config dict, checking the path exists."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        cls: Any = Config
+        node = raw
+        for depth, part in enumerate(parts):
+            names = _field_names(cls)
+            if part not in names:
+                prefix = ".".join(parts[:depth])
+                problems.append(_unknown(prefix, part, names, value))
+                break
+            ftype = _hints(cls)[part]
+            if depth == len(parts) - 1:
+                parsed = _override_value(value)
+                if _base_type(ftype) is str and not isinstance(parsed, str) and parsed is not None:
+                    parsed = value
+                node[part] = parsed
+            else:
+                sub = _dataclass_of(ftype)
+                if sub is None:
+                    problems.append(f"--{key}: {'.'.join(parts[:depth + 1])} is not a section; "
+                                    f"write --{'.'.join(parts[:depth + 1])}=VALUE")
+                    break
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node, cls = node[part], sub
+
+
+# ---------------------------------------------------------------------------------------------
+# Type checking the raw dict into dataclasses
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _unknown(prefix: str, name: str, names: list[str], value: Any) -> str:
+    where = f"{prefix}.{name}" if prefix else name
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else \
+        f"valid fields{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+    return f"{where}={_show(value)}: unknown field; {hint}"
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _args(tp) -> tuple:
+    return typing.get_args(tp)
+
+
+def _is_optional(tp) -> bool:
+    return (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in _args(tp)
+
+
+def _base_type(tp):
+    if _is_optional(tp):
+        return next(a for a in _args(tp) if a is not type(None))
+    return tp
+
+
+def _dataclass_of(tp):
+    base = _base_type(tp)
+    return base if dataclasses.is_dataclass(base) else None
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               list: "a list"}
+
+
+def _coerce(where: str, value: Any, tp, problems: list[str]) -> Any:
+    """Check one JSON value against a field type; return the value to store (or None on error)."""
+    if value is None:
+        if _is_optional(tp):
+            return None
+        problems.append(f"{where}=null: must be {_TYPE_WORDS.get(_base_type(tp), 'set')}; "
+                        f"fix: give it a value")
+        return None
+    base = _base_type(tp)
+    sub = _dataclass_of(tp)
+    if sub is not None:
+        if not isinstance(value, dict):
+            problems.append(f"{where}={_show(value)}: must be a JSON object (a section)")
+            return None
+        return _build(sub, value, where, problems)
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is list and isinstance(value, str):
+        return [value]
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    problems.append(f"{where}={_show(value)}: must be {_TYPE_WORDS.get(base, base.__name__)}, "
+                    f"got {type(value).__name__}")
+    return None
+
+
+def _build(cls, raw: dict, prefix: str, problems: list[str]):
+    """Type-check a raw dict into the dataclass cls, appending every problem found."""
+    hints, names, kwargs = _hints(cls), _field_names(cls), {}
+    for key, value in raw.items():
+        if key not in names:
+            problems.append(_unknown(prefix, key, names, value))
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in raw:
+            if f.metadata.get("required"):
+                problems.append(f"{where}: required field is missing; fix: add it to the config "
+                                f"({f.metadata.get('doc') or 'see configs/README.md'})")
+            continue
+        value = _coerce(where, raw[f.name], hints[f.name], problems)
+        choices = f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            problems.append(f"{where}={_show(value)}: must be one of {', '.join(choices)}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture and dataset files
+
+HF_TO_MODEL = {"vocab_size": "vocab_size", "n_embd": "d_model", "n_head": "n_heads",
+               "n_layer": "n_layers", "n_positions": "seq_length", "n_inner": "ffn_hidden_size",
+               "layer_norm_epsilon": "layernorm_eps", "initializer_range": "init_std"}
+HF_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def model_fields_from_hf(hf: dict, path: str, problems: list[str]) -> dict:
+    """Map a Hugging Face GPT-2 config dict onto `model` fields, noting what cannot be expressed."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        problems.append(f"model.config_file={path}: model_type={hf.get('model_type')!r}; "
+                        f"only GPT-2 configs (model_type \"gpt2\") are supported")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        problems.append(f"model.config_file={path}: activation_function={act!r}; the model uses "
+                        f"GPT-2's tanh GeLU, so set it to \"gelu_new\"")
+    if hf.get("tie_word_embeddings", True) is not True:
+        problems.append(f"model.config_file={path}: tie_word_embeddings=false; the model always "
+                        f"ties the input and output embeddings")
+    out = {ours: hf[theirs] for theirs, ours in HF_TO_MODEL.items() if theirs in hf}
+    drops = {hf[k] for k in HF_DROPOUTS if k in hf}
+    if len(drops) > 1:
+        problems.append(f"model.config_file={path}: resid_pdrop, embd_pdrop and attn_pdrop differ "
+                        f"({', '.join(f'{k}={hf[k]}' for k in HF_DROPOUTS if k in hf)}); "
+                        f"the model uses one model.dropout, so make them equal")
+    elif drops:
+        out["dropout"] = drops.pop()
+    return out
+
+
+def resolve_path(path: str, config_path: str | Path | None) -> Path:
+    """A path from a config: as given (relative to the working directory) if it exists, else
+    relative to the config file's folder or one of its parents (so `configs/models/x.json` works
+    from any directory inside the repository)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or config_path is None:
+        return p
+    for parent in Path(config_path).resolve().parents:
+        if (parent / p).exists():
+            return parent / p
+    return p
+
+
+def _merge_file(raw_section: dict, from_file: dict, section: str, file_field: str,
+                problems: list[str]) -> dict:
+    """Values from a referenced file, with inline values required to agree."""
+    merged = dict(from_file)
+    for key, value in raw_section.items():
+        if key in from_file and from_file[key] != value and key != file_field:
+            problems.append(f"{section}.{key}={_show(value)} disagrees with "
+                            f"{raw_section[file_field]} which says {_show(from_file[key])}; "
+                            f"fix: make them equal or drop the inline value")
+        merged[key] = value
+    return merged
+
+
+def _expand_files(raw: dict, config_path: str | None, problems: list[str]) -> None:
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("config_file"), str):
+        path = resolve_path(model["config_file"], config_path)
+        try:
+            hf = read_json(path, "model.config_file")
+            raw["model"] = _merge_file(model, model_fields_from_hf(hf, model["config_file"], problems),
+                                       "model", "config_file", problems)
+        except ConfigFileError as e:
+            problems.append(f"model.config_file={model['config_file']}: {e}")
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("config_file"), str):
+        path = resolve_path(data["config_file"], config_path)
+        try:
+            raw["data"] = _merge_file(data, read_json(path, "data.config_file"), "data",
+                                      "config_file", problems)
+        except ConfigFileError as e:
+            problems.append(f"data.config_file={data['config_file']}: {e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+def load_config(path: str | Path | None = None, overrides: dict[str, str] | list[str] | None = None,
+                raw: dict | None = None) -> Config:
+    """Read a training config (or take `raw`), apply overrides, type-check and validate it.
+
+    Raises ConfigFileError for an unreadable file or bad JSON, ConfigError listing every problem.
+    """
+    if raw is None:
+        raw = read_json(path)
+    raw = json.loads(json.dumps(raw))
+    problems: list[str] = []
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    _expand_files(raw, str(path) if path else None, problems)
+    if overrides:
+        apply_overrides(raw, overrides, problems)
+    cfg = _build(Config, raw, "", problems)
+    cfg.source = str(path) if path else None
+    if cfg.name is None and path is not None:
+        cfg.name = Path(path).stem
+    if None not in (cfg.model, cfg.training, cfg.data, cfg.parallel, cfg.kernels,
+                    cfg.checkpoint, cfg.logging):
+        problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems, cfg.source)
+    return cfg
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _check_blend(where: str, paths: list, problems: list[str]) -> None:
+    """A data path list is prefixes, or alternating weight/prefix pairs."""
+    if len(paths) <= 1:
+        if paths and not isinstance(paths[0], str):
+            problems.append(f"{where}={_show(paths)}: a single entry must be a path prefix")
+        return
+    try:
+        float(paths[0])
+    except (TypeError, ValueError):
+        if not all(isinstance(p, str) for p in paths):
+            problems.append(f"{where}={_show(paths)}: must be prefixes or [weight, prefix, ...] pairs")
+        return
+    if len(paths) % 2:
+        problems.append(f"{where}={_show(paths)}: a blend is [weight, prefix, weight, prefix, ...]; "
+                        f"it has an odd number of entries")
+        return
+    for w, p in zip(paths[0::2], paths[1::2]):
+        try:
+            ok = float(w) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or not isinstance(p, str):
+            problems.append(f"{where}: blend pair ({_show(w)}, {_show(p)}) must be a positive "
+                            f"weight followed by a path prefix")
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every cross-field rule; returns the problems (empty when the config is valid)."""
+    p: list[str] = []
+    m, t, d, par = cfg.model, cfg.training, cfg.data, cfg.parallel
+
+    def positive(where: str, value, optional: bool = False):
+        """Report a value <= 0; True when later rules may use the value (None: missing or mistyped)."""
+        if value is None:
+            return optional
+        if value <= 0:
+            p.append(f"{where}={value}: must be positive; fix: set it to 1 or more")
+            return False
+        return True
+
+    def known(*values) -> bool:
+        return all(v is not None for v in values)
+
+    def non_negative(where: str, value):
+        if value is not None and value < 0:
+            p.append(f"{where}={value}: must be 0 or more")
+
+    ok = all([positive("model.vocab_size", m.vocab_size), positive("model.d_model", m.d_model),
+              positive("model.n_heads", m.n_heads), positive("model.n_layers", m.n_layers),
+              positive("model.seq_length", m.seq_length),
+              positive("model.ffn_hidden_size", m.ffn_hidden_size, optional=True),
+              positive("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by)])
+    ok_layout = all([positive("parallel.world_size", par.world_size),
+                     positive("parallel.tensor_parallel_size", par.tensor_parallel_size),
+                     positive("parallel.pipeline_parallel_size", par.pipeline_parallel_size),
+                     positive("parallel.virtual_pipeline_size", par.virtual_pipeline_size)])
+    ok_batch = all([positive("training.batch_size", t.batch_size),
+                    positive("training.grad_accumulation_steps", t.grad_accumulation_steps),
+                    positive("training.global_batch_size", t.global_batch_size, optional=True)])
+    positive("training.max_steps", t.max_steps)
+    positive("training.learning_rate", t.learning_rate)
+    positive("training.log_interval", t.log_interval)
+    positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    positive("parallel.bucket_size_mb", par.bucket_size_mb)
+    positive("model.init_std", m.init_std)
+    positive("model.layernorm_eps", m.layernorm_eps)
+    for where, value in [("training.warmup_steps", t.warmup_steps), ("training.min_lr", t.min_lr),
+                         ("training.weight_decay", t.weight_decay), ("training.grad_clip", t.grad_clip),
+                         ("training.eval_interval", t.eval_interval), ("training.eval_iters", t.eval_iters),
+                         ("training.max_skipped_steps", t.max_skipped_steps),
+                         ("training.lr_decay_steps", t.lr_decay_steps),
+                         ("checkpoint.save_interval", cfg.checkpoint.save_interval),
+                         ("data.num_workers", d.num_workers)]:
+        non_negative(where, value)
+    if known(m.dropout) and not 0.0 <= m.dropout < 1.0:
+        p.append(f"model.dropout={m.dropout}: must be in [0, 1); fix: 0.1 for GPT-2, 0.0 to turn it off")
+    for where, beta in [("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)]:
+        if known(beta) and not 0.0 <= beta < 1.0:
+            p.append(f"{where}={beta}: must be in [0, 1); fix: 0.9 and 0.95 are usual")
+    if known(t.min_lr, t.learning_rate) and t.min_lr > t.learning_rate > 0:
+        p.append(f"training.min_lr={t.min_lr}: must not exceed training.learning_rate={t.learning_rate}; "
+                 f"fix: e.g. min_lr = learning_rate / 10")
+    decay = t.lr_decay_steps if t.lr_decay_steps is not None else t.max_steps
+    if t.lr_schedule != "constant" and known(decay, t.warmup_steps) and t.warmup_steps > decay:
+        p.append(f"training.warmup_steps={t.warmup_steps}: exceeds the decay length "
+                 f"({'training.lr_decay_steps' if t.lr_decay_steps is not None else 'training.max_steps'}"
+                 f"={decay}); fix: shorten the warm-up")
+
+    if ok:
+        if m.d_model % m.n_heads:
+            p.append(f"model.d_model={m.d_model}: must be divisible by model.n_heads={m.n_heads}; "
+                     f"fix: choose n_heads among {_divisors(m.d_model)}")
+    if ok and ok_layout:
+        tp, pp, vp = par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size
+        if m.n_heads % tp:
+            p.append(f"parallel.tensor_parallel_size={tp}: must divide model.n_heads={m.n_heads}; "
+                     f"fix: choose tensor_parallel_size among {_divisors(m.n_heads)}")
+        if m.ffn_size % tp:
+            p.append(f"parallel.tensor_parallel_size={tp}: must divide the MLP width "
+                     f"{m.ffn_size} (model.ffn_hidden_size); fix: choose among {_divisors(m.ffn_size)}")
+        if m.n_layers % (pp * vp):
+            p.append(f"parallel.pipeline_parallel_size={pp} x parallel.virtual_pipeline_size={vp} "
+                     f"= {pp * vp}: must divide model.n_layers={m.n_layers}; "
+                     f"fix: choose a product among {_divisors(m.n_layers)}")
+        if vp > 1 and pp == 1:
+            p.append(f"parallel.virtual_pipeline_size={vp}: needs pipeline_parallel_size > 1; "
+                     f"fix: set virtual_pipeline_size=1 or raise pipeline_parallel_size")
+        if par.sequence_parallel and tp > 1 and m.seq_length % tp:
+            p.append(f"parallel.sequence_parallel=true: model.seq_length={m.seq_length} must be "
+                     f"divisible by parallel.tensor_parallel_size={tp}")
+        if par.world_size % (tp * pp):
+            p.append(f"parallel.world_size={par.world_size}: must be a multiple of "
+                     f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {tp * pp} "
+                     f"(world_size = tp x pp x dp); fix: world_size {tp * pp}, {2 * tp * pp}, ...")
+        elif ok_batch:
+            dp = par.data_parallel_size
+            gbs = t.batch_size * t.grad_accumulation_steps * dp
+            if t.global_batch_size is not None and t.global_batch_size != gbs:
+                p.append(f"training.global_batch_size={t.global_batch_size}: must equal batch_size x "
+                         f"grad_accumulation_steps x data-parallel size = {t.batch_size} x "
+                         f"{t.grad_accumulation_steps} x {dp} = {gbs}; fix: set it to {gbs} or "
+                         f"change grad_accumulation_steps")
+            if vp > 1 and t.grad_accumulation_steps % pp:
+                p.append(f"training.grad_accumulation_steps={t.grad_accumulation_steps}: the "
+                         f"interleaved schedule needs the number of micro-batches to be a multiple "
+                         f"of parallel.pipeline_parallel_size={pp}")
+        if par.deepspeed_config is None and known(par.zero_stage) and par.zero_stage not in (0, 1):
+            p.append(f"parallel.zero_stage={par.zero_stage}: the native path supports 0 or 1; "
+                     f"fix: use 0 or 1, or set parallel.deepspeed_config for ZeRO-2/3")
+        if par.deepspeed_config is not None:
+            if known(par.zero_stage) and par.zero_stage not in (0, 1, 2, 3):
+                p.append(f"parallel.zero_stage={par.zero_stage}: must be 0, 1, 2 or 3")
+            if tp > 1 or pp > 1:
+                p.append(f"parallel.deepspeed_config={par.deepspeed_config}: the DeepSpeed engine "
+                         f"runs data parallel only, but tensor_parallel_size={tp} and "
+                         f"pipeline_parallel_size={pp}; fix: set both to 1 or drop deepspeed_config")
+
+    if d.mock is False:
+        for where, paths in [("data.train_data_path", d.train_data_path),
+                             ("data.val_data_path", d.val_data_path),
+                             ("data.test_data_path", d.test_data_path)]:
+            if paths is not None:
+                _check_blend(where, paths, p)
+        if d.train_data_path == []:
+            p.append("data.train_data_path=[]: needs at least one dataset prefix; fix: run "
+                     "tools/preprocess_data.py and name its output prefix, or set data.mock=true")
+    try:
+        weights = [float(w) for w in (d.split or "").split(",")]
+        if len(weights) != 3 or any(w < 0 for w in weights) or not weights[0] > 0:
+            raise ValueError
+    except ValueError:
+        p.append(f"data.split={d.split!r}: must be three non-negative weights train,valid,test "
+                 f"with train > 0, e.g. \"969,30,1\"")
+    if m.estimated_parameters is not None and m.estimated_parameters <= 0:
+        p.append(f"model.estimated_parameters={m.estimated_parameters}: must be positive")
+    return p

@@ -1,0 +1,1 @@
+"""Data: tokenizers, indexed datasets, GPT and fine-tuning datasets, samplers."""

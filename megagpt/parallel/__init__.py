@@ -1,0 +1,1 @@
+"""Process groups, parallel layers, collectives, pipeline schedules and data parallelism."""

@@ -1,0 +1,1 @@
+"""The training loop, optimizer, precision, checkpoints and metrics."""

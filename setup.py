@@ -1,0 +1,37 @@
+"""megagpt: a Megatron-style 3D-parallel GPT training toolkit.
+
+`kernels/` at the top of the repository installs as `megagpt.kernels`: a top-level package named
+`kernels` would collide with an unrelated PyPI package of that name.
+"""
+import sys
+
+from setuptools import find_packages, setup
+
+install_requires = [
+    "torch>=2.4",
+    "numpy",
+    "tokenizers>=0.15",
+    "tqdm",
+    "tensorboard",
+]
+if sys.platform.startswith("linux"):
+    install_requires.append("triton>=3.0")
+
+setup(
+    name="megagpt",
+    version="0.1.0",
+    description="Megatron-style tensor, pipeline and data parallel GPT training with Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megagpt", "megagpt.*"]) + ["megagpt.kernels"],
+    package_dir={"megagpt.kernels": "kernels"},
+    package_data={"megagpt.data": ["assets/*.gz", "assets/*.md", "assets/gpt2/*"]},
+    install_requires=install_requires,
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "safetensors"],
+        "hf": ["transformers>=4.40", "safetensors"],
+        "deepspeed": ["deepspeed>=0.14"],
+        "flash": ["flash-attn>=2.5"],
+    },
+)

@@ -1,0 +1,281 @@
+"""The config tree: shipped configs, overrides, and a clear message for every bad input."""
+import json
+from pathlib import Path
+
+import pytest
+
+from megagpt.config import ConfigError, ConfigFileError, load_config, parse_overrides
+from megagpt.estimate import count_parameters
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAINING = sorted((ROOT / "configs" / "training").glob("*.json"))
+TINY = ROOT / "configs" / "training" / "tiny_model.json"
+
+EXPECTED_PARAMETERS = {"small_model": 124_439_808, "base_model": 354_823_168,
+                       "large_model": 1_315_723_264}
+
+
+def tiny_raw() -> dict:
+    return json.loads(TINY.read_text())
+
+
+def problems_of(raw: dict, overrides=None, path=TINY) -> list[str]:
+    """Load a raw dict as if it were the file `path`; return the problems reported."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, raw=raw)
+    return info.value.problems
+
+
+def test_every_readme_config_file_exists():
+    for rel in ["training/small_model.json", "training/base_model.json", "training/large_model.json",
+                "models/gpt_small.json", "models/gpt_base.json", "models/gpt_large.json",
+                "dataset/pretraining.json", "dataset/finetuning.json", "README.md",
+                "training/tiny_model.json"]:
+        assert (ROOT / "configs" / rel).is_file(), rel
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.stem)
+def test_shipped_training_configs_are_valid_and_counted(path):
+    cfg = load_config(path)
+    n = count_parameters(cfg.model)
+    assert cfg.model.estimated_parameters == n
+    if path.stem in EXPECTED_PARAMETERS:
+        assert n == EXPECTED_PARAMETERS[path.stem]
+    assert cfg.name == path.stem
+    assert cfg.model.config_file and cfg.data.config_file
+
+
+def test_parameter_count_equals_hugging_face_gpt2_on_the_meta_device():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    for name in ("gpt_small", "gpt_base", "gpt_large", "gpt_tiny"):
+        hf = transformers.AutoConfig.from_pretrained(str(ROOT / "configs" / "models" / f"{name}.json"))
+        with torch.device("meta"):
+            model = transformers.GPT2LMHeadModel(hf)
+        cfg = load_config(TINY, raw={**tiny_raw(), "model": {"config_file": f"configs/models/{name}.json"}})
+        assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg.model), name
+
+
+def test_configs_readme_snippet_in_the_form_that_works():
+    """The configs README shows `AutoConfig.from_json_file`, which transformers does not have;
+    `AutoConfig.from_pretrained(file)` and `GPT2Config.from_json_file(file)` load the same file."""
+    transformers = pytest.importorskip("transformers")
+    path = str(ROOT / "configs" / "models" / "gpt_tiny.json")
+    assert not hasattr(transformers.AutoConfig, "from_json_file")
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = transformers.AutoModel.from_config(config)
+    assert type(model).__name__ == "GPT2Model"
+    assert transformers.GPT2Config.from_json_file(path).n_embd == config.n_embd == 128
+    with open(ROOT / "configs" / "dataset" / "pretraining.json") as f:
+        data_config = json.load(f)
+    assert "train_data_path" in data_config
+
+
+def test_model_fields_come_from_the_architecture_file():
+    raw = tiny_raw()
+    raw["model"] = {"config_file": "configs/models/gpt_small.json"}
+    cfg = load_config(TINY, raw=raw, overrides=["--parallel.tensor_parallel_size=1",
+                                                "--parallel.pipeline_parallel_size=1",
+                                                "--parallel.world_size=1"])
+    m = cfg.model
+    assert (m.d_model, m.n_layers, m.n_heads, m.seq_length, m.vocab_size) == (768, 12, 12, 1024, 50257)
+    assert m.dropout == 0.1 and m.ffn_size == 3072
+
+
+def test_overrides_both_spellings_and_types():
+    cfg = load_config(TINY, ["--training.max_steps=700", "--training.learning_rate", "3e-4",
+                             "--data.mock=true", "--checkpoint.load=none",
+                             "--data.train_data_path=[\"0.5\", \"a\", \"0.5\", \"b\"]"])
+    assert cfg.training.max_steps == 700 and cfg.training.learning_rate == 3e-4
+    assert cfg.data.mock is True and cfg.checkpoint.load == "none"
+    assert cfg.data.train_data_path == ["0.5", "a", "0.5", "b"]
+    assert parse_overrides(["--a.b", "1", "--c.d=x=y"]) == {"a.b": "1", "c.d": "x=y"}
+
+
+def test_string_field_keeps_numeric_looking_text():
+    cfg = load_config(TINY, ["--checkpoint.load=123", "--data.split=1,0,0"])
+    assert cfg.checkpoint.load == "123" and cfg.data.split == "1,0,0"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigFileError, match="not found: .*nope.json"):
+        load_config(tmp_path / "nope.json")
+
+
+def test_json_syntax_error_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{\n  "model": {\n    "d_model": 12,,\n  }\n}\n')
+    with pytest.raises(ConfigFileError, match=r"bad.json:3:19: invalid JSON"):
+        load_config(path)
+
+
+def test_top_level_must_be_an_object(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigFileError, match="top level must be a JSON object"):
+        load_config(path)
+
+
+def test_missing_required_field():
+    raw = tiny_raw()
+    del raw["training"]["learning_rate"]
+    del raw["data"]["config_file"]
+    del raw["data"]["tokenizer_path"]
+    problems = problems_of(raw)
+    assert any(p.startswith("training.learning_rate: required field is missing") for p in problems)
+    assert any(p.startswith("data.tokenizer_path: required field is missing") for p in problems)
+
+
+def test_missing_section():
+    raw = tiny_raw()
+    del raw["training"]
+    assert any(p.startswith("training: required field is missing") for p in problems_of(raw))
+
+
+def test_wrong_type():
+    problems = problems_of(tiny_raw(), ["--training.batch_size=\"four\"", "--data.mock=1",
+                                        "--training.learning_rate=true"])
+    assert "training.batch_size=four: must be an integer, got str" in problems
+    assert "data.mock=1: must be true or false, got int" in problems
+    assert "training.learning_rate=true: must be a number, got bool" in problems
+
+
+def test_unknown_field_suggests_the_closest_name():
+    raw = tiny_raw()
+    raw["training"]["learnin_rate"] = 0.1
+    raw["trainig"] = {}
+    problems = problems_of(raw, ["--parallel.tensor_paralel_size=2"])
+    assert any("training.learnin_rate=0.1: unknown field; did you mean training.learning_rate?" in p
+               for p in problems)
+    assert any("trainig={}: unknown field; did you mean training?" in p for p in problems)
+    assert any("did you mean parallel.tensor_parallel_size?" in p for p in problems)
+
+
+def test_bad_choice_lists_the_valid_ones():
+    problems = problems_of(tiny_raw(), ["--training.precision=fp8", "--kernels.attention=fast"])
+    assert "training.precision=fp8: must be one of fp32, bf16, fp16" in problems
+    assert "kernels.attention=fast: must be one of auto, triton, flash_attn, sdpa, eager" in problems
+
+
+@pytest.mark.parametrize("field", ["model.n_layers", "training.batch_size", "training.max_steps",
+                                   "parallel.tensor_parallel_size", "training.grad_accumulation_steps"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_zero_or_negative_size(field, value):
+    problems = problems_of(tiny_raw(), [f"--{field}={value}"])
+    assert f"{field}={value}: must be positive; fix: set it to 1 or more" in problems
+
+
+def test_tensor_parallel_must_divide_heads():
+    problems = problems_of(tiny_raw(), ["--parallel.tensor_parallel_size=3", "--parallel.world_size=6",
+                                        "--parallel.pipeline_parallel_size=1"])
+    assert any(p.startswith("parallel.tensor_parallel_size=3: must divide model.n_heads=4; "
+                            "fix: choose tensor_parallel_size among 1, 2, 4") for p in problems)
+
+
+def test_pipeline_must_divide_layers():
+    problems = problems_of(tiny_raw(), ["--parallel.pipeline_parallel_size=3", "--parallel.world_size=6"])
+    assert any("parallel.pipeline_parallel_size=3 x parallel.virtual_pipeline_size=1 = 3: must "
+               "divide model.n_layers=4" in p for p in problems)
+
+
+def test_world_size_must_match_the_layout():
+    problems = problems_of(tiny_raw(), ["--parallel.world_size=6"])
+    assert any(p.startswith("parallel.world_size=6: must be a multiple of tensor_parallel_size x "
+                            "pipeline_parallel_size = 2 x 2 = 4") for p in problems)
+
+
+def test_global_batch_must_equal_micro_batch_times_accumulation_times_dp():
+    problems = problems_of(tiny_raw(), ["--parallel.world_size=8", "--training.global_batch_size=30"])
+    assert any(p.startswith("training.global_batch_size=30: must equal batch_size x "
+                            "grad_accumulation_steps x data-parallel size = 4 x 4 x 2 = 32") for p in problems)
+
+
+def test_interleaved_schedule_rules():
+    problems = problems_of(tiny_raw(), ["--parallel.virtual_pipeline_size=2",
+                                        "--training.grad_accumulation_steps=3"])
+    assert any(p.startswith("training.grad_accumulation_steps=3: the interleaved schedule") for p in problems)
+    problems = problems_of(tiny_raw(), ["--parallel.pipeline_parallel_size=1", "--parallel.world_size=2",
+                                        "--parallel.virtual_pipeline_size=2"])
+    assert any(p.startswith("parallel.virtual_pipeline_size=2: needs pipeline_parallel_size > 1")
+               for p in problems)
+
+
+def test_sequence_parallel_needs_divisible_sequence():
+    problems = problems_of(tiny_raw(), ["--parallel.sequence_parallel=true", "--model.seq_length=127"])
+    assert any(p.startswith("parallel.sequence_parallel=true: model.seq_length=127 must be divisible "
+                            "by parallel.tensor_parallel_size=2") for p in problems)
+
+
+def test_width_must_divide_into_heads():
+    problems = problems_of(tiny_raw(), ["--model.d_model=130"])
+    assert any(p.startswith("model.d_model=130: must be divisible by model.n_heads=4") for p in problems)
+
+
+def test_inline_values_must_agree_with_the_architecture_file():
+    raw = tiny_raw()
+    raw["model"]["n_layers"] = 8
+    problems = problems_of(raw)
+    assert ("model.n_layers=8 disagrees with configs/models/gpt_tiny.json which says 4; fix: make "
+            "them equal or drop the inline value") in problems
+
+
+def test_overrides_replace_values_from_the_referenced_files():
+    cfg = load_config(TINY, ["--model.n_layers=8", "--data.split=1,1,0"])
+    assert cfg.model.n_layers == 8 and cfg.data.split == "1,1,0"
+
+
+def test_missing_architecture_file_is_named():
+    raw = tiny_raw()
+    raw["model"]["config_file"] = "configs/models/nope.json"
+    problems = problems_of(raw)
+    assert any(p.startswith("model.config_file=configs/models/nope.json:") and "not found" in p
+               for p in problems)
+
+
+def test_bad_blend_and_split():
+    problems = problems_of(tiny_raw(), ["--data.train_data_path=[\"0.3\", \"a\", \"b\"]",
+                                        "--data.split=90,10"])
+    assert any("data.train_data_path" in p and "odd number of entries" in p for p in problems)
+    assert any(p.startswith("data.split='90,10': must be three non-negative weights") for p in problems)
+
+
+def test_native_zero_stage_and_deepspeed_layout():
+    problems = problems_of(tiny_raw(), ["--parallel.zero_stage=2"])
+    assert any(p.startswith("parallel.zero_stage=2: the native path supports 0 or 1") for p in problems)
+    problems = problems_of(tiny_raw(), ["--parallel.deepspeed_config=configs/deepspeed/zero2.json"])
+    assert any("the DeepSpeed engine runs data parallel only" in p for p in problems)
+
+
+def test_learning_rate_rules():
+    problems = problems_of(tiny_raw(), ["--training.min_lr=0.01", "--training.warmup_steps=500"])
+    assert any(p.startswith("training.min_lr=0.01: must not exceed training.learning_rate=0.001") for p in problems)
+    assert any(p.startswith("training.warmup_steps=500: exceeds the decay length "
+                            "(training.max_steps=200)") for p in problems)
+
+
+def test_every_problem_is_reported_together():
+    problems = problems_of(tiny_raw(), ["--training.batch_size=0", "--parallel.world_size=6",
+                                        "--training.precision=fp8", "--logging.tensorbord=true",
+                                        "--model.dropout=1.5"])
+    assert len(problems) >= 5
+    message = str(ConfigError(problems, "x.json"))
+    assert message.startswith(f"{len(problems)} problem(s) in x.json:")
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="is not of the form --section.field=value"):
+        load_config(TINY, ["training.max_steps=3"])
+    with pytest.raises(ConfigError, match="has no value"):
+        load_config(TINY, ["--training.max_steps"])
+    problems = problems_of(tiny_raw(), ["--training.max_steps.x=3"])
+    assert any("training.max_steps is not a section" in p for p in problems)
+
+
+def test_configs_readme_documents_every_field():
+    import dataclasses
+
+    from megagpt.config import SECTIONS, PreprocessingConfig
+    readme = (ROOT / "configs" / "README.md").read_text()
+    for section, cls in [*SECTIONS.items(), ("data.preprocessing", PreprocessingConfig)]:
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in readme, f"configs/README.md does not document {section}.{f.name}"
