@@ -1,0 +1,292 @@
+"""Cross-entropy over a vocabulary: loss and logits gradient in one pass per row, in Triton.
+
+Owns `cross_entropy` (the public function), its autograd Function, the kernels and
+`cross_entropy_reference`, and the two building blocks of the vocab-parallel loss,
+`cross_entropy_shard_stats` and `cross_entropy_shard_grad`, with their references.
+
+Shapes: logits is (..., vocab) float16/bfloat16/float32, target is (...) integer; rows are the
+flattened leading dimensions. The kernels read the logits in their own dtype, chunk by chunk
+(online max and sum of exponentials in float32); no float32 copy of the logits is made.
+
+`cross_entropy`: the forward kernel computes each row's loss and, in the same program, writes
+the row's gradient (softmax - onehot) / n_valid into a tensor of the logits' dtype (the mean over
+the n_valid rows whose target is not ignore_index). The backward scales that tensor in place by
+the incoming gradient and hands it on as the logits' gradient (so it can run once a forward).
+The loss is the mean over non-ignored rows (NaN when every row is ignored, as in torch). A
+target outside [0, vocab) that is not ignore_index is an error on the CPU and gives a NaN loss
+on a GPU (checking it there would synchronise).
+
+Vocab parallel (each rank holds the logits of the vocabulary slice [vocab_start, vocab_end)):
+`cross_entropy_shard_stats` gives per row the shard's max, sum(exp(logit - max)) and the target's
+logit (0 when the target lies outside the shard); the ranks combine them into the global
+log-sum-exp (max over ranks, rescaled sums, summed target logits), and in the backward
+`cross_entropy_shard_grad` writes the shard's (softmax - onehot) times each row's gradient.
+"""
+import torch
+
+from ._utils import KERNELS_INTERPRETED, check_float, check_same_device, tl, triton, triton_runs_on
+
+
+@triton.jit
+def _row_max_sumexp(row_ptr, n_cols, BLOCK_V: tl.constexpr):
+    """Online max and sum(exp(x - max)) of one row, chunk by chunk, in float32."""
+    cols = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    d = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        x = tl.load(row_ptr + start + cols, mask=start + cols < n_cols,
+                    other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    return m, d
+
+
+@triton.jit
+def _write_row_grad(row_ptr, grad_ptr, n_cols, lse, local_target, scale, BLOCK_V: tl.constexpr):
+    """grad[j] = (exp(x[j] - lse) - [j == local_target]) * scale over one row, chunk by chunk."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        idx = start + cols
+        x = tl.load(row_ptr + idx, mask=idx < n_cols, other=0.0).to(tl.float32)
+        g = (tl.exp(x - lse) - tl.where(idx == local_target, 1.0, 0.0)) * scale
+        tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=idx < n_cols)
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, n_cols, ignore_index,
+                              BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS + row * n_cols
+    grad_ptr = GRAD + row * n_cols
+    target = tl.load(TARGET + row).to(tl.int64)
+    if target == ignore_index:
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, n_cols, BLOCK_V):
+            tl.store(grad_ptr + start + cols, tl.zeros([BLOCK_V], tl.float32).to(
+                grad_ptr.dtype.element_ty), mask=start + cols < n_cols)
+        tl.store(LOSS + row, 0.0)
+    else:
+        m, d = _row_max_sumexp(row_ptr, n_cols, BLOCK_V)
+        lse = m + tl.log(d)
+        in_range = (target >= 0) & (target < n_cols)
+        target_logit = tl.load(row_ptr + target, mask=in_range, other=float("nan"))
+        tl.store(LOSS + row, lse - target_logit.to(tl.float32))
+        scale = 1.0 / tl.load(N_VALID).to(tl.float32)
+        _write_row_grad(row_ptr, grad_ptr, n_cols, lse, target, scale, BLOCK_V)
+
+
+@triton.jit
+def _shard_stats_kernel(LOGITS, TARGET, MAX, SUMEXP, TARGET_LOGIT, n_cols, vocab_start,
+                        BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS + row * n_cols
+    m, d = _row_max_sumexp(row_ptr, n_cols, BLOCK_V)
+    local = tl.load(TARGET + row).to(tl.int64) - vocab_start
+    in_shard = (local >= 0) & (local < n_cols)
+    target_logit = tl.load(row_ptr + local, mask=in_shard, other=0.0).to(tl.float32)
+    tl.store(MAX + row, m)
+    tl.store(SUMEXP + row, d)
+    tl.store(TARGET_LOGIT + row, target_logit)
+
+
+@triton.jit
+def _shard_grad_kernel(LOGITS, TARGET, LSE, GRAD_ROW, GRAD, n_cols, vocab_start, ignore_index,
+                       BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(TARGET + row).to(tl.int64)
+    scale = tl.where(target == ignore_index, 0.0, tl.load(GRAD_ROW + row).to(tl.float32))
+    _write_row_grad(LOGITS + row * n_cols, GRAD + row * n_cols, n_cols, tl.load(LSE + row),
+                    target - vocab_start, scale, BLOCK_V)
+
+
+def _block_v(n_cols: int) -> int:
+    """Vocabulary chunk of one loop step: small under the interpreter so that tests cover
+    several chunks and a partial last one."""
+    cap = 256 if KERNELS_INTERPRETED else 4096
+    return min(cap, triton.next_power_of_2(n_cols))
+
+
+def _num_warps(block_v: int) -> int:
+    return min(max(block_v // 256, 1), 16)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Autograd for the fused kernel; the forward computes the gradient, which it saves."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index):
+        n_cols = logits.shape[-1]
+        logits2d = logits.reshape(-1, n_cols).contiguous()
+        target1d = target.reshape(-1).contiguous()
+        n_rows = logits2d.shape[0]
+        n_valid = (target1d != ignore_index).sum()
+        grad = torch.empty_like(logits2d)
+        loss_rows = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        block_v = _block_v(n_cols)
+        _cross_entropy_fwd_kernel[(n_rows,)](logits2d, target1d, grad, loss_rows, n_valid, n_cols,
+                                             ignore_index, BLOCK_V=block_v,
+                                             num_warps=_num_warps(block_v))
+        ctx.save_for_backward(grad)
+        ctx.logits_shape = logits.shape
+        ctx.backward_done = False
+        return (loss_rows.sum() / n_valid).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.backward_done:
+            raise RuntimeError("cross_entropy's backward ran twice on one forward (retain_graph): "
+                               "it scales its saved gradient in place; compute the loss again")
+        ctx.backward_done = True
+        (grad,) = ctx.saved_tensors
+        grad.mul_(grad_loss.to(grad.dtype))
+        return grad.view(ctx.logits_shape), None, None
+
+
+def _check_logits_target(logits, target):
+    check_float("logits", logits)
+    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point or \
+            target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    check_same_device(logits=logits, target=target)
+    if logits.dim() < 1 or target.shape != logits.shape[:-1]:
+        raise ValueError(f"target has shape {tuple(target.shape)} but logits has "
+                         f"{tuple(logits.shape)}; target must be logits' shape without the last "
+                         "(vocabulary) dimension")
+
+
+def _check_target_range(logits, target, ignore_index):
+    """On the CPU (where it costs no synchronisation) reject targets outside the vocabulary."""
+    if target.device.type != "cpu":
+        return
+    valid = target[target != ignore_index]
+    if valid.numel() and (valid.min() < 0 or valid.max() >= logits.shape[-1]):
+        raise ValueError(f"target holds class {int(valid.min())}..{int(valid.max())} but logits "
+                         f"has {logits.shape[-1]} classes; targets must lie in "
+                         f"[0, {logits.shape[-1]}) or equal ignore_index={ignore_index}")
+
+
+def cross_entropy_reference(logits, target, ignore_index=-100):
+    """Plain torch: F.cross_entropy on float32 logits (mean over non-ignored rows), returned in
+    the logits' dtype."""
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             target.reshape(-1).long(), ignore_index=ignore_index)
+    return loss.to(logits.dtype)
+
+
+def cross_entropy(logits, target, ignore_index=-100):
+    """Mean cross-entropy of logits against target classes, loss and gradient in one fused pass.
+
+    Args:
+        logits: (..., vocab) float16/bfloat16/float32. Non-contiguous logits are copied.
+        target: (...) integer class indices in [0, vocab), or ignore_index.
+        ignore_index: rows with this target add neither loss nor gradient.
+    Returns:
+        0-d tensor in the logits' dtype: the mean loss over non-ignored rows. Runs
+        `cross_entropy_reference` where the kernels cannot run and for empty logits.
+    """
+    _check_logits_target(logits, target)
+    _check_target_range(logits, target, ignore_index)
+    if logits.numel() == 0 or not triton_runs_on(logits.device):
+        return cross_entropy_reference(logits, target, ignore_index)
+    return CrossEntropyFunction.apply(logits, target, int(ignore_index))
+
+
+def cross_entropy_shard_stats_reference(logits, target, vocab_start):
+    """Plain torch of `cross_entropy_shard_stats`."""
+    x = logits.float()
+    row_max = x.max(dim=-1).values
+    sum_exp = torch.exp(x - row_max.unsqueeze(-1)).sum(dim=-1)
+    local = target.long() - vocab_start
+    in_shard = (local >= 0) & (local < logits.shape[-1])
+    picked = x.gather(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    return row_max, sum_exp, torch.where(in_shard, picked, torch.zeros_like(picked))
+
+
+def cross_entropy_shard_stats(logits, target, vocab_start):
+    """Per-row statistics of one vocabulary shard, for the vocab-parallel loss.
+
+    Args:
+        logits: (..., shard_vocab), the logits of classes [vocab_start, vocab_start + shard_vocab).
+        target: (...) global class indices (any value; those outside the shard count as absent).
+        vocab_start: the first global class of this shard.
+    Returns:
+        (max, sum_exp, target_logit), each (...) float32: the shard's max logit,
+        sum(exp(logit - max)) over the shard, and the target's logit (0 where the target lies
+        outside the shard). Not differentiable: the vocab-parallel loss writes its gradient with
+        `cross_entropy_shard_grad`. Combine over shards with M = max of maxes,
+        lse = M + log(sum(sum_exp * exp(max - M))), loss = lse - sum(target_logit).
+    """
+    _check_logits_target(logits, target)
+    if logits.numel() == 0 or not triton_runs_on(logits.device):
+        return cross_entropy_shard_stats_reference(logits, target, vocab_start)
+    n_cols = logits.shape[-1]
+    logits2d = logits.reshape(-1, n_cols).contiguous()
+    n_rows = logits2d.shape[0]
+    stats = torch.empty((3, n_rows), device=logits.device, dtype=torch.float32)
+    block_v = _block_v(n_cols)
+    _shard_stats_kernel[(n_rows,)](logits2d, target.reshape(-1).contiguous(), stats[0], stats[1],
+                                   stats[2], n_cols, int(vocab_start), BLOCK_V=block_v,
+                                   num_warps=_num_warps(block_v))
+    return tuple(s.view(target.shape) for s in stats)
+
+
+def cross_entropy_shard_grad_reference(logits, target, vocab_start, lse, grad_row=None,
+                                       ignore_index=-100):
+    """Plain torch of `cross_entropy_shard_grad` (returns a new tensor)."""
+    grad = torch.exp(logits.float() - lse.unsqueeze(-1))
+    local = target.long() - vocab_start
+    in_shard = (local >= 0) & (local < logits.shape[-1])
+    onehot = torch.zeros_like(grad)
+    onehot.scatter_(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1),
+                    in_shard.unsqueeze(-1).float())
+    scale = torch.ones_like(lse) if grad_row is None else grad_row.float()
+    scale = torch.where(target == ignore_index, torch.zeros_like(scale), scale)
+    return ((grad - onehot) * scale.unsqueeze(-1)).to(logits.dtype)
+
+
+def cross_entropy_shard_grad(logits, target, vocab_start, lse, grad_row=None, ignore_index=-100,
+                             out=None):
+    """Gradient of the vocab-parallel loss with respect to one shard's logits.
+
+    Args:
+        logits: (..., shard_vocab) of classes [vocab_start, vocab_start + shard_vocab).
+        target: (...) global class indices.
+        vocab_start: the first global class of this shard.
+        lse: (...) float32, each row's log-sum-exp over the whole vocabulary.
+        grad_row: (...) the gradient of each row's loss (e.g. grad_output / n_valid); 1 if None.
+        ignore_index: rows with this target get a zero gradient.
+        out: where to write (logits' shape and dtype, contiguous); may be ``logits`` itself,
+            overwriting them. A new tensor if None.
+    Returns:
+        (softmax - onehot) * grad_row over the shard, in the logits' dtype.
+    """
+    _check_logits_target(logits, target)
+    others = {"lse": lse} if grad_row is None else {"lse": lse, "grad_row": grad_row}
+    check_same_device(logits=logits, **others)
+    if lse.shape != target.shape:
+        raise ValueError(f"lse has shape {tuple(lse.shape)}; it must match target's "
+                         f"{tuple(target.shape)}")
+    if grad_row is not None and grad_row.shape != target.shape:
+        raise ValueError(f"grad_row has shape {tuple(grad_row.shape)}; it must match target's "
+                         f"{tuple(target.shape)}")
+    if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype
+                            or not out.is_contiguous()):
+        raise ValueError("out must be a contiguous tensor of the logits' shape and dtype")
+    if logits.numel() == 0 or not triton_runs_on(logits.device):
+        grad = cross_entropy_shard_grad_reference(logits, target, vocab_start, lse, grad_row,
+                                                  ignore_index)
+        return grad if out is None else out.copy_(grad)
+    n_cols = logits.shape[-1]
+    logits2d = logits.reshape(-1, n_cols).contiguous()
+    n_rows = logits2d.shape[0]
+    grad = torch.empty_like(logits2d) if out is None else out.view(n_rows, n_cols)
+    if grad_row is None:
+        grad_row = torch.ones(n_rows, device=logits.device, dtype=torch.float32)
+    block_v = _block_v(n_cols)
+    _shard_grad_kernel[(n_rows,)](logits2d, target.reshape(-1).contiguous(),
+                                  lse.reshape(-1).float().contiguous(),
+                                  grad_row.reshape(-1).contiguous(), grad, n_cols, int(vocab_start),
+                                  int(ignore_index), BLOCK_V=block_v, num_warps=_num_warps(block_v))
+    return grad.view(logits.shape)

@@ -1,0 +1,134 @@
+"""Backend choice: the config's ``kernels`` section, resolved to one function per op and device.
+
+Ops and their backends (the first is the config default):
+    attention      auto | triton | flash_attn | sdpa | eager
+    layernorm      auto | triton | torch | apex
+    softmax        auto | triton | torch
+    bias_gelu      auto | triton | torch
+    cross_entropy  auto | triton | torch
+
+``auto`` picks Triton where its kernels run (a CUDA device, or the CPU under
+``TRITON_INTERPRET=1``), else torch: SDPA for attention, the plain-torch reference for the rest.
+``triton`` where the kernels cannot run, and ``flash_attn`` or ``apex`` when the package does not
+import or the device is not CUDA, are errors that say what to install or choose instead.
+``eager`` and ``torch`` are the `<op>_reference` functions.
+
+Every backend of an op has the op's signature:
+    attention(q, k, v, causal=True, softmax_scale=None), q/k/v (batch, heads, seq, head_dim)
+    layernorm(x, weight, bias, eps=1e-5)
+    softmax(x, scale=1.0, causal=False)
+    bias_gelu(x, bias)
+    cross_entropy(logits, target, ignore_index=-100)
+"""
+import importlib
+from typing import Callable
+
+import torch
+
+from ._utils import HAS_TRITON, triton_runs_on
+from .bias_gelu import bias_gelu, bias_gelu_reference
+from .cross_entropy import cross_entropy, cross_entropy_reference
+from .flash_attention import flash_attention, flash_attention_reference
+from .layer_norm import layer_norm, layer_norm_reference
+from .softmax import scaled_masked_softmax, scaled_masked_softmax_reference
+
+BACKENDS = {
+    "attention": ("auto", "triton", "flash_attn", "sdpa", "eager"),
+    "layernorm": ("auto", "triton", "torch", "apex"),
+    "softmax": ("auto", "triton", "torch"),
+    "bias_gelu": ("auto", "triton", "torch"),
+    "cross_entropy": ("auto", "triton", "torch"),
+}
+
+
+def sdpa_attention(q, k, v, causal=True, softmax_scale=None):
+    """torch.nn.functional.scaled_dot_product_attention on (batch, heads, seq, head_dim)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                            scale=softmax_scale)
+
+
+def flash_attn_attention(q, k, v, causal=True, softmax_scale=None):
+    """The flash-attn package's flash_attn_func, which wants (batch, seq, heads, head_dim)."""
+    from flash_attn import flash_attn_func
+
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q has dtype {q.dtype}; the flash_attn backend supports float16 and "
+                        "bfloat16 only; choose kernels.attention=triton or sdpa for float32")
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                          softmax_scale=softmax_scale, causal=causal)
+    return out.transpose(1, 2)
+
+
+def apex_layer_norm(x, weight, bias, eps=1e-5):
+    """NVIDIA apex's fused layer norm (FusedLayerNorm's function) over the last dimension."""
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+
+    return fused_layer_norm_affine(x, weight, bias, (x.shape[-1],), eps)
+
+
+_IMPLEMENTATIONS = {
+    "attention": {"triton": flash_attention, "flash_attn": flash_attn_attention,
+                  "sdpa": sdpa_attention, "eager": flash_attention_reference},
+    "layernorm": {"triton": layer_norm, "torch": layer_norm_reference, "apex": apex_layer_norm},
+    "softmax": {"triton": scaled_masked_softmax, "torch": scaled_masked_softmax_reference},
+    "bias_gelu": {"triton": bias_gelu, "torch": bias_gelu_reference},
+    "cross_entropy": {"triton": cross_entropy, "torch": cross_entropy_reference},
+}
+
+
+def _require_package(module: str, backend: str, op: str, device: torch.device, install: str):
+    """Raise unless ``module`` imports and ``device`` is CUDA, naming what to do instead."""
+    others = ", ".join(b for b in BACKENDS[op] if b != backend)
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise RuntimeError(f"kernels.{op}={backend} needs `{module}`, which does not import "
+                           f"({err}); {install}, or choose one of: {others}") from err
+    if device.type != "cuda":
+        raise RuntimeError(f"kernels.{op}={backend} runs on CUDA devices only, not {device}; "
+                           f"choose one of: {others}")
+
+
+def _require_triton(op: str, device: torch.device):
+    """Raise unless the Triton kernels run on ``device``, naming what to do instead."""
+    if triton_runs_on(device):
+        return
+    others = ", ".join(b for b in BACKENDS[op] if b != "triton")
+    why = ("the `triton` package is not installed" if not HAS_TRITON else
+           f"the Triton kernels cannot run on {device}: they need a CUDA GPU, or "
+           "TRITON_INTERPRET=1 set before importing megagpt.kernels (slow; for tests)")
+    raise RuntimeError(f"kernels.{op}=triton: {why}; choose one of: {others}")
+
+
+def resolve_backend(op: str, choice: str = "auto", device="cpu") -> str:
+    """The concrete backend that ``choice`` means for ``op`` on ``device``.
+
+    Raises ValueError for an unknown op or choice (naming the allowed ones) and RuntimeError for a
+    backend that cannot run there (saying what to install or choose instead).
+    """
+    if op not in BACKENDS:
+        raise ValueError(f"unknown kernel op {op!r}; ops: {', '.join(BACKENDS)}")
+    if choice not in BACKENDS[op]:
+        raise ValueError(f"kernels.{op}={choice!r} is not a backend; choose one of "
+                         f"{', '.join(BACKENDS[op])}")
+    device = torch.device(device)
+    if choice == "auto":
+        if triton_runs_on(device):
+            return "triton"
+        return "sdpa" if op == "attention" else "torch"
+    if choice == "triton":
+        _require_triton(op, device)
+    elif choice == "flash_attn":
+        _require_package("flash_attn", choice, op, device,
+                         "install it on a CUDA machine with `pip install flash-attn "
+                         "--no-build-isolation`")
+    elif choice == "apex":
+        _require_package("apex.normalization.fused_layer_norm", choice, op, device,
+                         "build NVIDIA apex from source with its CUDA extensions")
+    return choice
+
+
+def get_op(op: str, choice: str = "auto", device="cpu") -> Callable:
+    """The function implementing ``op`` with backend ``choice`` on ``device`` (see the module
+    docstring for the signatures)."""
+    return _IMPLEMENTATIONS[op][resolve_backend(op, choice, device)]

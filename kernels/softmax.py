@@ -1,0 +1,127 @@
+"""Scaled, optionally causal softmax over the last dimension (attention scores), in Triton.
+
+Owns `scaled_masked_softmax` (the public function), its autograd Function, the launchers, the
+kernels and `scaled_masked_softmax_reference`.
+
+Shapes: x is (..., n) with n <= 65536, flattened to rows; with ``causal=True`` x is
+(..., sq, sk) and key j > query i is masked, as Megatron's upper-triangular mask does (top-left
+aligned: row i of each (sq, sk) matrix keeps keys 0..i). y = softmax(scale * x) with masked
+entries 0, in x's dtype; the arithmetic is float32.
+
+Forward: each program normalises whole rows, several when they are short. Backward: the same
+layout, dx = scale * y * (dy - sum(dy * y)) from the saved output (masked entries have y = 0,
+hence dx = 0).
+"""
+import torch
+
+from ._utils import check_float, tl, triton, triton_runs_on
+
+MAX_WIDTH = 65536
+
+
+@triton.jit
+def _softmax_fwd_kernel(X, Y, n_rows, n_cols, sq, scale, CAUSAL: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    keep = cols[None, :] < n_cols  # rows past the end load zeros and stay finite
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= (rows % sq)[:, None])
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
+    x = tl.where(keep, x * scale, float("-inf"))
+    e = tl.exp(x - tl.max(x, 1)[:, None])
+    y = e / tl.sum(e, 1)[:, None]
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _softmax_bwd_kernel(Y, DY, DX, n_rows, n_cols, scale, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    y = tl.load(Y + offsets, mask=inside, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offsets, mask=inside, other=0.0).to(tl.float32)
+    dx = scale * y * (dy - tl.sum(dy * y, 1)[:, None])
+    tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=inside)
+
+
+def _launch_layout(n_rows: int, n_cols: int):
+    """(grid, BLOCK_M, BLOCK_N, num_warps): whole rows, several a program when they are short
+    (about 4096 elements a program)."""
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, 4096 // block_n)
+    num_warps = min(16, max(1, block_m * block_n // 512))
+    return (triton.cdiv(n_rows, block_m),), block_m, block_n, num_warps
+
+
+class ScaledMaskedSoftmaxFunction(torch.autograd.Function):
+    """Autograd for the Triton kernels; saves the output y."""
+
+    @staticmethod
+    def forward(ctx, x, scale, causal):
+        n_cols = x.shape[-1]
+        n_rows = x.numel() // n_cols
+        sq = x.shape[-2] if causal else 1
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        grid, block_m, block_n, num_warps = _launch_layout(n_rows, n_cols)
+        _softmax_fwd_kernel[grid](x, y, n_rows, n_cols, sq, scale, CAUSAL=causal, BLOCK_M=block_m,
+                                  BLOCK_N=block_n, num_warps=num_warps)
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        n_cols = y.shape[-1]
+        n_rows = y.numel() // n_cols
+        dy = dy.contiguous()
+        dx = torch.empty_like(y)
+        grid, block_m, block_n, num_warps = _launch_layout(n_rows, n_cols)
+        _softmax_bwd_kernel[grid](y, dy, dx, n_rows, n_cols, ctx.scale, BLOCK_M=block_m,
+                                  BLOCK_N=block_n, num_warps=num_warps)
+        return dx, None, None
+
+
+def _check_inputs(x, causal):
+    check_float("x", x)
+    if x.dim() < (2 if causal else 1):
+        need = "(..., sq, sk) when causal" if causal else "at least one dimension"
+        raise ValueError(f"x has shape {tuple(x.shape)}; scaled_masked_softmax needs {need}")
+    if x.shape[-1] > MAX_WIDTH:
+        raise ValueError(f"x has last dimension {x.shape[-1]}; scaled_masked_softmax supports up "
+                         f"to {MAX_WIDTH}")
+
+
+def scaled_masked_softmax_reference(x, scale=1.0, causal=False):
+    """Plain torch: softmax(scale * x) over the last dimension in float32, key j > query i
+    masked when causal; returned in x's dtype."""
+    scores = x.float() * scale
+    if causal:
+        sq, sk = x.shape[-2:]
+        above = torch.ones(sq, sk, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(x.dtype)
+
+
+def scaled_masked_softmax(x, scale=1.0, causal=False):
+    """softmax(scale * x) over the last dimension with the Triton kernels.
+
+    Args:
+        x: (..., n) float16/bfloat16/float32, n <= 65536; (..., sq, sk) when causal.
+            Non-contiguous x is copied.
+        scale: multiplies x before the mask and the softmax.
+        causal: mask key j > query i (each (sq, sk) matrix's upper triangle).
+    Returns:
+        x's shape and dtype. Runs `scaled_masked_softmax_reference` where the kernels cannot
+        run and for empty x.
+    """
+    _check_inputs(x, causal)
+    if x.numel() == 0 or not triton_runs_on(x.device):
+        return scaled_masked_softmax_reference(x, scale, causal)
+    return ScaledMaskedSoftmaxFunction.apply(x, float(scale), bool(causal))

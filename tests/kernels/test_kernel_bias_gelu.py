@@ -1,0 +1,64 @@
+"""bias_gelu against bias_gelu_reference: output and dx, dbias; the GeLU's tails; bad input."""
+import pytest
+import torch
+
+from megagpt.kernels import bias_gelu, bias_gelu_reference
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU")
+
+
+def _inputs(shape, x_dtype, bias_dtype, device, spread=3.0):
+    x = (torch.randn(shape, device=device) * spread).to(x_dtype).requires_grad_()
+    bias = torch.randn(shape[-1], device=device).to(bias_dtype).requires_grad_()
+    return [x, bias]
+
+
+# Rows not a multiple of the backward's tile and column block; odd widths.
+@pytest.mark.parametrize("shape", [(37, 100), (2, 19, 300), (50, 33), (3, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_matches_reference(compare, device, shape, dtype):
+    compare(bias_gelu, bias_gelu_reference, _inputs(shape, dtype, dtype, device), dtype,
+            ["x", "bias"])
+
+
+def test_large_arguments(compare, device):
+    """|x + bias| up to ~100: the tanh must neither overflow nor lose the tails."""
+    compare(bias_gelu, bias_gelu_reference, _inputs((16, 64), F32, F32, device, spread=30.0), F32,
+            ["x", "bias"])
+
+
+@pytest.mark.parametrize("x_dtype", [F16, BF16], ids=str)
+def test_half_activations_with_float32_bias(compare, device, x_dtype):
+    compare(bias_gelu, bias_gelu_reference, _inputs((21, 130), x_dtype, F32, device), x_dtype,
+            ["x", "bias"])
+
+
+def test_is_gpt2_gelu(device):
+    """The reference itself: 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))."""
+    x, bias = torch.randn(5, 8, device=device), torch.randn(8, device=device)
+    u = x + bias
+    expected = 0.5 * u * (1 + torch.tanh(0.7978845608028654 * (u + 0.044715 * u ** 3)))
+    torch.testing.assert_close(bias_gelu(x, bias), expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("width", [3072, 8192])
+def test_bf16_on_gpu(compare, width):
+    compare(bias_gelu, bias_gelu_reference, _inputs((4096, width), BF16, BF16, "cuda"), BF16,
+            ["x", "bias"])
+
+
+@pytest.mark.parametrize("make_inputs,message", [
+    (lambda d: (torch.randn(4, 8, device=d), torch.randn(4, device=d)),
+     r"bias must have shape \(8,\) to match the last dimension of x, got \(4,\)"),
+    (lambda d: (torch.randn(4, 8, device=d), torch.randn(8, device=d).double()),
+     "bias has dtype torch.float64; supported"),
+    (lambda d: (torch.randn(4, 8, device=d), torch.randn(8, device="meta")),
+     "x is on .* but bias is on meta"),
+    (lambda d: (torch.tensor(1.0, device=d), torch.randn(1, device=d)),
+     "x must have at least one dimension"),
+])
+def test_bad_input(device, make_inputs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        bias_gelu(*make_inputs(device))

@@ -1,0 +1,158 @@
+"""cross_entropy against cross_entropy_reference (loss and dlogits, ignore_index, odd vocabularies);
+the vocab-parallel building blocks: shard statistics and gradients recombine to the full loss."""
+import pytest
+import torch
+
+from megagpt.kernels import (cross_entropy, cross_entropy_reference, cross_entropy_shard_grad,
+                             cross_entropy_shard_grad_reference, cross_entropy_shard_stats,
+                             cross_entropy_shard_stats_reference)
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU")
+
+
+def _logits_target(rows_shape, vocab, dtype, device, ignore_every=5, ignore_index=-100):
+    logits = (torch.randn(*rows_shape, vocab, device=device) * 2).to(dtype).requires_grad_()
+    target = torch.randint(0, vocab, rows_shape, device=device)
+    target.view(-1)[::ignore_every] = ignore_index
+    return logits, target
+
+
+def _check(compare, rows_shape, vocab, dtype, device, ignore_index=-100):
+    logits, target = _logits_target(rows_shape, vocab, dtype, device, ignore_index=ignore_index)
+    compare(lambda x: cross_entropy(x, target, ignore_index),
+            lambda x: cross_entropy_reference(x, target, ignore_index), [logits], dtype, ["logits"])
+
+
+# (rows, vocab): several chunks with a partial last one, a vocabulary under one chunk, 3-D logits.
+@pytest.mark.parametrize("rows_shape,vocab", [
+    ((37,), 1000), ((4, 9), 77), pytest.param((3,), 50257, marks=pytest.mark.slow)], ids=str)
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_matches_reference(compare, device, rows_shape, vocab, dtype):
+    _check(compare, rows_shape, vocab, dtype, device)
+
+
+def test_bf16_interpreted_or_compiled(compare, device):
+    _check(compare, (13,), 500, BF16, device)
+
+
+def test_other_ignore_index_and_int32_target(compare, device):
+    logits, target = _logits_target((20,), 300, F32, device, ignore_every=3, ignore_index=7)
+    target = target.int()
+    compare(lambda x: cross_entropy(x, target, 7), lambda x: cross_entropy_reference(x, target, 7),
+            [logits], F32, ["logits"])
+
+
+def test_all_rows_ignored_gives_nan_and_zero_grad(device):
+    logits = torch.randn(4, 50, device=device, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((4,), -100, device=device))
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_backward_scales_by_the_incoming_gradient(device):
+    logits, target = _logits_target((11,), 200, F32, device)
+    (3.5 * cross_entropy(logits, target)).backward()
+    ref_logits = logits.detach().clone().requires_grad_()
+    (3.5 * cross_entropy_reference(ref_logits, target)).backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+def test_bf16_on_gpu(compare):
+    _check(compare, (512,), 50257, BF16, "cuda")
+
+
+def _split(vocab, cut):
+    return [(0, cut), (cut, vocab)]
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_shards_recombine_to_the_full_loss_and_gradient(device, dtype):
+    """Two vocabulary shards, combined as the vocab-parallel loss does, give cross_entropy."""
+    vocab = 1000
+    logits, target = _logits_target((29,), vocab, dtype, device)
+    logits = logits.detach()
+    shards = _split(vocab, 437)
+    stats = [cross_entropy_shard_stats(logits[:, a:b], target, a) for a, b in shards]
+    for (a, b), got in zip(shards, stats):
+        want = cross_entropy_shard_stats_reference(logits[:, a:b].float(), target, a)
+        for g, w in zip(got, want):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    global_max = torch.maximum(stats[0][0], stats[1][0])
+    sum_exp = sum(s * torch.exp(m - global_max) for m, s, _ in stats)
+    lse = global_max + torch.log(sum_exp)
+    valid = target != -100
+    row_loss = lse - (stats[0][2] + stats[1][2])
+    loss = row_loss[valid].sum() / valid.sum()
+
+    ref_logits = logits.float().requires_grad_()
+    ref_loss = cross_entropy_reference(ref_logits, target)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+    grad_row = torch.full_like(lse, 1.0 / valid.sum().item())
+    grads = [cross_entropy_shard_grad(logits[:, a:b], target, a, lse, grad_row) for a, b in shards]
+    assert all(g.dtype == dtype for g in grads)
+    rtol, atol = (1e-5, 1e-7) if dtype == F32 else (5e-3, 1e-5)
+    torch.testing.assert_close(torch.cat(grads, dim=-1).float(), ref_logits.grad, rtol=rtol,
+                               atol=atol)
+
+
+def test_shard_grad_in_place_and_defaults(device):
+    """out=logits overwrites the shard; grad_row=None means 1; ignored rows get zeros."""
+    logits, target = _logits_target((9,), 300, F32, device, ignore_every=4)
+    shard = logits.detach()[:, 100:220].contiguous()
+    lse = torch.logsumexp(logits.detach(), dim=-1)
+    want = cross_entropy_shard_grad_reference(shard, target, 100, lse)
+    assert torch.all(want[target == -100] == 0)
+    got = cross_entropy_shard_grad(shard, target, 100, lse, out=shard)
+    assert got.data_ptr() == shard.data_ptr()
+    torch.testing.assert_close(shard, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("make_inputs,message", [
+    (lambda d: (torch.randn(4, 10, device=d), torch.zeros(5, dtype=torch.long, device=d)),
+     r"target has shape \(5,\) but logits has \(4, 10\)"),
+    (lambda d: (torch.randn(4, 10, device=d), torch.zeros(4, device=d)),
+     "target must be an integer tensor"),
+    (lambda d: (torch.randn(4, 10, device=d).double(), torch.zeros(4, dtype=torch.long, device=d)),
+     "logits has dtype torch.float64; supported"),
+    (lambda d: (torch.randn(4, 10, device=d), torch.zeros(4, dtype=torch.long, device="meta")),
+     "logits is on .* but target is on meta"),
+])
+def test_bad_input(device, make_inputs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        cross_entropy(*make_inputs(device))
+
+
+def test_target_outside_the_vocabulary(device):
+    """An error where checking is free (CPU tensors); a NaN loss on a GPU, where it would sync."""
+    logits, target = torch.randn(4, 10, device=device), torch.tensor([1, 2, 10, -100],
+                                                                    device=device)
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"target holds class 1..10 but logits has 10 "
+                                             r"classes; targets must lie in \[0, 10\)"):
+            cross_entropy(logits, target)
+    else:
+        assert torch.isnan(cross_entropy(logits, target))
+
+
+def test_shard_grad_bad_input(device):
+    logits, target = torch.randn(4, 10, device=device), torch.zeros(4, dtype=torch.long,
+                                                                   device=device)
+    with pytest.raises(ValueError, match=r"lse has shape \(3,\)"):
+        cross_entropy_shard_grad(logits, target, 0, torch.zeros(3, device=device))
+    with pytest.raises(ValueError, match="out must be a contiguous tensor"):
+        cross_entropy_shard_grad(logits, target, 0, torch.zeros(4, device=device),
+                                 out=torch.empty(4, 10, device=device).half())
+
+
+def test_second_backward_on_one_forward_is_an_error(device):
+    logits, target = _logits_target((5,), 40, F32, device)
+    loss = cross_entropy(logits, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice on one forward"):
+        loss.backward()

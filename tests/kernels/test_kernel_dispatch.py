@@ -1,0 +1,166 @@
+"""Backend choice (resolve_backend, get_op) and where the public functions run the kernels."""
+import importlib
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from megagpt.kernels import (BACKENDS, flash_attention_reference, get_op, layer_norm,
+                             layer_norm_reference, resolve_backend)
+from megagpt.kernels import _utils
+
+# The package's `layer_norm` attribute is the function; the file is reached by its module name.
+layer_norm_module = importlib.import_module("megagpt.kernels.layer_norm")
+
+OPS = list(BACKENDS)
+
+
+def test_backends_are_the_config_choices():
+    assert BACKENDS == {
+        "attention": ("auto", "triton", "flash_attn", "sdpa", "eager"),
+        "layernorm": ("auto", "triton", "torch", "apex"),
+        "softmax": ("auto", "triton", "torch"),
+        "bias_gelu": ("auto", "triton", "torch"),
+        "cross_entropy": ("auto", "triton", "torch"),
+    }
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_auto_is_triton_on_cuda_and_under_the_interpreter(op, device):
+    assert resolve_backend(op, "auto", "cuda") == "triton"
+    assert resolve_backend(op, "auto", device) == "triton"  # the interpreter, or a GPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU without the interpreter")
+@pytest.mark.parametrize("op", OPS)
+def test_auto_is_torch_on_a_plain_cpu(op, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert resolve_backend(op, "auto", "cpu") == ("sdpa" if op == "attention" else "torch")
+    with pytest.raises(RuntimeError, match=f"kernels.{op}=triton: the Triton kernels cannot run "
+                                           "on cpu: they need a CUDA GPU, or TRITON_INTERPRET=1"):
+        get_op(op, "triton", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU without the interpreter")
+def test_public_functions_run_the_reference_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(layer_norm_module.LayerNormFunction, "apply",
+                        lambda *args: pytest.fail("the kernel ran without the interpreter"))
+    x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
+    torch.testing.assert_close(layer_norm(x, w, b), layer_norm_reference(x, w, b))
+
+
+def test_interpreter_requested_after_import_is_an_error(monkeypatch):
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="imported before it was set"):
+        _utils.triton_runs_on("cpu")
+
+
+def test_unknown_op_or_choice():
+    with pytest.raises(ValueError, match="unknown kernel op 'rmsnorm'; ops: attention"):
+        resolve_backend("rmsnorm", "auto", "cpu")
+    with pytest.raises(ValueError, match="kernels.softmax='fast' is not a backend; choose one of "
+                                         "auto, triton, torch"):
+        get_op("softmax", "fast", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors where flash-attn and "
+                                                      "apex cannot run")
+@pytest.mark.parametrize("op,choice,message", [
+    ("attention", "flash_attn", r"needs `flash_attn`, which does not import .*pip install "
+                                r"flash-attn --no-build-isolation.*choose one of: auto, triton, "
+                                r"sdpa, eager"),
+    ("layernorm", "apex", r"needs `apex.normalization.fused_layer_norm`, which does not import "
+                          r".*build NVIDIA apex.*choose one of: auto, triton, torch"),
+])
+def test_optional_packages_say_what_to_do(op, choice, message):
+    with pytest.raises(RuntimeError, match=message):
+        get_op(op, choice, "cpu")
+
+
+def test_attention_backends_agree(device):
+    q, k, v = (torch.randn(2, 2, 21, 32, device=device) for _ in range(3))
+    expected = flash_attention_reference(q, k, v, causal=True, softmax_scale=0.2)
+    for choice in ("auto", "triton", "sdpa", "eager"):
+        out = get_op("attention", choice, device)(q, k, v, causal=True, softmax_scale=0.2)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4, msg=choice)
+
+
+@pytest.mark.parametrize("op,make_args", [
+    ("layernorm", lambda d: (torch.randn(5, 40, device=d), torch.randn(40, device=d),
+                             torch.randn(40, device=d))),
+    ("softmax", lambda d: (torch.randn(2, 9, 9, device=d), 0.5, True)),
+    ("bias_gelu", lambda d: (torch.randn(5, 40, device=d), torch.randn(40, device=d))),
+    ("cross_entropy", lambda d: (torch.randn(6, 40, device=d),
+                                 torch.randint(0, 40, (6,), device=d))),
+])
+def test_triton_and_torch_backends_agree(op, make_args, device):
+    args = make_args(device)
+    torch.testing.assert_close(get_op(op, "triton", device)(*args),
+                               get_op(op, "torch", device)(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_imports_and_runs_without_triton(tmp_path):
+    """Where Triton is not installed, megagpt.kernels imports and runs the references."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from megagpt.kernels import get_op, layer_norm, layer_norm_reference\n"
+        "x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)\n"
+        "assert torch.equal(layer_norm(x, w, b), layer_norm_reference(x, w, b))\n"
+        "assert get_op('softmax', 'auto', 'cuda').__name__ == 'scaled_masked_softmax_reference'\n"
+        "try:\n"
+        "    get_op('softmax', 'triton', 'cpu')\n"
+        "except RuntimeError as err:\n"
+        "    assert 'the `triton` package is not installed' in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('choosing triton without triton must fail')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def _fake_module(monkeypatch, name, **attrs):
+    """Install a stand-in package module ``name`` (and its parents) into sys.modules."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        monkeypatch.setitem(sys.modules, ".".join(parts[:i]),
+                            types.ModuleType(".".join(parts[:i])))
+    for key, value in attrs.items():
+        setattr(sys.modules[name], key, value)
+
+
+def test_flash_attn_backend_transposes_to_its_layout(monkeypatch, device):
+    """flash_attn_func takes and returns (batch, seq, heads, head_dim): a stand-in that computes
+    attention in that layout must give the reference's result through the backend."""
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert q.shape == (2, 19, 3, 32)
+        out = flash_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        causal, softmax_scale)
+        return out.transpose(1, 2)
+
+    _fake_module(monkeypatch, "flash_attn", flash_attn_func=flash_attn_func)
+    fn = get_op("attention", "flash_attn", "cuda")
+    q, k, v = (torch.randn(2, 3, 19, 32, device=device).half() for _ in range(3))
+    torch.testing.assert_close(fn(q, k, v, causal=True, softmax_scale=0.3),
+                               flash_attention_reference(q, k, v, True, 0.3))
+    with pytest.raises(TypeError, match="supports float16 and bfloat16 only"):
+        fn(q.float(), k.float(), v.float())
+
+
+def test_apex_backend_calls_fused_layer_norm_affine(monkeypatch, device):
+    def fused_layer_norm_affine(x, weight, bias, normalized_shape, eps):
+        return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
+
+    _fake_module(monkeypatch, "apex.normalization.fused_layer_norm",
+                 fused_layer_norm_affine=fused_layer_norm_affine)
+    fn = get_op("layernorm", "apex", "cuda")
+    x, w, b = torch.randn(4, 24, device=device), torch.randn(24, device=device), torch.randn(
+        24, device=device)
+    torch.testing.assert_close(fn(x, w, b, 1e-3), layer_norm_reference(x, w, b, 1e-3))

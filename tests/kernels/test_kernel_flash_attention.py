@@ -1,0 +1,101 @@
+"""flash_attention against flash_attention_reference: output and dq, dk, dv; bad input."""
+import pytest
+import torch
+
+from megagpt.kernels import flash_attention, flash_attention_reference
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU")
+
+# (batch, heads, seq, head_dim, causal, dtype): every seq, head_dim, mask and dtype at least once.
+FAST_CASES = [
+    (1, 2, 1, 32, True, F32),
+    (2, 2, 17, 64, False, F32),
+    (1, 2, 100, 128, True, F32),
+    (1, 2, 257, 32, False, F32),
+    (1, 2, 257, 64, True, F16),
+    (2, 2, 100, 32, False, F16),
+    (1, 2, 17, 128, True, F16),
+    (1, 2, 100, 64, True, BF16),
+]
+SLOW_CASES = [
+    (1, 2, seq, head_dim, causal, dtype)
+    for seq in (1, 17, 100, 257) for head_dim in (32, 64, 128) for causal in (True, False)
+    for dtype in (F32, F16)
+    if (1, 2, seq, head_dim, causal, dtype) not in FAST_CASES
+    and (2, 2, seq, head_dim, causal, dtype) not in FAST_CASES
+]
+
+
+def _case_id(value):
+    return str(value).replace("torch.", "")
+
+
+def _inputs(batch, heads, seq, head_dim, dtype, device):
+    return [torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype,
+                        requires_grad=True) for _ in range(3)]
+
+
+def _check_case(compare, device, batch, heads, seq, head_dim, causal, dtype, softmax_scale=None):
+    compare(lambda q, k, v: flash_attention(q, k, v, causal, softmax_scale),
+            lambda q, k, v: flash_attention_reference(q, k, v, causal, softmax_scale),
+            _inputs(batch, heads, seq, head_dim, dtype, device), dtype, "qkv", atol32=1e-4)
+
+
+@pytest.mark.parametrize("batch,heads,seq,head_dim,causal,dtype", FAST_CASES, ids=_case_id)
+def test_matches_reference(compare, device, batch, heads, seq, head_dim, causal, dtype):
+    _check_case(compare, device, batch, heads, seq, head_dim, causal, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,heads,seq,head_dim,causal,dtype", SLOW_CASES, ids=_case_id)
+def test_matches_reference_more_shapes(compare, device, batch, heads, seq, head_dim, causal, dtype):
+    _check_case(compare, device, batch, heads, seq, head_dim, causal, dtype)
+
+
+def test_softmax_scale(compare, device):
+    _check_case(compare, device, 1, 2, 40, 64, True, F32, softmax_scale=0.3)
+
+
+def test_non_contiguous_inputs(compare, device):
+    """q, k, v as the usual views of a (batch, seq, heads, head_dim) projection."""
+    def views(*bshd):
+        return [t.transpose(1, 2) for t in bshd]
+
+    bshd = [torch.randn(1, 33, 2, 32, device=device, requires_grad=True) for _ in range(3)]
+    out = flash_attention(*views(*bshd))
+    ref_leaves = [t.detach().clone().requires_grad_() for t in bshd]
+    ref = flash_attention_reference(*views(*ref_leaves))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, bshd, grad_out)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_on_gpu(compare, head_dim, causal):
+    """bf16 with the compiled kernels, at a length that fills several blocks of every kernel."""
+    compare(lambda q, k, v: flash_attention(q, k, v, causal),
+            lambda q, k, v: flash_attention_reference(q, k, v, causal),
+            _inputs(2, 4, 1000, head_dim, BF16, "cuda"), BF16, "qkv")
+
+
+@pytest.mark.parametrize("make_inputs,message", [
+    (lambda d: [torch.randn(1, 2, 8, 32, device=d), torch.randn(1, 2, 9, 32, device=d),
+                torch.randn(1, 2, 8, 32, device=d)], "k has shape"),
+    (lambda d: [torch.randn(1, 2, 8, 48, device=d)] * 3, "head_dim 48.*32, 64, 128"),
+    (lambda d: [torch.randn(2, 8, 32, device=d)] * 3, "q must be 4-D"),
+    (lambda d: [torch.randn(1, 2, 8, 32, device=d, dtype=torch.float64)] * 3,
+     "q has dtype torch.float64; supported: float16, bfloat16, float32"),
+    (lambda d: [torch.randn(1, 2, 8, 32, device=d), torch.randn(1, 2, 8, 32, device=d).half(),
+                torch.randn(1, 2, 8, 32, device=d)], "k has dtype torch.float16 but q has"),
+    (lambda d: [torch.randn(1, 2, 8, 32, device=d), torch.randn(1, 2, 8, 32, device="meta"),
+                torch.randn(1, 2, 8, 32, device=d)], "q is on .* but k is on meta"),
+])
+def test_bad_input(device, make_inputs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        flash_attention(*make_inputs(device))

@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Benchmark megagpt's Triton kernels against PyTorch (and flash-attn when it imports).
+
+    python tools/bench_kernels.py [--quick] [--json PATH] [--reps N]
+
+On a CUDA GPU, in bfloat16 at the Small (d 768, 12 heads, seq 1024), Base (d 1024, 16 heads,
+seq 1024) and Large (d 2048, 16 heads, seq 2048) configs' shapes with 16k tokens a step, and for
+causal attention at 1k-8k tokens a sequence (batch x seq = 16k; 16 heads of 128 and 32 of 64):
+each op forward and forward+backward, against PyTorch (SDPA with its flash backend for
+attention, eager ops for the rest) and flash-attn. It reports the median ms over --reps runs
+after warm-up (the sides alternate run by run; small inputs rotate among three copies so the L2
+cache does not serve them), TFLOP/s for attention (4·B·H·S²·D forward, halved when causal;
+forward+backward 3.5× that) or effective GB/s for the rest (the bytes the op must read and write;
+also as a fraction of the card's measured copy bandwidth), the speedup over PyTorch, the largest
+output difference from PyTorch, and cross_entropy's peak memory beside F.cross_entropy.
+It prints a table and writes JSON (--json, default $OUT/bench_kernels.json when $OUT is set,
+else runs/bench_kernels.json).
+
+On a CPU it runs a smoke pass: every case at tiny shapes, each side forward and forward+backward
+once, and the output differences; no timings (they need a GPU; the Triton interpreter, should
+TRITON_INTERPRET=1 be set, is never timed).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention, layer_norm,
+                             scaled_masked_softmax)
+from megagpt.kernels.dispatch import flash_attn_attention
+
+TOKENS = 16384
+VOCAB = 50257
+CONFIGS = {  # name: (d_model, n_heads, seq)
+    "small": (768, 12, 1024),
+    "base": (1024, 16, 1024),
+    "large": (2048, 16, 2048),
+}
+LONG_ATTENTION = [(16, 128, seq) for seq in (1024, 4096, 8192)] + \
+                 [(32, 64, seq) for seq in (1024, 2048, 4096, 8192)]  # (heads, head_dim, seq)
+SMOKE = dict(tokens=64, vocab=1000, configs={"tiny": (64, 2, 32)}, long_attention=[(2, 32, 64)])
+
+
+@dataclass
+class Case:
+    op: str
+    name: str
+    shape: str
+    make: Callable[[], list]  # fresh random inputs, float leaves requiring grad
+    sides: Dict[str, Callable]  # side name -> fn(*inputs) -> output; "torch" is the baseline
+    unit: str  # "TFLOP/s" or "GB/s"
+    work: Dict[str, float]  # pass -> FLOPs or bytes
+
+
+def _leaf(*shape, device, dtype, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+
+
+def _sdpa(on_gpu: bool) -> Callable:
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    if not on_gpu:
+        return sdpa
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa(q, k, v)
+
+    return sdpa_flash
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention_case(name, batch, heads, seq, head_dim, device, dtype, on_gpu) -> Case:
+    sides = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True),
+             "torch": _sdpa(on_gpu)}
+    if on_gpu and _has_flash_attn():
+        sides["flash_attn"] = lambda q, k, v: flash_attn_attention(q, k, v, causal=True)
+    flops = 4 * batch * heads * seq * seq * head_dim * 0.5
+    return Case("attention", name, f"B{batch} H{heads} S{seq} D{head_dim} causal",
+                lambda: [_leaf(batch, heads, seq, head_dim, device=device, dtype=dtype)
+                         for _ in range(3)],
+                sides, "TFLOP/s", {"fwd": flops, "fwd+bwd": 3.5 * flops})
+
+
+def _elementwise_work(elements, dtype):
+    size = torch.finfo(dtype).bits // 8
+    return {"fwd": 2 * elements * size, "fwd+bwd": 5 * elements * size}
+
+
+def layer_norm_case(name, tokens, d_model, device, dtype) -> Case:
+    return Case("layer_norm", name, f"({tokens}, {d_model})",
+                lambda: [_leaf(tokens, d_model, device=device, dtype=dtype),
+                         _leaf(d_model, device=device, dtype=dtype),
+                         _leaf(d_model, device=device, dtype=dtype)],
+                {"triton": layer_norm,
+                 "torch": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)},
+                "GB/s", _elementwise_work(tokens * d_model, dtype))
+
+
+def softmax_case(name, tokens, n_heads, seq, device, dtype) -> Case:
+    batch, scale = tokens // seq, 0.125
+
+    def eager(x):
+        above = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+        return torch.softmax((x * scale).masked_fill(above, float("-inf")), dim=-1)
+
+    return Case("scaled_masked_softmax", name, f"({batch}, {n_heads}, {seq}, {seq}) causal",
+                lambda: [_leaf(batch, n_heads, seq, seq, device=device, dtype=dtype)],
+                {"triton": lambda x: scaled_masked_softmax(x, scale, causal=True), "torch": eager},
+                "GB/s", _elementwise_work(batch * n_heads * seq * seq, dtype))
+
+
+def bias_gelu_case(name, tokens, d_model, device, dtype) -> Case:
+    width = 4 * d_model
+    return Case("bias_gelu", name, f"({tokens}, {width})",
+                lambda: [_leaf(tokens, width, device=device, dtype=dtype),
+                         _leaf(width, device=device, dtype=dtype)],
+                {"triton": bias_gelu,
+                 "torch": lambda x, b: F.gelu(x + b, approximate="tanh")},
+                "GB/s", _elementwise_work(tokens * width, dtype))
+
+
+def cross_entropy_case(tokens, vocab, device, dtype) -> Case:
+    size = torch.finfo(dtype).bits // 8
+
+    def make():
+        target = torch.randint(0, vocab, (tokens,), device=device)
+        return [_leaf(tokens, vocab, device=device, dtype=dtype, scale=2.0), target]
+
+    return Case("cross_entropy", f"vocab {vocab}", f"({tokens}, {vocab})", make,
+                {"triton": cross_entropy, "torch": F.cross_entropy},
+                "GB/s", {"fwd": tokens * vocab * size, "fwd+bwd": 2 * tokens * vocab * size})
+
+
+def build_cases(quick, device, dtype, on_gpu) -> List[Case]:
+    tokens, vocab = (TOKENS, VOCAB) if on_gpu else (SMOKE["tokens"], SMOKE["vocab"])
+    configs = CONFIGS if on_gpu else SMOKE["configs"]
+    long_attention = LONG_ATTENTION if on_gpu else SMOKE["long_attention"]
+    if quick:
+        configs = {name: configs[name] for name in list(configs)[:1]}
+        long_attention = long_attention[:1]
+    cases = []
+    for name, (d_model, n_heads, seq) in configs.items():
+        cases.append(attention_case(name, tokens // seq, n_heads, seq, d_model // n_heads, device,
+                                    dtype, on_gpu))
+    for heads, head_dim, seq in long_attention:
+        cases.append(attention_case("long", max(1, tokens // seq), heads, seq, head_dim, device,
+                                    dtype, on_gpu))
+    for name, (d_model, n_heads, seq) in configs.items():
+        cases.append(layer_norm_case(name, tokens, d_model, device, dtype))
+        cases.append(softmax_case(name, tokens, n_heads, seq, device, dtype))
+        cases.append(bias_gelu_case(name, tokens, d_model, device, dtype))
+    cases.append(cross_entropy_case(tokens, vocab, device, dtype))
+    return cases
+
+
+def _step(fn, inputs, grads, backward):
+    """One forward (and backward) of fn; grads caches the upstream gradient per output shape."""
+    out = fn(*inputs)
+    if backward:
+        if out.dim() == 0:
+            out.backward()
+        else:
+            grad = grads.setdefault(tuple(out.shape), torch.randn_like(out))
+            out.backward(grad)
+    return out
+
+
+def _clear_grads(inputs):
+    for t in inputs:
+        t.grad = None
+
+
+def time_case(case: Case, backward: bool, reps: int, warmup: int = 3) -> Dict[str, float]:
+    """Median ms of each side; the order of the sides alternates from run to run."""
+    first = case.make()
+    set_bytes = sum(t.numel() * t.element_size() for t in first)
+    input_sets = [first] + ([case.make() for _ in range(2)] if set_bytes < 256 * 2**20 else [])
+    grads: dict = {}
+    names = list(case.sides)
+    for name in names:
+        for i in range(warmup):
+            _clear_grads(input_sets[i % len(input_sets)])
+            _step(case.sides[name], input_sets[i % len(input_sets)], grads, backward)
+    times = {name: [] for name in names}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for rep in range(reps):
+        inputs = input_sets[rep % len(input_sets)]
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            _clear_grads(inputs)
+            torch.cuda.synchronize()
+            start.record()
+            _step(case.sides[name], inputs, grads, backward)
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def output_differences(case: Case) -> Dict[str, float]:
+    """Largest |output - torch's output| of each side on one set of inputs (a sanity check)."""
+    inputs = case.make()
+    with torch.no_grad():
+        outputs = {name: fn(*inputs).float() for name, fn in case.sides.items()}
+    return {name: (out - outputs["torch"]).abs().max().item() for name, out in outputs.items()}
+
+
+def smoke_case(case: Case):
+    """Run every side forward and forward+backward once (the CPU pass)."""
+    for backward in (False, True):
+        for fn in case.sides.values():
+            inputs = case.make()
+            out = _step(fn, inputs, {}, backward)
+            assert torch.isfinite(out.float()).all(), f"{case.op} {case.name}: non-finite output"
+
+
+def copy_bandwidth_gbs(reps: int) -> float:
+    """The card's device-to-device copy bandwidth (bytes read + written), GB/s."""
+    src = torch.randn(2**29 // 2, device="cuda", dtype=torch.bfloat16)  # 0.5 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e6
+
+
+def cross_entropy_memory(tokens, vocab, dtype) -> Dict[str, float]:
+    """Peak CUDA memory (GiB) a forward+backward allocates beyond its inputs, per side."""
+    logits = _leaf(tokens, vocab, device="cuda", dtype=dtype, scale=2.0)
+    target = torch.randint(0, vocab, (tokens,), device="cuda")
+    peaks = {}
+    for name, fn in (("triton", cross_entropy), ("torch", F.cross_entropy)):
+        logits.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(logits, target).backward()
+        torch.cuda.synchronize()
+        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    peaks["logits_gib"] = logits.numel() * logits.element_size() / 2**30
+    peaks["torch_over_triton"] = peaks["torch"] / peaks["triton"]
+    return peaks
+
+
+def _format_table(rows, copy_gbs) -> str:
+    header = ["op", "case", "shape", "pass", "side", "ms", "throughput", "% copy BW",
+              "speedup vs torch", "max |diff|"]
+    lines = [header]
+    for r in rows:
+        throughput = "-" if r["throughput"] is None else f"{r['throughput']:.1f} {r['unit']}"
+        copy = ("-" if r["unit"] != "GB/s" or r["throughput"] is None or not copy_gbs
+                else f"{100 * r['throughput'] / copy_gbs:.0f}%")
+        lines.append([r["op"], r["case"], r["shape"], r["pass"], r["side"],
+                      "-" if r["ms"] is None else f"{r['ms']:.3f}", throughput, copy,
+                      "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x",
+                      "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}"])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def _write_json(report, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+
+
+def run(args, json_path) -> dict:
+    """Every case; the JSON is rewritten after each, so a run cut short keeps what it measured."""
+    on_gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    cases = build_cases(args.quick, device, dtype, on_gpu)
+    report = {"device": torch.cuda.get_device_name() if on_gpu else "cpu",
+              "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+              "timed": on_gpu, "quick": args.quick, "reps": args.reps, "complete": False,
+              "results": []}
+    try:
+        import triton
+        report["triton"] = triton.__version__
+    except ImportError:
+        report["triton"] = None
+    if on_gpu:
+        report["copy_bandwidth_gbs"] = copy_bandwidth_gbs(args.reps)
+    for case in cases:
+        print(f"{case.op} {case.name} {case.shape} ...", file=sys.stderr, flush=True)
+        if not on_gpu:
+            smoke_case(case)
+        diffs = output_differences(case)
+        for pass_name in ("fwd", "fwd+bwd"):
+            ms = time_case(case, pass_name == "fwd+bwd", args.reps) if on_gpu else {}
+            for side in case.sides:
+                side_ms = ms.get(side)
+                scale = 1e12 if case.unit == "TFLOP/s" else 1e9
+                report["results"].append({
+                    "op": case.op, "case": case.name, "shape": case.shape, "pass": pass_name,
+                    "side": side, "ms": side_ms, "unit": case.unit,
+                    "throughput": None if side_ms is None
+                    else case.work[pass_name] / (side_ms / 1e3) / scale,
+                    "speedup_vs_torch": None if side_ms is None else ms["torch"] / side_ms,
+                    "max_abs_diff": diffs.get(side)})
+        _write_json(report, json_path)
+    if on_gpu:
+        report["cross_entropy_peak_memory_gib"] = cross_entropy_memory(TOKENS, VOCAB, dtype)
+    report["complete"] = True
+    _write_json(report, json_path)
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the Small config and one long attention length only")
+    parser.add_argument("--json", default=None,
+                        help="where to write the JSON (default $OUT/bench_kernels.json when $OUT "
+                             "is set, else runs/bench_kernels.json)")
+    parser.add_argument("--reps", type=int, default=10, help="timed runs of each side")
+    args = parser.parse_args(argv)
+    out_dir = os.environ.get("OUT")
+    json_path = args.json or os.path.join(out_dir or "runs", "bench_kernels.json")
+
+    report = run(args, json_path)
+    print(_format_table(report["results"], report.get("copy_bandwidth_gbs")))
+    if report["timed"]:
+        print(f"\ncopy bandwidth: {report['copy_bandwidth_gbs']:.0f} GB/s on {report['device']}")
+        mem = report["cross_entropy_peak_memory_gib"]
+        print(f"cross_entropy peak extra memory, fwd+bwd ({TOKENS} x {VOCAB}, logits "
+              f"{mem['logits_gib']:.2f} GiB): triton {mem['triton']:.2f} GiB, torch "
+              f"{mem['torch']:.2f} GiB ({mem['torch_over_triton']:.2f}x)")
+    else:
+        print("\nsmoke pass on the CPU: every case ran forward and forward+backward at tiny "
+              "shapes; timings need a CUDA GPU (the Triton interpreter is never timed)")
+    print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()
