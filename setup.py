@@ -26,7 +26,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megagpt", "megagpt.*"]) + ["megagpt.kernels"],
     package_dir={"megagpt.kernels": "kernels"},
-    package_data={"megagpt.data": ["assets/*.gz", "assets/*.md", "assets/gpt2/*"]},
+    package_data={"megagpt.data": ["assets/*.gz", "assets/*.jsonl", "assets/*.md", "assets/gpt2/*"]},
     install_requires=install_requires,
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "safetensors"],

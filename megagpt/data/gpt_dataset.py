@@ -1,0 +1,311 @@
+"""GPT pretraining samples over indexed datasets: splits, epochs, shuffling, caching, blending.
+
+The design is Megatron-LM's: a sample is `seq_length + 1` consecutive tokens of one long stream
+formed by concatenating documents, so samples cross document boundaries; consecutive samples share
+one token (the last input token of sample i is the first of sample i + 1). Three index arrays
+define the samples:
+- `doc_idx`: the order of documents in the stream, one random permutation of the split's
+  documents per epoch, for as many epochs as `num_samples` needs;
+- `sample_idx` (samples + 1, 2): where sample i starts, as (position in doc_idx, token offset);
+  sample i runs from entry i to entry i + 1 inclusive;
+- `shuffle_idx`: the order samples are served in; the samples of the full epochs are shuffled
+  together and those of the last (partly used) epoch separately, so every document is seen once
+  per full epoch before the next epoch starts.
+
+All three are built with vectorised numpy (cumsum + searchsorted, no loop over tokens or samples:
+an index over a billion tokens takes a few seconds) and cached as `.npy` files under a name
+hashed from everything that determines them (the document sizes, the split range, seq_length,
+num_samples, seed), written under a temporary name and renamed, so ranks may build them at once.
+
+A "document" here is a sequence of the indexed dataset (tools/preprocess_data.py writes one per
+document), as in Megatron.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megagpt.data.blend import BlendedDataset, blending_indices, parse_data_path
+from megagpt.data.indexed import IndexedDataset
+
+INDEX_VERSION = 1  # bump when the index arrays' construction changes
+
+
+class DatasetBuildError(ValueError):
+    """Datasets cannot be built from the given paths and settings; says what and how to fix."""
+
+
+def parse_split(split: str) -> np.ndarray:
+    """Train/valid/test fractions from a string of weights such as "969,30,1" (or "98/2/0").
+
+    Fewer than three weights are padded with zeros, as in Megatron.
+    """
+    parts = [p.strip() for p in str(split).replace("/", ",").split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise DatasetBuildError(f"data.split={split!r}: must be up to three non-negative weights "
+                                f"train,valid,test with a positive sum, e.g. \"969,30,1\"")
+    weights += [0.0] * (3 - len(weights))
+    return np.array(weights) / sum(weights)
+
+
+def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
+    """Document ranges [start, stop) of train, valid and test (Megatron's rounding)."""
+    fractions = parse_split(split)
+    bounds = [0]
+    for f in fractions:
+        bounds.append(bounds[-1] + int(round(f * num_documents)))
+    diff = bounds[-1] - num_documents
+    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+def build_sample_index(sizes: np.ndarray, documents: np.ndarray, seq_length: int,
+                       num_samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Megatron's (doc_idx, sample_idx, shuffle_idx) for `documents`, vectorised.
+
+    Args:
+        sizes: (sequences,) tokens of every document of the dataset.
+        documents: (n,) the ids of the documents to use (a split).
+        seq_length: tokens a sample feeds the model; a sample holds seq_length + 1.
+        num_samples: samples needed (epochs are added until there are enough); None: one epoch.
+        seed: the shuffle seed.
+    Returns:
+        doc_idx (epochs * n,), sample_idx (samples + 1, 2), shuffle_idx (samples,).
+    """
+    documents = np.asarray(documents, dtype=np.int64)
+    lengths_per_doc = np.asarray(sizes[documents], dtype=np.int64)
+    tokens_per_epoch = int(lengths_per_doc.sum())
+    if tokens_per_epoch == 0:
+        raise DatasetBuildError(f"the {len(documents)} documents selected hold no token")
+    if num_samples is None:
+        num_epochs = 1
+    else:
+        num_epochs = max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
+    if (num_epochs * tokens_per_epoch - 1) // seq_length < 1:
+        raise DatasetBuildError(f"the {len(documents)} documents hold {tokens_per_epoch} tokens, "
+                                f"fewer than one sample of seq_length + 1 = {seq_length + 1}")
+    rng = np.random.default_rng(seed)
+    doc_dtype = np.int32 if len(sizes) < 2**31 else np.int64
+    doc_idx = np.concatenate([rng.permutation(documents) for _ in range(num_epochs)]).astype(doc_dtype)
+
+    lengths = np.asarray(sizes[doc_idx], dtype=np.int64)  # (epochs * n,)
+    ends = np.cumsum(lengths)  # stream position just past each document
+    total_samples = (int(ends[-1]) - 1) // seq_length
+    starts = np.arange(total_samples + 1, dtype=np.int64) * seq_length  # first token of each sample
+    which = np.searchsorted(ends, starts, side="right")  # the document holding that token
+    offsets = starts - (ends[which] - lengths[which])
+    sample_dtype = np.int32 if max(len(doc_idx), int(lengths.max())) < 2**31 else np.int64
+    sample_idx = np.stack([which, offsets], axis=1).astype(sample_dtype)
+
+    shuffle_dtype = np.uint32 if total_samples < 2**32 - 1 else np.int64
+    if num_epochs == 1:
+        shuffle_idx = rng.permutation(total_samples)
+    else:
+        full = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
+        shuffle_idx = np.concatenate([rng.permutation(full),
+                                      full + rng.permutation(total_samples - full)])
+    return doc_idx, sample_idx, shuffle_idx.astype(shuffle_dtype)
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_sample_index(indexed: IndexedDataset, documents: np.ndarray, seq_length: int,
+                        num_samples: int | None, seed: int, cache_dir: str | os.PathLike | None,
+                        name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`build_sample_index` through an on-disk cache (memory-mapped when read back).
+
+    Files: `<cache_dir>/<dataset name>_<name>_<hash>_{doc,sample,shuffle}_idx.npy` plus a
+    `_desc.json` written last, whose presence marks the set complete. cache_dir None: an
+    `index-cache` folder next to the dataset.
+    """
+    documents = np.asarray(documents, dtype=np.int64)
+    start, stop = int(documents[0]), int(documents[-1]) + 1
+    is_range = stop - start == len(documents) and bool(np.all(np.diff(documents) == 1))
+    desc = {"version": INDEX_VERSION, "dataset": os.path.basename(indexed.prefix), "split": name,
+            "documents": [start, stop] if is_range else f"{len(documents)} listed",
+            "seq_length": int(seq_length), "num_samples": num_samples, "seed": int(seed)}
+    digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode())
+    if is_range:
+        digest.update(np.ascontiguousarray(indexed.sizes[start:stop]).tobytes())
+    else:
+        digest.update(documents.tobytes())
+        digest.update(np.asarray(indexed.sizes)[documents].tobytes())
+    folder = Path(cache_dir) if cache_dir is not None else Path(indexed.prefix).parent / "index-cache"
+    stem = f"{os.path.basename(indexed.prefix)}_{name}_{digest.hexdigest()[:16]}"
+    paths = [folder / f"{stem}_{kind}_idx.npy" for kind in ("doc", "sample", "shuffle")]
+    desc_path = folder / f"{stem}_desc.json"
+    if desc_path.is_file() and all(p.is_file() for p in paths):
+        return tuple(np.load(p, mmap_mode="r") for p in paths)
+    arrays = build_sample_index(indexed.sizes, documents, seq_length, num_samples, seed)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, array in zip(paths, arrays):
+            _save_atomic(path, array)
+        fd, tmp = tempfile.mkstemp(prefix=f".{desc_path.name}.", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(desc, f, indent=2)
+        os.replace(tmp, desc_path)
+    except OSError as e:
+        raise DatasetBuildError(f"cannot write the index cache in {str(folder)!r} ({e.strerror}); "
+                                f"fix: set data.cache_dir to a writable folder") from e
+    return arrays
+
+
+def make_item(tokens: np.ndarray, loss_mask: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """The dict every dataset returns, from seq_length + 1 tokens (and optional mask of them).
+
+    tokens: (seq_length,) int64 inputs; labels: (seq_length,) int64, the tokens shifted by one;
+    loss_mask: (seq_length,) float32, the mask of each label (all ones when none is given).
+    """
+    t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    if loss_mask is None:
+        mask = torch.ones(len(t) - 1, dtype=torch.float32)
+    else:
+        mask = torch.from_numpy(np.asarray(loss_mask[1:], dtype=np.float32))
+    return {"tokens": t[:-1].contiguous(), "labels": t[1:].contiguous(), "loss_mask": mask}
+
+
+def gather_sample(get_doc, doc_idx: np.ndarray, sample_idx: np.ndarray, j: int) -> np.ndarray:
+    """Tokens of sample j (`seq_length + 1`), from `get_doc(doc, offset, length)` slices."""
+    (d0, o0), (d1, o1) = sample_idx[j], sample_idx[j + 1]
+    d0, o0, d1, o1 = int(d0), int(o0), int(d1), int(o1)
+    if d0 == d1:
+        return np.asarray(get_doc(int(doc_idx[d0]), o0, o1 - o0 + 1))
+    parts = [get_doc(int(doc_idx[d0]), o0, None)]
+    parts += [get_doc(int(doc_idx[d]), 0, None) for d in range(d0 + 1, d1)]
+    parts.append(get_doc(int(doc_idx[d1]), 0, o1 + 1))
+    return np.concatenate(parts)
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """Pretraining samples of one indexed dataset's document range.
+
+    Args:
+        indexed: the dataset.
+        documents: (n,) document ids to draw from (a split).
+        seq_length: tokens per sample fed to the model.
+        num_samples: samples needed (None: one epoch); `len()` is at least this.
+        seed: shuffle seed.
+        cache_dir: where the index arrays are cached (None: next to the data).
+        name: split name, part of the cache file names.
+    `ds[i]` is `{"tokens", "labels", "loss_mask"}`, each (seq_length,).
+    """
+
+    def __init__(self, indexed: IndexedDataset, documents: np.ndarray, seq_length: int,
+                 num_samples: int | None, seed: int, cache_dir=None, name: str = "train"):
+        if seq_length < 1:
+            raise DatasetBuildError(f"model.seq_length={seq_length} must be positive")
+        if len(documents) == 0:
+            raise DatasetBuildError(f"{name} split of {indexed.prefix!r}: no documents given")
+        self.indexed = indexed
+        self.seq_length = seq_length
+        self.doc_idx, self.sample_idx, self.shuffle_idx = cached_sample_index(
+            indexed, np.asarray(documents), seq_length, num_samples, seed, cache_dir, name)
+
+    def __len__(self) -> int:
+        return len(self.shuffle_idx)
+
+    def tokens(self, i: int) -> np.ndarray:
+        """The seq_length + 1 tokens of sample i."""
+        return gather_sample(self.indexed.get, self.doc_idx, self.sample_idx, int(self.shuffle_idx[i]))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return make_item(self.tokens(i))
+
+
+def _open(prefix: str, opened: dict) -> IndexedDataset:
+    if prefix not in opened:
+        opened[prefix] = IndexedDataset(prefix)
+    return opened[prefix]
+
+
+def _build_split(blend: list[tuple[float | None, str]], part: int | None, split: str,
+                 seq_length: int, num_samples: int, seed: int, cache_dir, name: str,
+                 opened: dict) -> torch.utils.data.Dataset | None:
+    """One split's dataset (blended when several prefixes), or None when it needs no sample."""
+    if not num_samples or not blend:
+        return None
+    parts = []
+    for weight, prefix in blend:
+        ds = _open(prefix, opened)
+        start, stop = (0, len(ds)) if part is None else split_ranges(split, len(ds))[part]
+        if stop <= start:
+            raise DatasetBuildError(
+                f"data.split={split!r} leaves the {name} split of {prefix!r} no documents (it has "
+                f"{len(ds)}); fix: give the {name} split more weight, or set data.val_data_path")
+        documents = np.arange(start, stop)
+        if weight is None:  # unweighted list: blend in proportion to tokens
+            weight = float(ds.sizes[start:stop].sum(dtype=np.int64))
+        parts.append((weight, ds, documents))
+    if len(parts) == 1:
+        _, ds, documents = parts[0]
+        return GPTDataset(ds, documents, seq_length, num_samples, seed, cache_dir, name)
+    weights = [w for w, _, _ in parts]
+    dataset_index, sample_index = blending_indices(weights, num_samples)
+    needed = np.bincount(dataset_index, minlength=len(parts))
+    datasets = [GPTDataset(ds, documents, seq_length, max(int(n), 1), seed + i, cache_dir, name)
+                for i, ((_, ds, documents), n) in enumerate(zip(parts, needed))]
+    return BlendedDataset(datasets, weights, dataset_index, sample_index)
+
+
+def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
+                       split: str = "969,30,1", seq_length: int, num_samples: tuple[int, int, int],
+                       seed: int = 1234, cache_dir: str | os.PathLike | None = None):
+    """Train, validation and test datasets for pretraining (each None when it needs no sample).
+
+    Args:
+        train_data_path: `data.train_data_path`: a prefix, a list of prefixes (blended in
+            proportion to their tokens), or `[weight, prefix, weight, prefix, ...]`.
+        val_data_path: `data.val_data_path`; empty: validation (and test) documents are carved out
+            of each training prefix by `split`. Otherwise the training prefixes are used whole.
+        test_data_path: `data.test_data_path`; empty: the test part of `split` when
+            val_data_path is empty, else no test set.
+        split: `data.split`, train,valid,test document weights such as "969,30,1".
+        seq_length: `model.seq_length`; every item is (seq_length,).
+        num_samples: (train, valid, test) samples needed, e.g. max_steps * global batch for
+            train; a zero gives None for that split.
+        seed: `training.seed`; same seed, same sample order.
+        cache_dir: `data.cache_dir`; None caches the index arrays next to each dataset.
+    Returns:
+        (train, valid, test): datasets whose items are dicts of `tokens` and `labels` (int64) and
+        `loss_mask` (float32, all ones), each (seq_length,); len() >= the requested samples.
+    """
+    if len(num_samples) != 3 or any(n is None or n < 0 for n in num_samples):
+        raise DatasetBuildError(f"num_samples={num_samples!r} must be three non-negative counts "
+                                f"(train, valid, test)")
+    train = parse_data_path(train_data_path, "data.train_data_path")
+    valid = parse_data_path(val_data_path, "data.val_data_path")
+    test = parse_data_path(test_data_path, "data.test_data_path")
+    if not train:
+        raise DatasetBuildError("data.train_data_path is empty; fix: run tools/preprocess_data.py "
+                                "and name its output prefix (<prefix>_text_document)")
+    if not valid:
+        parse_split(split)
+    opened: dict[str, IndexedDataset] = {}
+    common = dict(split=split, seq_length=seq_length, seed=seed, cache_dir=cache_dir, opened=opened)
+    carve = not valid
+    train_ds = _build_split(train, 0 if carve else None, num_samples=num_samples[0], name="train", **common)
+    valid_ds = _build_split(valid or train, 1 if carve else None, num_samples=num_samples[1],
+                            name="valid", **common)
+    test_blend, test_part = (test, None) if test else ((train, 2) if carve else ([], None))
+    test_ds = _build_split(test_blend, test_part, num_samples=num_samples[2], name="test", **common)
+    return train_ds, valid_ds, test_ds

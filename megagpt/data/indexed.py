@@ -1,0 +1,307 @@
+"""Megatron-LM's indexed dataset (`MMapIndexedDataset`, version 1): reader, writer and merge.
+
+A dataset is a prefix `P` naming two files (DESIGN.md, "Indexed dataset"):
+- `P.bin`: the token ids of every sequence, concatenated, no header;
+- `P.idx`, little-endian: magic `MMIDIDX\\x00\\x00`, version u64 = 1, dtype code u8, sequence count
+  S u64, document count D u64 (documents + 1), then S int32 sequence lengths, S int64 byte offsets
+  into `.bin`, and D int64 document indices (sequence boundaries, first 0, last S).
+
+`IndexedDataset(prefix)` memory-maps both files (no copy) after checking the header, the sizes of
+both files and the document indices, and says which file is wrong. `IndexedDatasetWriter` streams
+sequences to temporary files (memory stays flat however many) and renames both files into place
+only when complete. `merge_datasets` concatenates several prefixes into one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_SIZE = 34  # 9 magic + 8 version + 1 dtype + 8 sequences + 8 documents
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+          7: np.float32, 8: np.uint16}
+DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+COPY_CHUNK = 1 << 22  # elements streamed at a time when writing the index
+
+
+class IndexedDatasetError(ValueError):
+    """A `.bin`/`.idx` pair that cannot be read; the message names the file and the reason."""
+
+
+def best_dtype(vocab_size: int) -> np.dtype:
+    """Megatron's rule: uint16 when the vocabulary has fewer than 65,500 ids, else int32."""
+    return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
+
+
+def bin_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.bin")
+
+
+def idx_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.idx")
+
+
+def dataset_exists(prefix: str | os.PathLike) -> bool:
+    return bin_path(prefix).is_file() and idx_path(prefix).is_file()
+
+
+def pack_header(dtype: np.dtype, num_sequences: int, num_doc_indices: int) -> bytes:
+    """The 34 bytes that open an `.idx` file."""
+    return (MAGIC + struct.pack("<Q", VERSION) + struct.pack("<B", DTYPE_CODES[np.dtype(dtype)])
+            + struct.pack("<Q", num_sequences) + struct.pack("<Q", num_doc_indices))
+
+
+class IndexedDataset:
+    """A memory-mapped `.bin`/`.idx` pair.
+
+    Attributes:
+        sizes: int32 (S,) tokens in each sequence (a view into `.idx`).
+        pointers: int64 (S,) byte offset of each sequence in `.bin`.
+        doc_idx: int64 (D,) sequence boundaries of the documents; doc_idx[0] = 0, doc_idx[-1] = S.
+        dtype: the token dtype.
+    `ds[i]` is sequence i as a read-only array view of `.bin` (no copy).
+    """
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.prefix = os.fspath(prefix)
+        idx, bin_ = idx_path(prefix), bin_path(prefix)
+        for path in (idx, bin_):
+            if not path.is_file():
+                raise IndexedDatasetError(
+                    f"indexed dataset {self.prefix!r}: {path} does not exist; a dataset prefix P "
+                    f"names P.bin and P.idx (tools/preprocess_data.py writes "
+                    f"<output-prefix>_text_document.bin/.idx, so P ends in _text_document)")
+        self.dtype, num_sequences, num_docs = self._read_header(idx)
+        expected = HEADER_SIZE + num_sequences * (4 + 8) + num_docs * 8
+        actual = idx.stat().st_size
+        if actual != expected:
+            state = "is truncated" if actual < expected else "has trailing bytes"
+            raise IndexedDatasetError(
+                f"{idx} {state}: its header announces {num_sequences} sequences and {num_docs} "
+                f"document indices, which take {expected} bytes, but the file has {actual}; fix: "
+                f"write the dataset again")
+        index = np.memmap(idx, dtype=np.uint8, mode="r") if expected > HEADER_SIZE else np.zeros(0, np.uint8)
+        start = HEADER_SIZE
+        self.sizes = index[start:start + 4 * num_sequences].view(np.int32)
+        start += 4 * num_sequences
+        self.pointers = index[start:start + 8 * num_sequences].view(np.int64)
+        start += 8 * num_sequences
+        self.doc_idx = index[start:start + 8 * num_docs].view(np.int64)
+        if num_docs == 0 or self.doc_idx[0] != 0 or self.doc_idx[-1] != num_sequences:
+            raise IndexedDatasetError(
+                f"{idx}: document indices must run from 0 to the sequence count {num_sequences}, "
+                f"found {self.doc_idx[:1].tolist()}...{self.doc_idx[-1:].tolist()}; the file is "
+                f"damaged or not written by a Megatron-compatible tool")
+        itemsize = self.dtype.itemsize
+        bin_bytes = bin_.stat().st_size
+        needed = int(self.pointers[-1]) + int(self.sizes[-1]) * itemsize if num_sequences else 0
+        if bin_bytes != needed:
+            raise IndexedDatasetError(
+                f"{bin_} has {bin_bytes} bytes but {idx} describes {needed} "
+                f"({'truncated' if bin_bytes < needed else 'the files do not belong together'}); "
+                f"fix: write the dataset again")
+        self._bin = (np.memmap(bin_, dtype=self.dtype, mode="r") if bin_bytes
+                     else np.zeros(0, self.dtype))
+
+    @staticmethod
+    def _read_header(idx: Path) -> tuple[np.dtype, int, int]:
+        with open(idx, "rb") as f:
+            header = f.read(HEADER_SIZE)
+        if header[:len(MAGIC)] != MAGIC:
+            raise IndexedDatasetError(
+                f"{idx} is not a Megatron indexed dataset index: it starts with "
+                f"{header[:len(MAGIC)]!r}, expected the magic {MAGIC!r}")
+        if len(header) < HEADER_SIZE:
+            raise IndexedDatasetError(f"{idx} is truncated: {len(header)} bytes, shorter than the "
+                                      f"{HEADER_SIZE}-byte header")
+        (version,) = struct.unpack("<Q", header[9:17])
+        if version != VERSION:
+            raise IndexedDatasetError(f"{idx} has index version {version}; only version {VERSION} "
+                                      f"(Megatron-LM's MMapIndexedDataset) is supported")
+        code = header[17]
+        if code not in DTYPES:
+            raise IndexedDatasetError(f"{idx} has an unknown dtype code {code}; known codes: "
+                                      f"{sorted(DTYPES)}")
+        num_sequences, num_docs = struct.unpack("<QQ", header[18:34])
+        return np.dtype(DTYPES[code]), num_sequences, num_docs
+
+    def __getstate__(self) -> dict:
+        """Pickle the prefix only: DataLoader workers started by spawn re-map the files."""
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens `offset : offset + length` of sequence i (to its end when length is None)."""
+        size = int(self.sizes[i])
+        if length is None:
+            length = size - offset
+        start = int(self.pointers[i]) // self.dtype.itemsize + offset
+        return self._bin[start:start + length]
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_idx) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sizes.sum(dtype=np.int64))
+
+
+class IndexedDatasetWriter:
+    """Writes a `.bin`/`.idx` pair by streaming; the files appear only when `finalize` completes.
+
+    Use as a context manager: leaving the block with an exception removes every temporary file.
+    Sequence lengths and document boundaries are spooled to temporary files, so memory does not
+    grow with the number of sequences.
+
+    Args:
+        prefix: writes `prefix.bin` and `prefix.idx`.
+        dtype: token dtype (see `best_dtype`).
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type):
+        self.prefix = os.fspath(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in DTYPE_CODES:
+            raise ValueError(f"dtype {self.dtype} has no code in the index format; use one of "
+                             f"{sorted(str(np.dtype(d)) for d in DTYPES.values())}")
+        suffix = f".tmp-{os.getpid()}"
+        self._tmp_bin = Path(f"{self.prefix}.bin{suffix}")
+        self._tmp_sizes = Path(f"{self.prefix}.sizes{suffix}")
+        self._tmp_docs = Path(f"{self.prefix}.docs{suffix}")
+        self._tmp_idx = Path(f"{self.prefix}.idx{suffix}")
+        self._files = [open(p, "wb") for p in (self._tmp_bin, self._tmp_sizes, self._tmp_docs)]
+        self._bin, self._sizes, self._docs = self._files
+        self.num_sequences = 0
+        self.num_tokens = 0
+        self._docs.write(np.zeros(1, np.int64).tobytes())
+        self.num_doc_indices = 1
+
+    def add_sequences(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append sequences given as one flat token array and their lengths (no document end)."""
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(tokens):
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {len(tokens)} tokens given")
+        if lengths.size and (lengths.min() < 0 or lengths.max() > np.iinfo(np.int32).max):
+            raise ValueError("sequence lengths must fit in int32 and be non-negative")
+        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._sizes.write(lengths.astype(np.int32).tobytes())
+        self.num_sequences += len(lengths)
+        self.num_tokens += len(tokens)
+
+    def end_documents(self, boundaries: np.ndarray) -> None:
+        """Mark document ends at the given absolute sequence counts (ascending)."""
+        self._docs.write(np.asarray(boundaries, dtype=np.int64).tobytes())
+        self.num_doc_indices += len(boundaries)
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents of one sequence each: flat tokens and the length of each document."""
+        first = self.num_sequences
+        self.add_sequences(tokens, lengths)
+        self.end_documents(np.arange(first + 1, self.num_sequences + 1, dtype=np.int64))
+
+    def add_document(self, tokens: np.ndarray | list[int]) -> None:
+        tokens = np.asarray(tokens)
+        self.add_documents(tokens, np.array([len(tokens)]))
+
+    def add_dataset(self, ds: IndexedDataset) -> None:
+        """Append every sequence and document of `ds` (same dtype), streaming in chunks."""
+        if ds.dtype != self.dtype:
+            raise IndexedDatasetError(f"cannot append {ds.prefix!r} (dtype {ds.dtype}) to a "
+                                      f"dataset of dtype {self.dtype}")
+        base = self.num_sequences
+        with open(bin_path(ds.prefix), "rb") as f:
+            shutil.copyfileobj(f, self._bin, 1 << 24)
+        for start in range(0, len(ds), COPY_CHUNK):
+            sizes = np.asarray(ds.sizes[start:start + COPY_CHUNK])
+            self._sizes.write(sizes.astype(np.int32).tobytes())
+            self.num_sequences += len(sizes)
+            self.num_tokens += int(sizes.sum(dtype=np.int64))
+        for start in range(1, len(ds.doc_idx), COPY_CHUNK):
+            self.end_documents(np.asarray(ds.doc_idx[start:start + COPY_CHUNK]) + base)
+
+    def finalize(self) -> None:
+        """Write the index and rename both files into place."""
+        for f in self._files:
+            f.close()
+        with open(self._tmp_idx, "wb") as out:
+            out.write(pack_header(self.dtype, self.num_sequences, self.num_doc_indices))
+            with open(self._tmp_sizes, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+            itemsize = self.dtype.itemsize
+            offset = 0
+            sizes = np.memmap(self._tmp_sizes, dtype=np.int32, mode="r") if self.num_sequences else []
+            for start in range(0, self.num_sequences, COPY_CHUNK):
+                chunk = np.asarray(sizes[start:start + COPY_CHUNK], dtype=np.int64) * itemsize
+                ends = np.cumsum(chunk) + offset
+                out.write((ends - chunk).tobytes())
+                offset = int(ends[-1])
+            del sizes
+            with open(self._tmp_docs, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+        os.replace(self._tmp_bin, bin_path(self.prefix))
+        os.replace(self._tmp_idx, idx_path(self.prefix))
+        for p in (self._tmp_sizes, self._tmp_docs):
+            p.unlink()
+
+    def abort(self) -> None:
+        """Close and remove every temporary file."""
+        for f in self._files:
+            f.close()
+        for p in (self._tmp_bin, self._tmp_sizes, self._tmp_docs, self._tmp_idx):
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> IndexedDatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def write_documents(prefix: str | os.PathLike, documents: Sequence, dtype=np.uint16) -> IndexedDataset:
+    """Write a small dataset from a list of token lists (one sequence a document) and open it."""
+    with IndexedDatasetWriter(prefix, dtype) as writer:
+        for doc in documents:
+            writer.add_document(np.asarray(doc))
+        writer.finalize()
+    return IndexedDataset(prefix)
+
+
+def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike) -> IndexedDataset:
+    """Concatenate datasets (same dtype) into `output_prefix`, keeping every document boundary.
+
+    Streams `.bin` bytes and index arrays in chunks, so memory stays flat.
+    """
+    if not prefixes:
+        raise ValueError("--inputs is empty; fix: name at least one dataset prefix to merge")
+    datasets = [IndexedDataset(p) for p in prefixes]
+    dtype = datasets[0].dtype
+    for ds in datasets[1:]:
+        if ds.dtype != dtype:
+            raise IndexedDatasetError(
+                f"cannot merge {ds.prefix!r} (dtype {ds.dtype}) with {datasets[0].prefix!r} "
+                f"(dtype {dtype}); fix: merge datasets written with the same tokenizer")
+    out = os.fspath(output_prefix)
+    if any(Path(ds.prefix).resolve() == Path(out).resolve() for ds in datasets):
+        raise ValueError(f"--output-prefix {out!r} is also an input; fix: choose a new prefix")
+    with IndexedDatasetWriter(out, dtype) as writer:
+        for ds in datasets:
+            writer.add_dataset(ds)
+        writer.finalize()
+    return IndexedDataset(out)

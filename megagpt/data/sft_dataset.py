@@ -1,0 +1,256 @@
+"""Fine-tuning data: chat-formatted jsonl -> token windows whose loss covers only the responses.
+
+Input: jsonl (or .jsonl.gz), one example a line, either
+    {"prompt": "...", "response": "..."}
+or  {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
+(a prompt/response pair is the two messages user, assistant).
+
+Template: every turn is rendered as `"<Role>:"` followed by `" <content>\\n"`, with the roles
+written `System`, `User`, `Assistant`, and the example ends with `<|endoftext|>`:
+
+    User: Who wrote Hamlet?
+    Assistant: William Shakespeare.
+    <|endoftext|>
+
+The loss mask is 1 on the tokens of every assistant turn's `" <content>\\n"` and on the final
+`<|endoftext|>` (so the model learns to stop), 0 elsewhere. At inference, prompt with
+`"User: <question>\\nAssistant:"` and stop at `<|endoftext|>`. Each piece is encoded on its own,
+so a turn's tokens do not depend on its neighbours.
+
+Two layouts, both giving the pretraining item dict (`tokens`, `labels`, `loss_mask`):
+- packed: examples, shuffled per epoch, are concatenated into one stream cut into windows of
+  `seq_length + 1` tokens (the pretraining index, examples may straddle windows); the mask moves
+  with its tokens.
+- padded: one example a sample, truncated to `seq_length + 1` tokens or padded with the
+  end-of-document id, padding masked out.
+
+Bad lines (invalid UTF-8 or JSON, missing or non-string fields, unknown roles, no assistant
+turn, empty content) are counted by reason and skipped; `dataset.skipped` holds the counts.
+Examples are tokenized in memory when the dataset is built.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from megagpt.data import jsonl
+from megagpt.data.blend import parse_data_path
+from megagpt.data.gpt_dataset import DatasetBuildError, build_sample_index, gather_sample, make_item, split_ranges
+from megagpt.data.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+NO_FIELDS = "neither prompt/response nor messages"
+BAD_MESSAGE = "bad message (needs role system/user/assistant and string content)"
+NO_ASSISTANT = "no assistant turn"
+EMPTY_CONTENT = "empty content"
+
+
+def example_turns(obj: dict) -> tuple[list[tuple[str, str]] | None, str | None]:
+    """The (role, content) turns of one parsed line, or None and the reason it is skipped."""
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            return None, BAD_MESSAGE
+        turns = []
+        for m in messages:
+            if (not isinstance(m, dict) or m.get("role") not in ROLE_NAMES
+                    or not isinstance(m.get("content"), str)):
+                return None, BAD_MESSAGE
+            turns.append((m["role"], m["content"]))
+    elif "prompt" in obj and "response" in obj:
+        if not isinstance(obj["prompt"], str) or not isinstance(obj["response"], str):
+            return None, f"{jsonl.NOT_STRING} for 'prompt' or 'response'"
+        turns = [("user", obj["prompt"]), ("assistant", obj["response"])]
+    else:
+        return None, NO_FIELDS
+    if not any(role == "assistant" for role, _ in turns):
+        return None, NO_ASSISTANT
+    if any(not content.strip() for _, content in turns):
+        return None, EMPTY_CONTENT
+    return turns, None
+
+
+def render(turns: list[tuple[str, str]]) -> str:
+    """The template's text of an example (without the final <|endoftext|>)."""
+    return "".join(f"{ROLE_NAMES[role]}: {content}\n" for role, content in turns)
+
+
+@dataclass
+class SFTExamples:
+    """Tokenized examples, flat: example i is tokens[offsets[i]:offsets[i + 1]] and its mask."""
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    offsets: np.ndarray
+    skipped: jsonl.SkipLog = field(default_factory=jsonl.SkipLog)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def subset(self, start: int, stop: int) -> SFTExamples:
+        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+        return SFTExamples(self.tokens[lo:hi], self.loss_mask[lo:hi],
+                           self.offsets[start:stop + 1] - lo, self.skipped)
+
+
+def tokenize_examples(examples: list[list[tuple[str, str]]], tokenizer: Tokenizer) -> SFTExamples:
+    """Encode examples with the template (one encode_batch over every piece)."""
+    pieces, masks, counts = [], [], []
+    for turns in examples:
+        for role, content in turns:
+            pieces += [f"{ROLE_NAMES[role]}:", f" {content}\n"]
+            masks += [0, int(role == "assistant")]
+        counts.append(2 * len(turns))
+    encoded = tokenizer.encode_batch(pieces)
+    eod = tokenizer.eod_id
+    tokens, mask, offsets, k = [], [], [0], 0
+    for count in counts:
+        for ids, m in zip(encoded[k:k + count], masks[k:k + count]):
+            tokens += ids
+            mask += [m] * len(ids)
+        tokens.append(eod)
+        mask.append(1)
+        k += count
+        offsets.append(len(tokens))
+    return SFTExamples(np.array(tokens, dtype=np.int64), np.array(mask, dtype=np.uint8),
+                       np.array(offsets, dtype=np.int64))
+
+
+def load_sft_examples(paths, tokenizer: Tokenizer, where: str = "data.train_data_path") -> SFTExamples:
+    """Read and tokenize every good line of the jsonl files `paths` (in order)."""
+    skipped = jsonl.SkipLog()
+    examples = []
+    for weight, path in parse_data_path(paths, where):
+        if weight is not None:
+            raise DatasetBuildError(f"{where}: blend weights are not supported for fine-tuning "
+                                    f"data; fix: list the jsonl files without weights")
+        with jsonl.open_input(path, where) as stream:
+            for line_no, raw in jsonl.iter_lines(stream):
+                obj, reason = jsonl.parse_line(raw)
+                turns = None
+                if obj is not None:
+                    turns, reason = example_turns(obj)
+                if reason:
+                    skipped.add(f"{os.path.basename(path)}: {reason}", line_no)
+                else:
+                    examples.append(turns)
+    if skipped.total:
+        log.warning("fine-tuning data %s: skipped %d line(s):\n%s", where, skipped.total,
+                    "\n".join(skipped.lines()))
+    if not examples:
+        raise DatasetBuildError(f"{where}={paths!r} holds no usable example; expected jsonl lines "
+                                f"with prompt/response or messages (see docs/data.md)")
+    result = tokenize_examples(examples, tokenizer)
+    result.skipped = skipped
+    return result
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Fine-tuning samples, packed or padded (see the module docstring).
+
+    Args:
+        examples: tokenized examples.
+        seq_length: tokens per sample fed to the model.
+        num_samples: samples needed (epochs repeat, reshuffled); None: one epoch.
+        packing: pack into full windows (True) or one padded example a sample (False).
+        seed: shuffle seed.
+        pad_id: padding token id for the padded layout (masked out).
+    """
+
+    def __init__(self, examples: SFTExamples, seq_length: int, num_samples: int | None,
+                 packing: bool, seed: int, pad_id: int):
+        if seq_length < 1:
+            raise DatasetBuildError(f"model.seq_length={seq_length} must be positive")
+        self.examples = examples
+        self.seq_length = seq_length
+        self.packing = packing
+        self.pad_id = pad_id
+        self.skipped = examples.skipped
+        if packing:
+            self.doc_idx, self.sample_idx, self.order = build_sample_index(
+                examples.lengths, np.arange(len(examples)), seq_length, num_samples, seed)
+        else:
+            epochs = 1 if num_samples is None else max(1, -(-num_samples // len(examples)))
+            rng = np.random.default_rng(seed)
+            self.order = np.concatenate([rng.permutation(len(examples)) for _ in range(epochs)])
+        self.truncated = 0 if packing else int(np.sum(examples.lengths > seq_length + 1))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def _slice(self, array: np.ndarray):
+        offsets = self.examples.offsets
+
+        def get(doc: int, offset: int, length: int | None) -> np.ndarray:
+            start = int(offsets[doc]) + offset
+            stop = int(offsets[doc + 1]) if length is None else start + length
+            return array[start:stop]
+        return get
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.packing:
+            j = int(self.order[i])
+            tokens = gather_sample(self._slice(self.examples.tokens), self.doc_idx, self.sample_idx, j)
+            mask = gather_sample(self._slice(self.examples.loss_mask), self.doc_idx, self.sample_idx, j)
+            return make_item(tokens, mask)
+        e = int(self.order[i])
+        lo, hi = int(self.examples.offsets[e]), int(self.examples.offsets[e + 1])
+        n = min(hi - lo, self.seq_length + 1)
+        tokens = np.full(self.seq_length + 1, self.pad_id, dtype=np.int64)
+        mask = np.zeros(self.seq_length + 1, dtype=np.uint8)
+        tokens[:n] = self.examples.tokens[lo:lo + n]
+        mask[:n] = self.examples.loss_mask[lo:lo + n]
+        return make_item(tokens, mask)
+
+
+def build_sft_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
+                       split: str = "90,10,0", tokenizer: Tokenizer | str = "gpt2",
+                       seq_length: int, num_samples: tuple[int, int, int], packing: bool = True,
+                       seed: int = 1234):
+    """Train, validation and test fine-tuning datasets (each None when it needs no sample).
+
+    Args:
+        train_data_path: `data.train_data_path`: jsonl file(s) of examples.
+        val_data_path: `data.val_data_path`; empty: validation and test examples are carved out
+            of the training examples by `split` (contiguous ranges, in file order).
+        test_data_path: `data.test_data_path`; empty: the test part of `split` (or none).
+        split: `data.split`, train,valid,test example weights such as "90,10,0".
+        tokenizer: a Tokenizer or a `data.tokenizer_path`.
+        seq_length: `model.seq_length`.
+        num_samples: (train, valid, test) samples needed; a zero gives None.
+        packing: `data.sft_packing`.
+        seed: `training.seed`.
+    Returns:
+        (train, valid, test) `SFTDataset`s with items `tokens`, `labels` (int64) and `loss_mask`
+        (float32, 1 on response tokens), each (seq_length,).
+    """
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    common = dict(seq_length=seq_length, packing=packing, seed=seed, pad_id=tok.eod_id)
+    train = load_sft_examples(train_data_path, tok, "data.train_data_path")
+    if parse_data_path(val_data_path, "data.val_data_path"):
+        parts = [train, load_sft_examples(val_data_path, tok, "data.val_data_path"), None]
+    else:
+        ranges = split_ranges(split, len(train))
+        parts = [train.subset(*r) if r[1] > r[0] else None for r in ranges]
+    if parse_data_path(test_data_path, "data.test_data_path"):
+        parts[2] = load_sft_examples(test_data_path, tok, "data.test_data_path")
+    out = []
+    for name, part, n in zip(("train", "valid", "test"), parts, num_samples):
+        if not n:
+            out.append(None)
+            continue
+        if part is None or not len(part):
+            raise DatasetBuildError(f"data.split={split!r} leaves the {name} split no example "
+                                    f"({len(train)} examples in all) but {n} samples are needed; "
+                                    f"fix: give the {name} split weight or set data.val_data_path")
+        out.append(SFTDataset(part, num_samples=n, **common))
+    return tuple(out)

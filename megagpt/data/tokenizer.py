@@ -1,0 +1,196 @@
+"""Tokenizers: one interface over Hugging Face `tokenizers`, the loader, and BPE training.
+
+`load_tokenizer(path)` accepts:
+- `"gpt2"`: the GPT-2 byte-level BPE bundled in `megagpt/data/assets/gpt2/` (works from any
+  working directory);
+- a `tokenizer.json` file (the `tokenizers` serialisation);
+- a folder holding `tokenizer.json`, or `vocab.json` + `merges.txt` (GPT-2 style byte-level BPE).
+
+Every tokenizer is returned as a `Tokenizer` with `encode`, `encode_batch`, `decode`, `vocab_size`
+and `eod_id` (the end-of-document id appended between documents). `train_bpe_tokenizer` trains a
+byte-level BPE and writes a folder that this loader and Hugging Face `AutoTokenizer` /
+`GPT2TokenizerFast` both read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+GPT2_DIR = Path(__file__).resolve().parent / "assets" / "gpt2"
+EOD_TOKEN = "<|endoftext|>"
+# End-of-document tokens looked for, in order, in a tokenizer that is not GPT-2's.
+EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+BYTE_ALPHABET_SIZE = 256
+
+
+class TokenizerError(ValueError):
+    """A tokenizer path that does not load; the message names the path and what was expected."""
+
+
+class Tokenizer:
+    """A loaded tokenizer: raw token ids in and out, no special tokens added by encoding.
+
+    Args:
+        backend: the `tokenizers.Tokenizer` doing the work.
+        source: where it was loaded from (shown in messages).
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, source: str):
+        self.backend = backend
+        self.source = source
+        self.eod_id = _find_eod(backend, source)
+        # encode_batch_fast (tokenizers >= 0.21) skips the offset bookkeeping we never use.
+        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (GPT-2: 50257)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text; the `tokenizers` library may use several threads."""
+        return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids` (special tokens such as the end-of-document id included)."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
+
+
+def _find_eod(backend: tokenizers.Tokenizer, source: str) -> int:
+    for token in EOD_CANDIDATES:
+        token_id = backend.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise TokenizerError(
+        f"tokenizer {source!r} has no end-of-document token: expected one of "
+        f"{', '.join(EOD_CANDIDATES)} in its vocabulary; fix: add {EOD_TOKEN!r} as a special "
+        f"token (tools/train_tokenizer.py does)")
+
+
+def _byte_level_bpe(vocab: Path, merges: Path, source: str) -> tokenizers.Tokenizer:
+    """GPT-2's pipeline (the same as Hugging Face GPT2TokenizerFast) over a vocab/merges pair."""
+    try:
+        backend = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise TokenizerError(f"tokenizer {source!r}: cannot read {vocab.name} + {merges.name} as a "
+                             f"byte-level BPE ({e}); expected GPT-2 style vocab.json (token -> id) "
+                             f"and merges.txt (one merge a line)") from e
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    if backend.token_to_id(EOD_TOKEN) is not None:
+        backend.add_special_tokens([EOD_TOKEN])
+    return backend
+
+
+def _from_json(path: Path, source: str) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise TokenizerError(f"tokenizer {source!r}: {path} is not a valid tokenizers "
+                             f"tokenizer.json ({e})") from e
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer from `"gpt2"`, a tokenizer.json file, or a folder.
+
+    Args:
+        path: `"gpt2"` (the bundled GPT-2 BPE), a `tokenizer.json` file, or a folder with
+            `tokenizer.json` or with `vocab.json` + `merges.txt`.
+    Raises:
+        TokenizerError: naming the path and what was expected there.
+    """
+    source = str(path)
+    if source == "gpt2":
+        return Tokenizer(_byte_level_bpe(GPT2_DIR / "vocab.json", GPT2_DIR / "merges.txt", source),
+                         source)
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".json" or p.name == "vocab.json":
+            raise TokenizerError(
+                f"tokenizer {source!r} is a file but not a tokenizer.json; expected \"gpt2\", a "
+                f"tokenizer.json file, or a folder with tokenizer.json or vocab.json + merges.txt")
+        return Tokenizer(_from_json(p, source), source)
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            return Tokenizer(_from_json(p / "tokenizer.json", source), source)
+        if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+            return Tokenizer(_byte_level_bpe(p / "vocab.json", p / "merges.txt", source), source)
+        found = sorted(x.name for x in p.iterdir())[:10]
+        raise TokenizerError(
+            f"tokenizer folder {source!r} has neither tokenizer.json nor vocab.json + merges.txt "
+            f"(found: {', '.join(found) or 'nothing'}); fix: point at a folder written by "
+            f"tools/train_tokenizer.py or a Hugging Face GPT-2 tokenizer folder, or use \"gpt2\"")
+    raise TokenizerError(
+        f"tokenizer {source!r} does not exist; expected \"gpt2\" (bundled), a tokenizer.json file, "
+        f"or a folder with tokenizer.json or vocab.json + merges.txt")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLike,
+                        min_frequency: int = 2) -> Tokenizer:
+    """Train a GPT-2 style byte-level BPE and write it to `output_dir`.
+
+    The folder gets `vocab.json` + `merges.txt` (GPT-2 form), `tokenizer.json`, and the Hugging
+    Face `tokenizer_config.json` / `special_tokens_map.json`, so `load_tokenizer`,
+    `GPT2TokenizerFast.from_pretrained` and `AutoTokenizer.from_pretrained` all read it.
+    `<|endoftext|>` is the last id. The folder is written under a temporary name and renamed when
+    complete; an existing non-empty `output_dir` is refused.
+
+    Args:
+        texts: the training documents.
+        vocab_size: ids in the result, `<|endoftext|>` included; at least 257 (256 bytes + 1).
+        output_dir: the folder to create.
+        min_frequency: a pair must occur this often to be merged.
+    """
+    if vocab_size < BYTE_ALPHABET_SIZE + 1:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs the "
+                         f"{BYTE_ALPHABET_SIZE} byte tokens plus {EOD_TOKEN}; fix: use at least "
+                         f"{BYTE_ALPHABET_SIZE + 1}")
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {str(out)!r} exists and is not an empty folder; fix: choose "
+                              f"a new path or remove it")
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    backend.add_special_tokens([EOD_TOKEN])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        backend.model.save(str(tmp))  # vocab.json + merges.txt, without the added token
+        vocab = json.loads((tmp / "vocab.json").read_text(encoding="utf-8"))
+        vocab[EOD_TOKEN] = backend.token_to_id(EOD_TOKEN)
+        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        backend.save(str(tmp / "tokenizer.json"))
+        special = {"bos_token": EOD_TOKEN, "eos_token": EOD_TOKEN, "unk_token": EOD_TOKEN}
+        (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
+                  "add_prefix_space": False, **special}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_tokenizer(out)

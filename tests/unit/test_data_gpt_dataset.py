@@ -1,0 +1,267 @@
+"""GPT samples: Megatron's index arrays (checked against a port of its loop), epochs, splits,
+caching, blending proportions, and the builder the trainer calls."""
+import numpy as np
+import pytest
+import torch
+
+from megagpt.data.blend import BlendedDataset, DataPathError, blending_indices, parse_data_path
+from megagpt.data.gpt_dataset import (DatasetBuildError, GPTDataset, build_gpt_datasets, build_sample_index,
+                                      gather_sample, parse_split, split_ranges)
+from megagpt.data.indexed import IndexedDataset, IndexedDatasetError, write_documents
+from megagpt.data.mock import MockGPTDataset, build_mock_datasets
+
+
+def megatron_sample_idx(sizes, doc_idx, seq_length, num_samples):
+    """Megatron-LM's build_sample_idx (helpers.cpp), line for line in Python."""
+    sample_idx = np.zeros((num_samples + 1, 2), dtype=np.int64)
+    doc_idx_index, doc_offset = 0, 0
+    for i in range(1, num_samples + 1):
+        remaining = seq_length + 1
+        while remaining != 0:
+            doc_length = sizes[doc_idx[doc_idx_index]] - doc_offset
+            remaining -= doc_length
+            if remaining <= 0:
+                doc_offset += remaining + doc_length - 1
+                remaining = 0
+            else:
+                if doc_idx_index == len(doc_idx) - 1:
+                    doc_offset = sizes[doc_idx[doc_idx_index]] - 1
+                    break
+                doc_idx_index += 1
+                doc_offset = 0
+        sample_idx[i] = doc_idx_index, doc_offset
+    return sample_idx
+
+
+def megatron_greedy_blend(weights, size):
+    """Megatron-LM's build_blending_indices (helpers.cpp), in Python."""
+    w = np.asarray(weights, float) / np.sum(weights)
+    counts = np.zeros(len(w), np.int64)
+    out = np.zeros(size, np.int64)
+    for n in range(size):
+        i = int(np.argmax(w * max(n, 1) - counts))
+        out[n] = i
+        counts[i] += 1
+    return out
+
+
+def max_deviation(dataset_index, weights):
+    """Largest |count of dataset i among the first n samples - w_i * n| over every n and i."""
+    w = np.asarray(weights, float) / np.sum(weights)
+    onehot = np.eye(len(w))[dataset_index]
+    n = np.arange(1, len(dataset_index) + 1)[:, None]
+    return np.abs(np.cumsum(onehot, axis=0) - w * n).max()
+
+
+def stream_of(sizes, doc_idx):
+    """Each document's tokens are (doc id * 1000 + position), concatenated in doc_idx order."""
+    return np.concatenate([np.arange(sizes[d]) + 1000 * d for d in doc_idx])
+
+
+def test_sample_index_equals_megatron(tmp_path):
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        sizes = rng.integers(1, 60, rng.integers(1, 30)).astype(np.int32)
+        seq_length, num_samples = int(rng.integers(2, 50)), int(rng.integers(1, 100))
+        doc_idx, sample_idx, shuffle_idx = build_sample_index(sizes, np.arange(len(sizes)), seq_length,
+                                                              num_samples, seed=3)
+        ref = megatron_sample_idx(sizes, doc_idx, seq_length, len(sample_idx) - 1)
+        assert np.array_equal(sample_idx, ref)
+        assert len(shuffle_idx) >= num_samples
+
+
+def test_samples_are_consecutive_windows_even_with_empty_documents():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        sizes = rng.integers(0, 40, rng.integers(2, 30)).astype(np.int32)
+        sizes[0] = 5
+        seq_length = int(rng.integers(2, 30))
+        doc_idx, sample_idx, _ = build_sample_index(sizes, np.arange(len(sizes)), seq_length, 50, seed=0)
+        stream = stream_of(sizes, doc_idx)
+
+        def get(d, offset, length):
+            doc = np.arange(sizes[d]) + 1000 * d
+            return doc[offset:] if length is None else doc[offset:offset + length]
+        for j in range(len(sample_idx) - 1):
+            window = stream[j * seq_length: j * seq_length + seq_length + 1]
+            assert np.array_equal(gather_sample(get, doc_idx, sample_idx, j), window)
+
+
+def test_epochs_are_permutations_and_last_epoch_shuffled_apart():
+    sizes = np.full(10, 10, dtype=np.int32)  # 100 tokens an epoch
+    doc_idx, sample_idx, shuffle_idx = build_sample_index(sizes, np.arange(3, 8), 4, 30, seed=5)
+    epochs = doc_idx.reshape(-1, 5)
+    assert len(epochs) == 3  # 50 tokens an epoch, 30 samples x 4 + 1 tokens need 3 epochs
+    assert all(sorted(e) == [3, 4, 5, 6, 7] for e in epochs)
+    assert not all(np.array_equal(epochs[0], e) for e in epochs[1:])  # reshuffled each epoch
+    full = (2 * 50 - 1) // 4
+    assert sorted(shuffle_idx[:full]) == list(range(full))  # full epochs are served first
+    assert sorted(shuffle_idx) == list(range(len(sample_idx) - 1))
+    again = build_sample_index(sizes, np.arange(3, 8), 4, 30, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (doc_idx, sample_idx, shuffle_idx)))
+
+
+def test_billion_token_index_is_vectorised():
+    # 1e9 tokens in 1M documents; a loop over samples or tokens would take minutes
+    sizes = np.random.default_rng(0).integers(1, 2000, 1_000_000).astype(np.int32)
+    doc_idx, sample_idx, shuffle_idx = build_sample_index(sizes, np.arange(len(sizes)), 2048, None, 1)
+    assert len(doc_idx) == 1_000_000
+    assert len(shuffle_idx) == (int(sizes.sum(dtype=np.int64)) - 1) // 2048 == len(sample_idx) - 1
+
+
+def test_split_ranges_and_errors():
+    assert split_ranges("969,30,1", 1000) == [(0, 969), (969, 999), (999, 1000)]
+    assert split_ranges("98/2/0", 50) == [(0, 49), (49, 50), (50, 50)]
+    assert split_ranges("1", 7) == [(0, 7), (7, 7), (7, 7)]
+    assert np.allclose(parse_split("949,50,1"), [0.949, 0.05, 0.001])
+    for bad in ("a,b,c", "-1,1,1", "0,0,0", "1,2,3,4", ""):
+        with pytest.raises(DatasetBuildError, match=r"data.split=.*must be up to three non-negative"):
+            parse_split(bad)
+
+
+def test_parse_data_path_forms_and_errors():
+    assert parse_data_path("p") == [(None, "p")]
+    assert parse_data_path(["0.7", "a", "0.3", "b"]) == [(0.7, "a"), (0.3, "b")]
+    assert parse_data_path([2, "a", 1, "b"]) == [(2.0, "a"), (1.0, "b")]
+    assert parse_data_path(["a", "b"]) == [(None, "a"), (None, "b")]
+    assert parse_data_path([]) == []
+    for bad, message in ((["0.7", "a", "0.3"], "odd number"), (["-1", "a"], "positive weight"),
+                         ([0.5, 3], "positive weight"), (["a", 3], "must be dataset prefixes")):
+        with pytest.raises(DataPathError, match=message):
+            parse_data_path(bad, "data.train_data_path")
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.3], [0.5, 0.3, 0.2], [3, 1]])
+def test_blend_stays_within_one_sample_of_the_weights(weights):
+    dataset_index, sample_index = blending_indices(weights, 5000)
+    assert max_deviation(dataset_index, weights) <= 1.0
+    assert max_deviation(dataset_index, weights) <= max_deviation(megatron_greedy_blend(weights, 5000), weights)
+    for i in range(len(weights)):  # each dataset's samples are taken in order 0, 1, 2, ...
+        assert np.array_equal(sample_index[dataset_index == i], np.arange(np.sum(dataset_index == i)))
+
+
+def test_blend_no_worse_than_megatron_for_five_datasets():
+    weights = [0.05, 0.15, 0.2, 0.25, 0.35]
+    ours = max_deviation(blending_indices(weights, 3000)[0], weights)
+    assert ours <= max_deviation(megatron_greedy_blend(weights, 3000), weights)
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    """100 documents of 5..24 tokens; document d holds d * 1000 + position (< 65500 fits uint16:
+    tokens are taken modulo 60000)."""
+    rng = np.random.default_rng(0)
+    docs = [(np.arange(int(rng.integers(5, 25))) + 1000 * d) % 60000 for d in range(100)]
+    write_documents(tmp_path / "c", docs)
+    return str(tmp_path / "c"), docs
+
+
+def test_items_are_shifted_windows(corpus, tmp_path):
+    prefix, _ = corpus
+    train, valid, test = build_gpt_datasets(prefix, split="80,20,0", seq_length=16,
+                                            num_samples=(50, 5, 0), seed=1, cache_dir=tmp_path / "cache")
+    assert test is None and len(train) >= 50 and len(valid) >= 5
+    item = train[3]
+    assert set(item) == {"tokens", "labels", "loss_mask"}
+    assert item["tokens"].shape == item["labels"].shape == item["loss_mask"].shape == (16,)
+    assert item["tokens"].dtype == item["labels"].dtype == torch.int64
+    assert item["loss_mask"].dtype == torch.float32 and bool((item["loss_mask"] == 1).all())
+    assert torch.equal(item["tokens"][1:], item["labels"][:-1])
+    full = train.tokens(3)
+    assert torch.equal(item["labels"], torch.from_numpy(full[1:].astype(np.int64)))
+
+
+def test_split_documents_are_disjoint(corpus, tmp_path):
+    prefix, _ = corpus
+    train, valid, test = build_gpt_datasets(prefix, split="70,20,10", seq_length=8,
+                                            num_samples=(10, 10, 10), seed=1, cache_dir=tmp_path / "k")
+    used = [set(np.unique(ds.doc_idx).tolist()) for ds in (train, valid, test)]
+    assert used == [set(range(70)), set(range(70, 90)), set(range(90, 100))]
+
+
+def test_separate_validation_and_test_prefixes(corpus, tmp_path):
+    prefix, _ = corpus
+    other = write_documents(tmp_path / "v", [[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 4).prefix
+    train, valid, test = build_gpt_datasets([prefix], [other], [], split="1,1,1", seq_length=8,
+                                            num_samples=(10, 3, 4), seed=1, cache_dir=tmp_path / "k")
+    assert set(np.unique(train.doc_idx)) == set(range(100)) and test is None
+    assert valid.indexed.prefix == other
+
+
+def test_same_seed_same_order_other_seed_other_order(corpus, tmp_path):
+    prefix, _ = corpus
+    def first_tokens(seed, cache):
+        ds = build_gpt_datasets(prefix, split="1,0,0", seq_length=8, num_samples=(20, 0, 0), seed=seed,
+                                cache_dir=tmp_path / cache)[0]
+        return [ds[i]["tokens"].tolist() for i in range(20)]
+    assert first_tokens(1, "a") == first_tokens(1, "b")
+    assert first_tokens(1, "a") != first_tokens(2, "a")
+
+
+def test_index_cache_is_hashed_atomic_and_reused(corpus, tmp_path):
+    prefix, _ = corpus
+    cache = tmp_path / "cache"
+    ds = GPTDataset(IndexedDataset(prefix), np.arange(100), 16, 40, seed=7, cache_dir=cache)
+    names = sorted(p.name for p in cache.iterdir())
+    digest = names[0].split("_")[2]
+    assert len(digest) == 16
+    assert names == [f"c_train_{digest}_{kind}" for kind in
+                     ("desc.json", "doc_idx.npy", "sample_idx.npy", "shuffle_idx.npy")]
+    again = GPTDataset(ds.indexed, np.arange(100), 16, 40, seed=7, cache_dir=cache)
+    assert isinstance(again.sample_idx, np.memmap)  # loaded, not rebuilt
+    assert np.array_equal(again.shuffle_idx, ds.shuffle_idx)
+    GPTDataset(ds.indexed, np.arange(100), 16, 40, seed=8, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 8  # another seed, other files
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_default_cache_next_to_data_and_unwritable_cache(corpus, tmp_path):
+    prefix, _ = corpus
+    build_gpt_datasets(prefix, split="1,0,0", seq_length=8, num_samples=(5, 0, 0))
+    assert len(list((tmp_path / "index-cache").iterdir())) == 4
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DatasetBuildError, match="cannot write the index cache .*data.cache_dir"):
+        build_gpt_datasets(prefix, split="1,0,0", seq_length=8, num_samples=(5, 0, 0),
+                           cache_dir=tmp_path / "file" / "sub")
+
+
+def test_builder_errors(corpus, tmp_path):
+    prefix, _ = corpus
+    with pytest.raises(DatasetBuildError, match="data.train_data_path is empty"):
+        build_gpt_datasets([], seq_length=8, num_samples=(1, 0, 0))
+    with pytest.raises(DatasetBuildError, match=r"data.split='100,0,0' leaves the valid split .*no documents"):
+        build_gpt_datasets(prefix, split="100,0,0", seq_length=8, num_samples=(1, 1, 0), cache_dir=tmp_path)
+    with pytest.raises(DatasetBuildError, match="three non-negative counts"):
+        build_gpt_datasets(prefix, seq_length=8, num_samples=(1, 0))
+    with pytest.raises(DataPathError, match="data.train_data_path"):
+        build_gpt_datasets(["0.5", prefix, "0.5"], seq_length=8, num_samples=(1, 0, 0))
+    with pytest.raises(IndexedDatasetError, match=r"nope\.idx does not exist"):
+        build_gpt_datasets(str(tmp_path / "nope"), seq_length=8, num_samples=(1, 0, 0))
+
+
+def test_blended_builder_realises_the_weights(tmp_path):
+    a = write_documents(tmp_path / "a", [np.full(50, 1)] * 20).prefix       # tokens all 1
+    b = write_documents(tmp_path / "b", [np.full(50, 2)] * 20).prefix       # tokens all 2
+    train, _, _ = build_gpt_datasets(["0.7", a, "0.3", b], split="1,0,0", seq_length=10,
+                                     num_samples=(1000, 0, 0), seed=3, cache_dir=tmp_path / "k")
+    assert isinstance(train, BlendedDataset) and len(train) == 1000
+    sources = np.array([int(train[i]["tokens"][0]) for i in range(1000)])
+    assert abs(np.sum(sources == 1) - 700) <= 1 and abs(np.sum(sources == 2) - 300) <= 1
+    unweighted, _, _ = build_gpt_datasets([a, b], split="1,0,0", seq_length=10, num_samples=(100, 0, 0),
+                                          cache_dir=tmp_path / "k")
+    assert np.allclose(unweighted.weights, [0.5, 0.5])  # equal token counts
+
+
+def test_mock_dataset_is_deterministic_and_shaped():
+    ds = MockGPTDataset(10, seq_length=12, vocab_size=50, seed=4)
+    item = ds[3]
+    assert item["tokens"].shape == (12,) and item["tokens"].dtype == torch.int64
+    assert int(item["tokens"].max()) < 50 and bool((item["loss_mask"] == 1).all())
+    assert torch.equal(item["tokens"][1:], item["labels"][:-1])
+    assert torch.equal(MockGPTDataset(10, 12, 50, seed=4)[3]["tokens"], item["tokens"])
+    assert not torch.equal(ds[4]["tokens"], item["tokens"])
+    with pytest.raises(IndexError):
+        ds[10]
+    train, valid, test = build_mock_datasets(12, 50, (5, 2, 0))
+    assert len(train) == 5 and len(valid) == 2 and test is None
+    assert not torch.equal(train[0]["tokens"], valid[0]["tokens"])

@@ -1,0 +1,180 @@
+"""The .bin/.idx format byte for byte (DESIGN.md's table), round trips, refusals, and merging."""
+import pickle
+import runpy
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megagpt.data.indexed import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, best_dtype,
+                                  merge_datasets, write_documents)
+
+MERGE_TOOL = Path(__file__).resolve().parents[2] / "tools" / "merge_datasets.py"
+
+
+def hand_built_idx(code: int, lengths: list[int], pointers: list[int], doc_idx: list[int]) -> bytes:
+    """An .idx laid out from the format table, field by field."""
+    return (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code)
+            + struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(doc_idx))
+            + struct.pack(f"<{len(lengths)}i", *lengths) + struct.pack(f"<{len(pointers)}q", *pointers)
+            + struct.pack(f"<{len(doc_idx)}q", *doc_idx))
+
+
+def test_writer_bytes_follow_the_table(tmp_path):
+    write_documents(tmp_path / "d", [[1, 2, 3], [4], [65535, 6]], np.uint16)
+    assert (tmp_path / "d.idx").read_bytes() == hand_built_idx(8, [3, 1, 2], [0, 6, 8], [0, 1, 2, 3])
+    assert (tmp_path / "d.bin").read_bytes() == struct.pack("<6H", 1, 2, 3, 4, 65535, 6)
+    header = (tmp_path / "d.idx").read_bytes()[:34]
+    assert header[:9] == b"MMIDIDX\x00\x00" and header[17] == 8  # offsets 0 and 17 of the table
+
+
+def test_int32_dataset_bytes(tmp_path):
+    write_documents(tmp_path / "d", [[70000, 1], [2]], best_dtype(100_000))
+    assert (tmp_path / "d.idx").read_bytes() == hand_built_idx(4, [2, 1], [0, 8], [0, 1, 2])
+    assert (tmp_path / "d.bin").read_bytes() == struct.pack("<3i", 70000, 1, 2)
+
+
+def test_best_dtype_follows_megatron():
+    assert best_dtype(50257) == np.uint16 and best_dtype(65499) == np.uint16
+    assert best_dtype(65500) == np.int32
+
+
+def test_reads_a_megatron_file_with_several_sequences_per_document(tmp_path):
+    # the layout Megatron-LM writes with sentence splitting: 2 documents of 2 and 1 sequences
+    (tmp_path / "m.idx").write_bytes(hand_built_idx(8, [2, 3, 1], [0, 4, 10], [0, 2, 3]))
+    (tmp_path / "m.bin").write_bytes(struct.pack("<6H", 10, 11, 20, 21, 22, 30))
+    ds = IndexedDataset(tmp_path / "m")
+    assert len(ds) == 3 and ds.num_documents == 2 and ds.num_tokens == 6
+    assert [ds[i].tolist() for i in range(3)] == [[10, 11], [20, 21, 22], [30]]
+    assert ds.doc_idx.tolist() == [0, 2, 3]
+    assert ds.get(1, offset=1, length=2).tolist() == [21, 22]
+
+
+def test_round_trip_random_documents_without_copy(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 50257, rng.integers(0, 50)) for _ in range(200)]
+    ds = write_documents(tmp_path / "r", docs)
+    assert len(ds) == 200 and ds.dtype == np.uint16
+    assert all(np.array_equal(ds[i], d) for i, d in enumerate(docs))
+    assert ds.sizes.tolist() == [len(d) for d in docs]
+    assert ds.pointers.tolist() == (np.cumsum([0] + [2 * len(d) for d in docs])[:-1]).tolist()
+    assert ds.doc_idx.tolist() == list(range(201))
+    item = ds[5]
+    assert isinstance(ds._bin, np.memmap) and not item.flags.owndata and not item.flags.writeable
+
+
+def test_pickles_by_prefix_for_dataloader_workers(tmp_path):
+    ds = write_documents(tmp_path / "p", [list(range(5000))] * 20)
+    data = pickle.dumps(ds)
+    assert len(data) < 500  # the prefix, not the tokens
+    assert np.array_equal(pickle.loads(data)[19], ds[19])
+
+
+def test_multi_sequence_documents_round_trip(tmp_path):
+    with IndexedDatasetWriter(tmp_path / "s", np.uint16) as w:
+        w.add_sequences(np.array([1, 2, 3, 4, 5]), np.array([2, 3]))
+        w.end_documents(np.array([2]))
+        w.add_sequences(np.array([6]), np.array([1]))
+        w.end_documents(np.array([3]))
+        w.finalize()
+    assert (tmp_path / "s.idx").read_bytes() == hand_built_idx(8, [2, 3, 1], [0, 4, 10], [0, 2, 3])
+
+
+def test_writer_leaves_nothing_until_finalize_and_nothing_on_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with IndexedDatasetWriter(tmp_path / "x", np.uint16) as w:
+            w.add_document([1, 2, 3])
+            assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.idx").exists()
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="lengths sum to 4 but 3 tokens"):
+        with IndexedDatasetWriter(tmp_path / "y", np.uint16) as w:
+            w.add_sequences(np.array([1, 2, 3]), np.array([4]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def corrupt(tmp_path, case: str) -> Path:
+    prefix = tmp_path / "c"
+    write_documents(prefix, [[1, 2, 3], [4, 5]])
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    data = bytearray(idx.read_bytes())
+    if case == "foreign":
+        idx.write_bytes(b'{"this": "is json"}')
+    elif case == "version":
+        data[9:17] = struct.pack("<Q", 2)
+        idx.write_bytes(bytes(data))
+    elif case == "dtype":
+        data[17] = 9
+        idx.write_bytes(bytes(data))
+    elif case == "short_header":
+        idx.write_bytes(bytes(data[:20]))
+    elif case == "truncated_idx":
+        idx.write_bytes(bytes(data[:-4]))
+    elif case == "trailing_idx":
+        idx.write_bytes(bytes(data) + b"\x00")
+    elif case == "truncated_bin":
+        bin_.write_bytes(bin_.read_bytes()[:-2])
+    elif case == "doc_idx":
+        data[-8:] = struct.pack("<q", 7)
+        idx.write_bytes(bytes(data))
+    elif case == "missing_idx":
+        idx.unlink()
+    return prefix
+
+
+@pytest.mark.parametrize("case, message", [
+    ("foreign", r"c\.idx is not a Megatron indexed dataset index.*expected the magic"),
+    ("version", r"c\.idx has index version 2; only version 1"),
+    ("dtype", r"c\.idx has an unknown dtype code 9"),
+    ("short_header", r"c\.idx is truncated: 20 bytes"),
+    ("truncated_idx", r"c\.idx is truncated: its header announces 2 sequences"),
+    ("trailing_idx", r"c\.idx has trailing bytes"),
+    ("truncated_bin", r"c\.bin has 8 bytes but .*c\.idx describes 10 \(truncated\)"),
+    ("doc_idx", r"c\.idx: document indices must run from 0 to the sequence count 2"),
+    ("missing_idx", r"c\.idx does not exist; a dataset prefix P names P\.bin and P\.idx"),
+])
+def test_refuses_damaged_or_foreign_files(tmp_path, case, message):
+    prefix = corrupt(tmp_path, case)
+    with pytest.raises(IndexedDatasetError, match=message):
+        IndexedDataset(prefix)
+
+
+def test_empty_dataset_reads(tmp_path):
+    ds = write_documents(tmp_path / "e", [])
+    assert len(ds) == 0 and ds.num_documents == 0 and ds.num_tokens == 0
+
+
+def test_merge_keeps_documents_and_order(tmp_path):
+    a = write_documents(tmp_path / "a", [[1, 2], [3]])
+    with IndexedDatasetWriter(tmp_path / "b", np.uint16) as w:  # a 2-sequence document
+        w.add_sequences(np.array([4, 5, 6]), np.array([1, 2]))
+        w.end_documents(np.array([2]))
+        w.finalize()
+    merged = merge_datasets([a.prefix, tmp_path / "b"], tmp_path / "m")
+    assert [merged[i].tolist() for i in range(len(merged))] == [[1, 2], [3], [4], [5, 6]]
+    assert merged.doc_idx.tolist() == [0, 1, 2, 4]
+    assert merged.pointers.tolist() == [0, 4, 6, 8]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.idx", "b.bin", "b.idx", "m.bin", "m.idx"]
+
+
+def test_merge_refusals(tmp_path):
+    a = write_documents(tmp_path / "a", [[1, 2]])
+    b = write_documents(tmp_path / "b", [[1, 2]], np.int32)
+    with pytest.raises(IndexedDatasetError, match="dtype int32.*same tokenizer"):
+        merge_datasets([a.prefix, b.prefix], tmp_path / "m")
+    with pytest.raises(ValueError, match="--output-prefix .* is also an input"):
+        merge_datasets([a.prefix], a.prefix)
+    with pytest.raises(ValueError, match="--inputs is empty"):
+        merge_datasets([], tmp_path / "m")
+    assert not list(tmp_path.glob("m*"))
+
+
+def test_merge_tool(tmp_path, capsys):
+    main = runpy.run_path(str(MERGE_TOOL))["main"]
+    write_documents(tmp_path / "a", [[1, 2], [3]])
+    write_documents(tmp_path / "b", [[4]])
+    assert main(["--inputs", str(tmp_path / "a"), str(tmp_path / "b"), "--output-prefix", str(tmp_path / "m")]) == 0
+    assert "3 sequences, 3 documents, 4 tokens" in capsys.readouterr().out
+    assert main(["--inputs", str(tmp_path / "zz"), "--output-prefix", str(tmp_path / "n")]) == 2
+    assert "zz.idx does not exist" in capsys.readouterr().err

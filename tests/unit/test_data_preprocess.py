@@ -1,0 +1,178 @@
+"""preprocess_jsonl and tools/preprocess_data.py: output, worker independence, bad input, errors."""
+import gzip
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megagpt.data.indexed import IndexedDataset
+from megagpt.data.jsonl import InputError
+from megagpt.data.preprocess import PreprocessError, preprocess_jsonl
+from megagpt.data.tokenizer import TokenizerError, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = [f"Document {i}: " + "to be or not to be " * (i % 7 + 1) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2")
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    """One line an item: dicts become JSON, bytes are written as they are."""
+    with open(path, "wb") as f:
+        for item in lines:
+            f.write((item if isinstance(item, bytes) else json.dumps(item).encode()) + b"\n")
+    return path
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
+
+
+def test_writes_megatron_named_pair_with_eod(tmp_path, gpt2):
+    src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS])
+    summary = preprocess_jsonl(src, tmp_path / "out" / "c", append_eod=True, progress=False)
+    ds = IndexedDataset(tmp_path / "out" / "c_text_document")
+    assert len(ds) == len(DOCS) == summary.documents
+    for i, text in enumerate(DOCS):
+        assert ds[i].tolist() == gpt2.encode(text) + [gpt2.eod_id]
+    assert summary.tokens == ds.num_tokens and summary.skipped.total == 0
+    assert summary.input_bytes == src.stat().st_size
+    assert files(tmp_path / "out") == ["c_text_document.bin", "c_text_document.idx"]
+    assert "documents: 40" in summary.format() and "skipped 0 lines" in summary.format()
+
+
+def test_output_identical_for_any_worker_count_and_gzip(tmp_path):
+    src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS] + [b"{bad"])
+    gz = tmp_path / "in.jsonl.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    outputs = []
+    for name, path, workers in (("w1", src, 1), ("w2", src, 2), ("gz", gz, 2)):
+        preprocess_jsonl(path, tmp_path / name, append_eod=True, workers=workers, chunk_bytes=200,
+                         progress=False)
+        outputs.append([(tmp_path / f"{name}_text_document{ext}").read_bytes() for ext in (".bin", ".idx")])
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_every_bad_line_class_is_counted_and_skipped(tmp_path, gpt2):
+    lines = [
+        {"text": "good one"},                  # 1
+        b"",                                   # 2 blank line
+        b'{"text": "caf\xe9"}',                # 3 invalid UTF-8 (latin-1 byte)
+        b'{"text": "unterminated',             # 4 malformed JSON
+        b'["a", "list"]',                      # 5 not a JSON object
+        {"body": "no text key"},               # 6 missing key
+        {"text": 42},                          # 7 non-string value
+        {"text": ""},                          # 8 empty document
+        b'{"text": "lone \\ud800 surrogate"}',  # 9 valid JSON, not encodable as UTF-8
+        {"text": "good two"},                  # 10
+        b'{"text": "bad',                      # 11 malformed JSON again
+    ]
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    summary = preprocess_jsonl(src, tmp_path / "o", workers=2, chunk_bytes=30, progress=False)
+    assert summary.documents == 2
+    ds = IndexedDataset(tmp_path / "o_text_document")
+    assert [ds[0].tolist(), ds[1].tolist()] == [gpt2.encode("good one"), gpt2.encode("good two")]
+    assert summary.skipped.counts == {"blank line": 1, "invalid UTF-8": 2, "malformed JSON": 2,
+                                      "not a JSON object": 1, "missing key 'text'": 1,
+                                      "non-string value for 'text'": 1, "empty document": 1}
+    assert summary.skipped.first_lines["invalid UTF-8"] == [3, 9]
+    assert summary.skipped.first_lines["malformed JSON"] == [4, 11]
+    report = summary.format()
+    assert "skipped 9 line(s):" in report and "malformed JSON: 2 (lines 4, 11)" in report
+
+
+def test_several_keys_stay_aligned(tmp_path, gpt2):
+    src = write_lines(tmp_path / "in.jsonl", [{"title": "A", "text": "alpha"}, {"title": "B"},
+                                             {"title": "C", "text": "gamma"}])
+    summary = preprocess_jsonl(src, tmp_path / "o", json_keys=["title", "text"], progress=False)
+    titles, texts = IndexedDataset(tmp_path / "o_title_document"), IndexedDataset(tmp_path / "o_text_document")
+    assert [titles[i].tolist() for i in range(2)] == [gpt2.encode("A"), gpt2.encode("C")]
+    assert [texts[i].tolist() for i in range(2)] == [gpt2.encode("alpha"), gpt2.encode("gamma")]
+    assert summary.skipped.first_lines == {"missing key 'text'": [2]}
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("missing_input", InputError, "--input '.*nope.jsonl' does not exist"),
+    ("empty_input", InputError, "--input '.*empty.jsonl' is empty"),
+    ("folder_input", InputError, "is not a file"),
+    ("all_bad", PreprocessError, "(?s)has no usable document for --json-keys text;.*malformed JSON: 2"),
+    ("unwritable_output", PreprocessError, "--output-prefix .*cannot create the folder"),
+    ("bad_tokenizer", TokenizerError, "tokenizer '.*no_such_tok' does not exist"),
+    ("damaged_gzip", PreprocessError, "--input .*cannot read past .*gzip -t"),
+    ("zero_workers", PreprocessError, "--workers 0 must be a positive integer"),
+    ("no_keys", PreprocessError, r"--json-keys \[\]: give one or more"),
+    ("repeated_key", PreprocessError, "repeats a key"),
+])
+def test_unusable_input_or_output_fails_cleanly(tmp_path, case, error, message):
+    src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS * 200])
+    kwargs = dict(input_path=src, output_prefix=tmp_path / "out" / "o", progress=False)
+    if case == "missing_input":
+        kwargs["input_path"] = tmp_path / "nope.jsonl"
+    elif case == "empty_input":
+        kwargs["input_path"] = tmp_path / "empty.jsonl"
+        kwargs["input_path"].write_bytes(b"")
+    elif case == "folder_input":
+        kwargs["input_path"] = tmp_path
+    elif case == "all_bad":
+        kwargs["input_path"] = write_lines(tmp_path / "bad.jsonl", [b"{x", b"{y"])
+    elif case == "unwritable_output":
+        (tmp_path / "out").write_text("a file where the folder should be")
+        kwargs["output_prefix"] = tmp_path / "out" / "sub" / "o"
+    elif case == "bad_tokenizer":
+        kwargs["tokenizer"] = tmp_path / "no_such_tok"
+    elif case == "damaged_gzip":
+        data = gzip.compress(src.read_bytes())
+        kwargs["input_path"] = tmp_path / "in.jsonl.gz"
+        kwargs["input_path"].write_bytes(data[: len(data) // 2])
+        kwargs["chunk_bytes"] = 4096
+    elif case == "zero_workers":
+        kwargs["workers"] = 0
+    elif case == "no_keys":
+        kwargs["json_keys"] = []
+    elif case == "repeated_key":
+        kwargs["json_keys"] = ["text", "text"]
+    before = files(tmp_path)
+    with pytest.raises(error, match=message):
+        preprocess_jsonl(**kwargs)
+    assert files(tmp_path) == before  # no partial output, no temporary file
+
+
+def test_progress_bar_shows_rates(tmp_path, capsys):
+    src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS])
+    preprocess_jsonl(src, tmp_path / "o", chunk_bytes=100)
+    err = capsys.readouterr().err
+    assert "preprocess" in err and "B/s" in err and "docs_per_s" in err
+
+
+def run_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_command_line(tmp_path):
+    src = write_lines(tmp_path / "in.jsonl", [{"text": "hello"}, b"{oops", {"text": "world"}])
+    ok = run_tool("--input", str(src), "--output-prefix", "d/c", "--tokenizer", "gpt2",
+                  "--json-keys", "text", "--append-eod", "--workers", "2", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "documents: 2" in ok.stdout and "malformed JSON: 1 (line 2)" in ok.stdout
+    assert np.array_equal(IndexedDataset(tmp_path / "d" / "c_text_document")[1], [6894, 50256])
+
+
+
+def test_command_line_errors_exit_2(tmp_path, capsys):
+    main = runpy.run_path(str(REPO / "tools" / "preprocess_data.py"))["main"]
+    assert main(["--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "x")]) == 2
+    assert "error: --input" in capsys.readouterr().err
+    src = write_lines(tmp_path / "in.jsonl", [{"text": "hello"}])
+    assert main(["--input", str(src), "--output-prefix", str(tmp_path / "x"), "--tokenizer", "nope"]) == 2
+    assert "error: tokenizer 'nope' does not exist" in capsys.readouterr().err
+    assert files(tmp_path) == ["in.jsonl"]

@@ -1,0 +1,132 @@
+"""Fine-tuning data: template, loss masks aligned with labels, packed and padded layouts, bad
+lines, splits, and the bundled example file."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megagpt.data.gpt_dataset import DatasetBuildError
+from megagpt.data.sft_dataset import (SFTDataset, build_sft_datasets, example_turns, load_sft_examples,
+                                      render, tokenize_examples)
+from megagpt.data.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "megagpt" / "data" / "assets" / "sft_example.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("gpt2")
+
+
+def write(path: Path, lines: list) -> Path:
+    path.write_bytes(b"\n".join(x if isinstance(x, bytes) else json.dumps(x).encode() for x in lines) + b"\n")
+    return path
+
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Hamlet?"},
+                     {"role": "assistant", "content": "Shakespeare."}, {"role": "user", "content": "When?"},
+                     {"role": "assistant", "content": "Around 1600."}]}
+
+
+def test_template_and_mask_cover_only_responses(tok):
+    turns, reason = example_turns(CHAT)
+    assert reason is None
+    ex = tokenize_examples([turns], tok)
+    assert tok.decode(ex.tokens) == render(turns) + "<|endoftext|>"
+    assert render(turns) == "System: Be brief.\nUser: Who wrote Hamlet?\nAssistant: Shakespeare.\nUser: When?\nAssistant: Around 1600.\n"
+    assert tok.decode(ex.tokens[ex.loss_mask == 1]) == " Shakespeare.\n Around 1600.\n<|endoftext|>"
+    pair, _ = example_turns({"prompt": "Q?", "response": "A."})
+    assert pair == [("user", "Q?"), ("assistant", "A.")]
+
+
+@pytest.mark.parametrize("obj, reason", [
+    ({"text": "x"}, "neither prompt/response nor messages"),
+    ({"prompt": "q", "response": 3}, "non-string value for 'prompt' or 'response'"),
+    ({"messages": []}, "bad message"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "bad message"),
+    ({"messages": [{"role": "user", "content": None}]}, "bad message"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"prompt": "q", "response": "  "}, "empty content"),
+])
+def test_bad_examples_are_classified(obj, reason):
+    turns, got = example_turns(obj)
+    assert turns is None and got.startswith(reason)
+
+
+def test_bad_lines_are_counted_and_skipped(tmp_path, tok):
+    path = write(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, b"{oops", b"\xff\xfe",
+                                        {"messages": [{"role": "user", "content": "x"}]}, b"",
+                                        {"prompt": "c", "response": "d"}])
+    ex = load_sft_examples([str(path)], tok)
+    assert len(ex) == 2
+    assert ex.skipped.counts == {"d.jsonl: malformed JSON": 1, "d.jsonl: invalid UTF-8": 1,
+                                 "d.jsonl: no assistant turn": 1, "d.jsonl: blank line": 1}
+    assert ex.skipped.first_lines["d.jsonl: no assistant turn"] == [4]
+    with pytest.raises(DatasetBuildError, match="holds no usable example"):
+        load_sft_examples([str(write(tmp_path / "bad.jsonl", [b"{x"]))], tok)
+    with pytest.raises(DatasetBuildError, match="blend weights are not supported"):
+        load_sft_examples(["1.0", str(path)], tok)
+    with pytest.raises(ValueError, match="data.train_data_path '.*missing.jsonl' does not exist"):
+        load_sft_examples([str(tmp_path / "missing.jsonl")], tok)
+
+
+def stream(ex, order):
+    tokens = np.concatenate([ex.tokens[ex.offsets[e]:ex.offsets[e + 1]] for e in order])
+    mask = np.concatenate([ex.loss_mask[ex.offsets[e]:ex.offsets[e + 1]] for e in order])
+    return tokens, mask
+
+
+def test_packed_windows_keep_the_mask_on_its_tokens(tok):
+    examples = [[("user", f"Question {i}?"), ("assistant", f"Answer number {i}.")] for i in range(30)]
+    ex = tokenize_examples(examples, tok)
+    ds = SFTDataset(ex, seq_length=16, num_samples=40, packing=True, seed=2, pad_id=tok.eod_id)
+    tokens, mask = stream(ex, ds.doc_idx)
+    for i in range(len(ds)):
+        item, j = ds[i], int(ds.order[i])
+        window = slice(j * 16 + 1, j * 16 + 17)  # the labels of sample j
+        assert item["labels"].tolist() == tokens[window].tolist()
+        assert item["loss_mask"].tolist() == mask[window].astype(float).tolist()
+        assert torch.equal(item["tokens"][1:], item["labels"][:-1])
+    assert len(ds) >= 40
+
+
+def test_padded_examples_mask_padding_and_count_truncation(tok):
+    examples = [[("user", "Hi?"), ("assistant", "Hello there.")],
+                [("user", "Long?"), ("assistant", "word " * 40)]]
+    ex = tokenize_examples(examples, tok)
+    ds = SFTDataset(ex, seq_length=24, num_samples=None, packing=False, seed=0, pad_id=tok.eod_id)
+    assert len(ds) == 2 and ds.truncated == 1
+    short = ds[[int(e) for e in ds.order].index(0)]
+    n = int(ex.offsets[1])  # tokens of example 0
+    assert short["tokens"][:n - 1].tolist() == ex.tokens[:n - 1].tolist()
+    assert short["labels"][n - 1:].tolist() == [tok.eod_id] * (24 - n + 1)  # padding
+    assert short["loss_mask"][n - 1:].sum() == 0
+    assert short["loss_mask"][:n - 1].tolist() == ex.loss_mask[1:n].astype(float).tolist()
+    assert tok.decode(short["labels"][short["loss_mask"] == 1]) == " Hello there.\n<|endoftext|>"
+    assert SFTDataset(ex, 24, num_samples=5, packing=False, seed=0, pad_id=0).order.tolist().count(0) >= 2
+
+
+def test_bundled_example_builds_with_the_finetuning_config(tok):
+    config = json.loads((REPO / "configs" / "dataset" / "finetuning.json").read_text())
+    assert config["train_data_path"] == ["megagpt/data/assets/sft_example.jsonl"]
+    assert EXAMPLE.read_bytes().isascii()
+    train, valid, test = build_sft_datasets(
+        [str(REPO / p) for p in config["train_data_path"]], config["val_data_path"], config["test_data_path"],
+        split=config["split"], tokenizer=config["tokenizer_path"], seq_length=64, num_samples=(100, 10, 0),
+        packing=config["sft_packing"], seed=1)
+    assert test is None and train.skipped.total == 0
+    assert len(train.examples) + len(valid.examples) == len(EXAMPLE.read_text().splitlines())
+    item = train[0]
+    assert item["tokens"].shape == (64,) and 0 < item["loss_mask"].sum() < 64
+    with pytest.raises(DatasetBuildError, match=r"data.split='90,10,0' leaves the test split no example"):
+        build_sft_datasets([str(EXAMPLE)], split="90,10,0", tokenizer=tok, seq_length=64, num_samples=(1, 1, 1))
+
+
+def test_separate_validation_file(tmp_path, tok):
+    val = write(tmp_path / "v.jsonl", [{"prompt": "x?", "response": "y."}])
+    train, valid, _ = build_sft_datasets([str(EXAMPLE)], [str(val)], tokenizer=tok, seq_length=32,
+                                         num_samples=(4, 2, 0), packing=False)
+    assert len(train.examples) == len(EXAMPLE.read_text().splitlines()) and len(valid.examples) == 1

@@ -1,0 +1,130 @@
+"""Tokenizer loading (bundled GPT-2, tokenizer.json, vocab/merges folder), errors, and training."""
+import json
+import runpy
+import shutil
+from pathlib import Path
+
+import pytest
+
+from megagpt.data.tokenizer import GPT2_DIR, TokenizerError, load_tokenizer, train_bpe_tokenizer
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "train_tokenizer.py"
+TRICKY = "Hello  world!\n\n  It's 2024 <|endoftext|> ünïcode 日本\ttabs  "
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2")
+
+
+def test_bundled_gpt2_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tok = load_tokenizer("gpt2")
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.vocab_size == 50257
+    assert tok.eod_id == 50256
+
+
+def test_interface_round_trip(gpt2):
+    ids = gpt2.encode(TRICKY)
+    assert gpt2.decode(ids) == TRICKY
+    assert gpt2.encode_batch([TRICKY, "Hello world"]) == [ids, [15496, 995]]
+    assert gpt2.decode([15496, 995, gpt2.eod_id]) == "Hello world<|endoftext|>"
+
+
+def test_matches_hugging_face_gpt2(gpt2):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2TokenizerFast(str(GPT2_DIR / "vocab.json"), str(GPT2_DIR / "merges.txt"))
+    assert gpt2.encode(TRICKY) == hf.encode(TRICKY)
+
+
+def test_loads_folder_and_tokenizer_json(tmp_path, gpt2):
+    folder = tmp_path / "vm"
+    shutil.copytree(GPT2_DIR, folder)
+    assert load_tokenizer(folder).encode(TRICKY) == gpt2.encode(TRICKY)
+    gpt2.backend.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path / "tokenizer.json").encode(TRICKY) == gpt2.encode(TRICKY)
+    assert load_tokenizer(tmp_path).encode(TRICKY) == gpt2.encode(TRICKY)  # folder with tokenizer.json
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "does not exist; expected \"gpt2\""),
+    ("empty_folder", "has neither tokenizer.json nor vocab.json + merges.txt"),
+    ("vocab_only_file", "is a file but not a tokenizer.json"),
+    ("broken_json", "is not a valid tokenizers tokenizer.json"),
+    ("broken_merges", "cannot read vocab.json + merges.txt"),
+    ("no_eod", "has no end-of-document token"),
+])
+def test_load_errors_name_the_path(tmp_path, gpt2, case, expected):
+    path = tmp_path / case
+    if case == "empty_folder":
+        path.mkdir()
+    elif case == "vocab_only_file":
+        path = tmp_path / "vocab.json"
+        shutil.copy(GPT2_DIR / "vocab.json", path)
+    elif case == "broken_json":
+        path = tmp_path / "tokenizer.json"
+        path.write_text("{not json")
+    elif case == "broken_merges":
+        path.mkdir()
+        (path / "vocab.json").write_text('{"a": 0}')
+        (path / "merges.txt").write_text("#version: 0.2\nx y z w\n")
+    elif case == "no_eod":
+        path.mkdir()
+        (path / "vocab.json").write_text('{"a": 0, "b": 1, "ab": 2}')
+        (path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(path)
+    assert expected in str(e.value)
+    assert str(path) in str(e.value)
+
+
+CORPUS = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer",
+          "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"] * 5
+
+
+def test_train_writes_a_folder_every_loader_reads(tmp_path):
+    tok = train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "tok")
+    names = sorted(p.name for p in (tmp_path / "tok").iterdir())
+    assert names == ["merges.txt", "special_tokens_map.json", "tokenizer.json",
+                     "tokenizer_config.json", "vocab.json"]
+    assert tok.vocab_size == 300 and tok.eod_id == 299
+    text = CORPUS[0] + " zebra ü"
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(CORPUS[0])) < len(CORPUS[0].encode())  # merges were learned
+    vocab = json.loads((tmp_path / "tok" / "vocab.json").read_text())
+    assert vocab["<|endoftext|>"] == 299
+    # the vocab/merges pair alone gives the same ids as tokenizer.json
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tmp_path / "tok" / name, folder / name)
+    assert load_tokenizer(folder).encode(text) == tok.encode(text)
+    transformers = pytest.importorskip("transformers")
+    for cls in (transformers.AutoTokenizer, transformers.GPT2TokenizerFast):
+        hf = cls.from_pretrained(str(tmp_path / "tok"))
+        assert hf.encode(text) == tok.encode(text)
+        assert hf.eos_token_id == 299
+
+
+def test_train_refuses_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=100 is too small.*at least 257"):
+        train_bpe_tokenizer(CORPUS, vocab_size=100, output_dir=tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folder left
+
+
+def test_train_tokenizer_tool(tmp_path, capsys):
+    main = runpy.run_path(str(TOOL))["main"]
+    data = tmp_path / "c.jsonl"
+    data.write_text("\n".join([json.dumps({"text": t}) for t in CORPUS] + ["{broken", '{"x": 1}']))
+    assert main(["--input", str(data), "--vocab-size", "280", "--output", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_size 280" in out and "malformed JSON: 1" in out and "missing key 'text': 1" in out
+    assert load_tokenizer(tmp_path / "t").vocab_size == 280
+    assert main(["--input", str(tmp_path / "nope.jsonl"), "--vocab-size", "280",
+                      "--output", str(tmp_path / "u")]) == 2
+    assert "--input" in capsys.readouterr().err
