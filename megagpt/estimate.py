@@ -1,6 +1,7 @@
 """What a config costs before launch: exact parameter counts and memory per GPU for a layout.
 
-Parameter counts are analytic and exact for the GPT-2 architecture the model builds (the tied
+Parameter counts are analytic here (and the validator cross-checks them against the model built
+on the meta device); they are exact for the GPT-2 architecture the model builds (the tied
 embedding counted once, the vocabulary unpadded, as GPT-2's 124,439,808 is counted). Memory per
 GPU follows Megatron's accounting:
 
@@ -166,13 +167,17 @@ def _gb(n: float) -> str:
 def report(cfg: Config, gpu_memory: float) -> tuple[list[str], list[str]]:
     """A human summary of a validated config and the problems the estimates find.
 
+    The parameter count comes from building the model on the meta device (no memory, no init).
+
     Problems: `model.estimated_parameters` more than 1% off the exact count; a layout whose
     estimated memory per GPU exceeds `gpu_memory` bytes.
     """
+    from megagpt.model.gpt import count_model_parameters   # imports torch and the kernels
+
     m, t, par = cfg.model, cfg.training, cfg.parallel
     tp, pp, vp, dp = (par.tensor_parallel_size, par.pipeline_parallel_size,
                       par.virtual_pipeline_size, par.data_parallel_size)
-    n = count_parameters(m)
+    n = count_model_parameters(m)
     problems = []
     if m.estimated_parameters is None:
         check = "model.estimated_parameters not set"

@@ -1,0 +1,382 @@
+"""GPT-2, split across a tensor-parallel group the way Megatron-LM splits it, one pipeline stage
+at a time.
+
+The architecture is GPT-2's: learned token and position embeddings, pre-LayerNorm blocks of
+causal self-attention and a tanh-GeLU MLP (4x wide), a final LayerNorm, and an output projection
+tied to the token embedding, every linear layer with a bias. Per block, under tensor parallelism:
+
+    x ─ LN ─ QKV (column: heads split) ─ attention on my heads ─ proj (row: all-reduce) ─ + ─┐
+    ┌──────────────────────────────────────────────────────────────────────────────────────┘
+    └ LN ─ fc1 (column) ─ bias-GeLU ─ fc2 (row: all-reduce) ─ + ─> next block
+
+With sequence parallelism the residual stream, the layer norms and the dropouts hold [s/tp, b, h]
+and the all-reduces become an all-gather before each column layer and a reduce-scatter after
+each row layer. Activations are [seq, batch, hidden] inside the stack.
+
+A stage (`GPTStage`) holds a contiguous range of blocks, plus the embedding if it is the first
+stage and the final norm, output projection and loss if it is the last. Block parameters are
+named by their global layer number (`layers.7.attn.qkv.weight`), the same in every layout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megagpt.config import Config, KernelsConfig, ModelConfig
+from megagpt.kernels.dispatch import get_op, resolve_backend
+from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megagpt.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                     VocabParallelEmbedding, group_rank, group_size)
+from megagpt.parallel.mappings import (copy_to_tp_region, gather_from_sequence_parallel_region,
+                                       scatter_to_sequence_parallel_region)
+from megagpt.parallel.random import full_init, get_rng_tracker, recompute_contexts, shard, unshard
+
+
+@dataclass
+class StageSpec:
+    """What one model chunk holds: blocks [first_layer, last_layer) and the two ends."""
+
+    first_layer: int
+    last_layer: int
+    pre_process: bool    # holds the embedding
+    post_process: bool   # holds the final norm, the output projection and the loss
+
+
+def stage_spec(n_layers: int, pp_rank: int, pp_size: int, vp_chunk: int = 0, vp_size: int = 1) -> StageSpec:
+    """Megatron's order: virtual stage v*pp + r (chunk v on pipeline rank r) holds the v*pp+r-th
+    slice of n_layers / (pp*vp) blocks."""
+    n_stages = pp_size * vp_size
+    per_stage = n_layers // n_stages
+    stage = vp_chunk * pp_size + pp_rank
+    return StageSpec(stage * per_stage, (stage + 1) * per_stage, stage == 0, stage == n_stages - 1)
+
+
+class Ops:
+    """The kernel functions this model calls, resolved once from the `kernels` config for a device."""
+
+    def __init__(self, kernels: KernelsConfig, device, dropout: float):
+        attention = kernels.attention
+        if attention == "auto" and dropout > 0:
+            attention = "sdpa"          # the fused kernels have no attention dropout
+        if dropout > 0 and resolve_backend("attention", attention, device) in ("triton", "flash_attn"):
+            raise ValueError(f"kernels.attention={kernels.attention} has no attention dropout but "
+                             f"model.dropout={dropout}; set model.dropout=0 (usual for pretraining) "
+                             f"or kernels.attention=sdpa or eager")
+        self.attention_backend = resolve_backend("attention", attention, device)
+        self.attention = get_op("attention", attention, device)
+        self.layer_norm = get_op("layernorm", kernels.layernorm, device)
+        self.softmax = get_op("softmax", kernels.softmax, device)
+        self.bias_gelu = get_op("bias_gelu", kernels.bias_gelu, device)
+        self.cross_entropy_backend = resolve_backend("cross_entropy", kernels.cross_entropy, device)
+        self.cross_entropy = get_op("cross_entropy", kernels.cross_entropy, device)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, d: int, eps: float, ops: Ops, sequence_parallel: bool):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+        self.weight.sequence_parallel = self.bias.sequence_parallel = sequence_parallel
+        self.eps, self.ops = eps, ops
+
+    def forward(self, x):
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Dropout(nn.Module):
+    """Dropout on the residual stream: drawn from the tensor-parallel stream when the activation
+    is a sequence shard (each rank's shard needs its own mask), else from the default stream,
+    identical on every tensor-parallel rank."""
+
+    def __init__(self, p: float, sharded: bool):
+        super().__init__()
+        self.p, self.sharded = p, sharded
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if self.sharded:
+            with get_rng_tracker().fork():
+                return F.dropout(x, self.p, True)
+        return F.dropout(x, self.p, True)
+
+
+class Attention(nn.Module):
+    def __init__(self, m: ModelConfig, ops: Ops, tp_group, sequence_parallel: bool, recompute: str):
+        super().__init__()
+        tp = group_size(tp_group)
+        self.n_local_heads, self.head_dim = m.n_heads // tp, m.d_model // m.n_heads
+        self.qkv = ColumnParallelLinear(m.d_model, 3 * m.d_model, tp_group=tp_group,
+                                        sequence_parallel=sequence_parallel, stride=3)
+        self.proj = RowParallelLinear(m.d_model, m.d_model, tp_group=tp_group,
+                                      sequence_parallel=sequence_parallel)
+        self.dropout_p, self.ops, self.recompute = m.dropout, ops, recompute == "selective"
+
+    def core(self, q, k, v):
+        """Causal attention on this rank's heads, (b, nh, s, hd) -> (b, nh, s, hd)."""
+        p = self.dropout_p if self.training else 0.0
+        if self.ops.attention_backend == "eager":
+            scores = q @ k.transpose(-2, -1)                                    # (b, nh, s, s)
+            probs = self.ops.softmax(scores, scale=1.0 / math.sqrt(self.head_dim), causal=True)
+            if p > 0:
+                with get_rng_tracker().fork():                                 # heads are sharded
+                    probs = F.dropout(probs, p, True)
+            return probs @ v
+        if p > 0:
+            with get_rng_tracker().fork():
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return self.ops.attention(q, k, v, causal=True)
+
+    def forward(self, x):                                       # x (s, b, h) or (s/tp, b, h)
+        qkv = self.qkv(x)                                       # (s, b, 3 * nh_local * hd)
+        s, b = qkv.shape[:2]
+        q, k, v = qkv.view(s, b, 3, self.n_local_heads, self.head_dim).permute(2, 1, 3, 0, 4)
+        if self.recompute and self.training:                    # (b, nh, s, hd) each
+            y = checkpoint(self.core, q, k, v, use_reentrant=False, context_fn=recompute_contexts)
+        else:
+            y = self.core(q, k, v)
+        y = y.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.head_dim)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, m: ModelConfig, ops: Ops, tp_group, sequence_parallel: bool):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(m.d_model, m.ffn_size, tp_group=tp_group,
+                                        sequence_parallel=sequence_parallel)
+        self.fc2 = RowParallelLinear(m.ffn_size, m.d_model, tp_group=tp_group,
+                                     sequence_parallel=sequence_parallel)
+        self.ops = ops
+
+    def forward(self, x):
+        return self.fc2(self.ops.bias_gelu(self.fc1(x, add_bias=False), self.fc1.bias))
+
+
+class Block(nn.Module):
+    def __init__(self, m: ModelConfig, ops: Ops, tp_group, sequence_parallel: bool, recompute: str):
+        super().__init__()
+        sharded_residual = sequence_parallel and group_size(tp_group) > 1
+        self.ln1 = LayerNorm(m.d_model, m.layernorm_eps, ops, sequence_parallel)
+        self.attn = Attention(m, ops, tp_group, sequence_parallel, recompute)
+        self.ln2 = LayerNorm(m.d_model, m.layernorm_eps, ops, sequence_parallel)
+        self.mlp = MLP(m, ops, tp_group, sequence_parallel)
+        self.drop1 = Dropout(m.dropout, sharded_residual)
+        self.drop2 = Dropout(m.dropout, sharded_residual)
+
+    def forward(self, x):
+        x = x + self.drop1(self.attn(self.ln1(x)))
+        return x + self.drop2(self.mlp(self.ln2(x)))
+
+
+class Embedding(nn.Module):
+    """Token + position embeddings and dropout: ids (b, s) -> (s, b, h) or (s/tp, b, h)."""
+
+    def __init__(self, m: ModelConfig, tp_group, sequence_parallel: bool):
+        super().__init__()
+        tp = group_size(tp_group)
+        self.wte = VocabParallelEmbedding(m.padded_vocab_size(tp), m.d_model, tp_group=tp_group,
+                                          sequence_parallel=sequence_parallel)
+        self.wpe = nn.Embedding(m.seq_length, m.d_model)
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel and tp > 1
+        self.drop = Dropout(m.dropout, self.sequence_parallel)
+
+    def forward(self, input_ids):
+        s = input_ids.shape[1]
+        positions = self.wpe.weight[:s].unsqueeze(1)                         # (s, 1, h)
+        if self.sequence_parallel:
+            positions = scatter_to_sequence_parallel_region(positions, self.tp_group)
+        return self.drop(self.wte(input_ids) + positions)
+
+
+class GPTStage(nn.Module):
+    """Blocks [first_layer, last_layer) of GPT, with the embedding and/or the head at the ends.
+
+    forward(x, labels=None, loss_mask=None):
+      first stage: x = token ids (b, s); later stages: x = hidden (s, b, h) from the previous one.
+      Not the last stage: returns hidden (s, b, h) (or (s/tp, b, h) under sequence parallelism).
+      Last stage with labels: returns (loss_sum, n_tokens), the float32 sum of per-token losses
+      over tokens where loss_mask is 1, and their count, so callers can normalise over
+      micro-batches and data-parallel ranks. Last stage without labels: this rank's vocabulary
+      slice of the logits, (b, s, V_padded / tp).
+    """
+
+    def __init__(self, model: ModelConfig, kernels: KernelsConfig, spec: StageSpec, *,
+                 tp_group=None, sequence_parallel: bool = False, recompute: str = "none",
+                 device="cpu"):
+        super().__init__()
+        self.cfg, self.spec, self.tp_group = model, spec, tp_group
+        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
+        self.recompute = recompute
+        ops = Ops(kernels, device, model.dropout)
+        self.ops = ops
+        if spec.pre_process:
+            self.embedding = Embedding(model, tp_group, self.sequence_parallel)
+        self.layers = nn.ModuleDict({
+            str(i): Block(model, ops, tp_group, self.sequence_parallel, recompute)
+            for i in range(spec.first_layer, spec.last_layer)})
+        if spec.post_process:
+            self.final_ln = LayerNorm(model.d_model, model.layernorm_eps, ops, self.sequence_parallel)
+            if not spec.pre_process:   # the last stage's copy of the tied embedding
+                tp = group_size(tp_group)
+                self.output_weight = nn.Parameter(torch.empty(model.padded_vocab_size(tp) // tp,
+                                                              model.d_model))
+                self.output_weight.tp_dim, self.output_weight.tp_stride = 0, 1
+                self.output_weight.shared_embedding = True
+        self.to(device)
+
+    def word_embedding_weight(self) -> nn.Parameter:
+        return self.embedding.wte.weight if self.spec.pre_process else self.output_weight
+
+    def forward(self, x, labels=None, loss_mask=None):
+        if self.spec.pre_process:
+            x = self.embedding(x)                                   # (s, b, h)
+        for block in self.layers.values():
+            if self.recompute == "full" and self.training:
+                x = checkpoint(block, x, use_reentrant=False, context_fn=recompute_contexts)
+            else:
+                x = block(x)
+        if not self.spec.post_process:
+            return x
+        x = self.final_ln(x)
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.tp_group)
+        else:
+            x = copy_to_tp_region(x, self.tp_group)
+        logits = F.linear(x, self.word_embedding_weight())          # (s, b, V_padded / tp)
+        if labels is None:
+            return logits.transpose(0, 1)
+        return self.loss(logits, labels, loss_mask)
+
+    def loss(self, logits, labels, loss_mask):
+        """(loss_sum, n_tokens) from logits (s, b, V/tp) and labels / loss_mask (b, s)."""
+        target = labels.t()
+        mask = torch.ones_like(target, dtype=torch.float32) if loss_mask is None else loss_mask.t().float()
+        if group_size(self.tp_group) == 1 and self.ops.cross_entropy_backend == "triton":
+            target = target.masked_fill(mask == 0, -100)
+            flat = logits[..., :self.cfg.vocab_size].reshape(-1, self.cfg.vocab_size)
+            n = mask.sum()
+            if n == 0:
+                return flat.sum() * 0.0, n
+            return self.ops.cross_entropy(flat, target.reshape(-1)).float() * n, n
+        losses = vocab_parallel_cross_entropy(logits, target, self.cfg.vocab_size, self.tp_group)
+        return (losses * mask).sum(), mask.sum()
+
+
+def build_stage(cfg: Config, *, tp_group=None, pp_rank: int = 0, vp_chunk: int = 0,
+                device="cpu") -> GPTStage:
+    """The model chunk `vp_chunk` of pipeline rank `pp_rank` for this config, initialised."""
+    par = cfg.parallel
+    spec = stage_spec(cfg.model.n_layers, pp_rank, par.pipeline_parallel_size, vp_chunk,
+                      par.virtual_pipeline_size)
+    stage = GPTStage(cfg.model, cfg.kernels, spec, tp_group=tp_group,
+                     sequence_parallel=par.sequence_parallel, recompute=cfg.training.recompute,
+                     device=device)
+    init_weights(stage, cfg.model, cfg.training.seed)
+    return stage
+
+
+def canonical_name(name: str) -> str:
+    """The layout-independent name of a stage parameter (the output copy is the embedding)."""
+    return "embedding.wte.weight" if name == "output_weight" else name
+
+
+@torch.no_grad()
+def init_weights(stage: GPTStage, m: ModelConfig, seed: int) -> None:
+    """GPT-2's initialisation, identical in every layout: N(0, init_std) weights, residual
+    projections scaled by 1/sqrt(2 * n_layers), zero biases, unit norms; each parameter drawn at
+    its full size from a generator seeded by its name and sliced for this rank."""
+    tp, tp_rank = group_size(stage.tp_group), group_rank(stage.tp_group)
+    norms = {id(mod.weight) for mod in stage.modules() if isinstance(mod, LayerNorm)}
+    for name, param in stage.named_parameters():
+        name = canonical_name(name)
+        if name.endswith(".bias"):
+            param.zero_()
+            continue
+        if id(param) in norms:
+            param.fill_(1.0)
+            continue
+        std = m.init_std
+        if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+            std = m.init_std / math.sqrt(2 * m.n_layers)
+        dim = getattr(param, "tp_dim", None)
+        if name == "embedding.wte.weight":
+            full = torch.zeros(m.padded_vocab_size(tp), m.d_model)
+            full[:m.vocab_size] = full_init(name, (m.vocab_size, m.d_model), std, seed)
+        else:
+            shape = list(param.shape)
+            if dim is not None:
+                shape[dim] *= tp
+            full = full_init(name, tuple(shape), std, seed)
+        if dim is not None:
+            full = shard(full, dim, tp_rank, tp, getattr(param, "tp_stride", 1))
+        param.copy_(full)
+
+
+def local_slice(param: nn.Parameter, full: torch.Tensor, tp_group) -> torch.Tensor:
+    """This rank's part of a full tensor for `param` (replicated parameters take it whole)."""
+    dim = getattr(param, "tp_dim", None)
+    if dim is None:
+        return full
+    return shard(full, dim, group_rank(tp_group), group_size(tp_group), getattr(param, "tp_stride", 1))
+
+
+@torch.no_grad()
+def load_full_state_dict(stage: GPTStage, full: dict[str, torch.Tensor]) -> None:
+    """Load unsharded tensors keyed by canonical names (the embedding padded to
+    `padded_vocab_size(tp)` or unpadded) into this rank's stage, slicing what is sharded."""
+    m, tp = stage.cfg, group_size(stage.tp_group)
+    missing = []
+    for name, param in stage.named_parameters():
+        key = canonical_name(name)
+        if key not in full:
+            missing.append(key)
+            continue
+        value = full[key]
+        if key == "embedding.wte.weight":
+            padded = torch.zeros(m.padded_vocab_size(tp), m.d_model, dtype=value.dtype)
+            padded[:m.vocab_size] = value[:m.vocab_size]
+            value = padded
+        value = local_slice(param, value, stage.tp_group)
+        if value.shape != param.shape:
+            raise ValueError(f"{key}: the tensor for this rank has shape {tuple(value.shape)}, the "
+                             f"model expects {tuple(param.shape)}")
+        param.copy_(value)
+    if missing:
+        raise KeyError(f"state dict lacks {len(missing)} parameter(s) of this stage: {missing[:5]}")
+
+
+def count_model_parameters(m: ModelConfig) -> int:
+    """Parameters of the built single-process model on the meta device, the vocabulary padding
+    left out and the tied embedding counted once (so it equals GPT-2's own count)."""
+    spec = StageSpec(0, m.n_layers, True, True)
+    kernels = KernelsConfig(attention="eager", layernorm="torch", softmax="torch",
+                            bias_gelu="torch", cross_entropy="torch")
+    with torch.device("meta"):
+        model = GPTStage(m, kernels, spec, device="meta")
+    padding = (m.padded_vocab_size(1) - m.vocab_size) * m.d_model
+    return sum(p.numel() for p in model.parameters()) - padding
+
+
+@torch.no_grad()
+def gather_full_state_dict(stage: GPTStage) -> dict[str, torch.Tensor]:
+    """This stage's parameters at full size (gathered over the tensor-parallel group), keyed by
+    canonical name, the embedding unpadded. Every tensor-parallel rank gets the result."""
+    import torch.distributed as dist
+
+    tp = group_size(stage.tp_group)
+    out = {}
+    for name, param in stage.named_parameters():
+        key, value = canonical_name(name), param.detach()
+        dim = getattr(param, "tp_dim", None)
+        if dim is not None and tp > 1:
+            parts = [torch.empty_like(value) for _ in range(tp)]
+            dist.all_gather(parts, value.contiguous(), group=stage.tp_group)
+            value = unshard(parts, dim, getattr(param, "tp_stride", 1))
+        if key == "embedding.wte.weight":
+            value = value[:stage.cfg.vocab_size]
+        out[key] = value.clone()
+    return out

@@ -1,0 +1,121 @@
+"""Tensor-parallel layers, collectives and the vocab-parallel loss equal their one-process math."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megagpt.parallel import state
+from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megagpt.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megagpt.parallel.random import shard, unshard
+from megagpt.testing import run_distributed
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def _mlp_and_embedding(rank, world, sequence_parallel):
+    ps = state.initialize_parallel(world, 1)
+    g, r = ps.tp_group, ps.tp_rank
+    torch.manual_seed(0)
+    s, b, h, f, vocab, padded = 8, 3, 6, 12, 37, 40
+    w1, b1, w2, b2 = torch.randn(f, h), torch.randn(f), torch.randn(h, f), torch.randn(h)
+    table = torch.randn(padded, h)
+    ids = torch.randint(0, vocab, (b, s))
+    x = torch.randn(s, b, h, requires_grad=True)
+
+    fc1 = ColumnParallelLinear(h, f, tp_group=g, sequence_parallel=sequence_parallel)
+    fc2 = RowParallelLinear(f, h, tp_group=g, sequence_parallel=sequence_parallel)
+    emb = VocabParallelEmbedding(padded, h, tp_group=g, sequence_parallel=sequence_parallel)
+    with torch.no_grad():
+        fc1.weight.copy_(shard(w1, 0, r, world)); fc1.bias.copy_(shard(b1, 0, r, world))
+        fc2.weight.copy_(shard(w2, 1, r, world)); fc2.bias.copy_(b2)
+        emb.weight.copy_(shard(table, 0, r, world))
+    x_in = x.chunk(world, 0)[r] if sequence_parallel else x
+    y = fc2(F.gelu(fc1(x_in)))
+    e = emb(ids)
+    (y.square().sum() + e.square().sum()).backward()
+    return dict(y=y.detach(), e=e.detach(), dx=x.grad, dw1=fc1.weight.grad, dw2=fc2.weight.grad,
+                db1=fc1.bias.grad, db2=fc2.bias.grad, demb=emb.weight.grad,
+                ref=(w1, b1, w2, b2, table, ids, x.detach()))
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_column_row_and_embedding_equal_one_process(sequence_parallel):
+    world = 2
+    outs = run_distributed(_mlp_and_embedding, world, sequence_parallel)
+    w1, b1, w2, b2, table, ids, x = outs[0]["ref"]
+    params = [p.clone().requires_grad_() for p in (w1, b1, w2, b2, table)]
+    xr = x.clone().requires_grad_()
+    y = F.linear(F.gelu(F.linear(xr, params[0], params[1])), params[2], params[3])
+    e = F.embedding(ids.t(), params[4])
+    (y.square().sum() + e.square().sum()).backward()
+    cat = (lambda k: torch.cat([o[k] for o in outs], 0)) if sequence_parallel else (lambda k: outs[0][k])
+    close(cat("y"), y.detach())
+    close(cat("e"), e.detach())
+    grad_x = outs[0]["dx"]
+    if sequence_parallel:   # each rank only back-propagates into its own sequence shard of x
+        grad_x = sum(o["dx"] for o in outs)
+    close(grad_x, xr.grad)
+    close(unshard([o["dw1"] for o in outs], 0), params[0].grad)
+    close(unshard([o["db1"] for o in outs], 0), params[1].grad)
+    close(unshard([o["dw2"] for o in outs], 1), params[2].grad)
+    db2 = sum(o["db2"] for o in outs) if sequence_parallel else outs[0]["db2"]
+    close(db2, params[3].grad)
+    close(unshard([o["demb"] for o in outs], 0), params[4].grad)
+
+
+def _cross_entropy(rank, world):
+    ps = state.initialize_parallel(world, 1)
+    torch.manual_seed(1)
+    vocab, padded = 37, 40
+    logits = torch.randn(5, 3, padded) * 3
+    target = torch.randint(0, vocab, (5, 3))
+    local = logits.chunk(world, -1)[ps.tp_rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, vocab, ps.tp_group)
+    weights = torch.arange(15.0).view(5, 3)
+    (loss * weights).sum().backward()
+    return loss.detach(), local.grad, logits, target
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_vocab_parallel_cross_entropy_ignores_padding(world):
+    outs = run_distributed(_cross_entropy, world)
+    _, _, logits, target = outs[0]
+    vocab = 37
+    full = logits.clone().requires_grad_()
+    ref = F.cross_entropy(full[..., :vocab].reshape(-1, vocab), target.reshape(-1),
+                          reduction="none").view(5, 3)
+    (ref * torch.arange(15.0).view(5, 3)).sum().backward()
+    close(outs[0][0], ref.detach())
+    grad = torch.cat([o[1] for o in outs], -1)
+    close(grad, full.grad)
+    assert torch.all(grad[..., vocab:] == 0)
+
+
+def test_shard_and_unshard_with_stride():
+    full = torch.arange(24.0).view(12, 2)
+    parts = [shard(full, 0, r, 2, stride=3) for r in range(2)]
+    assert parts[0][:, 0].tolist() == [0, 2, 8, 10, 16, 18]
+    close(unshard(parts, 0, stride=3), full)
+
+
+def _hang(rank, world):
+    if rank == 0:
+        import time
+        time.sleep(60)
+
+
+def test_a_hanging_rank_becomes_an_error():
+    with pytest.raises(TimeoutError, match=r"ranks \[0\] did not finish"):
+        run_distributed(_hang, 2, timeout=5)
+
+
+def _fail(rank, world):
+    if rank == 1:
+        raise ValueError("boom on purpose")
+
+
+def test_a_failing_rank_reports_its_traceback():
+    with pytest.raises(RuntimeError, match="rank 1 of 2 failed:(.|\n)*boom on purpose"):
+        run_distributed(_fail, 2, timeout=30)

@@ -1,0 +1,142 @@
+"""The single-process model equals Hugging Face GPT-2 on the same weights; import/export round trip."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megagpt.config import KernelsConfig, ModelConfig, load_config
+from megagpt.hf import from_hf, hf_config_dict, to_hf
+from megagpt.model.gpt import (GPTStage, StageSpec, count_model_parameters, init_weights,
+                               load_full_state_dict, stage_spec)
+from megagpt.estimate import count_parameters
+
+transformers = pytest.importorskip("transformers")
+
+TORCH_KERNELS = dict(layernorm="torch", softmax="torch", bias_gelu="torch", cross_entropy="torch")
+
+
+def small_model_config(**kw) -> ModelConfig:
+    args = dict(vocab_size=1001, d_model=64, n_heads=4, n_layers=3, seq_length=32, dropout=0.0)
+    args.update(kw)
+    return ModelConfig(**args)
+
+
+def hf_model(m: ModelConfig, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(m)))
+    with torch.no_grad():   # GPT-2 initialises biases and norms to constants; make them random too
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def ours_from(model, m: ModelConfig, attention="eager") -> GPTStage:
+    stage = GPTStage(m, KernelsConfig(attention=attention, **TORCH_KERNELS),
+                     StageSpec(0, m.n_layers, True, True))
+    load_full_state_dict(stage, from_hf(model.state_dict(), m))
+    return stage.eval()
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_logits_and_loss_equal_gpt2(attention):
+    m = small_model_config()
+    hf = hf_model(m)
+    ours = ours_from(hf, m, attention)
+    ids = torch.randint(0, m.vocab_size, (3, 20))
+    labels = torch.randint(0, m.vocab_size, (3, 20))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        logits = ours(ids)
+        loss_sum, n = ours(ids, labels)
+    assert logits.shape == (3, 20, m.padded_vocab_size(1))
+    assert (logits[..., :m.vocab_size] - ref).abs().max().item() <= 1e-4
+    ref_loss = F.cross_entropy(ref.reshape(-1, m.vocab_size), labels.reshape(-1))
+    assert n.item() == 60
+    torch.testing.assert_close(loss_sum / n, ref_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_mask_counts_only_masked_tokens():
+    m = small_model_config()
+    ours = ours_from(hf_model(m), m)
+    ids = torch.randint(0, m.vocab_size, (2, 10))
+    labels = torch.randint(0, m.vocab_size, (2, 10))
+    mask = torch.zeros(2, 10)
+    mask[:, 5:] = 1
+    with torch.no_grad():
+        logits = ours(ids)[..., :m.vocab_size]
+        loss_sum, n = ours(ids, labels, mask)
+    per_token = F.cross_entropy(logits.reshape(-1, m.vocab_size), labels.reshape(-1), reduction="none")
+    assert n.item() == 10
+    torch.testing.assert_close(loss_sum, (per_token * mask.reshape(-1)).sum())
+
+
+def test_gradients_equal_gpt2():
+    m = small_model_config(n_layers=2)
+    hf = hf_model(m)
+    ours = ours_from(hf, m)
+    ids = torch.randint(0, m.vocab_size, (2, 16))
+    hf.train()
+    out = hf(ids, labels=ids)         # HF shifts labels inside
+    out.loss.backward()
+    ours.train()
+    loss_sum, n = ours(ids[:, :-1], ids[:, 1:])
+    (loss_sum / n).backward()
+    torch.testing.assert_close((loss_sum / n).detach(), out.loss.detach(), rtol=1e-5, atol=1e-6)
+    grads = {k: p.grad for k, p in ours.named_parameters()}
+    hf_grads = from_hf({k: p.grad for k, p in hf.named_parameters()}, m)
+    for k, g in grads.items():
+        expected = hf_grads[k]
+        if k == "embedding.wte.weight":
+            g = g[:m.vocab_size]
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_round_trip_is_identical():
+    m = small_model_config()
+    hf = hf_model(m)
+    state = hf.state_dict()
+    back = to_hf(from_hf(state, m), m)
+    for k, v in state.items():
+        assert torch.equal(back[k], v), k
+    reloaded = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(m)))
+    reloaded.load_state_dict(back)
+
+
+def test_same_seed_same_weights_and_different_seed_differs():
+    m = small_model_config()
+    kernels = KernelsConfig(attention="eager", **TORCH_KERNELS)
+    a, b, c = (GPTStage(m, kernels, stage_spec(m.n_layers, 0, 1)) for _ in range(3))
+    init_weights(a, m, 1)
+    init_weights(b, m, 1)
+    init_weights(c, m, 2)
+    for (k, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), k
+        if k.endswith("qkv.weight"):
+            assert not torch.equal(pa, pc)
+    wte = a.embedding.wte.weight
+    assert torch.all(wte[m.vocab_size:] == 0) and wte[:m.vocab_size].std() > 0.01
+
+
+def test_parameter_counts_from_the_meta_device_match_the_validator():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    for path in sorted((root / "configs" / "training").glob("*.json")):
+        m = load_config(path).model
+        assert count_model_parameters(m) == count_parameters(m) == m.estimated_parameters, path.name
+
+
+def test_auto_attention_with_dropout_uses_sdpa():
+    m = small_model_config(dropout=0.1)
+    stage = GPTStage(m, KernelsConfig(attention="auto", **TORCH_KERNELS), StageSpec(0, 1, True, True))
+    assert stage.ops.attention_backend == "sdpa"
+
+
+def test_fused_attention_with_dropout_is_refused(monkeypatch):
+    import megagpt.model.gpt as gpt
+    real = gpt.resolve_backend
+    monkeypatch.setattr(gpt, "resolve_backend",
+                        lambda op, choice, device: "triton" if op == "attention" else real(op, choice, device))
+    m = small_model_config(dropout=0.1)
+    with pytest.raises(ValueError, match="kernels.attention=triton has no attention dropout but "
+                                         "model.dropout=0.1; set model.dropout=0"):
+        GPTStage(m, KernelsConfig(attention="triton", **TORCH_KERNELS), StageSpec(0, 1, True, True))
