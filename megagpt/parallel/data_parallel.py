@@ -1,0 +1,242 @@
+"""Data parallelism: gradient buckets reduced across replicas, ZeRO-1, and the global grad norm.
+
+`DataParallel(module, ...)` gives every parameter's `.grad` a place in a flat float32 bucket.
+Buckets hold parameters in reverse order (the order the backward produces their gradients) up to
+`bucket_size_mb`; on the last micro-batch (`start_grad_sync()`, which the schedules call before
+it) a bucket's reduction is launched asynchronously as soon as its last gradient arrives, so
+communication overlaps the rest of the backward; `finish_grad_sync()` launches what is left and
+waits. Gradients are summed across replicas: the schedules already scaled each loss by
+1 / (tokens in the global batch).
+
+Parameters whose gradients need a reduction over another group first sit in a bucket of their
+own that is reduced last, after that step (`pre_reduce`):
+- replicated parameters applied to sequence shards (sequence parallelism): summed over the
+  tensor-parallel group;
+- the two copies of the tied word embedding (first and last pipeline stage): summed over the
+  embedding group so they stay identical.
+
+ZeRO-1 (`zero_stage=1`): parameters live in the buckets too; a reduce-scatter leaves each replica
+the summed gradient of its 1/dp of every bucket, the optimizer holds state for that shard only
+(`optimizer_params()` are views of the shard, named after their parameters), and after the step
+an all-gather brings every replica the updated parameters (`after_optimizer_step()`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megagpt.parallel.layers import group_rank, group_size
+
+
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    offsets: list[int]
+    grad_buffer: torch.Tensor
+    deferred: bool
+    param_buffer: torch.Tensor | None = None     # ZeRO-1: the parameters, flat
+    grad_shard: torch.Tensor | None = None       # ZeRO-1: this replica's reduced gradients
+    ready: int = 0
+    work: object = None
+    pieces: list = field(default_factory=list)   # ZeRO-1: (name, shard view, param)
+    offset_of: dict = field(default_factory=dict)  # id(param) -> offset
+
+    def __post_init__(self):
+        self.offset_of = dict(zip(map(id, self.params), self.offsets))
+
+
+class DataParallel:
+    """Gradient buffers and their reduction for one model chunk. See the module docstring."""
+
+    def __init__(self, module: nn.Module, *, dp_group=None, tp_group=None, embedding_group=None,
+                 bucket_size_mb: float = 25.0, zero_stage: int = 0):
+        self.module, self.dp_group, self.tp_group = module, dp_group, tp_group
+        self.embedding_group = embedding_group
+        self.dp, self.dp_rank = group_size(dp_group), group_rank(dp_group)
+        self.zero = zero_stage >= 1 and self.dp > 1
+        self.sync = False
+        self.names = {p: n for n, p in module.named_parameters()}
+        params = [p for p in module.parameters() if p.requires_grad][::-1]
+        deferred = [p for p in params if self._needs_pre_reduce(p)]
+        regular = [p for p in params if not self._needs_pre_reduce(p)]
+        limit = max(1, int(bucket_size_mb * 1024 * 1024 / 4))
+        self.buckets: list[Bucket] = []
+        for group, is_deferred in ((regular, False), (deferred, True)):
+            current: list[nn.Parameter] = []
+            for p in group:
+                current.append(p)
+                if sum(q.numel() for q in current) >= limit:
+                    self.buckets.append(self._make_bucket(current, is_deferred))
+                    current = []
+            if current:
+                self.buckets.append(self._make_bucket(current, is_deferred))
+        self.bucket_of = {p: b for b in self.buckets for p in b.params}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _needs_pre_reduce(self, p) -> bool:
+        sp = getattr(p, "sequence_parallel", False) and group_size(self.tp_group) > 1
+        tied = self._is_tied_embedding(p) and group_size(self.embedding_group) > 1
+        return sp or tied
+
+    def _is_tied_embedding(self, p) -> bool:
+        return self.names[p] in ("embedding.wte.weight", "output_weight")
+
+    def _make_bucket(self, params, deferred) -> Bucket:
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += p.numel()
+        padded = math.ceil(total / self.dp) * self.dp
+        device = params[0].device
+        bucket = Bucket(params, offsets, torch.zeros(padded, dtype=torch.float32, device=device), deferred)
+        if self.zero:
+            bucket.param_buffer = torch.zeros(padded, dtype=torch.float32, device=device)
+            shard = padded // self.dp
+            lo_shard = self.dp_rank * shard
+            bucket.grad_shard = torch.zeros(shard, dtype=torch.float32, device=device)
+        for p, off in zip(params, offsets):
+            if p.dtype != torch.float32:
+                raise TypeError(f"{self.names[p]}: parameters must be float32 (mixed precision "
+                                f"runs under autocast), got {p.dtype}")
+            p.grad = bucket.grad_buffer[off:off + p.numel()].view_as(p)
+            if self.zero:
+                view = bucket.param_buffer[off:off + p.numel()].view_as(p)
+                view.copy_(p.data)
+                p.data = view
+                lo, hi = max(off, lo_shard), min(off + p.numel(), lo_shard + shard)
+                if lo < hi:
+                    piece = nn.Parameter(bucket.param_buffer[lo:hi])
+                    piece.grad = bucket.grad_shard[lo - lo_shard:hi - lo_shard]
+                    piece.source = p
+                    bucket.pieces.append((self.names[p], piece, p))
+        return bucket
+
+    # ---- gradients ----------------------------------------------------------------------
+
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            b.grad_buffer.zero_()
+            for p, off in zip(b.params, b.offsets):
+                if p.grad is None or p.grad.data_ptr() != b.grad_buffer[off:].data_ptr():
+                    p.grad = b.grad_buffer[off:off + p.numel()].view_as(p)
+
+    def start_grad_sync(self) -> None:
+        """Launch each bucket's reduction as soon as its gradients are complete (last micro-batch)."""
+        self.sync = True
+        for b in self.buckets:
+            b.ready = 0
+
+    def _adopt_grad(self, b: Bucket, p) -> None:
+        """Make sure p's gradient lives in the bucket (autograd may have replaced the tensor)."""
+        off = b.offset_of[id(p)]
+        slot = b.grad_buffer[off:off + p.numel()]
+        if p.grad is not None and p.grad.data_ptr() != slot.data_ptr():
+            slot.copy_(p.grad.reshape(-1))
+            p.grad = slot.view_as(p)
+
+    def _on_grad_ready(self, p) -> None:
+        b = self.bucket_of[p]
+        self._adopt_grad(b, p)
+        if not self.sync or b.deferred:
+            return
+        b.ready += 1
+        if b.ready == len(b.params) and b.work is None:
+            self._launch(b)
+
+    def _launch(self, b: Bucket) -> None:
+        if self.dp == 1:
+            b.work = True
+            return
+        if self.zero:
+            b.work = dist.reduce_scatter_tensor(b.grad_shard, b.grad_buffer, group=self.dp_group,
+                                                async_op=True)
+        else:
+            b.work = dist.all_reduce(b.grad_buffer, group=self.dp_group, async_op=True)
+
+    def finish_grad_sync(self) -> None:
+        """Reduce every gradient: launch what the backward did not, pre-reduce the deferred
+        bucket (sequence-parallel and tied-embedding gradients), reduce it, wait for all."""
+        for b in self.buckets:
+            for p in b.params:
+                self._adopt_grad(b, p)
+        for b in self.buckets:
+            if not b.deferred and b.work is None:
+                self._launch(b)
+        for b in self.buckets:
+            if b.deferred:
+                self._pre_reduce(b)
+                self._launch(b)
+        for b in self.buckets:
+            if b.work is not True and b.work is not None:
+                b.work.wait()
+            b.work = None
+        self.sync = False
+
+    def _pre_reduce(self, b: Bucket) -> None:
+        for p, off in zip(b.params, b.offsets):
+            grad = b.grad_buffer[off:off + p.numel()]
+            if getattr(p, "sequence_parallel", False) and group_size(self.tp_group) > 1:
+                dist.all_reduce(grad, group=self.tp_group)
+            if self._is_tied_embedding(p) and group_size(self.embedding_group) > 1:
+                dist.all_reduce(grad, group=self.embedding_group)
+
+    # ---- optimizer interface ------------------------------------------------------------
+
+    def optimizer_params(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs the optimizer steps: the parameters, or under ZeRO-1 the
+        views of this replica's shard (named after the parameter they belong to; each has
+        `.source`, the full parameter)."""
+        if not self.zero:
+            return [(self.names[p], p) for p in self.module.parameters() if p.requires_grad]
+        return [(name, piece) for b in self.buckets for name, piece, _ in b.pieces]
+
+    def after_optimizer_step(self) -> None:
+        """ZeRO-1: all-gather the updated shards so every replica holds the new parameters."""
+        if not self.zero:
+            return
+        for b in self.buckets:
+            shard = b.param_buffer.numel() // self.dp
+            mine = b.param_buffer[self.dp_rank * shard:(self.dp_rank + 1) * shard].clone()
+            dist.all_gather_into_tensor(b.param_buffer, mine, group=self.dp_group)
+
+    def norm_grads(self, tp_rank: int) -> list[torch.Tensor]:
+        """Gradients that count toward the global norm on this rank, each element counted once
+        across the whole world: this replica's shard under ZeRO-1; tensor-parallel replicas
+        (layer norms, biases of row-parallel layers) on tensor-parallel rank 0 only; the last
+        stage's copy of the tied embedding never (the first stage counts it)."""
+        def counted(p) -> bool:
+            return (hasattr(p, "tp_dim") or tp_rank == 0) and self.names[p] != "output_weight"
+
+        if self.zero:
+            return [piece.grad for b in self.buckets for _, piece, p in b.pieces if counted(p)]
+        return [p.grad for p in self.module.parameters() if p.grad is not None and counted(p)]
+
+
+def global_grad_norm(wrappers: list[DataParallel], tp_rank: int, norm_group=None) -> float:
+    """The global L2 norm of the gradients across tp, pp and dp, each parameter counted once.
+
+    norm_group: the group over which the counted pieces are disjoint and together complete:
+    the model-parallel group (tp x pp) without ZeRO (data-parallel replicas hold the same
+    gradients), the world under ZeRO-1. Every rank of that group gets the same value, so a
+    non-finite norm is seen, and the step skipped, everywhere at once.
+    """
+    grads = [g for w in wrappers for g in w.norm_grads(tp_rank)]
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        total += g.float().pow(2).sum()
+    if norm_group is not None and group_size(norm_group) > 1:
+        dist.all_reduce(total, group=norm_group)
+    return total.sqrt().item()
+
+
+def scale_grads(wrappers: list[DataParallel], factor: float) -> None:
+    """Multiply the gradients the optimizer reads (clipping, fp16 unscaling)."""
+    for w in wrappers:
+        for b in w.buckets:
+            (b.grad_shard if w.zero else b.grad_buffer).mul_(factor)

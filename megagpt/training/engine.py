@@ -1,0 +1,133 @@
+"""One rank's share of the model and one optimizer step: the 3D-parallel core of the trainer.
+
+`Engine(cfg, state, device)` builds this rank's model chunks (its pipeline stage, or vp chunks
+under the interleaved schedule, each split over the tensor-parallel group), wraps each in
+`DataParallel`, and owns the optimizer and the loss scaler. `train_step(microbatches, lr)` runs:
+
+    schedule (forward/backward of every micro-batch)  ->  gradient reduction (sp, embedding, dp)
+    -> fp16 unscale -> global grad norm (skip the step on every rank if it is not finite)
+    -> clip -> optimizer step -> ZeRO-1 all-gather
+
+and returns the global mean loss over the tokens of the whole global batch, the same number on
+every rank.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megagpt.config import Config
+from megagpt.model.gpt import build_stage
+from megagpt.parallel.data_parallel import DataParallel, global_grad_norm, scale_grads
+from megagpt.parallel.pipeline import P2P, get_forward_backward_func
+from megagpt.parallel.state import ParallelState
+from megagpt.training.optim import build_optimizer, set_lr
+from megagpt.training.precision import autocast_context, make_scaler
+
+
+@dataclass
+class StepResult:
+    loss: float            # global mean loss of the batch (nan when not finite)
+    grad_norm: float | None
+    skipped: bool
+    tokens: int            # loss tokens in the global batch
+
+
+class Engine:
+    """This rank's model chunks, their gradient reduction, the optimizer and the loss scaler."""
+
+    def __init__(self, cfg: Config, state: ParallelState, device: torch.device | str = "cpu",
+                 p2p_timeout_s: float = 300.0):
+        self.cfg, self.state, self.device = cfg, state, torch.device(device)
+        par = cfg.parallel
+        self.chunks = [build_stage(cfg, tp_group=state.tp_group, pp_rank=state.pp_rank,
+                                   vp_chunk=c, device=self.device)
+                       for c in range(par.virtual_pipeline_size)]
+        self.wrappers = [DataParallel(chunk, dp_group=state.dp_group, tp_group=state.tp_group,
+                                      embedding_group=state.embedding_group,
+                                      bucket_size_mb=par.bucket_size_mb, zero_stage=par.zero_stage)
+                         for chunk in self.chunks]
+        self.schedule = get_forward_backward_func(state.pp_world_size, par.virtual_pipeline_size)
+        m, tp = cfg.model, state.tp_world_size
+        seq = m.seq_length // tp if (par.sequence_parallel and tp > 1) else m.seq_length
+        pp = state.pp_world_size
+        self.p2p = P2P(pp_rank=state.pp_rank, pp_size=pp,
+                       prev_rank=state.pp_ranks[(state.pp_rank - 1) % pp],
+                       next_rank=state.pp_ranks[(state.pp_rank + 1) % pp],
+                       shape=(seq, cfg.training.batch_size, m.d_model), dtype=torch.float32,
+                       device=self.device, timeout_s=p2p_timeout_s)
+        named = [np for w in self.wrappers for np in w.optimizer_params()]
+        self.optimizer = build_optimizer(named, cfg.training, self.device)
+        self.scaler = make_scaler(cfg.training.precision)
+        zero = any(w.zero for w in self.wrappers)
+        self.norm_group = dist.group.WORLD if zero else state.model_parallel_group
+
+    def forward_context(self):
+        return autocast_context(self.cfg.training.precision, self.device.type)
+
+    def _global_tokens(self, microbatches: list[dict]) -> int:
+        local = sum(float(mb["loss_mask"].sum()) if mb.get("loss_mask") is not None
+                    else mb["labels"].numel() for mb in microbatches)
+        count = torch.tensor([local], dtype=torch.float64)
+        if self.state.dp_world_size > 1:
+            dist.all_reduce(count, group=self.state.dp_group)
+        return int(count.item())
+
+    def _global_loss(self, losses: list, tokens: int) -> float:
+        """Sum of the last stage's loss sums over micro-batches and replicas / tokens, on every rank."""
+        total = torch.zeros(1, dtype=torch.float64)
+        if self.state.is_last_stage:
+            total += sum(float(loss_sum) for loss_sum, _ in losses)
+            if self.state.dp_world_size > 1:
+                dist.all_reduce(total, group=self.state.dp_group)
+        if self.state.pp_world_size > 1:
+            dist.all_reduce(total, group=self.state.pp_group)   # only the last stage is non-zero
+        return total.item() / max(tokens, 1)
+
+    def _to_device(self, microbatches):
+        return [{k: v.to(self.device) for k, v in mb.items()} for mb in microbatches]
+
+    def train_step(self, microbatches: list[dict], lr: float) -> StepResult:
+        """One optimizer step over this rank's micro-batches (dicts of tokens, labels, loss_mask)."""
+        for chunk in self.chunks:
+            chunk.train()
+        for w in self.wrappers:
+            w.zero_grad()
+        microbatches = self._to_device(microbatches)
+        tokens = self._global_tokens(microbatches)
+        losses = self.schedule(self.chunks, microbatches, p2p=self.p2p,
+                               loss_scale=self.scaler.scale / max(tokens, 1),
+                               forward_context=self.forward_context,
+                               before_last_backward=[w.start_grad_sync for w in self.wrappers])
+        for w in self.wrappers:
+            w.finish_grad_sync()
+        if self.scaler.scale != 1.0:
+            scale_grads(self.wrappers, 1.0 / self.scaler.scale)
+        loss = self._global_loss(losses, tokens)
+        norm = global_grad_norm(self.wrappers, self.state.tp_rank, self.norm_group)
+        finite = math.isfinite(norm) and math.isfinite(loss)
+        self.scaler.update(not finite)
+        if not finite:
+            return StepResult(loss, None, True, tokens)
+        clip = self.cfg.training.grad_clip
+        if clip > 0 and norm > clip:
+            scale_grads(self.wrappers, clip / (norm + 1e-6))
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        for w in self.wrappers:
+            w.after_optimizer_step()
+        return StepResult(loss, norm, False, tokens)
+
+    @torch.no_grad()
+    def eval_step(self, microbatches: list[dict]) -> float:
+        """The global mean loss of a batch, without gradients."""
+        for chunk in self.chunks:
+            chunk.eval()
+        microbatches = self._to_device(microbatches)
+        tokens = self._global_tokens(microbatches)
+        losses = self.schedule(self.chunks, microbatches, p2p=self.p2p, forward_only=True,
+                               forward_context=self.forward_context)
+        return self._global_loss(losses, tokens)
