@@ -1,0 +1,475 @@
+"""Checkpoints: the on-disk layout, atomic saving, verified loading, and compatibility checks.
+
+A checkpoint is one folder, `<save_dir>/step_<NNNNNNN>/` (the step zero-padded to 7 digits):
+
+    model_tp{t}_pp{p}.pt      one per (tensor, pipeline) rank, written by its data-parallel rank 0
+    optim_rank{r:05d}.pt      one per global rank: optimizer state (it may be sharded by ZeRO-1)
+                              and the loss-scaler state, as the trainer packs them
+    rng_rank{r:05d}.pt        one per global rank: `capture_rng_state(...)`
+    meta.json                 config, step, consumed_samples, parallel sizes, world size, the
+                              megagpt version, a timestamp, and `files`: name -> SHA-256 (plus
+                              `file_sizes`: name -> bytes)
+
+Saving is atomic. Every rank writes its files into `step_<N>.tmp/` and records each file's hash
+beside it; after a barrier, rank 0 checks that every expected file is there, writes meta.json,
+renames the folder to `step_<N>/` (the atomic step), replaces `<save_dir>/latest` (a one-line
+file naming the folder) with write-then-`os.replace`, removes stale `*.tmp` folders and prunes to
+`keep_last` complete checkpoints; a last barrier lets every rank continue. A process killed at any
+point leaves either the previous checkpoint as the newest complete one, or the new one complete.
+
+A folder is complete when its meta.json exists and lists files that all exist with their recorded
+sizes (`is_complete`); `load_checkpoint` also checks each SHA-256 it reads. Files are written with
+`torch.save` and read with `torch.load(weights_only=True)`: their contents must be tensors,
+numbers, strings, lists, tuples and dicts (optimizer and model state dicts are).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import megagpt
+from megagpt.parallel.state import RankLayout
+
+LATEST_FILE = "latest"
+META_FILE = "meta.json"
+HASH_SUFFIX = ".sha256"
+STEP_RE = re.compile(r"step_(\d{7})")
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_heads", "n_layers", "seq_length",
+                       "ffn_hidden_size", "make_vocab_size_divisible_by")
+PARALLEL_KEYS = ("tp", "pp", "dp", "vp")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt, or does not fit the config."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def model_file(tp_rank: int, pp_rank: int) -> str:
+    return f"model_tp{tp_rank}_pp{pp_rank}.pt"
+
+
+def optim_file(rank: int) -> str:
+    return f"optim_rank{rank:05d}.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+def expected_files(tp: int, pp: int, world_size: int) -> list[str]:
+    """Every file a checkpoint of this layout holds besides meta.json."""
+    return ([model_file(t, p) for p in range(pp) for t in range(tp)]
+            + [optim_file(r) for r in range(world_size)] + [rng_file(r) for r in range(world_size)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_hashed(path: Path, obj) -> None:
+    """torch.save `obj` to `path`, flush it to disk, and write its SHA-256 to `path.sha256`."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    path.with_name(path.name + HASH_SUFFIX).write_text(sha256_file(path), encoding="utf-8")
+
+
+def _check_save_args(step: int, meta: dict, keep_last: int, ranks: dict) -> RankLayout:
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"save_checkpoint: step={step!r} must be an integer >= 0")
+    if not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"checkpoint.keep_last={keep_last!r}: must be an integer >= 1, or 0 to "
+                         f"keep every checkpoint")
+    missing = [k for k in ("config", "consumed_samples", "parallel") if k not in meta]
+    if missing:
+        raise ValueError(f"save_checkpoint: meta lacks {', '.join(missing)}; it needs config (the "
+                         f"config dict), consumed_samples, and parallel ({{tp, pp, dp, vp}})")
+    parallel = meta["parallel"]
+    absent = [k for k in PARALLEL_KEYS if k not in parallel]
+    if absent:
+        raise ValueError(f"save_checkpoint: meta['parallel']={parallel} lacks "
+                         f"{', '.join(absent)}; it needs tp, pp, dp and vp")
+    layout = RankLayout(parallel["tp"] * parallel["pp"] * parallel["dp"],
+                        parallel["tp"], parallel["pp"])
+    if not 0 <= ranks["rank"] < layout.world_size:
+        raise ValueError(f"save_checkpoint: rank={ranks['rank']} is outside the world of size "
+                         f"{layout.world_size} = tp x pp x dp given in meta['parallel']={parallel}")
+    if layout.coords(ranks["rank"]) != (ranks["tp_rank"], ranks["dp_rank"], ranks["pp_rank"]):
+        raise ValueError(f"save_checkpoint: rank={ranks['rank']} is (tp, dp, pp) = "
+                         f"{layout.coords(ranks['rank'])} in the layout {parallel}, but "
+                         f"tp_rank={ranks['tp_rank']}, dp_rank={ranks['dp_rank']}, "
+                         f"pp_rank={ranks['pp_rank']} were given")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_checkpoint: meta must be JSON-serialisable: {e}") from e
+    return layout
+
+
+def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int, pp_rank: int,
+                    dp_rank: int, model_state, optim_state, rng_state, meta: dict,
+                    keep_last: int, barrier: Callable[[], None]) -> Path:
+    """Write this rank's part of the checkpoint of `step`; collective over every rank.
+
+    Args:
+        save_dir: `checkpoint.save_dir`; created if missing.
+        step: optimizer steps completed.
+        rank, tp_rank, pp_rank, dp_rank: this process's global rank and its coordinates.
+        model_state: the state of the model chunk(s) of this (tp, pp) rank; written by dp_rank 0.
+        optim_state: this rank's optimizer state, plus what else the trainer keeps with it (e.g.
+            `{"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}`).
+        rng_state: `capture_rng_state(tracker_states)`.
+        meta: JSON-serialisable dict with at least `config` (the config dict),
+            `consumed_samples`, and `parallel` = {tp, pp, dp, vp} (add `zero_stage` when the
+            optimizer state is sharded); other keys are kept. Read on rank 0 only, checked on all.
+            `step`, `world_size`, `megagpt_version`, `timestamp`, `files` and `file_sizes` are
+            added.
+        keep_last: complete checkpoints kept after this one is written (0 keeps all). The one just
+            written is always kept; the others are the highest steps.
+        barrier: a zero-argument callable synchronising every rank (`torch.distributed.barrier`,
+            or `lambda: None` for one process).
+
+    Returns the final folder `<save_dir>/step_<NNNNNNN>`.
+    """
+    layout = _check_save_args(step, meta, keep_last, dict(rank=rank, tp_rank=tp_rank,
+                                                          pp_rank=pp_rank, dp_rank=dp_rank))
+    save_dir = Path(save_dir)
+    name = step_dir_name(step)
+    tmp = save_dir / f"{name}.tmp"
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    if dp_rank == 0:
+        _write_hashed(tmp / model_file(tp_rank, pp_rank), model_state)
+    _write_hashed(tmp / optim_file(rank), optim_state)
+    _write_hashed(tmp / rng_file(rank), rng_state)
+    barrier()
+    if rank == 0:
+        _finalize(save_dir, step, tmp, meta, layout, keep_last)
+    barrier()
+    return save_dir / name
+
+
+def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayout,
+              keep_last: int) -> None:
+    """Rank 0: meta.json, the rename, `latest`, stale-folder cleanup and pruning."""
+    files, sizes = {}, {}
+    for fname in expected_files(layout.tp, layout.pp, layout.world_size):
+        hash_path = tmp / (fname + HASH_SUFFIX)
+        if not (tmp / fname).is_file() or not hash_path.is_file():
+            raise CheckpointError(f"saving {tmp}: {fname} was not written (every rank writes its "
+                                  f"files before the barrier; did a rank fail or save elsewhere?)")
+        files[fname] = hash_path.read_text(encoding="utf-8").strip()
+        sizes[fname] = (tmp / fname).stat().st_size
+        hash_path.unlink()
+    full_meta = dict(meta, step=step, world_size=layout.world_size,
+                     megagpt_version=megagpt.__version__,
+                     timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), files=files, file_sizes=sizes)
+    _write_atomic_text(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+    final = save_dir / step_dir_name(step)
+    if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
+        final.rename(save_dir / f"{final.name}.replaced.tmp")
+    tmp.rename(final)
+    _fsync_dir(save_dir)
+    _write_atomic_text(save_dir / LATEST_FILE, final.name + "\n")
+    for stale in save_dir.glob("*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+    if keep_last:
+        others = [p for p in complete_checkpoints(save_dir) if p != final]
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
+            shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding
+
+def read_meta(path: str | Path) -> dict:
+    """meta.json of a step folder; a CheckpointError naming the folder when absent or unreadable."""
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: it has no {META_FILE} (a save "
+                              f"that did not finish, or not a step_NNNNNNN folder)")
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path} cannot be read: {e}") from e
+
+
+def _incomplete_reason(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint (a sentence naming it), or None when it is."""
+    if path.name.endswith(".tmp"):
+        return f"{path} is a save that did not finish (a .tmp folder)"
+    if not STEP_RE.fullmatch(path.name):
+        return f"{path} is not a checkpoint folder (those are named step_NNNNNNN)"
+    try:
+        meta = read_meta(path)
+    except CheckpointError as e:
+        return str(e)
+    if not isinstance(meta.get("files"), dict) or not meta["files"]:
+        return f"{path / META_FILE} lists no files"
+    sizes = meta.get("file_sizes", {})
+    for fname in meta["files"]:
+        f = path / fname
+        if not f.is_file():
+            return f"{path} is not a complete checkpoint: {fname} is missing"
+        if fname in sizes and f.stat().st_size != sizes[fname]:
+            return (f"{path} is not a complete checkpoint: {fname} has {f.stat().st_size} bytes, "
+                    f"meta.json records {sizes[fname]}")
+    return None
+
+
+def is_complete(path: str | Path) -> bool:
+    """A step folder with meta.json whose files all exist at their recorded sizes (no hashing)."""
+    return _incomplete_reason(Path(path)) is None
+
+
+def complete_checkpoints(save_dir: str | Path) -> list[Path]:
+    """The complete step folders of `save_dir`, oldest step first."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = [p for p in save_dir.iterdir() if p.is_dir() and STEP_RE.fullmatch(p.name)]
+    return sorted((p for p in found if is_complete(p)), key=lambda p: p.name)
+
+
+def find_latest(save_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from in `save_dir`, or None when it holds none.
+
+    The folder named by `<save_dir>/latest` when it is complete; otherwise (no `latest`, or it
+    names a missing or incomplete folder) the highest complete step. Never a `.tmp` folder.
+    """
+    save_dir = Path(save_dir)
+    latest = save_dir / LATEST_FILE
+    if latest.is_file():
+        named = save_dir / latest.read_text(encoding="utf-8").strip()
+        if STEP_RE.fullmatch(named.name) and is_complete(named):
+            return named
+    complete = complete_checkpoints(save_dir)
+    return complete[-1] if complete else None
+
+
+def resolve_load_path(load: str | None, save_dir: str | Path | None) -> Path | None:
+    """The step folder `checkpoint.load` asks for, or None to start from scratch.
+
+    Args:
+        load: "auto" (the latest complete checkpoint in `save_dir`, or None when there is none),
+            "none" (or None: start fresh), or a path to a step folder or to a save dir (its
+            latest complete checkpoint).
+        save_dir: `checkpoint.save_dir`, used by "auto".
+
+    A path that does not exist or holds no complete checkpoint is a CheckpointError naming it.
+    """
+    if load is None or load == "none":
+        return None
+    if load == "auto":
+        return find_latest(save_dir) if save_dir is not None else None
+    path = Path(load)
+    fix = ("fix: give a step_NNNNNNN folder or a save dir holding one, or set checkpoint.load=auto "
+           "(resume from checkpoint.save_dir if it has a checkpoint) or none (start fresh)")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.load={load}: {path} does not exist; {fix}")
+    if STEP_RE.fullmatch(path.name) or path.name.endswith(".tmp") or (path / META_FILE).exists():
+        reason = _incomplete_reason(path)
+        if reason:
+            raise CheckpointError(f"checkpoint.load={load}: {reason}; {fix}")
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise CheckpointError(f"checkpoint.load={load}: {path} holds no complete checkpoint (a "
+                              f"step_NNNNNNN folder with {META_FILE}); {fix}")
+    return latest
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def _read_verified(path: Path, fname: str, meta: dict, verify: bool):
+    f = path / fname
+    if fname not in meta["files"] or not f.is_file():
+        p = meta.get("parallel", {})
+        raise CheckpointError(f"{path} has no {fname}: it was saved with tp={p.get('tp')}, "
+                              f"pp={p.get('pp')}, world size {meta.get('world_size')}; call "
+                              f"check_compatible first, and convert other layouts with "
+                              f"tools/convert_checkpoint.py")
+    if verify:
+        actual = sha256_file(f)
+        if actual != meta["files"][fname]:
+            raise CheckpointError(f"{f} is corrupt: its SHA-256 is {actual}, meta.json records "
+                                  f"{meta['files'][fname]}; resume from an earlier checkpoint "
+                                  f"(checkpoint.load=<save_dir>/step_NNNNNNN)")
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path: str | Path, *, tp_rank: int, pp_rank: int, dp_rank: int,
+                    verify: bool = True) -> tuple[dict, object, object, dict]:
+    """Read this rank's part of the checkpoint in step folder `path`.
+
+    Args:
+        path: a complete step folder (`resolve_load_path` gives one).
+        tp_rank, pp_rank, dp_rank: this process's coordinates in the current layout.
+        verify: check the SHA-256 of every file read against meta.json.
+
+    Returns (meta, model_state, optim_state, rng_state), tensors on the CPU. The files read are
+    those of the saved rank with the same (tp, dp, pp) coordinates; when the data-parallel size
+    changed (allowed only without sharded optimizer state, see `check_compatible`), ranks beyond
+    the saved one read the files of data-parallel rank 0.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    p = meta["parallel"]
+    layout = RankLayout(meta["world_size"], p["tp"], p["pp"])
+    source = layout.rank(tp_rank, dp_rank if dp_rank < layout.dp else 0, pp_rank)
+    model_state = _read_verified(path, model_file(tp_rank, pp_rank), meta, verify)
+    optim_state = _read_verified(path, optim_file(source), meta, verify)
+    rng_state = _read_verified(path, rng_file(source), meta, verify)
+    return meta, model_state, optim_state, rng_state
+
+
+def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
+                     where: str | Path = "the checkpoint", with_optimizer: bool = True) -> None:
+    """Refuse a checkpoint that does not fit this run, listing every difference.
+
+    Args:
+        meta: the checkpoint's meta.json (`read_meta` or `load_checkpoint` gives it).
+        model_cfg: this run's model config (a ModelConfig or its dict).
+        parallel_sizes: this run's {tp, pp, dp, vp}, and `zero_stage` (default 0).
+        where: the checkpoint's path, for the messages.
+        with_optimizer: False when only the model is loaded (fine-tuning from the weights): the
+            data-parallel size and zero_stage are then free.
+
+    Architecture fields must be equal (`ffn_hidden_size` compared as the width it implies). The
+    tensor, pipeline and virtual pipeline sizes must be equal: convert the checkpoint otherwise.
+    The data-parallel size may change when neither run shards optimizer state (zero_stage 0);
+    zero_stage itself must not change.
+    """
+    absent = [k for k in PARALLEL_KEYS if k not in parallel_sizes]
+    if absent:
+        raise ValueError(f"check_compatible: parallel_sizes={parallel_sizes} lacks "
+                         f"{', '.join(absent)}; it needs tp, pp, dp and vp (and zero_stage)")
+    if dataclasses.is_dataclass(model_cfg):
+        model_cfg = dataclasses.asdict(model_cfg)
+    saved_model = meta["config"]["model"]
+    problems = []
+    for name in ARCHITECTURE_FIELDS:
+        saved, wanted = saved_model.get(name), model_cfg.get(name)
+        if name == "ffn_hidden_size":
+            saved = saved or 4 * saved_model["d_model"]
+            wanted = wanted or 4 * model_cfg["d_model"]
+        if saved != wanted:
+            problems.append(f"checkpoint has model.{name}={saved}, the config says {wanted}")
+    saved_par = meta["parallel"]
+    layout_fields = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size",
+                     "vp": "virtual_pipeline_size"}
+    differ = [k for k in layout_fields if saved_par[k] != parallel_sizes[k]]
+    for k in differ:
+        problems.append(f"checkpoint has parallel.{layout_fields[k]}={saved_par[k]}, the config "
+                        f"says {parallel_sizes[k]}")
+    if differ:
+        problems.append(f"the model is split differently: convert the checkpoint with `python "
+                        f"tools/convert_checkpoint.py --input {where} --output NEW_DIR --to "
+                        f"megagpt --tensor-parallel-size {parallel_sizes['tp']} "
+                        f"--pipeline-parallel-size {parallel_sizes['pp']}`, or set the config's "
+                        f"parallel sizes to the checkpoint's")
+    saved_zero, zero = saved_par.get("zero_stage", 0), parallel_sizes.get("zero_stage", 0)
+    if with_optimizer and saved_zero != zero:
+        form = "sharded over" if saved_zero else "whole on each of"
+        problems.append(f"checkpoint has parallel.zero_stage={saved_zero}, the config says "
+                        f"{zero}: its optimizer state was saved {form} the data-parallel ranks; "
+                        f"set parallel.zero_stage={saved_zero} to resume")
+    elif with_optimizer and saved_par["dp"] != parallel_sizes["dp"] and zero:
+        saved_world = saved_par["tp"] * saved_par["pp"] * saved_par["dp"]
+        problems.append(f"checkpoint has data-parallel size {saved_par['dp']}, this run has "
+                        f"{parallel_sizes['dp']}: with parallel.zero_stage={zero} the optimizer "
+                        f"state is sharded over data-parallel ranks, so the size must stay "
+                        f"{saved_par['dp']} (world size {saved_world}); it may change "
+                        f"only with zero_stage=0")
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise CheckpointError(f"{where} does not fit this config:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Random state
+
+def capture_rng_state(tracker_states: dict) -> dict:
+    """Every random stream of this process, in a form `torch.load(weights_only=True)` accepts.
+
+    Args:
+        tracker_states: the tensor-parallel tracker's states
+            (`megagpt.parallel.random.get_rng_tracker().get_states()`).
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": {name: state.clone() for name, state in tracker_states.items()},
+    }
+
+
+def restore_rng_state(state: dict) -> dict:
+    """Restore the streams `capture_rng_state` saved; returns the tracker states to set.
+
+    The CUDA state is restored when it was saved and CUDA is available, and skipped otherwise
+    (a GPU checkpoint resumed on a CPU).
+    """
+    missing = [k for k in ("python", "numpy", "torch", "cuda", "tracker") if k not in state]
+    if missing:
+        raise CheckpointError(f"restore_rng_state: the saved RNG state lacks {', '.join(missing)}; "
+                              f"it was not written by capture_rng_state")
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return state["tracker"]

@@ -1,0 +1,181 @@
+"""Mixed precision: autocast, loss scaling and the agreed non-finite gradient check.
+
+Parameters, gradients and optimizer state stay fp32 on every precision; bf16 and fp16 run the
+forward and backward under `torch.autocast`, so the fp32 weights are the master copy and the
+gradients (and their data-parallel reduction) are fp32 by construction.
+
+fp16 also needs loss scaling: `DynamicLossScaler` is Megatron's dynamic grad scaler. The loop
+multiplies the loss by `scaler.scale` before backward, checks the gradients with
+`grads_are_finite` (agreed across ranks, so every rank skips the same steps), divides them by the
+scale with `unscale_` when they are finite, and calls `scaler.update(found_inf)` every step.
+fp32 and bf16 get a `ConstantScaler` with the same interface and a scale of 1.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"training.precision={precision!r}: must be one of "
+                         f"{', '.join(PRECISIONS)}")
+
+
+def autocast_context(precision: str, device_type: str | torch.device):
+    """The context to run forward and backward in.
+
+    Args:
+        precision: `training.precision`: "fp32" (no autocast), "bf16" or "fp16".
+        device_type: "cuda" or "cpu" (a torch.device is accepted too).
+
+    Returns `torch.autocast(device_type, dtype=torch.bfloat16 | torch.float16)`, or
+    `contextlib.nullcontext()` for fp32.
+    """
+    _check_precision(precision)
+    device_type = torch.device(device_type).type
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES[precision])
+
+
+class ConstantScaler:
+    """A scale of 1 that never changes: fp32 and bf16 need no loss scaling."""
+
+    @property
+    def scale(self) -> float:
+        return 1.0
+
+    def update(self, found_inf: bool) -> None:
+        """Nothing to adapt; present so the loop treats every precision alike."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Accepts any saved scaler state (a run may resume an fp16 checkpoint in bf16)."""
+
+
+class DynamicLossScaler:
+    """Megatron's dynamic loss scaler for fp16.
+
+    Args:
+        initial_scale: the starting scale (2**16).
+        min_scale: the scale never backs off below this.
+        growth_factor: the scale is multiplied by this after `growth_interval` good steps in a row.
+        backoff_factor: the scale is multiplied by this on a non-finite step, once hysteresis is
+            used up.
+        growth_interval: consecutive finite steps before the scale grows.
+        hysteresis: non-finite steps tolerated before backing off. As in Megatron, the counter
+            is refilled when the scale grows (not on every good step): after `hysteresis`
+            non-finite steps since the last growth, every further non-finite step backs off. A
+            burst of that many non-finite steps in a row therefore always backs off, and an
+            isolated one does not.
+    """
+
+    def __init__(self, initial_scale: float = 2.0 ** 16, min_scale: float = 1.0,
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 1000, hysteresis: int = 2):
+        checks = [("initial_scale", initial_scale, initial_scale > 0, "> 0"),
+                  ("min_scale", min_scale, 0 < min_scale <= initial_scale, "in (0, initial_scale]"),
+                  ("growth_factor", growth_factor, growth_factor > 1, "> 1"),
+                  ("backoff_factor", backoff_factor, 0 < backoff_factor < 1, "in (0, 1)"),
+                  ("growth_interval", growth_interval, growth_interval >= 1, ">= 1"),
+                  ("hysteresis", hysteresis, hysteresis >= 1, ">= 1")]
+        for name, value, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"DynamicLossScaler: {name}={value} must be {rule}")
+        self._scale = float(initial_scale)
+        self.min_scale = float(min_scale)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = int(growth_interval)
+        self.hysteresis = int(hysteresis)
+        self._growth_tracker = 0
+        self._hysteresis_tracker = self.hysteresis
+
+    @property
+    def scale(self) -> float:
+        """The factor to multiply the loss by before backward."""
+        return self._scale
+
+    def update(self, found_inf: bool) -> None:
+        """Adapt the scale after a step; `found_inf` must be the same on every rank."""
+        if found_inf:
+            self._growth_tracker = 0
+            self._hysteresis_tracker -= 1
+            if self._hysteresis_tracker <= 0:
+                self._scale = max(self._scale * self.backoff_factor, self.min_scale)
+        else:
+            self._growth_tracker += 1
+            if self._growth_tracker == self.growth_interval:
+                self._growth_tracker = 0
+                self._hysteresis_tracker = self.hysteresis
+                self._scale *= self.growth_factor
+
+    def state_dict(self) -> dict:
+        return {"scale": self._scale, "growth_tracker": self._growth_tracker,
+                "hysteresis_tracker": self._hysteresis_tracker}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a saved state; an empty one (a checkpoint from an fp32/bf16 run) starts fresh."""
+        if not state:
+            return
+        missing = [k for k in ("scale", "growth_tracker", "hysteresis_tracker") if k not in state]
+        if missing:
+            raise ValueError(f"DynamicLossScaler.load_state_dict: the saved state lacks "
+                             f"{', '.join(missing)} (has {', '.join(sorted(state)) or 'nothing'}); "
+                             f"it is not a DynamicLossScaler state")
+        self._scale = float(state["scale"])
+        self._growth_tracker = int(state["growth_tracker"])
+        self._hysteresis_tracker = int(state["hysteresis_tracker"])
+
+
+def make_scaler(precision: str, initial_scale: float = 2.0 ** 16):
+    """A `DynamicLossScaler(initial_scale)` for fp16, a `ConstantScaler` for fp32 and bf16."""
+    _check_precision(precision)
+    return DynamicLossScaler(initial_scale) if precision == "fp16" else ConstantScaler()
+
+
+def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def grads_are_finite(params: Iterable[torch.Tensor], group=None) -> bool:
+    """True when every gradient is finite on every rank of `group`.
+
+    Args:
+        params: the parameters this rank holds; those without a gradient are ignored.
+        group: the process group that must agree (the lead passes the world group, so a NaN on
+            one rank skips the step everywhere); None means the default group. Without an
+            initialised torch.distributed there is no communication.
+
+    Each rank computes a local "found inf/nan" flag and all-reduces it with MAX; one host sync.
+    """
+    grads = _grads(params)
+    if grads:
+        bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float()
+    else:
+        device = "cpu"
+        if dist.is_initialized() and dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        bad = torch.zeros((), device=device)
+    if dist.is_initialized():
+        bad = bad.reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return not bool(bad.item())
+
+
+def unscale_(params: Iterable[torch.Tensor], scale: float) -> None:
+    """Divide every gradient by `scale` in place (undoing the loss scale before clipping)."""
+    if not scale > 0:
+        raise ValueError(f"unscale_: scale={scale} must be > 0")
+    grads = _grads(params)
+    if grads and scale != 1.0:
+        torch._foreach_mul_(grads, 1.0 / scale)

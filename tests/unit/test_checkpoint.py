@@ -1,0 +1,314 @@
+"""Checkpoint layout, atomic saving, pruning, verified loading, compatibility and RNG state."""
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import megagpt
+from megagpt.testing import run_distributed
+from megagpt.training import checkpoint as ckpt
+from megagpt.training.checkpoint import (CheckpointError, capture_rng_state, check_compatible,
+                                         find_latest, load_checkpoint, resolve_load_path,
+                                         restore_rng_state, save_checkpoint)
+
+MODEL = dict(vocab_size=100, d_model=16, n_heads=2, n_layers=4, seq_length=8,
+             ffn_hidden_size=None, make_vocab_size_divisible_by=128)
+LAYOUT = dict(tp=1, pp=1, dp=1, vp=1)
+
+
+def make_meta(step, parallel=LAYOUT, **model):
+    return {"config": {"model": dict(MODEL, **model), "training": {"seed": 1}},
+            "consumed_samples": 8 * step, "parallel": dict(parallel)}
+
+
+def save_one(save_dir, step, keep_last=3, **kw):
+    """A one-process save with recognisable contents."""
+    args = dict(rank=0, tp_rank=0, pp_rank=0, dp_rank=0, meta=make_meta(step),
+                model_state={"w": torch.full((2, 2), float(step))},
+                optim_state={"optimizer": {"step": step}, "scaler": {}},
+                rng_state=capture_rng_state({}), keep_last=keep_last, barrier=lambda: None)
+    args.update(kw)
+    return save_checkpoint(save_dir, step, **args)
+
+
+def steps_in(save_dir):
+    return sorted(p.name for p in Path(save_dir).iterdir())
+
+
+def test_folder_layout_and_meta(tmp_path):
+    before = time.strftime("%Y-%m-%d")
+    path = save_one(tmp_path / "ckpt", 5)
+    assert path == tmp_path / "ckpt" / "step_0000005"
+    assert steps_in(tmp_path / "ckpt") == ["latest", "step_0000005"]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_0000005\n"
+    names = ["model_tp0_pp0.pt", "optim_rank00000.pt", "rng_rank00000.pt"]
+    assert sorted(os.listdir(path)) == sorted(names + ["meta.json"])
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["files"] == {n: hashlib.sha256((path / n).read_bytes()).hexdigest() for n in names}
+    assert meta["file_sizes"] == {n: (path / n).stat().st_size for n in names}
+    assert (meta["step"], meta["consumed_samples"], meta["world_size"]) == (5, 40, 1)
+    assert meta["parallel"] == LAYOUT
+    assert meta["config"]["model"] == MODEL
+    assert meta["megagpt_version"] == megagpt.__version__
+    assert meta["timestamp"].startswith(before)
+
+    meta2, model, optim, rng = load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0)
+    assert meta2 == meta
+    assert torch.equal(model["w"], torch.full((2, 2), 5.0))
+    assert optim == {"optimizer": {"step": 5}, "scaler": {}}
+    assert set(rng) == {"python", "numpy", "torch", "cuda", "tracker"}
+
+
+def _save_on_two_ranks(rank, world_size, save_dir, tp):
+    parallel = dict(tp=tp, pp=1, dp=world_size // tp, vp=1)
+    tp_rank, dp_rank = rank % tp, rank // tp
+    save_checkpoint(save_dir, 7, rank=rank, tp_rank=tp_rank, pp_rank=0, dp_rank=dp_rank,
+                    model_state={"rank": torch.tensor(rank)},
+                    optim_state={"rank": torch.tensor(rank)},
+                    rng_state=capture_rng_state({}), meta=make_meta(7, parallel),
+                    keep_last=2, barrier=dist.barrier)
+    path = Path(save_dir) / "step_0000007"
+    _, model, optim, _ = load_checkpoint(path, tp_rank=tp_rank, pp_rank=0, dp_rank=dp_rank)
+    mine = (model["rank"].item(), optim["rank"].item())
+    # a larger data-parallel size (allowed without ZeRO): extra replicas read dp rank 0's files
+    _, _, optim_extra, _ = load_checkpoint(path, tp_rank=tp_rank, pp_rank=0, dp_rank=5)
+    return mine, optim_extra["rank"].item(), sorted(os.listdir(path))
+
+
+@pytest.mark.parametrize("tp, models, expected", [
+    (1, ["model_tp0_pp0.pt"], [((0, 0), 0), ((0, 1), 0)]),
+    (2, ["model_tp0_pp0.pt", "model_tp1_pp0.pt"], [((0, 0), 0), ((1, 1), 1)]),
+], ids=["dp2", "tp2"])
+def test_two_processes_both_write(tmp_path, tp, models, expected):
+    results = run_distributed(_save_on_two_ranks, 2, str(tmp_path), tp)
+    files = sorted(models + ["meta.json", "optim_rank00000.pt", "optim_rank00001.pt",
+                             "rng_rank00000.pt", "rng_rank00001.pt"])
+    assert [(mine, extra) for mine, extra, _ in results] == expected
+    assert all(listing == files for _, _, listing in results)
+    assert steps_in(tmp_path) == ["latest", "step_0000007"]
+
+
+def test_leftover_tmp_is_ignored_and_cleaned_by_the_next_save(tmp_path):
+    save_one(tmp_path, 3)
+    leftover = tmp_path / "step_0000005.tmp"
+    leftover.mkdir()
+    (leftover / "model_tp0_pp0.pt").write_bytes(b"half a file")
+    assert find_latest(tmp_path) == tmp_path / "step_0000003"
+    (tmp_path / "latest").unlink()
+    assert find_latest(tmp_path) == tmp_path / "step_0000003"
+    save_one(tmp_path, 4)
+    assert steps_in(tmp_path) == ["latest", "step_0000003", "step_0000004"]
+
+
+def _save_then_die(save_dir):
+    save_one(save_dir, 3)
+    calls = []
+
+    def barrier():   # the second barrier comes after every file is written, before the rename
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    save_one(save_dir, 5, barrier=barrier)
+
+
+def test_process_killed_after_writing_resumes_from_previous(tmp_path):
+    child = mp.get_context("fork").Process(target=_save_then_die, args=(tmp_path,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == -signal.SIGKILL
+    assert sorted(os.listdir(tmp_path / "step_0000005.tmp")) == [
+        "model_tp0_pp0.pt", "model_tp0_pp0.pt.sha256", "optim_rank00000.pt",
+        "optim_rank00000.pt.sha256", "rng_rank00000.pt", "rng_rank00000.pt.sha256"]
+    assert resolve_load_path("auto", tmp_path) == tmp_path / "step_0000003"
+    save_one(tmp_path, 5)
+    assert steps_in(tmp_path) == ["latest", "step_0000003", "step_0000005"]
+    assert load_checkpoint(tmp_path / "step_0000005", tp_rank=0, pp_rank=0, dp_rank=0)[0]["step"] == 5
+
+
+def test_latest_is_replaced_atomically(tmp_path, monkeypatch):
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: replaced.append((Path(a), Path(b)))
+                        or real_replace(a, b))
+    save_one(tmp_path, 1)
+    save_one(tmp_path, 2)
+    assert replaced.count((tmp_path / "latest.tmp", tmp_path / "latest")) == 2
+    assert (tmp_path / "latest").read_text() == "step_0000002\n"
+    assert not (tmp_path / "latest.tmp").exists()
+
+
+def test_latest_naming_a_missing_or_incomplete_folder_falls_back(tmp_path):
+    for step in (1, 2, 3):
+        save_one(tmp_path, step)
+    (tmp_path / "latest").write_text("step_0000009\n")
+    assert find_latest(tmp_path) == tmp_path / "step_0000003"
+    (tmp_path / "step_0000003" / "meta.json").unlink()
+    (tmp_path / "latest").write_text("step_0000003\n")
+    assert find_latest(tmp_path) == tmp_path / "step_0000002"
+    (tmp_path / "step_0000002" / "rng_rank00000.pt").write_bytes(b"truncated")
+    assert find_latest(tmp_path) == tmp_path / "step_0000001"
+
+
+def test_keep_last_prunes_oldest(tmp_path):
+    for step in range(1, 6):
+        save_one(tmp_path, step, keep_last=2)
+    assert steps_in(tmp_path) == ["latest", "step_0000004", "step_0000005"]
+    save_one(tmp_path, 2, keep_last=2)   # resumed from an older step: the new save is kept
+    assert steps_in(tmp_path) == ["latest", "step_0000002", "step_0000005"]
+    assert find_latest(tmp_path) == tmp_path / "step_0000002"
+
+
+def test_keep_last_zero_keeps_all_and_resaving_a_step_replaces_it(tmp_path):
+    for step in (1, 2, 3):
+        save_one(tmp_path, step, keep_last=0)
+    save_one(tmp_path, 2, keep_last=0, model_state={"w": torch.zeros(1)})
+    assert steps_in(tmp_path) == ["latest", "step_0000001", "step_0000002", "step_0000003"]
+    _, model, _, _ = load_checkpoint(tmp_path / "step_0000002", tp_rank=0, pp_rank=0, dp_rank=0)
+    assert torch.equal(model["w"], torch.zeros(1))
+
+
+def test_corrupt_byte_is_refused(tmp_path):
+    path = save_one(tmp_path, 1)
+    data = bytearray((path / "optim_rank00000.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "optim_rank00000.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"optim_rank00000.pt is corrupt: its SHA-256 is "
+                                              r"[0-9a-f]{64}, meta.json records"):
+        load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0)
+
+
+def test_loading_another_layout_names_the_missing_file(tmp_path):
+    path = save_one(tmp_path, 1)
+    with pytest.raises(CheckpointError, match=r"has no model_tp1_pp0.pt: it was saved with tp=1, "
+                                              r"pp=1, world size 1.*convert_checkpoint.py"):
+        load_checkpoint(path, tp_rank=1, pp_rank=0, dp_rank=0)
+
+
+def test_incompatible_architecture_names_both_values():
+    meta = make_meta(1)
+    with pytest.raises(CheckpointError) as e:
+        check_compatible(meta, dict(MODEL, n_layers=8, d_model=32), LAYOUT, where="ck/step_0000001")
+    text = str(e.value)
+    assert "ck/step_0000001 does not fit this config" in text
+    assert "checkpoint has model.n_layers=4, the config says 8" in text
+    assert "checkpoint has model.d_model=16, the config says 32" in text
+    assert "checkpoint has model.ffn_hidden_size=64, the config says 128" in text
+    check_compatible(meta, dict(MODEL, ffn_hidden_size=64, dropout=0.0), LAYOUT)  # same width
+
+
+def test_model_config_dataclass_is_accepted():
+    from megagpt.config import ModelConfig
+    check_compatible(make_meta(1), ModelConfig(**MODEL), LAYOUT)
+    with pytest.raises(CheckpointError, match=r"model.vocab_size=100, the config says 50257"):
+        check_compatible(make_meta(1), ModelConfig(**dict(MODEL, vocab_size=50257)), LAYOUT)
+
+
+def test_other_tensor_or_pipeline_layout_says_to_convert():
+    with pytest.raises(CheckpointError) as e:
+        check_compatible(make_meta(1), MODEL, dict(LAYOUT, tp=2, pp=2), where="ck")
+    text = str(e.value)
+    assert "checkpoint has parallel.tensor_parallel_size=1, the config says 2" in text
+    assert "checkpoint has parallel.pipeline_parallel_size=1, the config says 2" in text
+    assert ("tools/convert_checkpoint.py --input ck --output NEW_DIR --to megagpt "
+            "--tensor-parallel-size 2 --pipeline-parallel-size 2") in text
+
+
+def test_data_parallel_size_may_change_only_without_zero():
+    check_compatible(make_meta(1), MODEL, dict(LAYOUT, dp=4))
+    sharded = make_meta(1, dict(LAYOUT, dp=2, zero_stage=1))
+    check_compatible(sharded, MODEL, dict(LAYOUT, dp=2, zero_stage=1))
+    with pytest.raises(CheckpointError, match=r"data-parallel size 2, this run has 4: with "
+                                              r"parallel.zero_stage=1 .* must stay 2 .* only with "
+                                              r"zero_stage=0"):
+        check_compatible(sharded, MODEL, dict(LAYOUT, dp=4, zero_stage=1))
+    with pytest.raises(CheckpointError, match=r"parallel.zero_stage=1, the config says 0: its "
+                                              r"optimizer state was saved sharded over"):
+        check_compatible(sharded, MODEL, dict(LAYOUT, dp=2))
+    check_compatible(sharded, MODEL, dict(LAYOUT, dp=4), with_optimizer=False)   # weights only
+
+
+def test_parallel_sizes_must_be_complete():
+    with pytest.raises(ValueError, match=r"parallel_sizes=\{'tp': 1\} lacks pp, dp, vp"):
+        check_compatible(make_meta(1), MODEL, {"tp": 1})
+
+
+def test_resolve_load_path(tmp_path):
+    assert resolve_load_path("auto", tmp_path / "nothing") is None
+    assert resolve_load_path("auto", tmp_path) is None
+    assert resolve_load_path("auto", None) is None
+    assert resolve_load_path("none", tmp_path) is None
+    assert resolve_load_path(None, tmp_path) is None
+    save_one(tmp_path / "run", 1)
+    save_one(tmp_path / "run", 2)
+    assert resolve_load_path("auto", tmp_path / "run") == tmp_path / "run" / "step_0000002"
+    assert resolve_load_path(str(tmp_path / "run"), None) == tmp_path / "run" / "step_0000002"
+    step1 = tmp_path / "run" / "step_0000001"
+    assert resolve_load_path(str(step1), None) == step1
+
+
+def test_bad_load_paths_are_named(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(CheckpointError, match=rf"checkpoint.load={missing}: {missing} does not "
+                                              rf"exist; fix: .*checkpoint.load=auto"):
+        resolve_load_path(str(missing), None)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} holds no complete checkpoint"):
+        resolve_load_path(str(tmp_path), None)
+    (tmp_path / "step_0000004").mkdir()
+    with pytest.raises(CheckpointError, match=r"checkpoint.load=.*step_0000004: .*step_0000004 is "
+                                              r"not a complete checkpoint: it has no meta.json"):
+        resolve_load_path(str(tmp_path / "step_0000004"), None)
+    (tmp_path / "step_0000005.tmp").mkdir()
+    with pytest.raises(CheckpointError, match=r"step_0000005.tmp is a save that did not finish"):
+        resolve_load_path(str(tmp_path / "step_0000005.tmp"), None)
+    with pytest.raises(CheckpointError, match=r"has no meta.json"):
+        load_checkpoint(tmp_path / "step_0000004", tp_rank=0, pp_rank=0, dp_rank=0)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(keep_last=-1), r"checkpoint.keep_last=-1: must be an integer >= 1, or 0"),
+    (dict(meta={"config": {}}), r"meta lacks consumed_samples, parallel"),
+    (dict(meta=dict(make_meta(1), parallel={"tp": 1})), r"lacks pp, dp, vp"),
+    (dict(meta=dict(make_meta(1), extra=object())), r"meta must be JSON-serialisable"),
+    (dict(rank=1), r"rank=1 is outside the world of size 1"),
+    (dict(tp_rank=1), r"rank=0 is \(tp, dp, pp\) = \(0, 0, 0\) .* but tp_rank=1"),
+])
+def test_bad_save_arguments(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        save_one(tmp_path, 1, **kw)
+    assert not tmp_path.joinpath("step_0000001.tmp").exists()
+
+
+def test_negative_step_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"step=-1 must be an integer >= 0"):
+        save_one(tmp_path, -1)
+
+
+def draws():
+    return random.random(), float(np.random.rand()), torch.rand(2).tolist()
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()   # leaves a cached Gaussian in numpy's state
+    tracker = {"tensor-parallel": torch.Generator().manual_seed(9).get_state()}
+    path = save_one(tmp_path, 1, rng_state=capture_rng_state(tracker))
+    expected = draws()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    _, _, _, rng = load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0)
+    restored = restore_rng_state(rng)
+    assert draws() == expected
+    assert torch.equal(restored["tensor-parallel"], tracker["tensor-parallel"])
+
+
+def test_restore_refuses_foreign_state():
+    with pytest.raises(CheckpointError, match=r"lacks numpy, torch, cuda, tracker"):
+        restore_rng_state({"python": random.getstate()})
