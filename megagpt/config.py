@@ -79,6 +79,8 @@ class TrainingConfig:
     adam_beta2: float = _field(0.95)
     adam_eps: float = _field(1e-8)
     grad_clip: float = _field(1.0, doc="clip the global gradient norm to this; 0 turns clipping off")
+    optimizer: str = _field("adamw", choices=("adamw", "apex"),
+                            doc="AdamW (fused on CUDA) or apex's FusedAdam")
     precision: str = _field("bf16", choices=("fp32", "bf16", "fp16"))
     seed: int = _field(1234)
     log_interval: int = _field(10, doc="steps between console lines and metrics records")

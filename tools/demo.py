@@ -1,19 +1,26 @@
 #!/usr/bin/env python
 """The README's main job (`make demo`): the toolkit's real command lines, run one after another.
 
-Today: validate every shipped training config, with its exact parameter count and its memory
-estimate per GPU. Preprocessing the bundled corpus, training the tiny model on a parallel layout
-and sampling from it join as those pieces land. Each step prints the command it runs, so a reader
-can run it again by hand.
+1. validate every shipped training config (exact parameter counts, memory per GPU);
+2. preprocess the bundled Shakespeare corpus into Megatron's .bin/.idx with the GPT-2 tokenizer;
+3. train the tiny model as 4 gloo processes, tensor parallel 2 x pipeline parallel 2, showing
+   the loss falling and the validation perplexity, and leaving a checkpoint.
+
+Each step prints the command it runs, so a reader can run it again by hand. A previous run's
+checkpoints are moved aside (kept) so the demo always trains from scratch.
 """
 import glob
+import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+BIN = os.path.dirname(sys.executable)
+RUN_DIR = "runs/tiny_model"
 
 
 def run(title: str, argv: list[str]) -> None:
@@ -22,13 +29,44 @@ def run(title: str, argv: list[str]) -> None:
     result = subprocess.run(argv, cwd=ROOT)
     if result.returncode != 0:
         sys.exit(f"demo: step failed with exit status {result.returncode}: {shlex.join(argv)}")
-    print(f"({time.time() - start:.1f} s)")
+    print(f"({time.time() - start:.1f} s)", flush=True)
+
+
+def keep_previous_run() -> None:
+    run_dir = os.path.join(ROOT, RUN_DIR)
+    if os.path.exists(run_dir):
+        kept = f"{run_dir}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(run_dir, kept)
+        print(f"(moved the previous demo run to {os.path.relpath(kept, ROOT)})")
+
+
+def summarise() -> None:
+    records = [json.loads(line) for line in open(os.path.join(ROOT, RUN_DIR, "metrics.jsonl"))]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    print(f"\n== Result ==\ntraining loss {train[0]['loss']:.3f} (step {train[0]['step']}) -> "
+          f"{train[-1]['loss']:.3f} (step {train[-1]['step']})")
+    for r in evals:
+        print(f"validation at step {r['step']}: loss {r['val_loss']:.3f}, perplexity {r['val_ppl']:.1f}")
+    latest = open(os.path.join(ROOT, RUN_DIR, "checkpoints", "latest")).read().strip()
+    print(f"checkpoint: {RUN_DIR}/checkpoints/{latest}; metrics: {RUN_DIR}/metrics.jsonl")
 
 
 def main() -> None:
     configs = sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/training/*.json"))
     run("1. Validate the shipped configs: exact parameter counts, memory per GPU",
         [sys.executable, "tools/validate_config.py", "--config", *configs])
+    run("2. Preprocess the bundled corpus into Megatron's indexed format",
+        [sys.executable, "tools/preprocess_data.py", "--input",
+         "megagpt/data/assets/shakespeare.jsonl.gz", "--output-prefix", "runs/data/shakespeare",
+         "--tokenizer", "gpt2", "--json-keys", "text", "--append-eod", "--workers", "2"])
+    keep_previous_run()
+    torchrun = os.path.join(BIN, "torchrun") if os.path.exists(os.path.join(BIN, "torchrun")) \
+        else shutil.which("torchrun")
+    run("3. Train the tiny model on 4 CPU processes: tensor parallel 2 x pipeline parallel 2",
+        [torchrun, "--nproc_per_node", "4", "pretrain_gpt.py", "--config",
+         "configs/training/tiny_model.json", "--data.num_workers=0"])
+    summarise()
     print("\ndemo: done")
 
 

@@ -1,0 +1,272 @@
+"""The training loop: data, steps, evaluation, metrics, checkpoints and faults.
+
+`Trainer(cfg, state, device).train()` runs `training.max_steps` optimizer steps on this rank's
+share of the model (`Engine`), resuming from a checkpoint when `checkpoint.load` finds one:
+
+    for each step: this rank's micro-batches -> engine.train_step -> skip accounting
+                   -> metrics every log_interval -> validation every eval_interval
+                   -> checkpoint every save_interval, at the end, and on SIGTERM
+
+A resumed run continues exactly: the data order is a function of the consumed samples, and the
+model, optimizer, loss scaler and every random stream come back from the checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megagpt import __version__
+from megagpt.config import Config
+from megagpt.data.gpt_dataset import build_gpt_datasets
+from megagpt.data.mock import build_mock_datasets
+from megagpt.data.sampler import MegatronPretrainingSampler
+from megagpt.data.sft_dataset import build_sft_datasets
+from megagpt.data.tokenizer import load_tokenizer
+from megagpt.parallel.random import get_rng_tracker, seed_everything
+from megagpt.parallel.state import ParallelState
+from megagpt.training.checkpoint import (capture_rng_state, check_compatible, load_checkpoint,
+                                         resolve_load_path, restore_rng_state, save_checkpoint)
+from megagpt.training.engine import Engine
+from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
+                                      format_console_line, memory_gb, peak_flops, throughput)
+from megagpt.training.optim import lr_at
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Trainer:
+    """Pretraining or fine-tuning of one config on this rank. See the module docstring."""
+
+    def __init__(self, cfg: Config, state: ParallelState, device: torch.device | str = "cpu",
+                 log=print):
+        self.cfg, self.state, self.device = cfg, state, torch.device(device)
+        self.is_rank0 = state.rank == 0
+        self.log = log if self.is_rank0 else (lambda *a, **k: None)
+        t, par = cfg.training, cfg.parallel
+        self.micro_batches = t.grad_accumulation_steps
+        self.global_batch = t.batch_size * t.grad_accumulation_steps * state.dp_world_size
+        self.run_dir = Path(cfg.run_dir)
+        self.save_dir = Path(cfg.checkpoint.save_dir or self.run_dir / "checkpoints")
+        seed_everything(t.seed, state.tp_rank, state.pp_rank, self.device)
+        self.engine = Engine(cfg, state, self.device)
+        self.step, self.consumed_samples, self.skipped_total = 0, 0, 0
+        self._stop_requested = False
+        self._resume()
+        self.train_ds, self.valid_ds = self._datasets()
+
+    # ---- data ---------------------------------------------------------------------------
+
+    def _datasets(self):
+        """Build the datasets on rank 0 first (it writes the index caches), then on the rest."""
+        cfg, t = self.cfg, self.cfg.training
+        num_samples = (t.max_steps * self.global_batch,
+                       t.eval_iters * self.global_batch if t.eval_interval else 0, 0)
+        if self.is_rank0:
+            datasets = self._build_datasets(num_samples)
+        self._barrier()
+        if not self.is_rank0:
+            datasets = self._build_datasets(num_samples)
+        return datasets[0], datasets[1]
+
+    def _build_datasets(self, num_samples):
+        m, d, t = self.cfg.model, self.cfg.data, self.cfg.training
+        if d.mock:
+            return build_mock_datasets(m.seq_length, m.vocab_size, num_samples, t.seed)
+        tokenizer = load_tokenizer(d.tokenizer_path)
+        if tokenizer.vocab_size > m.vocab_size:
+            raise ValueError(f"data.tokenizer_path={d.tokenizer_path} has {tokenizer.vocab_size} "
+                             f"tokens but model.vocab_size={m.vocab_size}; fix: set "
+                             f"model.vocab_size to at least {tokenizer.vocab_size}")
+        if d.format == "sft":
+            return build_sft_datasets(d.train_data_path, d.val_data_path, d.test_data_path,
+                                      split=d.split, tokenizer=tokenizer, seq_length=m.seq_length,
+                                      num_samples=num_samples, packing=d.sft_packing, seed=t.seed)
+        return build_gpt_datasets(d.train_data_path, d.val_data_path, d.test_data_path,
+                                  split=d.split, seq_length=m.seq_length, num_samples=num_samples,
+                                  seed=t.seed, cache_dir=d.cache_dir)
+
+    def _batches(self, dataset, consumed: int):
+        """This rank's micro-batches from sample `consumed` on, grouped into steps of m micro-batches."""
+        sampler = MegatronPretrainingSampler(len(dataset), consumed, self.cfg.training.batch_size,
+                                             self.state.dp_rank, self.state.dp_world_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                             num_workers=self.cfg.data.num_workers,
+                                             persistent_workers=False)
+        step = []
+        for micro_batch in loader:
+            step.append(micro_batch)
+            if len(step) == self.micro_batches:
+                yield step
+                step = []
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def train(self, until: int | None = None) -> dict:
+        """Run to training.max_steps, or to step `until` when given (the learning-rate schedule
+        still follows max_steps), or to a SIGTERM; saves a checkpoint at the end. Returns the
+        last metrics record."""
+        t = self.cfg.training
+        end = t.max_steps if until is None else min(until, t.max_steps)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        writer = MetricsWriter(self.cfg.logging.metrics_file or self.run_dir / "metrics.jsonl",
+                               self.run_dir / "tensorboard" if self.cfg.logging.tensorboard else None,
+                               enabled=self.is_rank0, resume_step=self.step)
+        timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
+        flops, peak = flops_per_token(self.cfg.model), peak_flops(self.device)
+        bar = self._progress_bar()
+        consecutive_skips, last = 0, {}
+        self.log(f"training {self.cfg.name}: steps {self.step} -> {t.max_steps}, global batch "
+                 f"{self.global_batch} x {self.cfg.model.seq_length} tokens, layout tp "
+                 f"{self.state.tp_world_size} x pp {self.state.pp_world_size} x dp "
+                 f"{self.state.dp_world_size}, {t.precision} on {self.device.type}")
+        try:
+            batches = self._batches(self.train_ds, self.consumed_samples)
+            while self.step < end:
+                if self._should_stop():
+                    self.log(f"SIGTERM: saving step {self.step} and stopping")
+                    self.save()
+                    break
+                microbatches = next(batches)
+                result = self.engine.train_step(microbatches, lr_at(self.step, t))
+                self.step += 1
+                self.consumed_samples += self.global_batch
+                timer.step(result.tokens)
+                if result.skipped:
+                    self.skipped_total += 1
+                    consecutive_skips += 1
+                    self.log(f"step {self.step}: non-finite loss or gradient (loss {result.loss}); "
+                             f"update skipped ({consecutive_skips} in a row)")
+                    if consecutive_skips >= t.max_skipped_steps:
+                        raise TrainingAborted(
+                            f"{consecutive_skips} consecutive steps had a non-finite loss or "
+                            f"gradient (training.max_skipped_steps={t.max_skipped_steps}); "
+                            f"stopping. Lower training.learning_rate, check the data, or resume "
+                            f"from an earlier checkpoint")
+                else:
+                    consecutive_skips = 0
+                if bar is not None:
+                    bar.update(1)
+                if self.step % t.log_interval == 0 or self.step == end:
+                    _, tokens_per_s = timer.lap()
+                    tflops, mfu = throughput(tokens_per_s, flops, self.state.layout.world_size, peak)
+                    last = {"step": self.step, "loss": result.loss,
+                            "lr": lr_at(self.step - 1, t), "grad_norm": result.grad_norm,
+                            "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "mfu": mfu,
+                            "mem_gb": memory_gb(self.device), "skipped": self.skipped_total}
+                    writer.write(last)
+                    self._console(format_console_line(last, t.max_steps), bar)
+                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == end):
+                    val_loss = self.evaluate()
+                    record = {"step": self.step, "val_loss": val_loss,
+                              "val_ppl": math.exp(min(val_loss, 50.0))}
+                    writer.write(record)
+                    last.update(record)
+                    self._console(f"step {self.step}: validation loss {val_loss:.4f}, perplexity "
+                                  f"{record['val_ppl']:.2f}", bar)
+                save_every = self.cfg.checkpoint.save_interval
+                if self.step == end or (save_every and self.step % save_every == 0):
+                    self.save()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            writer.close()
+            if bar is not None:
+                bar.close()
+        return last
+
+    def _progress_bar(self):
+        if not (self.is_rank0 and self.cfg.logging.progress_bar and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg.training.max_steps, initial=self.step, unit="step",
+                    dynamic_ncols=True)
+
+    def _console(self, line: str, bar) -> None:
+        if bar is not None:
+            bar.write(line)
+        else:
+            self.log(line)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the same training.eval_iters steps' worth of validation
+        samples each time, so values are comparable across the run and across a resume."""
+        if self.valid_ds is None:
+            raise ValueError("training.eval_interval is set but there is no validation data; "
+                             "fix: set data.val_data_path, give data.split a validation weight, "
+                             "or set training.eval_interval=0")
+        batches = self._batches(self.valid_ds, 0)
+        losses = [self.engine.eval_step(next(batches)) for _ in range(self.cfg.training.eval_iters)]
+        return sum(losses) / len(losses)
+
+    # ---- faults -------------------------------------------------------------------------
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_requested = True
+
+    def _should_stop(self) -> bool:
+        """True on every rank when any rank has received SIGTERM."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def _parallel_sizes(self) -> dict:
+        par = self.cfg.parallel
+        return {"tp": self.state.tp_world_size, "pp": self.state.pp_world_size,
+                "dp": self.state.dp_world_size, "vp": par.virtual_pipeline_size,
+                "zero_stage": par.zero_stage}
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step on every rank (collective)."""
+        e, s = self.engine, self.state
+        model_state = {f"chunk{c}": chunk.state_dict() for c, chunk in enumerate(e.chunks)}
+        optim_state = {"optimizer": e.optimizer.state_dict(), "scaler": e.scaler.state_dict(),
+                       "skipped_total": self.skipped_total}
+        meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
+                "parallel": self._parallel_sizes(), "megagpt_version": __version__}
+        path = save_checkpoint(self.save_dir, self.step, rank=s.rank, tp_rank=s.tp_rank,
+                               pp_rank=s.pp_rank, dp_rank=s.dp_rank, model_state=model_state,
+                               optim_state=optim_state,
+                               rng_state=capture_rng_state(get_rng_tracker().get_states()),
+                               meta=meta, keep_last=self.cfg.checkpoint.keep_last,
+                               barrier=self._barrier)
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    def _resume(self) -> None:
+        path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir)
+        if path is None:
+            return
+        s, e = self.state, self.engine
+        meta, model_state, optim_state, rng_state = load_checkpoint(
+            path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)
+        check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path)
+        with torch.no_grad():
+            for c, chunk in enumerate(e.chunks):
+                chunk.load_state_dict(model_state[f"chunk{c}"])
+        e.optimizer.load_state_dict(optim_state["optimizer"])
+        e.scaler.load_state_dict(optim_state["scaler"])
+        get_rng_tracker().set_states(restore_rng_state(rng_state))
+        self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
+        self.skipped_total = optim_state.get("skipped_total", 0)
+        self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)")
+
+
+def run_banner(cfg: Config, state: ParallelState) -> str:
+    return (f"megagpt {__version__}: {cfg.source or cfg.name}, world {state.layout.world_size} "
+            f"(tp {state.tp_world_size}, pp {state.pp_world_size}, dp {state.dp_world_size}), "
+            f"started {time.strftime('%Y-%m-%d %H:%M:%S')}")

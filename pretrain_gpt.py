@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Pretrain (or fine-tune) a GPT: `torchrun --nproc_per_node N pretrain_gpt.py --config FILE
+[--section.field=value ...]`, or `python pretrain_gpt.py --config FILE` for one process.
+
+Load the config, join the process group torchrun describes, build this rank's share of the
+model and data, train, and tear down whatever happens.
+"""
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megagpt.config import ConfigError, ConfigFileError, load_config
+from megagpt.parallel.state import destroy_parallel, initialize_parallel
+from megagpt.testing import free_port
+from megagpt.training.trainer import Trainer, run_banner
+
+
+def init_distributed(cfg) -> torch.device:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); one process without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != cfg.parallel.world_size:
+        sys.exit(f"parallel.world_size={cfg.parallel.world_size} but {world} processes were "
+                 f"started; fix: torchrun --nproc_per_node {cfg.parallel.world_size} ... or "
+                 f"--parallel.world_size={world} (with tensor/pipeline sizes that divide it)")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=world,
+                            timeout=datetime.timedelta(minutes=30))
+    return device
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a training config (configs/training/*.json)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, ConfigFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigFileError) else 1
+    device = init_distributed(cfg)
+    if device.type == "cpu" and cfg.training.precision != "fp32":
+        print(f"note: training.precision={cfg.training.precision} runs as fp32 on a CPU")
+        cfg.training.precision = "fp32"
+    try:
+        state = initialize_parallel(cfg.parallel.tensor_parallel_size,
+                                    cfg.parallel.pipeline_parallel_size)
+        if state.rank == 0:
+            print(run_banner(cfg, state))
+        Trainer(cfg, state, device).train()
+    finally:
+        destroy_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

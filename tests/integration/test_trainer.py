@@ -1,0 +1,120 @@
+"""The trainer in-process on gloo: exact resume, skipped steps, aborts, SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megagpt.model.gpt import gather_full_state_dict
+from megagpt.parallel import state
+from megagpt.testing import run_distributed, tiny_config
+from megagpt.training.trainer import Trainer, TrainingAborted
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_config(run_dir, steps, tp=1, pp=1, dp=1, **overrides):
+    return tiny_config(tp=tp, pp=pp, dp=dp, steps=steps,
+                       checkpoint__save_dir=str(run_dir / "ckpt"), checkpoint__save_interval=5,
+                       logging__run_dir=str(run_dir), logging__progress_bar=False,
+                       training__log_interval=1, training__eval_interval=0,
+                       data__num_workers=0, **overrides)
+
+
+def _train(rank, world, run_dir, steps, layout, max_steps=None):
+    cfg = run_config(Path(run_dir), steps if max_steps is None else max_steps, **layout)
+    ps = state.initialize_parallel(cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size)
+    trainer = Trainer(cfg, ps, log=lambda *a: None)
+    trainer.train(until=steps)
+    params = {}
+    if ps.dp_rank == 0:
+        for chunk in trainer.engine.chunks:
+            params.update(gather_full_state_dict(chunk))
+    return params
+
+
+def losses(run_dir):
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+
+@pytest.mark.parametrize("layout", [dict(), pytest.param(dict(tp=2, pp=2), marks=pytest.mark.slow)],
+                         ids=["1x1x1", "tp2xpp2"])
+def test_resume_continues_exactly(tmp_path, layout):
+    world = layout.get("tp", 1) * layout.get("pp", 1)
+    straight = run_distributed(_train, world, str(tmp_path / "a"), 10, layout)
+    run_distributed(_train, world, str(tmp_path / "b"), 5, layout, 10)
+    resumed = run_distributed(_train, world, str(tmp_path / "b"), 10, layout)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert len(losses(tmp_path / "b")) == 10
+    merged_a = {k: v for r in straight for k, v in r.items()}
+    merged_b = {k: v for r in resumed for k, v in r.items()}
+    for k, v in merged_a.items():
+        assert torch.equal(v, merged_b[k]), k
+
+
+def _nan_steps(rank, world, run_dir, bad_steps, max_skipped):
+    cfg = run_config(Path(run_dir), 8, dp=2, training__max_skipped_steps=max_skipped)
+    ps = state.initialize_parallel(1, 1)
+    trainer = Trainer(cfg, ps, log=lambda *a: None)
+    engine = trainer.engine
+    schedule = engine.schedule
+
+    def poisoned(*args, **kwargs):
+        if not (trainer.step in bad_steps and rank == 1):  # only one rank sees the NaN
+            return schedule(*args, **kwargs)
+        weight = engine.chunks[0].layers["0"].mlp.fc1.weight
+        hook = weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
+        try:
+            return schedule(*args, **kwargs)
+        finally:
+            hook.remove()
+
+    engine.schedule = poisoned
+    try:
+        trainer.train()
+    except TrainingAborted as e:
+        return ("aborted", str(e), trainer.step, trainer.skipped_total)
+    return ("done", "", trainer.step, trainer.skipped_total)
+
+
+def test_a_nan_gradient_skips_the_step_on_every_rank(tmp_path):
+    out = run_distributed(_nan_steps, 2, str(tmp_path), {2, 5}, 3)
+    assert [o[0] for o in out] == ["done", "done"]
+    assert [o[3] for o in out] == [2, 2]                     # counted on both ranks
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records if "skipped" in r] == [0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_repeated_non_finite_steps_abort_with_a_message(tmp_path):
+    out = run_distributed(_nan_steps, 2, str(tmp_path), {2, 3, 4, 5}, 3)
+    status, message, step, skipped = out[0]
+    assert status == "aborted" and step == 5 and skipped == 3
+    assert "3 consecutive steps had a non-finite loss or gradient (training.max_skipped_steps=3)" in message
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    cmd = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/tiny_model.json",
+           "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
+           "--parallel.pipeline_parallel_size=1", "--data.mock=true", "--data.num_workers=0",
+           "--training.max_steps=100000", "--training.log_interval=1", "--training.eval_interval=0",
+           "--checkpoint.save_interval=0", f"--logging.run_dir={tmp_path}",
+           f"--checkpoint.save_dir={tmp_path / 'checkpoints'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and \
+            not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "SIGTERM: saving step" in output
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert (tmp_path / "checkpoints" / latest / "meta.json").exists()
