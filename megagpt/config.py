@@ -147,6 +147,9 @@ class CheckpointConfig:
     save_interval: int = _field(1000, doc="steps between checkpoints; 0: only at the end")
     load: str = _field("auto", doc='"auto" (resume from latest if any), "none", or a path')
     keep_last: int = _field(3, doc="complete checkpoints kept")
+    pretrained: str | None = _field(None, doc="weights to start from when there is nothing to "
+                                    "resume: a checkpoint of ours (any layout) or a Hugging Face "
+                                    "GPT-2 folder")
 
 
 @dataclass
@@ -626,6 +629,12 @@ def validate(cfg: Config) -> list[str]:
                          f"runs data parallel only, but tensor_parallel_size={tp} and "
                          f"pipeline_parallel_size={pp}; fix: set both to 1 or drop deepspeed_config")
 
+    if t.mode == "finetune" and d.format != "sft" and not d.mock:
+        p.append(f"training.mode=finetune: trains on fine-tuning data, but data.format={d.format}; "
+                 f"fix: data.config_file=configs/dataset/finetuning.json (format sft) or "
+                 f"training.mode=pretrain")
+    if d.format == "sft" and t.mode != "finetune":
+        p.append(f"data.format=sft: fine-tuning data needs training.mode=finetune, got {t.mode}")
     if d.mock is False:
         for where, paths in [("data.train_data_path", d.train_data_path),
                              ("data.val_data_path", d.val_data_path),

@@ -196,6 +196,50 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
     return save_dir / name
 
 
+def write_checkpoint_offline(save_dir: str | Path, step: int,
+                             model_states: dict[tuple[int, int], dict], meta: dict) -> Path:
+    """Write a whole weights-only checkpoint of a tp x pp layout (dp = 1) from one process.
+
+    The folder is the one `save_checkpoint` writes for that world (tp x pp ranks), saved the
+    same atomic way (`step_<N>.tmp/`, meta.json with hashes, rename, `latest`), with empty
+    optimizer and RNG files (`{}`) and `meta["weights_only"] = True`: the trainer resumes its
+    weights, step and consumed samples and starts the optimizer state fresh. Conversion
+    (megagpt/convert.py) writes with it. Nothing in `save_dir` is pruned.
+
+    Args:
+        save_dir: the save dir to write `step_<N>/` into; created if missing.
+        step: the step the weights were saved at.
+        model_states: {(tp_rank, pp_rank): {"chunk<c>": state_dict}} for every rank of the layout
+            (`megagpt.model.reshard.shard_full_state` gives it).
+        meta: as for `save_checkpoint`, with `parallel` = {tp, pp, dp: 1, vp}.
+
+    Returns the final folder `<save_dir>/step_<NNNNNNN>`.
+    """
+    meta = dict(meta, weights_only=True)
+    layout = _check_save_args(step, meta, 0, dict(rank=0, tp_rank=0, pp_rank=0, dp_rank=0))
+    if layout.dp != 1:
+        raise ValueError(f"write_checkpoint_offline: meta['parallel']={meta['parallel']} has "
+                         f"dp={layout.dp}; an offline checkpoint holds one replica (dp=1)")
+    ranks = {(t, p) for p in range(layout.pp) for t in range(layout.tp)}
+    if set(model_states) != ranks:
+        raise ValueError(f"write_checkpoint_offline: model_states has the (tp_rank, pp_rank) keys "
+                         f"{sorted(model_states)}, the layout tp={layout.tp} x pp={layout.pp} "
+                         f"needs {sorted(ranks)}")
+    save_dir = Path(save_dir)
+    tmp = save_dir / f"{step_dir_name(step)}.tmp"
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for (tp_rank, pp_rank), state in model_states.items():
+        _write_hashed(tmp / model_file(tp_rank, pp_rank), state)
+    for rank in range(layout.world_size):
+        _write_hashed(tmp / optim_file(rank), {})
+        _write_hashed(tmp / rng_file(rank), {})
+    _finalize(save_dir, step, tmp, meta, layout, keep_last=0)
+    return save_dir / step_dir_name(step)
+
+
 def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayout,
               keep_last: int) -> None:
     """Rank 0: meta.json, the rename, `latest`, stale-folder cleanup and pruning."""
@@ -345,6 +389,17 @@ def _read_verified(path: Path, fname: str, meta: dict, verify: bool):
                                   f"{meta['files'][fname]}; resume from an earlier checkpoint "
                                   f"(checkpoint.load=<save_dir>/step_NNNNNNN)")
     return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def load_model_states(path: str | Path, verify: bool = True) -> tuple[dict, dict]:
+    """(meta, {(tp_rank, pp_rank): model state}) of every model file in step folder `path`,
+    for tools that gather the whole model (conversion, fine-tuning from another layout)."""
+    path = Path(path)
+    meta = read_meta(path)
+    p = meta["parallel"]
+    states = {(t, q): _read_verified(path, model_file(t, q), meta, verify)
+              for q in range(p["pp"]) for t in range(p["tp"])}
+    return meta, states
 
 
 def load_checkpoint(path: str | Path, *, tp_rank: int, pp_rank: int, dp_rank: int,

@@ -12,6 +12,8 @@ model, optimizer, loss scaler and every random stream come back from the checkpo
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import signal
 import sys
@@ -22,15 +24,19 @@ import torch
 import torch.distributed as dist
 
 from megagpt import __version__
-from megagpt.config import Config
+from megagpt.config import Config, ModelConfig, model_fields_from_hf
 from megagpt.data.gpt_dataset import build_gpt_datasets
 from megagpt.data.mock import build_mock_datasets
 from megagpt.data.sampler import MegatronPretrainingSampler
 from megagpt.data.sft_dataset import build_sft_datasets
 from megagpt.data.tokenizer import load_tokenizer
+from megagpt.hf import from_hf
+from megagpt.model.gpt import load_full_state_dict
+from megagpt.model.reshard import full_state_from_checkpoint
 from megagpt.parallel.random import get_rng_tracker, seed_everything
 from megagpt.parallel.state import ParallelState
-from megagpt.training.checkpoint import (capture_rng_state, check_compatible, load_checkpoint,
+from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, capture_rng_state,
+                                         check_compatible, load_checkpoint, read_meta,
                                          resolve_load_path, restore_rng_state, save_checkpoint)
 from megagpt.training.engine import Engine
 from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
@@ -47,6 +53,11 @@ class Trainer:
 
     def __init__(self, cfg: Config, state: ParallelState, device: torch.device | str = "cpu",
                  log=print):
+        if cfg.parallel.deepspeed_config:
+            raise ValueError(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config}: training "
+                             f"through DeepSpeed is not available in this version; remove it to "
+                             f"use the native data-parallel path (parallel.zero_stage=1 shards "
+                             f"optimizer state)")
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         self.is_rank0 = state.rank == 0
         self.log = log if self.is_rank0 else (lambda *a, **k: None)
@@ -248,25 +259,83 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
+        """Continue from checkpoint.load's checkpoint, or start from checkpoint.pretrained's weights."""
         path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir)
         if path is None:
+            if self.cfg.checkpoint.pretrained:
+                self._load_pretrained(self.cfg.checkpoint.pretrained)
             return
         s, e = self.state, self.engine
+        weights_only = read_meta(path).get("weights_only", False)
         meta, model_state, optim_state, rng_state = load_checkpoint(
             path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)
-        check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path)
+        check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
+                         with_optimizer=not weights_only)
         with torch.no_grad():
             for c, chunk in enumerate(e.chunks):
                 chunk.load_state_dict(model_state[f"chunk{c}"])
+        self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
+        if weights_only:
+            self.log(f"resumed the weights of {path} (a converted checkpoint) at step {self.step}; "
+                     f"optimizer state starts fresh")
+            return
         e.optimizer.load_state_dict(optim_state["optimizer"])
         e.scaler.load_state_dict(optim_state["scaler"])
         get_rng_tracker().set_states(restore_rng_state(rng_state))
-        self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         self.skipped_total = optim_state.get("skipped_total", 0)
         self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)")
+
+    def _load_pretrained(self, source: str) -> None:
+        full = pretrained_state(source, self.cfg.model)
+        for chunk in self.engine.chunks:
+            load_full_state_dict(chunk, full)
+        self.log(f"initialised the weights from {source}")
 
 
 def run_banner(cfg: Config, state: ParallelState) -> str:
     return (f"megagpt {__version__}: {cfg.source or cfg.name}, world {state.layout.world_size} "
             f"(tp {state.tp_world_size}, pp {state.pp_world_size}, dp {state.dp_world_size}), "
             f"started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+
+
+def pretrained_state(source: str, m: ModelConfig) -> dict[str, torch.Tensor]:
+    """The full weights of a checkpoint of ours (any layout) or a Hugging Face GPT-2 folder,
+    checked against the architecture `m`; for `checkpoint.pretrained`."""
+    path = Path(source)
+    if (path / "config.json").is_file():
+        problems: list[str] = []
+        saved = model_fields_from_hf(json.loads((path / "config.json").read_text()), source, problems)
+        if saved.get("seq_length", 0) >= m.seq_length:
+            saved["seq_length"] = m.seq_length          # fewer learned positions may be used
+        _check_architecture(saved, m, source, problems)
+        return from_hf(_read_hf_weights(path), m)
+    found = resolve_load_path(source, None)
+    if found is None:
+        raise ValueError(f"checkpoint.pretrained={source}: no complete checkpoint there")
+    meta, full = full_state_from_checkpoint(found)
+    _check_architecture(meta["config"]["model"], m, source, [])
+    return full
+
+
+def _check_architecture(saved: dict, m: ModelConfig, source: str, problems: list[str]) -> None:
+    wanted = dataclasses.asdict(m)
+    for name in ARCHITECTURE_FIELDS:
+        a, b = saved.get(name), wanted.get(name)
+        if name == "ffn_hidden_size":
+            a, b = a or 4 * saved.get("d_model", 0), b or 4 * m.d_model
+        if name != "make_vocab_size_divisible_by" and a != b:
+            problems.append(f"{source} has model.{name}={a}, the config says {b}")
+    if problems:
+        raise ValueError("checkpoint.pretrained does not fit this config:\n" +
+                         "\n".join(f"  - {p}" for p in problems))
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ValueError(f"checkpoint.pretrained={path}: a Hugging Face folder needs model.safetensors "
+                     f"or pytorch_model.bin")

@@ -118,3 +118,57 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert "SIGTERM: saving step" in output
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert (tmp_path / "checkpoints" / latest / "meta.json").exists()
+
+
+SFT_DATA = str(ROOT / "megagpt" / "data" / "assets" / "sft_example.jsonl")
+
+
+def _pretrain_then_finetune(rank, world, run_dir, layout):
+    """Pretrain 2 steps on one layout (mock data, GPT-2 vocabulary); fine-tune on another."""
+    run_dir = Path(run_dir)
+    model = dict(model__vocab_size=50257)
+    tp, dp = layout
+    cfg = run_config(run_dir / "pre", 2, tp=tp, dp=dp, **model)
+    ps = state.initialize_parallel(tp, 1)
+    pre = Trainer(cfg, ps, log=lambda *a: None)
+    pre.train()
+    pre_weights = gather_full_state_dict(pre.engine.chunks[0])
+    state.destroy_parallel()
+    ft_tp, ft_dp = dp, tp                    # the other layout: (2, 1) <-> (1, 2)
+    ft_cfg = run_config(run_dir / "ft", 2, tp=ft_tp, dp=ft_dp, **model, training__mode="finetune",
+                        data__mock=False, data__format="sft", data__train_data_path=[SFT_DATA],
+                        data__split="90,10,0", checkpoint__pretrained=str(run_dir / "pre" / "ckpt"))
+    ps = state.initialize_parallel(ft_tp, 1)
+    messages = []
+    ft = Trainer(ft_cfg, ps, log=messages.append)
+    start_weights = gather_full_state_dict(ft.engine.chunks[0])
+    step = next(ft._batches(ft.train_ds, 0))
+    mask = torch.cat([mb["loss_mask"] for mb in step])
+    result = ft.engine.train_step(step, 1e-4)
+    return dict(pre=pre_weights, start=start_weights, mask_sum=float(mask.sum()), numel=mask.numel(),
+                tokens=result.tokens, loss=result.loss, messages=messages, dp=ft_dp)
+
+
+@pytest.mark.slow
+def test_finetuning_starts_from_a_pretraining_checkpoint_of_another_layout(tmp_path):
+    out = run_distributed(_pretrain_then_finetune, 2, str(tmp_path), (2, 1))
+    r = out[0]
+    for k, v in r["pre"].items():                 # TP2 weights arrive whole in the DP2 run
+        assert torch.equal(r["start"][k], v), k
+    assert any("initialised the weights from" in m for m in r["messages"])
+    assert 0 < r["mask_sum"] < r["numel"]         # prompts carry no loss
+    assert r["tokens"] == sum(o["mask_sum"] for o in out)   # the loss counts masked tokens only
+    assert torch.isfinite(torch.tensor(r["loss"]))
+
+
+def test_finetune_mode_needs_fine_tuning_data():
+    from megagpt.config import ConfigError
+    with pytest.raises(ConfigError, match="training.mode=finetune: trains on fine-tuning data"):
+        tiny_config(training__mode="finetune", data__mock=False, data__train_data_path=["x"])
+
+
+def test_deepspeed_config_is_refused_until_supported():
+    cfg = tiny_config(parallel__deepspeed_config="ds.json")
+    with pytest.raises(ValueError, match="parallel.deepspeed_config=ds.json: training through "
+                                         "DeepSpeed is not available"):
+        Trainer(cfg, None)
