@@ -1,0 +1,64 @@
+"""The real command lines end to end: preprocess -> torchrun pretrain_gpt.py on several layouts."""
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+CORPUS = ROOT / "megagpt" / "data" / "assets" / "shakespeare.jsonl.gz"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory):
+    """The first 12 acts of the bundled corpus, preprocessed with the real tool."""
+    tmp = tmp_path_factory.mktemp("data")
+    with gzip.open(CORPUS, "rt") as src, open(tmp / "acts.jsonl", "w") as dst:
+        for _, line in zip(range(12), src):
+            dst.write(line)
+    out = tmp / "acts"
+    subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(tmp / "acts.jsonl"),
+                    "--output-prefix", str(out), "--tokenizer", "gpt2", "--append-eod",
+                    "--workers", "2"], cwd=ROOT, check=True, capture_output=True)
+    return f"{out}_text_document"
+
+
+def train(tmp_path, prefix, tp, pp, dp, steps, name):
+    world = tp * pp * dp
+    run_dir = tmp_path / name
+    cmd = [str(TORCHRUN), "--nproc_per_node", str(world), "pretrain_gpt.py",
+           "--config", "configs/training/tiny_model.json",
+           f"--parallel.world_size={world}", f"--parallel.tensor_parallel_size={tp}",
+           f"--parallel.pipeline_parallel_size={pp}", f"--data.train_data_path=[\"{prefix}\"]",
+           "--data.num_workers=0", "--data.split=90,10,0", f"--data.cache_dir={tmp_path / 'cache'}",
+           "--model.n_layers=2", "--model.d_model=64", f"--training.max_steps={steps}",
+           "--training.batch_size=2", f"--training.grad_accumulation_steps={4 // dp}",
+           "--training.log_interval=1", "--training.eval_interval=0", "--training.warmup_steps=2",
+           f"--logging.run_dir={run_dir}", f"--checkpoint.save_dir={run_dir / 'ckpt'}",
+           "--checkpoint.save_interval=0"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_twenty_steps_make_the_loss_fall(tmp_path, prefix):
+    losses = train(tmp_path, prefix, 1, 1, 1, 20, "one")
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prefix):
+    return train(tmp_path_factory.mktemp("ref"), prefix, 1, 1, 1, 3, "ref")
+
+
+@pytest.mark.parametrize("tp, pp, dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)])
+def test_layouts_give_the_same_first_losses(tmp_path, prefix, reference, tp, pp, dp):
+    losses = train(tmp_path, prefix, tp, pp, dp, 3, f"tp{tp}pp{pp}dp{dp}")
+    assert losses == pytest.approx(reference, rel=1e-5)
