@@ -4,7 +4,8 @@
 1. validate every shipped training config (exact parameter counts, memory per GPU);
 2. preprocess the bundled Shakespeare corpus into Megatron's .bin/.idx with the GPT-2 tokenizer;
 3. train the tiny model as 4 gloo processes, tensor parallel 2 x pipeline parallel 2, showing
-   the loss falling and the validation perplexity, and leaving a checkpoint.
+   the loss falling and the validation perplexity, and leaving a checkpoint;
+4. sample a short text from that checkpoint (merged to one process) with tools/generate.py.
 
 Each step prints the command it runs, so a reader can run it again by hand. A previous run's
 checkpoints are moved aside (kept) so the demo always trains from scratch.
@@ -67,6 +68,10 @@ def main() -> None:
         [torchrun, "--nproc_per_node", "4", "pretrain_gpt.py", "--config",
          "configs/training/tiny_model.json", "--data.num_workers=0"])
     summarise()
+    run("4. Sample from the trained model (the TP2 x PP2 checkpoint merged to one process)",
+        [sys.executable, "tools/generate.py", "--checkpoint", f"{RUN_DIR}/checkpoints",
+         "--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "0.8", "--top-k", "40",
+         "--seed", "1"])
     print("\ndemo: done")
 
 

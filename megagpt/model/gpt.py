@@ -16,6 +16,9 @@ each row layer. Activations are [seq, batch, hidden] inside the stack.
 A stage (`GPTStage`) holds a contiguous range of blocks, plus the embedding if it is the first
 stage and the final norm, output projection and loss if it is the last. Block parameters are
 named by their global layer number (`layers.7.attn.qkv.weight`), the same in every layout.
+
+For inference, `GPTStage.forward(ids, positions=..., cache=KVCache(...))` keeps every layer's keys
+and values, so generating a token costs one position's forward (megagpt/generation.py).
 """
 from __future__ import annotations
 
@@ -76,6 +79,48 @@ class Ops:
         self.cross_entropy = get_op("cross_entropy", kernels.cross_entropy, device)
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, per attention layer, for generation.
+
+    Args:
+        key_mask: (b, capacity) bool, True where a position holds a real token and False where it
+            holds left padding; `capacity` bounds the positions the cache can hold.
+
+    Each forward with `cache=` appends its s new positions to every layer's keys and values and
+    then moves `length` on by s. Queries see the keys at or before their own position that are
+    real tokens; a padding query also sees itself, so no softmax row is empty (its output is
+    never used). Inference only, on a single process (tp = pp = 1, no sequence parallelism).
+    """
+
+    def __init__(self, key_mask: torch.Tensor):
+        self.key_mask = key_mask
+        self.length = 0
+        self.keys: dict[nn.Module, torch.Tensor] = {}
+        self.values: dict[nn.Module, torch.Tensor] = {}
+
+    def attend(self, layer: nn.Module, q, k, v):
+        """Store k, v of `layer` at [length, length + s) and attend: (b, nh, s, hd) each -> same."""
+        b, nh, s, hd = k.shape
+        end = self.length + s
+        if layer not in self.keys:
+            capacity = self.key_mask.shape[1]
+            self.keys[layer] = k.new_zeros(b, nh, capacity, hd)
+            self.values[layer] = v.new_zeros(b, nh, capacity, hd)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        q_pos = torch.arange(self.length, end, device=q.device)[:, None]       # (s, 1)
+        k_pos = torch.arange(end, device=q.device)[None, :]                     # (1, end)
+        allowed = (k_pos <= q_pos) & self.key_mask[:, None, :end]               # (b, s, end)
+        allowed = allowed | (k_pos == q_pos)
+        return F.scaled_dot_product_attention(q, self.keys[layer][:, :, :end],
+                                              self.values[layer][:, :, :end],
+                                              attn_mask=allowed[:, None])       # (b, nh, s, hd)
+
+    def advance(self, s: int) -> None:
+        """Count s more positions as cached (called once per forward, after every layer)."""
+        self.length += s
+
+
 class LayerNorm(nn.Module):
     def __init__(self, d: int, eps: float, ops: Ops, sequence_parallel: bool):
         super().__init__()
@@ -131,11 +176,13 @@ class Attention(nn.Module):
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return self.ops.attention(q, k, v, causal=True)
 
-    def forward(self, x):                                       # x (s, b, h) or (s/tp, b, h)
+    def forward(self, x, cache: KVCache | None = None):       # x (s, b, h) or (s/tp, b, h)
         qkv = self.qkv(x)                                       # (s, b, 3 * nh_local * hd)
         s, b = qkv.shape[:2]
         q, k, v = qkv.view(s, b, 3, self.n_local_heads, self.head_dim).permute(2, 1, 3, 0, 4)
-        if self.recompute and self.training:                    # (b, nh, s, hd) each
+        if cache is not None:                                   # (b, nh, s, hd) each
+            y = cache.attend(self, q, k, v)
+        elif self.recompute and self.training:
             y = checkpoint(self.core, q, k, v, use_reentrant=False, context_fn=recompute_contexts)
         else:
             y = self.core(q, k, v)
@@ -167,13 +214,16 @@ class Block(nn.Module):
         self.drop1 = Dropout(m.dropout, sharded_residual)
         self.drop2 = Dropout(m.dropout, sharded_residual)
 
-    def forward(self, x):
-        x = x + self.drop1(self.attn(self.ln1(x)))
+    def forward(self, x, cache: KVCache | None = None):
+        x = x + self.drop1(self.attn(self.ln1(x), cache))
         return x + self.drop2(self.mlp(self.ln2(x)))
 
 
 class Embedding(nn.Module):
-    """Token + position embeddings and dropout: ids (b, s) -> (s, b, h) or (s/tp, b, h)."""
+    """Token + position embeddings and dropout: ids (b, s) -> (s, b, h) or (s/tp, b, h).
+
+    Positions are 0..s-1 for every row, or `positions` (b, s) when given (generation: left-padded
+    rows and cached prefixes)."""
 
     def __init__(self, m: ModelConfig, tp_group, sequence_parallel: bool):
         super().__init__()
@@ -184,9 +234,11 @@ class Embedding(nn.Module):
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel and tp > 1
         self.drop = Dropout(m.dropout, self.sequence_parallel)
 
-    def forward(self, input_ids):
-        s = input_ids.shape[1]
-        positions = self.wpe.weight[:s].unsqueeze(1)                         # (s, 1, h)
+    def forward(self, input_ids, positions=None):
+        if positions is None:
+            positions = self.wpe.weight[:input_ids.shape[1]].unsqueeze(1)    # (s, 1, h)
+        else:
+            positions = self.wpe(positions).transpose(0, 1)                  # (s, b, h)
         if self.sequence_parallel:
             positions = scatter_to_sequence_parallel_region(positions, self.tp_group)
         return self.drop(self.wte(input_ids) + positions)
@@ -195,8 +247,10 @@ class Embedding(nn.Module):
 class GPTStage(nn.Module):
     """Blocks [first_layer, last_layer) of GPT, with the embedding and/or the head at the ends.
 
-    forward(x, labels=None, loss_mask=None):
+    forward(x, labels=None, loss_mask=None, *, positions=None, cache=None):
       first stage: x = token ids (b, s); later stages: x = hidden (s, b, h) from the previous one.
+      positions (b, s): position ids of the tokens (default 0..s-1); cache: a `KVCache` that
+      receives this call's keys and values and supplies the earlier ones (inference).
       Not the last stage: returns hidden (s, b, h) (or (s/tp, b, h) under sequence parallelism).
       Last stage with labels: returns (loss_sum, n_tokens), the float32 sum of per-token losses
       over tokens where loss_mask is 1, and their count, so callers can normalise over
@@ -231,14 +285,16 @@ class GPTStage(nn.Module):
     def word_embedding_weight(self) -> nn.Parameter:
         return self.embedding.wte.weight if self.spec.pre_process else self.output_weight
 
-    def forward(self, x, labels=None, loss_mask=None):
+    def forward(self, x, labels=None, loss_mask=None, *, positions=None, cache=None):
         if self.spec.pre_process:
-            x = self.embedding(x)                                   # (s, b, h)
+            x = self.embedding(x, positions)                        # (s, b, h)
         for block in self.layers.values():
             if self.recompute == "full" and self.training:
                 x = checkpoint(block, x, use_reentrant=False, context_fn=recompute_contexts)
             else:
-                x = block(x)
+                x = block(x, cache)
+        if cache is not None:
+            cache.advance(x.shape[0])
         if not self.spec.post_process:
             return x
         x = self.final_ln(x)

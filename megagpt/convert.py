@@ -1,0 +1,427 @@
+"""Checkpoint conversion: ours (any layout) or Hugging Face GPT-2 in, either out.
+
+    convert(input, output, to="hf")                  # ours -> a Hugging Face GPT-2 folder
+    convert(input, output, to="megagpt", tp=1, pp=2)  # ours or Hugging Face -> ours, any layout
+
+Every source is first read into one unsharded state dict keyed by our canonical parameter names
+(`load_source`): a checkpoint of ours through `megagpt.model.reshard.full_state_from_checkpoint`
+(hashes checked), a Hugging Face folder through `megagpt.hf.from_hf`. From there:
+- `to="hf"` writes config.json, model.safetensors (the vocabulary padding dropped, `lm_head`
+  left to the tied embedding), the tokenizer files and generation_config.json, which
+  `GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load offline;
+- `to="megagpt"` cuts the weights for the target layout (`shard_full_state`) and writes a
+  weights-only checkpoint (`write_checkpoint_offline`): the trainer resumes its weights, step
+  and consumed samples, and starts the optimizer state fresh. Its meta.json holds the source's
+  config (for a Hugging Face source: the model from config.json, the other sections from
+  configs/training/small_model.json) with the parallel section set to the new layout.
+
+The output is written under a temporary name beside it and renamed when complete (after the
+optional verification), so a failure leaves nothing at the output path. `verify=True` runs a
+fixed batch of token ids through the written output and through the source and compares the
+logits (fp32). `load_source` and `single_process_model` also serve tools/generate.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megagpt.config import KernelsConfig, ModelConfig, load_config, model_fields_from_hf
+from megagpt.data.tokenizer import Tokenizer, load_tokenizer
+from megagpt.hf import from_hf, hf_config_dict, to_hf
+from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
+from megagpt.model.reshard import full_state_from_checkpoint, model_config_of, shard_full_state
+from megagpt.training.checkpoint import (META_FILE, STEP_RE, CheckpointError, find_latest,
+                                         is_complete, read_meta, write_checkpoint_offline)
+
+HF_CONFIG_TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "training" / "small_model.json"
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HF_REQUIRED_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
+VERIFY_TOLERANCE = 1e-3
+INFERENCE_KERNELS = KernelsConfig(attention="sdpa", layernorm="torch", softmax="torch",
+                                  bias_gelu="torch", cross_entropy="torch")
+
+
+class ConversionError(ValueError):
+    """An input, output or layout the converter refuses; the message names it and the fix."""
+
+
+@dataclass
+class Source:
+    """A model read for conversion or generation, whatever its format."""
+
+    kind: str                           # "megagpt" or "hf"
+    path: Path                          # our step folder, or the Hugging Face folder
+    model: ModelConfig
+    full_state: dict[str, torch.Tensor]  # canonical names, unsharded, the embedding unpadded
+    config: dict                        # a whole training config dict
+    step: int
+    consumed_samples: int
+    layout: tuple[int, int, int]        # (tp, pp, vp) it was saved with; (1, 1, 1) for HF
+    tokenizer_path: str                 # the tokenizer to use unless one is given
+
+    def describe(self) -> str:
+        if self.kind == "hf":
+            return f"Hugging Face GPT-2 folder {self.path}"
+        tp, pp, vp = self.layout
+        return f"checkpoint {self.path} (step {self.step}, tp {tp} x pp {pp} x vp {vp})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+def locate(path: str | Path, argument: str = "--input") -> tuple[str, Path]:
+    """("megagpt", step folder) or ("hf", folder) for a user-given path; ConversionError if it is
+    neither, naming `argument` (the flag the path came from)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConversionError(f"{argument} {p} does not exist; fix: give a save dir or a "
+                              f"step_NNNNNNN folder of ours, or a Hugging Face GPT-2 folder")
+    if (p / "config.json").is_file() and not (p / META_FILE).exists():
+        return "hf", p
+    if (p / META_FILE).exists() or STEP_RE.fullmatch(p.name) or p.name.endswith(".tmp"):
+        _check_complete(p, argument)
+        return "megagpt", p
+    if not p.is_dir():
+        raise ConversionError(f"{argument} {p} is a file; fix: give a folder (a save dir, a "
+                              f"step_NNNNNNN folder, or a Hugging Face GPT-2 folder)")
+    latest = find_latest(p)
+    if latest is not None:
+        return "megagpt", latest
+    unfinished = sorted(x.name for x in p.glob("step_*.tmp"))
+    if unfinished or any(STEP_RE.fullmatch(x.name) for x in p.iterdir()):
+        detail = f" ({', '.join(unfinished)}: saves that did not finish)" if unfinished else ""
+        raise ConversionError(f"{argument} {p} holds no complete checkpoint{detail}; fix: give a "
+                              f"save dir with a complete step_NNNNNNN folder (one with "
+                              f"{META_FILE} and every file it lists)")
+    found = sorted(x.name for x in p.iterdir())[:8]
+    raise ConversionError(f"{argument} {p} is neither a checkpoint of ours nor a Hugging Face "
+                          f"folder (found: {', '.join(found) or 'nothing'}); fix: give a save dir "
+                          f"(step_NNNNNNN folders and `latest`), a step folder (with {META_FILE}), "
+                          f"or a Hugging Face GPT-2 folder (config.json + model.safetensors or "
+                          f"pytorch_model.bin)")
+
+
+def _check_complete(step_dir: Path, argument: str) -> None:
+    try:
+        meta = read_meta(step_dir)
+    except CheckpointError as e:
+        raise ConversionError(f"{argument}: {e}; fix: give a complete step folder, or the save "
+                              f"dir holding it") from e
+    if is_complete(step_dir):
+        return
+    missing = [f for f in meta.get("files", {}) if not (step_dir / f).is_file()]
+    what = (f"{', '.join(missing[:4])} {'is' if len(missing) == 1 else 'are'} missing" if missing
+            else "its files differ in size from what meta.json records")
+    raise ConversionError(f"{argument} {step_dir} is not a complete checkpoint: {what} (a save "
+                          f"or a copy that did not finish); fix: give a complete step folder")
+
+
+def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, our full state dict) of a Hugging Face GPT-2 folder."""
+    try:
+        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path / 'config.json'} cannot be read: {e}") from e
+    if hf.get("model_type") != "gpt2":
+        raise ConversionError(f"{path} holds a {hf.get('model_type')!r} model "
+                              f"(config.json model_type); only GPT-2 (model_type \"gpt2\") converts")
+    problems: list[str] = []
+    where = str(path / "config.json")
+    fields = model_fields_from_hf(hf, where, problems)
+    problems = [p.removeprefix(f"model.config_file={where}: ") for p in problems]
+    problems += [f"config.json lacks {k}" for k in HF_REQUIRED_FIELDS if k not in hf]
+    if problems:
+        raise ConversionError(f"{path} is a GPT-2 this model cannot express:\n"
+                              + "\n".join(f"  - {p}" for p in problems))
+    m = ModelConfig(**fields)
+    hf_state = _read_hf_weights(path)
+    try:
+        return m, from_hf(hf_state, m)
+    except KeyError as e:
+        raise ConversionError(f"{path}: the weights lack {e.args[0]} (config.json says n_layer="
+                              f"{m.n_layers}); the weight files are incomplete or of another "
+                              f"model") from e
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    if (path / "model.safetensors.index.json").is_file():
+        index = json.loads((path / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        state = {}
+        for name in sorted(set(index["weight_map"].values())):
+            state.update(load_file(str(path / name)))
+        return state
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ConversionError(f"{path} has config.json but no weights: expected one of "
+                          f"{', '.join(HF_WEIGHT_FILES)}")
+
+
+def config_from_hf(m: ModelConfig, path: Path) -> dict:
+    """A training config dict for a Hugging Face model: its architecture, the other sections from
+    configs/training/small_model.json (GPT-2 small's recipe), one process."""
+    cfg = load_config(HF_CONFIG_TEMPLATE).to_dict()
+    cfg["name"] = path.name
+    cfg["description"] = f"converted from the Hugging Face GPT-2 folder {path}"
+    cfg["model"] = dataclasses.asdict(m)
+    cfg["data"]["config_file"] = None
+    cfg["checkpoint"].update(save_dir=None, load="auto")
+    cfg["logging"].update(run_dir=None, metrics_file=None)
+    return cfg
+
+
+def load_source(path: str | Path, argument: str = "--input") -> Source:
+    """Read a checkpoint of ours (a save dir's latest, or a step folder; any layout, merged, its
+    hashes checked) or a Hugging Face GPT-2 folder into a `Source`; `argument` names the flag
+    the path came from in messages."""
+    kind, where = locate(path, argument)
+    if kind == "hf":
+        m, full = read_hf_folder(where)
+        has_tokenizer = (where / "tokenizer.json").is_file() or (
+            (where / "vocab.json").is_file() and (where / "merges.txt").is_file())
+        return Source("hf", where, m, full, config_from_hf(m, where), 0, 0, (1, 1, 1),
+                      str(where) if has_tokenizer else "gpt2")
+    meta, full = full_state_from_checkpoint(where)
+    p = meta["parallel"]
+    config = meta["config"]
+    return Source("megagpt", where, model_config_of(meta), full, config, meta["step"],
+                  meta["consumed_samples"], (p["tp"], p["pp"], p["vp"]),
+                  config["data"]["tokenizer_path"])
+
+
+def single_process_model(m: ModelConfig, full_state: dict[str, torch.Tensor]) -> GPTStage:
+    """The whole model on one CPU process (tp = pp = 1), holding `full_state`, fp32, eval mode."""
+    model = GPTStage(m, INFERENCE_KERNELS, StageSpec(0, m.n_layers, True, True))
+    load_full_state_dict(model, full_state)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_layout(m: ModelConfig, tp: int, pp: int, vp: int, sequence_parallel: bool = False) -> None:
+    """Refuse a layout the model cannot be split into, naming the flag, the numbers and the fix."""
+    problems = [f"{flag}={value}: must be 1 or more" for flag, value in
+                (("--tensor-parallel-size", tp), ("--pipeline-parallel-size", pp),
+                 ("--virtual-pipeline-size", vp)) if value < 1]
+    if not problems:
+        if m.n_heads % tp:
+            problems.append(f"--tensor-parallel-size={tp} must divide model.n_heads={m.n_heads} "
+                            f"(each rank holds whole heads); fix: choose among {_divisors(m.n_heads)}")
+        if m.ffn_size % tp:
+            problems.append(f"--tensor-parallel-size={tp} must divide the MLP width {m.ffn_size}; "
+                            f"fix: choose among {_divisors(m.ffn_size)}")
+        if m.n_layers % (pp * vp):
+            problems.append(f"--pipeline-parallel-size={pp} x --virtual-pipeline-size={vp} = "
+                            f"{pp * vp} must divide model.n_layers={m.n_layers} (each stage holds "
+                            f"as many layers); fix: choose a product among {_divisors(m.n_layers)}")
+        if vp > 1 and pp == 1:
+            problems.append(f"--virtual-pipeline-size={vp} needs --pipeline-parallel-size > 1")
+        if sequence_parallel and m.seq_length % tp:
+            problems.append(f"--tensor-parallel-size={tp} must divide model.seq_length="
+                            f"{m.seq_length}: the config uses sequence parallelism")
+    if problems:
+        raise ConversionError("the target layout cannot split this model:\n"
+                              + "\n".join(f"  - {p}" for p in problems))
+
+
+def converted_config(source: Source, tp: int, pp: int, vp: int) -> dict:
+    """The source's config with the parallel section set to the new layout (world = tp x pp)."""
+    config = json.loads(json.dumps(source.config))
+    config["parallel"].update(world_size=tp * pp, tensor_parallel_size=tp,
+                              pipeline_parallel_size=pp, virtual_pipeline_size=vp)
+    return config
+
+
+def write_megagpt(source: Source, save_dir: Path, tp: int, pp: int, vp: int) -> Path:
+    """Write `source` as a weights-only checkpoint of ours at (tp, pp, vp) into save_dir."""
+    meta = {"config": converted_config(source, tp, pp, vp),
+            "consumed_samples": source.consumed_samples,
+            "parallel": {"tp": tp, "pp": pp, "dp": 1, "vp": vp, "zero_stage": 0},
+            "converted_from": str(source.path)}
+    states = shard_full_state(source.full_state, source.model, tp, pp, vp)
+    return write_checkpoint_offline(save_dir, source.step, states, meta)
+
+
+def write_hf(source: Source, folder: Path, tokenizer: Tokenizer) -> None:
+    """Write `source` as a Hugging Face GPT-2 folder: weights, config, tokenizer, generation."""
+    from safetensors.torch import save_file
+
+    m, eod = source.model, tokenizer.eod_id
+    weights = {k: v for k, v in to_hf(source.full_state, m).items() if k != "lm_head.weight"}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(folder / "config.json", dict(hf_config_dict(m), bos_token_id=eod, eos_token_id=eod))
+    _write_json(folder / "generation_config.json",
+                {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": eod})
+    write_hf_tokenizer(tokenizer, folder, m.seq_length)
+
+
+def write_hf_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int) -> None:
+    """vocab.json + merges.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json
+    of a byte-level BPE tokenizer, as Hugging Face's GPT-2 tokenizers read them."""
+    from tokenizers import models
+
+    backend = tokenizer.backend
+    if not isinstance(backend.model, models.BPE):
+        raise ConversionError(f"--tokenizer {tokenizer.source} is a {type(backend.model).__name__} "
+                              f"tokenizer; a GPT-2 folder needs a byte-level BPE (the GPT-2 "
+                              f"tokenizer, or one from tools/train_tokenizer.py)")
+    eod = backend.id_to_token(tokenizer.eod_id)
+    backend.model.save(str(folder))                          # vocab.json + merges.txt
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    vocab[eod] = tokenizer.eod_id                            # an added token is not in the model
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    backend.save(str(folder / "tokenizer.json"))
+    special = {"bos_token": eod, "eos_token": eod, "unk_token": eod}
+    _write_json(folder / "special_tokens_map.json", special)
+    _write_json(folder / "tokenizer_config.json",
+                {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length,
+                 "add_prefix_space": False, **special})
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+def verification_ids(m: ModelConfig) -> torch.Tensor:
+    """The fixed batch `--verify` runs: (2, min(16, seq_length)) token ids from a seeded draw."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, m.vocab_size, (2, min(16, m.seq_length)), generator=g)
+
+
+@torch.no_grad()
+def our_logits(m: ModelConfig, full_state: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Logits (b, s, vocab_size) of our single-process model holding `full_state`."""
+    return single_process_model(m, full_state)(ids)[..., :m.vocab_size]
+
+
+@torch.no_grad()
+def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (b, s, vocab_size) of `GPT2LMHeadModel.from_pretrained(folder)` in fp32, offline."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(str(folder), local_files_only=True).float().eval()
+    return model(ids).logits
+
+
+def logit_difference(source: Source, to: str, written: Path) -> float:
+    """Largest |logit difference| between the source and the written output on `verification_ids`:
+    to="hf": our model from the source vs GPT2LMHeadModel from `written`; to="megagpt": our model
+    from the `written` step folder vs the source (GPT2LMHeadModel for a Hugging Face source)."""
+    ids = verification_ids(source.model)
+    if to == "hf":
+        reference, result = our_logits(source.model, source.full_state, ids), hf_logits(written, ids)
+    else:
+        meta, full = full_state_from_checkpoint(written)
+        result = our_logits(model_config_of(meta), full, ids)
+        reference = (hf_logits(source.path, ids) if source.kind == "hf"
+                     else our_logits(source.model, source.full_state, ids))
+    return (result.float() - reference.float()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The conversion
+
+@dataclass
+class ConversionResult:
+    output: Path
+    max_logit_difference: float | None      # None without verification
+    notes: list[str]
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConversionError(f"--output {output} already exists and is not an empty folder; fix: "
+                              f"choose a new path, or remove it first")
+
+
+def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | None = None,
+            pp: int | None = None, vp: int | None = None, tokenizer: str | None = None,
+            verify: bool = False, log: Callable[[str], None] = print) -> ConversionResult:
+    """Convert the model at `input_path` and write it to `output`.
+
+    Args:
+        input_path: a save dir or step folder of ours (any layout), or a Hugging Face GPT-2 folder.
+        output: the folder to create (absent or empty): a Hugging Face folder (to="hf") or a save
+            dir holding `step_<N>/` and `latest` (to="megagpt").
+        to: "hf" or "megagpt".
+        tp, pp, vp: the target layout for to="megagpt" (default: the source's; 1 for HF).
+        tokenizer: for to="hf": the tokenizer written with the model (default: the source
+            config's data.tokenizer_path).
+        verify: compare logits of the output and the source; above VERIFY_TOLERANCE is an error.
+        log: receives one line per stage.
+
+    Raises ConversionError (or CheckpointError / TokenizerError from the readers) naming the
+    problem; nothing is left at `output` then.
+    """
+    if to not in ("hf", "megagpt"):
+        raise ConversionError(f"--to {to}: must be hf or megagpt")
+    if to == "hf" and (tp, pp, vp) != (None, None, None):
+        raise ConversionError("--tensor-parallel-size, --pipeline-parallel-size and "
+                              "--virtual-pipeline-size apply to --to megagpt only; a Hugging Face "
+                              "folder holds the whole model")
+    if to == "megagpt" and tokenizer is not None:
+        raise ConversionError("--tokenizer applies to --to hf only; a checkpoint of ours names its "
+                              "tokenizer in its config (data.tokenizer_path)")
+    output = Path(output)
+    _check_output(output)
+    source = load_source(input_path)
+    if source.kind == "hf" and to == "hf":
+        raise ConversionError(f"--input {source.path} is already a Hugging Face folder; fix: "
+                              f"--to megagpt to make a checkpoint of ours")
+    log(f"read {source.describe()}")
+    notes = []
+    if to == "megagpt":
+        tp, pp, vp = (v if v is not None else d for v, d in zip((tp, pp, vp), source.layout))
+        check_layout(source.model, tp, pp, vp, source.config["parallel"].get("sequence_parallel", False))
+        notes.append("weights only: resuming from it restores the weights, the step and the "
+                     "consumed samples; the optimizer state starts fresh")
+    else:
+        tok = load_tokenizer(tokenizer or source.tokenizer_path)
+        if tok.vocab_size > source.model.vocab_size:
+            raise ConversionError(f"--tokenizer {tok.source} has {tok.vocab_size} ids but the "
+                                  f"model's vocabulary is {source.model.vocab_size} "
+                                  f"(model.vocab_size); fix: pass the tokenizer the model was "
+                                  f"trained with")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        if to == "megagpt":
+            written = write_megagpt(source, tmp, tp, pp, vp)
+            log(f"wrote {written.name} for tp {tp} x pp {pp} x vp {vp}")
+        else:
+            write_hf(source, tmp, tok)
+            written = tmp
+            log(f"wrote a Hugging Face GPT-2 folder with the tokenizer {tok.source}")
+        difference = None
+        if verify:
+            difference = logit_difference(source, to, written)
+            log(f"verify: largest logit difference {difference:.3g} (tolerance {VERIFY_TOLERANCE})")
+            if not difference <= VERIFY_TOLERANCE:
+                raise ConversionError(f"--verify: the largest logit difference {difference:.3g} "
+                                      f"exceeds {VERIFY_TOLERANCE}; the output was not written")
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConversionResult(output, difference, notes)

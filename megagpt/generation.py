@@ -1,0 +1,203 @@
+"""Text generation with a single-process model: sampling, a key-value cache, batched prompts.
+
+    model = single_process_model(model_cfg, full_state)          # megagpt.convert
+    tokens = generate(model, [tok.encode("ROMEO:")], max_new_tokens=40, eod_id=tok.eod_id,
+                      sampling=Sampling(temperature=0.8, top_k=40), generator=seeded(1))
+
+`generate` runs the prompts as one batch. Prompts of different lengths are left-padded: row r
+with pad_r padding positions gives its token j the position id j - pad_r, so every row's first
+real token is at position 0, and the padding positions are masked out of every row's attention
+(`megagpt.model.gpt.KVCache`); the result of a row is the same as running it alone. The first
+step runs the whole (padded) prompt batch and fills the cache; each later step feeds only the
+token just chosen (one position per row). A row stops after it emits the end-of-document id;
+the batch stops when every row has, or after `max_new_tokens`.
+
+Sampling (`Sampling`): greedy takes the most likely token; otherwise the logits are divided by
+the temperature, cut to the `top_k` most likely tokens (0: no cut), then to the smallest set
+whose probability reaches `top_p` (1.0: no cut), and a token is drawn from what is left with the
+given `torch.Generator`, so a seed gives the same text every time. Logits of the vocabulary
+padding are never candidates.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from megagpt.model.gpt import GPTStage, KVCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the logits.
+
+    Args:
+        greedy: take the most likely token (the other fields are then unused).
+        temperature: divide the logits by this (> 0); lower is more conservative.
+        top_k: keep only the k most likely tokens; 0 keeps all.
+        top_p: keep the smallest set of most likely tokens whose probability reaches p, in (0, 1].
+    """
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, one sentence each naming the value and the fix."""
+        found = []
+        if self.greedy:
+            return found
+        if not self.temperature > 0:
+            found.append(f"temperature={self.temperature}: must be > 0; fix: e.g. 0.8, or greedy "
+                         f"decoding (--greedy) for the most likely token at each step")
+        if self.top_k < 0:
+            found.append(f"top_k={self.top_k}: must be >= 0 (0 keeps every token); fix: e.g. 40")
+        if not 0 < self.top_p <= 1:
+            found.append(f"top_p={self.top_p}: must be in (0, 1] (1 keeps every token); "
+                         f"fix: e.g. 0.9")
+        return found
+
+
+GREEDY = Sampling(greedy=True)
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A CPU generator for `generate`, seeded: the same seed draws the same tokens."""
+    return torch.Generator().manual_seed(seed)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits (b, V) with every token outside the top-k and top-p sets set to -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                     # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)         # (b, V) each
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs                          # mass of likelier tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The chosen token of each row, (b,) int64, from the logits of its last position (b, V)."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int,
+                  seq_length: int) -> None:
+    """Refuse prompts the model cannot continue, with a ValueError naming the value and the fix."""
+    if not prompts:
+        raise ValueError("generate: no prompts given; fix: pass at least one prompt")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be an integer >= 1")
+    for r, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {r} is empty (no tokens); fix: give it some text")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {r} has token id {bad[0]}, outside the model's vocabulary of "
+                             f"{vocab_size} (model.vocab_size); fix: use the tokenizer the model "
+                             f"was trained with (--tokenizer)")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > seq_length:
+        raise ValueError(f"the longest prompt has {longest} tokens; with max_new_tokens="
+                         f"{max_new_tokens} that is {longest + max_new_tokens} positions, more than "
+                         f"the model's context of {seq_length} (model.seq_length); fix: set "
+                         f"max_new_tokens <= {max(seq_length - longest, 0)} or shorten the prompt")
+
+
+@torch.no_grad()
+def generate(model: GPTStage, prompts: list[list[int]], *, max_new_tokens: int,
+             eod_id: int | None = None, sampling: Sampling = GREEDY,
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Continue each prompt; returns the new token ids of each row.
+
+    Args:
+        model: a whole single-process model (`GPTStage` holding every layer, tp = pp = 1).
+        prompts: token ids of each prompt, of any lengths (left-padded into one batch).
+        max_new_tokens: tokens generated per row at most; the longest prompt plus this must fit
+            the model's context (`model.seq_length`).
+        eod_id: the end-of-document id; a row stops after emitting it (it ends that row's
+            result). None: rows run to max_new_tokens.
+        sampling: greedy or temperature / top-k / top-p (`Sampling`).
+        generator: the random generator for sampling (`seeded(seed)`).
+        use_cache: keep keys and values between steps (one position per step); False runs the
+            whole sequence again at every step (the reference the cache is tested against).
+        on_token: called as on_token(row, token_id) for each new token of each running row,
+            rows in order within a step, as soon as the step has chosen them (streaming).
+    """
+    problems = sampling.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    m = model.cfg
+    check_request(prompts, max_new_tokens, m.vocab_size, m.seq_length)
+    model.eval()
+    device = model.word_embedding_weight().device
+    rows, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    pad_id = eod_id if eod_id is not None else 0
+    tokens = torch.full((rows, total), pad_id, dtype=torch.long, device=device)  # (b, total)
+    key_mask = torch.ones(rows, total, dtype=torch.bool, device=device)          # False: padding
+    pads = [longest - len(p) for p in prompts]
+    for r, prompt in enumerate(prompts):
+        tokens[r, pads[r]:longest] = torch.tensor(prompt, device=device)
+        key_mask[r, :pads[r]] = False
+    # row r's token j sits at position j - pads[r]; the padding's positions are never attended
+    positions = (torch.arange(total, device=device)[None, :]
+                 - torch.tensor(pads, device=device)[:, None]).clamp(min=0)     # (b, total)
+
+    results: list[list[int]] = [[] for _ in prompts]
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    cache, cached = KVCache(key_mask), 0
+    for length in range(longest, total):
+        if not use_cache:
+            cache, cached = KVCache(key_mask), 0
+        logits = model(tokens[:, cached:length], positions=positions[:, cached:length], cache=cache)
+        cached = length
+        chosen = next_tokens(logits[:, -1, :m.vocab_size], sampling, generator)   # (b,)
+        chosen = chosen.masked_fill(finished, pad_id)
+        tokens[:, length] = chosen
+        for r in range(rows):
+            if not finished[r]:
+                results[r].append(int(chosen[r]))
+                if on_token is not None:
+                    on_token(r, int(chosen[r]))
+        if eod_id is not None:
+            finished |= chosen == eod_id
+            if bool(finished.all()):
+                break
+    return results
+
+
+class StreamDecoder:
+    """Text of a token stream, piece by piece, for printing as tokens arrive.
+
+    A byte-level BPE token can end in the middle of a UTF-8 character; `push` holds text back
+    until the character is complete, so the pieces joined equal `decode(all tokens)`.
+
+    Args:
+        decode: token ids -> text (`Tokenizer.decode`).
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def push(self, token_id: int) -> str:
+        """Add a token; returns the text that became printable (maybe empty)."""
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):           # an incomplete UTF-8 sequence: wait for more bytes
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece

@@ -1,0 +1,400 @@
+"""Conversion between layouts and to and from Hugging Face GPT-2; the two command-line tools."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megagpt.config import load_config
+from megagpt.convert import ConversionError, convert, our_logits
+from megagpt.data.tokenizer import load_tokenizer
+from megagpt.hf import hf_config_dict
+from megagpt.model.gpt import build_stage, gather_full_state_dict
+from megagpt.model.reshard import full_state_from_checkpoint, shard_full_state
+from megagpt.testing import tiny_config
+from megagpt.training.checkpoint import (CheckpointError, check_compatible, expected_files,
+                                         find_latest, is_complete, load_checkpoint,
+                                         write_checkpoint_offline)
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = tiny_config(model__vocab_size=50257)       # the GPT-2 vocabulary, so the tokenizer fits
+M = CFG.model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def full():
+    """The tiny model's weights, every tensor perturbed so that biases and norms matter too."""
+    state = gather_full_state_dict(build_stage(CFG))
+    g = torch.Generator().manual_seed(0)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+def write_ours(save_dir, full, tp, pp, vp=1, step=5):
+    meta = {"config": CFG.to_dict(), "consumed_samples": 40,
+            "parallel": {"tp": tp, "pp": pp, "dp": 1, "vp": vp}}
+    return write_checkpoint_offline(save_dir, step, shard_full_state(full, M, tp, pp, vp), meta)
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory, full):
+    """Save dirs of the same weights at tp 1 x pp 1 and tp 2 x pp 2."""
+    root = tmp_path_factory.mktemp("ours")
+    for tp, pp in [(1, 1), (2, 2)]:
+        write_ours(root / f"tp{tp}pp{pp}", full, tp, pp)
+    return root
+
+
+def quiet(*args, **kwargs):
+    """convert(...) without its progress lines."""
+    return convert(*args, log=lambda line: None, **kwargs)
+
+
+def tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline checkpoint writer
+
+def test_offline_checkpoints_have_the_trainer_format_and_are_weights_only(tmp_path, full):
+    step_dir = write_ours(tmp_path, full, 2, 2, vp=2)
+    assert step_dir == tmp_path / "step_0000005" and find_latest(tmp_path) == step_dir
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert set(meta["files"]) == set(expected_files(2, 2, 4)) and is_complete(step_dir)
+    assert meta["weights_only"] is True and meta["step"] == 5 and meta["world_size"] == 4
+    shards = shard_full_state(full, M, 2, 2, 2)
+    for rank, (t, d, p) in enumerate([(0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1)]):
+        _, model_state, optim_state, rng_state = load_checkpoint(step_dir, tp_rank=t, pp_rank=p,
+                                                                 dp_rank=d)
+        assert optim_state == {} and rng_state == {}
+        for chunk, state in shards[(t, p)].items():
+            assert all(torch.equal(model_state[chunk][k], v) for k, v in state.items())
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_offline_writer_refuses_missing_ranks(tmp_path, full):
+    meta = {"config": CFG.to_dict(), "consumed_samples": 0,
+            "parallel": {"tp": 2, "pp": 1, "dp": 1, "vp": 1}}
+    with pytest.raises(ValueError, match=r"keys \[\(0, 0\)\], the layout tp=2 x pp=1 needs "
+                                         r"\[\(0, 0\), \(1, 0\)\]"):
+        write_checkpoint_offline(tmp_path, 1, {(0, 0): {}}, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours -> Hugging Face
+
+@pytest.mark.parametrize("layout", ["tp1pp1", "tp2pp2"])
+def test_export_gives_gpt2_the_same_logits(tmp_path, ours, full, layout):
+    out = tmp_path / "hf"
+    result = quiet(ours / layout, out, "hf")
+    assert result.output == out and result.max_logit_difference is None
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out, local_files_only=True).eval()
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()   # tied
+    assert hf.transformer.wte.weight.shape == (M.vocab_size, M.d_model)          # no padding
+    ids = torch.randint(0, M.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        difference = (hf(ids).logits - our_logits(M, full, ids)).abs().max().item()
+    assert difference <= 1e-4
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "merges.txt", "model.safetensors",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    assert leftovers(tmp_path) == []
+
+
+def test_the_exported_tokenizer_and_configs_load_offline(tmp_path, ours):
+    quiet(ours / "tp2pp2", tmp_path / "hf", "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    text = "ROMEO: héllo, wörld!\n<|endoftext|>"
+    assert tokenizer.encode(text) == load_tokenizer("gpt2").encode(text)
+    assert tokenizer.eos_token_id == 50256 and tokenizer.decode([50256]) == "<|endoftext|>"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config == dict(hf_config_dict(M), bos_token_id=50256, eos_token_id=50256)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert generation.eos_token_id == 50256
+
+
+def test_verify_reports_the_largest_logit_difference(tmp_path, ours):
+    lines = []
+    result = convert(ours / "tp2pp2", tmp_path / "hf", "hf", verify=True, log=lines.append)
+    assert 0 <= result.max_logit_difference <= 1e-4
+    assert any(line.startswith("verify: largest logit difference") for line in lines)
+
+
+def test_a_failed_verification_writes_nothing(tmp_path, ours, monkeypatch):
+    import megagpt.convert as conversion
+
+    monkeypatch.setattr(conversion, "logit_difference", lambda source, to, written: 0.5)
+    with pytest.raises(ConversionError, match="--verify: the largest logit difference 0.5 exceeds "
+                                              "0.001; the output was not written"):
+        quiet(ours / "tp1pp1", tmp_path / "out", "megagpt", verify=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face -> ours, and ours -> ours
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A GPT-2 saved by transformers, every weight random (biases and norms too)."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(M)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_hf_to_ours_to_hf_gives_identical_tensors(tmp_path, hf_folder):
+    quiet(hf_folder, tmp_path / "ours", "megagpt", tp=2, pp=2)
+    quiet(tmp_path / "ours", tmp_path / "back", "hf")
+    original = safetensors_torch.load_file(hf_folder / "model.safetensors")
+    back = safetensors_torch.load_file(tmp_path / "back" / "model.safetensors")
+    assert original.keys() == back.keys()
+    for k, v in original.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_hf_pytorch_model_bin_converts_too(tmp_path, hf_folder):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text((hf_folder / "config.json").read_text())
+    weights = safetensors_torch.load_file(hf_folder / "model.safetensors")
+    torch.save(weights, folder / "pytorch_model.bin")
+    result = quiet(folder, tmp_path / "ours", "megagpt", verify=True)
+    assert result.max_logit_difference <= 1e-4
+
+
+def test_hf_to_ours_is_a_resumable_weights_only_checkpoint(tmp_path, hf_folder):
+    result = quiet(hf_folder, tmp_path / "ours", "megagpt", tp=2, pp=1, verify=True)
+    assert result.max_logit_difference <= 1e-4
+    assert "the optimizer state starts fresh" in result.notes[0]
+    step_dir = find_latest(tmp_path / "ours")
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert step_dir.name == "step_0000000" and meta["consumed_samples"] == 0
+    assert meta["weights_only"] is True
+    assert meta["parallel"] == {"tp": 2, "pp": 1, "dp": 1, "vp": 1, "zero_stage": 0}
+    cfg = load_config(raw=meta["config"])                    # a whole, valid training config
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.vocab_size) == (32, 4, 50257)
+    assert (cfg.parallel.world_size, cfg.parallel.tensor_parallel_size) == (2, 2)
+    small = load_config(ROOT / "configs" / "training" / "small_model.json")
+    assert cfg.training == small.training
+    check_compatible(meta, cfg.model, {"tp": 2, "pp": 1, "dp": 4, "vp": 1, "zero_stage": 1},
+                     with_optimizer=False)
+
+
+@pytest.mark.parametrize("path", [(2, 2, 1), (1, 2, 2), (2, 1, 1), (1, 1, 1)])
+def test_ours_to_ours_keeps_every_weight_bit_for_bit(tmp_path, ours, full, path):
+    tp, pp, vp = path
+    quiet(ours / "tp2pp2", tmp_path / "out", "megagpt", tp=tp, pp=pp, vp=vp)
+    meta, back = full_state_from_checkpoint(find_latest(tmp_path / "out"))
+    assert back.keys() == full.keys()
+    assert all(torch.equal(back[k], v) for k, v in full.items())
+    assert (meta["step"], meta["consumed_samples"]) == (5, 40)
+    assert meta["parallel"] == {"tp": tp, "pp": pp, "dp": 1, "vp": vp, "zero_stage": 0}
+    assert meta["config"]["parallel"]["world_size"] == tp * pp
+    assert meta["config"]["parallel"]["tensor_parallel_size"] == tp
+    assert meta["config"]["training"] == CFG.to_dict()["training"]
+
+
+def test_the_layout_defaults_to_the_sources(tmp_path, ours):
+    quiet(ours / "tp2pp2" / "step_0000005", tmp_path / "out", "megagpt")
+    meta = json.loads((tmp_path / "out" / "step_0000005" / "meta.json").read_text())
+    assert (meta["parallel"]["tp"], meta["parallel"]["pp"]) == (2, 2)
+
+
+def test_an_empty_output_folder_is_used(tmp_path, ours):
+    (tmp_path / "out").mkdir()
+    quiet(ours / "tp1pp1", tmp_path / "out", "megagpt")
+    assert is_complete(tmp_path / "out" / "step_0000005")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear message, nothing written
+
+def make_half_written(root: Path, full) -> Path:
+    step_dir = write_ours(root / "save", full, 2, 1)
+    (step_dir / "model_tp1_pp0.pt").unlink()
+    return step_dir
+
+
+BAD_INPUTS = {
+    "missing": (lambda root, full: root / "nope", "--input {} does not exist"),
+    "neither": (lambda root, full: _folder(root / "junk", {"notes.txt": "hi"}),
+                "--input {} is neither a checkpoint of ours nor a Hugging Face folder "
+                "(found: notes.txt)"),
+    "unfinished save": (lambda root, full: _folder(root / "save" / "step_0000003.tmp", {"x.pt": ""}).parent,
+                        "--input {} holds no complete checkpoint (step_0000003.tmp: saves that did "
+                        "not finish)"),
+    "tmp step folder": (lambda root, full: _folder(root / "step_0000003.tmp", {"x.pt": ""}),
+                        "--input: {} is not a complete checkpoint: it has no meta.json"),
+    "half-written step": (make_half_written,
+                          "--input {} is not a complete checkpoint: model_tp1_pp0.pt is missing"),
+    "not gpt2": (lambda root, full: _folder(root / "llama", {"config.json": json.dumps(
+        {"model_type": "llama", "hidden_size": 64})}),
+        "{} holds a 'llama' model (config.json model_type); only GPT-2 (model_type \"gpt2\") converts"),
+    "untied gpt2": (lambda root, full: _folder(root / "untied", {"config.json": json.dumps(
+        dict(hf_config_dict(M), tie_word_embeddings=False))}),
+        "{} is a GPT-2 this model cannot express:\n  - tie_word_embeddings=false; the model "
+        "always ties the input and output embeddings"),
+    "no weights": (lambda root, full: _folder(root / "noweights", {"config.json": json.dumps(
+        hf_config_dict(M))}), "{} has config.json but no weights: expected one of model.safetensors"),
+}
+
+
+def _folder(path: Path, files: dict) -> Path:
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_are_refused_with_a_message_and_nothing_written(tmp_path, full, case):
+    make, message = BAD_INPUTS[case]
+    source = make(tmp_path / "in", full)
+    with pytest.raises(ConversionError) as info:
+        quiet(source, tmp_path / "out", "megagpt")
+    assert message.format(source) in str(info.value)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_corrupt_file_is_refused(tmp_path, full):
+    step_dir = write_ours(tmp_path / "save", full, 1, 1)
+    path = step_dir / "model_tp0_pp0.pt"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model_tp0_pp0.pt is corrupt: its SHA-256 is"):
+        quiet(step_dir, tmp_path / "out", "hf")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("layout, message", [
+    (dict(tp=3), "--tensor-parallel-size=3 must divide model.n_heads=4 (each rank holds whole "
+                 "heads); fix: choose among 1, 2, 4"),
+    (dict(pp=3), "--pipeline-parallel-size=3 x --virtual-pipeline-size=1 = 3 must divide "
+                 "model.n_layers=4 (each stage holds as many layers); fix: choose a product among "
+                 "1, 2, 4"),
+    (dict(pp=1, vp=2), "--virtual-pipeline-size=2 needs --pipeline-parallel-size > 1"),
+    (dict(tp=0), "--tensor-parallel-size=0: must be 1 or more"),
+])
+def test_a_layout_that_cannot_split_the_model_is_refused(tmp_path, ours, layout, message):
+    with pytest.raises(ConversionError) as info:
+        quiet(ours / "tp2pp2", tmp_path / "out", "megagpt", **layout)
+    assert message in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_is_refused(tmp_path, ours):
+    _folder(tmp_path / "out", {"keep.txt": "mine"})
+    with pytest.raises(ConversionError, match="--output .*out already exists and is not an empty "
+                                              "folder; fix: choose a new path, or remove it first"):
+        quiet(ours / "tp1pp1", tmp_path / "out", "hf")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(to="hf", tp=2), "--tensor-parallel-size, --pipeline-parallel-size and "
+                          "--virtual-pipeline-size apply to --to megagpt only"),
+    (dict(to="megagpt", tokenizer="gpt2"), "--tokenizer applies to --to hf only"),
+    (dict(to="onnx"), "--to onnx: must be hf or megagpt"),
+])
+def test_options_that_do_not_apply_are_refused(tmp_path, ours, args, message):
+    with pytest.raises(ConversionError, match=message):
+        quiet(ours / "tp1pp1", tmp_path / "out", **args)
+
+
+def test_hf_to_hf_and_a_tokenizer_larger_than_the_vocabulary_are_refused(tmp_path, hf_folder, full):
+    with pytest.raises(ConversionError, match="is already a Hugging Face folder; fix: --to megagpt"):
+        quiet(hf_folder, tmp_path / "out", "hf")
+    small = CFG.to_dict()
+    small["model"]["vocab_size"] = 1001
+    meta = {"config": small, "consumed_samples": 0, "parallel": {"tp": 1, "pp": 1, "dp": 1, "vp": 1}}
+    small_full = dict(full, **{"embedding.wte.weight": full["embedding.wte.weight"][:1001]})
+    m = load_config(raw=small).model
+    write_checkpoint_offline(tmp_path / "small", 1, shard_full_state(small_full, m, 1, 1), meta)
+    with pytest.raises(ConversionError, match="--tokenizer gpt2 has 50257 ids but the model's "
+                                              "vocabulary is 1001"):
+        quiet(tmp_path / "small", tmp_path / "out", "hf")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The command lines
+
+def test_convert_tool_exit_status_and_output(tmp_path, ours, capsys):
+    main = tool("convert_checkpoint").main
+    assert main(["--input", str(ours / "tp2pp2"), "--output", str(tmp_path / "a"), "--to",
+                 "megagpt", "--tensor-parallel-size", "1", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verify: largest logit difference 0 (tolerance 0.001)" in out
+    assert "note: weights only" in out and f"done: {tmp_path / 'a'}" in out
+    assert main(["--input", str(ours / "tp2pp2"), "--output", str(tmp_path / "b"), "--to",
+                 "megagpt", "--tensor-parallel-size", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("convert_checkpoint: error: the target layout cannot split this model")
+    assert not (tmp_path / "b").exists()
+
+
+def test_generate_tool_streams_one_prompt_and_prints_a_batch(tmp_path, ours, capsys):
+    main = tool("generate").main
+    common = ["--checkpoint", str(ours / "tp2pp2"), "--max-new-tokens", "5"]
+    assert main([*common, "--prompt", "ROMEO:", "--greedy"]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed.startswith("ROMEO:") and streamed.endswith("\n")
+    assert main([*common, "--prompt", "ROMEO:", "--prompt", "JULIET: O", "--greedy"]) == 0
+    batch = capsys.readouterr().out
+    assert batch.startswith("--- [0] ---\n" + streamed) and "--- [1] ---\nJULIET: O" in batch
+    args = [*common, "--prompt", "ROMEO:", "--temperature", "0.8", "--top-k", "40"]
+    samples = []
+    for seed in ("3", "3", "4"):
+        assert main([*args, "--seed", seed]) == 0
+        samples.append(capsys.readouterr().out)
+    assert samples[0] == samples[1] != samples[2]
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--greedy", "--top-k", "5"], 2, "--greedy takes the most likely token; it cannot be combined "
+                                      "with --top-k"),
+    (["--temperature", "0"], 2, "temperature=0.0: must be > 0"),
+    (["--max-new-tokens", "20"], 1, "generate: error: the longest prompt has 3 tokens; with "
+                                    "max_new_tokens=20 that is 23 positions, more than the model's "
+                                    "context of 16 (model.seq_length); fix: set max_new_tokens <= 13"),
+])
+def test_generate_tool_refuses_bad_settings(ours, capsys, args, status, message):
+    main = tool("generate").main
+    argv = ["--checkpoint", str(ours / "tp1pp1"), "--prompt", "ROMEO:", *args]
+    if status == 2:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    else:
+        assert main(argv) == status
+    assert message in capsys.readouterr().err
+
+
+def test_generate_tool_refuses_a_missing_checkpoint(tmp_path, capsys):
+    assert tool("generate").main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 1
+    assert f"generate: error: --checkpoint {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+

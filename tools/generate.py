@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Generate text from a checkpoint of ours (any layout, merged to one process) or a Hugging Face
+GPT-2 folder, on the CPU.
+
+    python tools/generate.py --checkpoint runs/tiny_model/checkpoints --prompt "ROMEO:" \
+        --max-new-tokens 40 --temperature 0.8 --top-k 40 --seed 1
+
+One prompt: its text and then the new tokens are printed as they are generated. Several prompts
+(repeat --prompt): they run as one batch, and each completion is printed when the batch is done,
+in the order given. A row stops at the end-of-document token or after --max-new-tokens. Without
+--greedy, tokens are sampled (temperature 1, no top-k or top-p cut unless given) with --seed.
+The sampling and the key-value cache live in megagpt/generation.py.
+
+Exit status: 0 done, 1 a checkpoint, tokenizer or setting that cannot be used.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megagpt.convert import ConversionError, load_source, single_process_model  # noqa: E402
+from megagpt.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+from megagpt.generation import Sampling, StreamDecoder, generate, seeded  # noqa: E402
+from megagpt.training.checkpoint import CheckpointError  # noqa: E402
+
+
+def sampling_of(args, parser) -> Sampling:
+    chosen = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                             ("--top-p", args.top_p)) if v is not None]
+    if args.greedy and chosen:
+        parser.error(f"--greedy takes the most likely token; it cannot be combined with "
+                     f"{', '.join(chosen)}")
+    sampling = Sampling(greedy=args.greedy,
+                        temperature=1.0 if args.temperature is None else args.temperature,
+                        top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
+    problems = sampling.problems()
+    if problems:
+        parser.error("; ".join(problems))
+    return sampling
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="save dir, step folder (ours, any layout) or Hugging Face GPT-2 folder")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--greedy", action="store_true", help="take the most likely token")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (default: all)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0: all)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--tokenizer", help="default: the checkpoint's (data.tokenizer_path, or "
+                        "the Hugging Face folder's files), else the bundled GPT-2")
+    args = parser.parse_args(argv)
+    sampling = sampling_of(args, parser)
+    try:
+        source = load_source(args.checkpoint, "--checkpoint")
+        tokenizer = load_tokenizer(args.tokenizer or source.tokenizer_path)
+        model = single_process_model(source.model, source.full_state)
+        prompts = [tokenizer.encode(text) for text in args.prompt]
+        stream = StreamDecoder(tokenizer.decode) if len(prompts) == 1 else None
+        if stream is not None:
+            print(args.prompt[0], end="", flush=True)
+
+        def show(row: int, token: int) -> None:
+            if token != tokenizer.eod_id:
+                print(stream.push(token), end="", flush=True)
+
+        results = generate(model, prompts, max_new_tokens=args.max_new_tokens,
+                           eod_id=tokenizer.eod_id, sampling=sampling, generator=seeded(args.seed),
+                           on_token=show if stream is not None else None)
+    except (ConversionError, CheckpointError, TokenizerError, ValueError) as e:
+        print(f"generate: error: {e}", file=sys.stderr)
+        return 1
+    if stream is not None:
+        print()
+        return 0
+    for i, (text, new) in enumerate(zip(args.prompt, results)):
+        new = [t for t in new if t != tokenizer.eod_id]
+        print(f"--- [{i}] ---\n{text}{tokenizer.decode(new)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
