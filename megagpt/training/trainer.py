@@ -13,7 +13,6 @@ model, optimizer, loss scaler and every random stream come back from the checkpo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -24,15 +23,14 @@ import torch
 import torch.distributed as dist
 
 from megagpt import __version__
-from megagpt.config import Config, ModelConfig, model_fields_from_hf
+from megagpt.config import Config, ModelConfig
+from megagpt.convert import load_source
 from megagpt.data.gpt_dataset import build_gpt_datasets
 from megagpt.data.mock import build_mock_datasets
 from megagpt.data.sampler import MegatronPretrainingSampler
 from megagpt.data.sft_dataset import build_sft_datasets
 from megagpt.data.tokenizer import load_tokenizer
-from megagpt.hf import from_hf
 from megagpt.model.gpt import load_full_state_dict
-from megagpt.model.reshard import full_state_from_checkpoint
 from megagpt.parallel.random import get_rng_tracker, seed_everything
 from megagpt.parallel.state import ParallelState
 from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, capture_rng_state,
@@ -61,7 +59,7 @@ class Trainer:
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         self.is_rank0 = state.rank == 0
         self.log = log if self.is_rank0 else (lambda *a, **k: None)
-        t, par = cfg.training, cfg.parallel
+        t = cfg.training
         self.micro_batches = t.grad_accumulation_steps
         self.global_batch = t.batch_size * t.grad_accumulation_steps * state.dp_world_size
         self.run_dir = Path(cfg.run_dir)
@@ -77,7 +75,7 @@ class Trainer:
 
     def _datasets(self):
         """Build the datasets on rank 0 first (it writes the index caches), then on the rest."""
-        cfg, t = self.cfg, self.cfg.training
+        t = self.cfg.training
         num_samples = (t.max_steps * self.global_batch,
                        t.eval_iters * self.global_batch if t.eval_interval else 0, 0)
         if self.is_rank0:
@@ -301,41 +299,25 @@ def run_banner(cfg: Config, state: ParallelState) -> str:
 def pretrained_state(source: str, m: ModelConfig) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint of ours (any layout) or a Hugging Face GPT-2 folder,
     checked against the architecture `m`; for `checkpoint.pretrained`."""
-    path = Path(source)
-    if (path / "config.json").is_file():
-        problems: list[str] = []
-        saved = model_fields_from_hf(json.loads((path / "config.json").read_text()), source, problems)
-        if saved.get("seq_length", 0) >= m.seq_length:
-            saved["seq_length"] = m.seq_length          # fewer learned positions may be used
-        _check_architecture(saved, m, source, problems)
-        return from_hf(_read_hf_weights(path), m)
-    found = resolve_load_path(source, None)
-    if found is None:
-        raise ValueError(f"checkpoint.pretrained={source}: no complete checkpoint there")
-    meta, full = full_state_from_checkpoint(found)
-    _check_architecture(meta["config"]["model"], m, source, [])
+    src = load_source(source, "checkpoint.pretrained")
+    saved = dataclasses.asdict(src.model)
+    if saved["seq_length"] >= m.seq_length:        # a model may use fewer learned positions
+        saved["seq_length"] = m.seq_length
+    _check_architecture(saved, m, source)
+    full = dict(src.full_state)
+    full["embedding.wpe.weight"] = full["embedding.wpe.weight"][:m.seq_length]
     return full
 
 
-def _check_architecture(saved: dict, m: ModelConfig, source: str, problems: list[str]) -> None:
+def _check_architecture(saved: dict, m: ModelConfig, source: str) -> None:
     wanted = dataclasses.asdict(m)
+    problems = []
     for name in ARCHITECTURE_FIELDS:
         a, b = saved.get(name), wanted.get(name)
         if name == "ffn_hidden_size":
-            a, b = a or 4 * saved.get("d_model", 0), b or 4 * m.d_model
+            a, b = a or 4 * saved["d_model"], b or 4 * m.d_model
         if name != "make_vocab_size_divisible_by" and a != b:
             problems.append(f"{source} has model.{name}={a}, the config says {b}")
     if problems:
         raise ValueError("checkpoint.pretrained does not fit this config:\n" +
                          "\n".join(f"  - {p}" for p in problems))
-
-
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(path / "model.safetensors"))
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ValueError(f"checkpoint.pretrained={path}: a Hugging Face folder needs model.safetensors "
-                     f"or pytorch_model.bin")

@@ -1,6 +1,5 @@
 """The trainer in-process on gloo: exact resume, skipped steps, aborts, SIGTERM."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -172,3 +171,33 @@ def test_deepspeed_config_is_refused_until_supported():
     with pytest.raises(ValueError, match="parallel.deepspeed_config=ds.json: training through "
                                          "DeepSpeed is not available"):
         Trainer(cfg, None)
+
+
+def _from_hf_folder(rank, world, run_dir, hf_dir):
+    cfg = run_config(Path(run_dir), 2, checkpoint__pretrained=hf_dir)
+    ps = state.initialize_parallel(1, 1)
+    trainer = Trainer(cfg, ps, log=lambda *a: None)
+    return gather_full_state_dict(trainer.engine.chunks[0])
+
+
+def test_finetuning_can_start_from_a_hugging_face_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from megagpt.hf import from_hf, hf_config_dict
+    m = tiny_config().model
+    hf_cfg = dict(hf_config_dict(m), n_positions=2 * m.seq_length)   # more positions than used
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_cfg))
+    model.save_pretrained(tmp_path / "hf")
+    weights = run_distributed(_from_hf_folder, 1, str(tmp_path / "run"), str(tmp_path / "hf"))[0]
+    expected = from_hf(model.state_dict(), m)
+    for k, v in expected.items():
+        assert torch.equal(weights[k], v), k
+
+
+def test_pretrained_weights_of_another_architecture_are_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from megagpt.hf import hf_config_dict
+    m = tiny_config().model
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**dict(hf_config_dict(m), n_layer=2))) \
+        .save_pretrained(tmp_path / "hf")
+    with pytest.raises(RuntimeError, match="has model.n_layers=2, the config says 4"):
+        run_distributed(_from_hf_folder, 1, str(tmp_path / "run"), str(tmp_path / "hf"))
