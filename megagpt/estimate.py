@@ -7,7 +7,9 @@ GPU follows Megatron's accounting:
 
 - weights, gradients and optimizer state from the parameters this GPU holds (its pipeline stage,
   its tensor-parallel slice, the padded vocabulary, the output-layer copy of the tied embedding on
-  the last stage when pp > 1), with ZeRO-1 sharding optimizer state over data parallelism;
+  the last stage when pp > 1), as the trainer keeps them: float32 parameters (plus autocast's
+  half copies in bf16/fp16), float32 gradients, AdamW's two float32 moments, the moments sharded
+  over data parallelism by ZeRO-1;
 - activations per micro-batch from Korthikanti et al. 2022 ("Reducing Activation Recomputation in
   Large Transformer Models"), for each recompute setting, with and without sequence parallelism,
   times the micro-batches a stage keeps alive under 1F1B (pp - stage on stage `stage`; the
@@ -100,7 +102,9 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
     dp = max(1, par.data_parallel_size)
     mixed = t.precision in ("bf16", "fp16")
     act_bytes = 2 if mixed else 4
-    weight_b, grad_b, optim_b = (2, 4, 12) if mixed else (4, 4, 8)
+    # Mixed precision runs under autocast over float32 parameters: 4 bytes of weights plus the
+    # 2-byte half copies autocast holds during a step, float32 gradients, AdamW's two moments.
+    weight_b, grad_b, optim_b = (6, 4, 8) if mixed else (4, 4, 8)
     zero = par.zero_stage
     flash = cfg.kernels.attention != "eager"
     layers_per_rank = m.n_layers // pp
