@@ -1,0 +1,21 @@
+"""tools/bench_train.py runs both sides and writes its JSON (a smoke run: no timing is checked)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_train_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "tools/bench_train.py", "--config", "configs/training/tiny_model.json",
+         "--steps", "1", "--warmup", "1", "--json", str(out), "--model.n_layers=2",
+         "--model.seq_length=32", "--training.grad_accumulation_steps=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["side"] for r in report["rows"]] == ["megagpt", "hf_eager"]
+    assert report["megagpt_over_peer_step_time"] > 0
+    assert "megagpt step time / peer step time" in result.stdout

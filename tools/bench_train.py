@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Training throughput against the peer users would otherwise run, in one process.
+
+    python tools/bench_train.py --config configs/training/small_model.json [--steps 10]
+        [--warmup 3] [--no-peer] [--json PATH] [--section.field=value ...]
+
+Trains the config's model on mock data (`data.mock`) with one process (tp = pp = dp = 1) and,
+alternating step by step, the same model as Hugging Face `GPT2LMHeadModel` in plain PyTorch
+eager with the same batch, micro-batches, optimizer (AdamW, fused on CUDA), precision (autocast)
+and clipping. After the warm-up it reports, per side, the median step time and its spread,
+tokens/s, TFLOP/s per GPU and MFU (DESIGN.md's convention), peak memory on a GPU, and the ratio
+of the two step times: on a CPU that is the framework's overhead, on a GPU the speed-up.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megagpt.config import load_config  # noqa: E402
+from megagpt.hf import hf_config_dict, to_hf  # noqa: E402
+from megagpt.parallel.random import seed_everything  # noqa: E402
+from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
+from megagpt.testing import free_port  # noqa: E402
+from megagpt.training.engine import Engine  # noqa: E402
+from megagpt.training.metrics import flops_per_token, peak_flops, throughput  # noqa: E402
+from megagpt.training.optim import build_optimizer  # noqa: E402
+from megagpt.training.precision import autocast_context  # noqa: E402
+
+
+class HFPeer:
+    """GPT2LMHeadModel with the same weights, optimizer, precision, accumulation and clipping."""
+
+    def __init__(self, cfg, engine, device):
+        import transformers
+
+        self.cfg, self.device = cfg, device
+        hf_cfg = transformers.GPT2Config(**hf_config_dict(cfg.model))
+        self.model = transformers.GPT2LMHeadModel(hf_cfg).to(device)
+        ours = dict(engine.chunks[0].state_dict())
+        ours["embedding.wte.weight"] = ours["embedding.wte.weight"][:cfg.model.vocab_size]
+        self.model.load_state_dict(to_hf(ours, cfg.model), strict=False)
+        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.training, device)
+
+    def train_step(self, microbatches, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        for mb in microbatches:
+            with autocast_context(self.cfg.training.precision, self.device.type):
+                logits = self.model(mb["tokens"].to(self.device)).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                     mb["labels"].to(self.device).flatten())
+            (loss / len(microbatches)).backward()
+        if self.cfg.training.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip)
+        self.optimizer.step()
+
+
+def mock_microbatches(cfg, generator):
+    t, m = cfg.training, cfg.model
+    return [{"tokens": torch.randint(0, m.vocab_size, (t.batch_size, m.seq_length), generator=generator),
+             "labels": torch.randint(0, m.vocab_size, (t.batch_size, m.seq_length), generator=generator)}
+            for _ in range(t.grad_accumulation_steps)]
+
+
+def timed(step, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def summary(name, times, tokens, cfg, device, peak_mem):
+    median = statistics.median(times)
+    tokens_per_s = tokens / median
+    tflops, mfu = throughput(tokens_per_s, flops_per_token(cfg.model), 1, peak_flops(device))
+    return {"side": name, "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
+            "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "mfu": mfu, "peak_mem_gb": peak_mem}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-peer", action="store_true", help="time ours only")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "runs/bench"), "bench_train.json"))
+    args, overrides = parser.parse_known_args()
+    overrides += ["--data.mock=true", "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
+                  "--parallel.pipeline_parallel_size=1", "--parallel.virtual_pipeline_size=1",
+                  "--parallel.zero_stage=0", "--parallel.sequence_parallel=false"]
+    cfg = load_config(args.config, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and cfg.training.precision != "fp32":
+        cfg.training.precision = "fp32"
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        state = initialize_parallel(1, 1)
+        seed_everything(cfg.training.seed, device=device)
+        engine = Engine(cfg, state, device)
+        peer = None if args.no_peer else HFPeer(cfg, engine, device)
+        sides = {"megagpt": engine.train_step, "hf_eager": peer.train_step if peer else None}
+        sides = {k: v for k, v in sides.items() if v is not None}
+        times = {k: [] for k in sides}
+        peak = {k: None for k in sides}
+        generator = torch.Generator().manual_seed(0)
+        lr = cfg.training.learning_rate
+        for i in range(args.warmup + args.steps):
+            batch = mock_microbatches(cfg, generator)
+            for name, step in sides.items():          # alternate the sides every step
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                elapsed = timed(lambda: step(batch, lr), device)
+                if i >= args.warmup:
+                    times[name].append(elapsed)
+                    if device.type == "cuda":
+                        peak[name] = max(peak[name] or 0, torch.cuda.max_memory_allocated(device) / 1e9)
+        tokens = cfg.training.batch_size * cfg.training.grad_accumulation_steps * cfg.model.seq_length
+        rows = [summary(name, times[name], tokens, cfg, device, peak[name]) for name in sides]
+    finally:
+        destroy_parallel()
+        dist.destroy_process_group()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{cfg.source}: {device_name}, {cfg.training.precision}, {tokens:,} tokens a step, "
+          f"{args.steps} timed steps after {args.warmup} warm-up, sides alternating")
+    print(f"{'side':<10} {'step s':>9} {'min':>8} {'max':>8} {'tokens/s':>11} {'TFLOP/s':>8} "
+          f"{'MFU':>6} {'peak GB':>8}")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
+        print(f"{r['side']:<10} {r['step_s_median']:>9.4f} {r['step_s_min']:>8.4f} "
+              f"{r['step_s_max']:>8.4f} {r['tokens_per_s']:>11,.0f} {r['tflops_per_gpu']:>8.2f} "
+              f"{mfu:>6} {mem:>8}")
+    result = {"config": cfg.source, "device": device_name, "precision": cfg.training.precision,
+              "tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup, "rows": rows}
+    if len(rows) == 2:
+        ratio = rows[0]["step_s_median"] / rows[1]["step_s_median"]
+        result["megagpt_over_peer_step_time"] = ratio
+        print(f"megagpt step time / peer step time = {ratio:.3f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(args.json + ".tmp", args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
