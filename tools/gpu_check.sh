@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The kernels' GPU check, for one call on a machine with one CUDA GPU (sized to finish well under
-# 6 minutes on an H100; typically 2-3): the kernel tests compiled for the GPU (no interpreter; the
-# GPU-only bf16 tests included), then tools/bench_kernels.py (full, or --quick with QUICK=1).
-# Writes environment.txt, kernel_tests.log, bench_kernels.txt, bench_kernels.json and
-# bench_kernels.err to $OUT when it is set, else to runs/gpu_check/. The benchmark runs even when
-# tests fail; the exit status is non-zero when either failed.
+# The GPU check, for one call on a machine with one CUDA GPU (every step capped so the whole stays
+# under 8 minutes on an H100): the kernel tests compiled for the GPU (no interpreter; the GPU-only
+# bf16 tests included), tools/bench_kernels.py (full, or --quick with QUICK=1), then
+# tools/bench_train.py on the Small config (Triton kernels, with the Hugging Face peer; and the
+# torch kernels) and the Base config (Triton kernels, with the peer), bf16, dropout 0.
+# Writes environment.txt, kernel_tests.log, bench_kernels.{txt,json,err} and bench_train_*.{txt,json}
+# to $OUT when it is set, else to runs/gpu_check/. Each step runs even when an earlier one failed;
+# the exit status is non-zero when any failed.
 #   usage: bash tools/gpu_check.sh        (PYTHON=... to pick the interpreter; default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,17 +32,33 @@ fi
 parallel=""
 if "$python" -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
 # shellcheck disable=SC2086
-timeout 180 "$python" -m pytest tests/kernels -q -ra -p no:cacheprovider $parallel 2>&1 \
+timeout 150 "$python" -m pytest tests/kernels -q -ra -p no:cacheprovider $parallel 2>&1 \
   | tee "$out_dir/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 quick=""
 if [ "${QUICK:-0}" = "1" ]; then quick="--quick"; fi
 # shellcheck disable=SC2086
-timeout 150 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
+timeout 120 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
   2>"$out_dir/bench_kernels.err" | tee "$out_dir/bench_kernels.txt"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: kernel tests exit $tests_rc, benchmark exit $bench_rc (124: timed out);" \
-  "files in $out_dir"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+train_rc=0
+bench_train() {   # name, config, extra arguments
+  local name=$1 config=$2
+  shift 2
+  timeout 60 "$python" tools/bench_train.py --config "$config" --steps 5 --warmup 2 \
+    --model.dropout=0 --json "$out_dir/bench_train_$name.json" "$@" 2>&1 \
+    | tee "$out_dir/bench_train_$name.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || train_rc=$rc
+}
+bench_train small_triton configs/training/small_model.json
+bench_train small_torch configs/training/small_model.json --no-peer --kernels.attention=sdpa \
+  --kernels.layernorm=torch --kernels.softmax=torch --kernels.bias_gelu=torch \
+  --kernels.cross_entropy=torch
+bench_train base_triton configs/training/base_model.json
+
+echo "gpu_check: kernel tests exit $tests_rc, kernel benchmark exit $bench_rc, training" \
+  "benchmark exit $train_rc (124: timed out); files in $out_dir"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]
