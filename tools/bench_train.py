@@ -10,6 +10,11 @@ eager with the same batch, micro-batches, optimizer (AdamW, fused on CUDA), prec
 and clipping. After the warm-up it reports, per side, the median step time and its spread,
 tokens/s, TFLOP/s per GPU and MFU (DESIGN.md's convention), peak memory on a GPU, and the ratio
 of the two step times: on a CPU that is the framework's overhead, on a GPU the speed-up.
+
+Memory check: on a GPU each side's peak is the most allocated during its own steps less what the
+other side holds between steps (the peer's parameters, gradients and optimizer state, counted
+tensor by tensor), and ours is printed beside the validator's estimate (megagpt/estimate.py) for
+the same single-GPU layout.
 """
 import argparse
 import json
@@ -24,6 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megagpt.config import load_config  # noqa: E402
+from megagpt.estimate import GiB, estimate_memory  # noqa: E402
 from megagpt.hf import hf_config_dict, to_hf  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
@@ -62,6 +68,14 @@ class HFPeer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip)
         self.optimizer.step()
 
+    def held_bytes(self):
+        """What the peer holds between steps: parameters, gradients, optimizer state."""
+        tensors = [p for p in self.model.parameters()]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [v for st in self.optimizer.state.values() for v in st.values()
+                    if torch.is_tensor(v) and v.device.type == "cuda"]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 def mock_microbatches(cfg, generator):
     t, m = cfg.training, cfg.model
@@ -85,7 +99,7 @@ def summary(name, times, tokens, cfg, device, peak_mem):
     tokens_per_s = tokens / median
     tflops, mfu = throughput(tokens_per_s, flops_per_token(cfg.model), 1, peak_flops(device))
     return {"side": name, "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
-            "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "mfu": mfu, "peak_mem_gb": peak_mem}
+            "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "mfu": mfu, "peak_mem_gib": peak_mem}
 
 
 def main() -> int:
@@ -120,12 +134,17 @@ def main() -> int:
             batch = mock_microbatches(cfg, generator)
             for name, step in sides.items():          # alternate the sides every step
                 if device.type == "cuda":
+                    # Subtract what the other side holds: the peer's tensors, or everything but them.
+                    peer_held = peer.held_bytes() if peer else 0
+                    other = peer_held if name == "megagpt" else torch.cuda.memory_allocated(device) - peer_held
                     torch.cuda.reset_peak_memory_stats(device)
                 elapsed = timed(lambda: step(batch, lr), device)
                 if i >= args.warmup:
                     times[name].append(elapsed)
                     if device.type == "cuda":
-                        peak[name] = max(peak[name] or 0, torch.cuda.max_memory_allocated(device) / 1e9)
+                        used = (torch.cuda.max_memory_allocated(device) - other) / GiB
+                        peak[name] = max(peak[name] or 0, used)
+        estimate = estimate_memory(cfg).total / GiB
         tokens = cfg.training.batch_size * cfg.training.grad_accumulation_steps * cfg.model.seq_length
         rows = [summary(name, times[name], tokens, cfg, device, peak[name]) for name in sides]
     finally:
@@ -135,15 +154,23 @@ def main() -> int:
     print(f"{cfg.source}: {device_name}, {cfg.training.precision}, {tokens:,} tokens a step, "
           f"{args.steps} timed steps after {args.warmup} warm-up, sides alternating")
     print(f"{'side':<10} {'step s':>9} {'min':>8} {'max':>8} {'tokens/s':>11} {'TFLOP/s':>8} "
-          f"{'MFU':>6} {'peak GB':>8}")
+          f"{'MFU':>6} {'peak GiB':>8}")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
+        mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
         print(f"{r['side']:<10} {r['step_s_median']:>9.4f} {r['step_s_min']:>8.4f} "
               f"{r['step_s_max']:>8.4f} {r['tokens_per_s']:>11,.0f} {r['tflops_per_gpu']:>8.2f} "
               f"{mfu:>6} {mem:>8}")
     result = {"config": cfg.source, "device": device_name, "precision": cfg.training.precision,
               "tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup, "rows": rows}
+    result["memory_estimate_gib"] = estimate
+    ours_peak = rows[0]["peak_mem_gib"]
+    if ours_peak is not None:
+        result["measured_over_estimate"] = ours_peak / estimate
+        print(f"megagpt peak {ours_peak:.2f} GiB, validator's estimate {estimate:.2f} GiB: "
+              f"measured / estimate = {ours_peak / estimate:.3f}")
+    else:
+        print(f"validator's memory estimate {estimate:.2f} GiB (peak memory is measured on a GPU)")
     if len(rows) == 2:
         ratio = rows[0]["step_s_median"] / rows[1]["step_s_median"]
         result["megagpt_over_peer_step_time"] = ratio

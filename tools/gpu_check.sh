@@ -3,17 +3,29 @@
 # under 8 minutes on an H100): the kernel tests compiled for the GPU (no interpreter; the GPU-only
 # bf16 tests included), tools/bench_kernels.py (full, or --quick with QUICK=1), then
 # tools/bench_train.py on the Small config (Triton kernels, with the Hugging Face peer; and the
-# torch kernels) and the Base config (Triton kernels, with the peer), bf16, dropout 0.
-# Writes environment.txt, kernel_tests.log, bench_kernels.{txt,json,err} and bench_train_*.{txt,json}
-# to $OUT when it is set, else to runs/gpu_check/. Each step runs even when an earlier one failed;
-# the exit status is non-zero when any failed.
+# torch kernels) and the Base config (Triton kernels, with the peer), bf16, dropout 0, and the
+# memory check (measured peak beside the validator's estimate) on the Tiny and Large configs.
+# Writes environment.txt, kernel_tests.log, bench_kernels.{txt,json,err}, bench_train_*.{txt,json}
+# to runs/gpu_check/; when $OUT is set (the device tool brings back at most 8 files) it also packs
+# them into $OUT/gpu_check.tgz and copies the text reports beside it. Each step runs even when an
+# earlier one failed; the exit status is non-zero when any failed.
 #   usage: bash tools/gpu_check.sh        (PYTHON=... to pick the interpreter; default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out_dir="${OUT:-runs/gpu_check}"
+out_dir=runs/gpu_check
+rm -rf "$out_dir"
 mkdir -p "$out_dir"
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  tar czf "$OUT/gpu_check.tgz" -C "$out_dir" .
+  cat "$out_dir"/bench_train_*.txt >"$OUT/bench_train.txt" 2>/dev/null
+  cp "$out_dir/environment.txt" "$out_dir/kernel_tests.log" "$out_dir/bench_kernels.txt" "$OUT/" 2>/dev/null
+  return 0
+}
+trap pack EXIT
 python="${PYTHON:-python3}"
 unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -32,32 +44,35 @@ fi
 parallel=""
 if "$python" -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
 # shellcheck disable=SC2086
-timeout 150 "$python" -m pytest tests/kernels -q -ra -p no:cacheprovider $parallel 2>&1 \
+timeout 130 "$python" -m pytest tests/kernels -q -ra -p no:cacheprovider $parallel 2>&1 \
   | tee "$out_dir/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 quick=""
 if [ "${QUICK:-0}" = "1" ]; then quick="--quick"; fi
 # shellcheck disable=SC2086
-timeout 120 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
+timeout 110 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
   2>"$out_dir/bench_kernels.err" | tee "$out_dir/bench_kernels.txt"
 bench_rc=${PIPESTATUS[0]}
 
 train_rc=0
-bench_train() {   # name, config, extra arguments
-  local name=$1 config=$2
-  shift 2
-  timeout 60 "$python" tools/bench_train.py --config "$config" --steps 5 --warmup 2 \
+bench_train() {   # name, seconds, config, extra arguments
+  local name=$1 seconds=$2 config=$3
+  shift 3
+  timeout "$seconds" "$python" tools/bench_train.py --config "$config" --steps 5 --warmup 2 \
     --model.dropout=0 --json "$out_dir/bench_train_$name.json" "$@" 2>&1 \
     | tee "$out_dir/bench_train_$name.txt"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || train_rc=$rc
 }
-bench_train small_triton configs/training/small_model.json
-bench_train small_torch configs/training/small_model.json --no-peer --kernels.attention=sdpa \
+bench_train small_triton 50 configs/training/small_model.json
+bench_train small_torch 40 configs/training/small_model.json --no-peer --kernels.attention=sdpa \
   --kernels.layernorm=torch --kernels.softmax=torch --kernels.bias_gelu=torch \
   --kernels.cross_entropy=torch
-bench_train base_triton configs/training/base_model.json
+bench_train base_triton 50 configs/training/base_model.json
+bench_train tiny_memory 25 configs/training/tiny_model.json --no-peer --training.precision=bf16
+bench_train large_memory 45 configs/training/large_model.json --no-peer --steps 2 --warmup 1 \
+  --training.grad_accumulation_steps=2
 
 echo "gpu_check: kernel tests exit $tests_rc, kernel benchmark exit $bench_rc, training" \
   "benchmark exit $train_rc (124: timed out); files in $out_dir"
