@@ -43,28 +43,32 @@ def _row_max_sumexp(row_ptr, n_cols, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _write_row_grad(row_ptr, grad_ptr, n_cols, lse, local_target, scale, BLOCK_V: tl.constexpr):
-    """grad[j] = (exp(x[j] - lse) - [j == local_target]) * scale over one row, chunk by chunk."""
+def _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, local_target, scale,
+                    BLOCK_V: tl.constexpr):
+    """grad[j] = (exp(x[j] - lse) - [j == local_target]) * scale for j < n_cols, 0 for the
+    padding columns n_cols <= j < width, over one row, chunk by chunk."""
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(0, width, BLOCK_V):
         idx = start + cols
         x = tl.load(row_ptr + idx, mask=idx < n_cols, other=0.0).to(tl.float32)
         g = (tl.exp(x - lse) - tl.where(idx == local_target, 1.0, 0.0)) * scale
-        tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=idx < n_cols)
+        g = tl.where(idx < n_cols, g, 0.0)
+        tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=idx < width)
 
 
 @triton.jit
-def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, n_cols, ignore_index,
+def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, n_cols, width, ignore_index,
                               BLOCK_V: tl.constexpr):
+    """One row: the loss over its first n_cols logits and the gradient of all `width` columns."""
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = LOGITS + row * n_cols
-    grad_ptr = GRAD + row * n_cols
+    row_ptr = LOGITS + row * width
+    grad_ptr = GRAD + row * width
     target = tl.load(TARGET + row).to(tl.int64)
     if target == ignore_index:
         cols = tl.arange(0, BLOCK_V)
-        for start in range(0, n_cols, BLOCK_V):
+        for start in range(0, width, BLOCK_V):
             tl.store(grad_ptr + start + cols, tl.zeros([BLOCK_V], tl.float32).to(
-                grad_ptr.dtype.element_ty), mask=start + cols < n_cols)
+                grad_ptr.dtype.element_ty), mask=start + cols < width)
         tl.store(LOSS + row, 0.0)
     else:
         m, d = _row_max_sumexp(row_ptr, n_cols, BLOCK_V)
@@ -73,7 +77,7 @@ def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, n_cols, ignor
         target_logit = tl.load(row_ptr + target, mask=in_range, other=float("nan"))
         tl.store(LOSS + row, lse - target_logit.to(tl.float32))
         scale = 1.0 / tl.load(N_VALID).to(tl.float32)
-        _write_row_grad(row_ptr, grad_ptr, n_cols, lse, target, scale, BLOCK_V)
+        _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, target, scale, BLOCK_V)
 
 
 @triton.jit
@@ -96,8 +100,8 @@ def _shard_grad_kernel(LOGITS, TARGET, LSE, GRAD_ROW, GRAD, n_cols, vocab_start,
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGET + row).to(tl.int64)
     scale = tl.where(target == ignore_index, 0.0, tl.load(GRAD_ROW + row).to(tl.float32))
-    _write_row_grad(LOGITS + row * n_cols, GRAD + row * n_cols, n_cols, tl.load(LSE + row),
-                    target - vocab_start, scale, BLOCK_V)
+    _write_row_grad(LOGITS + row * n_cols, GRAD + row * n_cols, n_cols, n_cols,
+                    tl.load(LSE + row), target - vocab_start, scale, BLOCK_V)
 
 
 def _block_v(n_cols: int) -> int:
@@ -115,9 +119,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Autograd for the fused kernel; the forward computes the gradient, which it saves."""
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index):
-        n_cols = logits.shape[-1]
-        logits2d = logits.reshape(-1, n_cols).contiguous()
+    def forward(ctx, logits, target, ignore_index, n_cols):
+        width = logits.shape[-1]
+        logits2d = logits.reshape(-1, width).contiguous()
         target1d = target.reshape(-1).contiguous()
         n_rows = logits2d.shape[0]
         n_valid = (target1d != ignore_index).sum()
@@ -125,7 +129,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss_rows = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
         block_v = _block_v(n_cols)
         _cross_entropy_fwd_kernel[(n_rows,)](logits2d, target1d, grad, loss_rows, n_valid, n_cols,
-                                             ignore_index, BLOCK_V=block_v,
+                                             width, ignore_index, BLOCK_V=block_v,
                                              num_warps=_num_warps(block_v))
         ctx.save_for_backward(grad)
         ctx.logits_shape = logits.shape
@@ -140,7 +144,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
         grad.mul_(grad_loss.to(grad.dtype))
-        return grad.view(ctx.logits_shape), None, None
+        return grad.view(ctx.logits_shape), None, None, None
 
 
 def _check_logits_target(logits, target):
@@ -156,41 +160,57 @@ def _check_logits_target(logits, target):
                          "(vocabulary) dimension")
 
 
-def _check_target_range(logits, target, ignore_index):
+def _check_target_range(target, ignore_index, n_classes):
     """On the CPU (where it costs no synchronisation) reject targets outside the vocabulary."""
     if target.device.type != "cpu":
         return
     valid = target[target != ignore_index]
-    if valid.numel() and (valid.min() < 0 or valid.max() >= logits.shape[-1]):
-        raise ValueError(f"target holds class {int(valid.min())}..{int(valid.max())} but logits "
-                         f"has {logits.shape[-1]} classes; targets must lie in "
-                         f"[0, {logits.shape[-1]}) or equal ignore_index={ignore_index}")
+    if valid.numel() and (valid.min() < 0 or valid.max() >= n_classes):
+        raise ValueError(f"target holds class {int(valid.min())}..{int(valid.max())} but there "
+                         f"are {n_classes} classes; targets must lie in [0, {n_classes}) or "
+                         f"equal ignore_index={ignore_index}")
 
 
-def cross_entropy_reference(logits, target, ignore_index=-100):
+def _check_vocab_size(logits, vocab_size):
+    if vocab_size is None:
+        return logits.shape[-1]
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or \
+            not 0 < vocab_size <= logits.shape[-1]:
+        raise ValueError(f"vocab_size={vocab_size!r}: must be an integer in [1, "
+                         f"{logits.shape[-1]}] (logits' last dimension), or None for all of it")
+    return vocab_size
+
+
+def cross_entropy_reference(logits, target, ignore_index=-100, vocab_size=None):
     """Plain torch: F.cross_entropy on float32 logits (mean over non-ignored rows), returned in
-    the logits' dtype."""
+    the logits' dtype; columns from `vocab_size` on are left out."""
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                              target.reshape(-1).long(), ignore_index=ignore_index)
     return loss.to(logits.dtype)
 
 
-def cross_entropy(logits, target, ignore_index=-100):
+def cross_entropy(logits, target, ignore_index=-100, vocab_size=None):
     """Mean cross-entropy of logits against target classes, loss and gradient in one fused pass.
 
     Args:
-        logits: (..., vocab) float16/bfloat16/float32. Non-contiguous logits are copied.
-        target: (...) integer class indices in [0, vocab), or ignore_index.
+        logits: (..., width) float16/bfloat16/float32. Non-contiguous logits are copied.
+        target: (...) integer class indices in [0, vocab_size), or ignore_index.
         ignore_index: rows with this target add neither loss nor gradient.
+        vocab_size: the classes in use, the first `vocab_size` columns; the columns after them
+            are padding (Megatron's padded vocabulary), left out of the softmax, gradient 0.
+            None: every column. Reading the padded logits in place saves a copy of them.
     Returns:
         0-d tensor in the logits' dtype: the mean loss over non-ignored rows. Runs
         `cross_entropy_reference` where the kernels cannot run and for empty logits.
     """
     _check_logits_target(logits, target)
-    _check_target_range(logits, target, ignore_index)
+    n_classes = _check_vocab_size(logits, vocab_size)
+    _check_target_range(target, ignore_index, n_classes)
     if logits.numel() == 0 or not triton_runs_on(logits.device):
-        return cross_entropy_reference(logits, target, ignore_index)
-    return CrossEntropyFunction.apply(logits, target, int(ignore_index))
+        return cross_entropy_reference(logits, target, ignore_index, vocab_size)
+    return CrossEntropyFunction.apply(logits, target, int(ignore_index), n_classes)
 
 
 def cross_entropy_shard_stats_reference(logits, target, vocab_start):

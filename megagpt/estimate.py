@@ -13,7 +13,8 @@ GPU follows Megatron's accounting:
 - activations per micro-batch from Korthikanti et al. 2022 ("Reducing Activation Recomputation in
   Large Transformer Models"), for each recompute setting, with and without sequence parallelism,
   times the micro-batches a stage keeps alive under 1F1B (pp - stage on stage `stage`; the
-  interleaved schedule adds (pp - 1) / (pp * vp)), plus the logits of the last stage.
+  interleaved schedule adds (pp - 1) / (pp * vp)), plus the logits of the last stage and their
+  gradient, which the fused loss writes in its forward while the logits are still alive.
 
 Allocator fragmentation and the CUDA context (about 0.5 GB) are not included.
 """
@@ -121,7 +122,7 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
             per_mb += embedding_out / (tp if sp else 1)
         total = in_flight * per_mb
         if pp_rank == pp - 1:
-            total += sb * m.padded_vocab_size(tp) // tp * act_bytes   # logits (gradient in place)
+            total += 2 * sb * m.padded_vocab_size(tp) // tp * act_bytes   # logits and their gradient
             total += sb * m.d_model * act_bytes                        # final layer-norm output
         return total
 

@@ -28,12 +28,14 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention, layer_norm,
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention, layer_norm,  # noqa: E402
                              scaled_masked_softmax)
-from megagpt.kernels.dispatch import flash_attn_attention
+from megagpt.kernels.dispatch import flash_attn_attention  # noqa: E402
 
 TOKENS = 16384
 VOCAB = 50257

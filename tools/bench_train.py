@@ -94,6 +94,20 @@ def timed(step, device):
     return time.perf_counter() - start
 
 
+def profile_step(step, device):
+    """One step under torch.profiler: the busiest kernels and ops, and device time against wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall = timed(step, device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        print(f"profiled step: wall {wall:.4f} s, device busy {busy:.4f} s ({busy / wall:.0%})")
+
+
 def summary(name, times, tokens, cfg, device, peak_mem):
     median = statistics.median(times)
     tokens_per_s = tokens / median
@@ -108,6 +122,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="time ours only")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one more step of ours and print where the time went")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "runs/bench"), "bench_train.json"))
     args, overrides = parser.parse_known_args()
     overrides += ["--data.mock=true", "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
@@ -144,6 +160,8 @@ def main() -> int:
                     if device.type == "cuda":
                         used = (torch.cuda.max_memory_allocated(device) - other) / GiB
                         peak[name] = max(peak[name] or 0, used)
+        if args.profile:
+            profile_step(lambda: engine.train_step(mock_microbatches(cfg, generator), lr), device)
         estimate = estimate_memory(cfg).total / GiB
         tokens = cfg.training.batch_size * cfg.training.grad_accumulation_steps * cfg.model.seq_length
         rows = [summary(name, times[name], tokens, cfg, device, peak[name]) for name in sides]

@@ -159,7 +159,10 @@ class Attention(nn.Module):
                                         sequence_parallel=sequence_parallel, stride=3)
         self.proj = RowParallelLinear(m.d_model, m.d_model, tp_group=tp_group,
                                       sequence_parallel=sequence_parallel)
-        self.dropout_p, self.ops, self.recompute = m.dropout, ops, recompute == "selective"
+        # Selective recompute (Korthikanti et al.) drops the s x s scores and probabilities that
+        # eager attention stores; the fused backends never store them, so there is nothing to drop.
+        self.dropout_p, self.ops = m.dropout, ops
+        self.recompute = recompute == "selective" and ops.attention_backend == "eager"
 
     def core(self, q, k, v):
         """Causal attention on this rank's heads, (b, nh, s, hd) -> (b, nh, s, hd)."""
@@ -313,11 +316,12 @@ class GPTStage(nn.Module):
         mask = torch.ones_like(target, dtype=torch.float32) if loss_mask is None else loss_mask.t().float()
         if group_size(self.tp_group) == 1 and self.ops.cross_entropy_backend == "triton":
             target = target.masked_fill(mask == 0, -100)
-            flat = logits[..., :self.cfg.vocab_size].reshape(-1, self.cfg.vocab_size)
+            flat = logits.reshape(-1, logits.shape[-1])        # the padded vocabulary, no copy
             n = mask.sum()
             if n == 0:
                 return flat.sum() * 0.0, n
-            return self.ops.cross_entropy(flat, target.reshape(-1)).float() * n, n
+            loss = self.ops.cross_entropy(flat, target.reshape(-1), vocab_size=self.cfg.vocab_size)
+            return loss.float() * n, n
         losses = vocab_parallel_cross_entropy(logits, target, self.cfg.vocab_size, self.tp_group)
         return (losses * mask).sum(), mask.sum()
 

@@ -59,6 +59,34 @@ def test_backward_scales_by_the_incoming_gradient(device):
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_padded_vocabulary_read_in_place(compare, device, dtype):
+    """vocab_size < width: the padding columns are out of the softmax and get gradient 0."""
+    logits, target = _logits_target((3, 7), 333, dtype, device)
+    target = target.clamp(max=300).masked_fill(target == -100, -100)
+    compare(lambda x: cross_entropy(x, target, vocab_size=301),
+            lambda x: cross_entropy_reference(x, target, vocab_size=301), [logits], dtype,
+            ["logits"])
+    cross_entropy(logits, target, vocab_size=301).backward()
+    assert torch.all(logits.grad[..., 301:] == 0)
+    assert torch.any(logits.grad[..., :301] != 0)
+
+
+@pytest.mark.parametrize("vocab_size", [0, 11, 2.0, True])
+def test_bad_vocab_size(device, vocab_size):
+    logits, target = torch.randn(4, 10, device=device), torch.zeros(4, dtype=torch.long,
+                                                                   device=device)
+    with pytest.raises(ValueError, match=rf"vocab_size={vocab_size!r}: must be an integer in "
+                                         r"\[1, 10\]"):
+        cross_entropy(logits, target, vocab_size=vocab_size)
+
+
+def test_target_in_the_padding_is_outside_the_vocabulary():
+    logits, target = torch.randn(4, 10), torch.tensor([1, 2, 8, -100])
+    with pytest.raises(ValueError, match=r"class 1..8 but there are 8 classes"):
+        cross_entropy(logits, target, vocab_size=8)
+
+
 @needs_cuda
 def test_bf16_on_gpu(compare):
     _check(compare, (512,), 50257, BF16, "cuda")
@@ -133,7 +161,7 @@ def test_target_outside_the_vocabulary(device):
     logits, target = torch.randn(4, 10, device=device), torch.tensor([1, 2, 10, -100],
                                                                     device=device)
     if device == "cpu":
-        with pytest.raises(ValueError, match=r"target holds class 1..10 but logits has 10 "
+        with pytest.raises(ValueError, match=r"target holds class 1..10 but there are 10 "
                                              r"classes; targets must lie in \[0, 10\)"):
             cross_entropy(logits, target)
     else:
