@@ -81,10 +81,11 @@ def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, n_cols, width
 
 
 @triton.jit
-def _shard_stats_kernel(LOGITS, TARGET, MAX, SUMEXP, TARGET_LOGIT, n_cols, vocab_start,
+def _shard_stats_kernel(LOGITS, TARGET, MAX, SUMEXP, TARGET_LOGIT, n_cols, width, vocab_start,
                         BLOCK_V: tl.constexpr):
+    """One row of a shard `width` wide whose first n_cols columns are classes (the rest padding)."""
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = LOGITS + row * n_cols
+    row_ptr = LOGITS + row * width
     m, d = _row_max_sumexp(row_ptr, n_cols, BLOCK_V)
     local = tl.load(TARGET + row).to(tl.int64) - vocab_start
     in_shard = (local >= 0) & (local < n_cols)
@@ -95,12 +96,12 @@ def _shard_stats_kernel(LOGITS, TARGET, MAX, SUMEXP, TARGET_LOGIT, n_cols, vocab
 
 
 @triton.jit
-def _shard_grad_kernel(LOGITS, TARGET, LSE, GRAD_ROW, GRAD, n_cols, vocab_start, ignore_index,
-                       BLOCK_V: tl.constexpr):
+def _shard_grad_kernel(LOGITS, TARGET, LSE, GRAD_ROW, GRAD, n_cols, width, vocab_start,
+                       ignore_index, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGET + row).to(tl.int64)
     scale = tl.where(target == ignore_index, 0.0, tl.load(GRAD_ROW + row).to(tl.float32))
-    _write_row_grad(LOGITS + row * n_cols, GRAD + row * n_cols, n_cols, n_cols,
+    _write_row_grad(LOGITS + row * width, GRAD + row * width, n_cols, width,
                     tl.load(LSE + row), target - vocab_start, scale, BLOCK_V)
 
 
@@ -213,24 +214,41 @@ def cross_entropy(logits, target, ignore_index=-100, vocab_size=None):
     return CrossEntropyFunction.apply(logits, target, int(ignore_index), n_classes)
 
 
-def cross_entropy_shard_stats_reference(logits, target, vocab_start):
+def _shard_classes(logits, vocab_start, vocab_size):
+    """How many of a shard's columns are classes: all, or those below the global `vocab_size`."""
+    width = logits.shape[-1]
+    if vocab_size is None:
+        return width
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"vocab_size={vocab_size!r}: must be a positive integer (the global "
+                         f"vocabulary, padding excluded), or None when the shard has no padding")
+    return min(max(vocab_size - int(vocab_start), 0), width)
+
+
+def cross_entropy_shard_stats_reference(logits, target, vocab_start, vocab_size=None):
     """Plain torch of `cross_entropy_shard_stats`."""
-    x = logits.float()
-    row_max = x.max(dim=-1).values
+    n_classes = _shard_classes(logits, vocab_start, vocab_size)
+    x = logits[..., :n_classes].float()
+    row_max = x.max(dim=-1).values if n_classes else torch.full(target.shape, float("-inf"),
+                                                                 device=logits.device)
     sum_exp = torch.exp(x - row_max.unsqueeze(-1)).sum(dim=-1)
     local = target.long() - vocab_start
-    in_shard = (local >= 0) & (local < logits.shape[-1])
-    picked = x.gather(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    in_shard = (local >= 0) & (local < n_classes)
+    picked = x.gather(-1, local.clamp(0, max(n_classes - 1, 0)).unsqueeze(-1)).squeeze(-1) \
+        if n_classes else torch.zeros_like(sum_exp)
     return row_max, sum_exp, torch.where(in_shard, picked, torch.zeros_like(picked))
 
 
-def cross_entropy_shard_stats(logits, target, vocab_start):
+def cross_entropy_shard_stats(logits, target, vocab_start, vocab_size=None):
     """Per-row statistics of one vocabulary shard, for the vocab-parallel loss.
 
     Args:
         logits: (..., shard_vocab), the logits of classes [vocab_start, vocab_start + shard_vocab).
         target: (...) global class indices (any value; those outside the shard count as absent).
         vocab_start: the first global class of this shard.
+        vocab_size: the global vocabulary; the shard's columns at or past it are padding, left
+            out (read in place). None: every column is a class. A shard of padding only gives
+            max -inf and sum_exp 0.
     Returns:
         (max, sum_exp, target_logit), each (...) float32: the shard's max logit,
         sum(exp(logit - max)) over the shard, and the target's logit (0 where the target lies
@@ -239,25 +257,28 @@ def cross_entropy_shard_stats(logits, target, vocab_start):
         lse = M + log(sum(sum_exp * exp(max - M))), loss = lse - sum(target_logit).
     """
     _check_logits_target(logits, target)
+    n_classes = _shard_classes(logits, vocab_start, vocab_size)
     if logits.numel() == 0 or not triton_runs_on(logits.device):
-        return cross_entropy_shard_stats_reference(logits, target, vocab_start)
-    n_cols = logits.shape[-1]
-    logits2d = logits.reshape(-1, n_cols).contiguous()
+        return cross_entropy_shard_stats_reference(logits, target, vocab_start, vocab_size)
+    width = logits.shape[-1]
+    logits2d = logits.reshape(-1, width).contiguous()
     n_rows = logits2d.shape[0]
     stats = torch.empty((3, n_rows), device=logits.device, dtype=torch.float32)
-    block_v = _block_v(n_cols)
+    block_v = _block_v(width)
     _shard_stats_kernel[(n_rows,)](logits2d, target.reshape(-1).contiguous(), stats[0], stats[1],
-                                   stats[2], n_cols, int(vocab_start), BLOCK_V=block_v,
+                                   stats[2], n_classes, width, int(vocab_start), BLOCK_V=block_v,
                                    num_warps=_num_warps(block_v))
     return tuple(s.view(target.shape) for s in stats)
 
 
 def cross_entropy_shard_grad_reference(logits, target, vocab_start, lse, grad_row=None,
-                                       ignore_index=-100):
+                                       ignore_index=-100, vocab_size=None):
     """Plain torch of `cross_entropy_shard_grad` (returns a new tensor)."""
+    n_classes = _shard_classes(logits, vocab_start, vocab_size)
     grad = torch.exp(logits.float() - lse.unsqueeze(-1))
+    grad[..., n_classes:] = 0.0
     local = target.long() - vocab_start
-    in_shard = (local >= 0) & (local < logits.shape[-1])
+    in_shard = (local >= 0) & (local < n_classes)
     onehot = torch.zeros_like(grad)
     onehot.scatter_(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1),
                     in_shard.unsqueeze(-1).float())
@@ -267,7 +288,7 @@ def cross_entropy_shard_grad_reference(logits, target, vocab_start, lse, grad_ro
 
 
 def cross_entropy_shard_grad(logits, target, vocab_start, lse, grad_row=None, ignore_index=-100,
-                             out=None):
+                             out=None, vocab_size=None):
     """Gradient of the vocab-parallel loss with respect to one shard's logits.
 
     Args:
@@ -279,6 +300,8 @@ def cross_entropy_shard_grad(logits, target, vocab_start, lse, grad_row=None, ig
         ignore_index: rows with this target get a zero gradient.
         out: where to write (logits' shape and dtype, contiguous); may be ``logits`` itself,
             overwriting them. A new tensor if None.
+        vocab_size: the global vocabulary; the shard's columns at or past it are padding and get
+            gradient 0. None: every column is a class.
     Returns:
         (softmax - onehot) * grad_row over the shard, in the logits' dtype.
     """
@@ -294,9 +317,10 @@ def cross_entropy_shard_grad(logits, target, vocab_start, lse, grad_row=None, ig
     if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype
                             or not out.is_contiguous()):
         raise ValueError("out must be a contiguous tensor of the logits' shape and dtype")
+    n_classes = _shard_classes(logits, vocab_start, vocab_size)
     if logits.numel() == 0 or not triton_runs_on(logits.device):
         grad = cross_entropy_shard_grad_reference(logits, target, vocab_start, lse, grad_row,
-                                                  ignore_index)
+                                                  ignore_index, vocab_size)
         return grad if out is None else out.copy_(grad)
     n_cols = logits.shape[-1]
     logits2d = logits.reshape(-1, n_cols).contiguous()
@@ -307,6 +331,7 @@ def cross_entropy_shard_grad(logits, target, vocab_start, lse, grad_row=None, ig
     block_v = _block_v(n_cols)
     _shard_grad_kernel[(n_rows,)](logits2d, target.reshape(-1).contiguous(),
                                   lse.reshape(-1).float().contiguous(),
-                                  grad_row.reshape(-1).contiguous(), grad, n_cols, int(vocab_start),
-                                  int(ignore_index), BLOCK_V=block_v, num_warps=_num_warps(block_v))
+                                  grad_row.reshape(-1).contiguous(), grad, n_classes, n_cols,
+                                  int(vocab_start), int(ignore_index), BLOCK_V=block_v,
+                                  num_warps=_num_warps(block_v))
     return grad.view(logits.shape)

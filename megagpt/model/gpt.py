@@ -322,7 +322,8 @@ class GPTStage(nn.Module):
                 return flat.sum() * 0.0, n
             loss = self.ops.cross_entropy(flat, target.reshape(-1), vocab_size=self.cfg.vocab_size)
             return loss.float() * n, n
-        losses = vocab_parallel_cross_entropy(logits, target, self.cfg.vocab_size, self.tp_group)
+        losses = vocab_parallel_cross_entropy(logits, target, self.cfg.vocab_size, self.tp_group,
+                                              fused=self.ops.cross_entropy_backend == "triton")
         return (losses * mask).sum(), mask.sum()
 
 

@@ -5,12 +5,19 @@ over the group, never the full logits: the max (for stability), the target's log
 owning the target id has it) and the sum of exponentials. The backward is local:
 softmax - one_hot on each rank's slice. Columns at or beyond the real vocabulary (the padding of
 the embedding table) are excluded, so the loss equals the unpadded model's.
+
+Two implementations of the same function: plain torch (works on a float32 copy of the slice,
+keeps the float32 softmax for the backward), and, with `fused=True`, the Triton kernels'
+building blocks (`cross_entropy_shard_stats` / `cross_entropy_shard_grad`), which read the
+logits in their own dtype and in place, keep only the logits and each row's log-sum-exp, and
+write the gradient in the backward.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from megagpt.kernels import cross_entropy_shard_grad, cross_entropy_shard_stats
 from megagpt.parallel.layers import group_rank, group_size
 
 
@@ -52,15 +59,42 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, vocab_size, group):
+        start = group_rank(group) * logits.shape[-1]
+        local_max, sum_exp, target_logit = cross_entropy_shard_stats(logits, target, start,
+                                                                     vocab_size=vocab_size)
+        global_max = local_max.clone()
+        if group_size(group) > 1:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        stats = torch.stack([target_logit, sum_exp * torch.exp(local_max - global_max)])
+        if group_size(group) > 1:
+            dist.all_reduce(stats, group=group)
+        lse = global_max + torch.log(stats[1])
+        ctx.save_for_backward(logits, target, lse)
+        ctx.start, ctx.vocab_size = start, vocab_size
+        return lse - stats[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target, lse = ctx.saved_tensors
+        grad = cross_entropy_shard_grad(logits, target, ctx.start, lse, grad_row=grad_loss.float(),
+                                        vocab_size=ctx.vocab_size)
+        return grad, None, None, None
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
-                                 tp_group=None) -> torch.Tensor:
+                                 tp_group=None, fused: bool = False) -> torch.Tensor:
     """Per-token loss (float32, shaped like `target`) from vocab-parallel logits.
 
     logits: (..., V_padded / tp), this rank's vocabulary slice; target: (...) int64 ids in
     [0, vocab_size); vocab_size: the real vocabulary (columns beyond it are padding). Tokens
-    that must not count are removed by the caller's loss mask.
+    that must not count are removed by the caller's loss mask. fused: use the Triton kernels'
+    shard statistics and gradient (where they cannot run, their torch references).
     """
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"vocab_parallel_cross_entropy: logits {tuple(logits.shape)} and target "
                          f"{tuple(target.shape)} disagree on the leading dimensions")
-    return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, tp_group)
+    function = _FusedVocabParallelCrossEntropy if fused else _VocabParallelCrossEntropy
+    return function.apply(logits, target, vocab_size, tp_group)

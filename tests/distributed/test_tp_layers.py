@@ -1,4 +1,6 @@
 """Tensor-parallel layers, collectives and the vocab-parallel loss equal their one-process math."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,22 +67,26 @@ def test_column_row_and_embedding_equal_one_process(sequence_parallel):
     close(unshard([o["demb"] for o in outs], 0), params[4].grad)
 
 
-def _cross_entropy(rank, world):
+def _cross_entropy(rank, world, fused=False):
+    if fused:    # the Triton shard kernels, interpreted on the CPU (this forked worker only)
+        os.environ["TRITON_INTERPRET"] = "1"
     ps = state.initialize_parallel(world, 1)
     torch.manual_seed(1)
     vocab, padded = 37, 40
     logits = torch.randn(5, 3, padded) * 3
     target = torch.randint(0, vocab, (5, 3))
     local = logits.chunk(world, -1)[ps.tp_rank].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(local, target, vocab, ps.tp_group)
+    loss = vocab_parallel_cross_entropy(local, target, vocab, ps.tp_group, fused=fused)
     weights = torch.arange(15.0).view(5, 3)
     (loss * weights).sum().backward()
     return loss.detach(), local.grad, logits, target
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_vocab_parallel_cross_entropy_ignores_padding(world):
-    outs = run_distributed(_cross_entropy, world)
+def test_vocab_parallel_cross_entropy_ignores_padding(world, fused):
+    """padded 40 = 4 x 10: at world 4 the last shard holds 7 classes and 3 padding columns."""
+    outs = run_distributed(_cross_entropy, world, fused=fused)
     _, _, logits, target = outs[0]
     vocab = 37
     full = logits.clone().requires_grad_()

@@ -1,5 +1,7 @@
 """Tensor and sequence parallel GPT equals the one-process model: logits, loss, every gradient."""
+import dataclasses
 import functools
+import os
 
 import pytest
 import torch
@@ -23,11 +25,15 @@ def _gather_full(t, dim, stride, group, world):
     return unshard(parts, dim, stride)
 
 
-def _run(rank, world, sequence_parallel=False, recompute="none", dropout=0.0, seed=7):
+def _run(rank, world, sequence_parallel=False, recompute="none", dropout=0.0, seed=7,
+         cross_entropy="torch"):
+    if cross_entropy == "triton":   # the fused kernels, interpreted on the CPU (this worker only)
+        os.environ["TRITON_INTERPRET"] = "1"
     ps = state.initialize_parallel(world, 1)
     seed_everything(seed, ps.tp_rank, ps.pp_rank)
     m = ModelConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, seq_length=16, dropout=dropout)
-    model = GPTStage(m, KERNELS, StageSpec(0, m.n_layers, True, True), tp_group=ps.tp_group,
+    kernels = dataclasses.replace(KERNELS, cross_entropy=cross_entropy)
+    model = GPTStage(m, kernels, StageSpec(0, m.n_layers, True, True), tp_group=ps.tp_group,
                      sequence_parallel=sequence_parallel, recompute=recompute)
     init_weights(model, m, seed)
     data = torch.Generator().manual_seed(123)
@@ -74,6 +80,13 @@ def assert_same(out, ref, rtol=1e-5):
 def test_tensor_parallel_equals_one_process(tp, sequence_parallel):
     outs = run_distributed(_run, tp, sequence_parallel=sequence_parallel)
     for out in outs:   # every rank agrees on the loss and holds the same gathered tensors
+        assert_same(out, reference())
+
+
+def test_fused_vocab_parallel_loss_equals_one_process():
+    """kernels.cross_entropy=triton at tp 2 (the shard kernels, vocabulary 1001 padded) equals the
+    one-process torch loss."""
+    for out in run_distributed(_run, 2, sequence_parallel=True, cross_entropy="triton"):
         assert_same(out, reference())
 
 

@@ -129,6 +129,35 @@ def test_shards_recombine_to_the_full_loss_and_gradient(device, dtype):
                                atol=atol)
 
 
+def test_padded_shards_recombine(device):
+    """Four shards of a 1024-wide padded vocabulary of 700 classes: the third holds padding after
+    its first 188 columns, the fourth only padding (max -inf, sum_exp 0, gradient 0)."""
+    logits, target = _logits_target((13,), 1024, F32, device, ignore_every=6)
+    logits = logits.detach()
+    target = target.clamp(max=699).masked_fill(target == -100, -100)
+    shards = [(a, a + 256) for a in range(0, 1024, 256)]
+    stats = [cross_entropy_shard_stats(logits[:, a:b].contiguous(), target, a, vocab_size=700)
+             for a, b in shards]
+    for (a, b), got in zip(shards, stats):
+        want = cross_entropy_shard_stats_reference(logits[:, a:b], target, a, vocab_size=700)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert torch.all(stats[3][0] == float("-inf")) and torch.all(stats[3][1] == 0)
+    global_max = torch.stack([m for m, _, _ in stats]).max(0).values
+    lse = global_max + torch.log(sum(se * torch.exp(m - global_max) for m, se, _ in stats))
+    valid = target != -100
+    loss = (lse - sum(t for _, _, t in stats))[valid].sum() / valid.sum()
+    ref_logits = logits.clone().requires_grad_()
+    ref_loss = cross_entropy_reference(ref_logits, target, vocab_size=700)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    grad_row = torch.full_like(lse, 1.0 / valid.sum().item())
+    grads = [cross_entropy_shard_grad(logits[:, a:b].contiguous(), target, a, lse, grad_row,
+                                      vocab_size=700) for a, b in shards]
+    torch.testing.assert_close(torch.cat(grads, dim=-1), ref_logits.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(grads[3] == 0) and torch.all(grads[2][:, 188:] == 0)
+
+
 def test_shard_grad_in_place_and_defaults(device):
     """out=logits overwrites the shard; grad_row=None means 1; ignored rows get zeros."""
     logits, target = _logits_target((9,), 300, F32, device, ignore_every=4)
