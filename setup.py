@@ -29,9 +29,12 @@ setup(
     package_data={"megagpt.data": ["assets/*.gz", "assets/*.jsonl", "assets/*.md", "assets/gpt2/*"]},
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "safetensors"],
+        # deepspeed builds from its sdist without importing torch (no ops precompiled) and
+        # needs only an unpinned torch, so it keeps the CPU torch the Makefile installs first
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "safetensors",
+                 "deepspeed==0.19.8; sys_platform == 'linux'"],
         "hf": ["transformers>=4.40", "safetensors"],
-        "deepspeed": ["deepspeed>=0.14"],
+        "deepspeed": ["deepspeed>=0.19"],
         "flash": ["flash-attn>=2.5"],
     },
 )

@@ -628,6 +628,11 @@ def validate(cfg: Config) -> list[str]:
                 p.append(f"parallel.deepspeed_config={par.deepspeed_config}: the DeepSpeed engine "
                          f"runs data parallel only, but tensor_parallel_size={tp} and "
                          f"pipeline_parallel_size={pp}; fix: set both to 1 or drop deepspeed_config")
+            if ok_batch and par.world_size % (tp * pp) == 0 and known(
+                    t.learning_rate, t.grad_clip, t.adam_beta1, t.adam_beta2, t.adam_eps,
+                    t.weight_decay, t.precision, par.zero_stage):
+                from megagpt.training.ds_config import deepspeed_config_problems
+                p.extend(deepspeed_config_problems(cfg))   # the file, and what contradicts ours
 
     if t.mode == "finetune" and d.format != "sft" and not d.mock:
         p.append(f"training.mode=finetune: trains on fine-tuning data, but data.format={d.format}; "

@@ -9,6 +9,8 @@ A checkpoint is one folder, `<save_dir>/step_<NNNNNNN>/` (the step zero-padded t
     meta.json                 config, step, consumed_samples, parallel sizes, world size, the
                               megagpt version, a timestamp, and `files`: name -> SHA-256 (plus
                               `file_sizes`: name -> bytes)
+    deepspeed/, ...           what an engine writes itself (`write_extra`: DeepSpeed's own
+                              checkpoint files); listed in `files` by path, hashed by rank 0
 
 Saving is atomic. Every rank writes its files into `step_<N>.tmp/` and records each file's hash
 beside it; after a barrier, rank 0 checks that every expected file is there, writes meta.json,
@@ -151,7 +153,8 @@ def _check_save_args(step: int, meta: dict, keep_last: int, ranks: dict) -> Rank
 
 def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int, pp_rank: int,
                     dp_rank: int, model_state, optim_state, rng_state, meta: dict,
-                    keep_last: int, barrier: Callable[[], None]) -> Path:
+                    keep_last: int, barrier: Callable[[], None],
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write this rank's part of the checkpoint of `step`; collective over every rank.
 
     Args:
@@ -171,6 +174,11 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
             written is always kept; the others are the highest steps.
         barrier: a zero-argument callable synchronising every rank (`torch.distributed.barrier`,
             or `lambda: None` for one process).
+        write_extra: called on every rank with the temporary folder, before this rank's own
+            files are written: an engine that saves its own files (DeepSpeed's
+            `save_checkpoint`, a collective) writes them there. Every file it leaves, at any
+            depth, is hashed and listed in meta.json like the others, so it is part of the
+            atomic rename, the completeness check and pruning.
 
     Returns the final folder `<save_dir>/step_<NNNNNNN>`.
     """
@@ -185,6 +193,8 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
+    if write_extra is not None:
+        write_extra(tmp)
     if dp_rank == 0:
         _write_hashed(tmp / model_file(tp_rank, pp_rank), model_state)
     _write_hashed(tmp / optim_file(rank), optim_state)
@@ -252,6 +262,10 @@ def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayo
         files[fname] = hash_path.read_text(encoding="utf-8").strip()
         sizes[fname] = (tmp / fname).stat().st_size
         hash_path.unlink()
+    for extra in sorted(p for p in tmp.rglob("*") if p.is_file()):   # an engine's own files
+        fname = extra.relative_to(tmp).as_posix()
+        if fname not in files and fname != META_FILE and not fname.endswith(HASH_SUFFIX):
+            files[fname], sizes[fname] = sha256_file(extra), extra.stat().st_size
     full_meta = dict(meta, step=step, world_size=layout.world_size,
                      megagpt_version=megagpt.__version__,
                      timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), files=files, file_sizes=sizes)
@@ -434,7 +448,8 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
     Args:
         meta: the checkpoint's meta.json (`read_meta` or `load_checkpoint` gives it).
         model_cfg: this run's model config (a ModelConfig or its dict).
-        parallel_sizes: this run's {tp, pp, dp, vp}, and `zero_stage` (default 0).
+        parallel_sizes: this run's {tp, pp, dp, vp}, and `zero_stage` (default 0) and
+            `engine` ("native", the default, or "deepspeed").
         where: the checkpoint's path, for the messages.
         with_optimizer: False when only the model is loaded (fine-tuning from the weights): the
             data-parallel size and zero_stage are then free.
@@ -442,7 +457,7 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
     Architecture fields must be equal (`ffn_hidden_size` compared as the width it implies). The
     tensor, pipeline and virtual pipeline sizes must be equal: convert the checkpoint otherwise.
     The data-parallel size may change when neither run shards optimizer state (zero_stage 0);
-    zero_stage itself must not change.
+    zero_stage itself must not change, nor the engine that saved the optimizer state.
     """
     absent = [k for k in PARALLEL_KEYS if k not in parallel_sizes]
     if absent:
@@ -472,13 +487,23 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
                         f"megagpt --tensor-parallel-size {parallel_sizes['tp']} "
                         f"--pipeline-parallel-size {parallel_sizes['pp']}`, or set the config's "
                         f"parallel sizes to the checkpoint's")
+    saved_engine = saved_par.get("engine", "native")
+    engine = parallel_sizes.get("engine", "native")
+    if with_optimizer and saved_engine != engine:
+        how = {"deepspeed": "set parallel.deepspeed_config (a DeepSpeed JSON) to resume it",
+               "native": "drop parallel.deepspeed_config to resume it"}.get(saved_engine, "")
+        problems.append(f"checkpoint was saved by the {saved_engine} engine, this run trains "
+                        f"through the {engine} engine: the optimizer state is not "
+                        f"interchangeable; {how}, or start from its weights with "
+                        f"checkpoint.pretrained={where} (and checkpoint.load=none)")
     saved_zero, zero = saved_par.get("zero_stage", 0), parallel_sizes.get("zero_stage", 0)
-    if with_optimizer and saved_zero != zero:
+    if with_optimizer and saved_engine == engine and saved_zero != zero:
         form = "sharded over" if saved_zero else "whole on each of"
         problems.append(f"checkpoint has parallel.zero_stage={saved_zero}, the config says "
                         f"{zero}: its optimizer state was saved {form} the data-parallel ranks; "
                         f"set parallel.zero_stage={saved_zero} to resume")
-    elif with_optimizer and saved_par["dp"] != parallel_sizes["dp"] and zero:
+    elif (with_optimizer and saved_engine == engine and saved_par["dp"] != parallel_sizes["dp"]
+          and zero):
         saved_world = saved_par["tp"] * saved_par["pp"] * saved_par["dp"]
         problems.append(f"checkpoint has data-parallel size {saved_par['dp']}, this run has "
                         f"{parallel_sizes['dp']}: with parallel.zero_stage={zero} the optimizer "

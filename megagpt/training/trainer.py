@@ -9,6 +9,10 @@ share of the model (`Engine`), resuming from a checkpoint when `checkpoint.load`
 
 A resumed run continues exactly: the data order is a function of the consumed samples, and the
 model, optimizer, loss scaler and every random stream come back from the checkpoint.
+
+With `parallel.deepspeed_config` the engine is `DeepSpeedEngine` (ds_engine.py), the same loop:
+its weights are loaded (pretrained or a weights-only checkpoint) before `deepspeed.initialize`,
+and its checkpoints are our step folders with DeepSpeed's own files inside.
 """
 from __future__ import annotations
 
@@ -51,11 +55,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, state: ParallelState, device: torch.device | str = "cpu",
                  log=print):
-        if cfg.parallel.deepspeed_config:
-            raise ValueError(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config}: training "
-                             f"through DeepSpeed is not available in this version; remove it to "
-                             f"use the native data-parallel path (parallel.zero_stage=1 shards "
-                             f"optimizer state)")
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         self.is_rank0 = state.rank == 0
         self.log = log if self.is_rank0 else (lambda *a, **k: None)
@@ -65,7 +64,12 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.save_dir = Path(cfg.checkpoint.save_dir or self.run_dir / "checkpoints")
         seed_everything(t.seed, state.tp_rank, state.pp_rank, self.device)
-        self.engine = Engine(cfg, state, self.device)
+        self.deepspeed = bool(cfg.parallel.deepspeed_config)
+        if self.deepspeed:
+            from megagpt.training.ds_engine import DeepSpeedEngine
+            self.engine = DeepSpeedEngine(cfg, state, self.device)
+        else:
+            self.engine = Engine(cfg, state, self.device)
         self.step, self.consumed_samples, self.skipped_total = 0, 0, 0
         self._stop_requested = False
         self._resume()
@@ -135,7 +139,8 @@ class Trainer:
         self.log(f"training {self.cfg.name}: steps {self.step} -> {t.max_steps}, global batch "
                  f"{self.global_batch} x {self.cfg.model.seq_length} tokens, layout tp "
                  f"{self.state.tp_world_size} x pp {self.state.pp_world_size} x dp "
-                 f"{self.state.dp_world_size}, {t.precision} on {self.device.type}")
+                 f"{self.state.dp_world_size}, {t.precision} on {self.device.type}"
+                 + (f", {self.engine.description}" if self.deepspeed else ""))
         try:
             batches = self._batches(self.train_ds, self.consumed_samples)
             while self.step < end:
@@ -235,12 +240,17 @@ class Trainer:
 
     def _parallel_sizes(self) -> dict:
         par = self.cfg.parallel
+        if self.deepspeed:
+            return {"tp": 1, "pp": 1, "dp": self.state.dp_world_size, "vp": 1,
+                    "zero_stage": self.engine.zero_stage, "engine": "deepspeed"}
         return {"tp": self.state.tp_world_size, "pp": self.state.pp_world_size,
                 "dp": self.state.dp_world_size, "vp": par.virtual_pipeline_size,
                 "zero_stage": par.zero_stage}
 
     def save(self) -> Path:
         """Write a checkpoint of the current step on every rank (collective)."""
+        if self.deepspeed:
+            return self._save_deepspeed()
         e, s = self.engine, self.state
         model_state = {f"chunk{c}": chunk.state_dict() for c, chunk in enumerate(e.chunks)}
         optim_state = {"optimizer": e.optimizer.state_dict(), "scaler": e.scaler.state_dict(),
@@ -259,6 +269,8 @@ class Trainer:
     def _resume(self) -> None:
         """Continue from checkpoint.load's checkpoint, or start from checkpoint.pretrained's weights."""
         path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir)
+        if self.deepspeed:
+            return self._resume_deepspeed(path)
         if path is None:
             if self.cfg.checkpoint.pretrained:
                 self._load_pretrained(self.cfg.checkpoint.pretrained)
@@ -281,6 +293,45 @@ class Trainer:
         e.scaler.load_state_dict(optim_state["scaler"])
         get_rng_tracker().set_states(restore_rng_state(rng_state))
         self.skipped_total = optim_state.get("skipped_total", 0)
+        self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)")
+
+    def _save_deepspeed(self) -> Path:
+        meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
+                "parallel": self._parallel_sizes(), "megagpt_version": __version__}
+        path = self.engine.save(self.save_dir, self.step, meta=meta,
+                                extra_state={"engine": "deepspeed",
+                                             "skipped_total": self.skipped_total},
+                                rng_state=capture_rng_state(get_rng_tracker().get_states()),
+                                keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier)
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    def _resume_deepspeed(self, path: Path | None) -> None:
+        """As _resume, through DeepSpeedEngine: weights go into the model before
+        deepspeed.initialize (engine.start), DeepSpeed's own state after it."""
+        e = self.engine
+        if path is None:
+            if self.cfg.checkpoint.pretrained:
+                self._load_pretrained(self.cfg.checkpoint.pretrained)
+            e.start()
+            return
+        meta = read_meta(path)
+        weights_only = meta.get("weights_only", False)
+        check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
+                         with_optimizer=not weights_only)
+        self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
+        if weights_only:
+            _, model_state, _, _ = load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0)
+            with torch.no_grad():
+                e.chunks[0].load_state_dict(model_state["chunk0"])
+            e.start()
+            self.log(f"resumed the weights of {path} (a converted checkpoint) at step {self.step}; "
+                     f"optimizer state starts fresh")
+            return
+        e.start()
+        extra_state, rng_state = e.load(path)
+        get_rng_tracker().set_states(restore_rng_state(rng_state))
+        self.skipped_total = extra_state.get("skipped_total", 0)
         self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)")
 
     def _load_pretrained(self, source: str) -> None:

@@ -166,13 +166,6 @@ def test_finetune_mode_needs_fine_tuning_data():
         tiny_config(training__mode="finetune", data__mock=False, data__train_data_path=["x"])
 
 
-def test_deepspeed_config_is_refused_until_supported():
-    cfg = tiny_config(parallel__deepspeed_config="ds.json")
-    with pytest.raises(ValueError, match="parallel.deepspeed_config=ds.json: training through "
-                                         "DeepSpeed is not available"):
-        Trainer(cfg, None)
-
-
 def _from_hf_folder(rank, world, run_dir, hf_dir):
     cfg = run_config(Path(run_dir), 2, checkpoint__pretrained=hf_dir)
     ps = state.initialize_parallel(1, 1)

@@ -1,0 +1,337 @@
+"""Training through DeepSpeed (`parallel.deepspeed_config`): the merged config and its messages,
+losses equal to the native data-parallel path on 2 gloo processes (ZeRO-1, 2 and 3), exact resume,
+skipped non-finite steps, and the torchrun command line.
+
+The config tests run everywhere; the training tests need deepspeed (`pip install -e
+'.[deepspeed]'`; the `test` extra installs it) and are skipped, saying so, without it.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from megagpt.config import ConfigError
+from megagpt.parallel import state
+from megagpt.testing import run_distributed, tiny_config
+from megagpt.training.checkpoint import CheckpointError, check_compatible
+from megagpt.training.ds_config import merge_deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DS_DIR = ROOT / "configs" / "deepspeed"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+STEPS = 6
+# fp32, dropout 0, the same data: DeepSpeed averages gradients over ranks and divides by the
+# accumulation steps where the native path sums pre-scaled ones, so they differ in rounding only
+# (measured: at most 3.5e-8 relative over 6 steps)
+LOSS_RTOL = 1e-5
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (pip install -e '.[deepspeed]'); the DeepSpeed engine is "
+           "optional, the test extra installs it")
+
+
+def ds_file(name: str) -> str:
+    return str(DS_DIR / f"{name}.json")
+
+
+def run_config(run_dir: Path, steps: int, ds: str | None = None, **overrides):
+    if ds is not None:
+        overrides["parallel__deepspeed_config"] = ds
+    settings = dict(checkpoint__save_dir=str(run_dir / "ckpt"), checkpoint__save_interval=3,
+                    logging__run_dir=str(run_dir), logging__progress_bar=False,
+                    training__log_interval=1, training__eval_interval=0, data__num_workers=0)
+    return tiny_config(dp=2, steps=steps, **{**settings, **overrides})
+
+
+def losses(run_dir) -> list[float]:
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+# ---- the merged config and its messages (no deepspeed needed) --------------------------------
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_shipped_files_take_batch_optimizer_and_precision_from_our_config(stage):
+    raw = json.loads((DS_DIR / f"zero{stage}.json").read_text())
+    cfg = tiny_config(dp=2, parallel__deepspeed_config=ds_file(f"zero{stage}"))
+    t = cfg.training
+    merged, problems = merge_deepspeed_config(raw, cfg, dp=2)
+    assert problems == []
+    assert merged["train_micro_batch_size_per_gpu"] == t.batch_size == 2
+    assert merged["gradient_accumulation_steps"] == t.grad_accumulation_steps == 2
+    assert merged["train_batch_size"] == 8
+    assert merged["gradient_clipping"] == t.grad_clip
+    assert merged["zero_optimization"]["stage"] == stage
+    assert merged["optimizer"] == {"type": "AdamW", "params": {
+        "lr": t.learning_rate, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
+        "weight_decay": t.weight_decay, "torch_adam": True}}
+    assert "bf16" not in merged and "fp16" not in merged and "scheduler" not in merged
+    assert raw == json.loads((DS_DIR / f"zero{stage}.json").read_text())    # not modified
+
+    bf16, _ = merge_deepspeed_config(raw, tiny_config(dp=2, training__precision="bf16"), dp=2)
+    assert bf16["bf16"] == {"enabled": True} and "fp16" not in bf16
+    fp16, _ = merge_deepspeed_config(raw, tiny_config(dp=2, training__precision="fp16"), dp=2)
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                            "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+
+
+def test_auto_values_and_agreeing_values_are_accepted():
+    cfg = tiny_config(dp=2, training__precision="bf16")
+    raw = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 2,
+           "train_batch_size": 8, "gradient_clipping": 0.5, "bf16": {"enabled": "auto"},
+           "optimizer": {"type": "Adam", "params": {"lr": "auto", "betas": [0.9, 0.95]}},
+           "zero_optimization": {"stage": 2, "overlap_comm": True}}
+    merged, problems = merge_deepspeed_config(raw, cfg, dp=2)
+    assert problems == []
+    assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["bf16"] == {"enabled": True}
+    assert merged["optimizer"]["params"]["lr"] == cfg.training.learning_rate
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+
+
+def test_torch_autocast_and_the_old_bf16_name_count_as_precision_settings():
+    cfg = tiny_config(dp=2, training__precision="bf16")
+    merged, problems = merge_deepspeed_config(
+        {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, cfg, dp=2)
+    assert problems == [] and "bf16" not in merged          # autocast over fp32 weights, as asked
+    merged, problems = merge_deepspeed_config({"bfloat16": {"enabled": True}}, cfg, dp=2)
+    assert problems == [] and merged["bf16"] == {"enabled": True} and "bfloat16" not in merged
+    _, problems = merge_deepspeed_config(
+        {"torch_autocast": {"enabled": True, "dtype": "float16"}}, cfg, dp=2)
+    assert problems == [
+        "parallel.deepspeed_config=None sets torch_autocast.dtype=float16, but "
+        "training.precision=bf16; fix: remove that setting from None (it is filled from "
+        "training.precision) or set training.precision=fp16"]
+
+
+CONTRADICTIONS = [
+    ({"train_micro_batch_size_per_gpu": 4},
+     "sets train_micro_batch_size_per_gpu=4, but training.batch_size=2; fix: remove "
+     "train_micro_batch_size_per_gpu from {file} (it is filled from training.batch_size) or set "
+     "training.batch_size=4"),
+    ({"gradient_accumulation_steps": 8},
+     "sets gradient_accumulation_steps=8, but training.grad_accumulation_steps=2; fix:"),
+    ({"train_batch_size": 32},
+     "sets train_batch_size=32, but the global batch is training.batch_size x "
+     "training.grad_accumulation_steps x data-parallel size = 2 x 2 x 2 = 8; fix:"),
+    ({"gradient_clipping": 1.0}, "sets gradient_clipping=1.0, but training.grad_clip=0.5; fix:"),
+    ({"bf16": {"enabled": True}},
+     "sets bf16.enabled=true, but training.precision=fp32; fix: remove that setting from {file} "
+     "(it is filled from training.precision) or set training.precision=bf16"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}},
+     "sets optimizer.params.lr=0.1, but training.learning_rate=0.003; fix:"),
+    ({"optimizer": {"type": "SGD"}}, "sets optimizer.type=\"SGD\", but training.optimizer=adamw"),
+    ({"scheduler": {"type": "WarmupLR"}}, "has a scheduler (\"WarmupLR\"), but the learning rate "
+                                          "follows training.lr_schedule=cosine"),
+    ({"zero_optimization": {"stage": 3}},
+     "sets zero_optimization.stage=3, but parallel.zero_stage=1; fix:"),
+]
+
+
+@pytest.mark.parametrize("setting,message", CONTRADICTIONS,
+                         ids=[next(iter(s)) for s, _ in CONTRADICTIONS])
+def test_a_contradicting_deepspeed_config_is_refused_at_load_with_both_values(tmp_path, setting,
+                                                                              message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, **setting}))
+    with pytest.raises(ConfigError) as info:
+        tiny_config(dp=2, zero=1, parallel__deepspeed_config=str(path))
+    expected = f"parallel.deepspeed_config={path} " + message.format(file=path)
+    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_zero_stage_0_takes_the_file_stage_and_a_missing_file_is_named(tmp_path):
+    cfg = tiny_config(dp=2, parallel__deepspeed_config=ds_file("zero3"))       # zero_stage 0
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    assert merge_deepspeed_config(raw, cfg, 2)[0]["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match=r"parallel.deepspeed_config=.*nope.json: "
+                                          r"parallel.deepspeed_config file not found"):
+        tiny_config(dp=2, parallel__deepspeed_config=str(tmp_path / "nope.json"))
+
+
+def test_deepspeed_with_tensor_or_pipeline_parallelism_is_refused():
+    with pytest.raises(ConfigError) as info:
+        tiny_config(tp=2, parallel__deepspeed_config=ds_file("zero2"))
+    assert any(p.startswith(f"parallel.deepspeed_config={ds_file('zero2')}: the DeepSpeed engine "
+                            f"runs data parallel only, but tensor_parallel_size=2 and "
+                            f"pipeline_parallel_size=1; fix: set both to 1") for p in
+               info.value.problems), info.value.problems
+
+
+def test_the_engine_refuses_a_config_changed_after_validation(tmp_path):
+    """pretrain_gpt.py turns bf16 into fp32 on a CPU after loading: the engine checks again."""
+    from megagpt.training.ds_engine import DeepSpeedEngine
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}))
+    cfg = tiny_config(dp=1, training__precision="bf16", parallel__deepspeed_config=str(path))
+    cfg.training.precision = "fp32"
+    layout = types.SimpleNamespace(tp_world_size=1, pp_world_size=1, dp_world_size=1)
+    with pytest.raises(ConfigError, match="sets bf16.enabled=true, but training.precision=fp32"):
+        DeepSpeedEngine(cfg, layout)
+
+
+def test_a_checkpoint_of_the_other_engine_is_refused_with_the_fix():
+    meta = {"config": {"model": vars(tiny_config().model)},
+            "parallel": {"tp": 1, "pp": 1, "dp": 2, "vp": 1, "zero_stage": 2, "engine": "deepspeed"}}
+    native = {"tp": 1, "pp": 1, "dp": 2, "vp": 1, "zero_stage": 0}
+    with pytest.raises(CheckpointError, match="saved by the deepspeed engine, this run trains "
+                                              "through the native engine.*set "
+                                              "parallel.deepspeed_config"):
+        check_compatible(meta, tiny_config().model, native, where="ckpt/step_0000003")
+    check_compatible(meta, tiny_config().model, native, with_optimizer=False)   # weights: fine
+    check_compatible(meta, tiny_config().model, {**meta["parallel"]})
+
+
+# ---- training on 2 gloo processes -------------------------------------------------------------
+
+def _train(rank, world, run_dir, steps, ds=None, max_steps=None, **overrides):
+    from megagpt.model.gpt import gather_full_state_dict
+    from megagpt.training.trainer import Trainer
+    cfg = run_config(Path(run_dir), max_steps or steps, ds, **overrides)
+    ps = state.initialize_parallel(1, 1)
+    try:
+        trainer = Trainer(cfg, ps, log=lambda *a: None)
+        trainer.train(until=steps)
+        if ds is None:
+            return gather_full_state_dict(trainer.engine.chunks[0]) if rank == 0 else {}
+        return trainer.engine.full_state_dict()
+    finally:
+        state.destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """The native data-parallel path, dp 2: losses, final weights, and its save dir."""
+    run_dir = tmp_path_factory.mktemp("native")
+    weights = run_distributed(_train, 2, str(run_dir), STEPS)[0]
+    return losses(run_dir), weights, run_dir / "ckpt"
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_losses_equal_the_native_data_parallel_path(tmp_path, native, stage):
+    weights = run_distributed(_train, 2, str(tmp_path), STEPS, ds_file(f"zero{stage}"),
+                              timeout=300)[0]
+    ours, reference = losses(tmp_path), native[0]
+    assert len(ours) == STEPS
+    assert ours == pytest.approx(reference, rel=LOSS_RTOL, abs=0)
+    for name, value in native[1].items():          # the native gather leaves out the padding
+        assert torch.allclose(weights[name][:len(value)], value, rtol=0, atol=1e-5), name
+    meta = json.loads((tmp_path / "ckpt" / "step_0000006" / "meta.json").read_text())
+    assert meta["parallel"]["engine"] == "deepspeed" and meta["parallel"]["zero_stage"] == stage
+    assert any(f.startswith("deepspeed/") for f in meta["files"])
+
+
+def _straight_and_resumed(rank, world, run_dir, stage):
+    run_dir, ds = Path(run_dir), ds_file(f"zero{stage}")
+    straight = _train(rank, world, run_dir / "a", STEPS, ds)
+    _train(rank, world, run_dir / "b", STEPS // 2, ds, max_steps=STEPS)
+    resumed = _train(rank, world, run_dir / "b", STEPS, ds)
+    return straight, resumed
+
+
+@needs_deepspeed
+def test_bf16_maps_to_deepspeed_bf16_and_trains_close_to_fp32(tmp_path, native):
+    run_distributed(_train, 2, str(tmp_path), STEPS, ds_file("zero2"), timeout=300,
+                    training__precision="bf16")
+    assert losses(tmp_path) == pytest.approx(native[0], rel=1e-3)    # bf16 weights, fp32 master
+
+
+def _start_from(rank, world, run_dir, source):
+    from megagpt.training.trainer import Trainer
+    cfg = run_config(Path(run_dir), STEPS, ds_file("zero2"), checkpoint__pretrained=source)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
+    return trainer.engine.full_state_dict()
+
+
+@needs_deepspeed
+def test_pretrained_weights_reach_deepspeed(tmp_path, native):
+    """checkpoint.pretrained loads into the model before deepspeed.initialize, so ZeRO's fp32
+    master copy starts from them too (here the native run's last checkpoint)."""
+    weights = run_distributed(_start_from, 2, str(tmp_path), str(native[2]), timeout=300)[0]
+    for name, value in native[1].items():
+        assert torch.equal(weights[name][:len(value)], value), name
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow)])
+def test_resume_on_the_deepspeed_path_continues_exactly(tmp_path, stage):
+    from megagpt.convert import load_source
+    straight, resumed = run_distributed(_straight_and_resumed, 2, str(tmp_path), stage,
+                                        timeout=300)[0]
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert len(losses(tmp_path / "b")) == STEPS
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
+    # keep_last 3 of steps 3 and 6, `latest`, and the weights readable as any checkpoint of ours
+    save_dir = tmp_path / "b" / "ckpt"
+    assert (save_dir / "latest").read_text().strip() == "step_0000006"
+    assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step_0000003", "step_0000006"]
+    source = load_source(str(save_dir))
+    for name, value in source.full_state.items():   # unpadded, as every full state of ours
+        assert torch.equal(value, resumed[name][:len(value)]), name
+
+
+def _nan_at_step_2(rank, world, run_dir, ds, zero):
+    from megagpt.training.trainer import Trainer
+    cfg = run_config(Path(run_dir), 4, ds, parallel__zero_stage=zero)
+    ps = state.initialize_parallel(1, 1)
+    trainer = Trainer(cfg, ps, log=lambda *a: None)
+    model = trainer.engine.chunks[0]
+    weight = model.layers["0"].mlp.fc1.weight
+    trainer.train(until=2)
+    before = trainer.engine.full_state_dict()
+    hook = weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan"))) \
+        if rank == 1 else None                              # one rank sees the NaN
+    trainer.train(until=3)
+    if hook is not None:
+        hook.remove()
+    after = trainer.engine.full_state_dict()
+    trainer.train(until=4)
+    return trainer.skipped_total, before, after
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_non_finite_gradient_skips_the_step_on_every_rank(tmp_path, zero):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": zero}}))
+    out = run_distributed(_nan_at_step_2, 2, str(tmp_path), str(path), zero, timeout=300)
+    assert [o[0] for o in out] == [1, 1]
+    skipped, before, after = out[0]
+    for name, value in before.items():
+        assert torch.equal(value, after[name]), name               # the update was skipped
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records if "skipped" in r] == [0, 0, 1, 1]
+    assert [r["grad_norm"] is None for r in records if "skipped" in r] == [False, False, True, False]
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_torchrun_pretrain_gpt_trains_through_deepspeed_and_resumes(tmp_path):
+    def run(steps):
+        cmd = [str(TORCHRUN), "--nproc_per_node", "2", "pretrain_gpt.py",
+               "--config", "configs/training/tiny_deepspeed.json", "--data.mock=true",
+               "--data.num_workers=0", "--model.n_layers=2", "--model.d_model=64",
+               "--model.estimated_parameters=null", f"--training.max_steps={steps}",
+               "--training.warmup_steps=1", "--training.log_interval=1",
+               "--training.eval_interval=2",
+               f"--logging.run_dir={tmp_path}", f"--checkpoint.save_dir={tmp_path / 'ckpt'}",
+               "--checkpoint.save_interval=0"]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    out = run(2)
+    assert "DeepSpeed ZeRO-2 (configs/deepspeed/zero2.json)" in out
+    out = run(4)
+    assert "resumed from" in out and "at step 2" in out
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
