@@ -92,14 +92,14 @@ def main():
     warps = ce._num_warps(block_v)
     _compile(ce._cross_entropy_fwd_kernel,
              dict(LOGITS=bf16, TARGET="*i64", GRAD=bf16, LOSS="*fp32", N_VALID="*i64",
-                  n_cols="i32", ignore_index="i32"), dict(BLOCK_V=block_v), warps)
+                  n_cols="i32", width="i32", ignore_index="i32"), dict(BLOCK_V=block_v), warps)
     _compile(ce._shard_stats_kernel,
              dict(LOGITS=bf16, TARGET="*i64", MAX="*fp32", SUMEXP="*fp32", TARGET_LOGIT="*fp32",
-                  n_cols="i32", vocab_start="i32"), dict(BLOCK_V=block_v), warps)
+                  n_cols="i32", width="i32", vocab_start="i32"), dict(BLOCK_V=block_v), warps)
     _compile(ce._shard_grad_kernel,
              dict(LOGITS=bf16, TARGET="*i64", LSE="*fp32", GRAD_ROW="*fp32", GRAD=bf16,
-                  n_cols="i32", vocab_start="i32", ignore_index="i32"), dict(BLOCK_V=block_v),
-             warps)
+                  n_cols="i32", width="i32", vocab_start="i32", ignore_index="i32"),
+             dict(BLOCK_V=block_v), warps)
 
 
 @pytest.mark.slow
