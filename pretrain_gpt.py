@@ -32,7 +32,7 @@ def init_distributed(cfg) -> torch.device:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl"   # the loss and token counts are reduced as CPU tensors
     else:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=world,

@@ -49,7 +49,8 @@ class HFPeer:
         self.cfg, self.device = cfg, device
         hf_cfg = transformers.GPT2Config(**hf_config_dict(cfg.model))
         self.model = transformers.GPT2LMHeadModel(hf_cfg).to(device)
-        ours = dict(engine.chunks[0].state_dict())
+        with engine.master_weights():
+            ours = dict(engine.chunks[0].state_dict())
         ours["embedding.wte.weight"] = ours["embedding.wte.weight"][:cfg.model.vocab_size]
         self.model.load_state_dict(to_hf(ours, cfg.model), strict=False)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.training, device)
@@ -133,7 +134,7 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and cfg.training.precision != "fp32":
         cfg.training.precision = "fp32"
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         state = initialize_parallel(1, 1)

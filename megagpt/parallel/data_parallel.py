@@ -1,6 +1,6 @@
 """Data parallelism: gradient buckets reduced across replicas, ZeRO-1, and the global grad norm.
 
-`DataParallel(module, ...)` gives every parameter's `.grad` a place in a flat float32 bucket.
+`DataParallel(module, ...)` gives every parameter's gradient a place in a flat float32 bucket.
 Buckets hold parameters in reverse order (the order the backward produces their gradients) up to
 `bucket_size_mb`; on the last micro-batch (`start_grad_sync()`, which the schedules call before
 it) a bucket's reduction is launched asynchronously as soon as its last gradient arrives, so
@@ -15,13 +15,23 @@ own that is reduced last, after that step (`pre_reduce`):
 - the two copies of the tied word embedding (first and last pipeline stage): summed over the
   embedding group so they stay identical.
 
-ZeRO-1 (`zero_stage=1`): parameters live in the buckets too; a reduce-scatter leaves each replica
-the summed gradient of its 1/dp of every bucket, the optimizer holds state for that shard only
-(`optimizer_params()` are views of the shard, named after their parameters), and after the step
-an all-gather brings every replica the updated parameters (`after_optimizer_step()`).
+Mixed precision (`param_dtype` bfloat16 or float16) is Megatron's: the module's parameters
+become 16-bit views of a flat bucket buffer, and a float32 master copy of them (`main_buffer`)
+is what the optimizer updates. Each micro-batch's 16-bit gradient is added into the float32
+gradient bucket as soon as autograd produces it and then dropped, so gradients accumulate and are
+reduced in float32; after the optimizer step the master copy is cast into the 16-bit parameters,
+one copy per bucket. `master_weights()` lets the rest of the trainer read and write the float32
+masters under the parameters' names (checkpoints hold them, so no precision is lost).
+
+ZeRO-1 (`zero_stage=1`): the float32 parameters (or masters) live in the buckets too; a
+reduce-scatter leaves each replica the summed gradient of its 1/dp of every bucket, the optimizer
+holds state for that shard only (`optimizer_params()` are views of the shard, named after their
+parameters), and after the step an all-gather brings every replica the updated parameters
+(`after_optimizer_step()`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -38,23 +48,27 @@ class Bucket:
     offsets: list[int]
     grad_buffer: torch.Tensor
     deferred: bool
-    param_buffer: torch.Tensor | None = None     # ZeRO-1: the parameters, flat
+    main_buffer: torch.Tensor | None = None      # float32 parameters, flat (ZeRO-1 or 16-bit params)
+    model_buffer: torch.Tensor | None = None     # 16-bit parameters, flat (the module's, when 16-bit)
     grad_shard: torch.Tensor | None = None       # ZeRO-1: this replica's reduced gradients
     ready: int = 0
     work: object = None
     pieces: list = field(default_factory=list)   # ZeRO-1: (name, shard view, param)
-    offset_of: dict = field(default_factory=dict)  # id(param) -> offset
-
-    def __post_init__(self):
-        self.offset_of = dict(zip(map(id, self.params), self.offsets))
 
 
 class DataParallel:
     """Gradient buffers and their reduction for one model chunk. See the module docstring."""
 
     def __init__(self, module: nn.Module, *, dp_group=None, tp_group=None, embedding_group=None,
-                 bucket_size_mb: float = 25.0, zero_stage: int = 0):
+                 bucket_size_mb: float = 25.0, zero_stage: int = 0,
+                 param_dtype: torch.dtype = torch.float32):
+        if param_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"DataParallel: param_dtype={param_dtype} must be torch.float32, "
+                             f"torch.bfloat16 or torch.float16")
         self.module, self.dp_group, self.tp_group = module, dp_group, tp_group
+        self.param_dtype, self.low_precision = param_dtype, param_dtype != torch.float32
+        self.masters: dict[nn.Parameter, nn.Parameter] = {}    # 16-bit param -> float32 master
+        self.main_grads: dict[nn.Parameter, torch.Tensor] = {}  # param -> its float32 gradient slot
         self.embedding_group = embedding_group
         self.dp, self.dp_rank = group_size(dp_group), group_rank(dp_group)
         self.zero = zero_stage >= 1 and self.dp > 1
@@ -89,41 +103,80 @@ class DataParallel:
     def _make_bucket(self, params, deferred) -> Bucket:
         offsets, total = [], 0
         for p in params:
+            if p.dtype != torch.float32:
+                raise TypeError(f"{self.names[p]}: DataParallel takes the model in float32 (it "
+                                f"makes the {self.param_dtype} copies itself), got {p.dtype}")
             offsets.append(total)
             total += p.numel()
         padded = math.ceil(total / self.dp) * self.dp
         device = params[0].device
         bucket = Bucket(params, offsets, torch.zeros(padded, dtype=torch.float32, device=device), deferred)
+        if self.zero or self.low_precision:
+            bucket.main_buffer = torch.zeros(padded, dtype=torch.float32, device=device)
+        if self.low_precision:
+            bucket.model_buffer = torch.zeros(padded, dtype=self.param_dtype, device=device)
+        shard = padded // self.dp
+        lo_shard = self.dp_rank * shard
         if self.zero:
-            bucket.param_buffer = torch.zeros(padded, dtype=torch.float32, device=device)
-            shard = padded // self.dp
-            lo_shard = self.dp_rank * shard
             bucket.grad_shard = torch.zeros(shard, dtype=torch.float32, device=device)
         for p, off in zip(params, offsets):
-            if p.dtype != torch.float32:
-                raise TypeError(f"{self.names[p]}: parameters must be float32 (mixed precision "
-                                f"runs under autocast), got {p.dtype}")
-            p.grad = bucket.grad_buffer[off:off + p.numel()].view_as(p)
+            flat = slice(off, off + p.numel())
+            self.main_grads[p] = bucket.grad_buffer[flat].view_as(p)
+            if bucket.main_buffer is not None:
+                bucket.main_buffer[flat].copy_(p.data.reshape(-1))
+            if self.low_precision:
+                master = nn.Parameter(bucket.main_buffer[flat].view_as(p))
+                master.grad, master.source = self.main_grads[p], p
+                self.masters[p] = master
+                p.data = bucket.model_buffer[flat].view_as(p)
+                p.data.copy_(master.data)
+                p.grad = None
+            else:
+                p.grad = self.main_grads[p]
+                if self.zero:
+                    p.data = bucket.main_buffer[flat].view_as(p)
             if self.zero:
-                view = bucket.param_buffer[off:off + p.numel()].view_as(p)
-                view.copy_(p.data)
-                p.data = view
                 lo, hi = max(off, lo_shard), min(off + p.numel(), lo_shard + shard)
                 if lo < hi:
-                    piece = nn.Parameter(bucket.param_buffer[lo:hi])
+                    piece = nn.Parameter(bucket.main_buffer[lo:hi])
                     piece.grad = bucket.grad_shard[lo - lo_shard:hi - lo_shard]
                     piece.source = p
                     bucket.pieces.append((self.names[p], piece, p))
         return bucket
+
+    @contextlib.contextmanager
+    def master_weights(self):
+        """Inside, every parameter holds its float32 master (16-bit parameters only; otherwise
+        the parameters are the masters): reading `state_dict()` gives full precision, and what is
+        loaded or copied into the parameters lands in the masters and is cast into the 16-bit
+        parameters on exit."""
+        if not self.low_precision:
+            yield
+            return
+        model_views = {p: p.data for p in self.masters}
+        for p, master in self.masters.items():
+            p.data = master.data
+        try:
+            yield
+        finally:
+            for p, view in model_views.items():
+                p.data = view
+            self._copy_masters_to_model()
+
+    def _copy_masters_to_model(self) -> None:
+        for b in self.buckets:
+            b.model_buffer.copy_(b.main_buffer)
 
     # ---- gradients ----------------------------------------------------------------------
 
     def zero_grad(self) -> None:
         for b in self.buckets:
             b.grad_buffer.zero_()
-            for p, off in zip(b.params, b.offsets):
-                if p.grad is None or p.grad.data_ptr() != b.grad_buffer[off:].data_ptr():
-                    p.grad = b.grad_buffer[off:off + p.numel()].view_as(p)
+            for p in b.params:
+                if self.low_precision:
+                    p.grad = None
+                elif p.grad is None or p.grad.data_ptr() != self.main_grads[p].data_ptr():
+                    p.grad = self.main_grads[p]
 
     def start_grad_sync(self) -> None:
         """Launch each bucket's reduction as soon as its gradients are complete (last micro-batch)."""
@@ -131,17 +184,22 @@ class DataParallel:
         for b in self.buckets:
             b.ready = 0
 
-    def _adopt_grad(self, b: Bucket, p) -> None:
-        """Make sure p's gradient lives in the bucket (autograd may have replaced the tensor)."""
-        off = b.offset_of[id(p)]
-        slot = b.grad_buffer[off:off + p.numel()]
-        if p.grad is not None and p.grad.data_ptr() != slot.data_ptr():
-            slot.copy_(p.grad.reshape(-1))
-            p.grad = slot.view_as(p)
+    def _adopt_grad(self, p) -> None:
+        """Make sure p's gradient lives in the bucket: a 16-bit gradient is added into the
+        float32 slot and dropped; a float32 one that autograd put in a new tensor is moved there."""
+        slot = self.main_grads[p]
+        if p.grad is None:
+            return
+        if self.low_precision:
+            slot.add_(p.grad)
+            p.grad = None
+        elif p.grad.data_ptr() != slot.data_ptr():
+            slot.copy_(p.grad)
+            p.grad = slot
 
     def _on_grad_ready(self, p) -> None:
         b = self.bucket_of[p]
-        self._adopt_grad(b, p)
+        self._adopt_grad(p)
         if not self.sync or b.deferred:
             return
         b.ready += 1
@@ -163,7 +221,7 @@ class DataParallel:
         bucket (sequence-parallel and tied-embedding gradients), reduce it, wait for all."""
         for b in self.buckets:
             for p in b.params:
-                self._adopt_grad(b, p)
+                self._adopt_grad(p)
         for b in self.buckets:
             if not b.deferred and b.work is None:
                 self._launch(b)
@@ -188,21 +246,25 @@ class DataParallel:
     # ---- optimizer interface ------------------------------------------------------------
 
     def optimizer_params(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) pairs the optimizer steps: the parameters, or under ZeRO-1 the
-        views of this replica's shard (named after the parameter they belong to; each has
-        `.source`, the full parameter)."""
-        if not self.zero:
-            return [(self.names[p], p) for p in self.module.parameters() if p.requires_grad]
-        return [(name, piece) for b in self.buckets for name, piece, _ in b.pieces]
+        """(name, parameter) pairs the optimizer steps, all float32 with their float32
+        gradients: the parameters, their masters when the parameters are 16-bit, or under ZeRO-1
+        the views of this replica's shard (named after the parameter they belong to; masters
+        and pieces have `.source`, the module's parameter)."""
+        if self.zero:
+            return [(name, piece) for b in self.buckets for name, piece, _ in b.pieces]
+        return [(self.names[p], self.masters.get(p, p)) for p in self.module.parameters()
+                if p.requires_grad]
 
     def after_optimizer_step(self) -> None:
-        """ZeRO-1: all-gather the updated shards so every replica holds the new parameters."""
-        if not self.zero:
-            return
-        for b in self.buckets:
-            shard = b.param_buffer.numel() // self.dp
-            mine = b.param_buffer[self.dp_rank * shard:(self.dp_rank + 1) * shard].clone()
-            dist.all_gather_into_tensor(b.param_buffer, mine, group=self.dp_group)
+        """ZeRO-1: all-gather the updated shards so every replica holds the new parameters;
+        16-bit parameters: cast the updated masters into them."""
+        if self.zero:
+            for b in self.buckets:
+                shard = b.main_buffer.numel() // self.dp
+                mine = b.main_buffer[self.dp_rank * shard:(self.dp_rank + 1) * shard].clone()
+                dist.all_gather_into_tensor(b.main_buffer, mine, group=self.dp_group)
+        if self.low_precision:
+            self._copy_masters_to_model()
 
     def norm_grads(self, tp_rank: int) -> list[torch.Tensor]:
         """Gradients that count toward the global norm on this rank, each element counted once
@@ -214,7 +276,8 @@ class DataParallel:
 
         if self.zero:
             return [piece.grad for b in self.buckets for _, piece, p in b.pieces if counted(p)]
-        return [p.grad for p in self.module.parameters() if p.grad is not None and counted(p)]
+        return [self.main_grads[p] for p in self.module.parameters()
+                if p in self.main_grads and counted(p)]
 
 
 def global_grad_norm(wrappers: list[DataParallel], tp_rank: int, norm_group=None) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -87,7 +86,6 @@ class ScheduleState:
     microbatches: list[dict]
     loss_scale: float
     forward_only: bool
-    forward_context: Callable
     before_last_backward: list | None
     losses: list = field(default_factory=list)
     forwards: list = field(default_factory=list)
@@ -104,10 +102,9 @@ def _forward_step(st: ScheduleState, chunk_id: int, input_tensor):
     mb = st.microbatches[st.forwards[chunk_id]]
     st.forwards[chunk_id] += 1
     x = mb["tokens"] if chunk.spec.pre_process else input_tensor
-    with st.forward_context():
-        if not chunk.spec.post_process:
-            return chunk(x)
-        loss_sum, n_tokens = chunk(x, mb["labels"], mb.get("loss_mask"))
+    if not chunk.spec.post_process:
+        return chunk(x)
+    loss_sum, n_tokens = chunk(x, mb["labels"], mb.get("loss_mask"))
     st.losses.append((loss_sum.detach(), n_tokens.detach()))
     return loss_sum * st.loss_scale
 
@@ -124,14 +121,12 @@ def _backward_step(st: ScheduleState, chunk_id: int, input_tensor, output, outpu
     return None if input_tensor is None else input_tensor.grad
 
 
-def _state(chunks, microbatches, loss_scale, forward_only, forward_context, before_last_backward):
-    return ScheduleState(list(chunks), microbatches, loss_scale, forward_only,
-                         forward_context or contextlib.nullcontext, before_last_backward)
+def _state(chunks, microbatches, loss_scale, forward_only, before_last_backward):
+    return ScheduleState(list(chunks), microbatches, loss_scale, forward_only, before_last_backward)
 
 
 def forward_backward_no_pipelining(chunks, microbatches, *, p2p=None, loss_scale=1.0,
-                                   forward_only=False, forward_context=None,
-                                   before_last_backward=None):
+                                   forward_only=False, before_last_backward=None):
     """Gradient accumulation over micro-batches on one stage.
 
     chunks: [the model stage] (a list, as the interleaved schedule has several);
@@ -139,12 +134,11 @@ def forward_backward_no_pipelining(chunks, microbatches, *, p2p=None, loss_scale
     p2p: unused here (the pipelined schedules need it);
     loss_scale: multiplies each micro-batch's loss sum before backward;
     forward_only: evaluation, no backward;
-    forward_context: a zero-argument callable returning the context forwards run in (autocast);
     before_last_backward: per chunk, a callable run just before that chunk's last backward
       (the data-parallel wrapper starts reducing gradient buckets as they fill).
     Returns [(loss_sum, n_tokens)] per micro-batch on the last stage, [] elsewhere.
     """
-    st = _state(chunks, microbatches, loss_scale, forward_only, forward_context, before_last_backward)
+    st = _state(chunks, microbatches, loss_scale, forward_only, before_last_backward)
     for _ in microbatches:
         if forward_only:
             with torch.no_grad():
@@ -155,10 +149,10 @@ def forward_backward_no_pipelining(chunks, microbatches, *, p2p=None, loss_scale
 
 
 def forward_backward_1f1b(chunks, microbatches, *, p2p: P2P, loss_scale=1.0, forward_only=False,
-                          forward_context=None, before_last_backward=None):
+                          before_last_backward=None):
     """One forward, one backward (PipeDream-Flush), one chunk per rank. Arguments as
     `forward_backward_no_pipelining`, plus p2p, this rank's `P2P`."""
-    st = _state(chunks, microbatches, loss_scale, forward_only, forward_context, before_last_backward)
+    st = _state(chunks, microbatches, loss_scale, forward_only, before_last_backward)
     stage = chunks[0]
     first, last = stage.spec.pre_process, stage.spec.post_process
     m = len(microbatches)
@@ -202,11 +196,10 @@ def forward_backward_1f1b(chunks, microbatches, *, p2p: P2P, loss_scale=1.0, for
 
 
 def forward_backward_interleaved(chunks, microbatches, *, p2p: P2P, loss_scale=1.0,
-                                 forward_only=False, forward_context=None,
-                                 before_last_backward=None):
+                                 forward_only=False, before_last_backward=None):
     """Interleaved 1F1B (Megatron): vp chunks per rank, chunk c of rank r being virtual stage
     c * pp + r. Micro-batches must be a multiple of pp. Arguments as the other schedules."""
-    st = _state(chunks, microbatches, loss_scale, forward_only, forward_context, before_last_backward)
+    st = _state(chunks, microbatches, loss_scale, forward_only, before_last_backward)
     pp_rank, pp = p2p.pp_rank, p2p.pp_size
     vp, m = len(chunks), len(microbatches)
     if m % pp:

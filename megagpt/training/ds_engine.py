@@ -121,6 +121,11 @@ class DeepSpeedEngine:
     def description(self) -> str:
         return f"DeepSpeed ZeRO-{self.zero_stage} ({self.cfg.parallel.deepspeed_config})"
 
+    def master_weights(self):
+        """As `Engine.master_weights`. Weights are loaded before `start()`, while the chunk still
+        holds its float32 weights, so there is nothing to swap in."""
+        return contextlib.nullcontext()
+
     def start(self) -> None:
         """deepspeed.initialize: after any weights are loaded into `chunks[0]`; collective."""
         if self.ds is not None:

@@ -10,9 +10,15 @@ under the interleaved schedule, each split over the tensor-parallel group), wrap
 
 and returns the global mean loss over the tokens of the whole global batch, the same number on
 every rank.
+
+Precision is Megatron's: under bf16 or fp16 the model's parameters and activations are 16-bit
+(no autocast), while gradients accumulate and are reduced in float32 and the optimizer updates a
+float32 master copy (see `DataParallel`); `master_weights()` exposes those masters under the
+parameters' names for checkpoints and weight loading.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,7 +31,7 @@ from megagpt.parallel.data_parallel import DataParallel, global_grad_norm, scale
 from megagpt.parallel.pipeline import P2P, get_forward_backward_func
 from megagpt.parallel.state import ParallelState
 from megagpt.training.optim import build_optimizer, set_lr
-from megagpt.training.precision import autocast_context, make_scaler
+from megagpt.training.precision import make_scaler, param_dtype
 
 
 @dataclass
@@ -43,12 +49,14 @@ class Engine:
                  p2p_timeout_s: float = 300.0):
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         par = cfg.parallel
+        dtype = param_dtype(cfg.training.precision)
         self.chunks = [build_stage(cfg, tp_group=state.tp_group, pp_rank=state.pp_rank,
                                    vp_chunk=c, device=self.device)
                        for c in range(par.virtual_pipeline_size)]
         self.wrappers = [DataParallel(chunk, dp_group=state.dp_group, tp_group=state.tp_group,
                                       embedding_group=state.embedding_group,
-                                      bucket_size_mb=par.bucket_size_mb, zero_stage=par.zero_stage)
+                                      bucket_size_mb=par.bucket_size_mb, zero_stage=par.zero_stage,
+                                      param_dtype=dtype)
                          for chunk in self.chunks]
         self.schedule = get_forward_backward_func(state.pp_world_size, par.virtual_pipeline_size)
         m, tp = cfg.model, state.tp_world_size
@@ -57,7 +65,7 @@ class Engine:
         self.p2p = P2P(pp_rank=state.pp_rank, pp_size=pp,
                        prev_rank=state.pp_ranks[(state.pp_rank - 1) % pp],
                        next_rank=state.pp_ranks[(state.pp_rank + 1) % pp],
-                       shape=(seq, cfg.training.batch_size, m.d_model), dtype=torch.float32,
+                       shape=(seq, cfg.training.batch_size, m.d_model), dtype=dtype,
                        device=self.device, timeout_s=p2p_timeout_s)
         named = [np for w in self.wrappers for np in w.optimizer_params()]
         self.optimizer = build_optimizer(named, cfg.training, self.device)
@@ -65,8 +73,14 @@ class Engine:
         zero = any(w.zero for w in self.wrappers)
         self.norm_group = dist.group.WORLD if zero else state.model_parallel_group
 
-    def forward_context(self):
-        return autocast_context(self.cfg.training.precision, self.device.type)
+    @contextlib.contextmanager
+    def master_weights(self):
+        """Inside, the chunks' parameters are their float32 masters (see
+        `DataParallel.master_weights`): save `chunk.state_dict()` or load weights here."""
+        with contextlib.ExitStack() as stack:
+            for w in self.wrappers:
+                stack.enter_context(w.master_weights())
+            yield
 
     def _global_tokens(self, microbatches: list[dict]) -> int:
         local = sum(float(mb["loss_mask"].sum()) if mb.get("loss_mask") is not None
@@ -96,11 +110,10 @@ class Engine:
             chunk.train()
         for w in self.wrappers:
             w.zero_grad()
+        tokens = self._global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
-        tokens = self._global_tokens(microbatches)
         losses = self.schedule(self.chunks, microbatches, p2p=self.p2p,
                                loss_scale=self.scaler.scale / max(tokens, 1),
-                               forward_context=self.forward_context,
                                before_last_backward=[w.start_grad_sync for w in self.wrappers])
         for w in self.wrappers:
             w.finish_grad_sync()
@@ -126,8 +139,7 @@ class Engine:
         """The global mean loss of a batch, without gradients."""
         for chunk in self.chunks:
             chunk.eval()
+        tokens = self._global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
-        tokens = self._global_tokens(microbatches)
-        losses = self.schedule(self.chunks, microbatches, p2p=self.p2p, forward_only=True,
-                               forward_context=self.forward_context)
+        losses = self.schedule(self.chunks, microbatches, p2p=self.p2p, forward_only=True)
         return self._global_loss(losses, tokens)

@@ -1,8 +1,9 @@
-"""Mixed precision: autocast, loss scaling and the agreed non-finite gradient check.
+"""Mixed precision: the parameter dtype, loss scaling and the agreed non-finite gradient check.
 
-Parameters, gradients and optimizer state stay fp32 on every precision; bf16 and fp16 run the
-forward and backward under `torch.autocast`, so the fp32 weights are the master copy and the
-gradients (and their data-parallel reduction) are fp32 by construction.
+Training in bf16 or fp16 is Megatron's scheme: the model's parameters (`param_dtype`) and
+activations are 16-bit, gradients accumulate and are reduced in float32, and the optimizer
+updates float32 master weights (megagpt/parallel/data_parallel.py). `autocast_context` is the
+other common scheme, autocast over float32 weights; the benchmarks' Hugging Face peer runs in it.
 
 fp16 also needs loss scaling: `DynamicLossScaler` is Megatron's dynamic grad scaler. The loop
 multiplies the loss by `scaler.scale` before backward, checks the gradients with
@@ -26,6 +27,12 @@ def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"training.precision={precision!r}: must be one of "
                          f"{', '.join(PRECISIONS)}")
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The model's parameter dtype for `training.precision`: float32, bfloat16 or float16."""
+    _check_precision(precision)
+    return {"fp32": torch.float32, **AUTOCAST_DTYPES}[precision]
 
 
 def autocast_context(precision: str, device_type: str | torch.device):

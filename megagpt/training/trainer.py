@@ -252,17 +252,18 @@ class Trainer:
         if self.deepspeed:
             return self._save_deepspeed()
         e, s = self.engine, self.state
-        model_state = {f"chunk{c}": chunk.state_dict() for c, chunk in enumerate(e.chunks)}
         optim_state = {"optimizer": e.optimizer.state_dict(), "scaler": e.scaler.state_dict(),
                        "skipped_total": self.skipped_total}
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
                 "parallel": self._parallel_sizes(), "megagpt_version": __version__}
-        path = save_checkpoint(self.save_dir, self.step, rank=s.rank, tp_rank=s.tp_rank,
-                               pp_rank=s.pp_rank, dp_rank=s.dp_rank, model_state=model_state,
-                               optim_state=optim_state,
-                               rng_state=capture_rng_state(get_rng_tracker().get_states()),
-                               meta=meta, keep_last=self.cfg.checkpoint.keep_last,
-                               barrier=self._barrier)
+        with e.master_weights():     # the float32 weights, also when training in 16 bits
+            model_state = {f"chunk{c}": chunk.state_dict() for c, chunk in enumerate(e.chunks)}
+            path = save_checkpoint(self.save_dir, self.step, rank=s.rank, tp_rank=s.tp_rank,
+                                   pp_rank=s.pp_rank, dp_rank=s.dp_rank, model_state=model_state,
+                                   optim_state=optim_state,
+                                   rng_state=capture_rng_state(get_rng_tracker().get_states()),
+                                   meta=meta, keep_last=self.cfg.checkpoint.keep_last,
+                                   barrier=self._barrier)
         self.log(f"saved checkpoint {path}")
         return path
 
@@ -281,7 +282,7 @@ class Trainer:
             path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)
         check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
                          with_optimizer=not weights_only)
-        with torch.no_grad():
+        with torch.no_grad(), e.master_weights():
             for c, chunk in enumerate(e.chunks):
                 chunk.load_state_dict(model_state[f"chunk{c}"])
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
@@ -336,8 +337,9 @@ class Trainer:
 
     def _load_pretrained(self, source: str) -> None:
         full = pretrained_state(source, self.cfg.model)
-        for chunk in self.engine.chunks:
-            load_full_state_dict(chunk, full)
+        with self.engine.master_weights():
+            for chunk in self.engine.chunks:
+                load_full_state_dict(chunk, full)
         self.log(f"initialised the weights from {source}")
 
 

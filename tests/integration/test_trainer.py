@@ -32,8 +32,9 @@ def _train(rank, world, run_dir, steps, layout, max_steps=None):
     trainer.train(until=steps)
     params = {}
     if ps.dp_rank == 0:
-        for chunk in trainer.engine.chunks:
-            params.update(gather_full_state_dict(chunk))
+        with trainer.engine.master_weights():
+            for chunk in trainer.engine.chunks:
+                params.update(gather_full_state_dict(chunk))
     return params
 
 
@@ -42,10 +43,13 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in lines if "loss" in r]
 
 
-@pytest.mark.parametrize("layout", [dict(), pytest.param(dict(tp=2, pp=2), marks=pytest.mark.slow)],
-                         ids=["1x1x1", "tp2xpp2"])
+@pytest.mark.parametrize("layout", [dict(), dict(training__precision="bf16"),
+                                    pytest.param(dict(tp=2, pp=2), marks=pytest.mark.slow),
+                                    pytest.param(dict(dp=2, zero=1, training__precision="bf16"),
+                                                 marks=pytest.mark.slow)],
+                         ids=["1x1x1", "1x1x1-bf16", "tp2xpp2", "dp2-zero1-bf16"])
 def test_resume_continues_exactly(tmp_path, layout):
-    world = layout.get("tp", 1) * layout.get("pp", 1)
+    world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
     straight = run_distributed(_train, world, str(tmp_path / "a"), 10, layout)
     run_distributed(_train, world, str(tmp_path / "b"), 5, layout, 10)
     resumed = run_distributed(_train, world, str(tmp_path / "b"), 10, layout)
