@@ -87,6 +87,8 @@ class TrainingConfig:
     eval_interval: int = _field(1000, doc="steps between validation passes; 0 turns them off")
     eval_iters: int = _field(10, doc="micro-batches per validation pass")
     recompute: str = _field("none", choices=("none", "selective", "full"))
+    cuda_graphs: bool = _field(False, doc="replay each block's forward and backward as CUDA graphs "
+                                          "(one GPU per model replica, dropout 0)")
     max_skipped_steps: int = _field(10, doc="consecutive non-finite steps before the run aborts")
 
 
@@ -634,6 +636,21 @@ def validate(cfg: Config) -> list[str]:
                 from megagpt.training.ds_config import deepspeed_config_problems
                 p.extend(deepspeed_config_problems(cfg))   # the file, and what contradicts ours
 
+    if t.cuda_graphs:
+        blockers = [(f"model.dropout={m.dropout}", "model.dropout=0", known(m.dropout) and m.dropout > 0),
+                    (f"parallel.tensor_parallel_size={par.tensor_parallel_size}",
+                     "tensor_parallel_size=1", ok_layout and par.tensor_parallel_size > 1),
+                    (f"parallel.pipeline_parallel_size={par.pipeline_parallel_size}",
+                     "pipeline_parallel_size=1", ok_layout and par.pipeline_parallel_size > 1),
+                    ("training.recompute=full", "recompute none or selective", t.recompute == "full"),
+                    (f"parallel.deepspeed_config={par.deepspeed_config}", "no deepspeed_config",
+                     par.deepspeed_config is not None)]
+        for setting, fix, blocks in blockers:
+            if blocks:
+                p.append(f"training.cuda_graphs=true: not with {setting} (graphs replay fixed "
+                         f"kernels on fixed buffers: no fresh dropout masks, no pipeline's "
+                         f"micro-batches in flight, no recompute or DeepSpeed wrapping, tensor "
+                         f"parallelism untested); fix: {fix}, or cuda_graphs=false")
     if t.mode == "finetune" and d.format != "sft" and not d.mock:
         p.append(f"training.mode=finetune: trains on fine-tuning data, but data.format={d.format}; "
                  f"fix: data.config_file=configs/dataset/finetuning.json (format sft) or "

@@ -294,6 +294,8 @@ class GPTStage(nn.Module):
         for block in self.layers.values():
             if self.recompute == "full" and self.training:
                 x = checkpoint(block, x, use_reentrant=False, context_fn=recompute_contexts)
+            elif cache is None:
+                x = block(x)             # tensors only: a block may be a replayed CUDA graph
             else:
                 x = block(x, cache)
         if cache is not None:

@@ -72,6 +72,27 @@ class Engine:
         self.scaler = make_scaler(cfg.training.precision)
         zero = any(w.zero for w in self.wrappers)
         self.norm_group = dist.group.WORLD if zero else state.model_parallel_group
+        if cfg.training.cuda_graphs:
+            self._capture_block_graphs(dtype)
+
+    def _capture_block_graphs(self, dtype: torch.dtype) -> None:
+        """training.cuda_graphs: capture every block's forward and backward as CUDA graphs for
+        the training micro-batch shape (torch.cuda.make_graphed_callables: a few warm-up runs,
+        which also let Triton tune its kernels, then one capture). In training mode a block then
+        replays its graph, one launch instead of dozens; in eval mode it runs as usual. The
+        graphs read the parameters where they are, so the optimizer's in-place updates and
+        loaded checkpoints reach them; config validation rules out what would break that."""
+        if self.device.type != "cuda":
+            raise ValueError(f"training.cuda_graphs=true needs a CUDA device, but this rank runs "
+                             f"on {self.device}; fix: training.cuda_graphs=false")
+        m = self.cfg.model
+        blocks = tuple(block for chunk in self.chunks for block in chunk.layers.values())
+        shape = (m.seq_length, self.cfg.training.batch_size, m.d_model)
+        samples = tuple((torch.randn(shape, device=self.device, dtype=dtype, requires_grad=True),)
+                        for _ in blocks)
+        for chunk in self.chunks:
+            chunk.train()
+        torch.cuda.make_graphed_callables(blocks, samples)
 
     @contextlib.contextmanager
     def master_weights(self):
