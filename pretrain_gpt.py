@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     if device.type == "cpu" and cfg.training.precision != "fp32":
         print(f"note: training.precision={cfg.training.precision} runs as fp32 on a CPU")
         cfg.training.precision = "fp32"
+    if device.type == "cpu" and cfg.training.cuda_graphs:
+        print("note: training.cuda_graphs=true needs CUDA; a CPU run launches the blocks as usual")
+        cfg.training.cuda_graphs = False
     try:
         state = initialize_parallel(cfg.parallel.tensor_parallel_size,
                                     cfg.parallel.pipeline_parallel_size)

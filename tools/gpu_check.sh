@@ -3,8 +3,10 @@
 # under 8 minutes on an H100): the kernel tests compiled for the GPU (no interpreter; the GPU-only
 # bf16 tests included), tools/bench_kernels.py (full, or --quick with QUICK=1), then
 # tools/bench_train.py on the Small config (Triton kernels, with the Hugging Face peer; and the
-# torch kernels) and the Base config (Triton kernels, with the peer), bf16, dropout 0, and the
-# memory check (measured peak beside the validator's estimate) on the Tiny and Large configs.
+# torch kernels; and Triton with CUDA graphs, profiled) and the Base config (Triton kernels, with
+# the peer; and with CUDA graphs), bf16, dropout 0, the memory check (measured peak beside the
+# validator's estimate) on the Tiny and Large configs, and pretrain_gpt.py on the tiny model
+# (bf16, CUDA graphs, a checkpoint and a resume).
 # Writes environment.txt, kernel_tests.log, bench_kernels.{txt,json,err}, bench_train_*.{txt,json}
 # to runs/gpu_check/; when $OUT is set (the device tool brings back at most 8 files) it also packs
 # them into $OUT/gpu_check.tgz and copies the text reports beside it. Each step runs even when an
@@ -42,11 +44,12 @@ if ! "$python" -c "import megagpt.kernels" 2>/dev/null; then
 fi
 
 # Compiling the kernels takes most of the tests' time: spread them over processes (xdist).
+# Then the other GPU-only tests (CUDA graphs).
 parallel=""
 if "$python" -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
 # shellcheck disable=SC2086
-timeout 130 "$python" -m pytest tests/kernels -q -ra -p no:cacheprovider $parallel 2>&1 \
-  | tee "$out_dir/kernel_tests.log"
+timeout 120 "$python" -m pytest tests/kernels tests/integration/test_cuda_graphs.py -q -ra \
+  -p no:cacheprovider $parallel 2>&1 | tee "$out_dir/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 quick=""
@@ -67,13 +70,33 @@ bench_train() {   # name, seconds, config, extra arguments
   [ "$rc" -eq 0 ] || train_rc=$rc
 }
 bench_train small_triton 50 configs/training/small_model.json
-bench_train small_torch 40 configs/training/small_model.json --no-peer --kernels.attention=sdpa \
+bench_train small_graphs 45 configs/training/small_model.json --no-peer \
+  --training.cuda_graphs=true --profile
+bench_train small_torch 30 configs/training/small_model.json --no-peer --kernels.attention=sdpa \
   --kernels.layernorm=torch --kernels.softmax=torch --kernels.bias_gelu=torch \
   --kernels.cross_entropy=torch
 bench_train base_triton 50 configs/training/base_model.json
-bench_train tiny_memory 25 configs/training/tiny_model.json --no-peer --training.precision=bf16
-bench_train large_memory 45 configs/training/large_model.json --no-peer --steps 2 --warmup 1 \
+bench_train base_graphs 40 configs/training/base_model.json --no-peer --training.cuda_graphs=true
+bench_train tiny_memory 20 configs/training/tiny_model.json --no-peer --training.precision=bf16
+bench_train large_memory 40 configs/training/large_model.json --no-peer --steps 2 --warmup 1 \
   --training.grad_accumulation_steps=2
+
+# The real entry point on the GPU: 30 steps of the tiny model (bf16, CUDA graphs) with a
+# checkpoint, then a resume to step 40 (the checkpoints stay outside what is packed).
+pretrain() {   # max_steps
+  timeout 30 "$python" pretrain_gpt.py --config configs/training/tiny_model.json \
+    --data.mock=true --data.num_workers=0 --parallel.world_size=1 \
+    --parallel.tensor_parallel_size=1 --parallel.pipeline_parallel_size=1 \
+    --training.precision=bf16 --training.cuda_graphs=true --training.max_steps="$1" \
+    --training.eval_interval=15 --training.log_interval=5 --checkpoint.save_interval=15 \
+    --logging.run_dir=/tmp/gpu_check_pretrain --checkpoint.save_dir=/tmp/gpu_check_pretrain/ckpt \
+    --logging.tensorboard=false 2>&1 | tee -a "$out_dir/bench_train_pretrain.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || train_rc=$rc
+}
+rm -rf /tmp/gpu_check_pretrain
+pretrain 30
+pretrain 40
 
 echo "gpu_check: kernel tests exit $tests_rc, kernel benchmark exit $bench_rc, training" \
   "benchmark exit $train_rc (124: timed out); files in $out_dir"
