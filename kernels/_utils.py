@@ -1,4 +1,4 @@
-"""Shared helpers of the kernel files: where Triton can run, and the input checks.
+"""Shared helpers of the kernel files: where Triton can run, launch configs, and the input checks.
 
 Triton decides at ``@triton.jit`` time (when a kernel module is imported) whether a kernel is
 compiled for a GPU or run by its CPU interpreter: ``TRITON_INTERPRET=1`` must be set before
@@ -7,9 +7,16 @@ this import are. On the CPU they run only when they were built for the interpret
 ``TRITON_INTERPRET=1`` is still set when called; otherwise the public functions run the
 plain-torch references, so the model works on any machine.
 
+Launch settings (block sizes, rows a program, warps, pipeline stages) are chosen by Triton's
+autotuner on a GPU (`Autotuned`): at the first call with a new key (the sizes that matter, and
+the tensors' dtypes) it times each config of a small list and keeps the fastest for that key.
+The interpreter cannot time a kernel, so there each kernel has exactly one config, chosen so that
+the tests cover several blocks and partial ones.
+
 Where Triton is not installed at all (it ships wheels for Linux only), a stand-in module lets the
 kernel files import and define their kernels; every public function then runs its reference.
 """
+import functools
 import os
 import types
 
@@ -18,11 +25,14 @@ import torch
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 
     HAS_TRITON = True
 except ImportError:
     HAS_TRITON = False
-    triton = types.SimpleNamespace(jit=lambda fn: fn)  # kernels stay plain, never-called functions
+    triton = types.SimpleNamespace(  # kernels stay plain, never-called functions
+        jit=lambda fn: fn,
+        Config=lambda kwargs, **options: types.SimpleNamespace(kwargs=kwargs, **options))
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)  # annotations, constants
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,6 +48,110 @@ else:
     KERNELS_INTERPRETED = False
 
 
+def _time_config(kernel_call, quantiles):
+    """How the autotuner times one config: Triton's do_bench with a shorter warm-up and run
+    (5 and 25 ms instead of its default 25 and 100); the kernels take microseconds to a few
+    milliseconds, so that is still a few to thousands of runs a config."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+AUTOTUNED = []  # every `Autotuned` kernel, for `autotune_choices`
+
+
+def _dtype(arg):
+    """A tensor argument's dtype; None for the other arguments."""
+    return getattr(arg, "dtype", None)
+
+
+class Autotuned:
+    """A kernel under ``triton.autotune``, launched as ``tuned[grid](*args, **meta)`` with the grid
+    a function of the chosen meta-parameters.
+
+    On a GPU it tunes over ``configs`` (``triton.Config``s), once for each new value of the
+    arguments named in ``key`` and of the tensor arguments' dtypes; under the interpreter, which
+    cannot time kernels, it has the one ``interpreter_config``. ``options`` go to
+    ``triton.autotune`` (``prune_configs_by``; ``restore_value`` for a kernel that may write over
+    its inputs, since tuning runs it many times). Every config must be valid for every launch: the
+    tuner only picks the fastest.
+
+    The autotuner rebuilds its key from every argument at each call (several microseconds of
+    Python a launch); so the first launch of a key goes through it, and later ones launch the
+    kernel directly with the config it chose, found by a key of the same information: the key
+    arguments' values and every argument's dtype (None for the scalars).
+    """
+
+    def __init__(self, kernel, configs, interpreter_config, key, **options):
+        self.kernel = kernel
+        self.chosen = {}  # launch key -> the chosen config's meta-parameters and options
+        if not HAS_TRITON:
+            return
+        self.tuner = triton.autotune(
+            configs=[interpreter_config] if KERNELS_INTERPRETED else list(configs), key=key,
+            do_bench=_time_config, **options)(kernel)
+        self._key_args = [(kernel.arg_names.index(name), name) for name in key]
+        AUTOTUNED.append(self)
+
+    def __getitem__(self, grid):
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid, *args, **meta):
+        key = (*[args[i] if i < len(args) else meta[name] for i, name in self._key_args],
+               *map(_dtype, args))
+        options = self.chosen.get(key)
+        if options is None:
+            self.tuner[grid](*args, **meta)
+            self.chosen[key] = self.tuner.best_config.all_kwargs()
+        else:
+            self.kernel.run(*args, grid=grid, warmup=False, **meta, **options)
+
+
+def autotune_choices() -> dict:
+    """{kernel name: {launch key: chosen config}} of every key launched so far in this process,
+    as text (the key holds the values of the kernel's key arguments, then each argument's dtype,
+    None for the scalars)."""
+    choices = {}
+    for tuned in AUTOTUNED:
+        for key, options in tuned.chosen.items():
+            config = " ".join(f"{name}={value}" for name, value in options.items()
+                              if value is not None)
+            choices.setdefault(tuned.kernel.__name__, {})[str(key)] = config
+    return choices
+
+
+def drop_blocks_longer_than(size: str, block: str):
+    """An ``early_config_prune`` for ``triton.autotune``: drops the configs whose meta-parameter
+    ``block`` exceeds the power of two covering the argument ``size`` (such a block is mostly
+    padding); when every config's does, keeps those with the shortest ``block``."""
+    def prune(configs, named_args, **kwargs):
+        limit = triton.next_power_of_2(named_args[size])
+        fits = [c for c in configs if c.kwargs[block] <= limit]
+        shortest = min(c.kwargs[block] for c in configs)
+        return fits or [c for c in configs if c.kwargs[block] == shortest]
+
+    return prune
+
+
+# (elements a program, warps) of the kernels that handle whole rows, BLOCK_M rows of BLOCK_N
+# columns (the row width's power of two) a program: 8 to 32 elements a thread.
+_ROW_TILES = ((1024, 4), (2048, 4), (4096, 8), (8192, 8), (16384, 16))
+
+
+def row_configs(block_n: int, max_tile: int = 16384) -> list:
+    """GPU configs of a whole-row kernel for rows padded to ``block_n``: BLOCK_M rows a program
+    for each tile size of ``block_n`` to ``max_tile`` elements in `_ROW_TILES`; for rows longer
+    than ``max_tile``, the one config of one row a program with the most warps (16)."""
+    if block_n > max_tile:
+        return [triton.Config({"BLOCK_M": 1}, num_warps=16)]
+    return [triton.Config({"BLOCK_M": tile // block_n}, num_warps=warps)
+            for tile, warps in _ROW_TILES if block_n <= tile <= max_tile]
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device_index: int) -> int:
+    """The streaming multiprocessors of CUDA device ``device_index`` (asked once a device)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def interpreter_requested() -> bool:
     """True when ``TRITON_INTERPRET`` is set now to a value triton reads as on (1/true/on/yes)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -50,12 +164,12 @@ def triton_runs_on(device) -> bool:
     ``TRITON_INTERPRET=1`` is set now but the kernels were compiled for the GPU, since the
     variable was set after ``megagpt.kernels`` was imported and cannot take effect.
     """
-    device = torch.device(device)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if not HAS_TRITON:
         return False
-    if device.type == "cuda":
+    if device_type == "cuda":
         return True
-    if device.type != "cpu":
+    if device_type != "cpu":
         return False
     if interpreter_requested() and not KERNELS_INTERPRETED:
         raise RuntimeError(

@@ -9,16 +9,20 @@ GeLU of GPT-2 (Hugging Face's "gelu_new", torch's ``approximate="tanh"``).
 Shapes: x is (..., n) (rows x n once flattened), bias is (n,); they may differ in dtype (float16 or
 bfloat16 activations with a float32 bias). y has x's dtype; the arithmetic is float32.
 
-Forward: elementwise over x's flat index. Backward: a grid of (column block, row range)
-programs; each writes dx for its tile rows and sums dx over its rows in registers into one partial
-row of dbias; the final sum over the row ranges is one small torch reduction.
+Forward: elementwise, in (BLOCK_M rows, BLOCK_N columns) tiles, so that each program loads its
+columns' bias once (no modulo an element to find its column). Backward: a grid of (column block,
+row range) programs; each writes dx for its rows, BLOCK_M at a time, and sums dx over its rows in
+registers into one partial row of dbias; the final sum over the row ranges is one small torch
+reduction.
+Launch settings: the tiles and warps are autotuned on a GPU; the row ranges of the backward are
+fixed by the launcher (the partial dbias buffer has one row a range).
 tanh is written with exp (Triton's interpreter has no libdevice tanh), in a form that cannot
 overflow.
 """
 import torch
 
-from ._utils import (KERNELS_INTERPRETED, check_float, check_last_dim, check_same_device, tl,
-                     triton, triton_runs_on)
+from ._utils import (KERNELS_INTERPRETED, Autotuned, check_float, check_last_dim,
+                     check_same_device, multiprocessor_count, tl, triton, triton_runs_on)
 
 # Kernels read only constexpr globals; they multiply them on the right of tensors (the interpreter
 # cannot multiply a constexpr by a tensor).
@@ -41,12 +45,18 @@ def _tanh_arg(u):
 
 
 @triton.jit
-def _bias_gelu_fwd_kernel(X, BIAS, Y, n_elements, n_cols, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n_elements
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(BIAS + offsets % n_cols, mask=mask, other=0.0).to(tl.float32)
-    u = x + b
+def _bias_gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile; the tiles of a row block are consecutive programs."""
+    col_blocks = tl.cdiv(n_cols, BLOCK_N)
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_cols = cols < n_cols
+    mask = (rows[:, None] < n_rows) & in_cols[None, :]
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    b = tl.load(BIAS + cols, mask=in_cols, other=0.0).to(tl.float32)
+    u = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) + b[None, :]
     y = 0.5 * u * (1.0 + _tanh(_tanh_arg(u)))
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -59,7 +69,7 @@ def _bias_gelu_bwd_kernel(X, BIAS, DY, DX, DBIAS_PARTIAL, n_rows, n_cols, rows_p
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_cols = cols < n_cols
     b = tl.load(BIAS + cols, mask=in_cols, other=0.0).to(tl.float32)
-    dbias = tl.zeros([BLOCK_N], tl.float32)
+    dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     row_start = pid_m * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for start in range(row_start, row_end, BLOCK_M):
@@ -73,26 +83,43 @@ def _bias_gelu_bwd_kernel(X, BIAS, DY, DX, DBIAS_PARTIAL, n_rows, n_cols, rows_p
             1.0 + u * u * (3.0 * GELU_COEF)) * SQRT_2_OVER_PI
         dx = dy * dgelu
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
-        dbias += tl.sum(dx, 0)
-    tl.store(DBIAS_PARTIAL + pid_m * n_cols + cols, dbias, mask=in_cols)
+        dbias += dx
+    tl.store(DBIAS_PARTIAL + pid_m * n_cols + cols, tl.sum(dbias, 0), mask=in_cols)
 
 
-def _fwd_block() -> int:
-    return 256 if KERNELS_INTERPRETED else 1024
+# (BLOCK_M, BLOCK_N, warps): 4k or 8k elements a tile, 32 a thread, in rows of 128 to 1024.
+_FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
+                for m, n, w in ((4, 1024, 4), (8, 1024, 8), (8, 512, 4), (16, 512, 8),
+                                (32, 256, 8), (64, 128, 8))]
+# The backward's row ranges are multiples of ROW_MULTIPLE rows, so that every config's BLOCK_M
+# divides them; (BLOCK_M, BLOCK_N, warps) of 4k or 8k elements, 16 or 32 a thread.
+ROW_MULTIPLE = 64
+_BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
+                for m, n, w in ((32, 128, 4), (32, 128, 8), (64, 128, 8), (16, 256, 4),
+                                (32, 256, 8))]
+# Under the interpreter: small tiles, so that the tests cover several tiles and partial ones.
+_INTERPRETER_FWD_CONFIG = triton.Config({"BLOCK_M": 8, "BLOCK_N": 32}, num_warps=4)
+_INTERPRETER_BWD_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)
+
+_fwd_kernel = Autotuned(_bias_gelu_fwd_kernel, _FWD_CONFIGS, _INTERPRETER_FWD_CONFIG,
+                        key=["n_cols"])
+_bwd_kernel = Autotuned(_bias_gelu_bwd_kernel, _BWD_CONFIGS, _INTERPRETER_BWD_CONFIG,
+                        key=["n_cols"])
 
 
-def _bwd_layout(n_rows: int, n_cols: int, device: torch.device):
-    """(BLOCK_M, BLOCK_N, rows_per_program, row programs) of the backward: about four programs a
-    multiprocessor on a GPU; small tiles and a few row ranges under the interpreter."""
+def _bwd_row_ranges(n_rows: int, n_cols: int, device: torch.device):
+    """(rows_per_program, row ranges) of the backward: about eight programs a multiprocessor
+    counted in columns of 128 (the configs' middle width) on a GPU; a few ranges of 16 rows or
+    more under the interpreter."""
     if KERNELS_INTERPRETED or device.type != "cuda":
-        block_m, block_n, target_programs = 16, 32, 8
+        block_n, row_multiple, target_programs = 32, 16, 8
     else:
-        block_m, block_n = 32, 128
-        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    col_blocks = triton.cdiv(n_cols, block_n)
-    row_programs = max(1, min(triton.cdiv(n_rows, block_m), target_programs // col_blocks))
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, row_programs), block_m) * block_m
-    return block_m, block_n, rows_per_program, triton.cdiv(n_rows, rows_per_program)
+        block_n, row_multiple = 128, ROW_MULTIPLE
+        target_programs = 8 * multiprocessor_count(device.index)
+    ranges = max(1, min(triton.cdiv(n_rows, row_multiple),
+                        target_programs // triton.cdiv(n_cols, block_n)))
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, ranges), row_multiple) * row_multiple
+    return rows_per_program, triton.cdiv(n_rows, rows_per_program)
 
 
 class BiasGeluFunction(torch.autograd.Function):
@@ -100,27 +127,27 @@ class BiasGeluFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias):
-        x = x.contiguous()
-        bias = bias.contiguous()
+        x, bias = x.contiguous(), bias.contiguous()
+        n_cols = x.shape[-1]
+        n_rows = x.numel() // n_cols
         y = torch.empty_like(x)
-        block = _fwd_block()
-        _bias_gelu_fwd_kernel[(triton.cdiv(x.numel(), block),)](x, bias, y, x.numel(),
-                                                               x.shape[-1], BLOCK=block)
+        _fwd_kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"])
+                                  * triton.cdiv(n_cols, meta["BLOCK_N"]),)](
+            x, bias, y, n_rows, n_cols)
         ctx.save_for_backward(x, bias)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
+        dy = dy.contiguous()
         n_cols = x.shape[-1]
         n_rows = x.numel() // n_cols
-        dy = dy.contiguous()
+        rows_per_program, row_ranges = _bwd_row_ranges(n_rows, n_cols, x.device)
         dx = torch.empty_like(x)
-        block_m, block_n, rows_per_program, row_programs = _bwd_layout(n_rows, n_cols, x.device)
-        partial = torch.empty((row_programs, n_cols), device=x.device, dtype=torch.float32)
-        _bias_gelu_bwd_kernel[(triton.cdiv(n_cols, block_n), row_programs)](
-            x, bias, dy, dx, partial, n_rows, n_cols, rows_per_program, BLOCK_M=block_m,
-            BLOCK_N=block_n)
+        partial = torch.empty((row_ranges, n_cols), device=x.device, dtype=torch.float32)
+        _bwd_kernel[lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), row_ranges)](
+            x, bias, dy, dx, partial, n_rows, n_cols, rows_per_program)
         return dx, partial.sum(0).to(bias.dtype)
 
 

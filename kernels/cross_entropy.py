@@ -8,11 +8,12 @@ Shapes: logits is (..., vocab) float16/bfloat16/float32, target is (...) integer
 flattened leading dimensions. The kernels read the logits in their own dtype, chunk by chunk
 (online max and sum of exponentials in float32); no float32 copy of the logits is made.
 
-`cross_entropy`: the forward kernel computes each row's loss and, in the same program, writes
-the row's gradient (softmax - onehot) / n_valid into a tensor of the logits' dtype (the mean over
-the n_valid rows whose target is not ignore_index). The backward scales that tensor in place by
-the incoming gradient and hands it on as the logits' gradient (so it can run once a forward).
-The loss is the mean over non-ignored rows (NaN when every row is ignored, as in torch). A
+`cross_entropy`: the forward kernel computes each row's share of the mean loss (its loss over
+n_valid, the rows whose target is not ignore_index; one torch sum adds them up) and, in the same
+program, writes the row's gradient (softmax - onehot) / n_valid into a tensor of the logits'
+dtype (with reduction="sum", n_valid is 1: the rows' losses and gradients unscaled). The backward
+scales that tensor in place by the incoming gradient and hands it on as the logits' gradient (so
+it can run once a forward). The mean is NaN when every row is ignored, as in torch. A
 target outside [0, vocab) that is not ignore_index is an error on the CPU and gives a NaN loss
 on a GPU (checking it there would synchronise).
 
@@ -21,10 +22,14 @@ Vocab parallel (each rank holds the logits of the vocabulary slice [vocab_start,
 logit (0 when the target lies outside the shard); the ranks combine them into the global
 log-sum-exp (max over ranks, rescaled sums, summed target logits), and in the backward
 `cross_entropy_shard_grad` writes the shard's (softmax - onehot) times each row's gradient.
+
+Launch settings: one program a row; the vocabulary chunk BLOCK_V and the warps are autotuned on a
+GPU per row width.
 """
 import torch
 
-from ._utils import KERNELS_INTERPRETED, check_float, check_same_device, tl, triton, triton_runs_on
+from ._utils import (Autotuned, check_float, check_same_device, drop_blocks_longer_than, tl,
+                     triton, triton_runs_on)
 
 
 @triton.jit
@@ -59,40 +64,43 @@ def _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, local_target, scale,
 @triton.jit
 def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, n_cols, width, ignore_index,
                               BLOCK_V: tl.constexpr):
-    """One row: the loss over its first n_cols logits and the gradient of all `width` columns."""
+    """One row: its loss over its first n_cols logits divided by N_VALID (the mean's share; 1
+    for a sum) and the gradient of all `width` columns."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * width
     grad_ptr = GRAD + row * width
     target = tl.load(TARGET + row).to(tl.int64)
+    n_valid = tl.load(N_VALID).to(tl.float32)
     if target == ignore_index:
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, width, BLOCK_V):
             tl.store(grad_ptr + start + cols, tl.zeros([BLOCK_V], tl.float32).to(
                 grad_ptr.dtype.element_ty), mask=start + cols < width)
-        tl.store(LOSS + row, 0.0)
+        # 0 / n_valid: 0, or NaN when every row is ignored (the mean of nothing, as in torch)
+        tl.store(LOSS + row, tl.where(n_valid > 0, 0.0, float("nan")))
     else:
         m, d = _row_max_sumexp(row_ptr, n_cols, BLOCK_V)
         lse = m + tl.log(d)
         in_range = (target >= 0) & (target < n_cols)
         target_logit = tl.load(row_ptr + target, mask=in_range, other=float("nan"))
-        tl.store(LOSS + row, lse - target_logit.to(tl.float32))
-        scale = 1.0 / tl.load(N_VALID).to(tl.float32)
-        _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, target, scale, BLOCK_V)
+        tl.store(LOSS + row, (lse - target_logit.to(tl.float32)) / n_valid)
+        _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, target, 1.0 / n_valid, BLOCK_V)
 
 
 @triton.jit
-def _shard_stats_kernel(LOGITS, TARGET, MAX, SUMEXP, TARGET_LOGIT, n_cols, width, vocab_start,
-                        BLOCK_V: tl.constexpr):
-    """One row of a shard `width` wide whose first n_cols columns are classes (the rest padding)."""
+def _shard_stats_kernel(LOGITS, TARGET, STATS, n_cols, width, vocab_start, BLOCK_V: tl.constexpr):
+    """One row of a shard `width` wide whose first n_cols columns are classes (the rest padding);
+    STATS is (3, rows): max, sum of exponentials, target logit."""
     row = tl.program_id(0).to(tl.int64)
+    n_rows = tl.num_programs(0)
     row_ptr = LOGITS + row * width
     m, d = _row_max_sumexp(row_ptr, n_cols, BLOCK_V)
     local = tl.load(TARGET + row).to(tl.int64) - vocab_start
     in_shard = (local >= 0) & (local < n_cols)
     target_logit = tl.load(row_ptr + local, mask=in_shard, other=0.0).to(tl.float32)
-    tl.store(MAX + row, m)
-    tl.store(SUMEXP + row, d)
-    tl.store(TARGET_LOGIT + row, target_logit)
+    tl.store(STATS + row, m)
+    tl.store(STATS + n_rows + row, d)
+    tl.store(STATS + 2 * n_rows + row, target_logit)
 
 
 @triton.jit
@@ -105,37 +113,43 @@ def _shard_grad_kernel(LOGITS, TARGET, LSE, GRAD_ROW, GRAD, n_cols, width, vocab
                     tl.load(LSE + row), target - vocab_start, scale, BLOCK_V)
 
 
-def _block_v(n_cols: int) -> int:
-    """Vocabulary chunk of one loop step: small under the interpreter so that tests cover
-    several chunks and a partial last one."""
-    cap = 256 if KERNELS_INTERPRETED else 4096
-    return min(cap, triton.next_power_of_2(n_cols))
+# (BLOCK_V, warps): the vocabulary chunk of one loop step, 8 or 16 elements a thread.
+_GPU_CONFIGS = [triton.Config({"BLOCK_V": v}, num_warps=w)
+                for v, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))]
+# Under the interpreter: small chunks, so that the tests cover several and a partial last one.
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_V": 256}, num_warps=4)
+# Chunks longer than the row are padding only; tuned per row width.
+_PRUNE = {"early_config_prune": drop_blocks_longer_than("width", "BLOCK_V")}
 
-
-def _num_warps(block_v: int) -> int:
-    return min(max(block_v // 256, 1), 16)
+_fwd_kernel = Autotuned(_cross_entropy_fwd_kernel, _GPU_CONFIGS, _INTERPRETER_CONFIG,
+                        key=["width"], prune_configs_by=_PRUNE)
+_shard_stats = Autotuned(_shard_stats_kernel, _GPU_CONFIGS, _INTERPRETER_CONFIG, key=["width"],
+                         prune_configs_by=_PRUNE)
+# GRAD may be LOGITS itself (out=logits): the tuner restores it after each timed run.
+_shard_grad = Autotuned(_shard_grad_kernel, _GPU_CONFIGS, _INTERPRETER_CONFIG, key=["width"],
+                        prune_configs_by=_PRUNE, restore_value=["GRAD"])
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Autograd for the fused kernel; the forward computes the gradient, which it saves."""
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, n_cols):
+    def forward(ctx, logits, target, ignore_index, n_cols, reduction):
+        logits, target = logits.contiguous(), target.contiguous()
         width = logits.shape[-1]
-        logits2d = logits.reshape(-1, width).contiguous()
-        target1d = target.reshape(-1).contiguous()
-        n_rows = logits2d.shape[0]
-        n_valid = (target1d != ignore_index).sum()
-        grad = torch.empty_like(logits2d)
+        n_rows = target.numel()
+        if reduction == "mean":
+            n_valid = (target != ignore_index).sum()
+        else:
+            n_valid = torch.ones((), device=logits.device, dtype=torch.int64)
+        grad = torch.empty_like(logits)
         loss_rows = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-        block_v = _block_v(n_cols)
-        _cross_entropy_fwd_kernel[(n_rows,)](logits2d, target1d, grad, loss_rows, n_valid, n_cols,
-                                             width, ignore_index, BLOCK_V=block_v,
-                                             num_warps=_num_warps(block_v))
+        _fwd_kernel[(n_rows,)](logits, target, grad, loss_rows, n_valid, n_cols, width,
+                               ignore_index)
         ctx.save_for_backward(grad)
-        ctx.logits_shape = logits.shape
         ctx.backward_done = False
-        return (loss_rows.sum() / n_valid).to(logits.dtype)
+        loss = loss_rows.sum()
+        return loss.to(logits.dtype) if reduction == "mean" else loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -145,7 +159,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
         grad.mul_(grad_loss.to(grad.dtype))
-        return grad.view(ctx.logits_shape), None, None, None
+        return grad, None, None, None, None
 
 
 def _check_logits_target(logits, target):
@@ -182,18 +196,25 @@ def _check_vocab_size(logits, vocab_size):
     return vocab_size
 
 
-def cross_entropy_reference(logits, target, ignore_index=-100, vocab_size=None):
-    """Plain torch: F.cross_entropy on float32 logits (mean over non-ignored rows), returned in
-    the logits' dtype; columns from `vocab_size` on are left out."""
+def cross_entropy_reference(logits, target, ignore_index=-100, vocab_size=None, reduction="mean"):
+    """Plain torch: F.cross_entropy on float32 logits (the mean over non-ignored rows, returned
+    in the logits' dtype, or their float32 sum); columns from `vocab_size` on are left out."""
+    _check_reduction(reduction)
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             target.reshape(-1).long(), ignore_index=ignore_index)
-    return loss.to(logits.dtype)
+                                             target.reshape(-1).long(), ignore_index=ignore_index,
+                                             reduction=reduction)
+    return loss.to(logits.dtype) if reduction == "mean" else loss
 
 
-def cross_entropy(logits, target, ignore_index=-100, vocab_size=None):
-    """Mean cross-entropy of logits against target classes, loss and gradient in one fused pass.
+def _check_reduction(reduction):
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: must be 'mean' or 'sum'")
+
+
+def cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean"):
+    """Cross-entropy of logits against target classes, loss and gradient in one fused pass.
 
     Args:
         logits: (..., width) float16/bfloat16/float32. Non-contiguous logits are copied.
@@ -202,16 +223,21 @@ def cross_entropy(logits, target, ignore_index=-100, vocab_size=None):
         vocab_size: the classes in use, the first `vocab_size` columns; the columns after them
             are padding (Megatron's padded vocabulary), left out of the softmax, gradient 0.
             None: every column. Reading the padded logits in place saves a copy of them.
+        reduction: "mean" (over the non-ignored rows; NaN when there are none, as in torch) or
+            "sum" (of the non-ignored rows' losses; 0 when there are none). A sum needs no count
+            of the rows, so no synchronisation, and is what a caller that normalises over
+            micro-batches and ranks wants.
     Returns:
-        0-d tensor in the logits' dtype: the mean loss over non-ignored rows. Runs
+        0-d tensor: the mean in the logits' dtype, or the sum in float32. Runs
         `cross_entropy_reference` where the kernels cannot run and for empty logits.
     """
+    _check_reduction(reduction)
     _check_logits_target(logits, target)
     n_classes = _check_vocab_size(logits, vocab_size)
     _check_target_range(target, ignore_index, n_classes)
     if logits.numel() == 0 or not triton_runs_on(logits.device):
-        return cross_entropy_reference(logits, target, ignore_index, vocab_size)
-    return CrossEntropyFunction.apply(logits, target, int(ignore_index), n_classes)
+        return cross_entropy_reference(logits, target, ignore_index, vocab_size, reduction)
+    return CrossEntropyFunction.apply(logits, target, int(ignore_index), n_classes, reduction)
 
 
 def _shard_classes(logits, vocab_start, vocab_size):
@@ -260,15 +286,11 @@ def cross_entropy_shard_stats(logits, target, vocab_start, vocab_size=None):
     n_classes = _shard_classes(logits, vocab_start, vocab_size)
     if logits.numel() == 0 or not triton_runs_on(logits.device):
         return cross_entropy_shard_stats_reference(logits, target, vocab_start, vocab_size)
-    width = logits.shape[-1]
-    logits2d = logits.reshape(-1, width).contiguous()
-    n_rows = logits2d.shape[0]
-    stats = torch.empty((3, n_rows), device=logits.device, dtype=torch.float32)
-    block_v = _block_v(width)
-    _shard_stats_kernel[(n_rows,)](logits2d, target.reshape(-1).contiguous(), stats[0], stats[1],
-                                   stats[2], n_classes, width, int(vocab_start), BLOCK_V=block_v,
-                                   num_warps=_num_warps(block_v))
-    return tuple(s.view(target.shape) for s in stats)
+    n_rows = target.numel()
+    stats = torch.empty((3,) + tuple(target.shape), device=logits.device, dtype=torch.float32)
+    _shard_stats[(n_rows,)](logits.contiguous(), target.contiguous(), stats, n_classes,
+                            logits.shape[-1], int(vocab_start))
+    return tuple(stats)
 
 
 def cross_entropy_shard_grad_reference(logits, target, vocab_start, lse, grad_row=None,
@@ -322,16 +344,12 @@ def cross_entropy_shard_grad(logits, target, vocab_start, lse, grad_row=None, ig
         grad = cross_entropy_shard_grad_reference(logits, target, vocab_start, lse, grad_row,
                                                   ignore_index, vocab_size)
         return grad if out is None else out.copy_(grad)
-    n_cols = logits.shape[-1]
-    logits2d = logits.reshape(-1, n_cols).contiguous()
-    n_rows = logits2d.shape[0]
-    grad = torch.empty_like(logits2d) if out is None else out.view(n_rows, n_cols)
+    logits = logits.contiguous()
+    n_rows = target.numel()
+    grad = torch.empty_like(logits) if out is None else out
     if grad_row is None:
         grad_row = torch.ones(n_rows, device=logits.device, dtype=torch.float32)
-    block_v = _block_v(n_cols)
-    _shard_grad_kernel[(n_rows,)](logits2d, target.reshape(-1).contiguous(),
-                                  lse.reshape(-1).float().contiguous(),
-                                  grad_row.reshape(-1).contiguous(), grad, n_classes, n_cols,
-                                  int(vocab_start), int(ignore_index), BLOCK_V=block_v,
-                                  num_warps=_num_warps(block_v))
-    return grad.view(logits.shape)
+    _shard_grad[(n_rows,)](logits, target.contiguous(), lse.float().contiguous(),
+                           grad_row.contiguous(), grad, n_classes, logits.shape[-1],
+                           int(vocab_start), int(ignore_index))
+    return grad

@@ -13,13 +13,15 @@ softmax in float32 (base-2 exponentials), writes O and the log-sum-exp of each q
 Backward: a small kernel computes delta = rowsum(dO * O); one program per key block accumulates
 dK and dV over the query blocks; one program per query block accumulates dQ over the key blocks.
 No atomics. Causal attention masks key j > query i and skips the blocks above the diagonal.
+Launch settings: each kernel's blocks, warps and pipeline stages are autotuned on a GPU per
+sequence length, head dim, mask and dtype (`_GPU_CONFIGS`).
 """
 import math
 
 import torch
 
-from ._utils import (KERNELS_INTERPRETED, check_float, check_same_device, tl, triton,
-                     triton_runs_on)
+from ._utils import (KERNELS_INTERPRETED, SUPPORTED_DTYPES, Autotuned, check_float,
+                     check_same_device, drop_blocks_longer_than, tl, triton, triton_runs_on)
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 # Kernels read only constexpr globals, put on the right of tensors in products (the interpreter
@@ -233,58 +235,86 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, sm_scale,
     tl.store(DQ + base + offsets, (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_seq[:, None])
 
 
-def _kernel_options(dtype: torch.dtype, head_dim: int) -> dict:
-    """Block sizes and launch options. BLOCK_M is a multiple of BLOCK_N in the forward and dQ
-    kernels, BLOCK_N of BLOCK_M in the dK/dV kernel: the causal loops rely on it.
+def _configs(shapes) -> list:
+    """triton.Config of each (BLOCK_M, BLOCK_N, warps, stages)."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
 
-    Under the interpreter: blocks small enough that the tests cover several blocks, and bfloat16
-    upcast in the kernel (the interpreter's bfloat16 arithmetic is wrong). On a GPU: untuned
-    defaults in the style of Triton's FlashAttention-2 tutorial; float32 (exact dots, not the
-    fast path) gets smaller blocks."""
+
+# GPU configs of each kernel, in the style of Triton's FlashAttention-2 tutorial: for
+# float16/bfloat16 (tensor-core dots) a few to tune among; for float32 (exact dots, not a fast
+# path) one config of small blocks, 8 warps (4 take several times longer to compile). BLOCK_M is a
+# multiple of BLOCK_N in the forward and dQ kernels, BLOCK_N of BLOCK_M in the dK/dV kernel: the
+# causal loops rely on it.
+_GPU_CONFIGS = {
+    "fwd": {"half": _configs(((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                              (128, 128, 8, 3), (64, 64, 4, 4))),
+            "float32": _configs(((64, 32, 8, 2),))},
+    "dkdv": {"half": _configs(((32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2))),
+             "float32": _configs(((32, 64, 8, 2),))},
+    "dq": {"half": _configs(((128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2))),
+           "float32": _configs(((64, 32, 8, 2),))},
+}
+# Under the interpreter: blocks small enough that the tests cover several blocks.
+_INTERPRETER_CONFIGS = {"fwd": triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}),
+                        "dkdv": triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}),
+                        "dq": triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+# The block each kernel's grid splits the sequence into: longer ones than the sequence are pruned.
+_GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
+# _TUNED[kernel][precision]: the kernel autotuned per sequence length, head dim, mask and dtype.
+_TUNED = {
+    name: {precision: Autotuned(
+        _KERNELS[name], configs, _INTERPRETER_CONFIGS[name],
+        key=["seq_len", "HEAD_DIM", "CAUSAL"],
+        prune_configs_by={"early_config_prune": drop_blocks_longer_than("seq_len",
+                                                                        _GRID_BLOCK[name])})
+        for precision, configs in by_precision.items()}
+    for name, by_precision in _GPU_CONFIGS.items()
+}
+
+
+def _dot_options(dtype: torch.dtype) -> dict:
+    """UPCAST and DOT_PRECISION of the kernels for ``dtype``: under the interpreter, bfloat16 is
+    upcast to float32 in the kernel (the interpreter's bfloat16 arithmetic is wrong) and every
+    dot is exact; on a GPU, float16/bfloat16 dots run on tensor cores, float32 ones exactly."""
     if KERNELS_INTERPRETED:
-        return dict(fwd=(64, 32, 1, 1), dkdv=(32, 64, 1, 1), dq=(64, 32, 1, 1),
-                    upcast=dtype == torch.bfloat16, dot_precision="ieee")
-    warps = 8 if head_dim == 128 else 4
-    if dtype == torch.float32:
-        return dict(fwd=(64, 32, warps, 2), dkdv=(32, 64, warps, 2), dq=(64, 32, warps, 2),
-                    upcast=False, dot_precision="ieee")
-    return dict(fwd=(128, 64, warps, 3), dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3),
-                upcast=False, dot_precision="tf32")
+        return dict(UPCAST=dtype == torch.bfloat16, DOT_PRECISION="ieee")
+    return dict(UPCAST=False, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+_DOT_OPTIONS = {dtype: _dot_options(dtype) for dtype in SUPPORTED_DTYPES}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "float32" if dtype == torch.float32 else "half"
 
 
 def _flash_attention_forward(q, k, v, causal, sm_scale):
     batch, heads, seq_len, head_dim = q.shape
-    opts = _kernel_options(q.dtype, head_dim)
-    block_m, block_n, warps, stages = opts["fwd"]
     o = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(seq_len, block_m), batch * heads)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, seq_len, sm_scale, CAUSAL=causal,
-                           UPCAST=opts["upcast"], DOT_PRECISION=opts["dot_precision"],
-                           HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                           num_warps=warps, num_stages=stages)
+    _TUNED["fwd"][_precision(q.dtype)][
+        lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)](
+        q, k, v, o, lse, seq_len, sm_scale, CAUSAL=causal, HEAD_DIM=head_dim,
+        **_DOT_OPTIONS[q.dtype])
     return o, lse
 
 
 def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale):
     batch, heads, seq_len, head_dim = q.shape
-    opts = _kernel_options(q.dtype, head_dim)
     do = do.contiguous()
     delta = torch.empty_like(lse)
     n_rows = batch * heads * seq_len
     _attn_bwd_delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, HEAD_DIM=head_dim,
                                                       BLOCK_M=64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(CAUSAL=causal, UPCAST=opts["upcast"], DOT_PRECISION=opts["dot_precision"],
-                  HEAD_DIM=head_dim)
-    block_m, block_n, warps, stages = opts["dkdv"]
-    _attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, block_n), batch * heads)](
-        q, k, v, do, lse, delta, dk, dv, seq_len, sm_scale, **common, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    block_m, block_n, warps, stages = opts["dq"]
-    _attn_bwd_dq_kernel[(triton.cdiv(seq_len, block_m), batch * heads)](
-        q, k, v, do, lse, delta, dq, seq_len, sm_scale, **common, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    precision = _precision(q.dtype)
+    options = dict(CAUSAL=causal, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
+    _TUNED["dkdv"][precision][lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * heads)](
+        q, k, v, do, lse, delta, dk, dv, seq_len, sm_scale, **options)
+    _TUNED["dq"][precision][lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)](
+        q, k, v, do, lse, delta, dq, seq_len, sm_scale, **options)
     return dq, dk, dv
 
 

@@ -8,13 +8,16 @@ Shapes: x is (..., n) with n <= 65536, flattened to rows; with ``causal=True`` x
 aligned: row i of each (sq, sk) matrix keeps keys 0..i). y = softmax(scale * x) with masked
 entries 0, in x's dtype; the arithmetic is float32.
 
-Forward: each program normalises whole rows, several when they are short. Backward: the same
-layout, dx = scale * y * (dy - sum(dy * y)) from the saved output (masked entries have y = 0,
-hence dx = 0).
+Forward: each program normalises BLOCK_M whole rows. Backward: the same layout,
+dx = scale * y * (dy - sum(dy * y)) from the saved output (masked entries have y = 0, hence
+dx = 0). Launch settings: BLOCK_M and the warps are autotuned on a GPU per row width
+(`row_configs`).
 """
+import functools
+
 import torch
 
-from ._utils import check_float, tl, triton, triton_runs_on
+from ._utils import Autotuned, check_float, row_configs, tl, triton, triton_runs_on
 
 MAX_WIDTH = 65536
 
@@ -49,13 +52,22 @@ def _softmax_bwd_kernel(Y, DY, DX, n_rows, n_cols, scale, BLOCK_M: tl.constexpr,
     tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=inside)
 
 
-def _launch_layout(n_rows: int, n_cols: int):
-    """(grid, BLOCK_M, BLOCK_N, num_warps): whole rows, several a program when they are short
-    (about 4096 elements a program)."""
-    block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, 4096 // block_n)
-    num_warps = min(16, max(1, block_m * block_n // 512))
-    return (triton.cdiv(n_rows, block_m),), block_m, block_n, num_warps
+# Under the interpreter: several rows a program and a partial last block in the tests' shapes.
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 4}, num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_kernel(block_n: int):
+    """The forward kernel, autotuned among the configs for rows padded to ``block_n``."""
+    return Autotuned(_softmax_fwd_kernel, row_configs(block_n), _INTERPRETER_CONFIG,
+                     key=["n_cols", "CAUSAL"])
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_kernel(block_n: int):
+    """The backward kernel, autotuned among the configs for rows padded to ``block_n``."""
+    return Autotuned(_softmax_bwd_kernel, row_configs(block_n), _INTERPRETER_CONFIG,
+                     key=["n_cols"])
 
 
 class ScaledMaskedSoftmaxFunction(torch.autograd.Function):
@@ -63,14 +75,14 @@ class ScaledMaskedSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, causal):
+        x = x.contiguous()
         n_cols = x.shape[-1]
         n_rows = x.numel() // n_cols
         sq = x.shape[-2] if causal else 1
-        x = x.contiguous()
+        block_n = triton.next_power_of_2(n_cols)
         y = torch.empty_like(x)
-        grid, block_m, block_n, num_warps = _launch_layout(n_rows, n_cols)
-        _softmax_fwd_kernel[grid](x, y, n_rows, n_cols, sq, scale, CAUSAL=causal, BLOCK_M=block_m,
-                                  BLOCK_N=block_n, num_warps=num_warps)
+        _fwd_kernel(block_n)[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
+            x, y, n_rows, n_cols, sq, scale, CAUSAL=causal, BLOCK_N=block_n)
         ctx.save_for_backward(y)
         ctx.scale = scale
         return y
@@ -78,13 +90,13 @@ class ScaledMaskedSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
+        dy = dy.contiguous()
         n_cols = y.shape[-1]
         n_rows = y.numel() // n_cols
-        dy = dy.contiguous()
+        block_n = triton.next_power_of_2(n_cols)
         dx = torch.empty_like(y)
-        grid, block_m, block_n, num_warps = _launch_layout(n_rows, n_cols)
-        _softmax_bwd_kernel[grid](y, dy, dx, n_rows, n_cols, ctx.scale, BLOCK_M=block_m,
-                                  BLOCK_N=block_n, num_warps=num_warps)
+        _bwd_kernel(block_n)[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
+            y, dy, dx, n_rows, n_cols, ctx.scale, BLOCK_N=block_n)
         return dx, None, None
 
 

@@ -12,7 +12,9 @@ after warm-up (the sides alternate run by run; small inputs rotate among three c
 cache does not serve them), TFLOP/s for attention (4·B·H·S²·D forward, halved when causal;
 forward+backward 3.5× that) or effective GB/s for the rest (the bytes the op must read and write;
 also as a fraction of the card's measured copy bandwidth), the speedup over PyTorch, the largest
-output difference from PyTorch, and cross_entropy's peak memory beside F.cross_entropy.
+output difference from PyTorch, cross_entropy's peak memory beside F.cross_entropy, and the
+launch config Triton's autotuner chose for each kernel and key. The autotuner times its configs
+at the first call of each new shape, which the warm-up runs absorb: the timed runs only launch.
 It prints a table and writes JSON (--json, default $OUT/bench_kernels.json when $OUT is set,
 else runs/bench_kernels.json).
 
@@ -35,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention, layer_norm,  # noqa: E402
                              scaled_masked_softmax)
+from megagpt.kernels._utils import autotune_choices  # noqa: E402
 from megagpt.kernels.dispatch import flash_attn_attention  # noqa: E402
 
 TOKENS = 16384
@@ -326,6 +329,7 @@ def run(args, json_path) -> dict:
         _write_json(report, json_path)
     if on_gpu:
         report["cross_entropy_peak_memory_gib"] = cross_entropy_memory(TOKENS, VOCAB, dtype)
+        report["autotune_choices"] = autotune_choices()
     report["complete"] = True
     _write_json(report, json_path)
     return report
@@ -351,6 +355,10 @@ def main(argv=None):
         print(f"cross_entropy peak extra memory, fwd+bwd ({TOKENS} x {VOCAB}, logits "
               f"{mem['logits_gib']:.2f} GiB): triton {mem['triton']:.2f} GiB, torch "
               f"{mem['torch']:.2f} GiB ({mem['torch_over_triton']:.2f}x)")
+        print("\nlaunch configs the autotuner chose (kernel, key: config):")
+        for kernel, choices in report["autotune_choices"].items():
+            for key, config in choices.items():
+                print(f"  {kernel} {key}: {config}")
     else:
         print("\nsmoke pass on the CPU: every case ran forward and forward+backward at tiny "
               "shapes; timings need a CUDA GPU (the Triton interpreter is never timed)")

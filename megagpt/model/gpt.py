@@ -319,11 +319,9 @@ class GPTStage(nn.Module):
         if group_size(self.tp_group) == 1 and self.ops.cross_entropy_backend == "triton":
             target = target.masked_fill(mask == 0, -100)
             flat = logits.reshape(-1, logits.shape[-1])        # the padded vocabulary, no copy
-            n = mask.sum()
-            if n == 0:
-                return flat.sum() * 0.0, n
-            loss = self.ops.cross_entropy(flat, target.reshape(-1), vocab_size=self.cfg.vocab_size)
-            return loss.float() * n, n
+            loss_sum = self.ops.cross_entropy(flat, target.reshape(-1), vocab_size=self.cfg.vocab_size,
+                                              reduction="sum")   # float32, no device sync
+            return loss_sum, mask.sum()
         losses = vocab_parallel_cross_entropy(logits, target, self.cfg.vocab_size, self.tp_group,
                                               fused=self.ops.cross_entropy_backend == "triton")
         return (losses * mask).sum(), mask.sum()

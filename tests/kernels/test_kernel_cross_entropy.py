@@ -51,6 +51,32 @@ def test_all_rows_ignored_gives_nan_and_zero_grad(device):
     assert torch.all(logits.grad == 0)
 
 
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_sum_reduction_in_float32(compare, device, dtype):
+    """reduction="sum": the float32 sum of the non-ignored rows' losses, padded vocabulary too."""
+    logits, target = _logits_target((5, 7), 333, dtype, device)
+    target = target.clamp(max=300).masked_fill(target == -100, -100)
+    assert cross_entropy(logits, target, vocab_size=301, reduction="sum").dtype == F32
+    compare(lambda x: cross_entropy(x, target, vocab_size=301, reduction="sum").to(dtype),
+            lambda x: cross_entropy_reference(x, target, vocab_size=301, reduction="sum"),
+            [logits], dtype, ["logits"])
+
+
+def test_sum_of_no_rows_is_zero_with_zero_grad(device):
+    logits = torch.randn(4, 50, device=device, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((4,), -100, device=device), reduction="sum")
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_bad_reduction(device):
+    logits, target = _logits_target((3,), 20, F32, device)
+    for fn in (cross_entropy, cross_entropy_reference):
+        with pytest.raises(ValueError, match=r"reduction='none': must be 'mean' or 'sum'"):
+            fn(logits, target, reduction="none")
+
+
 def test_backward_scales_by_the_incoming_gradient(device):
     logits, target = _logits_target((11,), 200, F32, device)
     (3.5 * cross_entropy(logits, target)).backward()
