@@ -43,22 +43,7 @@ if ! "$python" -c "import megagpt.kernels" 2>/dev/null; then
   echo "gpu_check: megagpt.kernels linked to kernels/ for this run" | tee -a "$out_dir/environment.txt"
 fi
 
-# Compiling the kernels takes most of the tests' time: spread them over processes (xdist).
-# Then the other GPU-only tests (CUDA graphs).
-parallel=""
-if "$python" -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
-# shellcheck disable=SC2086
-timeout 120 "$python" -m pytest tests/kernels tests/integration/test_cuda_graphs.py -q -ra \
-  -p no:cacheprovider $parallel 2>&1 | tee "$out_dir/kernel_tests.log"
-tests_rc=${PIPESTATUS[0]}
-
-quick=""
-if [ "${QUICK:-0}" = "1" ]; then quick="--quick"; fi
-# shellcheck disable=SC2086
-timeout 110 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
-  2>"$out_dir/bench_kernels.err" | tee "$out_dir/bench_kernels.txt"
-bench_rc=${PIPESTATUS[0]}
-
+# Training first (the figures that matter most), then the GPU tests, then the kernel benchmark.
 train_rc=0
 bench_train() {   # name, seconds, config, extra arguments
   local name=$1 seconds=$2 config=$3
@@ -97,6 +82,22 @@ pretrain() {   # max_steps
 rm -rf /tmp/gpu_check_pretrain
 pretrain 30
 pretrain 40
+
+# Compiling the kernels takes most of the tests' time: spread them over processes (xdist).
+# Then the other GPU-only tests (CUDA graphs).
+parallel=""
+if "$python" -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
+# shellcheck disable=SC2086
+timeout 110 "$python" -m pytest tests/kernels tests/integration/test_cuda_graphs.py -v -ra \
+  -p no:cacheprovider $parallel 2>&1 | tee "$out_dir/kernel_tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+quick=""
+if [ "${QUICK:-0}" = "1" ]; then quick="--quick"; fi
+# shellcheck disable=SC2086
+timeout 100 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
+  2>"$out_dir/bench_kernels.err" | tee "$out_dir/bench_kernels.txt"
+bench_rc=${PIPESTATUS[0]}
 
 echo "gpu_check: kernel tests exit $tests_rc, kernel benchmark exit $bench_rc, training" \
   "benchmark exit $train_rc (124: timed out); files in $out_dir"
