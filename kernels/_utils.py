@@ -57,6 +57,20 @@ def _time_config(kernel_call, quantiles):
 
 AUTOTUNED = []  # every `Autotuned` kernel, for `autotune_choices`
 
+# MEGAGPT_AUTOTUNE=0 (read at import): every kernel launches with the first config of its list, so
+# runs are reproducible bit for bit. Tuning picks by timing, which can choose differently from one
+# run to the next (a resumed run then continues to rounding, not exactly) and from one rank to
+# another (tensor-parallel replicas of a layer norm then round differently).
+AUTOTUNE = os.environ.get("MEGAGPT_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+
+
+def launch_configs(configs, interpreter_config) -> list:
+    """The configs a kernel's tuner chooses among: the interpreter's one; on a GPU all of
+    ``configs``, or only the first when ``AUTOTUNE`` is off."""
+    if KERNELS_INTERPRETED:
+        return [interpreter_config]
+    return list(configs) if AUTOTUNE else list(configs)[:1]
+
 
 def _dtype(arg):
     """A tensor argument's dtype; None for the other arguments."""
@@ -86,7 +100,7 @@ class Autotuned:
         if not HAS_TRITON:
             return
         self.tuner = triton.autotune(
-            configs=[interpreter_config] if KERNELS_INTERPRETED else list(configs), key=key,
+            configs=launch_configs(configs, interpreter_config), key=key,
             do_bench=_time_config, **options)(kernel)
         self._key_args = [(kernel.arg_names.index(name), name) for name in key]
         AUTOTUNED.append(self)

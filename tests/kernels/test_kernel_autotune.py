@@ -196,3 +196,13 @@ def test_in_place_shard_grad_survives_autotuning():
                                                {"width": 8200})) > 1
     cross_entropy_shard_grad(logits, target, 0, lse, out=logits)
     torch.testing.assert_close(logits.float(), want.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_autotune_off_launches_the_first_config(monkeypatch):
+    configs, interpreter = ["a", "b", "c"], "interpreted"
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", False)
+    assert _utils.launch_configs(configs, interpreter) == configs
+    monkeypatch.setattr(_utils, "AUTOTUNE", False)
+    assert _utils.launch_configs(configs, interpreter) == ["a"]
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", True)
+    assert _utils.launch_configs(configs, interpreter) == ["interpreted"]
