@@ -2,29 +2,100 @@
 
 Parameter counts are analytic here (and the validator cross-checks them against the model built
 on the meta device); they are exact for the GPT-2 architecture the model builds (the tied
-embedding counted once, the vocabulary unpadded, as GPT-2's 124,439,808 is counted). Memory per
-GPU follows Megatron's accounting:
+embedding counted once, the vocabulary unpadded, as GPT-2's 124,439,808 is counted).
 
-- weights, gradients and optimizer state from the parameters this GPU holds (its pipeline stage,
-  its tensor-parallel slice, the padded vocabulary, the output-layer copy of the tied embedding on
-  the last stage when pp > 1), as the trainer keeps them: float32 parameters (plus autocast's
-  half copies in bf16/fp16), float32 gradients, AdamW's two float32 moments, the moments sharded
-  over data parallelism by ZeRO-1;
-- activations per micro-batch from Korthikanti et al. 2022 ("Reducing Activation Recomputation in
-  Large Transformer Models"), for each recompute setting, with and without sequence parallelism,
-  times the micro-batches a stage keeps alive under 1F1B (pp - stage on stage `stage`; the
-  interleaved schedule adds (pp - 1) / (pp * vp)), plus the logits of the last stage and their
-  gradient, which the fused loss writes in its forward while the logits are still alive.
+Memory per GPU (`estimate_memory`) is the peak of training on the pipeline rank that needs the
+most, a sum of named terms, each modelled on what the trainer allocates; tools/bench_memory.py
+measures it beside the estimate (BENCHMARKS.md, "Memory estimate against measured peak").
 
-Allocator fragmentation and the CUDA context (about 0.5 GB) are not included.
+States, held for the whole run, of the parameters this GPU holds (its pipeline stage, its
+tensor-parallel slice, the padded vocabulary, the output layer's copy of the tied embedding on the
+last stage when pp > 1), as megagpt/parallel/data_parallel.py keeps them:
+- weights: the model's parameters, 2 bytes each under bf16/fp16 (Megatron's scheme: the module
+  itself is 16-bit), 4 under fp32;
+- master weights (bf16/fp16 only): the float32 copy the optimizer updates, 4 bytes, full size on
+  every data-parallel rank, under ZeRO-1 too;
+- gradients: the float32 gradient buckets, 4 bytes, plus under ZeRO-1 the shard the
+  reduce-scatter writes (4 / dp). A parameter's 16-bit gradient is added into its bucket and
+  freed once autograd hands it over, so these are transient (counted below where they meet a
+  peak);
+- optimizer: AdamW's two float32 moments, 8 bytes, sharded over data parallelism by ZeRO-1.
+Through DeepSpeed (`parallel.deepspeed_config`) the states follow the ZeRO paper's accounting
+instead: float32 master partitions (sharded from stage 1, kept under fp32 too), gradients in the
+parameters' dtype (sharded from stage 2), parameters (sharded at stage 3); DeepSpeed's own
+communication buckets are not counted.
+
+Activations at their peak, the loss of a micro-batch on the last stage, in the activation dtype
+(16-bit under bf16/fp16, the residual stream included; float32 under fp32); what each kernel keeps
+is in `KeptBytes`, and depends on the device (`kept_bytes`):
+- per block and micro-batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models"): the two layer norms' inputs, the QKV and fc1 inputs and the two dropout
+  masks (replicated under tensor parallelism unless sequence parallelism shards them too); q, k
+  and v, the attention output, the GeLU's input and output (divided by tp); and what attention
+  adds: a flash kernel each row's float32 log-sum-exp (our Triton kernel and flash-attn also their
+  output, which the projection reads through a re-laid copy); eager attention the s x s
+  probabilities (with dropout their mask and the dropped copy), which selective recompute drops;
+  torch's SDPA on the CPU with dropout falls back to its math path, which keeps those in float32.
+  Full recompute keeps each block's input, plus one block's activations while it is recomputed;
+- times the micro-batches a stage keeps alive, as the schedules run them: under 1F1B
+  min(pp - stage, m) on stage `stage` with m micro-batches a step; interleaved, the warm-up's
+  (pp - stage - 1) * 2 + (vp - 1) * pp forwards of one chunk and one more, over vp (Megatron's
+  pp * (1 + (pp - 1) / (pp * vp)) on the first stage), or all m micro-batches (and m losses on the
+  last stage) when m = pp, where every forward runs before the first backward;
+- the first stage: the embedding's dropout mask;
+- the last stage: the final layer norm's input and output, the logits (s x b x V_padded / tp)
+  and the larger of the loss's second logits-sized tensor (the fused Triton loss writes the
+  gradient in the logits' dtype; the torch loss works on a float32 copy it keeps as the softmax)
+  and the output layer's weight gradient.
+
+Temporaries after the activations are freed, counted when larger: the float32 square of the
+largest gradient in the gradient norm; the embedding's gradient as the backward ends, which with
+one pipeline stage autograd sums with the output layer's gradient of the same tied weight (held
+since the loss) into a third tensor before handing it on; on the CPU, AdamW's two temporaries per
+parameter (torch's for-loop implementation; on CUDA it is fused). On the CPU, adding a 16-bit
+gradient into its float32 bucket makes a float32 copy of it first (CUDA converts in the kernel).
+
+On CUDA:
+- torch's cuBLAS workspaces, allocated through its caching allocator: one per (cuBLAS handle,
+  stream), 32 MiB each on Hopper and newer GPUs (the default `CUBLAS_WORKSPACE_CONFIG` ":4096:8";
+  8 MiB + 128 KiB before Hopper, where this overestimates by 48 MiB); the forward (the main
+  thread) and the backward (autograd's device thread) hold a handle each; and cuBLASLt's
+  workspace (1 MiB, `CUBLASLT_WORKSPACE_SIZE`), which the forward's linear layers use for their
+  bias. Measured with torch 2.11 on an H200: 32 + 32 + 1 MiB;
+- the first step's peak, when it is the larger (small models): the Triton kernels are tuned on
+  their first launch (kernels/_utils.py; not under MEGAGPT_AUTOTUNE=0, where each kernel
+  launches its first configuration untimed), and Triton's timing flushes the L2 cache
+  through a 256 MiB buffer (plus, for the tensor-parallel loss's gradient kernel, a copy of the
+  gradient it restores after each timing); AdamW's moments do not exist yet. Its largest instant
+  is taken at the loss with every activation alive (as measured with one stage, where the loss
+  is tuned in the forward, before the backward's cuBLAS workspace exists; an upper bound under
+  pipelining, whose first micro-batch is tuned with fewer activations alive).
+
+Not included: the CUDA context (about 0.5 GB, outside the allocator), allocator fragmentation
+and rounding, NCCL's buffers, `training.cuda_graphs` (the captured graphs' own memory pool; off
+in every shipped config), the generators' states (kept on the host), and tensors of a few rows
+(the loss and token counts, the layer norms' statistics, the batches' token ids).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from megagpt.config import Config, ModelConfig
 
 GiB = 1024 ** 3
+MiB = 1024 ** 2
+CUBLAS_WORKSPACE_BYTES = 32 * MiB      # torch's default per (handle, stream), Hopper and newer
+CUBLAS_HANDLES = 2                     # the forward's thread and autograd's device thread
+CUBLASLT_WORKSPACE_BYTES = 1 * MiB     # torch's default CUBLASLT_WORKSPACE_SIZE (1024 KiB)
+TRITON_BENCH_FLUSH_BYTES = 256 * MiB   # the buffer triton.testing.do_bench clears the L2 cache with
+DEVICES = ("cuda", "cpu")
+
+
+def triton_autotunes() -> bool:
+    """Whether the Triton kernels time their configurations on their first launch: unless
+    MEGAGPT_AUTOTUNE is off, read as kernels/_utils.py reads it."""
+    return os.environ.get("MEGAGPT_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
 
 
 def layer_parameters(m: ModelConfig, tp: int = 1) -> int:
@@ -55,85 +126,252 @@ def stage_parameters(m: ModelConfig, tp: int, pp: int, pp_rank: int) -> int:
     return n
 
 
+def largest_parameter(m: ModelConfig, tp: int, pp: int, pp_rank: int) -> int:
+    """Elements of the largest parameter tensor one GPU holds on pipeline rank `pp_rank`."""
+    sizes = [m.d_model * max(3 * m.d_model, m.ffn_size) // tp]     # QKV, fc1 or fc2
+    if pp_rank == 0:
+        sizes.append(m.seq_length * m.d_model)
+    if pp_rank == 0 or pp_rank == pp - 1:
+        sizes.append(m.padded_vocab_size(tp) // tp * m.d_model)     # the tied embedding's shard
+    return max(sizes)
+
+
+@dataclass(frozen=True)
+class KeptBytes:
+    """Bytes per element of what the backward keeps, for a precision and the kernels that run on
+    a device (`kept_bytes`).
+
+    act: the activation dtype (2 under bf16/fp16, 4 under fp32);
+    attention: what attention keeps besides q, k and v: "flash" (each row's log-sum-exp), "eager"
+        (the s x s probabilities) or "math" (torch's SDPA fallback, which the CPU takes with
+        dropout: the probabilities, in float32);
+    attention_output_copy: the kernel's output is laid out (batch, heads, s, d) and the projection
+        reads a re-laid copy (our Triton kernel, flash-attn; torch's SDPA writes its output in the
+        layout of q, which the projection reads as it is);
+    qkv, softmax, probs: q, k and v; the softmax's output; the probabilities the value product
+        reads (a copy when the softmax's output has another dtype);
+    dropout_mask, score_mask: a dropout mask on the residual stream and on the probabilities: a
+        bool on CUDA, the input's dtype on the CPU (which multiplies by a scaled mask);
+    gelu_input: the bias-GeLU's input (float32 in the torch reference);
+    fused_loss: the Triton cross-entropy (the logits' gradient in their dtype) rather than the
+        torch one (a float32 working copy of the logits);
+    triton: some op runs a Triton kernel (tuned on its first launch).
+    """
+    act: int
+    attention: str
+    attention_output_copy: bool
+    qkv: int
+    softmax: int
+    probs: int
+    dropout_mask: int
+    score_mask: int
+    gelu_input: int
+    fused_loss: bool
+    triton: bool
+
+
+def kept_bytes(cfg: Config, device: str = "cuda") -> KeptBytes:
+    """What the model keeps for its backward on `device` ("cuda" or "cpu") under
+    `training.precision` and `kernels`, resolved as megagpt/kernels/dispatch.py does: `auto` is
+    Triton on CUDA (SDPA for attention with dropout, which the Triton kernel lacks) and torch on
+    the CPU (SDPA for attention)."""
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}: must be one of {', '.join(DEVICES)}")
+    k, cuda = cfg.kernels, device == "cuda"
+    act = 2 if cfg.training.precision in ("bf16", "fp16") else 4
+
+    def backend(choice: str) -> str:
+        return choice if choice != "auto" else ("triton" if cuda else "torch")
+
+    attention = k.attention
+    if attention == "auto":
+        attention = "triton" if cuda and cfg.model.dropout == 0 else "sdpa"
+    if attention == "eager":
+        kind = "eager"
+    elif attention == "sdpa" and not cuda and cfg.model.dropout > 0:
+        kind = "math"      # the CPU's flash kernel has no dropout; the fallback computes in float32
+    else:
+        kind = "flash"
+    math_path = kind == "math"
+    probs = 4 if math_path else act
+    softmax = [k.softmax] if kind == "eager" else []       # the softmax kernel serves eager attention
+    others = [backend(choice) for choice in [k.layernorm, k.bias_gelu, k.cross_entropy] + softmax]
+    return KeptBytes(act=act, attention=kind,
+                     attention_output_copy=attention in ("triton", "flash_attn"),
+                     qkv=4 if math_path else act,
+                     softmax=4 if math_path or backend(k.softmax) == "torch" else act,
+                     probs=probs, dropout_mask=1 if cuda else act, score_mask=1 if cuda else probs,
+                     gelu_input=4 if backend(k.bias_gelu) == "torch" else act,
+                     fused_loss=backend(k.cross_entropy) == "triton",
+                     triton=cuda and (attention == "triton" or "triton" in others))
+
+
 def activation_bytes_per_layer(m: ModelConfig, micro_batch: int, tp: int, sequence_parallel: bool,
-                               recompute: str, flash: bool, bytes_per_value: int = 2) -> float:
+                               recompute: str, kept: KeptBytes) -> float:
     """Activation memory one block keeps for the backward, for one micro-batch.
 
-    Korthikanti et al.: s*b*h*(34 + 5*a*s/h) bytes in 16-bit with dropout; tensor parallelism
-    divides 24 of the 34 (the 10 left are the replicated layer-norm and dropout inputs) unless
-    sequence parallelism divides them too. Flash attention and selective recompute drop the
-    a*s^2 term; full recompute keeps only each block's input. Without dropout the masks
-    (2*s*b*h, plus a*s^2*b in attention) are not stored.
+    Korthikanti et al.: s*b*h*(34 + 5*a*s/h) bytes in 16-bit with dropout and eager attention
+    (the paper's count, masks of 1 byte); tensor parallelism divides 24 of the 34 (the 10 left are
+    the layer-norm inputs, the QKV and fc1 inputs and the dropout masks) unless sequence
+    parallelism divides them too. What each attention kernel adds is in `KeptBytes`; full
+    recompute keeps only the block's input. Without dropout no masks or dropped copies are kept.
     """
-    s, b, h, a = m.seq_length, micro_batch, m.d_model, m.n_heads
-    scale = bytes_per_value / 2
-    sbh = s * b * h
+    s, b, h, a, f = m.seq_length, micro_batch, m.d_model, m.n_heads, m.ffn_size
+    act, sb, sbh = kept.act, s * b, s * b * h
     if recompute == "full":
-        return 2 * sbh * scale / (tp if sequence_parallel else 1)
-    dropout = m.dropout > 0
-    replicated = 10 - (0 if dropout else 2)
-    sharded = 24.0
-    scores = 0.0 if (flash or recompute == "selective") else (5 if dropout else 4) * a * s * s * b / tp
+        return act * sbh / (tp if sequence_parallel else 1)
+    mask = kept.dropout_mask if m.dropout > 0 else 0
+    replicated = 4 * act * sbh + 2 * mask * sbh          # 2 norm inputs, QKV and fc1 inputs, 2 masks
+    sharded = (3 * kept.qkv + act) * sbh + (kept.gelu_input + act) * sb * f   # q k v, attention
+    scores = 0.0                                                               # output, GeLU in/out
+    if kept.attention == "flash":
+        sharded += 4 * a * sb + (act * sbh if kept.attention_output_copy else 0)
+    elif kept.attention == "math" or recompute != "selective":
+        scores = attention_score_bytes(m, micro_batch, tp, kept)
     if sequence_parallel:
-        per_layer = sbh * (replicated + sharded) / tp
+        return (replicated + sharded) / tp + scores
+    return replicated + sharded / tp + scores
+
+
+def attention_score_bytes(m: ModelConfig, micro_batch: int, tp: int, kept: KeptBytes) -> float:
+    """The s x s tensors eager (or math-path) attention keeps for one block and micro-batch: the
+    softmax's output, the probabilities the value product reads (with dropout the dropped copy,
+    else a copy only when the dtype changed) and the dropout mask."""
+    if m.dropout > 0:
+        per_score = kept.softmax + kept.score_mask + kept.probs
     else:
-        per_layer = sbh * (replicated + sharded / tp)
-    return (per_layer + scores) * scale
+        per_score = kept.softmax + (kept.probs if kept.probs != kept.softmax else 0)
+    return per_score * m.n_heads * m.seq_length ** 2 * micro_batch / tp
+
+
+def micro_batches_in_flight(cfg: Config, pp_rank: int) -> tuple[float, int]:
+    """The micro-batches whose activations pipeline rank `pp_rank` keeps at its peak (in units of
+    all its layers), and of those, how many the last stage has run the loss for, as
+    megagpt/parallel/pipeline.py schedules them."""
+    pp, vp = cfg.parallel.pipeline_parallel_size, cfg.parallel.virtual_pipeline_size
+    micro_batches = cfg.training.grad_accumulation_steps
+    if pp == 1:
+        return 1, 1
+    if vp == 1:                                   # 1F1B: the warm-up forwards and one more
+        return min(pp - pp_rank, micro_batches), 1
+    if micro_batches == pp:                       # interleaved, every forward before a backward
+        return micro_batches, micro_batches
+    steps = micro_batches * vp                    # interleaved: (micro-batch, chunk) steps
+    warmup = min((pp - pp_rank - 1) * 2 + (vp - 1) * pp, steps)
+    return min(warmup + 1, steps) / vp, 1
 
 
 @dataclass
 class MemoryEstimate:
+    """Peak memory per GPU, by term, in bytes (see the module docstring for each)."""
     params_per_gpu: int
     weights: float
+    master_weights: float
     gradients: float
     optimizer: float
-    activations: float
+    activations: float             # at their peak, for the configured recompute
+    temporaries: float             # after the activations: gradient norm, embedding gradient, AdamW
+    workspace: float               # cuBLAS and cuBLASLt workspaces (CUDA)
+    first_step: float              # the first step's peak (Triton's tuning, no AdamW moments yet)
     activations_by_setting: dict   # (recompute, sequence_parallel) -> bytes
     pp_rank: int                   # the pipeline rank with the largest total
 
     @property
+    def states(self) -> float:
+        """What is held between steps: weights, master weights, gradients, optimizer state."""
+        return self.weights + self.master_weights + self.gradients + self.optimizer
+
+    @property
+    def later_steps(self) -> float:
+        """The peak of every step after the first."""
+        return self.states + self.workspace + max(self.activations, self.temporaries)
+
+    @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return max(self.later_steps, self.first_step)
 
 
-def estimate_memory(cfg: Config) -> MemoryEstimate:
-    """Peak memory per GPU for the configured layout, precision, ZeRO stage and recompute."""
+def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
+    """Peak memory per GPU (or, with device="cpu", per CPU process) for the configured layout,
+    precision, ZeRO stage, recompute and kernels."""
     m, t, par = cfg.model, cfg.training, cfg.parallel
-    tp, pp, vp = par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size
+    tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
     dp = max(1, par.data_parallel_size)
+    kept = kept_bytes(cfg, device)
     mixed = t.precision in ("bf16", "fp16")
-    act_bytes = 2 if mixed else 4
-    # Mixed precision runs under autocast over float32 parameters: 4 bytes of weights plus the
-    # 2-byte half copies autocast holds during a step, float32 gradients, AdamW's two moments.
-    weight_b, grad_b, optim_b = (6, 4, 8) if mixed else (4, 4, 8)
+    act = param_b = kept.act
     zero = par.zero_stage
-    flash = cfg.kernels.attention != "eager"
+    deepspeed = par.deepspeed_config is not None
     layers_per_rank = m.n_layers // pp
+    s, b, h = m.seq_length, t.batch_size, m.d_model
+    sb, sbh = s * b, s * b * m.d_model
+    vocab_shard = m.padded_vocab_size(tp) // tp
+    logits = act * sb * vocab_shard
+    # a 16-bit gradient added into its float32 bucket: on the CPU through a float32 copy
+    grad_b = param_b + (4 if mixed and device == "cpu" else 0)
 
     def activations(pp_rank: int, recompute: str, sp: bool) -> float:
-        in_flight = pp - pp_rank if pp > 1 else 1
-        if pp > 1 and vp > 1:
-            in_flight *= 1 + (pp - 1) / (pp * vp)
-        sb = m.seq_length * t.batch_size
-        per_mb = layers_per_rank * activation_bytes_per_layer(
-            m, t.batch_size, tp, sp, recompute, flash, act_bytes)
-        if pp_rank == 0:
-            embedding_out = sb * m.d_model * (act_bytes + (1 if m.dropout > 0 else 0))  # + dropout mask
-            per_mb += embedding_out / (tp if sp else 1)
-        total = in_flight * per_mb
+        sp_div = tp if sp else 1
+        micro_batches, losses = micro_batches_in_flight(cfg, pp_rank)
+        per_mb = layers_per_rank * activation_bytes_per_layer(m, b, tp, sp, recompute, kept)
+        if pp_rank == 0 and m.dropout > 0:
+            per_mb += kept.dropout_mask * sbh / sp_div         # the embedding's dropout mask
+        peak_extras = [0.0]
         if pp_rank == pp - 1:
-            total += 2 * sb * m.padded_vocab_size(tp) // tp * act_bytes   # logits and their gradient
-            total += sb * m.d_model * act_bytes                        # final layer-norm output
-        return total
+            # what the loss keeps until its backward (the fused loss: the logits' gradient; the
+            # torch one: its float32 softmax), and the final norm's input and output
+            second = logits if kept.fused_loss else 4 * sb * vocab_shard
+            output_grad = grad_b * vocab_shard * h
+            norm_in_out = act * sbh / sp_div + act * sbh
+            earlier_losses = (losses - 1) * (norm_in_out + second)
+            peak_extras.append(earlier_losses + norm_in_out + logits + max(second, output_grad))
+        if recompute == "full":                                # one block, recomputed
+            peak_extras.append(activation_bytes_per_layer(m, b, tp, sp, "none", kept))
+        elif recompute == "selective" and kept.attention == "eager":
+            peak_extras.append(attention_score_bytes(m, b, tp, kept))
+        return micro_batches * per_mb + max(peak_extras)
+
+    def temporaries(pp_rank: int) -> float:
+        largest = largest_parameter(m, tp, pp, pp_rank) / (dp if zero >= 1 else 1)
+        found = [4 * largest]                                  # the gradient norm's square
+        if device == "cpu":
+            found.append(2 * 4 * largest)                      # AdamW's for-loop temporaries
+        if pp_rank == 0:
+            found.append(grad_b * vocab_shard * h)             # the embedding's gradient
+            if pp == 1:                                        # + the output layer's, and the sum
+                found.append(3 * param_b * vocab_shard * h)
+        return max(found)
+
+    def tuning(pp_rank: int) -> float:
+        """What Triton's tuning of the first step adds at its largest instant."""
+        if not (kept.triton and triton_autotunes()):
+            return 0.0
+        restored = logits if pp_rank == pp - 1 and tp > 1 and kept.fused_loss else 0.0
+        return TRITON_BENCH_FLUSH_BYTES + restored
 
     best = None
     for rank in range(pp):
         n = stage_parameters(m, tp, pp, rank)
-        optim = optim_b * n / (dp if zero >= 1 else 1)
-        grads = grad_b * n / (dp if zero >= 2 else 1)
-        weights = weight_b * n / (dp if zero >= 3 else 1)
+        if deepspeed:      # the ZeRO paper's accounting
+            weights = param_b * n / (dp if zero >= 3 else 1)
+            grads = param_b * n / (dp if zero >= 2 else 1)
+            master = 0.0 if not mixed and zero == 0 else 4 * n / (dp if zero >= 1 else 1)
+        else:
+            weights = param_b * n
+            master = 4 * n if mixed else 0.0
+            grads = 4 * n + (4 * n / dp if zero >= 1 and dp > 1 else 0.0)
+        optim = 8 * n / (dp if zero >= 1 else 1)
+        workspace = 0.0
+        if device == "cuda":
+            workspace = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES + CUBLASLT_WORKSPACE_BYTES
         acts = activations(rank, t.recompute, par.sequence_parallel and tp > 1)
-        est = MemoryEstimate(n, weights, grads, optim, acts, {}, rank)
+        first_step = 0.0
+        if tuning(rank):
+            # with tp = 1 the loss is tuned in the forward, before the backward's handle exists
+            first_workspace = workspace - (CUBLAS_WORKSPACE_BYTES if tp == 1 else 0)
+            first_step = weights + master + grads + first_workspace + acts + tuning(rank)
+        est = MemoryEstimate(n, weights, master, grads, optim, acts, temporaries(rank), workspace,
+                             first_step, {}, rank)
         if best is None or est.total > best.total:
             best = est
     best.activations_by_setting = {
@@ -209,10 +447,17 @@ def report(cfg: Config, gpu_memory: float) -> tuple[list[str], list[str]]:
         f"= {gbs} sequences = {gbs * m.seq_length:,} tokens a step; {t.max_steps:,} steps = "
         f"{_count(gbs * m.seq_length * t.max_steps)} tokens",
         f"memory/GPU  {t.precision}, pipeline rank {est.pp_rank} (largest): "
-        f"{est.params_per_gpu:,} parameters; weights {_gb(est.weights)}, gradients "
-        f"{_gb(est.gradients)}, optimizer {_gb(est.optimizer)}, activations {_gb(est.activations)} "
-        f"(recompute {t.recompute}) = {_gb(est.total)} of {_gb(gpu_memory)}: "
-        + ("fits" if fits else "does NOT fit"),
+        f"{est.params_per_gpu:,} parameters; weights {_gb(est.weights)}"
+        + (f", master weights {_gb(est.master_weights)}" if est.master_weights else "")
+        + f", gradients {_gb(est.gradients)}, optimizer {_gb(est.optimizer)}, "
+        + (f"activations {_gb(est.activations)} (recompute {t.recompute})"
+           if est.activations >= est.temporaries else
+           f"temporaries after the backward {_gb(est.temporaries)} (more than the activations, "
+           f"{_gb(est.activations)})")
+        + f", cuBLAS workspaces {_gb(est.workspace)}"
+        + (f"; the first step (Triton's tuning) {_gb(est.first_step)} is the larger"
+           if est.first_step > est.later_steps else "")
+        + f" = {_gb(est.total)} of {_gb(gpu_memory)}: " + ("fits" if fits else "does NOT fit"),
         "activations by setting: " + ", ".join(
             f"recompute {rc}{' + SP' if sp else ''} {_gb(v)}"
             for (rc, sp), v in est.activations_by_setting.items()),

@@ -163,7 +163,9 @@ def main() -> int:
                         peak[name] = max(peak[name] or 0, used)
         if args.profile:
             profile_step(lambda: engine.train_step(mock_microbatches(cfg, generator), lr), device)
-        estimate = estimate_memory(cfg).total / GiB
+        # The peaks above are of the steps after the warm-up (the first step's autotuning
+        # buffer is not in them): the estimate of those steps.
+        estimate = estimate_memory(cfg, device.type).later_steps / GiB
         tokens = cfg.training.batch_size * cfg.training.grad_accumulation_steps * cfg.model.seq_length
         rows = [summary(name, times[name], tokens, cfg, device, peak[name]) for name in sides]
     finally:

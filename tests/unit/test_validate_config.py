@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 from megagpt.config import load_config
-from megagpt.estimate import (GiB, activation_bytes_per_layer, estimate_memory, parse_memory,
-                              stage_parameters, count_parameters)
+from megagpt.estimate import (CUBLAS_WORKSPACE_BYTES, CUBLASLT_WORKSPACE_BYTES, GiB,
+                              TRITON_BENCH_FLUSH_BYTES, activation_bytes_per_layer, count_parameters,
+                              estimate_memory, kept_bytes, micro_batches_in_flight, parse_memory,
+                              stage_parameters)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "validate_config.py"
@@ -94,12 +96,95 @@ def test_memory_estimate_responds_to_zero_sequence_parallel_and_recompute():
 
 
 def test_activation_formula_matches_the_paper():
-    cfg = load_config(ROOT / "configs/training/small_model.json")
+    cfg = load_config(ROOT / "configs/training/small_model.json", ["--kernels.attention=eager"])
     m = cfg.model
+    kept = kept_bytes(cfg, "cuda")            # bf16, dropout 0.1, Triton softmax and GeLU: the paper's case
     s, b, h, a = m.seq_length, 1, m.d_model, m.n_heads
-    eager = activation_bytes_per_layer(m, b, 1, False, "none", flash=False)
+    eager = activation_bytes_per_layer(m, b, 1, False, "none", kept)
     assert eager == s * b * h * (34 + 5 * a * s / h)
-    tp4 = activation_bytes_per_layer(m, b, 4, False, "none", flash=False)
+    tp4 = activation_bytes_per_layer(m, b, 4, False, "none", kept)
     assert tp4 == pytest.approx(s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)))
-    tp4_sp_selective = activation_bytes_per_layer(m, b, 4, True, "selective", flash=False)
+    tp4_sp_selective = activation_bytes_per_layer(m, b, 4, True, "selective", kept)
     assert tp4_sp_selective == pytest.approx(s * b * h * 34 / 4)
+
+
+def test_activations_are_all_16_bit_under_bf16_and_32_bit_under_fp32():
+    # No dropout, Triton flash attention on CUDA: per block, the two norm inputs, the QKV and fc1
+    # inputs (4), q k v (3), the attention output and the kernel's own (2), the GeLU's input and
+    # output (8): 17 values of s*b*h in the activation dtype, the residual stream included, plus
+    # the float32 log-sum-exp of each row and head.
+    for precision, act in (("bf16", 2), ("fp32", 4)):
+        cfg = load_config(ROOT / "configs/training/small_model.json",
+                          ["--model.dropout=0", f"--training.precision={precision}"])
+        m, kept = cfg.model, kept_bytes(cfg, "cuda")
+        s, b, h, a = m.seq_length, 2, m.d_model, m.n_heads
+        assert kept.act == act and kept.attention == "flash"
+        assert activation_bytes_per_layer(m, b, 1, False, "none", kept) == act * s * b * h * 17 + 4 * a * s * b
+    # With dropout, attention on CUDA is torch's SDPA, whose output the projection reads as it is,
+    # and the dropout masks are bools.
+    sdpa = kept_bytes(load_config(ROOT / "configs/training/small_model.json"), "cuda")
+    assert (sdpa.attention, sdpa.attention_output_copy, sdpa.dropout_mask) == ("flash", False, 1)
+
+
+def test_mixed_precision_states_follow_megatron():
+    single = ["--parallel.world_size=1", "--parallel.zero_stage=0"]
+    bf16 = estimate_memory(load_config(ROOT / "configs/training/small_model.json", single))
+    fp32 = estimate_memory(load_config(ROOT / "configs/training/small_model.json",
+                                       single + ["--training.precision=fp32"]))
+    n = bf16.params_per_gpu
+    assert (bf16.weights, bf16.master_weights, bf16.gradients, bf16.optimizer) == (2 * n, 4 * n, 4 * n, 8 * n)
+    assert (fp32.weights, fp32.master_weights, fp32.gradients, fp32.optimizer) == (4 * n, 0, 4 * n, 8 * n)
+    # ZeRO-1 over 8 replicas shards only the moments; the masters stay whole on every replica, and
+    # the reduce-scatter's shard of the gradients comes on top of the full bucket.
+    zero = estimate_memory(load_config(ROOT / "configs/training/base_model.json"))
+    n, dp = zero.params_per_gpu, 8
+    assert (zero.weights, zero.master_weights) == (2 * n, 4 * n)
+    assert zero.gradients == 4 * n + 4 * n / dp and zero.optimizer == 8 * n / dp
+
+
+def test_deepspeed_states_follow_the_zero_paper():
+    cfg = load_config(ROOT / "configs/training/tiny_deepspeed.json", ["--training.precision=bf16"])
+    est, dp = estimate_memory(cfg), 2
+    n = est.params_per_gpu
+    assert (est.weights, est.gradients) == (2 * n, 2 * n / dp)          # ZeRO-2: gradients sharded
+    assert (est.master_weights, est.optimizer) == (4 * n / dp, 8 * n / dp)
+
+
+def test_fixed_and_device_terms(monkeypatch):
+    cfg = load_config(TINY, ["--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
+                             "--parallel.pipeline_parallel_size=1"])
+    monkeypatch.delenv("MEGAGPT_AUTOTUNE", raising=False)
+    cuda, cpu = estimate_memory(cfg, "cuda"), estimate_memory(cfg, "cpu")
+    assert cuda.workspace == 2 * CUBLAS_WORKSPACE_BYTES + CUBLASLT_WORKSPACE_BYTES == 65 * 1024 ** 2
+    assert cpu.workspace == 0 and cpu.first_step == 0          # no Triton on the CPU
+    # The first step tunes the Triton kernels (a 256 MiB flush buffer) before AdamW's moments
+    # exist; with tp = 1 the loss is tuned in the forward, before the backward's cuBLAS handle.
+    assert cuda.first_step == (cuda.weights + cuda.gradients + CUBLAS_WORKSPACE_BYTES
+                               + CUBLASLT_WORKSPACE_BYTES + cuda.activations + TRITON_BENCH_FLUSH_BYTES)
+    assert cuda.total == cuda.first_step > cuda.later_steps    # 7M parameters: the tuning dominates
+    monkeypatch.setenv("MEGAGPT_AUTOTUNE", "0")                # first configs, untimed: no buffer
+    assert estimate_memory(cfg, "cuda").total == cuda.later_steps
+    # With one stage, the tied embedding's two gradients and their sum exist together at the end
+    # of the backward.
+    embedding = cfg.model.padded_vocab_size(1) * cfg.model.d_model
+    assert cuda.temporaries == 3 * 4 * embedding
+    assert kept_bytes(cfg, "cuda").fused_loss and not kept_bytes(cfg, "cpu").fused_loss
+    with pytest.raises(ValueError, match="device='tpu': must be one of cuda, cpu"):
+        estimate_memory(cfg, "tpu")
+
+
+def test_micro_batches_in_flight_follow_the_schedules():
+    def in_flight(pp, vp, micro_batches, rank):
+        cfg = load_config(TINY, [f"--parallel.world_size={pp}", "--parallel.tensor_parallel_size=1",
+                                 f"--parallel.pipeline_parallel_size={pp}",
+                                 f"--parallel.virtual_pipeline_size={vp}",
+                                 f"--training.grad_accumulation_steps={micro_batches}"])
+        return micro_batches_in_flight(cfg, rank)
+
+    assert in_flight(1, 1, 8, 0) == (1, 1)
+    assert [in_flight(2, 1, 8, r) for r in (0, 1)] == [(2, 1), (1, 1)]       # 1F1B: pp - rank
+    assert in_flight(4, 1, 2, 0) == (2, 1)                                   # no more than m
+    # interleaved: Megatron's pp * (1 + (pp - 1) / (pp * vp)) on the first stage
+    assert in_flight(2, 2, 4, 0) == (2 * (1 + 1 / 4), 1)
+    assert in_flight(2, 2, 4, 1) == (1.5, 1)
+    assert in_flight(2, 2, 2, 1) == (2, 2)            # m = pp: every forward before a backward

@@ -1,0 +1,57 @@
+"""tools/bench_memory.py measures a config's peak and prints the estimate beside it (a smoke run:
+the ratio is checked to be a number, not to be within any bound; no timing is checked)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_memory_prints_the_estimate_beside_the_measured_peak(tmp_path):
+    out = tmp_path / "memory.json"
+    result = subprocess.run(
+        [sys.executable, "tools/bench_memory.py", "--config", "configs/training/tiny_model.json",
+         "--steps", "2", "--json", str(out), "--model.n_layers=1", "--model.seq_length=16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["steps"] == 2 and len(report["rows"]) == 1
+    row = report["rows"][0]
+    assert row["config"].endswith("tiny_model.json")
+    assert "--model.seq_length=16" in row["overrides"]
+    assert row["shape"]["n_layers"] == 1 and row["shape"]["seq_length"] == 16
+    assert row["measured_peak_bytes"] >= row["measured_held_bytes"] > 0
+    terms = row["estimate_terms_bytes"]
+    assert set(terms) == {"weights", "master_weights", "gradients", "optimizer", "activations",
+                          "temporaries", "workspace", "first_step"}
+    assert row["estimate_bytes"] >= sum(terms[t] for t in ("weights", "gradients", "optimizer")) > 0
+    ratio = row["measured_over_estimate"]
+    assert math.isfinite(ratio) and ratio > 0
+    assert ratio == row["measured_peak_bytes"] / row["estimate_bytes"]
+    assert "tiny_model.json" in result.stdout and "meas/est" in result.stdout
+
+
+def test_bench_memory_refuses_a_single_step():
+    result = subprocess.run([sys.executable, "tools/bench_memory.py", "--steps", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--steps=1: must be at least 2" in result.stderr
+
+
+def test_bench_memory_runs_a_config_in_its_own_layout(tmp_path):
+    out = tmp_path / "memory.json"
+    result = subprocess.run(
+        [sys.executable, "tools/bench_memory.py", "--as-configured", "--config",
+         "configs/training/tiny_model.json", "configs/training/tiny_deepspeed.json", "--steps", "2",
+         "--json", str(out), "--model.n_layers=2", "--model.seq_length=16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # the tiny config runs as TP 2 x PP 2 on 4 gloo processes; the DeepSpeed one is refused
+    assert result.returncode == 1
+    assert "tiny_deepspeed.json: parallel.deepspeed_config=configs/deepspeed/zero2.json: " \
+           "--as-configured measures the native engine only" in result.stderr
+    row, = json.loads(out.read_text())["rows"]
+    assert (row["layout"]["tp"], row["layout"]["pp"], row["layout"]["dp"]) == (2, 2, 1)
+    assert math.isfinite(row["measured_over_estimate"]) and row["measured_over_estimate"] > 0
+    assert "4 gloo processes" in result.stdout
