@@ -236,8 +236,8 @@ class DataParallel:
         self.sync = False
 
     def _pre_reduce(self, b: Bucket) -> None:
-        for p, off in zip(b.params, b.offsets):
-            grad = b.grad_buffer[off:off + p.numel()]
+        for p in b.params:
+            grad = self.main_grads[p]
             if getattr(p, "sequence_parallel", False) and group_size(self.tp_group) > 1:
                 dist.all_reduce(grad, group=self.tp_group)
             if self._is_tied_embedding(p) and group_size(self.embedding_group) > 1:
