@@ -6,7 +6,8 @@ kernels cannot run, i.e. on a CPU without ``TRITON_INTERPRET=1``):
     layer_norm(x, weight, bias, eps=1e-5)                       over the last dimension
     scaled_masked_softmax(x, scale=1.0, causal=False)           over the last dimension
     bias_gelu(x, bias)                                          GPT-2's tanh GeLU of x + bias
-    cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean")
+    cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
+                  inplace_backward=False)
                                                                 mean (or float32 sum) over non-ignored rows
 and the vocab-parallel building blocks `cross_entropy_shard_stats` and `cross_entropy_shard_grad`.
 Backend choice from the config's ``kernels`` section: `resolve_backend` and `get_op`

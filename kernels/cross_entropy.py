@@ -1,4 +1,5 @@
-"""Cross-entropy over a vocabulary: loss and logits gradient in one pass per row, in Triton.
+"""Cross-entropy over a vocabulary: the loss in one read of the logits, the gradient in one more
+(written over the logits if asked), in Triton.
 
 Owns `cross_entropy` (the public function), its autograd Function, the kernels and
 `cross_entropy_reference`, and the two building blocks of the vocab-parallel loss,
@@ -8,14 +9,15 @@ Shapes: logits is (..., vocab) float16/bfloat16/float32, target is (...) integer
 flattened leading dimensions. The kernels read the logits in their own dtype, chunk by chunk
 (online max and sum of exponentials in float32); no float32 copy of the logits is made.
 
-`cross_entropy`: the forward kernel computes each row's share of the mean loss (its loss over
-n_valid, the rows whose target is not ignore_index; one torch sum adds them up) and, in the same
-program, writes the row's gradient (softmax - onehot) / n_valid into a tensor of the logits'
-dtype (with reduction="sum", n_valid is 1: the rows' losses and gradients unscaled). The backward
-scales that tensor in place by the incoming gradient and hands it on as the logits' gradient (so
-it can run once a forward). The mean is NaN when every row is ignored, as in torch. A
-target outside [0, vocab) that is not ignore_index is an error on the CPU and gives a NaN loss
-on a GPU (checking it there would synchronise).
+`cross_entropy`: the forward kernel reads each row once (online max and sum of exponentials) and
+writes the row's share of the mean loss (its loss over n_valid, the rows whose target is not
+ignore_index; one torch sum adds them up) and its log-sum-exp (float32, all the backward keeps
+besides the logits). The backward kernel reads the row again and writes (softmax - onehot) times
+the incoming gradient / n_valid (with reduction="sum", n_valid is 1), into a new tensor or, with
+`inplace_backward=True`, over the logits. Ignored rows are not read: their gradient is written
+as zeros. The mean is NaN when every row is ignored, as in torch. A target outside [0, vocab)
+that is not ignore_index is an error on the CPU and gives a NaN loss on a GPU (checking it there
+would synchronise).
 
 Vocab parallel (each rank holds the logits of the vocabulary slice [vocab_start, vocab_end)):
 `cross_entropy_shard_stats` gives per row the shard's max, sum(exp(logit - max)) and the target's
@@ -62,29 +64,25 @@ def _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, local_target, scale,
 
 
 @triton.jit
-def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, n_cols, width, ignore_index,
+def _cross_entropy_fwd_kernel(LOGITS, TARGET, LOSS, LSE, N_VALID, n_cols, width, ignore_index,
                               BLOCK_V: tl.constexpr):
-    """One row: its loss over its first n_cols logits divided by N_VALID (the mean's share; 1
-    for a sum) and the gradient of all `width` columns."""
+    """One row, read once: its loss over its first n_cols logits divided by N_VALID (the mean's
+    share; 1 for a sum) and its log-sum-exp (0 for an ignored row, which is not read)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * width
-    grad_ptr = GRAD + row * width
     target = tl.load(TARGET + row).to(tl.int64)
     n_valid = tl.load(N_VALID).to(tl.float32)
     if target == ignore_index:
-        cols = tl.arange(0, BLOCK_V)
-        for start in range(0, width, BLOCK_V):
-            tl.store(grad_ptr + start + cols, tl.zeros([BLOCK_V], tl.float32).to(
-                grad_ptr.dtype.element_ty), mask=start + cols < width)
         # 0 / n_valid: 0, or NaN when every row is ignored (the mean of nothing, as in torch)
         tl.store(LOSS + row, tl.where(n_valid > 0, 0.0, float("nan")))
+        tl.store(LSE + row, 0.0)
     else:
         m, d = _row_max_sumexp(row_ptr, n_cols, BLOCK_V)
         lse = m + tl.log(d)
         in_range = (target >= 0) & (target < n_cols)
         target_logit = tl.load(row_ptr + target, mask=in_range, other=float("nan"))
         tl.store(LOSS + row, (lse - target_logit.to(tl.float32)) / n_valid)
-        _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, target, 1.0 / n_valid, BLOCK_V)
+        tl.store(LSE + row, lse)
 
 
 @triton.jit
@@ -104,13 +102,26 @@ def _shard_stats_kernel(LOGITS, TARGET, STATS, n_cols, width, vocab_start, BLOCK
 
 
 @triton.jit
-def _shard_grad_kernel(LOGITS, TARGET, LSE, GRAD_ROW, GRAD, n_cols, width, vocab_start,
-                       ignore_index, BLOCK_V: tl.constexpr):
+def _grad_kernel(LOGITS, TARGET, LSE, SCALE, GRAD, n_cols, width, vocab_start, ignore_index,
+                 SCALE_PER_ROW: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row's gradient (softmax - onehot) * scale over a shard `width` wide whose first n_cols
+    columns are classes [vocab_start, vocab_start + n_cols); zeros for an ignored row (not read).
+    SCALE is one float32 per row, or one for all rows."""
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGET + row).to(tl.int64)
-    scale = tl.where(target == ignore_index, 0.0, tl.load(GRAD_ROW + row).to(tl.float32))
-    _write_row_grad(LOGITS + row * width, GRAD + row * width, n_cols, width,
-                    tl.load(LSE + row), target - vocab_start, scale, BLOCK_V)
+    grad_ptr = GRAD + row * width
+    if target == ignore_index:
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, width, BLOCK_V):
+            tl.store(grad_ptr + start + cols, tl.zeros([BLOCK_V], tl.float32).to(
+                grad_ptr.dtype.element_ty), mask=start + cols < width)
+    else:
+        if SCALE_PER_ROW:
+            scale = tl.load(SCALE + row).to(tl.float32)
+        else:
+            scale = tl.load(SCALE).to(tl.float32)
+        _write_row_grad(LOGITS + row * width, grad_ptr, n_cols, width, tl.load(LSE + row),
+                        target - vocab_start, scale, BLOCK_V)
 
 
 # (BLOCK_V, warps): the vocabulary chunk of one loop step, 8 or 16 elements a thread.
@@ -125,16 +136,17 @@ _fwd_kernel = Autotuned(_cross_entropy_fwd_kernel, _GPU_CONFIGS, _INTERPRETER_CO
                         key=["width"], prune_configs_by=_PRUNE)
 _shard_stats = Autotuned(_shard_stats_kernel, _GPU_CONFIGS, _INTERPRETER_CONFIG, key=["width"],
                          prune_configs_by=_PRUNE)
-# GRAD may be LOGITS itself (out=logits): the tuner restores it after each timed run.
-_shard_grad = Autotuned(_shard_grad_kernel, _GPU_CONFIGS, _INTERPRETER_CONFIG, key=["width"],
-                        prune_configs_by=_PRUNE, restore_value=["GRAD"])
+# GRAD may be LOGITS itself (written in place): the tuner restores it after each timed run.
+_grad = Autotuned(_grad_kernel, _GPU_CONFIGS, _INTERPRETER_CONFIG, key=["width"],
+                  prune_configs_by=_PRUNE, restore_value=["GRAD"])
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Autograd for the fused kernel; the forward computes the gradient, which it saves."""
+    """Autograd for the kernels: the forward reads the logits once (loss, log-sum-exp), the
+    backward reads them again and writes the gradient, over them when ``inplace_backward``."""
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, n_cols, reduction):
+    def forward(ctx, logits, target, ignore_index, n_cols, reduction, inplace_backward):
         logits, target = logits.contiguous(), target.contiguous()
         width = logits.shape[-1]
         n_rows = target.numel()
@@ -142,24 +154,29 @@ class CrossEntropyFunction(torch.autograd.Function):
             n_valid = (target != ignore_index).sum()
         else:
             n_valid = torch.ones((), device=logits.device, dtype=torch.int64)
-        grad = torch.empty_like(logits)
         loss_rows = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-        _fwd_kernel[(n_rows,)](logits, target, grad, loss_rows, n_valid, n_cols, width,
+        lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        _fwd_kernel[(n_rows,)](logits, target, loss_rows, lse, n_valid, n_cols, width,
                                ignore_index)
-        ctx.save_for_backward(grad)
-        ctx.backward_done = False
+        ctx.save_for_backward(logits, target, lse, n_valid)
+        ctx.ignore_index, ctx.n_cols = ignore_index, n_cols
+        ctx.inplace_backward, ctx.backward_done = inplace_backward, False
         loss = loss_rows.sum()
         return loss.to(logits.dtype) if reduction == "mean" else loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.backward_done:
-            raise RuntimeError("cross_entropy's backward ran twice on one forward (retain_graph): "
-                               "it scales its saved gradient in place; compute the loss again")
-        ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
-        grad.mul_(grad_loss.to(grad.dtype))
-        return grad, None, None, None, None
+            raise RuntimeError("cross_entropy(inplace_backward=True)'s backward ran twice on one "
+                               "forward (retain_graph): the first wrote the gradient over the "
+                               "logits; compute the loss again, or pass inplace_backward=False")
+        logits, target, lse, n_valid = ctx.saved_tensors
+        ctx.backward_done = ctx.inplace_backward
+        grad = logits if ctx.inplace_backward else torch.empty_like(logits)
+        scale = grad_loss.float() / n_valid                     # 0-d, on the device: no sync
+        _grad[(target.numel(),)](logits, target, lse, scale, grad, ctx.n_cols, logits.shape[-1],
+                                 0, ctx.ignore_index, SCALE_PER_ROW=False)
+        return grad, None, None, None, None, None
 
 
 def _check_logits_target(logits, target):
@@ -196,9 +213,12 @@ def _check_vocab_size(logits, vocab_size):
     return vocab_size
 
 
-def cross_entropy_reference(logits, target, ignore_index=-100, vocab_size=None, reduction="mean"):
+def cross_entropy_reference(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
+                            inplace_backward=False):
     """Plain torch: F.cross_entropy on float32 logits (the mean over non-ignored rows, returned
-    in the logits' dtype, or their float32 sum); columns from `vocab_size` on are left out."""
+    in the logits' dtype, or their float32 sum); columns from `vocab_size` on are left out.
+    `inplace_backward` is accepted for the common signature and has no effect (torch's backward
+    allocates the gradient)."""
     _check_reduction(reduction)
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
@@ -213,8 +233,10 @@ def _check_reduction(reduction):
         raise ValueError(f"reduction={reduction!r}: must be 'mean' or 'sum'")
 
 
-def cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean"):
-    """Cross-entropy of logits against target classes, loss and gradient in one fused pass.
+def cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
+                  inplace_backward=False):
+    """Cross-entropy of logits against target classes: the loss in one read of the logits, the
+    gradient in one read and one write.
 
     Args:
         logits: (..., width) float16/bfloat16/float32. Non-contiguous logits are copied.
@@ -227,6 +249,9 @@ def cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction=
             "sum" (of the non-ignored rows' losses; 0 when there are none). A sum needs no count
             of the rows, so no synchronisation, and is what a caller that normalises over
             micro-batches and ranks wants.
+        inplace_backward: the backward writes the logits' gradient over the logits (no
+            logits-sized buffer; a second backward of the same forward is then an error). For a
+            caller that does not read the logits after the backward, as the model's loss.
     Returns:
         0-d tensor: the mean in the logits' dtype, or the sum in float32. Runs
         `cross_entropy_reference` where the kernels cannot run and for empty logits.
@@ -237,7 +262,8 @@ def cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction=
     _check_target_range(target, ignore_index, n_classes)
     if logits.numel() == 0 or not triton_runs_on(logits.device):
         return cross_entropy_reference(logits, target, ignore_index, vocab_size, reduction)
-    return CrossEntropyFunction.apply(logits, target, int(ignore_index), n_classes, reduction)
+    return CrossEntropyFunction.apply(logits, target, int(ignore_index), n_classes, reduction,
+                                      bool(inplace_backward))
 
 
 def _shard_classes(logits, vocab_start, vocab_size):
@@ -349,7 +375,7 @@ def cross_entropy_shard_grad(logits, target, vocab_start, lse, grad_row=None, ig
     grad = torch.empty_like(logits) if out is None else out
     if grad_row is None:
         grad_row = torch.ones(n_rows, device=logits.device, dtype=torch.float32)
-    _shard_grad[(n_rows,)](logits, target.contiguous(), lse.float().contiguous(),
-                           grad_row.contiguous(), grad, n_classes, logits.shape[-1],
-                           int(vocab_start), int(ignore_index))
+    _grad[(n_rows,)](logits, target.contiguous(), lse.float().contiguous(), grad_row.contiguous(),
+                     grad, n_classes, logits.shape[-1], int(vocab_start), int(ignore_index),
+                     SCALE_PER_ROW=True)
     return grad

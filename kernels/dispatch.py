@@ -18,7 +18,8 @@ Every backend of an op has the op's signature:
     layernorm(x, weight, bias, eps=1e-5)
     softmax(x, scale=1.0, causal=False)
     bias_gelu(x, bias)
-    cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean")
+    cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
+                  inplace_backward=False)
 """
 import importlib
 from typing import Callable

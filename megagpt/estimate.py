@@ -44,9 +44,10 @@ is in `KeptBytes`, and depends on the device (`kept_bytes`):
   last stage) when m = pp, where every forward runs before the first backward;
 - the first stage: the embedding's dropout mask;
 - the last stage: the final layer norm's input and output, the logits (s x b x V_padded / tp)
-  and the larger of the loss's second logits-sized tensor (the fused Triton loss writes the
-  gradient in the logits' dtype; the torch loss works on a float32 copy it keeps as the softmax)
-  and the output layer's weight gradient.
+  and the output layer's weight gradient; with the torch loss also a float32 copy of the logits
+  it keeps as the softmax (the larger of that and the weight gradient: the copy becomes the
+  logits' gradient). The fused Triton loss keeps the logits themselves and writes their gradient
+  over them: no second logits-sized tensor.
 
 Temporaries after the activations are freed, counted when larger: the float32 square of the
 largest gradient in the gradient norm; the embedding's gradient as the backward ends, which with
@@ -65,11 +66,11 @@ On CUDA:
 - the first step's peak, when it is the larger (small models): the Triton kernels are tuned on
   their first launch (kernels/_utils.py; not under MEGAGPT_AUTOTUNE=0, where each kernel
   launches its first configuration untimed), and Triton's timing flushes the L2 cache
-  through a 256 MiB buffer (plus, for the tensor-parallel loss's gradient kernel, a copy of the
-  gradient it restores after each timing); AdamW's moments do not exist yet. Its largest instant
-  is taken at the loss with every activation alive (as measured with one stage, where the loss
-  is tuned in the forward, before the backward's cuBLAS workspace exists; an upper bound under
-  pipelining, whose first micro-batch is tuned with fewer activations alive).
+  through a 256 MiB buffer (plus, for the loss's gradient kernel, which writes over the logits,
+  a copy of them it restores after each timing); AdamW's moments do not exist yet. Its largest
+  instant is taken at the loss with every activation alive (with one stage the loss's gradient
+  kernel is tuned first thing in the backward, before the backward's cuBLAS workspace exists; an
+  upper bound under pipelining, whose first micro-batch is tuned with fewer activations alive).
 
 Not included: the CUDA context (about 0.5 GB, outside the allocator), allocator fragmentation
 and rounding, NCCL's buffers, `training.cuda_graphs` (the captured graphs' own memory pool; off
@@ -318,13 +319,18 @@ def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
             per_mb += kept.dropout_mask * sbh / sp_div         # the embedding's dropout mask
         peak_extras = [0.0]
         if pp_rank == pp - 1:
-            # what the loss keeps until its backward (the fused loss: the logits' gradient; the
-            # torch one: its float32 softmax), and the final norm's input and output
-            second = logits if kept.fused_loss else 4 * sb * vocab_shard
+            # what the loss keeps until its backward, and the final norm's input and output. The
+            # fused loss keeps the logits and writes their gradient over them; the torch one
+            # keeps a float32 softmax (the logits go), which becomes the gradient.
             output_grad = grad_b * vocab_shard * h
             norm_in_out = act * sbh / sp_div + act * sbh
-            earlier_losses = (losses - 1) * (norm_in_out + second)
-            peak_extras.append(earlier_losses + norm_in_out + logits + max(second, output_grad))
+            if kept.fused_loss:
+                kept_by_loss, at_loss = logits, logits + output_grad
+            else:
+                kept_by_loss = 4 * sb * vocab_shard
+                at_loss = logits + max(kept_by_loss, output_grad)
+            earlier_losses = (losses - 1) * (norm_in_out + kept_by_loss)
+            peak_extras.append(earlier_losses + norm_in_out + at_loss)
         if recompute == "full":                                # one block, recomputed
             peak_extras.append(activation_bytes_per_layer(m, b, tp, sp, "none", kept))
         elif recompute == "selective" and kept.attention == "eager":
@@ -346,7 +352,8 @@ def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
         """What Triton's tuning of the first step adds at its largest instant."""
         if not (kept.triton and triton_autotunes()):
             return 0.0
-        restored = logits if pp_rank == pp - 1 and tp > 1 and kept.fused_loss else 0.0
+        # the loss's gradient kernel writes over the logits: the tuner copies them to restore
+        restored = logits if pp_rank == pp - 1 and kept.fused_loss else 0.0
         return TRITON_BENCH_FLUSH_BYTES + restored
 
     best = None
@@ -367,7 +374,8 @@ def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
         acts = activations(rank, t.recompute, par.sequence_parallel and tp > 1)
         first_step = 0.0
         if tuning(rank):
-            # with tp = 1 the loss is tuned in the forward, before the backward's handle exists
+            # with tp = 1 the loss's gradient kernel is tuned first thing in the backward,
+            # before the backward's first matrix multiply creates its cuBLAS workspace
             first_workspace = workspace - (CUBLAS_WORKSPACE_BYTES if tp == 1 else 0)
             first_step = weights + master + grads + first_workspace + acts + tuning(rank)
         est = MemoryEstimate(n, weights, master, grads, optim, acts, temporaries(rank), workspace,

@@ -320,7 +320,8 @@ class GPTStage(nn.Module):
             target = target.masked_fill(mask == 0, -100)
             flat = logits.reshape(-1, logits.shape[-1])        # the padded vocabulary, no copy
             loss_sum = self.ops.cross_entropy(flat, target.reshape(-1), vocab_size=self.cfg.vocab_size,
-                                              reduction="sum")   # float32, no device sync
+                                              reduction="sum",     # float32, no device sync
+                                              inplace_backward=True)  # nothing reads the logits
             return loss_sum, mask.sum()
         losses = vocab_parallel_cross_entropy(logits, target, self.cfg.vocab_size, self.tp_group,
                                               fused=self.ops.cross_entropy_backend == "triton")

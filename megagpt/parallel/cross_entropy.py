@@ -10,7 +10,7 @@ Two implementations of the same function: plain torch (works on a float32 copy o
 keeps the float32 softmax for the backward), and, with `fused=True`, the Triton kernels'
 building blocks (`cross_entropy_shard_stats` / `cross_entropy_shard_grad`), which read the
 logits in their own dtype and in place, keep only the logits and each row's log-sum-exp, and
-write the gradient in the backward.
+write the gradient over the logits in the backward (nothing else reads them).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, target, lse = ctx.saved_tensors
         grad = cross_entropy_shard_grad(logits, target, ctx.start, lse, grad_row=grad_loss.float(),
-                                        vocab_size=ctx.vocab_size)
+                                        vocab_size=ctx.vocab_size, out=logits)
         return grad, None, None, None
 
 

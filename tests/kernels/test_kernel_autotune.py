@@ -36,7 +36,7 @@ def _row_kernels(block_n):
 def _all_tuned():
     return ([fa._TUNED[name][precision] for name in fa._TUNED for precision in fa._TUNED[name]]
             + [k for block_n in BLOCK_NS for k in _row_kernels(block_n)]
-            + [bg._fwd_kernel, bg._bwd_kernel, ce._fwd_kernel, ce._shard_stats, ce._shard_grad])
+            + [bg._fwd_kernel, bg._bwd_kernel, ce._fwd_kernel, ce._shard_stats, ce._grad])
 
 
 def test_every_kernel_is_autotuned_with_one_config_under_the_interpreter(device):
@@ -158,9 +158,11 @@ def test_cross_entropy_with_each_config(compare, device, monkeypatch):
     shard = logits.detach()[:, 1000:2500].contiguous()
     lse = torch.logsumexp(logits.detach(), dim=-1)
     for _ in _each_config(monkeypatch, (ce._fwd_kernel, ce._GPU_CONFIGS),
-                          (ce._shard_stats, ce._GPU_CONFIGS), (ce._shard_grad, ce._GPU_CONFIGS)):
+                          (ce._shard_stats, ce._GPU_CONFIGS), (ce._grad, ce._GPU_CONFIGS)):
         compare(lambda t: cross_entropy(t, target), lambda t: cross_entropy_reference(t, target),
                 [logits], F32, ["logits"])
+        compare(lambda t: cross_entropy(t * 1, target, inplace_backward=True),
+                lambda t: cross_entropy_reference(t, target), [logits], F32, ["logits"])
         got = cross_entropy_shard_stats(shard, target, 1000, vocab_size=2400)
         want = cross_entropy_shard_stats_reference(shard, target, 1000, vocab_size=2400)
         for g, w in zip(got, want):
@@ -185,6 +187,18 @@ def test_flash_attention_with_each_config(compare, device, monkeypatch, dtype, c
 
 
 @needs_cuda
+def test_in_place_loss_backward_survives_autotuning():
+    """As below, for cross_entropy(inplace_backward=True): its gradient is written over the
+    logits, which the tuner's timed runs must restore (a width no other test tunes)."""
+    leaf = (torch.randn(64, 8300, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 8300, (64,), device="cuda")
+    ref = leaf.detach().float().requires_grad_()
+    cross_entropy_reference(ref, target).backward()
+    cross_entropy(leaf * 1, target, inplace_backward=True).backward()
+    torch.testing.assert_close(leaf.grad.float(), ref.grad, rtol=2e-2, atol=1e-4)
+
+
+@needs_cuda
 def test_in_place_shard_grad_survives_autotuning():
     """The tuner times every config on the first call of a new width: with out=logits each timed
     run overwrites the logits, so it must restore them before the run whose result is kept."""
@@ -192,7 +206,7 @@ def test_in_place_shard_grad_survives_autotuning():
     target = torch.randint(0, 8200, (64,), device="cuda")
     lse = torch.logsumexp(logits.float(), dim=-1)
     want = cross_entropy_shard_grad_reference(logits, target, 0, lse)
-    assert len(ce._PRUNE["early_config_prune"](ce._shard_grad.tuner.configs,
+    assert len(ce._PRUNE["early_config_prune"](ce._grad.tuner.configs,
                                                {"width": 8200})) > 1
     cross_entropy_shard_grad(logits, target, 0, lse, out=logits)
     torch.testing.assert_close(logits.float(), want.float(), rtol=2e-2, atol=1e-3)

@@ -233,9 +233,47 @@ def test_shard_grad_bad_input(device):
                                  out=torch.empty(4, 10, device=device).half())
 
 
-def test_second_backward_on_one_forward_is_an_error(device):
+def test_second_backward_of_an_inplace_backward_is_an_error(device):
+    logits, target = _logits_target((5,), 40, F32, device)
+    loss = cross_entropy(logits.detach().clone().requires_grad_(), target, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"backward ran twice on one forward.*"
+                                           r"inplace_backward=False"):
+        loss.backward()
+
+
+def test_second_backward_without_inplace_gives_the_gradient_again(device):
     logits, target = _logits_target((5,), 40, F32, device)
     loss = cross_entropy(logits, target)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice on one forward"):
-        loss.backward()
+    first = logits.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(logits.grad, 2 * first)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inplace_backward_writes_the_gradient_over_the_logits(device, dtype, reduction):
+    """The logits' gradient is their own storage, and equals the reference's (padded vocabulary,
+    ignored rows, an incoming gradient other than 1); the forward leaves the logits untouched."""
+    leaf, target = _logits_target((4, 6), 333, dtype, device)
+    target = target.clamp(max=300).masked_fill(target == -100, -100)
+    seen = {}
+
+    def keep_grad(grad):
+        seen["ptr"], seen["grad"] = grad.data_ptr(), grad.clone()
+
+    logits = leaf * 1                    # a non-leaf, as a model's logits are
+    logits.register_hook(keep_grad)
+    before = logits.detach().clone()
+    loss = cross_entropy(logits, target, vocab_size=301, reduction=reduction,
+                         inplace_backward=True)
+    assert torch.equal(logits.detach(), before)
+    (2.5 * loss).backward()
+    assert seen["ptr"] == logits.data_ptr()
+    ref = before.float().requires_grad_()
+    (2.5 * cross_entropy_reference(ref, target, vocab_size=301, reduction=reduction)).backward()
+    rtol, atol = (1e-5, 1e-6) if dtype == F32 else (5e-3, 5e-4)
+    torch.testing.assert_close(seen["grad"].float(), ref.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss.float(), cross_entropy_reference(
+        before, target, vocab_size=301, reduction=reduction).float(), rtol=rtol, atol=atol)

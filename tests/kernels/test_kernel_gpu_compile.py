@@ -89,14 +89,16 @@ def main():
                      dict(X=bf16, BIAS=bf16, DY=bf16, DX=bf16, DBIAS_PARTIAL="*fp32",
                           n_rows="i32", n_cols="i32", rows_per_program="i32"), {})
     _compile_configs(ce._fwd_kernel,
-                     dict(LOGITS=bf16, TARGET="*i64", GRAD=bf16, LOSS="*fp32", N_VALID="*i64",
+                     dict(LOGITS=bf16, TARGET="*i64", LOSS="*fp32", LSE="*fp32", N_VALID="*i64",
                           n_cols="i32", width="i32", ignore_index="i32"), {})
     _compile_configs(ce._shard_stats,
                      dict(LOGITS=bf16, TARGET="*i64", STATS="*fp32", n_cols="i32", width="i32",
                           vocab_start="i32"), {})
-    _compile_configs(ce._shard_grad,
-                     dict(LOGITS=bf16, TARGET="*i64", LSE="*fp32", GRAD_ROW="*fp32", GRAD=bf16,
-                          n_cols="i32", width="i32", vocab_start="i32", ignore_index="i32"), {})
+    for per_row in (True, False):
+        _compile_configs(ce._grad,
+                         dict(LOGITS=bf16, TARGET="*i64", LSE="*fp32", SCALE="*fp32", GRAD=bf16,
+                              n_cols="i32", width="i32", vocab_start="i32", ignore_index="i32"),
+                         dict(SCALE_PER_ROW=per_row))
 
 
 @pytest.mark.slow

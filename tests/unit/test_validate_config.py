@@ -158,9 +158,13 @@ def test_fixed_and_device_terms(monkeypatch):
     assert cuda.workspace == 2 * CUBLAS_WORKSPACE_BYTES + CUBLASLT_WORKSPACE_BYTES == 65 * 1024 ** 2
     assert cpu.workspace == 0 and cpu.first_step == 0          # no Triton on the CPU
     # The first step tunes the Triton kernels (a 256 MiB flush buffer) before AdamW's moments
-    # exist; with tp = 1 the loss is tuned in the forward, before the backward's cuBLAS handle.
+    # exist; with tp = 1 the loss's gradient kernel is tuned first in the backward, before the
+    # backward's cuBLAS handle, and copies the logits it writes over to restore them.
+    m, t = cfg.model, cfg.training
+    logits = 4 * m.seq_length * t.batch_size * m.padded_vocab_size(1)       # fp32
     assert cuda.first_step == (cuda.weights + cuda.gradients + CUBLAS_WORKSPACE_BYTES
-                               + CUBLASLT_WORKSPACE_BYTES + cuda.activations + TRITON_BENCH_FLUSH_BYTES)
+                               + CUBLASLT_WORKSPACE_BYTES + cuda.activations
+                               + TRITON_BENCH_FLUSH_BYTES + logits)
     assert cuda.total == cuda.first_step > cuda.later_steps    # 7M parameters: the tuning dominates
     monkeypatch.setenv("MEGAGPT_AUTOTUNE", "0")                # first configs, untimed: no buffer
     assert estimate_memory(cfg, "cuda").total == cuda.later_steps
