@@ -494,6 +494,45 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+# How `layout_problems` names the layout in a training config; other callers (the checkpoint
+# converter) pass their own names, e.g. command-line flags.
+LAYOUT_NAMES = {"tp": "parallel.tensor_parallel_size", "pp": "parallel.pipeline_parallel_size",
+                "vp": "parallel.virtual_pipeline_size", "sp": "parallel.sequence_parallel"}
+
+
+def layout_problems(m: ModelConfig, tp: int, pp: int, vp: int, sequence_parallel: bool = False,
+                    names: dict[str, str] | None = None) -> list[str]:
+    """The rules a (tensor, pipeline, virtual pipeline) layout must meet to split model `m`:
+    tp divides the heads and the MLP width (and, with sequence parallelism, the sequence), pp x vp
+    divides the layers, vp > 1 only with pp > 1. Returns the problems, each naming the setting,
+    its value, the rule and a fix; empty when the layout fits.
+
+    `m`'s sizes and tp, pp, vp must already be positive integers. `names` maps "tp", "pp", "vp"
+    and "sp" (sequence parallelism) to how the caller's user spells them (default LAYOUT_NAMES,
+    the config's fields); a fix names the part after the last dot.
+    """
+    n = dict(LAYOUT_NAMES, **(names or {}))
+    short = {k: v.rsplit(".", 1)[-1] for k, v in n.items()}
+    p: list[str] = []
+    if m.n_heads % tp:
+        p.append(f"{n['tp']}={tp}: must divide model.n_heads={m.n_heads}; fix: choose "
+                 f"{short['tp']} among {_divisors(m.n_heads)}, so that each rank holds whole heads")
+    if m.ffn_size % tp:
+        p.append(f"{n['tp']}={tp}: must divide the MLP width {m.ffn_size} "
+                 f"(model.ffn_hidden_size); fix: choose among {_divisors(m.ffn_size)}")
+    if m.n_layers % (pp * vp):
+        p.append(f"{n['pp']}={pp} x {n['vp']}={vp} = {pp * vp}: must divide "
+                 f"model.n_layers={m.n_layers}; fix: choose a product among "
+                 f"{_divisors(m.n_layers)}, so that every stage holds as many layers")
+    if vp > 1 and pp == 1:
+        p.append(f"{n['vp']}={vp}: needs {short['pp']} > 1; "
+                 f"fix: set {short['vp']}=1 or raise {short['pp']}")
+    if sequence_parallel and tp > 1 and m.seq_length % tp:
+        p.append(f"{n['sp']}=true: model.seq_length={m.seq_length} must be divisible by "
+                 f"{n['tp']}={tp}")
+    return p
+
+
 def _check_blend(where: str, paths: list, problems: list[str]) -> None:
     """A data path list is prefixes, or alternating weight/prefix pairs."""
     if len(paths) <= 1:
@@ -588,22 +627,7 @@ def validate(cfg: Config) -> list[str]:
                      f"fix: choose n_heads among {_divisors(m.d_model)}")
     if ok and ok_layout:
         tp, pp, vp = par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size
-        if m.n_heads % tp:
-            p.append(f"parallel.tensor_parallel_size={tp}: must divide model.n_heads={m.n_heads}; "
-                     f"fix: choose tensor_parallel_size among {_divisors(m.n_heads)}")
-        if m.ffn_size % tp:
-            p.append(f"parallel.tensor_parallel_size={tp}: must divide the MLP width "
-                     f"{m.ffn_size} (model.ffn_hidden_size); fix: choose among {_divisors(m.ffn_size)}")
-        if m.n_layers % (pp * vp):
-            p.append(f"parallel.pipeline_parallel_size={pp} x parallel.virtual_pipeline_size={vp} "
-                     f"= {pp * vp}: must divide model.n_layers={m.n_layers}; "
-                     f"fix: choose a product among {_divisors(m.n_layers)}")
-        if vp > 1 and pp == 1:
-            p.append(f"parallel.virtual_pipeline_size={vp}: needs pipeline_parallel_size > 1; "
-                     f"fix: set virtual_pipeline_size=1 or raise pipeline_parallel_size")
-        if par.sequence_parallel and tp > 1 and m.seq_length % tp:
-            p.append(f"parallel.sequence_parallel=true: model.seq_length={m.seq_length} must be "
-                     f"divisible by parallel.tensor_parallel_size={tp}")
+        p.extend(layout_problems(m, tp, pp, vp, par.sequence_parallel))
         if par.world_size % (tp * pp):
             p.append(f"parallel.world_size={par.world_size}: must be a multiple of "
                      f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {tp * pp} "

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megagpt.config import KernelsConfig, ModelConfig, load_config, model_fields_from_hf
+from megagpt.config import (KernelsConfig, ModelConfig, layout_problems, load_config,
+                            model_fields_from_hf)
 from megagpt.data.tokenizer import Tokenizer, load_tokenizer
+from megagpt.fsutil import replace_folder_atomically
 from megagpt.hf import from_hf, hf_config_dict, to_hf
 from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
 from megagpt.model.reshard import full_state_from_checkpoint, model_config_of, shard_full_state
@@ -210,31 +209,19 @@ def single_process_model(m: ModelConfig, full_state: dict[str, torch.Tensor]) ->
 # ---------------------------------------------------------------------------------------------
 # Writing
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+# How check_layout's messages name the layout: the flags of tools/convert_checkpoint.py (and the
+# arguments of `convert`), and the source config's own sequence-parallel setting.
+LAYOUT_FLAGS = {"tp": "--tensor-parallel-size", "pp": "--pipeline-parallel-size",
+                "vp": "--virtual-pipeline-size", "sp": "the source config's parallel.sequence_parallel"}
 
 
 def check_layout(m: ModelConfig, tp: int, pp: int, vp: int, sequence_parallel: bool = False) -> None:
-    """Refuse a layout the model cannot be split into, naming the flag, the numbers and the fix."""
-    problems = [f"{flag}={value}: must be 1 or more" for flag, value in
-                (("--tensor-parallel-size", tp), ("--pipeline-parallel-size", pp),
-                 ("--virtual-pipeline-size", vp)) if value < 1]
+    """Refuse a layout the model cannot be split into, naming the flag, the numbers and the fix
+    (the rules are the config validator's: `megagpt.config.layout_problems`)."""
+    problems = [f"{LAYOUT_FLAGS[key]}={value}: must be 1 or more" for key, value in
+                (("tp", tp), ("pp", pp), ("vp", vp)) if value < 1]
     if not problems:
-        if m.n_heads % tp:
-            problems.append(f"--tensor-parallel-size={tp} must divide model.n_heads={m.n_heads} "
-                            f"(each rank holds whole heads); fix: choose among {_divisors(m.n_heads)}")
-        if m.ffn_size % tp:
-            problems.append(f"--tensor-parallel-size={tp} must divide the MLP width {m.ffn_size}; "
-                            f"fix: choose among {_divisors(m.ffn_size)}")
-        if m.n_layers % (pp * vp):
-            problems.append(f"--pipeline-parallel-size={pp} x --virtual-pipeline-size={vp} = "
-                            f"{pp * vp} must divide model.n_layers={m.n_layers} (each stage holds "
-                            f"as many layers); fix: choose a product among {_divisors(m.n_layers)}")
-        if vp > 1 and pp == 1:
-            problems.append(f"--virtual-pipeline-size={vp} needs --pipeline-parallel-size > 1")
-        if sequence_parallel and m.seq_length % tp:
-            problems.append(f"--tensor-parallel-size={tp} must divide model.seq_length="
-                            f"{m.seq_length}: the config uses sequence parallelism")
+        problems = layout_problems(m, tp, pp, vp, sequence_parallel, names=LAYOUT_FLAGS)
     if problems:
         raise ConversionError("the target layout cannot split this model:\n"
                               + "\n".join(f"  - {p}" for p in problems))
@@ -401,9 +388,7 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
                                   f"model's vocabulary is {source.model.vocab_size} "
                                   f"(model.vocab_size); fix: pass the tokenizer the model was "
                                   f"trained with")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with replace_folder_atomically(output) as tmp:
         if to == "megagpt":
             written = write_megagpt(source, tmp, tp, pp, vp)
             log(f"wrote {written.name} for tp {tp} x pp {pp} x vp {vp}")
@@ -418,10 +403,4 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
             if not difference <= VERIFY_TOLERANCE:
                 raise ConversionError(f"--verify: the largest logit difference {difference:.3g} "
                                       f"exceeds {VERIFY_TOLERANCE}; the output was not written")
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ConversionResult(output, difference, notes)

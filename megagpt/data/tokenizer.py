@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from megagpt.fsutil import replace_folder_atomically
 
 GPT2_DIR = Path(__file__).resolve().parent / "assets" / "gpt2"
 EOD_TOKEN = "<|endoftext|>"
@@ -174,9 +174,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
     backend.train_from_iterator(texts, trainer=trainer)
     backend.add_special_tokens([EOD_TOKEN])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with replace_folder_atomically(out) as tmp:
         backend.model.save(str(tmp))  # vocab.json + merges.txt, without the added token
         vocab = json.loads((tmp / "vocab.json").read_text(encoding="utf-8"))
         vocab[EOD_TOKEN] = backend.token_to_id(EOD_TOKEN)
@@ -187,10 +185,4 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
         config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
                   "add_prefix_space": False, **special}
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_tokenizer(out)

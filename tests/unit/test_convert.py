@@ -291,12 +291,13 @@ def test_a_corrupt_file_is_refused(tmp_path, full):
 
 
 @pytest.mark.parametrize("layout, message", [
-    (dict(tp=3), "--tensor-parallel-size=3 must divide model.n_heads=4 (each rank holds whole "
-                 "heads); fix: choose among 1, 2, 4"),
-    (dict(pp=3), "--pipeline-parallel-size=3 x --virtual-pipeline-size=1 = 3 must divide "
-                 "model.n_layers=4 (each stage holds as many layers); fix: choose a product among "
-                 "1, 2, 4"),
-    (dict(pp=1, vp=2), "--virtual-pipeline-size=2 needs --pipeline-parallel-size > 1"),
+    (dict(tp=3), "--tensor-parallel-size=3: must divide model.n_heads=4; fix: choose "
+                 "--tensor-parallel-size among 1, 2, 4, so that each rank holds whole heads"),
+    (dict(pp=3), "--pipeline-parallel-size=3 x --virtual-pipeline-size=1 = 3: must divide "
+                 "model.n_layers=4; fix: choose a product among 1, 2, 4, so that every stage holds "
+                 "as many layers"),
+    (dict(pp=1, vp=2), "--virtual-pipeline-size=2: needs --pipeline-parallel-size > 1; fix: set "
+                       "--virtual-pipeline-size=1 or raise --pipeline-parallel-size"),
     (dict(tp=0), "--tensor-parallel-size=0: must be 1 or more"),
 ])
 def test_a_layout_that_cannot_split_the_model_is_refused(tmp_path, ours, layout, message):
