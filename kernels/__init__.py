@@ -3,6 +3,8 @@
 Public functions (each differentiable; each runs its plain-torch reference where the Triton
 kernels cannot run, i.e. on a CPU without ``TRITON_INTERPRET=1``):
     flash_attention(q, k, v, causal=True, softmax_scale=None)   q/k/v (batch, heads, seq, head_dim)
+    flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None)
+                                                   qkv (batch, seq, 3, heads, head_dim), any strides
     layer_norm(x, weight, bias, eps=1e-5)                       over the last dimension
     scaled_masked_softmax(x, scale=1.0, causal=False)           over the last dimension
     bias_gelu(x, bias)                                          GPT-2's tanh GeLU of x + bias
@@ -18,12 +20,14 @@ from .cross_entropy import (cross_entropy, cross_entropy_reference, cross_entrop
                             cross_entropy_shard_grad_reference, cross_entropy_shard_stats,
                             cross_entropy_shard_stats_reference)
 from .dispatch import BACKENDS, get_op, resolve_backend
-from .flash_attention import flash_attention, flash_attention_reference
+from .flash_attention import (flash_attention, flash_attention_qkvpacked,
+                              flash_attention_reference)
 from .layer_norm import layer_norm, layer_norm_reference
 from .softmax import scaled_masked_softmax, scaled_masked_softmax_reference
 
 __all__ = [
-    "flash_attention", "layer_norm", "scaled_masked_softmax", "bias_gelu", "cross_entropy",
+    "flash_attention", "flash_attention_qkvpacked", "layer_norm", "scaled_masked_softmax",
+    "bias_gelu", "cross_entropy",
     "cross_entropy_shard_stats", "cross_entropy_shard_grad",
     "flash_attention_reference", "layer_norm_reference", "scaled_masked_softmax_reference",
     "bias_gelu_reference", "cross_entropy_reference", "cross_entropy_shard_stats_reference",

@@ -1,11 +1,14 @@
 """Flash attention: the FlashAttention-2 schedule, forward and backward in Triton.
 
-Owns `flash_attention` (the public function), its autograd Function, the launchers, the kernels and
-`flash_attention_reference` (plain torch, the same function).
+Owns `flash_attention` and `flash_attention_qkvpacked` (the public functions), their autograd
+Functions, the launchers, the kernels and `flash_attention_reference` (plain torch).
 
 Shapes: q, k, v are (batch, heads, seq, head_dim) with one seq for all three; head_dim is 32, 64
 or 128; seq is any length (blocks past the end are masked); dtype float16, bfloat16 or float32,
-the same for all three. The output has q's shape and dtype.
+the same for all three. The output has q's shape and dtype. The kernels take every tensor's
+(batch, head, seq) strides (head_dim contiguous): q, k and v sharing one layout (views into one
+packed tensor) are read in place, the output is written in q's memory order, and the packed form
+(qkv as (batch, seq, 3, heads, head_dim)) writes its gradient into one tensor of qkv's layout.
 
 Forward: one program per (query block, batch*head) streams the key/value blocks with an online
 softmax in float32 (base-2 exponentials), writes O and the log-sum-exp of each query row
@@ -40,7 +43,7 @@ def _keep_mask(rows, cols, seq_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, rows, lo, hi, seq_len, qk_scale,
+def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len, qk_scale,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Fold the key/value blocks [lo, hi) into the running (acc, max, sum) of the query block."""
@@ -48,7 +51,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, rows, lo, hi, seq_len, qk_scale,
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_offsets = cols[:, None] * HEAD_DIM + offs_d[None, :]
+        kv_offsets = cols[:, None] * stride_s + offs_d[None, :]
         k = tl.load(k_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
         v = tl.load(v_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
         if UPCAST:
@@ -67,16 +70,23 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, rows, lo, hi, seq_len, qk_scale,
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, sm_scale,
+def _head_offset(n_heads, stride_b, stride_h):
+    """Where this program's (batch, head) starts in a tensor of strides (stride_b, stride_h)."""
+    bh = tl.program_id(1)
+    return (bh // n_heads).to(tl.int64) * stride_b + (bh % n_heads).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, n_heads, sm_scale,
+                     stride_b, stride_h, stride_s, o_stride_b, o_stride_h, o_stride_s,
                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    base = bh * seq_len * HEAD_DIM
+    base = _head_offset(n_heads, stride_b, stride_h)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_offsets = rows[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + base + q_offsets, mask=rows[:, None] < seq_len, other=0.0)
+    q = tl.load(Q + base + rows[:, None] * stride_s + offs_d[None, :],
+                mask=rows[:, None] < seq_len, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -89,31 +99,40 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, sm_scale,
     else:  # only the last, partial block needs the sequence mask
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, rows, 0, full_end, seq_len,
-                               qk_scale, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, rows, full_end, masked_end,
-                               seq_len, qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, stride_s, rows, 0, full_end,
+                               seq_len, qk_scale, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
                                HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, stride_s, rows, full_end,
+                               masked_end, seq_len, qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION,
+                               BLOCK_N, HEAD_DIM)
     acc = acc / l_i[:, None]
-    tl.store(O + base + q_offsets, acc.to(O.dtype.element_ty), mask=rows[:, None] < seq_len)
+    o_base = _head_offset(n_heads, o_stride_b, o_stride_h)
+    tl.store(O + o_base + rows[:, None] * o_stride_s + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=rows[:, None] < seq_len)
     lse = (m_i + tl.log2(l_i)) * LN2  # natural log-sum-exp of the scaled scores
-    tl.store(LSE + bh * seq_len + rows, lse, mask=rows < seq_len)
+    tl.store(LSE + tl.program_id(1).to(tl.int64) * seq_len + rows, lse, mask=rows < seq_len)
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, n_rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta_kernel(O, DO, DELTA, seq_len, n_heads, o_stride_b, o_stride_h, o_stride_s,
+                           do_stride_b, do_stride_h, do_stride_s, HEAD_DIM: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
     """delta[row] = sum(dO[row] * O[row]) over the head dimension, in float32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    offsets = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(O + offsets, mask=rows[:, None] < n_rows, other=0.0).to(tl.float32)
-    do = tl.load(DO + offsets, mask=rows[:, None] < n_rows, other=0.0).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)
+    in_seq = rows[:, None] < seq_len
+    o = tl.load(O + _head_offset(n_heads, o_stride_b, o_stride_h) + rows[:, None] * o_stride_s
+                + offs_d[None, :], mask=in_seq, other=0.0).to(tl.float32)
+    do = tl.load(DO + _head_offset(n_heads, do_stride_b, do_stride_h)
+                 + rows[:, None] * do_stride_s + offs_d[None, :], mask=in_seq,
+                 other=0.0).to(tl.float32)
+    tl.store(DELTA + tl.program_id(1).to(tl.int64) * seq_len + rows, tl.sum(o * do, 1),
+             mask=rows < seq_len)
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, cols, lo, hi, seq_len,
-                    qk_scale, MASK: tl.constexpr, UPCAST: tl.constexpr,
+def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_s, do_stride_s,
+                    cols, lo, hi, seq_len, qk_scale, MASK: tl.constexpr, UPCAST: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Accumulate the key block's dK, dV over the query blocks [lo, hi).
 
@@ -123,9 +142,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, cols, lo, h
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         in_seq = rows < seq_len
-        offsets = rows[:, None] * HEAD_DIM + offs_d[None, :]
-        q = tl.load(q_ptr + offsets, mask=in_seq[:, None], other=0.0)
-        do = tl.load(do_ptr + offsets, mask=in_seq[:, None], other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * stride_s + offs_d[None, :], mask=in_seq[:, None],
+                    other=0.0)
+        do = tl.load(do_ptr + rows[:, None] * do_stride_s + offs_d[None, :],
+                     mask=in_seq[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -143,16 +163,19 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, cols, lo, h
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, seq_len, sm_scale,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, seq_len, n_heads, sm_scale,
+                          stride_b, stride_h, stride_s, do_stride_b, do_stride_h, do_stride_s,
+                          g_stride_b, g_stride_h, g_stride_s,
                           CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1).to(tl.int64)
-    base = bh * seq_len * HEAD_DIM
+    base = _head_offset(n_heads, stride_b, stride_h)
+    do_base = _head_offset(n_heads, do_stride_b, do_stride_h)
+    row_base = tl.program_id(1).to(tl.int64) * seq_len
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_offsets = cols[:, None] * HEAD_DIM + offs_d[None, :]
+    kv_offsets = cols[:, None] * stride_s + offs_d[None, :]
     k = tl.load(K + base + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
     v = tl.load(V + base + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
     if UPCAST:
@@ -163,30 +186,32 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, seq_len, sm_scale,
     qk_scale = sm_scale * LOG2E
     if CAUSAL:  # queries on the diagonal need the mask, those below it do not
         masked_end = tl.minimum(start_n + BLOCK_N, seq_len)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + base, LSE + bh * seq_len,
-                                 DELTA + bh * seq_len, cols, start_n, masked_end, seq_len, qk_scale,
-                                 True, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + do_base, LSE + row_base,
+                                 DELTA + row_base, stride_s, do_stride_s, cols, start_n,
+                                 masked_end, seq_len, qk_scale, True, UPCAST, DOT_PRECISION,
+                                 BLOCK_M, HEAD_DIM)
         full_start = start_n + BLOCK_N
     else:
         full_start = 0
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + base, LSE + bh * seq_len,
-                             DELTA + bh * seq_len, cols, full_start, seq_len, seq_len, qk_scale,
-                             False, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
-    tl.store(DK + base + kv_offsets, (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=cols[:, None] < seq_len)
-    tl.store(DV + base + kv_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] < seq_len)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + do_base, LSE + row_base,
+                             DELTA + row_base, stride_s, do_stride_s, cols, full_start, seq_len,
+                             seq_len, qk_scale, False, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
+    g_offsets = _head_offset(n_heads, g_stride_b, g_stride_h) + cols[:, None] * g_stride_s \
+        + offs_d[None, :]
+    tl.store(DK + g_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols[:, None] < seq_len)
+    tl.store(DV + g_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] < seq_len)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, rows, lo, hi, seq_len, qk_scale,
-                  MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len,
+                  qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Accumulate the query block's dQ over the key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_offsets = cols[:, None] * HEAD_DIM + offs_d[None, :]
+        kv_offsets = cols[:, None] * stride_s + offs_d[None, :]
         k = tl.load(k_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
         v = tl.load(v_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
         if UPCAST:
@@ -203,23 +228,26 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, rows, lo, hi, seq_len, q
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, sm_scale,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, n_heads, sm_scale,
+                        stride_b, stride_h, stride_s, do_stride_b, do_stride_h, do_stride_s,
+                        g_stride_b, g_stride_h, g_stride_s,
                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    base = bh * seq_len * HEAD_DIM
+    base = _head_offset(n_heads, stride_b, stride_h)
+    row_base = tl.program_id(1).to(tl.int64) * seq_len
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = rows < seq_len
-    offsets = rows[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + base + offsets, mask=in_seq[:, None], other=0.0)
-    do = tl.load(DO + base + offsets, mask=in_seq[:, None], other=0.0)
+    q = tl.load(Q + base + rows[:, None] * stride_s + offs_d[None, :], mask=in_seq[:, None],
+                other=0.0)
+    do = tl.load(DO + _head_offset(n_heads, do_stride_b, do_stride_h)
+                 + rows[:, None] * do_stride_s + offs_d[None, :], mask=in_seq[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = tl.load(LSE + bh * seq_len + rows, mask=in_seq, other=0.0) * LOG2E
-    delta = tl.load(DELTA + bh * seq_len + rows, mask=in_seq, other=0.0)
+    lse2 = tl.load(LSE + row_base + rows, mask=in_seq, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row_base + rows, mask=in_seq, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * LOG2E
     if CAUSAL:
@@ -228,11 +256,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, sm_scale,
     else:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, rows, 0, full_end, seq_len,
-                       qk_scale, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, rows, full_end, masked_end,
-                       seq_len, qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    tl.store(DQ + base + offsets, (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_seq[:, None])
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, stride_s, rows, 0, full_end,
+                       seq_len, qk_scale, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, stride_s, rows, full_end,
+                       masked_end, seq_len, qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION,
+                       BLOCK_N, HEAD_DIM)
+    tl.store(DQ + _head_offset(n_heads, g_stride_b, g_stride_h) + rows[:, None] * g_stride_s
+             + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_seq[:, None])
 
 
 def _configs(shapes) -> list:
@@ -290,41 +320,61 @@ def _precision(dtype: torch.dtype) -> str:
     return "float32" if dtype == torch.float32 else "half"
 
 
-def _flash_attention_forward(q, k, v, causal, sm_scale):
+def _strides(t):
+    """The (batch, head, seq) strides of a (batch, heads, seq, head_dim) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _empty_in_layout(t):
+    """An empty dense tensor of t's shape and dtype with its dimensions in t's memory order: for
+    a view into a packed tensor, the packed order without the gaps."""
+    order = sorted(range(t.dim()), key=lambda dim: -t.stride(dim))
+    return torch.empty_permuted(t.shape, order, dtype=t.dtype, device=t.device)
+
+
+def _one_layout(*tensors) -> bool:
+    """The tensors share their strides and each row of head_dim is contiguous."""
+    return tensors[0].stride(-1) == 1 and all(t.stride() == tensors[0].stride() for t in tensors)
+
+
+def _flash_attention_forward(q, k, v, causal, sm_scale, o):
+    """Write the attention of q, k, v (one layout) into o (any layout); return the log-sum-exp."""
     batch, heads, seq_len, head_dim = q.shape
-    o = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
     _TUNED["fwd"][_precision(q.dtype)][
         lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)](
-        q, k, v, o, lse, seq_len, sm_scale, CAUSAL=causal, HEAD_DIM=head_dim,
-        **_DOT_OPTIONS[q.dtype])
-    return o, lse
+        q, k, v, o, lse, seq_len, heads, sm_scale, *_strides(q), *_strides(o), CAUSAL=causal,
+        HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
+    return lse
 
 
-def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale):
+def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dq, dk, dv):
+    """Write the gradients into dq, dk, dv (one layout among them; q, k, v share another)."""
     batch, heads, seq_len, head_dim = q.shape
-    do = do.contiguous()
+    if do.stride(-1) != 1:
+        do = do.contiguous()
     delta = torch.empty_like(lse)
-    n_rows = batch * heads * seq_len
-    _attn_bwd_delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, HEAD_DIM=head_dim,
-                                                      BLOCK_M=64)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _attn_bwd_delta_kernel[(triton.cdiv(seq_len, 64), batch * heads)](
+        o, do, delta, seq_len, heads, *_strides(o), *_strides(do), HEAD_DIM=head_dim, BLOCK_M=64)
     precision = _precision(q.dtype)
     options = dict(CAUSAL=causal, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
     _TUNED["dkdv"][precision][lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * heads)](
-        q, k, v, do, lse, delta, dk, dv, seq_len, sm_scale, **options)
+        q, k, v, do, lse, delta, dk, dv, seq_len, heads, sm_scale, *_strides(q), *_strides(do),
+        *_strides(dk), **options)
     _TUNED["dq"][precision][lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)](
-        q, k, v, do, lse, delta, dq, seq_len, sm_scale, **options)
-    return dq, dk, dv
+        q, k, v, do, lse, delta, dq, seq_len, heads, sm_scale, *_strides(q), *_strides(do),
+        *_strides(dq), **options)
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd for the Triton kernels; saves q, k, v, O and the log-sum-exp."""
+    """Autograd for the Triton kernels on q, k, v; saves them, O and the log-sum-exp."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = _flash_attention_forward(q, k, v, causal, sm_scale)
+        if not _one_layout(q, k, v):
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = _empty_in_layout(q)
+        lse = _flash_attention_forward(q, k, v, causal, sm_scale, o)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
@@ -332,8 +382,35 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        dq, dk, dv = (_empty_in_layout(q) for _ in range(3))
+        _flash_attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, dq, dk, dv)
         return dq, dk, dv, None, None
+
+
+class FlashAttentionQKVPackedFunction(torch.autograd.Function):
+    """Autograd for the Triton kernels on one (batch, seq, 3, heads, head_dim) tensor: q, k and v
+    are read where they lie and the gradient is written into one tensor of qkv's layout."""
+
+    @staticmethod
+    def forward(ctx, qkv, causal, sm_scale):
+        if qkv.stride(-1) != 1:
+            qkv = qkv.contiguous()
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))             # (b, h, s, d) views
+        o = _empty_in_layout(qkv[:, :, 0])                               # (b, s, h, d)
+        lse = _flash_attention_forward(q, k, v, causal, sm_scale, o.transpose(1, 2))
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        dqkv = _empty_in_layout(qkv)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        dq, dk, dv = (t.transpose(1, 2) for t in dqkv.unbind(2))
+        _flash_attention_backward(do.transpose(1, 2), q, k, v, o.transpose(1, 2), lse, ctx.causal,
+                                  ctx.sm_scale, dq, dk, dv)
+        return dqkv, None, None
 
 
 def _check_inputs(q, k, v):
@@ -349,9 +426,21 @@ def _check_inputs(q, k, v):
                              "q, k and v must have the same (batch, heads, seq, head_dim)")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; use one dtype")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q has head_dim {q.shape[-1]}; flash_attention supports head_dim "
+    _check_head_dim("q", q.shape[-1])
+
+
+def _check_head_dim(name: str, head_dim: int):
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{name} has head_dim {head_dim}; flash_attention supports head_dim "
                          f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+
+
+def _check_packed(qkv):
+    check_float("qkv", qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be 5-D (batch, seq, 3, heads, head_dim), got shape "
+                         f"{tuple(qkv.shape)}")
+    _check_head_dim("qkv", qkv.shape[-1])
 
 
 def flash_attention_reference(q, k, v, causal=True, softmax_scale=None):
@@ -370,11 +459,14 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None):
 
     Args:
         q, k, v: (batch, heads, seq, head_dim) tensors of one dtype (float16, bfloat16, float32)
-            on one device; head_dim 32, 64 or 128. Non-contiguous inputs are copied.
+            on one device; head_dim 32, 64 or 128. Read in place when the three share their
+            strides and head_dim is contiguous (e.g. views into one packed tensor); otherwise
+            copied to contiguous tensors first.
         causal: mask key j > query i.
         softmax_scale: multiplies q k^T; default 1 / sqrt(head_dim).
     Returns:
-        (batch, heads, seq, head_dim), q's dtype. Runs `flash_attention_reference` where the
+        (batch, heads, seq, head_dim), q's dtype, laid out in q's memory order. Runs
+        `flash_attention_reference` where the
         kernels cannot run (a CPU without ``TRITON_INTERPRET=1``) and for empty inputs.
     """
     _check_inputs(q, k, v)
@@ -382,3 +474,24 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None):
     if q.numel() == 0 or not triton_runs_on(q.device):
         return flash_attention_reference(q, k, v, causal, scale)
     return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
+
+
+def flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None):
+    """`flash_attention` on q, k and v packed in one tensor, as a fused QKV projection gives them.
+
+    Args:
+        qkv: (batch, seq, 3, heads, head_dim), q, k, v along dim 2, any strides with head_dim
+            contiguous (e.g. a (seq, batch, 3, heads, head_dim) tensor transposed): the kernels
+            read it in place, and the gradient comes back in one tensor of the same layout, so
+            neither direction copies q, k, v apart or back together.
+        causal, softmax_scale: as in `flash_attention`.
+    Returns:
+        (batch, seq, heads, head_dim), laid out in qkv's order of batch and seq (for a
+        seq-major qkv, the output transposed to (seq, batch, ...) is contiguous).
+    """
+    _check_packed(qkv)
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if qkv.numel() == 0 or not triton_runs_on(qkv.device):
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return flash_attention_reference(q, k, v, causal, scale).transpose(1, 2)
+    return FlashAttentionQKVPackedFunction.apply(qkv, bool(causal), scale)

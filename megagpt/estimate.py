@@ -32,8 +32,8 @@ is in `KeptBytes`, and depends on the device (`kept_bytes`):
   Transformer Models"): the two layer norms' inputs, the QKV and fc1 inputs and the two dropout
   masks (replicated under tensor parallelism unless sequence parallelism shards them too); q, k
   and v, the attention output, the GeLU's input and output (divided by tp); and what attention
-  adds: a flash kernel each row's float32 log-sum-exp (our Triton kernel and flash-attn also their
-  output, which the projection reads through a re-laid copy); eager attention the s x s
+  adds: a flash kernel each row's float32 log-sum-exp (flash-attn also its output, which the
+  projection reads through a re-laid copy); eager attention the s x s
   probabilities (with dropout their mask and the dropped copy), which selective recompute drops;
   torch's SDPA on the CPU with dropout falls back to its math path, which keeps those in float32.
   Full recompute keeps each block's input, plus one block's activations while it is recomputed;
@@ -146,9 +146,9 @@ class KeptBytes:
     attention: what attention keeps besides q, k and v: "flash" (each row's log-sum-exp), "eager"
         (the s x s probabilities) or "math" (torch's SDPA fallback, which the CPU takes with
         dropout: the probabilities, in float32);
-    attention_output_copy: the kernel's output is laid out (batch, heads, s, d) and the projection
-        reads a re-laid copy (our Triton kernel, flash-attn; torch's SDPA writes its output in the
-        layout of q, which the projection reads as it is);
+    attention_output_copy: the kernel's output is laid out (batch, s, heads, d) and the
+        projection reads a re-laid copy (flash-attn; our Triton kernel and torch's SDPA write
+        their output in the layout of q, which the projection reads as it is);
     qkv, softmax, probs: q, k and v; the softmax's output; the probabilities the value product
         reads (a copy when the softmax's output has another dtype);
     dropout_mask, score_mask: a dropout mask on the residual stream and on the probabilities: a
@@ -198,7 +198,7 @@ def kept_bytes(cfg: Config, device: str = "cuda") -> KeptBytes:
     softmax = [k.softmax] if kind == "eager" else []       # the softmax kernel serves eager attention
     others = [backend(choice) for choice in [k.layernorm, k.bias_gelu, k.cross_entropy] + softmax]
     return KeptBytes(act=act, attention=kind,
-                     attention_output_copy=attention in ("triton", "flash_attn"),
+                     attention_output_copy=attention == "flash_attn",
                      qkv=4 if math_path else act,
                      softmax=4 if math_path or backend(k.softmax) == "torch" else act,
                      probs=probs, dropout_mask=1 if cuda else act, score_mask=1 if cuda else probs,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megagpt.config import Config, KernelsConfig, ModelConfig
+from megagpt.kernels import flash_attention_qkvpacked
 from megagpt.kernels.dispatch import get_op, resolve_backend
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megagpt.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
@@ -72,6 +73,10 @@ class Ops:
                              f"or kernels.attention=sdpa or eager")
         self.attention_backend = resolve_backend("attention", attention, device)
         self.attention = get_op("attention", attention, device)
+        # Triton reads q, k, v inside the fused projection's output and writes the gradient
+        # back in its layout: no copies apart or together (the other backends take q, k, v).
+        self.attention_qkvpacked = (flash_attention_qkvpacked
+                                    if self.attention_backend == "triton" else None)
         self.layer_norm = get_op("layernorm", kernels.layernorm, device)
         self.softmax = get_op("softmax", kernels.softmax, device)
         self.bias_gelu = get_op("bias_gelu", kernels.bias_gelu, device)
@@ -182,7 +187,11 @@ class Attention(nn.Module):
     def forward(self, x, cache: KVCache | None = None):       # x (s, b, h) or (s/tp, b, h)
         qkv = self.qkv(x)                                       # (s, b, 3 * nh_local * hd)
         s, b = qkv.shape[:2]
-        q, k, v = qkv.view(s, b, 3, self.n_local_heads, self.head_dim).permute(2, 1, 3, 0, 4)
+        qkv = qkv.view(s, b, 3, self.n_local_heads, self.head_dim)
+        if cache is None and self.ops.attention_qkvpacked is not None:
+            y = self.ops.attention_qkvpacked(qkv.transpose(0, 1), causal=True)   # (b, s, nh, hd)
+            return self.proj(y.transpose(0, 1).reshape(s, b, self.n_local_heads * self.head_dim))
+        q, k, v = qkv.permute(2, 1, 3, 0, 4)
         if cache is not None:                                   # (b, nh, s, hd) each
             y = cache.attend(self, q, k, v)
         elif self.recompute and self.training:

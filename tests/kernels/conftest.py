@@ -44,9 +44,9 @@ def _triton_mode(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch):
-    """The kernels' output buffers (torch.empty / empty_like) start as NaN, so an element that a
+    """The kernels' output buffers (torch.empty / empty_like / empty_permuted) start as NaN, so an element that a
     kernel fails to write fails the comparison instead of passing on leftover memory."""
-    empty, empty_like = torch.empty, torch.empty_like
+    empty, empty_like, empty_permuted = torch.empty, torch.empty_like, torch.empty_permuted
 
     def poison(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
@@ -54,6 +54,8 @@ def _poisoned_outputs(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
     monkeypatch.setattr(torch, "empty_like",
                         lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_permuted",
+                        lambda *args, **kwargs: poison(empty_permuted(*args, **kwargs)))
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
-"""flash_attention against flash_attention_reference: output and dq, dk, dv; bad input."""
+"""flash_attention (and its packed-qkv form) against flash_attention_reference: output and
+dq, dk, dv, strided inputs read in place; bad input."""
 import pytest
 import torch
 
-from megagpt.kernels import flash_attention, flash_attention_reference
+from megagpt.kernels import flash_attention, flash_attention_qkvpacked, flash_attention_reference
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU")
@@ -72,6 +73,91 @@ def test_non_contiguous_inputs(compare, device):
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-4)
+
+
+def _grad_layout_spy(t):
+    """Records the strides of the gradient autograd hands to ``t``."""
+    seen = {}
+
+    def hook(grad):
+        seen["stride"] = grad.stride()
+
+    t.register_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_views_of_one_packed_tensor_are_read_in_place(compare, device, dtype, causal):
+    """q, k, v as the model makes them from its fused projection, (seq, batch, 3, heads, head_dim)
+    permuted: the kernels read them where they lie and write O in the same memory order (so the
+    model's permute back to (seq, batch, ...) needs no copy)."""
+    seq, batch, heads, head_dim = 33, 2, 2, 32
+    packed = torch.randn(seq, batch, 3, heads, head_dim, device=device, dtype=dtype,
+                         requires_grad=True)
+
+    def run(fn):
+        def attend(x):
+            q, k, v = x.permute(2, 1, 3, 0, 4)
+            out = fn(q, k, v, causal)
+            assert out.shape == (batch, heads, seq, head_dim)
+            return out
+        return attend
+
+    out = run(flash_attention)(packed)
+    assert out.permute(2, 0, 1, 3).is_contiguous()
+    compare(run(flash_attention), run(flash_attention_reference), [packed], dtype, ["qkv"],
+            atol32=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq_major", [False, True], ids=["bs3hd", "sb3hd"])
+def test_qkvpacked_matches_reference(compare, device, dtype, causal, seq_major):
+    """flash_attention_qkvpacked on (batch, seq, 3, heads, head_dim): as a contiguous tensor, and
+    as the model's (seq, batch, ...) projection transposed; the output is laid out in qkv's order
+    and the gradient comes back in qkv's layout (no copies either way)."""
+    batch, seq, heads, head_dim = 2, 45, 2, 64
+    shape = (seq, batch, 3, heads, head_dim) if seq_major else (batch, seq, 3, heads, head_dim)
+    leaf = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+    def packed_input(x):
+        return x.transpose(0, 1) if seq_major else x
+
+    def reference(x):
+        q, k, v = (t.transpose(1, 2) for t in packed_input(x).unbind(2))
+        return flash_attention_reference(q, k, v, causal).transpose(1, 2)
+
+    qkv = packed_input(leaf)
+    seen = _grad_layout_spy(qkv)
+    out = flash_attention_qkvpacked(qkv, causal)
+    assert out.shape == (batch, seq, heads, head_dim)
+    assert (out.transpose(0, 1) if seq_major else out).is_contiguous()
+    out.float().sum().backward()
+    assert seen["stride"] == qkv.stride()
+    compare(lambda x: flash_attention_qkvpacked(packed_input(x), causal), reference, [leaf],
+            dtype, ["qkv"], atol32=1e-4)
+
+
+def test_qkvpacked_runs_the_reference_where_triton_cannot(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    qkv = torch.randn(2, 9, 3, 2, 32, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    want = flash_attention_reference(q, k, v, True).transpose(1, 2)
+    torch.testing.assert_close(flash_attention_qkvpacked(qkv), want)
+
+
+@pytest.mark.parametrize("make_qkv,message", [
+    (lambda d: torch.randn(2, 9, 2, 32, device=d),
+     r"qkv must be 5-D \(batch, seq, 3, heads, head_dim\), got shape \(2, 9, 2, 32\)"),
+    (lambda d: torch.randn(2, 9, 4, 2, 32, device=d), r"got shape \(2, 9, 4, 2, 32\)"),
+    (lambda d: torch.randn(2, 9, 3, 2, 48, device=d), "qkv has head_dim 48; flash_attention "
+                                                      "supports head_dim 32, 64, 128"),
+    (lambda d: torch.randn(2, 9, 3, 2, 32, device=d).double(), "qkv has dtype torch.float64"),
+])
+def test_qkvpacked_bad_input(device, make_qkv, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        flash_attention_qkvpacked(make_qkv(device))
 
 
 @needs_cuda

@@ -43,15 +43,20 @@ def _compile_configs(tuned, signature, constexprs):
 def _attention(fa, dtype, head_dim, causal):
     p = PTR[dtype]
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, **fa._DOT_OPTIONS[dtype])
+    def strides(*prefixes):
+        return {f"{prefix}stride_{dim}": "i32" for prefix in prefixes for dim in "bhs"}
+
+    sizes = dict(seq_len="i32", n_heads="i32", sm_scale="fp32")
     for name, signature in (
-        ("fwd", dict(Q=p, K=p, V=p, O=p, LSE="*fp32", seq_len="i32", sm_scale="fp32")),
-        ("dkdv", dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p, seq_len="i32",
-                      sm_scale="fp32")),
-        ("dq", dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DQ=p, seq_len="i32",
-                    sm_scale="fp32")),
+        ("fwd", dict(Q=p, K=p, V=p, O=p, LSE="*fp32", **sizes, **strides("", "o_"))),
+        ("dkdv", dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p, **sizes,
+                      **strides("", "do_", "g_"))),
+        ("dq", dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DQ=p, **sizes,
+                    **strides("", "do_", "g_"))),
     ):
         _compile_configs(fa._TUNED[name][fa._precision(dtype)], signature, constexprs)
-    _compile(fa._attn_bwd_delta_kernel, dict(O=p, DO=p, DELTA="*fp32", n_rows="i32"),
+    _compile(fa._attn_bwd_delta_kernel, dict(O=p, DO=p, DELTA="*fp32", seq_len="i32",
+                                             n_heads="i32", **strides("o_", "do_")),
              dict(HEAD_DIM=head_dim, BLOCK_M=64), 4)
 
 

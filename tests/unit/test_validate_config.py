@@ -110,16 +110,17 @@ def test_activation_formula_matches_the_paper():
 
 def test_activations_are_all_16_bit_under_bf16_and_32_bit_under_fp32():
     # No dropout, Triton flash attention on CUDA: per block, the two norm inputs, the QKV and fc1
-    # inputs (4), q k v (3), the attention output and the kernel's own (2), the GeLU's input and
-    # output (8): 17 values of s*b*h in the activation dtype, the residual stream included, plus
-    # the float32 log-sum-exp of each row and head.
+    # inputs (4), q k v (3, the fused projection's output, read in place), the attention output
+    # (1, which the projection reads as it is), the GeLU's input and output (8): 16 values of
+    # s*b*h in the activation dtype, the residual stream included, plus the float32 log-sum-exp
+    # of each row and head.
     for precision, act in (("bf16", 2), ("fp32", 4)):
         cfg = load_config(ROOT / "configs/training/small_model.json",
                           ["--model.dropout=0", f"--training.precision={precision}"])
         m, kept = cfg.model, kept_bytes(cfg, "cuda")
         s, b, h, a = m.seq_length, 2, m.d_model, m.n_heads
         assert kept.act == act and kept.attention == "flash"
-        assert activation_bytes_per_layer(m, b, 1, False, "none", kept) == act * s * b * h * 17 + 4 * a * s * b
+        assert activation_bytes_per_layer(m, b, 1, False, "none", kept) == act * s * b * h * 16 + 4 * a * s * b
     # With dropout, attention on CUDA is torch's SDPA, whose output the projection reads as it is,
     # and the dropout masks are bools.
     sdpa = kept_bytes(load_config(ROOT / "configs/training/small_model.json"), "cuda")
