@@ -8,10 +8,17 @@ communication overlaps the rest of the backward; `finish_grad_sync()` launches w
 waits. Gradients are summed across replicas: the schedules already scaled each loss by
 1 / (tokens in the global batch).
 
-Parameters whose gradients need a reduction over another group first sit in a bucket of their
-own that is reduced last, after that step (`pre_reduce`):
+Parameters whose gradients need a step over another group first sit in buckets of their own,
+reduced last, after that step (`pre_reduce`: one collective per kind and bucket, on the bucket's
+contiguous range of that kind):
 - replicated parameters applied to sequence shards (sequence parallelism): summed over the
   tensor-parallel group;
+- the other parameters replicated across the tensor-parallel group (layer norms and row-parallel
+  biases without sequence parallelism, the position embedding): every replica computes the same
+  gradient in exact arithmetic, but kernels may round differently from rank to rank (Triton's
+  autotuner can pick different launch settings on each GPU), and replicas updated with gradients
+  that differ in the last bit drift apart for good; tensor-parallel rank 0's gradient is
+  broadcast to the others, so the replicas stay identical bit for bit;
 - the two copies of the tied word embedding (first and last pipeline stage): summed over the
   embedding group so they stay identical.
 
@@ -40,6 +47,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megagpt.parallel.layers import group_rank, group_size
+
+
+_PRE_REDUCE_KINDS = ("tp_sum", "tp_copy", "tied_sum")
 
 
 @dataclass
@@ -74,9 +84,13 @@ class DataParallel:
         self.zero = zero_stage >= 1 and self.dp > 1
         self.sync = False
         self.names = {p: n for n, p in module.named_parameters()}
+        tp = group_size(tp_group)
+        self.tp_src = dist.get_global_rank(tp_group, 0) if tp > 1 else None
         params = [p for p in module.parameters() if p.requires_grad][::-1]
-        deferred = [p for p in params if self._needs_pre_reduce(p)]
-        regular = [p for p in params if not self._needs_pre_reduce(p)]
+        # the deferred ones grouped by kind, so each kind is one range of its bucket
+        deferred = sorted((p for p in params if self._pre_reduce_kind(p)),
+                          key=lambda p: _PRE_REDUCE_KINDS.index(self._pre_reduce_kind(p)))
+        regular = [p for p in params if not self._pre_reduce_kind(p)]
         limit = max(1, int(bucket_size_mb * 1024 * 1024 / 4))
         self.buckets: list[Bucket] = []
         for group, is_deferred in ((regular, False), (deferred, True)):
@@ -92,10 +106,14 @@ class DataParallel:
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
-    def _needs_pre_reduce(self, p) -> bool:
-        sp = getattr(p, "sequence_parallel", False) and group_size(self.tp_group) > 1
-        tied = self._is_tied_embedding(p) and group_size(self.embedding_group) > 1
-        return sp or tied
+    def _pre_reduce_kind(self, p) -> str | None:
+        """Which step over another group p's gradient needs before the data-parallel one (see
+        the module docstring), or None."""
+        if self._is_tied_embedding(p) and group_size(self.embedding_group) > 1:
+            return "tied_sum"
+        if group_size(self.tp_group) > 1 and not hasattr(p, "tp_dim"):
+            return "tp_sum" if getattr(p, "sequence_parallel", False) else "tp_copy"
+        return None
 
     def _is_tied_embedding(self, p) -> bool:
         return self.names[p] in ("embedding.wte.weight", "output_weight")
@@ -218,7 +236,7 @@ class DataParallel:
 
     def finish_grad_sync(self) -> None:
         """Reduce every gradient: launch what the backward did not, pre-reduce the deferred
-        bucket (sequence-parallel and tied-embedding gradients), reduce it, wait for all."""
+        buckets (tensor-parallel replicas, tied embedding), reduce them, wait for all."""
         for b in self.buckets:
             for p in b.params:
                 self._adopt_grad(p)
@@ -236,12 +254,19 @@ class DataParallel:
         self.sync = False
 
     def _pre_reduce(self, b: Bucket) -> None:
-        for p in b.params:
-            grad = self.main_grads[p]
-            if getattr(p, "sequence_parallel", False) and group_size(self.tp_group) > 1:
-                dist.all_reduce(grad, group=self.tp_group)
-            if self._is_tied_embedding(p) and group_size(self.embedding_group) > 1:
-                dist.all_reduce(grad, group=self.embedding_group)
+        """One collective per kind on the bucket's range of that kind (kinds are contiguous)."""
+        ranges: dict[str, list[int]] = {}
+        for p, off in zip(b.params, b.offsets):
+            lo_hi = ranges.setdefault(self._pre_reduce_kind(p), [off, off])
+            lo_hi[1] = off + p.numel()
+        for kind, (lo, hi) in ranges.items():
+            grads = b.grad_buffer[lo:hi]
+            if kind == "tp_sum":
+                dist.all_reduce(grads, group=self.tp_group)
+            elif kind == "tp_copy":
+                dist.broadcast(grads, src=self.tp_src, group=self.tp_group)
+            else:
+                dist.all_reduce(grads, group=self.embedding_group)
 
     # ---- optimizer interface ------------------------------------------------------------
 
@@ -289,10 +314,12 @@ def global_grad_norm(wrappers: list[DataParallel], tp_rank: int, norm_group=None
     non-finite norm is seen, and the step skipped, everywhere at once.
     """
     grads = [g for w in wrappers for g in w.norm_grads(tp_rank)]
-    device = grads[0].device if grads else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        total += g.float().pow(2).sum()
+    # on this rank's device even when it counts nothing, so every rank reduces on one backend
+    device = wrappers[0].buckets[0].grad_buffer.device
+    if grads:   # a few fused kernels over all of them (foreach), not two a gradient
+        total = torch.nn.utils.get_total_norm(grads).to(device, torch.float32).square()
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=device)
     if norm_group is not None and group_size(norm_group) > 1:
         dist.all_reduce(total, group=norm_group)
     return total.sqrt().item()

@@ -18,8 +18,13 @@ replicas sum them.
 
 Point-to-point: stages exchange [s, b, h] tensors (or [s/tp, b, h] under sequence parallelism)
 of one known shape and dtype, so nothing but the data travels. Sends and receives of one step are
-posted together with `batch_isend_irecv` and waited on with a timeout: a stage whose peer died or
-never sends raises an error naming the peer instead of hanging.
+posted together with `batch_isend_irecv`. On the CPU (gloo) they are waited on with a timeout: a
+stage whose peer died or never sends raises an error naming the peer instead of hanging. On CUDA
+(NCCL) the wait only orders the compute stream after the transfer, so the host keeps queueing
+work (a timed wait would block the host until the transfer ends, every exchange a full
+synchronisation, and would also fire while a neighbour compiles its kernels in the first step);
+a peer that never answers is caught by the process group's timeout (30 minutes in
+pretrain_gpt.py) and NCCL's watchdog.
 """
 from __future__ import annotations
 
@@ -64,6 +69,9 @@ class P2P:
         if ops:
             works = dist.batch_isend_irecv(ops)
             for work in works:
+                if self.device.type == "cuda":
+                    work.wait()
+                    continue
                 try:
                     work.wait(datetime.timedelta(seconds=self.timeout_s))
                 except RuntimeError as e:

@@ -1,4 +1,5 @@
 """Pipeline schedules: activation memory bound, and failures instead of hangs."""
+import datetime
 import os
 import time
 
@@ -82,3 +83,26 @@ def _peer_dies(rank, world):
 def test_a_dead_peer_is_an_error():
     with pytest.raises(RuntimeError, match="rank 0 exited with code 1 without a result"):
         run_distributed(_peer_dies, 2, timeout=30)
+
+
+class _Work:
+    def __init__(self, waits):
+        self.waits = waits
+
+    def wait(self, *args):
+        self.waits.append(args)
+
+
+@pytest.mark.parametrize("device,timed", [("cpu", True), ("cuda", False)])
+def test_waits_are_timed_on_the_cpu_and_stream_ordered_on_cuda(monkeypatch, device, timed):
+    """gloo: a timed wait, so a silent peer is an error; NCCL: a plain wait, which only orders the
+    compute stream after the transfer (a timed one would block the host on every exchange)."""
+    waits = []
+    monkeypatch.setattr(torch.distributed, "P2POp", lambda op, tensor, peer: (op, tensor, peer))
+    monkeypatch.setattr(torch.distributed, "batch_isend_irecv",
+                        lambda ops: [_Work(waits) for _ in ops])
+    p2p = P2P(pp_rank=0, pp_size=2, prev_rank=1, next_rank=1, shape=(4, 2, 8),
+              dtype=torch.float32, device=torch.device(device), timeout_s=7)
+    p2p.exchange(send_next=torch.ones(4, 2, 8), send_prev=torch.ones(4, 2, 8))
+    assert len(waits) == 2
+    assert all(args == ((datetime.timedelta(seconds=7),) if timed else ()) for args in waits)

@@ -1,9 +1,12 @@
-"""DataParallel on one process: 16-bit parameters with float32 masters and gradient buckets."""
+"""DataParallel: 16-bit parameters with float32 masters and gradient buckets (one process); the
+tensor-parallel steps before the data-parallel reduction (two gloo processes)."""
 import pytest
 import torch
 import torch.nn as nn
 
-from megagpt.parallel.data_parallel import DataParallel
+from megagpt.parallel import state
+from megagpt.parallel.data_parallel import DataParallel, global_grad_norm
+from megagpt.testing import run_distributed
 
 
 def _model():
@@ -84,3 +87,38 @@ def test_bad_param_dtype_and_a_half_precision_model_are_refused():
     with pytest.raises(TypeError, match=r"2.bias: DataParallel takes the model in float32 .* "
                                         r"got torch.bfloat16"):
         DataParallel(_model().bfloat16(), param_dtype=torch.bfloat16)
+
+
+def _tensor_parallel_replicas(rank, world, dtype):
+    """tp = 2: a sharded parameter, a replicated one whose two ranks' gradients differ (as kernels
+    that round differently would make them), and one applied to sequence shards."""
+    ps = state.initialize_parallel(world, 1)
+    module = nn.Module()
+    module.shard = nn.Parameter(torch.ones(3))
+    module.shard.tp_dim = 0
+    module.replica = nn.Parameter(torch.ones(4))
+    module.sp = nn.Parameter(torch.ones(2))
+    module.sp.sequence_parallel = True
+    wrapper = DataParallel(module, tp_group=ps.tp_group, param_dtype=dtype)
+    wrapper.zero_grad()
+    wrapper.start_grad_sync()
+    factor = 1.0 + rank / 3            # rank 1's gradient differs from rank 0's
+    (module.shard.sum() * (rank + 1) + (module.replica * factor).sum()
+     + (module.sp * (rank + 1)).sum()).backward()
+    wrapper.finish_grad_sync()
+    grads = {name: wrapper.main_grads[p].clone() for name, p in module.named_parameters()}
+    return grads, global_grad_norm([wrapper], ps.tp_rank, ps.tp_group)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tensor_parallel_replicas_get_rank_0s_gradient(dtype):
+    """A replicated parameter ends with tensor-parallel rank 0's gradient on every rank (so the
+    replicas never drift apart); a sequence-parallel one with the sum over ranks; a sharded one
+    keeps its own; the global norm counts the replicas once and agrees on both ranks."""
+    (g0, norm0), (g1, norm1) = run_distributed(_tensor_parallel_replicas, 2, dtype)
+    for grads, own in ((g0, 1.0), (g1, 2.0)):
+        assert torch.equal(grads["replica"], torch.ones(4))
+        assert torch.equal(grads["sp"], torch.full((2,), 3.0))
+        assert torch.equal(grads["shard"], torch.full((3,), own))
+    want = (3 * 1.0 ** 2 + 3 * 2.0 ** 2 + 4 * 1.0 + 2 * 3.0 ** 2) ** 0.5
+    assert norm0 == norm1 == pytest.approx(want, rel=1e-6)
