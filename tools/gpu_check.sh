@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check, for one call on a machine with one CUDA GPU (every step capped so the whole stays
-# under 8 minutes on an H100): the kernel tests compiled for the GPU (no interpreter; the GPU-only
-# bf16 tests included), tools/bench_kernels.py (full, or --quick with QUICK=1), then
-# tools/bench_train.py on the Small config (Triton kernels, with the Hugging Face peer; and the
-# torch kernels; and Triton with CUDA graphs, profiled) and the Base config (Triton kernels, with
-# the peer; and with CUDA graphs), bf16, dropout 0, the memory check (measured peak beside the
-# validator's estimate) on the Tiny and Large configs, and pretrain_gpt.py on the tiny model
-# (bf16, CUDA graphs, a checkpoint and a resume).
+# The GPU check, for one call on a machine with one CUDA GPU (every step capped, about 475 s in
+# all, so the whole stays under 8 minutes on an H100; the kernel tests and benchmark alone take
+# at most 210 s): tools/bench_train.py on the Small config (Triton kernels with CUDA graphs,
+# profiled, beside the Hugging Face peer; Triton without graphs; torch's ops) and the Base config
+# (CUDA graphs, beside the peer), bf16, dropout 0; the memory check (measured peak beside the
+# validator's estimate) on the Tiny and Large configs; pretrain_gpt.py on the tiny model (bf16,
+# CUDA graphs, a checkpoint and a resume); the kernel tests compiled for the GPU (no interpreter;
+# the GPU-only bf16 and autotuning tests included); tools/bench_kernels.py (full, or --quick with
+# QUICK=1).
 # Writes environment.txt, kernel_tests.log, bench_kernels.{txt,json,err}, bench_train_*.{txt,json}
 # to runs/gpu_check/; when $OUT is set (the device tool brings back at most 8 files) it also packs
 # them into $OUT/gpu_check.tgz and copies the text reports beside it. Each step runs even when an
@@ -54,22 +55,22 @@ bench_train() {   # name, seconds, config, extra arguments
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || train_rc=$rc
 }
-bench_train small_triton 50 configs/training/small_model.json
-bench_train small_graphs 45 configs/training/small_model.json --no-peer \
-  --training.cuda_graphs=true --profile
-bench_train small_torch 30 configs/training/small_model.json --no-peer --kernels.attention=sdpa \
+# Small and Base with CUDA graphs beside the Hugging Face peer (the speed-up and MFU figures);
+# Small without graphs, with Triton and with torch's ops; the memory check on Tiny and Large.
+bench_train small_graphs 60 configs/training/small_model.json --training.cuda_graphs=true --profile
+bench_train small_triton 25 configs/training/small_model.json --no-peer
+bench_train small_torch 25 configs/training/small_model.json --no-peer --kernels.attention=sdpa \
   --kernels.layernorm=torch --kernels.softmax=torch --kernels.bias_gelu=torch \
   --kernels.cross_entropy=torch
-bench_train base_triton 50 configs/training/base_model.json
-bench_train base_graphs 40 configs/training/base_model.json --no-peer --training.cuda_graphs=true
-bench_train tiny_memory 20 configs/training/tiny_model.json --no-peer --training.precision=bf16
-bench_train large_memory 40 configs/training/large_model.json --no-peer --steps 2 --warmup 1 \
+bench_train base_graphs 50 configs/training/base_model.json --training.cuda_graphs=true
+bench_train tiny_memory 15 configs/training/tiny_model.json --no-peer --training.precision=bf16
+bench_train large_memory 35 configs/training/large_model.json --no-peer --steps 2 --warmup 1 \
   --training.grad_accumulation_steps=2
 
 # The real entry point on the GPU: 30 steps of the tiny model (bf16, CUDA graphs) with a
 # checkpoint, then a resume to step 40 (the checkpoints stay outside what is packed).
 pretrain() {   # max_steps
-  timeout 30 "$python" pretrain_gpt.py --config configs/training/tiny_model.json \
+  timeout 25 "$python" pretrain_gpt.py --config configs/training/tiny_model.json \
     --data.mock=true --data.num_workers=0 --parallel.world_size=1 \
     --parallel.tensor_parallel_size=1 --parallel.pipeline_parallel_size=1 \
     --training.precision=bf16 --training.cuda_graphs=true --training.max_steps="$1" \

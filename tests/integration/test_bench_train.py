@@ -19,3 +19,18 @@ def test_bench_train_smoke(tmp_path):
     assert [r["side"] for r in report["rows"]] == ["megagpt", "hf_eager"]
     assert report["megagpt_over_peer_step_time"] > 0
     assert "megagpt step time / peer step time" in result.stdout
+
+
+def test_graph_pool_bytes_count_only_the_private_pools_free_blocks():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from bench_train import graph_pool_unallocated_bytes
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    segments = [
+        {"segment_pool_id": (0, 0), "total_size": 1000, "allocated_size": 10},   # the default pool
+        {"segment_pool_id": (1, 0), "total_size": 600, "allocated_size": 100},   # a graph's pool
+        {"segment_pool_id": (2, 1), "total_size": 50, "allocated_size": 50},
+    ]
+    assert graph_pool_unallocated_bytes(segments) == 500
+    assert graph_pool_unallocated_bytes([]) == 0
