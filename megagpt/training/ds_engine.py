@@ -159,9 +159,21 @@ class DeepSpeedEngine:
         return total.item()
 
     def _global_tokens(self, microbatches) -> int:
+        """The loss tokens of the global batch; call it on the CPU micro-batches, before
+        `_to_device` (as `Engine` does), so counting them is no device sync."""
         local = sum(float(mb["loss_mask"].sum()) if mb.get("loss_mask") is not None
                     else mb["labels"].numel() for mb in microbatches)
         return int(self._dp_sum(local))
+
+    @staticmethod
+    def _sum_losses(loss_sums: list[torch.Tensor]) -> float:
+        """The micro-batches' loss sums, kept as tensors while they run, summed on the host with
+        one device sync: the same float64 left-to-right sum of each value as adding them one by
+        one with float(loss_sum) after every micro-batch."""
+        if not loss_sums:
+            return 0.0
+        values = torch.cat([x.detach().reshape(-1) for x in loss_sums]).double().tolist()
+        return sum(values)
 
     def train_step(self, microbatches: list[dict], lr: float) -> StepResult:
         """One optimizer step over this rank's `gradient_accumulation_steps` micro-batches."""
@@ -170,14 +182,14 @@ class DeepSpeedEngine:
             raise ValueError(f"DeepSpeedEngine.train_step: {len(microbatches)} micro-batches, the "
                              f"DeepSpeed config accumulates {self.gas}")
         ds.train()
+        tokens = self._global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
-        tokens = self._global_tokens(microbatches)
         factor = self.gas * self.state.dp_world_size / max(tokens, 1)
         set_lr(ds.optimizer, lr)
         loss_sums, own_norm = [], None
         for i, mb in enumerate(microbatches):
             loss_sum, _ = ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))
-            loss_sums.append(float(loss_sum.detach()))
+            loss_sums.append(loss_sum.detach())         # no sync per micro-batch
             ds.backward(loss_sum * factor)
             if i == self.gas - 1 and self.zero_stage == 0 and self.cfg.training.precision == "fp32":
                 own_norm = self._zero0_grad_norm()
@@ -186,7 +198,7 @@ class DeepSpeedEngine:
                         ds.step()
                     continue
             ds.step()
-        loss = self._dp_sum(sum(loss_sums)) / max(tokens, 1)
+        loss = self._dp_sum(self._sum_losses(loss_sums)) / max(tokens, 1)
         norm = own_norm if own_norm is not None else ds.get_global_grad_norm()
         norm = math.nan if norm is None else float(norm)
         skipped = not ds.was_step_applied() or not math.isfinite(norm) or not math.isfinite(loss)
@@ -221,11 +233,11 @@ class DeepSpeedEngine:
         """The global mean loss of a batch, without gradients."""
         ds = self._engine()
         ds.eval()
+        tokens = self._global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
-        tokens = self._global_tokens(microbatches)
-        total = sum(float(ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))[0])
-                    for mb in microbatches)
-        return self._dp_sum(total) / max(tokens, 1)
+        loss_sums = [ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))[0]
+                     for mb in microbatches]
+        return self._dp_sum(self._sum_losses(loss_sums)) / max(tokens, 1)
 
     # ---- weights and checkpoints --------------------------------------------------------
 

@@ -5,6 +5,8 @@
 - `MetricsWriter` appends one JSON object a line to `logging.metrics_file` (rank 0 only) and,
   optionally, TensorBoard scalars. Training records carry `step, loss, lr, grad_norm,
   tokens_per_s, tflops_per_gpu, mfu, mem_gb, skipped`; eval records `step, val_loss, val_ppl`.
+  `mem_gb` is the largest `memory_gb` of any rank (the trainer all-reduces it with MAX at each
+  log step; the last pipeline stage usually holds the most), null on CPUs.
 - `StepTimer` measures seconds per step and tokens per second over a log interval, and
   `throughput` turns tokens per second into TFLOP/s per GPU and MFU.
 - `format_console_line` prints a record as one compact line.
@@ -85,7 +87,8 @@ def throughput(tokens_per_s: float, flops_per_tok: float, num_gpus: int,
 
 
 def memory_gb(device: torch.device | str) -> float | None:
-    """Peak memory allocated by tensors on a CUDA device since the start, in GB (1e9 bytes)."""
+    """Peak memory allocated by tensors on a CUDA device since the start, in GB (1e9 bytes);
+    None on a CPU. This rank's only: the trainer logs the maximum over the ranks as `mem_gb`."""
     device = torch.device(device)
     if device.type != "cuda":
         return None

@@ -154,7 +154,8 @@ def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
-def grads_are_finite(params: Iterable[torch.Tensor], group=None) -> bool:
+def grads_are_finite(params: Iterable[torch.Tensor], group=None,
+                     device: torch.device | str | None = None) -> bool:
     """True when every gradient is finite on every rank of `group`.
 
     Args:
@@ -162,16 +163,22 @@ def grads_are_finite(params: Iterable[torch.Tensor], group=None) -> bool:
         group: the process group that must agree (the lead passes the world group, so a NaN on
             one rank skips the step everywhere); None means the default group. Without an
             initialised torch.distributed there is no communication.
+        device: where the flag is all-reduced: this rank's device. By default the device of
+            `params` (with or without gradients), or the CPU when there are none; a rank that
+            may hold no parameters passes its device. It is never read from the backend's name:
+            under "cpu:gloo,cuda:nccl" a CPU flag goes over gloo and a CUDA one over NCCL, so
+            every rank of `group` must reduce on the same kind of device (one rank on the CPU
+            and the others on CUDA would hang).
 
     Each rank computes a local "found inf/nan" flag and all-reduces it with MAX; one host sync.
     """
+    params = list(params)
+    if device is None:
+        device = params[0].device if params else "cpu"
     grads = _grads(params)
     if grads:
-        bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float()
+        bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().to(device)
     else:
-        device = "cpu"
-        if dist.is_initialized() and dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
         bad = torch.zeros((), device=device)
     if dist.is_initialized():
         bad = bad.reshape(1)

@@ -174,7 +174,7 @@ class Trainer:
                     last = {"step": self.step, "loss": result.loss,
                             "lr": lr_at(self.step - 1, t), "grad_norm": result.grad_norm,
                             "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "mfu": mfu,
-                            "mem_gb": memory_gb(self.device), "skipped": self.skipped_total}
+                            "mem_gb": self._peak_memory_gb(), "skipped": self.skipped_total}
                     writer.write(last)
                     self._console(format_console_line(last, t.max_steps), bar)
                 if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == end):
@@ -194,6 +194,19 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return last
+
+    def _peak_memory_gb(self) -> float | None:
+        """The largest peak memory of any rank, in GB (`memory_gb`; None on CPUs): rank 0 is
+        pipeline stage 0, while the last stage (the logits and the loss) usually holds the most.
+        A collective over the world when it has more than one rank: called at every log step,
+        which every rank reaches. The value travels as a CPU tensor on the default group, which
+        gloo and "cpu:gloo,cuda:nccl" both reduce."""
+        mem = memory_gb(self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            peak = torch.tensor([-1.0 if mem is None else mem], dtype=torch.float64)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            mem = None if peak.item() < 0 else peak.item()
+        return mem
 
     def _progress_bar(self):
         if not (self.is_rank0 and self.cfg.logging.progress_bar and sys.stderr.isatty()):

@@ -7,6 +7,7 @@ The config tests run everywhere; the training tests need deepspeed (`pip install
 """
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import types
@@ -310,6 +311,62 @@ def test_a_non_finite_gradient_skips_the_step_on_every_rank(tmp_path, zero):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records if "skipped" in r] == [0, 0, 1, 1]
     assert [r["grad_norm"] is None for r in records if "skipped" in r] == [False, False, True, False]
+
+
+def test_the_loss_sums_are_added_once_as_float_did_one_by_one():
+    """DeepSpeedEngine keeps each micro-batch's loss sum as a tensor and converts them together:
+    the sum is exactly the float64 left-to-right sum of float(loss_sum) per micro-batch."""
+    from megagpt.training.ds_engine import DeepSpeedEngine
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        sums = [(torch.rand((), generator=g) * 10 ** k).to(dtype) for k in range(-3, 6)] * 3
+        assert DeepSpeedEngine._sum_losses(sums) == sum(float(x) for x in sums)
+    assert DeepSpeedEngine._sum_losses([]) == 0.0
+
+
+def _host_syncs_of_a_step(rank, world, ds):
+    """Which micro-batches the token count sees, and what the loss sums are when they are added."""
+    from megagpt.testing import split_microbatches
+    from megagpt.training.ds_engine import DeepSpeedEngine
+    cfg = tiny_config(dp=2, steps=2, parallel__deepspeed_config=ds)
+    ps = state.initialize_parallel(1, 1)
+    engine = DeepSpeedEngine(cfg, ps)
+    engine.start()
+    counted, added = [], []
+    global_tokens, sum_losses = engine._global_tokens, engine._sum_losses
+
+    def spy_tokens(microbatches):
+        counted.append(all(any(mb is own for own in given) for mb in microbatches))
+        return global_tokens(microbatches)
+
+    def spy_sum(loss_sums):
+        value = sum_losses(loss_sums)
+        added.append((len(loss_sums), all(isinstance(x, torch.Tensor) for x in loss_sums),
+                      value == sum(float(x) for x in loss_sums)))
+        return value
+
+    engine._global_tokens, engine._sum_losses = spy_tokens, spy_sum
+    batch = torch.randint(0, cfg.model.vocab_size, (8, cfg.model.seq_length + 1),
+                          generator=torch.Generator().manual_seed(rank))
+    given = split_microbatches(batch, ps.dp_rank, 2, cfg.training.batch_size)
+    for mb in given:
+        mb["loss_mask"][:, ::3] = 0                               # not every token counts
+    result = engine.train_step(given, 1e-3)
+    val = engine.eval_step(given)
+    expected_tokens = int(2 * sum(float(mb["loss_mask"].sum()) for mb in given))  # same per rank
+    return counted, added, result.tokens == expected_tokens, math.isfinite(val)
+
+
+@needs_deepspeed
+def test_tokens_are_counted_before_the_device_copy_and_losses_summed_once(tmp_path):
+    """As Engine does: no host sync per micro-batch (on a GPU, loss_mask.sum() after the copy
+    and float(loss_sum) each were one), and the same reported values."""
+    gas = tiny_config(dp=2).training.grad_accumulation_steps
+    out = run_distributed(_host_syncs_of_a_step, 2, ds_file("zero1"), timeout=300)
+    for counted, added, tokens_ok, val_finite in out:
+        assert counted == [True, True]                  # train_step, eval_step: the caller's own
+        assert added == [(gas, True, True)] * 2         # once a step, tensors, float's exact sum
+        assert tokens_ok and val_finite
 
 
 @needs_deepspeed

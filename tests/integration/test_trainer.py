@@ -101,6 +101,34 @@ def test_repeated_non_finite_steps_abort_with_a_message(tmp_path):
     assert "3 consecutive steps had a non-finite loss or gradient (training.max_skipped_steps=3)" in message
 
 
+def _peaks_per_rank(rank, world, run_dir, peaks):
+    """Train 3 steps, logging at steps 2 and 3, with this rank's peak memory read from `peaks`."""
+    import megagpt.training.trainer as trainer_module
+    reads = iter(peaks[rank])
+    trainer_module.memory_gb = lambda device: next(reads)   # as torch.cuda.max_memory_allocated
+    cfg = tiny_config(pp=2, steps=3, checkpoint__save_dir=str(Path(run_dir) / "ckpt"),
+                      logging__run_dir=run_dir, logging__progress_bar=False,
+                      training__log_interval=2, training__eval_interval=0, data__num_workers=0)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 2), log=lambda *a: None)
+    return trainer.train()["mem_gb"]
+
+
+def test_the_logged_peak_memory_is_the_largest_of_any_rank(tmp_path):
+    """Rank 0 (pipeline stage 0) writes metrics.jsonl; mem_gb is the MAX over every rank, reduced
+    at each log step, here stage 1's at step 2 and stage 0's at step 3."""
+    peaks = {0: [1.5, 5.0], 1: [3.25, 2.0]}
+    last = run_distributed(_peaks_per_rank, 2, str(tmp_path), peaks)
+    assert last == [5.0, 5.0]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["mem_gb"]) for r in records] == [(2, 3.25), (3, 5.0)]
+
+
+def test_the_peak_memory_stays_null_on_cpus_with_several_ranks(tmp_path):
+    run_distributed(_train, 2, str(tmp_path), 2, dict(dp=2))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mem_gb"] for r in records] == [None, None]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(tmp_path):
     cmd = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/tiny_model.json",

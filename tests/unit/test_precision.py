@@ -150,6 +150,44 @@ def test_ranks_agree_when_one_rank_has_a_nan():
     assert results == [(False, True, True), (False, True, True)]
 
 
+def _device_from_the_rank_not_the_backend(rank, world_size):
+    import torch.distributed as dist
+
+    def no_backend_name(*args, **kwargs):
+        raise AssertionError("grads_are_finite read the backend's name to pick a device")
+
+    reduced_on = []
+    all_reduce = dist.all_reduce
+
+    def spy(tensor, *args, **kwargs):
+        reduced_on.append(str(tensor.device))
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.get_backend, dist.all_reduce = no_backend_name, spy
+    # rank 0 has gradients; rank 1 holds parameters without any (the case that fell back to the
+    # backend's name, which under "cpu:gloo,cuda:nccl" put one rank's flag on the CPU)
+    params = (params_with_grads(torch.randn(3)) if rank == 0
+              else [torch.nn.Parameter(torch.zeros(3))])
+    return (grads_are_finite(params), grads_are_finite([], device=torch.device("cpu")),
+            grads_are_finite([]), reduced_on)
+
+
+def test_the_flag_is_reduced_on_the_ranks_device_whatever_the_backend():
+    results = run_distributed(_device_from_the_rank_not_the_backend, 2)
+    assert results == [(True, True, True, ["cpu", "cpu", "cpu"])] * 2
+
+
+def test_an_explicit_device_holds_the_flag(monkeypatch):
+    import torch.distributed as dist
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: seen.append((t.device, t.shape)))
+    params = params_with_grads(torch.tensor([1.0, float("inf")]))
+    assert not grads_are_finite(params, device="cpu")
+    assert grads_are_finite([], device="cpu")
+    assert seen == [(torch.device("cpu"), torch.Size([1]))] * 2
+
+
 def test_unscale_divides_in_place():
     grads = [torch.randn(3, 3), torch.randn(5)]
     params = params_with_grads(*grads)
