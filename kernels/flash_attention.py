@@ -10,12 +10,16 @@ the same for all three. The output has q's shape and dtype. The kernels take eve
 packed tensor) are read in place, the output is written in q's memory order, and the packed form
 (qkv as (batch, seq, 3, heads, head_dim)) writes its gradient into one tensor of qkv's layout.
 
-Forward: one program per (query block, batch*head) streams the key/value blocks with an online
+Forward: one program per (batch*head, query block) streams the key/value blocks with an online
 softmax in float32 (base-2 exponentials), writes O and the log-sum-exp of each query row
 (batch, heads, seq) in float32, which is all the backward keeps besides the inputs.
 Backward: a small kernel computes delta = rowsum(dO * O); one program per key block accumulates
 dK and dV over the query blocks; one program per query block accumulates dQ over the key blocks.
 No atomics. Causal attention masks key j > query i and skips the blocks above the diagonal.
+Grids are (batch*heads, blocks): programs launch in order of their index, batch*head fastest, so
+every head's first block starts before any head's second; under the causal mask the forward and
+dQ kernels number the query blocks from the last, so the longest programs start first and the
+shortest fill the last wave (dK/dV's first key blocks are already its longest).
 Launch settings: each kernel's blocks, warps and pipeline stages are autotuned on a GPU per
 sequence length, head dim, mask and dtype (`_GPU_CONFIGS`).
 """
@@ -70,9 +74,18 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len, 
 
 
 @triton.jit
+def _query_block_start(CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's first query row: block program_id(1), counted from the last one under the
+    causal mask, whose last blocks take longest (see the module docstring)."""
+    if CAUSAL:
+        return (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    return tl.program_id(1) * BLOCK_M
+
+
+@triton.jit
 def _head_offset(n_heads, stride_b, stride_h):
     """Where this program's (batch, head) starts in a tensor of strides (stride_b, stride_h)."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     return (bh // n_heads).to(tl.int64) * stride_b + (bh % n_heads).to(tl.int64) * stride_h
 
 
@@ -81,7 +94,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, n_heads, sm_scale,
                      stride_b, stride_h, stride_s, o_stride_b, o_stride_h, o_stride_s,
                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_block_start(CAUSAL, BLOCK_M)
     base = _head_offset(n_heads, stride_b, stride_h)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -110,7 +123,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, n_heads, sm_scale,
     tl.store(O + o_base + rows[:, None] * o_stride_s + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=rows[:, None] < seq_len)
     lse = (m_i + tl.log2(l_i)) * LN2  # natural log-sum-exp of the scaled scores
-    tl.store(LSE + tl.program_id(1).to(tl.int64) * seq_len + rows, lse, mask=rows < seq_len)
+    tl.store(LSE + tl.program_id(0).to(tl.int64) * seq_len + rows, lse, mask=rows < seq_len)
 
 
 @triton.jit
@@ -118,7 +131,7 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, seq_len, n_heads, o_stride_b, o_stride_
                            do_stride_b, do_stride_h, do_stride_s, HEAD_DIM: tl.constexpr,
                            BLOCK_M: tl.constexpr):
     """delta[row] = sum(dO[row] * O[row]) over the head dimension, in float32."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = rows[:, None] < seq_len
     o = tl.load(O + _head_offset(n_heads, o_stride_b, o_stride_h) + rows[:, None] * o_stride_s
@@ -126,7 +139,7 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, seq_len, n_heads, o_stride_b, o_stride_
     do = tl.load(DO + _head_offset(n_heads, do_stride_b, do_stride_h)
                  + rows[:, None] * do_stride_s + offs_d[None, :], mask=in_seq,
                  other=0.0).to(tl.float32)
-    tl.store(DELTA + tl.program_id(1).to(tl.int64) * seq_len + rows, tl.sum(o * do, 1),
+    tl.store(DELTA + tl.program_id(0).to(tl.int64) * seq_len + rows, tl.sum(o * do, 1),
              mask=rows < seq_len)
 
 
@@ -169,10 +182,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, seq_len, n_heads, sm_
                           CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n = tl.program_id(1) * BLOCK_N
     base = _head_offset(n_heads, stride_b, stride_h)
     do_base = _head_offset(n_heads, do_stride_b, do_stride_h)
-    row_base = tl.program_id(1).to(tl.int64) * seq_len
+    row_base = tl.program_id(0).to(tl.int64) * seq_len
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_offsets = cols[:, None] * stride_s + offs_d[None, :]
@@ -233,9 +246,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, n_heads, sm_scale,
                         g_stride_b, g_stride_h, g_stride_s,
                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_block_start(CAUSAL, BLOCK_M)
     base = _head_offset(n_heads, stride_b, stride_h)
-    row_base = tl.program_id(1).to(tl.int64) * seq_len
+    row_base = tl.program_id(0).to(tl.int64) * seq_len
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = rows < seq_len
@@ -342,7 +355,7 @@ def _flash_attention_forward(q, k, v, causal, sm_scale, o):
     batch, heads, seq_len, head_dim = q.shape
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
     _TUNED["fwd"][_precision(q.dtype)][
-        lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)](
+        lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))](
         q, k, v, o, lse, seq_len, heads, sm_scale, *_strides(q), *_strides(o), CAUSAL=causal,
         HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
     return lse
@@ -354,14 +367,16 @@ def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dq, dk, dv)
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(seq_len, 64), batch * heads)](
+    _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(seq_len, 64))](
         o, do, delta, seq_len, heads, *_strides(o), *_strides(do), HEAD_DIM=head_dim, BLOCK_M=64)
     precision = _precision(q.dtype)
     options = dict(CAUSAL=causal, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
-    _TUNED["dkdv"][precision][lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * heads)](
+    _TUNED["dkdv"][precision][
+        lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, seq_len, heads, sm_scale, *_strides(q), *_strides(do),
         *_strides(dk), **options)
-    _TUNED["dq"][precision][lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)](
+    _TUNED["dq"][precision][
+        lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq, seq_len, heads, sm_scale, *_strides(q), *_strides(do),
         *_strides(dq), **options)
 
