@@ -47,15 +47,21 @@ def _keep_mask(rows, cols, seq_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _tile(idx, stride, HEAD_DIM: tl.constexpr):
+    """Offsets of rows `idx` (seq positions) x head_dim of a tensor whose seq stride is `stride`,
+    in int64: a packed tensor's seq stride times its length can pass 2**31."""
+    return idx.to(tl.int64)[:, None] * stride + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len, qk_scale,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Fold the key/value blocks [lo, hi) into the running (acc, max, sum) of the query block."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_offsets = cols[:, None] * stride_s + offs_d[None, :]
+        kv_offsets = _tile(cols, stride_s, HEAD_DIM)
         k = tl.load(k_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
         v = tl.load(v_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
         if UPCAST:
@@ -97,8 +103,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, n_heads, sm_scale,
     start_m = _query_block_start(CAUSAL, BLOCK_M)
     base = _head_offset(n_heads, stride_b, stride_h)
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + base + rows[:, None] * stride_s + offs_d[None, :],
+    q = tl.load(Q + base + _tile(rows, stride_s, HEAD_DIM),
                 mask=rows[:, None] < seq_len, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -120,7 +125,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, n_heads, sm_scale,
                                BLOCK_N, HEAD_DIM)
     acc = acc / l_i[:, None]
     o_base = _head_offset(n_heads, o_stride_b, o_stride_h)
-    tl.store(O + o_base + rows[:, None] * o_stride_s + offs_d[None, :],
+    tl.store(O + o_base + _tile(rows, o_stride_s, HEAD_DIM),
              acc.to(O.dtype.element_ty), mask=rows[:, None] < seq_len)
     lse = (m_i + tl.log2(l_i)) * LN2  # natural log-sum-exp of the scaled scores
     tl.store(LSE + tl.program_id(0).to(tl.int64) * seq_len + rows, lse, mask=rows < seq_len)
@@ -132,13 +137,11 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, seq_len, n_heads, o_stride_b, o_stride_
                            BLOCK_M: tl.constexpr):
     """delta[row] = sum(dO[row] * O[row]) over the head dimension, in float32."""
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     in_seq = rows[:, None] < seq_len
-    o = tl.load(O + _head_offset(n_heads, o_stride_b, o_stride_h) + rows[:, None] * o_stride_s
-                + offs_d[None, :], mask=in_seq, other=0.0).to(tl.float32)
+    o = tl.load(O + _head_offset(n_heads, o_stride_b, o_stride_h)
+                + _tile(rows, o_stride_s, HEAD_DIM), mask=in_seq, other=0.0).to(tl.float32)
     do = tl.load(DO + _head_offset(n_heads, do_stride_b, do_stride_h)
-                 + rows[:, None] * do_stride_s + offs_d[None, :], mask=in_seq,
-                 other=0.0).to(tl.float32)
+                 + _tile(rows, do_stride_s, HEAD_DIM), mask=in_seq, other=0.0).to(tl.float32)
     tl.store(DELTA + tl.program_id(0).to(tl.int64) * seq_len + rows, tl.sum(o * do, 1),
              mask=rows < seq_len)
 
@@ -151,13 +154,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_s, d
 
     Query rows past the sequence load as zeros (q, dO, lse, delta), so they add nothing."""
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         in_seq = rows < seq_len
-        q = tl.load(q_ptr + rows[:, None] * stride_s + offs_d[None, :], mask=in_seq[:, None],
+        q = tl.load(q_ptr + _tile(rows, stride_s, HEAD_DIM), mask=in_seq[:, None],
                     other=0.0)
-        do = tl.load(do_ptr + rows[:, None] * do_stride_s + offs_d[None, :],
+        do = tl.load(do_ptr + _tile(rows, do_stride_s, HEAD_DIM),
                      mask=in_seq[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -187,8 +189,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, seq_len, n_heads, sm_
     do_base = _head_offset(n_heads, do_stride_b, do_stride_h)
     row_base = tl.program_id(0).to(tl.int64) * seq_len
     cols = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kv_offsets = cols[:, None] * stride_s + offs_d[None, :]
+    kv_offsets = _tile(cols, stride_s, HEAD_DIM)
     k = tl.load(K + base + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
     v = tl.load(V + base + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
     if UPCAST:
@@ -209,8 +210,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, seq_len, n_heads, sm_
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + do_base, LSE + row_base,
                              DELTA + row_base, stride_s, do_stride_s, cols, full_start, seq_len,
                              seq_len, qk_scale, False, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
-    g_offsets = _head_offset(n_heads, g_stride_b, g_stride_h) + cols[:, None] * g_stride_s \
-        + offs_d[None, :]
+    g_offsets = _head_offset(n_heads, g_stride_b, g_stride_h) + _tile(cols, g_stride_s, HEAD_DIM)
     tl.store(DK + g_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols[:, None] < seq_len)
     tl.store(DV + g_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] < seq_len)
 
@@ -221,10 +221,9 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, stride_s, rows, lo, hi, 
                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Accumulate the query block's dQ over the key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_offsets = cols[:, None] * stride_s + offs_d[None, :]
+        kv_offsets = _tile(cols, stride_s, HEAD_DIM)
         k = tl.load(k_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
         v = tl.load(v_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
         if UPCAST:
@@ -250,12 +249,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, n_heads, sm_scale,
     base = _head_offset(n_heads, stride_b, stride_h)
     row_base = tl.program_id(0).to(tl.int64) * seq_len
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     in_seq = rows < seq_len
-    q = tl.load(Q + base + rows[:, None] * stride_s + offs_d[None, :], mask=in_seq[:, None],
+    q = tl.load(Q + base + _tile(rows, stride_s, HEAD_DIM), mask=in_seq[:, None],
                 other=0.0)
     do = tl.load(DO + _head_offset(n_heads, do_stride_b, do_stride_h)
-                 + rows[:, None] * do_stride_s + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+                 + _tile(rows, do_stride_s, HEAD_DIM), mask=in_seq[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -274,8 +272,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, n_heads, sm_scale,
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, stride_s, rows, full_end,
                        masked_end, seq_len, qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION,
                        BLOCK_N, HEAD_DIM)
-    tl.store(DQ + _head_offset(n_heads, g_stride_b, g_stride_h) + rows[:, None] * g_stride_s
-             + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_seq[:, None])
+    tl.store(DQ + _head_offset(n_heads, g_stride_b, g_stride_h) + _tile(rows, g_stride_s, HEAD_DIM),
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_seq[:, None])
 
 
 def _configs(shapes) -> list:
@@ -339,9 +337,10 @@ def _strides(t):
 
 
 def _empty_in_layout(t):
-    """An empty dense tensor of t's shape and dtype with its dimensions in t's memory order: for
-    a view into a packed tensor, the packed order without the gaps."""
-    order = sorted(range(t.dim()), key=lambda dim: -t.stride(dim))
+    """An empty dense tensor of t's shape and dtype with its dimensions in t's memory order (for a
+    view into a packed tensor, the packed order without the gaps) and its last one, head_dim,
+    contiguous, as the kernels write it; broadcast dimensions (stride 0) go inside."""
+    order = sorted(range(t.dim() - 1), key=lambda dim: -t.stride(dim)) + [t.dim() - 1]
     return torch.empty_permuted(t.shape, order, dtype=t.dtype, device=t.device)
 
 

@@ -172,7 +172,7 @@ def main() -> int:
                         used = (torch.cuda.max_memory_allocated(device) - other) / GiB
                         peak[name] = max(peak[name] or 0, used)
         graph_pool = 0
-        if device.type == "cuda" and cfg.training.cuda_graphs:
+        if device.type == "cuda" and cfg.training.cuda_graphs and peak["megagpt"] is not None:
             graph_pool = graph_pool_unallocated_bytes(torch.cuda.memory_snapshot())
             peak["megagpt"] += graph_pool / GiB
         if args.profile:

@@ -72,12 +72,17 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         if group_size(group) > 1:
             dist.all_reduce(stats, group=group)
         lse = global_max + torch.log(stats[1])
-        ctx.save_for_backward(logits, target, lse)
-        ctx.start, ctx.vocab_size = start, vocab_size
+        ctx.save_for_backward(logits.contiguous(), target, lse)
+        ctx.start, ctx.vocab_size, ctx.backward_done = start, vocab_size, False
         return lse - stats[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.backward_done:
+            raise RuntimeError("vocab_parallel_cross_entropy(fused=True)'s backward ran twice on "
+                               "one forward (retain_graph): the first wrote the gradient over the "
+                               "logits; compute the loss again")
+        ctx.backward_done = True
         logits, target, lse = ctx.saved_tensors
         grad = cross_entropy_shard_grad(logits, target, ctx.start, lse, grad_row=grad_loss.float(),
                                         vocab_size=ctx.vocab_size, out=logits)
@@ -91,7 +96,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
     logits: (..., V_padded / tp), this rank's vocabulary slice; target: (...) int64 ids in
     [0, vocab_size); vocab_size: the real vocabulary (columns beyond it are padding). Tokens
     that must not count are removed by the caller's loss mask. fused: use the Triton kernels'
-    shard statistics and gradient (where they cannot run, their torch references).
+    shard statistics and gradient (where they cannot run, their torch references); its backward
+    writes the gradient over the logits (no logits-sized buffer), so nothing may read them after
+    the backward, and it runs once a forward.
     """
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"vocab_parallel_cross_entropy: logits {tuple(logits.shape)} and target "

@@ -317,7 +317,7 @@ def global_grad_norm(wrappers: list[DataParallel], tp_rank: int, norm_group=None
     # on this rank's device even when it counts nothing, so every rank reduces on one backend
     device = wrappers[0].buckets[0].grad_buffer.device
     if grads:   # a few fused kernels over all of them (foreach), not two a gradient
-        total = torch.nn.utils.get_total_norm(grads).to(device, torch.float32).square()
+        total = torch.stack(torch._foreach_norm(grads)).to(device, torch.float32).square().sum()
     else:
         total = torch.zeros((), dtype=torch.float32, device=device)
     if norm_group is not None and group_size(norm_group) > 1:

@@ -553,3 +553,50 @@ def restore_rng_state(state: dict) -> dict:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     return state["tracker"]
+
+
+def check_optimizer_layout(saved: list | None, current: list, *, sharded_by_tp_layout: bool,
+                           where: str | Path = "the checkpoint") -> None:
+    """Refuse optimizer state saved for other parameters than this rank's optimizer steps.
+
+    Args:
+        saved: the checkpoint's `[name, numel]` of each parameter the optimizer stepped, in the
+            optimizer's order (the trainer saves it beside the state); None for a checkpoint
+            written before megagpt recorded it.
+        current: the same list for this run.
+        sharded_by_tp_layout: the state is ZeRO-1-sharded with tensor parallelism, whose order
+            changed when tensor-parallel replicas moved to buckets of their own; a checkpoint
+            without `saved` then cannot be matched.
+        where: the checkpoint's path, for the messages.
+
+    torch's optimizers load their state by position: a different order would apply each
+    parameter's moments to another one, silently when the sizes happen to agree.
+    """
+    if saved is None:
+        if sharded_by_tp_layout:
+            raise CheckpointError(
+                f"{where} holds ZeRO-1 optimizer state saved with tensor parallelism by an older "
+                f"megagpt, whose order of the sharded pieces differs from this version's (the "
+                f"tensor-parallel replicas now sit in buckets of their own); its moments cannot be "
+                f"matched to the parameters. Keep its weights and start the optimizer state fresh: "
+                f"`tools/convert_checkpoint.py --input {where} --output NEW --to megagpt` (the "
+                f"same layout, weights only), then resume from NEW")
+        return
+    saved = [tuple(entry) for entry in saved]
+    current = [tuple(entry) for entry in current]
+    if saved == current:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b),
+                 min(len(saved), len(current)))
+
+    def at(entries):
+        return f"{entries[first][0]} ({entries[first][1]} values)" if first < len(entries) \
+            else "nothing"
+
+    raise CheckpointError(
+        f"{where}: its optimizer state is for {len(saved)} parameter pieces, this run's optimizer "
+        f"steps {len(current)}, and they differ first at position {first}: the checkpoint has "
+        f"{at(saved)}, this run {at(current)}. The model or the layout (parallel sizes, ZeRO "
+        f"stage, bucket size) differs from the run that saved it; resume with the same settings, "
+        f"or keep only its weights: `tools/convert_checkpoint.py --input {where} --output NEW "
+        f"--to megagpt`, then resume from NEW")

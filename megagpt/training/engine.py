@@ -69,6 +69,8 @@ class Engine:
                        device=self.device, timeout_s=p2p_timeout_s)
         named = [np for w in self.wrappers for np in w.optimizer_params()]
         self.optimizer = build_optimizer(named, cfg.training, self.device)
+        # what the optimizer steps, in its order: checkpoints keep it beside the state
+        self.optimizer_layout = [[name, p.numel()] for name, p in named]
         self.scaler = make_scaler(cfg.training.precision)
         zero = any(w.zero for w in self.wrappers)
         self.norm_group = dist.group.WORLD if zero else state.model_parallel_group

@@ -38,8 +38,9 @@ from megagpt.model.gpt import load_full_state_dict
 from megagpt.parallel.random import get_rng_tracker, seed_everything
 from megagpt.parallel.state import ParallelState
 from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, capture_rng_state,
-                                         check_compatible, load_checkpoint, read_meta,
-                                         resolve_load_path, restore_rng_state, save_checkpoint)
+                                         check_compatible, check_optimizer_layout,
+                                         load_checkpoint, read_meta, resolve_load_path,
+                                         restore_rng_state, save_checkpoint)
 from megagpt.training.engine import Engine
 from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
                                       format_console_line, memory_gb, peak_flops, throughput)
@@ -266,7 +267,7 @@ class Trainer:
             return self._save_deepspeed()
         e, s = self.engine, self.state
         optim_state = {"optimizer": e.optimizer.state_dict(), "scaler": e.scaler.state_dict(),
-                       "skipped_total": self.skipped_total}
+                       "optimizer_layout": e.optimizer_layout, "skipped_total": self.skipped_total}
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
                 "parallel": self._parallel_sizes(), "megagpt_version": __version__}
         with e.master_weights():     # the float32 weights, also when training in 16 bits
@@ -303,6 +304,9 @@ class Trainer:
             self.log(f"resumed the weights of {path} (a converted checkpoint) at step {self.step}; "
                      f"optimizer state starts fresh")
             return
+        zero_with_tp = s.tp_world_size > 1 and any(w.zero for w in e.wrappers)
+        check_optimizer_layout(optim_state.get("optimizer_layout"), e.optimizer_layout,
+                               sharded_by_tp_layout=zero_with_tp, where=path)
         e.optimizer.load_state_dict(optim_state["optimizer"])
         e.scaler.load_state_dict(optim_state["scaler"])
         get_rng_tracker().set_states(restore_rng_state(rng_state))

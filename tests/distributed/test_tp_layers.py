@@ -99,6 +99,35 @@ def test_vocab_parallel_cross_entropy_ignores_padding(world, fused):
     assert torch.all(grad[..., vocab:] == 0)
 
 
+def _fused_loss_twice(rank, world):
+    os.environ["TRITON_INTERPRET"] = "1"   # this forked worker only
+    ps = state.initialize_parallel(world, 1)
+    torch.manual_seed(1)
+    leaf = torch.randn(40, 5, requires_grad=True)
+    logits = leaf.t()                      # non-contiguous: worked on a private copy
+    target = torch.randint(0, 37, (5,))
+    loss = vocab_parallel_cross_entropy(logits, target, 37, ps.tp_group, fused=True).sum()
+    loss.backward(retain_graph=True)
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        return str(e), leaf.grad
+    return "no error", leaf.grad
+
+
+def test_fused_vocab_parallel_loss_non_contiguous_and_once_a_forward():
+    """The fused loss writes its gradient over the logits: non-contiguous logits are copied
+    first (the caller's tensor is left alone), and a second backward of one forward is an error
+    instead of a gradient computed from the gradient."""
+    message, grad = run_distributed(_fused_loss_twice, 1)[0]
+    assert "backward ran twice on one forward" in message
+    torch.manual_seed(1)
+    full = torch.randn(40, 5).t().clone().requires_grad_()
+    target = torch.randint(0, 37, (5,))
+    F.cross_entropy(full[:, :37], target, reduction="sum").backward()
+    close(grad, full.grad.t())
+
+
 def test_shard_and_unshard_with_stride():
     full = torch.arange(24.0).view(12, 2)
     parts = [shard(full, 0, r, 2, stride=3) for r in range(2)]

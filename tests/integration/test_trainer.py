@@ -61,6 +61,23 @@ def test_resume_continues_exactly(tmp_path, layout):
         assert torch.equal(v, merged_b[k]), k
 
 
+def _resume_with_buckets(rank, world, run_dir, steps, bucket_mb):
+    cfg = run_config(Path(run_dir), 10, dp=2, zero=1, parallel__bucket_size_mb=bucket_mb)
+    ps = state.initialize_parallel(1, 1)
+    Trainer(cfg, ps, log=lambda *a: None).train(until=steps)
+
+
+def test_optimizer_state_for_other_pieces_is_refused(tmp_path):
+    """ZeRO-1 state saved with one bucket size, resumed with another: the shards hold other
+    pieces of other parameters, so the moments would land on the wrong ones; refused, naming the
+    first difference and the way out."""
+    run_distributed(_resume_with_buckets, 2, str(tmp_path), 5, 25.0)
+    with pytest.raises(RuntimeError, match=r"its optimizer state is for \d+ parameter pieces, "
+                                           r"this run's optimizer steps \d+, and they differ first "
+                                           r"at position \d+: .*--to megagpt"):
+        run_distributed(_resume_with_buckets, 2, str(tmp_path), 7, 0.02)
+
+
 def _nan_steps(rank, world, run_dir, bad_steps, max_skipped):
     cfg = run_config(Path(run_dir), 8, dp=2, training__max_skipped_steps=max_skipped)
     ps = state.initialize_parallel(1, 1)

@@ -139,6 +139,28 @@ def test_qkvpacked_matches_reference(compare, device, dtype, causal, seq_major):
             dtype, ["qkv"], atol32=1e-4)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_broadcast_inputs(compare, device, causal):
+    """Inputs expanded along the batch (stride 0) are read in place; the outputs and gradients
+    are dense with head_dim contiguous."""
+    def expanded(fn):
+        return lambda q, k, v: fn(*(t.expand(3, -1, -1, -1) for t in (q, k, v)), causal)
+
+    compare(expanded(flash_attention), expanded(flash_attention_reference),
+            _inputs(1, 2, 20, 32, F32, device), F32, "qkv", atol32=1e-4)
+
+    def packed(fn):
+        return lambda x: fn(x.expand(3, -1, -1, -1, -1), causal)
+
+    def packed_reference(x):
+        q, k, v = (t.transpose(1, 2) for t in x.expand(3, -1, -1, -1, -1).unbind(2))
+        return flash_attention_reference(q, k, v, causal).transpose(1, 2)
+
+    leaf = torch.randn(1, 20, 3, 2, 32, device=device, requires_grad=True)
+    compare(packed(flash_attention_qkvpacked), packed_reference, [leaf], F32, ["qkv"],
+            atol32=1e-4)
+
+
 def test_qkvpacked_runs_the_reference_where_triton_cannot(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     qkv = torch.randn(2, 9, 3, 2, 32, requires_grad=True)

@@ -312,3 +312,25 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
 def test_restore_refuses_foreign_state():
     with pytest.raises(CheckpointError, match=r"lacks numpy, torch, cuda, tracker"):
         restore_rng_state({"python": random.getstate()})
+
+
+def test_optimizer_layout_must_match():
+    from megagpt.training.checkpoint import check_optimizer_layout
+
+    layout = [["layers.0.ln1.weight", 32], ["layers.0.ln1.bias", 32]]
+    check_optimizer_layout(layout, [list(e) for e in layout], sharded_by_tp_layout=True)
+    check_optimizer_layout(None, layout, sharded_by_tp_layout=False)   # an older checkpoint
+    with pytest.raises(CheckpointError, match=r"ckpt/step_5: its optimizer state is for 2 "
+                                              r"parameter pieces, this run's optimizer steps 1, "
+                                              r"and they differ first at position 1: the "
+                                              r"checkpoint has layers.0.ln1.bias \(32 values\), "
+                                              r"this run nothing"):
+        check_optimizer_layout(layout, layout[:1], sharded_by_tp_layout=False,
+                               where="ckpt/step_5")
+    with pytest.raises(CheckpointError, match=r"differ first at position 0: the checkpoint has "
+                                              r"layers.0.ln1.weight \(32 values\), this run "
+                                              r"layers.0.ln1.bias \(32 values\)"):
+        check_optimizer_layout(layout, layout[::-1], sharded_by_tp_layout=False)
+    with pytest.raises(CheckpointError, match=r"ZeRO-1 optimizer state saved with tensor "
+                                              r"parallelism by an older megagpt.*--to megagpt"):
+        check_optimizer_layout(None, layout, sharded_by_tp_layout=True)
