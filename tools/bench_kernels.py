@@ -7,7 +7,10 @@ On a CUDA GPU, in bfloat16 at the Small (d 768, 12 heads, seq 1024), Base (d 102
 seq 1024) and Large (d 2048, 16 heads, seq 2048) configs' shapes with 16k tokens a step, and for
 causal attention at 1k-8k tokens a sequence (batch x seq = 16k; 16 heads of 128 and 32 of 64):
 each op forward and forward+backward, against PyTorch (SDPA with its flash backend for
-attention, eager ops for the rest) and flash-attn. It reports the median ms over --reps runs
+attention, eager ops for the rest) and flash-attn; and attention as the model runs it at the
+configs' shapes, from the fused QKV projection's output to the output projection's input
+(`flash_attention_qkvpacked`, reading q, k, v in place, against SDPA on the model's permuted
+views with its output laid out again). It reports the median ms over --reps runs
 after warm-up (the sides alternate run by run; small inputs rotate among three copies so the L2
 cache does not serve them), TFLOP/s for attention (4·B·H·S²·D forward, halved when causal;
 forward+backward 3.5× that) or effective GB/s for the rest (the bytes the op must read and write;
@@ -35,8 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention, layer_norm,  # noqa: E402
-                             scaled_masked_softmax)
+from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention,  # noqa: E402
+                             flash_attention_qkvpacked, layer_norm, scaled_masked_softmax)
 from megagpt.kernels._utils import autotune_choices  # noqa: E402
 from megagpt.kernels.dispatch import flash_attn_attention  # noqa: E402
 
@@ -100,6 +103,31 @@ def attention_case(name, batch, heads, seq, head_dim, device, dtype, on_gpu) -> 
                 lambda: [_leaf(batch, heads, seq, head_dim, device=device, dtype=dtype)
                          for _ in range(3)],
                 sides, "TFLOP/s", {"fwd": flops, "fwd+bwd": 3.5 * flops})
+
+
+def attention_in_model_case(name, batch, heads, seq, head_dim, device, dtype, on_gpu) -> Case:
+    """Attention as the model runs it, from the fused QKV projection's output (seq, batch,
+    3 * heads * head_dim) to the output projection's input (seq, batch, heads * head_dim): ours
+    reads q, k, v in place (flash_attention_qkvpacked); SDPA gets the model's permuted views and
+    its output is laid out again, as the model's sdpa path does."""
+    def split(x):
+        return x.view(seq, batch, 3, heads, head_dim)
+
+    def ours(x):
+        out = flash_attention_qkvpacked(split(x).transpose(0, 1), causal=True)
+        return out.transpose(0, 1).reshape(seq, batch, heads * head_dim)
+
+    sdpa = _sdpa(on_gpu)
+
+    def torch_side(x):
+        q, k, v = split(x).permute(2, 1, 3, 0, 4)
+        return sdpa(q, k, v).permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
+
+    flops = 4 * batch * heads * seq * seq * head_dim * 0.5
+    return Case("attention_in_model", name, f"(S{seq}, B{batch}, 3 x H{heads} x D{head_dim})",
+                lambda: [_leaf(seq, batch, 3 * heads * head_dim, device=device, dtype=dtype)],
+                {"triton": ours, "torch": torch_side}, "TFLOP/s",
+                {"fwd": flops, "fwd+bwd": 3.5 * flops})
 
 
 def _elementwise_work(elements, dtype):
@@ -171,6 +199,9 @@ def build_cases(quick, device, dtype, on_gpu) -> List[Case]:
         cases.append(softmax_case(name, tokens, n_heads, seq, device, dtype))
         cases.append(bias_gelu_case(name, tokens, d_model, device, dtype))
     cases.append(cross_entropy_case(tokens, vocab, device, dtype))
+    for name, (d_model, n_heads, seq) in configs.items():   # last: the extras
+        cases.append(attention_in_model_case(name, tokens // seq, n_heads, seq, d_model // n_heads,
+                                             device, dtype, on_gpu))
     return cases
 
 

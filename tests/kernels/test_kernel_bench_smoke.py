@@ -22,8 +22,8 @@ def test_smoke_pass_writes_every_case(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["timed"] is False and report["complete"] is True
     rows = report["results"]
-    assert {r["op"] for r in rows} == {"attention", "layer_norm", "scaled_masked_softmax",
-                                       "bias_gelu", "cross_entropy"}
+    assert {r["op"] for r in rows} == {"attention", "attention_in_model", "layer_norm",
+                                       "scaled_masked_softmax", "bias_gelu", "cross_entropy"}
     assert {(r["pass"], r["side"]) for r in rows} == {
         (p, s) for p in ("fwd", "fwd+bwd") for s in ("triton", "torch")}
     for row in rows:
