@@ -118,6 +118,18 @@ def test_bf16_on_gpu(compare):
     _check(compare, (512,), 50257, BF16, "cuda")
 
 
+@needs_cuda
+def test_bf16_on_gpu_as_the_model_calls_it(compare):
+    """The model's loss: GPT-2's vocabulary padded to 50304, a float32 sum, the gradient written
+    over the logits (compiled, bf16)."""
+    logits, target = _logits_target((512,), 50304, BF16, "cuda")
+    target = target.clamp(max=50256).masked_fill(target == -100, -100)
+    compare(lambda x: cross_entropy(x * 1, target, vocab_size=50257, reduction="sum",
+                                    inplace_backward=True).to(BF16),
+            lambda x: cross_entropy_reference(x, target, vocab_size=50257, reduction="sum"),
+            [logits], BF16, ["logits"])
+
+
 def _split(vocab, cut):
     return [(0, cut), (cut, vocab)]
 

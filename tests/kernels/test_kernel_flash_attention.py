@@ -192,6 +192,25 @@ def test_bf16_on_gpu(compare, head_dim, causal):
             _inputs(2, 4, 1000, head_dim, BF16, "cuda"), BF16, "qkv")
 
 
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_qkvpacked_bf16_on_gpu_in_the_models_layout(compare, head_dim):
+    """bf16, compiled, on the model's (seq, batch, 3 * heads * head_dim) projection output,
+    transposed to batch-first as the model passes it (strides with gaps, read in place)."""
+    seq, batch, heads = 1000, 2, 4
+    leaf = torch.randn(seq, batch, 3 * heads * head_dim, device="cuda", dtype=BF16,
+                       requires_grad=True)
+
+    def packed(x):
+        return x.view(seq, batch, 3, heads, head_dim).transpose(0, 1)
+
+    def reference(x):
+        q, k, v = (t.transpose(1, 2) for t in packed(x).unbind(2))
+        return flash_attention_reference(q, k, v, True).transpose(1, 2)
+
+    compare(lambda x: flash_attention_qkvpacked(packed(x)), reference, [leaf], BF16, ["qkv"])
+
+
 @pytest.mark.parametrize("make_inputs,message", [
     (lambda d: [torch.randn(1, 2, 8, 32, device=d), torch.randn(1, 2, 9, 32, device=d),
                 torch.randn(1, 2, 8, 32, device=d)], "k has shape"),
