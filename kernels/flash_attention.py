@@ -54,6 +54,25 @@ def _tile(idx, stride, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(k_ptr, v_ptr, cols, stride_s, seq_len, MASK: tl.constexpr, UPCAST: tl.constexpr,
+             HEAD_DIM: tl.constexpr):
+    """The key and value rows `cols`. The loops' unmasked blocks (MASK false: left of the causal
+    diagonal, or before the last partial block) lie inside the sequence, so they load without a
+    bounds mask; the masked ones load zeros past its end."""
+    offsets = _tile(cols, stride_s, HEAD_DIM)
+    if MASK:
+        k = tl.load(k_ptr + offsets, mask=cols[:, None] < seq_len, other=0.0)
+        v = tl.load(v_ptr + offsets, mask=cols[:, None] < seq_len, other=0.0)
+    else:
+        k = tl.load(k_ptr + offsets)
+        v = tl.load(v_ptr + offsets)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len, qk_scale,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -61,12 +80,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len, 
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_offsets = _tile(cols, stride_s, HEAD_DIM)
-        k = tl.load(k_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_ptr, v_ptr, cols, stride_s, seq_len, MASK, UPCAST, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASK:
             s = tl.where(_keep_mask(rows, cols, seq_len, CAUSAL), s, float("-inf"))
@@ -223,12 +237,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, stride_s, rows, lo, hi, 
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_offsets = _tile(cols, stride_s, HEAD_DIM)
-        k = tl.load(k_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=cols[:, None] < seq_len, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_ptr, v_ptr, cols, stride_s, seq_len, MASK, UPCAST, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse2[:, None])
         if MASK:
