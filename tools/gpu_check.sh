@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check, for one call on a machine with one CUDA GPU (every step capped, about 475 s in
+# The GPU check, for one call on a machine with one CUDA GPU (every step capped, about 480 s in
 # all, so the whole stays under 8 minutes on an H100; the kernel tests and benchmark alone take
 # at most 210 s): tools/bench_train.py on the Small config (Triton kernels with CUDA graphs,
-# profiled, beside the Hugging Face peer; Triton without graphs; torch's ops) and the Base config
+# profiled, beside the Hugging Face peer; Triton without graphs; torch's ops; graphs with 2
+# micro-batches of 32 sequences instead of 8 of 8) and the Base config
 # (CUDA graphs, beside the peer), bf16, dropout 0; the memory check (measured peak beside the
 # validator's estimate) on the Tiny and Large configs; pretrain_gpt.py on the tiny model (bf16,
 # CUDA graphs, a checkpoint and a resume); the kernel tests compiled for the GPU (no interpreter;
@@ -59,18 +60,21 @@ bench_train() {   # name, seconds, config, extra arguments
 # Small without graphs, with Triton and with torch's ops; the memory check on Tiny and Large.
 bench_train small_graphs 60 configs/training/small_model.json --training.cuda_graphs=true --profile
 bench_train small_triton 25 configs/training/small_model.json --no-peer
-bench_train small_torch 25 configs/training/small_model.json --no-peer --kernels.attention=sdpa \
+bench_train small_torch 20 configs/training/small_model.json --no-peer --kernels.attention=sdpa \
   --kernels.layernorm=torch --kernels.softmax=torch --kernels.bias_gelu=torch \
   --kernels.cross_entropy=torch
+# The same 65,536 tokens a step in 2 micro-batches of 32 sequences, as a card this size allows.
+bench_train small_graphs_mb32 25 configs/training/small_model.json --no-peer \
+  --training.cuda_graphs=true --training.batch_size=32 --training.grad_accumulation_steps=2
 bench_train base_graphs 50 configs/training/base_model.json --training.cuda_graphs=true
-bench_train tiny_memory 15 configs/training/tiny_model.json --no-peer --training.precision=bf16
-bench_train large_memory 35 configs/training/large_model.json --no-peer --steps 2 --warmup 1 \
+bench_train tiny_memory 12 configs/training/tiny_model.json --no-peer --training.precision=bf16
+bench_train large_memory 30 configs/training/large_model.json --no-peer --steps 2 --warmup 1 \
   --training.grad_accumulation_steps=2
 
 # The real entry point on the GPU: 30 steps of the tiny model (bf16, CUDA graphs) with a
 # checkpoint, then a resume to step 40 (the checkpoints stay outside what is packed).
 pretrain() {   # max_steps
-  timeout 25 "$python" pretrain_gpt.py --config configs/training/tiny_model.json \
+  timeout 22 "$python" pretrain_gpt.py --config configs/training/tiny_model.json \
     --data.mock=true --data.num_workers=0 --parallel.world_size=1 \
     --parallel.tensor_parallel_size=1 --parallel.pipeline_parallel_size=1 \
     --training.precision=bf16 --training.cuda_graphs=true --training.max_steps="$1" \
