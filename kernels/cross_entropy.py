@@ -35,17 +35,27 @@ from ._utils import (Autotuned, check_float, check_same_device, drop_blocks_long
 
 
 @triton.jit
+def _online_max_sumexp(m, d, x):
+    """Fold chunk x into the running max m and sum d of exp(x - m)."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+    return m_new, d
+
+
+@triton.jit
 def _row_max_sumexp(row_ptr, n_cols, BLOCK_V: tl.constexpr):
-    """Online max and sum(exp(x - max)) of one row, chunk by chunk, in float32."""
+    """Online max and sum(exp(x - max)) of one row, chunk by chunk, in float32. Whole chunks load
+    without a mask (a mask over a width not divisible by 16, like GPT-2's 50257 classes, keeps
+    the loads from being vectorised); the last, partial one with it."""
     cols = tl.arange(0, BLOCK_V)
     m = float("-inf")
     d = 0.0
-    for start in range(0, n_cols, BLOCK_V):
-        x = tl.load(row_ptr + start + cols, mask=start + cols < n_cols,
-                    other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-        m = m_new
+    whole = (n_cols // BLOCK_V) * BLOCK_V
+    for start in range(0, whole, BLOCK_V):
+        m, d = _online_max_sumexp(m, d, tl.load(row_ptr + start + cols).to(tl.float32))
+    if whole < n_cols:
+        x = tl.load(row_ptr + whole + cols, mask=whole + cols < n_cols, other=float("-inf"))
+        m, d = _online_max_sumexp(m, d, x.to(tl.float32))
     return m, d
 
 
@@ -53,9 +63,16 @@ def _row_max_sumexp(row_ptr, n_cols, BLOCK_V: tl.constexpr):
 def _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, local_target, scale,
                     BLOCK_V: tl.constexpr):
     """grad[j] = (exp(x[j] - lse) - [j == local_target]) * scale for j < n_cols, 0 for the
-    padding columns n_cols <= j < width, over one row, chunk by chunk."""
+    padding columns n_cols <= j < width, over one row, chunk by chunk: whole chunks of classes
+    without masks, then the partial one and the padding with them."""
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, width, BLOCK_V):
+    whole = (n_cols // BLOCK_V) * BLOCK_V
+    for start in range(0, whole, BLOCK_V):
+        idx = start + cols
+        x = tl.load(row_ptr + idx).to(tl.float32)
+        g = (tl.exp(x - lse) - tl.where(idx == local_target, 1.0, 0.0)) * scale
+        tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty))
+    for start in range(whole, width, BLOCK_V):
         idx = start + cols
         x = tl.load(row_ptr + idx, mask=idx < n_cols, other=0.0).to(tl.float32)
         g = (tl.exp(x - lse) - tl.where(idx == local_target, 1.0, 0.0)) * scale

@@ -24,9 +24,11 @@ def _check(compare, rows_shape, vocab, dtype, device, ignore_index=-100):
             lambda x: cross_entropy_reference(x, target, ignore_index), [logits], dtype, ["logits"])
 
 
-# (rows, vocab): several chunks with a partial last one, a vocabulary under one chunk, 3-D logits.
+# (rows, vocab): several chunks with a partial last one, a vocabulary under one chunk, 3-D logits,
+# whole chunks only (the interpreter's chunk is 256).
 @pytest.mark.parametrize("rows_shape,vocab", [
-    ((37,), 1000), ((4, 9), 77), pytest.param((3,), 50257, marks=pytest.mark.slow)], ids=str)
+    ((37,), 1000), ((4, 9), 77), ((6,), 768),
+    pytest.param((3,), 50257, marks=pytest.mark.slow)], ids=str)
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
 def test_matches_reference(compare, device, rows_shape, vocab, dtype):
     _check(compare, rows_shape, vocab, dtype, device)
@@ -96,6 +98,16 @@ def test_padded_vocabulary_read_in_place(compare, device, dtype):
     cross_entropy(logits, target, vocab_size=301).backward()
     assert torch.all(logits.grad[..., 301:] == 0)
     assert torch.any(logits.grad[..., :301] != 0)
+
+
+def test_padding_after_whole_chunks(compare, device):
+    """The classes fill whole chunks (2 x 256 under the interpreter) and the padding starts a
+    chunk of its own."""
+    logits, target = _logits_target((7,), 600, F32, device)
+    target = target.clamp(max=511).masked_fill(target == -100, -100)
+    compare(lambda x: cross_entropy(x, target, vocab_size=512),
+            lambda x: cross_entropy_reference(x, target, vocab_size=512), [logits], F32,
+            ["logits"])
 
 
 @pytest.mark.parametrize("vocab_size", [0, 11, 2.0, True])
