@@ -107,8 +107,17 @@ def profile_step(step, device):
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
     if device.type == "cuda":
-        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        busy = device_busy_us(prof.key_averages()) / 1e6
         print(f"profiled step: wall {wall:.4f} s, device busy {busy:.4f} s ({busy / wall:.0%})")
+
+
+def device_busy_us(events) -> float:
+    """Microseconds the device ran kernels: the kernels' own events only, as the profiler's table
+    totals them (an operator's self device time repeats its kernels')."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
 
 
 def graph_pool_unallocated_bytes(segments) -> int:

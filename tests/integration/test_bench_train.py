@@ -34,3 +34,25 @@ def test_graph_pool_bytes_count_only_the_private_pools_free_blocks():
     ]
     assert graph_pool_unallocated_bytes(segments) == 500
     assert graph_pool_unallocated_bytes([]) == 0
+
+
+def test_device_busy_counts_each_kernel_once():
+    """An operator's self device time repeats its kernels': only the kernels' own events count
+    (the profiler's table total), not user annotations."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from bench_train import device_busy_us
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    events = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=70.0),  # aten::mm
+              SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=70.0,
+                              is_user_annotation=False),                            # its kernel
+              SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=5.0,
+                              is_user_annotation=True),
+              SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=30.0,
+                              is_user_annotation=False)]
+    assert device_busy_us(events) == 100.0
