@@ -154,8 +154,8 @@ class KeptBytes:
     dropout_mask, score_mask: a dropout mask on the residual stream and on the probabilities: a
         bool on CUDA, the input's dtype on the CPU (which multiplies by a scaled mask);
     gelu_input: the bias-GeLU's input (float32 in the torch reference);
-    fused_loss: the Triton cross-entropy (the logits' gradient in their dtype) rather than the
-        torch one (a float32 working copy of the logits);
+    fused_loss: the Triton cross-entropy (keeps the logits and writes their gradient over them)
+        rather than the torch one (a float32 working copy of the logits);
     triton: some op runs a Triton kernel (tuned on its first launch).
     """
     act: int
@@ -374,8 +374,9 @@ def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
         acts = activations(rank, t.recompute, par.sequence_parallel and tp > 1)
         first_step = 0.0
         if tuning(rank):
-            # with tp = 1 the loss's gradient kernel is tuned first thing in the backward,
-            # before the backward's first matrix multiply creates its cuBLAS workspace
+            # measured with tp = 1 and one stage: the loss's gradient kernel is tuned first thing
+            # in the backward, before the backward's first matrix multiply creates its cuBLAS
+            # workspace; with tp > 1 (never measured) the whole workspace counts, an upper bound
             first_workspace = workspace - (CUBLAS_WORKSPACE_BYTES if tp == 1 else 0)
             first_step = weights + master + grads + first_workspace + acts + tuning(rank)
         est = MemoryEstimate(n, weights, master, grads, optim, acts, temporaries(rank), workspace,

@@ -15,7 +15,8 @@ after warm-up (the sides alternate run by run; small inputs rotate among three c
 cache does not serve them), TFLOP/s for attention (4·B·H·S²·D forward, halved when causal;
 forward+backward 3.5× that) or effective GB/s for the rest (the bytes the op must read and write;
 also as a fraction of the card's measured copy bandwidth), the speedup over PyTorch, the largest
-output difference from PyTorch, cross_entropy's peak memory beside F.cross_entropy, and the
+output difference from PyTorch, cross_entropy's peak memory beside F.cross_entropy (and with
+inplace_backward=True, as the model calls it), and the
 launch config Triton's autotuner chose for each kernel and key. The autotuner times its configs
 at the first call of each new shape, which the warm-up runs absorb: the timed runs only launch.
 It prints a table and writes JSON (--json, default $OUT/bench_kernels.json when $OUT is set,

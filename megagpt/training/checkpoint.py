@@ -4,7 +4,10 @@ A checkpoint is one folder, `<save_dir>/step_<NNNNNNN>/` (the step zero-padded t
 
     model_tp{t}_pp{p}.pt      one per (tensor, pipeline) rank, written by its data-parallel rank 0
     optim_rank{r:05d}.pt      one per global rank: optimizer state (it may be sharded by ZeRO-1)
-                              and the loss-scaler state, as the trainer packs them
+                              and the loss-scaler state, as the trainer packs them (with the
+                              `optimizer_layout`, [name, size] of each piece the optimizer
+                              steps, in its order, checked on resume by
+                              `check_optimizer_layout`, and the skipped-step count)
     rng_rank{r:05d}.pt        one per global rank: `capture_rng_state(...)`
     meta.json                 config, step, consumed_samples, parallel sizes, world size, the
                               megagpt version, a timestamp, and `files`: name -> SHA-256 (plus
