@@ -39,8 +39,11 @@ the CUDA context, the caching allocator's reserved but unused blocks, the Python
 libraries' code, oneDNN/BLAS scratch buffers or glibc's fragmentation, which a process's resident
 size (peak RSS) would mix in on the CPU at tens of MB, as much as the tiny config's activations.
 That is the estimate's scope too (its docstring lists what it leaves out), so the two compare
-term for term. The Triton kernels run on a GPU only (no TRITON_INTERPRET here): on the CPU the
-model runs torch's kernels, and `estimate_memory(cfg, "cpu")` models those.
+term for term. On the CPU the model runs torch's kernels (the `auto` choices), which
+`estimate_memory(cfg, "cpu")` models; with TRITON_INTERPRET=1 and the Triton kernels chosen
+explicitly (`--kernels.attention=triton --kernels.cross_entropy=triton ...`) they run in
+Triton's interpreter, whose launchers allocate their outputs from torch's allocator as on a GPU,
+so the estimate's Triton terms can be checked on the CPU (slowly: minutes for the tiny config).
 """
 import argparse
 import glob
