@@ -3,9 +3,9 @@
 `DataParallel(module, ...)` gives every parameter's gradient a place in a flat float32 bucket.
 Buckets hold parameters in reverse order (the order the backward produces their gradients) up to
 `bucket_size_mb` (the deferred ones below, grouped by kind); on the last micro-batch
-(`start_grad_sync()`, which the schedules call before it) a bucket's reduction is launched asynchronously as soon as its last gradient arrives, so
-communication overlaps the rest of the backward; `finish_grad_sync()` launches what is left and
-waits. Gradients are summed across replicas: the schedules already scaled each loss by
+(`start_grad_sync()`, which the schedules call before it) a bucket's reduction is launched
+asynchronously as soon as its last gradient arrives, so communication overlaps the rest of the
+backward; `finish_grad_sync()` launches what is left and waits. Gradients are summed across replicas: the schedules already scaled each loss by
 1 / (tokens in the global batch).
 
 Parameters whose gradients need a step over another group first sit in buckets of their own,
