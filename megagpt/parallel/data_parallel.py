@@ -5,8 +5,8 @@ Buckets hold parameters in reverse order (the order the backward produces their 
 `bucket_size_mb` (the deferred ones below, grouped by kind); on the last micro-batch
 (`start_grad_sync()`, which the schedules call before it) a bucket's reduction is launched
 asynchronously as soon as its last gradient arrives, so communication overlaps the rest of the
-backward; `finish_grad_sync()` launches what is left and waits. Gradients are summed across replicas: the schedules already scaled each loss by
-1 / (tokens in the global batch).
+backward; `finish_grad_sync()` launches what is left and waits. Gradients are summed across
+replicas: the schedules already scaled each loss by 1 / (tokens in the global batch).
 
 Parameters whose gradients need a step over another group first sit in buckets of their own,
 reduced last, after that step (`pre_reduce`: one collective per kind and bucket, on the bucket's
