@@ -132,12 +132,24 @@ def autotune_choices() -> dict:
     return choices
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of positive integers. Host code uses this and `next_power_of_2`, not Triton's:
+    in recent Triton those are constexpr functions, several microseconds a call from Python, and
+    a small kernel's launch is as fast as its host code."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1."""
+    return 1 << (n - 1).bit_length()
+
+
 def drop_blocks_longer_than(size: str, block: str):
     """An ``early_config_prune`` for ``triton.autotune``: drops the configs whose meta-parameter
     ``block`` exceeds the power of two covering the argument ``size`` (such a block is mostly
     padding); when every config's does, keeps those with the shortest ``block``."""
     def prune(configs, named_args, **kwargs):
-        limit = triton.next_power_of_2(named_args[size])
+        limit = next_power_of_2(named_args[size])
         fits = [c for c in configs if c.kwargs[block] <= limit]
         shortest = min(c.kwargs[block] for c in configs)
         return fits or [c for c in configs if c.kwargs[block] == shortest]

@@ -21,7 +21,7 @@ overflow.
 """
 import torch
 
-from ._utils import (KERNELS_INTERPRETED, Autotuned, check_float, check_last_dim,
+from ._utils import (KERNELS_INTERPRETED, Autotuned, cdiv, check_float, check_last_dim,
                      check_same_device, multiprocessor_count, tl, triton, triton_runs_on)
 
 # Kernels read only constexpr globals; they multiply them on the right of tensors (the interpreter
@@ -116,10 +116,10 @@ def _bwd_row_ranges(n_rows: int, n_cols: int, device: torch.device):
     else:
         block_n, row_multiple = 128, ROW_MULTIPLE
         target_programs = 8 * multiprocessor_count(device.index)
-    ranges = max(1, min(triton.cdiv(n_rows, row_multiple),
-                        target_programs // triton.cdiv(n_cols, block_n)))
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, ranges), row_multiple) * row_multiple
-    return rows_per_program, triton.cdiv(n_rows, rows_per_program)
+    ranges = max(1, min(cdiv(n_rows, row_multiple),
+                        target_programs // cdiv(n_cols, block_n)))
+    rows_per_program = cdiv(cdiv(n_rows, ranges), row_multiple) * row_multiple
+    return rows_per_program, cdiv(n_rows, rows_per_program)
 
 
 class BiasGeluFunction(torch.autograd.Function):
@@ -131,8 +131,8 @@ class BiasGeluFunction(torch.autograd.Function):
         n_cols = x.shape[-1]
         n_rows = x.numel() // n_cols
         y = torch.empty_like(x)
-        _fwd_kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"])
-                                  * triton.cdiv(n_cols, meta["BLOCK_N"]),)](
+        _fwd_kernel[lambda meta: (cdiv(n_rows, meta["BLOCK_M"])
+                                  * cdiv(n_cols, meta["BLOCK_N"]),)](
             x, bias, y, n_rows, n_cols)
         ctx.save_for_backward(x, bias)
         return y
@@ -146,7 +146,7 @@ class BiasGeluFunction(torch.autograd.Function):
         rows_per_program, row_ranges = _bwd_row_ranges(n_rows, n_cols, x.device)
         dx = torch.empty_like(x)
         partial = torch.empty((row_ranges, n_cols), device=x.device, dtype=torch.float32)
-        _bwd_kernel[lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), row_ranges)](
+        _bwd_kernel[lambda meta: (cdiv(n_cols, meta["BLOCK_N"]), row_ranges)](
             x, bias, dy, dx, partial, n_rows, n_cols, rows_per_program)
         return dx, partial.sum(0).to(bias.dtype)
 

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ._utils import (KERNELS_INTERPRETED, SUPPORTED_DTYPES, Autotuned, check_float,
+from ._utils import (KERNELS_INTERPRETED, SUPPORTED_DTYPES, Autotuned, cdiv, check_float,
                      check_same_device, drop_blocks_longer_than, tl, triton, triton_runs_on)
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -363,7 +363,7 @@ def _flash_attention_forward(q, k, v, causal, sm_scale, o):
     batch, heads, seq_len, head_dim = q.shape
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
     _TUNED["fwd"][_precision(q.dtype)][
-        lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))](
+        lambda meta: (batch * heads, cdiv(seq_len, meta["BLOCK_M"]))](
         q, k, v, o, lse, seq_len, heads, sm_scale, *_strides(q), *_strides(o), CAUSAL=causal,
         HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
     return lse
@@ -375,16 +375,16 @@ def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dq, dk, dv)
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(seq_len, 64))](
+    _attn_bwd_delta_kernel[(batch * heads, cdiv(seq_len, 64))](
         o, do, delta, seq_len, heads, *_strides(o), *_strides(do), HEAD_DIM=head_dim, BLOCK_M=64)
     precision = _precision(q.dtype)
     options = dict(CAUSAL=causal, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
     _TUNED["dkdv"][precision][
-        lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_N"]))](
+        lambda meta: (batch * heads, cdiv(seq_len, meta["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, seq_len, heads, sm_scale, *_strides(q), *_strides(do),
         *_strides(dk), **options)
     _TUNED["dq"][precision][
-        lambda meta: (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))](
+        lambda meta: (batch * heads, cdiv(seq_len, meta["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq, seq_len, heads, sm_scale, *_strides(q), *_strides(do),
         *_strides(dq), **options)
 

@@ -20,9 +20,9 @@ import functools
 
 import torch
 
-from ._utils import (KERNELS_INTERPRETED, Autotuned, check_float, check_last_dim,
-                     check_same_device, multiprocessor_count, row_configs, tl, triton,
-                     triton_runs_on)
+from ._utils import (KERNELS_INTERPRETED, Autotuned, cdiv, check_float, check_last_dim,
+                     check_same_device, multiprocessor_count, next_power_of_2, row_configs, tl,
+                     triton, triton_runs_on)
 
 MAX_WIDTH = 65536
 # The backward holds two float32 accumulators of its tile besides x and dy: smaller tiles.
@@ -117,10 +117,10 @@ class LayerNormFunction(torch.autograd.Function):
         x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
         n_cols = x.shape[-1]
         n_rows = x.numel() // n_cols
-        block_n = triton.next_power_of_2(n_cols)
+        block_n = next_power_of_2(n_cols)
         y = torch.empty_like(x)
         stats = torch.empty((2, n_rows), device=x.device, dtype=torch.float32)
-        _fwd_kernel(block_n)[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
+        _fwd_kernel(block_n)[lambda meta: (cdiv(n_rows, meta["BLOCK_M"]),)](
             x, weight, bias, y, stats, n_rows, n_cols, eps, BLOCK_N=block_n)
         ctx.save_for_backward(x, weight, stats)
         ctx.bias_dtype = bias.dtype
@@ -132,11 +132,11 @@ class LayerNormFunction(torch.autograd.Function):
         n_cols = x.shape[-1]
         n_rows = stats.shape[1]
         dy = dy.contiguous()
-        rows_per_program = triton.cdiv(n_rows, _backward_programs(n_rows, x.device))
-        programs = triton.cdiv(n_rows, rows_per_program)
+        rows_per_program = cdiv(n_rows, _backward_programs(n_rows, x.device))
+        programs = cdiv(n_rows, rows_per_program)
         dx = torch.empty_like(x)
         partial = torch.empty((2, programs, n_cols), device=x.device, dtype=torch.float32)
-        block_n = triton.next_power_of_2(n_cols)
+        block_n = next_power_of_2(n_cols)
         _bwd_kernel(block_n)[(programs,)](x, weight, dy, stats, dx, partial, n_rows, n_cols,
                                           rows_per_program, BLOCK_N=block_n)
         sums = partial.sum(1)

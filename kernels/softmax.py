@@ -17,7 +17,8 @@ import functools
 
 import torch
 
-from ._utils import Autotuned, check_float, row_configs, tl, triton, triton_runs_on
+from ._utils import (Autotuned, cdiv, check_float, next_power_of_2, row_configs, tl, triton,
+                     triton_runs_on)
 
 MAX_WIDTH = 65536
 
@@ -79,9 +80,9 @@ class ScaledMaskedSoftmaxFunction(torch.autograd.Function):
         n_cols = x.shape[-1]
         n_rows = x.numel() // n_cols
         sq = x.shape[-2] if causal else 1
-        block_n = triton.next_power_of_2(n_cols)
+        block_n = next_power_of_2(n_cols)
         y = torch.empty_like(x)
-        _fwd_kernel(block_n)[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
+        _fwd_kernel(block_n)[lambda meta: (cdiv(n_rows, meta["BLOCK_M"]),)](
             x, y, n_rows, n_cols, sq, scale, CAUSAL=causal, BLOCK_N=block_n)
         ctx.save_for_backward(y)
         ctx.scale = scale
@@ -93,9 +94,9 @@ class ScaledMaskedSoftmaxFunction(torch.autograd.Function):
         dy = dy.contiguous()
         n_cols = y.shape[-1]
         n_rows = y.numel() // n_cols
-        block_n = triton.next_power_of_2(n_cols)
+        block_n = next_power_of_2(n_cols)
         dx = torch.empty_like(y)
-        _bwd_kernel(block_n)[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
+        _bwd_kernel(block_n)[lambda meta: (cdiv(n_rows, meta["BLOCK_M"]),)](
             y, dy, dx, n_rows, n_cols, ctx.scale, BLOCK_N=block_n)
         return dx, None, None
 

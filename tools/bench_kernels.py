@@ -12,7 +12,10 @@ configs' shapes, from the fused QKV projection's output to the output projection
 (`flash_attention_qkvpacked`, reading q, k, v in place, against SDPA on the model's permuted
 views with its output laid out again). It reports the median ms over --reps runs
 after warm-up (the sides alternate run by run; small inputs rotate among three copies so the L2
-cache does not serve them), TFLOP/s for attention (4·B·H·S²·D forward, halved when causal;
+cache does not serve them), a call timed as a user makes it (host code included) and its device
+work alone (the call captured in a CUDA graph and replayed: at the Small config's shapes an
+element-wise kernel is faster than its host code, so only this timing shows its bandwidth),
+TFLOP/s for attention (4·B·H·S²·D forward, halved when causal;
 forward+backward 3.5× that) or effective GB/s for the rest (the bytes the op must read and write;
 also as a fraction of the card's measured copy bandwidth), the speedup over PyTorch, the largest
 output difference from PyTorch, cross_entropy's peak memory beside F.cross_entropy (and with
@@ -223,11 +226,17 @@ def _clear_grads(inputs):
         t.grad = None
 
 
-def time_case(case: Case, backward: bool, reps: int, warmup: int = 3) -> Dict[str, float]:
-    """Median ms of each side; the order of the sides alternates from run to run."""
+def _input_sets(case: Case) -> List[list]:
+    """Fresh inputs for the timed runs: three sets, rotated so that the L2 cache does not serve
+    them from the run before, unless one set takes 256 MiB or more (then one)."""
     first = case.make()
     set_bytes = sum(t.numel() * t.element_size() for t in first)
-    input_sets = [first] + ([case.make() for _ in range(2)] if set_bytes < 256 * 2**20 else [])
+    return [first] + ([case.make() for _ in range(2)] if set_bytes < 256 * 2**20 else [])
+
+
+def time_case(case: Case, backward: bool, reps: int, warmup: int = 3) -> Dict[str, float]:
+    """Median ms of each side; the order of the sides alternates from run to run."""
+    input_sets = _input_sets(case)
     grads: dict = {}
     names = list(case.sides)
     for name in names:
@@ -246,6 +255,48 @@ def time_case(case: Case, backward: bool, reps: int, warmup: int = 3) -> Dict[st
             end.record()
             torch.cuda.synchronize()
             times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def device_time_case(case: Case, backward: bool, reps: int) -> Dict[str, float]:
+    """Median ms of each side's device work alone: one call (forward, or forward and backward)
+    on each input set captured in a CUDA graph; a timed run replays the graphs of the sets in
+    turn between two events, the sides alternating. `time_case` times a call as a user makes
+    it, host code included; at the Small config's shapes an element-wise kernel takes less time
+    than its host code, so that timing shows the host. This one shows the kernels, and so their
+    bandwidth. Runs after `time_case`, whose warm-up has autotuned every kernel (a graph cannot
+    capture the tuner's timing)."""
+    graphs = {}
+    for name, fn in case.sides.items():
+        graphs[name], grads = [], {}
+        for inputs in _input_sets(case):
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):  # warm-up off the default stream, as capture wants
+                for _ in range(2):
+                    _clear_grads(inputs)
+                    _step(fn, inputs, grads, backward)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            _clear_grads(inputs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                _step(fn, inputs, grads, backward)
+            graphs[name].append(graph)
+    names = list(graphs)
+    times = {name: [] for name in names}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for rep in range(reps + 1):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            torch.cuda.synchronize()
+            start.record()
+            for graph in graphs[name]:
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            if rep:  # the first round warms up
+                times[name].append(start.elapsed_time(end) / len(graphs[name]))
+    del graphs
+    torch.cuda.empty_cache()
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -307,18 +358,34 @@ def cross_entropy_memory(tokens, vocab, dtype) -> Dict[str, float]:
     return peaks
 
 
+def _timing(case: Case, pass_name: str, ms: Dict[str, float], side: str, prefix: str = ""):
+    """A side's ms, throughput and speed-up over torch, keys prefixed; None where not timed."""
+    side_ms = ms.get(side)
+    scale = 1e12 if case.unit == "TFLOP/s" else 1e9
+    return {f"{prefix}ms": side_ms,
+            f"{prefix}throughput": None if side_ms is None
+            else case.work[pass_name] / (side_ms / 1e3) / scale,
+            f"{prefix}speedup_vs_torch": None if side_ms is None else ms["torch"] / side_ms}
+
+
 def _format_table(rows, copy_gbs) -> str:
+    """One line a row: the one-call timing (host code included), then the device's alone."""
     header = ["op", "case", "shape", "pass", "side", "ms", "throughput", "% copy BW",
-              "speedup vs torch", "max |diff|"]
+              "speedup vs torch", "device ms", "device throughput", "device % copy BW",
+              "device speedup", "max |diff|"]
     lines = [header]
     for r in rows:
-        throughput = "-" if r["throughput"] is None else f"{r['throughput']:.1f} {r['unit']}"
-        copy = ("-" if r["unit"] != "GB/s" or r["throughput"] is None or not copy_gbs
-                else f"{100 * r['throughput'] / copy_gbs:.0f}%")
-        lines.append([r["op"], r["case"], r["shape"], r["pass"], r["side"],
-                      "-" if r["ms"] is None else f"{r['ms']:.3f}", throughput, copy,
-                      "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x",
-                      "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}"])
+        cells = [r["op"], r["case"], r["shape"], r["pass"], r["side"]]
+        for prefix in ("", "device_"):
+            ms, throughput = r[f"{prefix}ms"], r[f"{prefix}throughput"]
+            speedup = r[f"{prefix}speedup_vs_torch"]
+            cells += ["-" if ms is None else f"{ms:.3f}",
+                      "-" if throughput is None else f"{throughput:.1f} {r['unit']}",
+                      "-" if r["unit"] != "GB/s" or throughput is None or not copy_gbs
+                      else f"{100 * throughput / copy_gbs:.0f}%",
+                      "-" if speedup is None else f"{speedup:.2f}x"]
+        cells.append("-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}")
+        lines.append(cells)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
 
@@ -352,17 +419,21 @@ def run(args, json_path) -> dict:
             smoke_case(case)
         diffs = output_differences(case)
         for pass_name in ("fwd", "fwd+bwd"):
-            ms = time_case(case, pass_name == "fwd+bwd", args.reps) if on_gpu else {}
+            backward = pass_name == "fwd+bwd"
+            ms = time_case(case, backward, args.reps) if on_gpu else {}
+            device_ms, device_error = {}, None
+            if on_gpu:
+                try:
+                    device_ms = device_time_case(case, backward, args.reps)
+                except RuntimeError as err:  # one case's capture failing spoils no other row
+                    device_error = f"{type(err).__name__}: {err}"
+                    print(f"  device timing failed: {device_error}", file=sys.stderr)
             for side in case.sides:
-                side_ms = ms.get(side)
-                scale = 1e12 if case.unit == "TFLOP/s" else 1e9
                 report["results"].append({
                     "op": case.op, "case": case.name, "shape": case.shape, "pass": pass_name,
-                    "side": side, "ms": side_ms, "unit": case.unit,
-                    "throughput": None if side_ms is None
-                    else case.work[pass_name] / (side_ms / 1e3) / scale,
-                    "speedup_vs_torch": None if side_ms is None else ms["torch"] / side_ms,
-                    "max_abs_diff": diffs.get(side)})
+                    "side": side, "unit": case.unit, **_timing(case, pass_name, ms, side),
+                    **_timing(case, pass_name, device_ms, side, prefix="device_"),
+                    "device_error": device_error, "max_abs_diff": diffs.get(side)})
         _write_json(report, json_path)
     if on_gpu:
         report["cross_entropy_peak_memory_gib"] = cross_entropy_memory(TOKENS, VOCAB, dtype)

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check, for one call on a machine with one CUDA GPU (every step capped, about 480 s in
-# all, so the whole stays under 8 minutes on an H100; the kernel tests and benchmark alone take
-# at most 210 s): tools/bench_train.py on the Small config (Triton kernels with CUDA graphs,
+# The GPU check, for one call on a machine with one CUDA GPU (every step capped, about 490 s of
+# caps in all, which the steps rarely reach, so the whole stays within about 8 minutes on an
+# H100; the kernel tests and benchmark alone take at most 225 s): tools/bench_train.py on the Small config (Triton kernels with CUDA graphs,
 # profiled, beside the Hugging Face peer; Triton without graphs; torch's ops; graphs with 2
 # micro-batches of 32 sequences instead of 8 of 8) and the Base config
 # (CUDA graphs, beside the peer), bf16, dropout 0; the memory check (measured peak beside the
 # validator's estimate) on the Tiny and Large configs; pretrain_gpt.py on the tiny model (bf16,
 # CUDA graphs, a checkpoint and a resume); the kernel tests compiled for the GPU (no interpreter;
 # the GPU-only bf16 and autotuning tests included); tools/bench_kernels.py (full, or --quick with
-# QUICK=1).
-# Writes environment.txt, kernel_tests.log, bench_kernels.{txt,json,err}, bench_train_*.{txt,json}
+# QUICK=1; each call timed as made and its device work alone, from CUDA graph replays); and
+# tools/bench_host_overhead.py (the kernels' host code on this machine's CPU).
+# Writes environment.txt, kernel_tests.log, bench_kernels.{txt,json,err},
+# bench_host_overhead.{txt,json}, bench_train_*.{txt,json}
 # to runs/gpu_check/; when $OUT is set (the device tool brings back at most 8 files) it also packs
 # them into $OUT/gpu_check.tgz and copies the text reports beside it. Each step runs even when an
 # earlier one failed; the exit status is non-zero when any failed.
@@ -23,7 +25,8 @@ pack() {
   [ -n "${OUT:-}" ] || return 0
   tar czf "$OUT/gpu_check.tgz" -C "$out_dir" .
   cat "$out_dir"/bench_train_*.txt >"$OUT/bench_train.txt" 2>/dev/null
-  cp "$out_dir/environment.txt" "$out_dir/kernel_tests.log" "$out_dir/bench_kernels.txt" "$OUT/" 2>/dev/null
+  cp "$out_dir/environment.txt" "$out_dir/kernel_tests.log" "$out_dir/bench_kernels.txt" \
+    "$out_dir/bench_host_overhead.txt" "$OUT/" 2>/dev/null
   return 0
 }
 trap pack EXIT
@@ -103,6 +106,11 @@ if [ "${QUICK:-0}" = "1" ]; then quick="--quick"; fi
 timeout 100 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
   2>"$out_dir/bench_kernels.err" | tee "$out_dir/bench_kernels.txt"
 bench_rc=${PIPESTATUS[0]}
+
+# The host code a kernel call costs on this machine's CPU (launches stubbed; a few seconds).
+timeout 15 "$python" tools/bench_host_overhead.py --calls 100 --rounds 5 \
+  --json "$out_dir/bench_host_overhead.json" 2>&1 | tee "$out_dir/bench_host_overhead.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
 
 echo "gpu_check: kernel tests exit $tests_rc, kernel benchmark exit $bench_rc, training" \
   "benchmark exit $train_rc (124: timed out); files in $out_dir"

@@ -1,6 +1,9 @@
-"""tools/bench_kernels.py's CPU smoke pass: every case runs and the JSON holds every row."""
+"""tools/bench_kernels.py: the CPU smoke pass (every case runs, the JSON holds every row) and the
+device timing's bookkeeping under stand-ins for CUDA graphs."""
+import contextlib
 import importlib.util
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -9,13 +12,18 @@ import torch
 BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench_kernels.py"
 
 
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark times; "
                                                       "tools/gpu_check.sh runs it")
 def test_smoke_pass_writes_every_case(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench()
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--json", str(out)])
     assert "timings need a CUDA GPU" in capsys.readouterr().out
@@ -27,5 +35,65 @@ def test_smoke_pass_writes_every_case(tmp_path, capsys):
     assert {(r["pass"], r["side"]) for r in rows} == {
         (p, s) for p in ("fwd", "fwd+bwd") for s in ("triton", "torch")}
     for row in rows:
-        assert row["ms"] is None and row["throughput"] is None
+        assert row["ms"] is None and row["throughput"] is None and row["device_ms"] is None
         assert row["max_abs_diff"] < 1e-4, row
+
+
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls of `device_time_case`: captures run their body once
+    (as a capture does), replays and events count, every timed run takes 1.5 ms."""
+
+    def __init__(self):
+        self.captures = 0
+        self.replays = 0
+
+    def install(self, monkeypatch):
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+
+        class Capture(contextlib.AbstractContextManager):
+            def __init__(self, graph):
+                fake.captures += 1
+
+            def __exit__(self, *exc):
+                return None
+
+        class Event:
+            def __init__(self, **kwargs):
+                pass
+
+            def record(self):
+                pass
+
+            def elapsed_time(self, other):
+                return 1.5
+
+        stream = types.SimpleNamespace(wait_stream=lambda other: None)
+        for name, value in dict(CUDAGraph=Graph, graph=Capture, Event=Event,
+                                Stream=lambda: stream, current_stream=lambda: stream,
+                                stream=lambda s: contextlib.nullcontext(),
+                                synchronize=lambda: None, empty_cache=lambda: None).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_device_timing_replays_each_input_set_and_tabulates(monkeypatch, device):
+    bench = _load_bench()
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    case = bench.layer_norm_case("tiny", 8, 64, device, torch.float32)
+    ms = bench.device_time_case(case, backward=True, reps=4)
+    # a graph per side and input set (three small sets), replayed once a run, plus a warm-up run
+    assert fake.captures == 2 * 3
+    assert fake.replays == 2 * 3 * (4 + 1)
+    assert ms == {"triton": pytest.approx(0.5), "torch": pytest.approx(0.5)}
+    row = {"op": case.op, "case": case.name, "shape": case.shape, "pass": "fwd+bwd",
+           "side": "triton", "unit": case.unit, "max_abs_diff": 0.0,
+           **bench._timing(case, "fwd+bwd", {"triton": 2.0, "torch": 1.0}, "triton"),
+           **bench._timing(case, "fwd+bwd", ms, "triton", prefix="device_")}
+    assert row["speedup_vs_torch"] == 0.5 and row["device_speedup_vs_torch"] == 1.0
+    assert row["device_throughput"] == pytest.approx(case.work["fwd+bwd"] / 0.5e-3 / 1e9)
+    table = bench._format_table([row], copy_gbs=row["device_throughput"] * 2)
+    assert "device % copy BW" in table.splitlines()[0] and "50%" in table.splitlines()[1]
