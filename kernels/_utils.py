@@ -72,11 +72,6 @@ def launch_configs(configs, interpreter_config) -> list:
     return list(configs) if AUTOTUNE else list(configs)[:1]
 
 
-def _dtype(arg):
-    """A tensor argument's dtype; None for the other arguments."""
-    return getattr(arg, "dtype", None)
-
-
 class Autotuned:
     """A kernel under ``triton.autotune``, launched as ``tuned[grid](*args, **meta)`` with the grid
     a function of the chosen meta-parameters.
@@ -91,7 +86,9 @@ class Autotuned:
     The autotuner rebuilds its key from every argument at each call (several microseconds of
     Python a launch); so the first launch of a key goes through it, and later ones launch the
     kernel directly with the config it chose, found by a key of the same information: the key
-    arguments' values and every argument's dtype (None for the scalars).
+    arguments' values and the tensor arguments' dtypes (the positions of the tensors, the
+    kernel's pointers, are the same at every launch of a kernel: our launchers pass them in
+    order).
     """
 
     def __init__(self, kernel, configs, interpreter_config, key, **options):
@@ -103,14 +100,17 @@ class Autotuned:
             configs=launch_configs(configs, interpreter_config), key=key,
             do_bench=_time_config, **options)(kernel)
         self._key_args = [(kernel.arg_names.index(name), name) for name in key]
+        self._tensor_args = None
         AUTOTUNED.append(self)
 
     def __getitem__(self, grid):
         return functools.partial(self._launch, grid)
 
     def _launch(self, grid, *args, **meta):
+        if self._tensor_args is None:   # the kernel's pointer arguments, fixed by its launcher
+            self._tensor_args = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
         key = (*[args[i] if i < len(args) else meta[name] for i, name in self._key_args],
-               *map(_dtype, args))
+               *[args[i].dtype for i in self._tensor_args])
         options = self.chosen.get(key)
         if options is None:
             self.tuner[grid](*args, **meta)
@@ -121,8 +121,8 @@ class Autotuned:
 
 def autotune_choices() -> dict:
     """{kernel name: {launch key: chosen config}} of every key launched so far in this process,
-    as text (the key holds the values of the kernel's key arguments, then each argument's dtype,
-    None for the scalars)."""
+    as text (the key holds the values of the kernel's key arguments, then the tensor arguments'
+    dtypes)."""
     choices = {}
     for tuned in AUTOTUNED:
         for key, options in tuned.chosen.items():

@@ -38,7 +38,18 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-KERNEL_MODULES = ("bias_gelu", "cross_entropy", "flash_attention", "layer_norm", "softmax")
+KERNEL_MODULES = ("bias_gelu", "cross_entropy", "dispatch", "flash_attention", "layer_norm",
+                  "softmax")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+# The model rows: the Small config's 12 blocks, embedding and loss at a width where the matrix
+# products cost the CPU little, one micro-batch forward and backward.
+MODEL_CONFIG = os.path.join(ROOT, "configs", "training", "small_model.json")
+MODEL_OVERRIDES = ["--model.d_model=64", "--model.n_heads=2", "--model.seq_length=16",
+                   "--model.vocab_size=256", "--model.estimated_parameters=null",
+                   "--model.dropout=0", "--training.batch_size=1", "--training.precision=fp32",
+                   "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
+                   "--parallel.pipeline_parallel_size=1", "--parallel.zero_stage=0",
+                   "--data.mock=true"]
 LAUNCHES = [0]
 
 
@@ -155,6 +166,54 @@ def run(calls, rounds, warmup=20):
     return rows
 
 
+def model_case(kernels: str):
+    """(step, make_inputs) of one micro-batch through the shrunk Small model (MODEL_OVERRIDES)
+    with every op on ``kernels`` ("triton" or "torch"; attention "sdpa" for torch)."""
+    import torch
+
+    from megagpt.config import load_config
+    from megagpt.model.gpt import build_stage
+
+    attention = "triton" if kernels == "triton" else "sdpa"
+    cfg = load_config(MODEL_CONFIG, MODEL_OVERRIDES + [
+        f"--kernels.attention={attention}", f"--kernels.layernorm={kernels}",
+        f"--kernels.softmax={kernels}", f"--kernels.bias_gelu={kernels}",
+        f"--kernels.cross_entropy={kernels}"])
+    stage = build_stage(cfg)
+    m = cfg.model
+
+    def make():
+        return [torch.randint(0, m.vocab_size, (1, m.seq_length)) for _ in range(2)]
+
+    def step(tokens, labels):
+        loss_sum, _ = stage(tokens, labels)
+        return loss_sum
+
+    return step, make, m.n_layers
+
+
+def run_model(calls, rounds, warmup=5):
+    """Host time of a micro-batch's forward and backward, Triton kernels against torch's ops."""
+    sides = {kernels: model_case(kernels) for kernels in ("triton", "torch")}
+    times = {side: [] for side in sides}
+    launches = {}
+    for step, make, _ in sides.values():
+        inputs = make()
+        for _ in range(warmup):
+            _call(step, inputs, None, True)
+    for r in range(rounds):
+        for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            step, make, _ = sides[side]
+            launches[side] = time_side(step, make, True, calls, times[side])
+    layers = sides["triton"][2]
+    ours_us, torch_us = min(times["triton"]), min(times["torch"])
+    return {"op": f"model ({layers} blocks, embedding, loss)", "pass": "fwd+bwd",
+            "triton_us": ours_us, "torch_us": torch_us, "triton_over_torch": ours_us / torch_us,
+            "triton_median_us": statistics.median(times["triton"]),
+            "torch_median_us": statistics.median(times["torch"]),
+            "triton_launches": launches["triton"], "per_block_extra_us": (ours_us - torch_us) / layers}
+
+
 def _format_table(rows) -> str:
     header = ["op", "pass", "ours us", "eager us", "ours / eager", "medians us (ours, eager)",
               "ours' launches"]
@@ -184,7 +243,9 @@ def main(argv=None):
     import triton
 
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)   # the stubs' outputs are uninitialised memory
     rows = run(args.calls, args.rounds)
+    rows.append(run_model(max(1, args.calls // 20), args.rounds))
     report = {"torch": torch.__version__, "triton": triton.__version__, "calls": args.calls,
               "rounds": args.rounds, "unit": "microseconds a call, host only", "results": rows}
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)

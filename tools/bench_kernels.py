@@ -216,7 +216,9 @@ def _step(fn, inputs, grads, backward):
         if out.dim() == 0:
             out.backward()
         else:
-            grad = grads.setdefault(tuple(out.shape), torch.randn_like(out))
+            grad = grads.get(tuple(out.shape))
+            if grad is None:   # made once: a timed run must not draw it again
+                grad = grads[tuple(out.shape)] = torch.randn_like(out)
             out.backward(grad)
     return out
 
@@ -265,12 +267,14 @@ def device_time_case(case: Case, backward: bool, reps: int) -> Dict[str, float]:
     it, host code included; at the Small config's shapes an element-wise kernel takes less time
     than its host code, so that timing shows the host. This one shows the kernels, and so their
     bandwidth. Runs after `time_case`, whose warm-up has autotuned every kernel (a graph cannot
-    capture the tuner's timing)."""
-    graphs = {}
+    capture the tuner's timing). A graph does not keep the tensors it reads alive: ``alive``
+    holds every side's inputs and upstream gradients until the last replay."""
+    graphs, alive = {}, []
+    side_stream = torch.cuda.Stream()
     for name, fn in case.sides.items():
         graphs[name], grads = [], {}
         for inputs in _input_sets(case):
-            side_stream = torch.cuda.Stream()
+            alive.append((inputs, grads))
             side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side_stream):  # warm-up off the default stream, as capture wants
                 for _ in range(2):
@@ -279,8 +283,12 @@ def device_time_case(case: Case, backward: bool, reps: int) -> Dict[str, float]:
             torch.cuda.current_stream().wait_stream(side_stream)
             _clear_grads(inputs)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                _step(fn, inputs, grads, backward)
+            stream = torch.cuda.current_stream()
+            try:
+                with torch.cuda.graph(graph):
+                    _step(fn, inputs, grads, backward)
+            finally:   # a capture that raised may leave its stream current
+                torch.cuda.set_stream(stream)
             graphs[name].append(graph)
     names = list(graphs)
     times = {name: [] for name in names}
@@ -295,7 +303,7 @@ def device_time_case(case: Case, backward: bool, reps: int) -> Dict[str, float]:
             torch.cuda.synchronize()
             if rep:  # the first round warms up
                 times[name].append(start.elapsed_time(end) / len(graphs[name]))
-    del graphs
+    del graphs, alive
     torch.cuda.empty_cache()
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -425,7 +433,8 @@ def run(args, json_path) -> dict:
             if on_gpu:
                 try:
                     device_ms = device_time_case(case, backward, args.reps)
-                except RuntimeError as err:  # one case's capture failing spoils no other row
+                except Exception as err:  # noqa: BLE001 - the row says why; a CUDA error that
+                    # poisons the context ends the run at the next case (the JSON keeps the rest)
                     device_error = f"{type(err).__name__}: {err}"
                     print(f"  device timing failed: {device_error}", file=sys.stderr)
             for side in case.sides:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, for one call on a machine with one CUDA GPU (every step capped, about 490 s of
+# The GPU check, for one call on a machine with one CUDA GPU (every step capped, about 515 s of
 # caps in all, which the steps rarely reach, so the whole stays within about 8 minutes on an
-# H100; the kernel tests and benchmark alone take at most 225 s): tools/bench_train.py on the Small config (Triton kernels with CUDA graphs,
+# H100; the kernel tests and benchmarks alone take at most 250 s): tools/bench_train.py on the Small config (Triton kernels with CUDA graphs,
 # profiled, beside the Hugging Face peer; Triton without graphs; torch's ops; graphs with 2
 # micro-batches of 32 sequences instead of 8 of 8) and the Base config
 # (CUDA graphs, beside the peer), bf16, dropout 0; the memory check (measured peak beside the
@@ -103,15 +103,15 @@ tests_rc=${PIPESTATUS[0]}
 quick=""
 if [ "${QUICK:-0}" = "1" ]; then quick="--quick"; fi
 # shellcheck disable=SC2086
-timeout 100 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
+timeout 120 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
   2>"$out_dir/bench_kernels.err" | tee "$out_dir/bench_kernels.txt"
 bench_rc=${PIPESTATUS[0]}
 
-# The host code a kernel call costs on this machine's CPU (launches stubbed; a few seconds).
-timeout 15 "$python" tools/bench_host_overhead.py --calls 100 --rounds 5 \
+# The host code a kernel call costs on this machine's CPU (launches stubbed; about 10 s).
+timeout 20 "$python" tools/bench_host_overhead.py --calls 100 --rounds 5 \
   --json "$out_dir/bench_host_overhead.json" 2>&1 | tee "$out_dir/bench_host_overhead.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
+host_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: kernel tests exit $tests_rc, kernel benchmark exit $bench_rc, training" \
-  "benchmark exit $train_rc (124: timed out); files in $out_dir"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]
+echo "gpu_check: kernel tests exit $tests_rc, kernel benchmark exit $bench_rc, host overhead" \
+  "exit $host_rc, training benchmark exit $train_rc (124: timed out); files in $out_dir"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$host_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]

@@ -54,14 +54,19 @@ def test_later_launches_reuse_the_chosen_config(device, monkeypatch):
     tuned = ln._fwd_kernel(triton.next_power_of_2(300))
     monkeypatch.setattr(tuned, "chosen", {})
     layer_norm(x, weight, bias)
-    key = (300, F32, F32, F32, F32, F32, None, None, None)  # n_cols, then each argument's dtype
+    key = (300, F32, F32, F32, F32, F32)  # n_cols, then the tensor arguments' dtypes
     assert list(tuned.chosen) == [key]
     assert tuned.chosen[key]["BLOCK_M"] in [c.kwargs["BLOCK_M"] for c in tuned.tuner.configs]
     assert f"BLOCK_M={tuned.chosen[key]['BLOCK_M']}" in \
         _utils.autotune_choices()["_layer_norm_fwd_kernel"][str(key)]
+    tuner_run = tuned.tuner.run
     monkeypatch.setattr(tuned.tuner, "run", lambda *args, **kwargs: pytest.fail("tuned again"))
     torch.testing.assert_close(layer_norm(x, weight, bias), layer_norm_reference(x, weight, bias),
                                rtol=1e-5, atol=1e-5)
+    # another dtype is another key: tuned again
+    monkeypatch.setattr(tuned.tuner, "run", tuner_run)
+    layer_norm(x.half(), weight, bias)
+    assert list(tuned.chosen) == [key, (300, torch.float16, F32, F32, torch.float16, F32)]
 
 
 @pytest.mark.parametrize("block_n", BLOCK_NS)

@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import json
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,14 @@ def test_smoke_pass_writes_every_case(tmp_path, capsys):
 
 class _FakeCuda:
     """Stand-ins for the torch.cuda calls of `device_time_case`: captures run their body once
-    (as a capture does), replays and events count, every timed run takes 1.5 ms."""
+    (as a capture does), replays and events count, every timed run takes 1.5 ms. A replay
+    fails if a tensor registered in ``captured`` (weak references) has been freed: a real graph
+    would read freed memory."""
 
     def __init__(self):
         self.captures = 0
         self.replays = 0
+        self.captured = []
 
     def install(self, monkeypatch):
         fake = self
@@ -53,6 +57,7 @@ class _FakeCuda:
         class Graph:
             def replay(self):
                 fake.replays += 1
+                assert all(ref() is not None for ref in fake.captured), "replay of freed inputs"
 
         class Capture(contextlib.AbstractContextManager):
             def __init__(self, graph):
@@ -75,6 +80,7 @@ class _FakeCuda:
         for name, value in dict(CUDAGraph=Graph, graph=Capture, Event=Event,
                                 Stream=lambda: stream, current_stream=lambda: stream,
                                 stream=lambda s: contextlib.nullcontext(),
+                                set_stream=lambda s: None,
                                 synchronize=lambda: None, empty_cache=lambda: None).items():
             monkeypatch.setattr(torch.cuda, name, value)
 
@@ -84,7 +90,20 @@ def test_device_timing_replays_each_input_set_and_tabulates(monkeypatch, device)
     fake = _FakeCuda()
     fake.install(monkeypatch)
     case = bench.layer_norm_case("tiny", 8, 64, device, torch.float32)
+    make = case.make
+
+    def make_and_register():
+        inputs = make()
+        fake.captured.extend(weakref.ref(t) for t in inputs)
+        return inputs
+
+    case.make = make_and_register
+    draws = []
+    randn_like = torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda t: draws.append(t.shape) or randn_like(t))
     ms = bench.device_time_case(case, backward=True, reps=4)
+    # one upstream gradient a side, drawn once and kept for the side's captures and replays
+    assert len(draws) == 2
     # a graph per side and input set (three small sets), replayed once a run, plus a warm-up run
     assert fake.captures == 2 * 3
     assert fake.replays == 2 * 3 * (4 + 1)

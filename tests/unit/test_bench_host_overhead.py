@@ -31,7 +31,16 @@ def test_every_op_is_timed_with_its_launch_count(tmp_path):
     assert "ours / eager" in result.stdout
     report = json.loads(out.read_text())
     rows = {(r["op"], r["pass"]): r for r in report["results"]}
+    model = rows.pop(("model (12 blocks, embedding, loss)", "fwd+bwd"))
     assert set(rows) == {(op, p) for op in LAUNCHES for p in ("fwd", "fwd+bwd")}
+    # the Small config's micro-batch: a block's two layer norms, bias-GeLU and attention, then
+    # the final layer norm and the loss, each forward and backward
+    per_block = 2 * LAUNCHES["layer_norm"][1] + LAUNCHES["bias_gelu"][1] + \
+        LAUNCHES["attention_qkvpacked"][1]
+    assert model["triton_launches"] == 12 * per_block + LAUNCHES["layer_norm"][1] + \
+        LAUNCHES["cross_entropy"][1]
+    assert model["per_block_extra_us"] == pytest.approx(
+        (model["triton_us"] - model["torch_us"]) / 12)
     for op, (fwd, fwd_bwd) in LAUNCHES.items():
         assert rows[op, "fwd"]["triton_launches"] == fwd, op
         assert rows[op, "fwd+bwd"]["triton_launches"] == fwd_bwd, op
