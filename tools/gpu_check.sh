@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, for one call on a machine with one CUDA GPU (every step capped, about 515 s of
+# The GPU check, for one call on a machine with one CUDA GPU (every step capped, about 525 s of
 # caps in all, which the steps rarely reach, so the whole stays within about 8 minutes on an
-# H100; the kernel tests and benchmarks alone take at most 250 s): tools/bench_train.py on the Small config (Triton kernels with CUDA graphs,
-# profiled, beside the Hugging Face peer; Triton without graphs; torch's ops; graphs with 2
-# micro-batches of 32 sequences instead of 8 of 8) and the Base config
+# H100; the kernel tests and benchmarks alone take at most 250 s): tools/bench_train.py on the
+# Small config (Triton kernels with CUDA graphs, profiled, beside the Hugging Face peer; Triton without graphs; torch's ops without and with
+# graphs; graphs with 2 micro-batches of 32 sequences instead of 8 of 8) and the Base config
 # (CUDA graphs, beside the peer), bf16, dropout 0; the memory check (measured peak beside the
-# validator's estimate) on the Tiny and Large configs; pretrain_gpt.py on the tiny model (bf16,
+# validator's estimate) on the Large config; pretrain_gpt.py on the tiny model (bf16,
 # CUDA graphs, a checkpoint and a resume); the kernel tests compiled for the GPU (no interpreter;
 # the GPU-only bf16 and autotuning tests included); tools/bench_kernels.py (full, or --quick with
 # QUICK=1; each call timed as made and its device work alone, from CUDA graph replays); and
@@ -60,17 +60,22 @@ bench_train() {   # name, seconds, config, extra arguments
   [ "$rc" -eq 0 ] || train_rc=$rc
 }
 # Small and Base with CUDA graphs beside the Hugging Face peer (the speed-up and MFU figures);
-# Small without graphs, with Triton and with torch's ops; the memory check on Tiny and Large.
+# Small without graphs, with Triton and with torch's ops, and torch's ops with graphs; the memory
+# check on Large.
 bench_train small_graphs 60 configs/training/small_model.json --training.cuda_graphs=true --profile
 bench_train small_triton 25 configs/training/small_model.json --no-peer
-bench_train small_torch 20 configs/training/small_model.json --no-peer --kernels.attention=sdpa \
-  --kernels.layernorm=torch --kernels.softmax=torch --kernels.bias_gelu=torch \
-  --kernels.cross_entropy=torch
+torch_ops="--kernels.attention=sdpa --kernels.layernorm=torch --kernels.softmax=torch
+  --kernels.bias_gelu=torch --kernels.cross_entropy=torch"
+# shellcheck disable=SC2086
+bench_train small_torch 20 configs/training/small_model.json --no-peer $torch_ops
+# torch's ops with CUDA graphs: device time against device time, the kernels' worth in a step
+# shellcheck disable=SC2086
+bench_train small_torch_graphs 20 configs/training/small_model.json --no-peer $torch_ops \
+  --training.cuda_graphs=true
 # The same 65,536 tokens a step in 2 micro-batches of 32 sequences, as a card this size allows.
 bench_train small_graphs_mb32 25 configs/training/small_model.json --no-peer \
   --training.cuda_graphs=true --training.batch_size=32 --training.grad_accumulation_steps=2
 bench_train base_graphs 50 configs/training/base_model.json --training.cuda_graphs=true
-bench_train tiny_memory 12 configs/training/tiny_model.json --no-peer --training.precision=bf16
 bench_train large_memory 30 configs/training/large_model.json --no-peer --steps 2 --warmup 1 \
   --training.grad_accumulation_steps=2
 
