@@ -1,8 +1,12 @@
-"""File-system helpers shared by the writers of whole folders (the converter, tokenizer training).
+"""File-system helpers: a folder (the converter, tokenizer training) or a file (the dataset index
+cache) that one process writes, renamed into place whole.
 
 Checkpoints have their own atomic protocol (megagpt.training.checkpoint: a fixed `step_<N>.tmp/`
-that every rank writes into, hashes, then one rename); this module is for a folder that one
-process writes.
+that every rank writes into, hashes, then one rename).
+
+`tempfile` creates its files 0600 and folders 0700 whatever the umask, and a rename keeps the
+mode: an index cache beside a shared corpus, or a trained tokenizer, would be readable by its
+creator only. Both helpers give the result the mode a plain `open` or `mkdir` would have.
 """
 from __future__ import annotations
 
@@ -12,6 +16,30 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and back: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def write_file_atomically(dest: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Yield a file object open (``mode``) on a new temporary file beside `dest`; when the block
+    ends normally, rename it to `dest` in one step (replacing a file there), with the mode a
+    plain ``open`` would give it. If the block raises, the temporary file is removed."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
@@ -30,6 +58,7 @@ def replace_folder_atomically(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)

@@ -8,6 +8,7 @@ and `AutoTokenizer.from_pretrained` read. <|endoftext|> is the last id. Bad line
 and counted. The work is done by megagpt.data.tokenizer.train_bpe_tokenizer.
 """
 import argparse
+import itertools
 import sys
 
 from megagpt.data import jsonl
@@ -39,7 +40,12 @@ def main(argv=None) -> int:
     skipped = jsonl.SkipLog()
     try:
         jsonl.open_input(args.input).close()
-        tok = train_bpe_tokenizer(read_texts(args.input, args.json_key, skipped), args.vocab_size,
+        texts = read_texts(args.input, args.json_key, skipped)
+        first = next(texts, None)
+        if first is None:
+            raise ValueError(f"--input {args.input!r} has no usable line for --json-key "
+                             f"{args.json_key}; skipped:\n" + "\n".join(skipped.lines()))
+        tok = train_bpe_tokenizer(itertools.chain([first], texts), args.vocab_size,
                                   args.output, min_frequency=args.min_frequency)
     except (jsonl.InputError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,9 +8,10 @@ define the samples:
   documents per epoch, for as many epochs as `num_samples` needs;
 - `sample_idx` (samples + 1, 2): where sample i starts, as (position in doc_idx, token offset);
   sample i runs from entry i to entry i + 1 inclusive;
-- `shuffle_idx`: the order samples are served in; the samples of the full epochs are shuffled
-  together and those of the last (partly used) epoch separately, so every document is seen once
-  per full epoch before the next epoch starts.
+- `shuffle_idx`: the order samples are served in; as in Megatron, the samples of the full epochs
+  are shuffled together and those of the last (partly used) epoch separately, after them. With
+  one full epoch every document is seen once before the last epoch starts; with two or more,
+  their samples mix (a document may come twice before another comes once).
 
 All three are built with vectorised numpy (cumsum + searchsorted, no loop over tokens or samples:
 an index over a billion tokens takes a few seconds) and cached as `.npy` files under a name
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 
 from megagpt.data.blend import BlendedDataset, blending_indices, parse_data_path
 from megagpt.data.indexed import IndexedDataset
+from megagpt.fsutil import write_file_atomically
 
 INDEX_VERSION = 1  # bump when the index arrays' construction changes
 
@@ -117,17 +118,6 @@ def build_sample_index(sizes: np.ndarray, documents: np.ndarray, seq_length: int
     return doc_idx, sample_idx, shuffle_idx.astype(shuffle_dtype)
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cached_sample_index(indexed: IndexedDataset, documents: np.ndarray, seq_length: int,
                         num_samples: int | None, seed: int, cache_dir: str | os.PathLike | None,
                         name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,15 +145,17 @@ def cached_sample_index(indexed: IndexedDataset, documents: np.ndarray, seq_leng
     desc_path = folder / f"{stem}_desc.json"
     if desc_path.is_file() and all(p.is_file() for p in paths):
         return tuple(np.load(p, mmap_mode="r") for p in paths)
-    arrays = build_sample_index(indexed.sizes, documents, seq_length, num_samples, seed)
+    try:
+        arrays = build_sample_index(indexed.sizes, documents, seq_length, num_samples, seed)
+    except DatasetBuildError as e:
+        raise DatasetBuildError(f"{indexed.prefix!r} ({name} split): {e}") from e
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for path, array in zip(paths, arrays):
-            _save_atomic(path, array)
-        fd, tmp = tempfile.mkstemp(prefix=f".{desc_path.name}.", dir=folder)
-        with os.fdopen(fd, "w") as f:
+            with write_file_atomically(path) as f:
+                np.save(f, array)
+        with write_file_atomically(desc_path, "w") as f:
             json.dump(desc, f, indent=2)
-        os.replace(tmp, desc_path)
     except OSError as e:
         raise DatasetBuildError(f"cannot write the index cache in {str(folder)!r} ({e.strerror}); "
                                 f"fix: set data.cache_dir to a writable folder") from e

@@ -237,6 +237,11 @@ class IndexedDatasetWriter:
 
     def finalize(self) -> None:
         """Write the index and rename both files into place."""
+        self.write_index()
+        self.commit()
+
+    def write_index(self) -> None:
+        """Close the data and write the index, both still under their temporary names."""
         for f in self._files:
             f.close()
         with open(self._tmp_idx, "wb") as out:
@@ -254,6 +259,9 @@ class IndexedDatasetWriter:
             del sizes
             with open(self._tmp_docs, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 24)
+
+    def commit(self) -> None:
+        """Rename the files `write_index` finished into place (replacing a dataset there)."""
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(self._tmp_idx, idx_path(self.prefix))
         for p in (self._tmp_sizes, self._tmp_docs):
@@ -300,6 +308,7 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
     out = os.fspath(output_prefix)
     if any(Path(ds.prefix).resolve() == Path(out).resolve() for ds in datasets):
         raise ValueError(f"--output-prefix {out!r} is also an input; fix: choose a new prefix")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     with IndexedDatasetWriter(out, dtype) as writer:
         for ds in datasets:
             writer.add_dataset(ds)

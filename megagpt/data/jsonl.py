@@ -9,11 +9,16 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 GZIP_MAGIC = b"\x1f\x8b"
+BOM = "\ufeff"
+# A JSON escape of a UTF-16 surrogate: a string holding one alone cannot be encoded in UTF-8.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 BLANK = "blank line"
 INVALID_UTF8 = "invalid UTF-8"
@@ -78,26 +83,65 @@ def open_input(path: str | os.PathLike, what: str = "--input") -> BinaryIO:
     return gzip.open(p, "rb") if gzipped else open(p, "rb")
 
 
-def iter_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line without its newline) for every line."""
-    for line_no, line in enumerate(stream, start=1):
+def iter_lines(stream: BinaryIO, what: str = "--input") -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without its newline) for every line.
+
+    A file that cannot be read to its end (a damaged or truncated gzip stream, an I/O error)
+    raises InputError naming `what`, the file and the last line read.
+    """
+    line_no = 0
+    lines = iter(stream)
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except (OSError, EOFError, zlib.error) as e:
+            raise InputError(f"{what} {getattr(stream, 'name', '?')!r}: cannot read past line "
+                             f"{line_no:,} ({type(e).__name__}: {e}); fix: check or replace the "
+                             f"file (for gzip: gzip -t)") from e
+        line_no += 1
         yield line_no, line.rstrip(b"\r\n")
 
 
+def _has_lone_surrogate(value) -> bool:
+    """True when a string inside `value` (nested dicts and lists) holds an unpaired surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
 def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
-    """The JSON object on a line, or None and the reason it is skipped."""
+    """The JSON object on a line, or None and the reason it is skipped.
+
+    A byte-order mark before the object (a file saved by some Windows editors) is ignored. An
+    escape of half a UTF-16 surrogate pair (`"\\ud83d"` alone) counts as invalid UTF-8: no
+    tokenizer can encode the string.
+    """
     if not raw.strip():
         return None, BLANK
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None, INVALID_UTF8
+    if text.startswith(BOM):
+        text = text[len(BOM):]
     try:
         obj = json.loads(text)
     except ValueError:
         return None, MALFORMED_JSON
     if not isinstance(obj, dict):
         return None, NOT_OBJECT
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):
+        return None, INVALID_UTF8
     return obj, None
 
 

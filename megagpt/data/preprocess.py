@@ -193,7 +193,8 @@ def _check_output(output_prefix: str | os.PathLike) -> None:
 
 
 def _encode_in_order(stream, pool, writers: list[IndexedDatasetWriter], summary: PreprocessSummary,
-                     chunk_bytes: int, max_in_flight: int, progress: bool) -> None:
+                     chunk_bytes: int, max_in_flight: int, progress: bool,
+                     output_prefix: str) -> None:
     """Feed chunks to the pool, at most `max_in_flight` at a time, and write results in order."""
     raw_file = getattr(stream, "fileobj", stream)  # the file on disk, under a GzipFile
     start = time.perf_counter()
@@ -204,8 +205,13 @@ def _encode_in_order(stream, pool, writers: list[IndexedDatasetWriter], summary:
         def write_oldest() -> None:
             chunk_size, result = pending.popleft()
             encoded, skips = result.get()
-            for writer, (tokens, lengths) in zip(writers, encoded):
-                writer.add_documents(tokens, lengths)
+            try:
+                for writer, (tokens, lengths) in zip(writers, encoded):
+                    writer.add_documents(tokens, lengths)
+            except OSError as e:  # a full disk, a quota: the output's problem, not the input's
+                raise PreprocessError(f"--output-prefix {output_prefix!r}: cannot write "
+                                      f"({e.strerror or e}) after {summary.documents:,} documents; "
+                                      f"fix: free space or choose another location") from e
             summary.documents += len(encoded[0][1])
             summary.tokens += sum(len(tokens) for tokens, _ in encoded)
             summary.input_bytes += chunk_size
@@ -214,15 +220,11 @@ def _encode_in_order(stream, pool, writers: list[IndexedDatasetWriter], summary:
             bar.set_postfix(docs_per_s=f"{summary.documents / (time.perf_counter() - start):,.0f}",
                             refresh=False)
 
-        try:
-            for first, lines, size in _chunks(stream, chunk_bytes):
-                pending.append((size, pool.apply_async(encode_chunk, (first, lines))))
-                if len(pending) >= max_in_flight:
-                    write_oldest()
-        except (OSError, EOFError) as e:  # a damaged gzip stream, an unreadable file
-            raise PreprocessError(f"--input {summary.input!r}: cannot read past "
-                                  f"{summary.input_bytes:,} bytes ({e}); fix: check the file "
-                                  f"(e.g. gzip -t)") from e
+        # a damaged gzip stream or an unreadable file raises InputError from jsonl.iter_lines
+        for first, lines, size in _chunks(stream, chunk_bytes):
+            pending.append((size, pool.apply_async(encode_chunk, (first, lines))))
+            if len(pending) >= max_in_flight:
+                write_oldest()
         while pending:
             write_oldest()
 
@@ -243,7 +245,9 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
         chunk_bytes: approximate raw bytes of input per chunk handed to a worker.
         progress: show a tqdm bar (bytes of the input file, MB/s, documents/s) on stderr.
     Raises:
-        InputError, TokenizerError, PreprocessError: with no output left behind.
+        InputError, TokenizerError, PreprocessError: with no output left behind, and any
+        dataset already at the outputs untouched (they are replaced only once every key's new
+        pair is complete).
     """
     keys = tuple(json_keys)
     if not keys or not all(isinstance(k, str) and k for k in keys):
@@ -262,7 +266,6 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
     with jsonl.open_input(input_path) as stream:
         _check_output(output_prefix)
         writers: list[IndexedDatasetWriter] = []
-        finalized: list[str] = []
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                           else "spawn")
         pool = ctx.Pool(workers, initializer=_init_worker,
@@ -275,21 +278,25 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
                     raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r}: cannot "
                                           f"write {p}.bin ({e.strerror}); fix: choose a writable "
                                           f"location") from e
-            _encode_in_order(stream, pool, writers, summary, chunk_bytes, 2 * workers + 2, progress)
+            _encode_in_order(stream, pool, writers, summary, chunk_bytes, 2 * workers + 2, progress,
+                             os.fspath(output_prefix))
             if summary.documents == 0:
                 skipped = "\n".join(summary.skipped.lines())
                 raise PreprocessError(f"--input {os.fspath(input_path)!r} has no usable document "
                                       f"for --json-keys {' '.join(keys)}; skipped lines:\n{skipped}")
+            try:   # every key's index first: a dataset already there is replaced only when
+                for writer in writers:   # all the new ones are complete
+                    writer.write_index()
+            except OSError as e:
+                raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r}: cannot "
+                                      f"write the index ({e.strerror or e}); fix: free space or "
+                                      f"choose another location") from e
             for writer in writers:
-                writer.finalize()
-                finalized.append(writer.prefix)
+                writer.commit()
         except BaseException:
             pool.terminate()
             for writer in writers:
                 writer.abort()
-            for p in finalized:  # a key's pair renamed before a later key failed
-                bin_path(p).unlink(missing_ok=True)
-                idx_path(p).unlink(missing_ok=True)
             raise
         finally:
             pool.close()

@@ -1,5 +1,7 @@
 """GPT samples: Megatron's index arrays (checked against a port of its loop), epochs, splits,
 caching, blending proportions, and the builder the trainer calls."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -213,6 +215,10 @@ def test_index_cache_is_hashed_atomic_and_reused(corpus, tmp_path):
     GPTDataset(ds.indexed, np.arange(100), 16, 40, seed=8, cache_dir=cache)
     assert len(list(cache.iterdir())) == 8  # another seed, other files
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary file left
+    # readable as a plain open() would leave them (others may share the corpus and its cache)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in cache.iterdir()} == {0o666 & ~mask}
 
 
 def test_default_cache_next_to_data_and_unwritable_cache(corpus, tmp_path):
@@ -237,6 +243,10 @@ def test_builder_errors(corpus, tmp_path):
         build_gpt_datasets(["0.5", prefix, "0.5"], seq_length=8, num_samples=(1, 0, 0))
     with pytest.raises(IndexedDatasetError, match=r"nope\.idx does not exist"):
         build_gpt_datasets(str(tmp_path / "nope"), seq_length=8, num_samples=(1, 0, 0))
+    empty = write_documents(tmp_path / "empty_docs", [[], []])
+    with pytest.raises(DatasetBuildError, match=r"'.*empty_docs' \(train split\): the 2 documents "
+                                                r"selected hold no token"):
+        GPTDataset(empty, np.arange(2), 8, 1, seed=1, cache_dir=tmp_path)
 
 
 def test_blended_builder_realises_the_weights(tmp_path):

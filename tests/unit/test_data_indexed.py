@@ -178,3 +178,6 @@ def test_merge_tool(tmp_path, capsys):
     assert "3 sequences, 3 documents, 4 tokens" in capsys.readouterr().out
     assert main(["--inputs", str(tmp_path / "zz"), "--output-prefix", str(tmp_path / "n")]) == 2
     assert "zz.idx does not exist" in capsys.readouterr().err
+    # an output folder that does not exist yet is created
+    assert main(["--inputs", str(tmp_path / "a"), "--output-prefix", str(tmp_path / "new" / "m")]) == 0
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["m.bin", "m.idx"]

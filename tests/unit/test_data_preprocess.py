@@ -1,4 +1,5 @@
 """preprocess_jsonl and tools/preprocess_data.py: output, worker independence, bad input, errors."""
+import errno
 import gzip
 import json
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megagpt.data.indexed import IndexedDataset
+from megagpt.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megagpt.data.jsonl import InputError
 from megagpt.data.preprocess import PreprocessError, preprocess_jsonl
 from megagpt.data.tokenizer import TokenizerError, load_tokenizer
@@ -106,12 +107,14 @@ def test_several_keys_stay_aligned(tmp_path, gpt2):
     ("all_bad", PreprocessError, "(?s)has no usable document for --json-keys text;.*malformed JSON: 2"),
     ("unwritable_output", PreprocessError, "--output-prefix .*cannot create the folder"),
     ("bad_tokenizer", TokenizerError, "tokenizer '.*no_such_tok' does not exist"),
-    ("damaged_gzip", PreprocessError, "--input .*cannot read past .*gzip -t"),
+    ("damaged_gzip", InputError, "--input '.*in.jsonl.gz': cannot read past line .*gzip -t"),
+    ("corrupt_gzip", InputError, "--input '.*in.jsonl.gz': cannot read past line .*gzip -t"),
+    ("disk_full", PreprocessError, "--output-prefix .*cannot write .*No space left.*free space"),
     ("zero_workers", PreprocessError, "--workers 0 must be a positive integer"),
     ("no_keys", PreprocessError, r"--json-keys \[\]: give one or more"),
     ("repeated_key", PreprocessError, "repeats a key"),
 ])
-def test_unusable_input_or_output_fails_cleanly(tmp_path, case, error, message):
+def test_unusable_input_or_output_fails_cleanly(tmp_path, monkeypatch, case, error, message):
     src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS * 200])
     kwargs = dict(input_path=src, output_prefix=tmp_path / "out" / "o", progress=False)
     if case == "missing_input":
@@ -133,6 +136,16 @@ def test_unusable_input_or_output_fails_cleanly(tmp_path, case, error, message):
         kwargs["input_path"] = tmp_path / "in.jsonl.gz"
         kwargs["input_path"].write_bytes(data[: len(data) // 2])
         kwargs["chunk_bytes"] = 4096
+    elif case == "corrupt_gzip":   # bytes flipped mid-stream: zlib's error, not gzip's
+        data = bytearray(gzip.compress(src.read_bytes(), mtime=0))
+        data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+        kwargs["input_path"] = tmp_path / "in.jsonl.gz"
+        kwargs["input_path"].write_bytes(bytes(data))
+        kwargs["chunk_bytes"] = 4096
+    elif case == "disk_full":
+        def no_space(self, tokens, lengths):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(IndexedDatasetWriter, "add_documents", no_space)
     elif case == "zero_workers":
         kwargs["workers"] = 0
     elif case == "no_keys":
@@ -143,6 +156,39 @@ def test_unusable_input_or_output_fails_cleanly(tmp_path, case, error, message):
     with pytest.raises(error, match=message):
         preprocess_jsonl(**kwargs)
     assert files(tmp_path) == before  # no partial output, no temporary file
+
+
+def test_a_dataset_already_there_survives_a_failed_run(tmp_path, monkeypatch):
+    """Two keys: the second key's index fails to write, so neither output replaces the pair a
+    previous run left (before, the first key's new pair had replaced it and was then deleted)."""
+    src = write_lines(tmp_path / "in.jsonl", [{"title": "t", "text": t} for t in DOCS])
+    preprocess_jsonl(src, tmp_path / "o", json_keys=["title", "text"], progress=False)
+    before = {name: (tmp_path / name).read_bytes() for name in files(tmp_path) if name.startswith("o_")}
+    write_index = IndexedDatasetWriter.write_index
+
+    def fail_for_text(self):
+        if self.prefix.endswith("_text_document"):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        write_index(self)
+
+    monkeypatch.setattr(IndexedDatasetWriter, "write_index", fail_for_text)
+    other = write_lines(tmp_path / "other.jsonl", [{"title": "x", "text": "y"}])
+    with pytest.raises(PreprocessError, match="--output-prefix .*cannot write the index"):
+        preprocess_jsonl(other, tmp_path / "o", json_keys=["title", "text"], progress=False)
+    after = {name: (tmp_path / name).read_bytes() for name in files(tmp_path) if name.startswith("o_")}
+    assert after == before and len(before) == 4
+
+
+def test_byte_order_mark_and_lone_surrogate_escapes(tmp_path, gpt2):
+    lines = [b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode(),   # a BOM: still read
+             b'{"text": "half a pair \\ud83d here"}',                     # skipped, counted
+             b'{"text": "a whole pair \\ud83d\\ude00"}']                  # kept
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    summary = preprocess_jsonl(src, tmp_path / "o", progress=False)
+    ds = IndexedDataset(tmp_path / "o_text_document")
+    assert [ds[i].tolist() for i in range(len(ds))] == [gpt2.encode("first"),
+                                                        gpt2.encode("a whole pair \U0001f600")]
+    assert summary.skipped.first_lines == {"invalid UTF-8": [2]}
 
 
 def test_progress_bar_shows_rates(tmp_path, capsys):

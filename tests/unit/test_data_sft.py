@@ -59,10 +59,13 @@ def test_bad_examples_are_classified(obj, reason):
 def test_bad_lines_are_counted_and_skipped(tmp_path, tok):
     path = write(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, b"{oops", b"\xff\xfe",
                                         {"messages": [{"role": "user", "content": "x"}]}, b"",
-                                        {"prompt": "c", "response": "d"}])
+                                        {"prompt": "c", "response": "d"},
+                                        # half a surrogate pair: one such line failed the whole
+                                        # file's encode_batch before it was counted as invalid
+                                        b'{"prompt": "e", "response": "\\udc00"}'])
     ex = load_sft_examples([str(path)], tok)
     assert len(ex) == 2
-    assert ex.skipped.counts == {"d.jsonl: malformed JSON": 1, "d.jsonl: invalid UTF-8": 1,
+    assert ex.skipped.counts == {"d.jsonl: malformed JSON": 1, "d.jsonl: invalid UTF-8": 2,
                                  "d.jsonl: no assistant turn": 1, "d.jsonl: blank line": 1}
     assert ex.skipped.first_lines["d.jsonl: no assistant turn"] == [4]
     with pytest.raises(DatasetBuildError, match="holds no usable example"):

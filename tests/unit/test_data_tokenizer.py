@@ -1,5 +1,6 @@
 """Tokenizer loading (bundled GPT-2, tokenizer.json, vocab/merges folder), errors, and training."""
 import json
+import os
 import runpy
 import shutil
 from pathlib import Path
@@ -128,3 +129,18 @@ def test_train_tokenizer_tool(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nope.jsonl"), "--vocab-size", "280",
                       "--output", str(tmp_path / "u")]) == 2
     assert "--input" in capsys.readouterr().err
+    unusable = tmp_path / "bad.jsonl"
+    unusable.write_text('{broken\n{"text": "half a pair \\ud83d"}\n')
+    assert main(["--input", str(unusable), "--vocab-size", "280", "--output", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert "has no usable line for --json-key text" in err and "invalid UTF-8: 1 (line 2)" in err
+    assert not (tmp_path / "v").exists()
+    # the trained folder takes the umask's mode, not tempfile's private 0700
+    assert (tmp_path / "t").stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~_umask() for p in (tmp_path / "t").iterdir())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
