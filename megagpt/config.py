@@ -85,7 +85,8 @@ class TrainingConfig:
     seed: int = _field(1234)
     log_interval: int = _field(10, doc="steps between console lines and metrics records")
     eval_interval: int = _field(1000, doc="steps between validation passes; 0 turns them off")
-    eval_iters: int = _field(10, doc="micro-batches per validation pass")
+    eval_iters: int = _field(10, doc="global batches per validation pass (each "
+                                     "grad_accumulation_steps micro-batches a replica)")
     recompute: str = _field("none", choices=("none", "selective", "full"))
     cuda_graphs: bool = _field(False, doc="replay each block's forward and backward as CUDA graphs "
                                           "(one GPU per model replica, dropout 0)")
@@ -148,7 +149,7 @@ class CheckpointConfig:
     save_dir: str | None = _field(None, doc="default <logging.run_dir>/checkpoints")
     save_interval: int = _field(1000, doc="steps between checkpoints; 0: only at the end")
     load: str = _field("auto", doc='"auto" (resume from latest if any), "none", or a path')
-    keep_last: int = _field(3, doc="complete checkpoints kept")
+    keep_last: int = _field(3, doc="complete checkpoints kept (0: every one)")
     pretrained: str | None = _field(None, doc="weights to start from when there is nothing to "
                                     "resume: a checkpoint of ours (any layout) or a Hugging Face "
                                     "GPT-2 folder")
@@ -403,6 +404,15 @@ def model_fields_from_hf(hf: dict, path: str, problems: list[str]) -> dict:
     if hf.get("tie_word_embeddings", True) is not True:
         problems.append(f"model.config_file={path}: tie_word_embeddings=false; the model always "
                         f"ties the input and output embeddings")
+    # attention scores are always divided by sqrt(head_dim) and by nothing else
+    if hf.get("scale_attn_weights", True) is not True:
+        problems.append(f"model.config_file={path}: scale_attn_weights=false; the model always "
+                        f"scales the attention scores by 1/sqrt(head_dim), so this checkpoint's "
+                        f"attention cannot be expressed")
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append(f"model.config_file={path}: scale_attn_by_inverse_layer_idx=true (as in "
+                        f"some Stanford CRFM GPT-2s); the model does not also divide layer i's "
+                        f"scores by i + 1, so this checkpoint's attention cannot be expressed")
     out = {ours: hf[theirs] for theirs, ours in HF_TO_MODEL.items() if theirs in hf}
     drops = {hf[k] for k in HF_DROPOUTS if k in hf}
     if len(drops) > 1:
@@ -595,7 +605,10 @@ def validate(cfg: Config) -> list[str]:
     positive("training.max_steps", t.max_steps)
     positive("training.learning_rate", t.learning_rate)
     positive("training.log_interval", t.log_interval)
-    positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    if t.eval_interval and t.eval_iters is not None and t.eval_iters < 1:
+        p.append(f"training.eval_iters={t.eval_iters}: validation every {t.eval_interval} steps "
+                 f"needs at least one batch; fix: training.eval_iters=10, or "
+                 f"training.eval_interval=0 to turn validation off")
     positive("parallel.bucket_size_mb", par.bucket_size_mb)
     positive("model.init_std", m.init_std)
     positive("model.layernorm_eps", m.layernorm_eps)
@@ -605,6 +618,7 @@ def validate(cfg: Config) -> list[str]:
                          ("training.max_skipped_steps", t.max_skipped_steps),
                          ("training.lr_decay_steps", t.lr_decay_steps),
                          ("checkpoint.save_interval", cfg.checkpoint.save_interval),
+                         ("checkpoint.keep_last", cfg.checkpoint.keep_last),
                          ("data.num_workers", d.num_workers)]:
         non_negative(where, value)
     if known(m.dropout) and not 0.0 <= m.dropout < 1.0:

@@ -148,6 +148,8 @@ def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise ConversionError(f"{path}: the weights lack {e.args[0]} (config.json says n_layer="
                               f"{m.n_layers}); the weight files are incomplete or of another "
                               f"model") from e
+    except ValueError as e:   # weights of other sizes than config.json says
+        raise ConversionError(f"{path}: {e}") from e
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -38,8 +38,9 @@ def from_hf(hf_state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torc
             value = hf_state[f"transformer.h.{i}.{theirs}"]
             out[f"layers.{i}.{ours}"] = value.t().contiguous() if transpose else value
     if out["embedding.wte.weight"].shape[0] != m.vocab_size:
-        raise ValueError(f"the Hugging Face embedding has {out['embedding.wte.weight'].shape[0]} rows "
-                         f"but model.vocab_size={m.vocab_size}")
+        raise ValueError(f"the Hugging Face embedding has {out['embedding.wte.weight'].shape[0]} "
+                         f"rows but model.vocab_size={m.vocab_size}; fix: make config.json's "
+                         f"vocab_size match the weights")
     return {k: v.detach().clone() for k, v in out.items()}
 
 

@@ -18,8 +18,9 @@ A checkpoint is one folder, `<save_dir>/step_<NNNNNNN>/` (the step zero-padded t
 Saving is atomic. Every rank writes its files into `step_<N>.tmp/` and records each file's hash
 beside it; after a barrier, rank 0 checks that every expected file is there, writes meta.json,
 renames the folder to `step_<N>/` (the atomic step), replaces `<save_dir>/latest` (a one-line
-file naming the folder) with write-then-`os.replace`, removes stale `*.tmp` folders and prunes to
-`keep_last` complete checkpoints; a last barrier lets every rank continue. A process killed at any
+file naming the folder) with write-then-`os.replace`, removes stale `*.tmp` folders and prunes the
+earlier steps to `keep_last` complete checkpoints (later steps, left by a run this one resumed
+before, are kept); a last barrier lets every rank continue. A process killed at any
 point leaves either the previous checkpoint as the newest complete one, or the new one complete.
 
 A folder is complete when its meta.json exists and lists files that all exist with their recorded
@@ -174,7 +175,9 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
             `step`, `world_size`, `megagpt_version`, `timestamp`, `files` and `file_sizes` are
             added.
         keep_last: complete checkpoints kept after this one is written (0 keeps all). The one just
-            written is always kept; the others are the highest steps.
+            written is always kept; the others are the highest steps before it. Steps after it
+            (a run resumed from an earlier checkpoint leaves the later ones of its first
+            attempt) are never pruned: they are another run's.
         barrier: a zero-argument callable synchronising every rank (`torch.distributed.barrier`,
             or `lambda: None` for one process).
         write_extra: called on every rank with the temporary folder, before this rank's own
@@ -282,8 +285,9 @@ def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayo
     for stale in save_dir.glob("*.tmp"):
         if stale.is_dir():
             shutil.rmtree(stale)
-    if keep_last:
-        others = [p for p in complete_checkpoints(save_dir) if p != final]
+    if keep_last:   # among the earlier steps: a later one is another run's (this run resumed
+        # from before it) and stays; `latest` names this one
+        others = [p for p in complete_checkpoints(save_dir) if p.name < final.name]
         for old in others[:max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old)
 

@@ -71,7 +71,7 @@ class Trainer:
             self.engine = DeepSpeedEngine(cfg, state, self.device)
         else:
             self.engine = Engine(cfg, state, self.device)
-        self.step, self.consumed_samples, self.skipped_total = 0, 0, 0
+        self.step, self.consumed_samples, self.skipped_total, self.consecutive_skips = 0, 0, 0, 0
         self._stop_requested = False
         self._resume()
         self.train_ds, self.valid_ds = self._datasets()
@@ -111,9 +111,13 @@ class Trainer:
         """This rank's micro-batches from sample `consumed` on, grouped into steps of m micro-batches."""
         sampler = MegatronPretrainingSampler(len(dataset), consumed, self.cfg.training.batch_size,
                                              self.state.dp_rank, self.state.dp_world_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                             num_workers=self.cfg.data.num_workers,
-                                             persistent_workers=False)
+        # A generator of its own: without one, each loader takes a draw from torch's global
+        # generator (its workers' base seed), which shifts every later CPU dropout mask: a
+        # resume (a new loader) or an evaluation (another loader) would change the training.
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.cfg.training.seed))
         step = []
         for micro_batch in loader:
             step.append(micro_batch)
@@ -136,7 +140,8 @@ class Trainer:
         timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
         flops, peak = flops_per_token(self.cfg.model), peak_flops(self.device)
         bar = self._progress_bar()
-        consecutive_skips, last = 0, {}
+        last = {}
+        tokens_per_step = self.global_batch * self.cfg.model.seq_length
         self.log(f"training {self.cfg.name}: steps {self.step} -> {t.max_steps}, global batch "
                  f"{self.global_batch} x {self.cfg.model.seq_length} tokens, layout tp "
                  f"{self.state.tp_world_size} x pp {self.state.pp_world_size} x dp "
@@ -150,30 +155,32 @@ class Trainer:
                     self.save()
                     break
                 microbatches = next(batches)
-                result = self.engine.train_step(microbatches, lr_at(self.step, t))
+                # the schedule counts updates made, as Megatron's: a skipped step does not advance it
+                lr = lr_at(self.step - self.skipped_total, t)
+                result = self.engine.train_step(microbatches, lr)
                 self.step += 1
                 self.consumed_samples += self.global_batch
-                timer.step(result.tokens)
+                timer.step(tokens_per_step)    # every token processed, masked from the loss or not
                 if result.skipped:
                     self.skipped_total += 1
-                    consecutive_skips += 1
+                    self.consecutive_skips += 1
                     self.log(f"step {self.step}: non-finite loss or gradient (loss {result.loss}); "
-                             f"update skipped ({consecutive_skips} in a row)")
-                    if consecutive_skips >= t.max_skipped_steps:
+                             f"update skipped ({self.consecutive_skips} in a row)")
+                    if self.consecutive_skips >= t.max_skipped_steps:
                         raise TrainingAborted(
-                            f"{consecutive_skips} consecutive steps had a non-finite loss or "
+                            f"{self.consecutive_skips} consecutive steps had a non-finite loss or "
                             f"gradient (training.max_skipped_steps={t.max_skipped_steps}); "
                             f"stopping. Lower training.learning_rate, check the data, or resume "
                             f"from an earlier checkpoint")
                 else:
-                    consecutive_skips = 0
+                    self.consecutive_skips = 0
                 if bar is not None:
                     bar.update(1)
                 if self.step % t.log_interval == 0 or self.step == end:
                     _, tokens_per_s = timer.lap()
                     tflops, mfu = throughput(tokens_per_s, flops, self.state.layout.world_size, peak)
                     last = {"step": self.step, "loss": result.loss,
-                            "lr": lr_at(self.step - 1, t), "grad_norm": result.grad_norm,
+                            "lr": lr, "grad_norm": result.grad_norm,
                             "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "mfu": mfu,
                             "mem_gb": self._peak_memory_gb(), "skipped": self.skipped_total}
                     writer.write(last)
@@ -267,7 +274,8 @@ class Trainer:
             return self._save_deepspeed()
         e, s = self.engine, self.state
         optim_state = {"optimizer": e.optimizer.state_dict(), "scaler": e.scaler.state_dict(),
-                       "optimizer_layout": e.optimizer_layout, "skipped_total": self.skipped_total}
+                       "optimizer_layout": e.optimizer_layout, "skipped_total": self.skipped_total,
+                       "consecutive_skips": self.consecutive_skips}
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
                 "parallel": self._parallel_sizes(), "megagpt_version": __version__}
         with e.master_weights():     # the float32 weights, also when training in 16 bits
@@ -291,11 +299,13 @@ class Trainer:
                 self._load_pretrained(self.cfg.checkpoint.pretrained)
             return
         s, e = self.state, self.engine
-        weights_only = read_meta(path).get("weights_only", False)
+        meta = read_meta(path)
+        weights_only = meta.get("weights_only", False)
+        check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
+                         with_optimizer=not weights_only)   # before loading: a clear refusal
+        self._warn_schedule_changes(meta, path)
         meta, model_state, optim_state, rng_state = load_checkpoint(
             path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)
-        check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
-                         with_optimizer=not weights_only)
         with torch.no_grad(), e.master_weights():
             for c, chunk in enumerate(e.chunks):
                 chunk.load_state_dict(model_state[f"chunk{c}"])
@@ -311,14 +321,31 @@ class Trainer:
         e.scaler.load_state_dict(optim_state["scaler"])
         get_rng_tracker().set_states(restore_rng_state(rng_state))
         self.skipped_total = optim_state.get("skipped_total", 0)
+        self.consecutive_skips = optim_state.get("consecutive_skips", 0)
         self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)")
+
+    SCHEDULE_FIELDS = ("learning_rate", "min_lr", "lr_schedule", "warmup_steps", "lr_decay_steps",
+                       "max_steps")
+
+    def _warn_schedule_changes(self, meta: dict, path) -> None:
+        """Log the learning-rate schedule's settings that differ from the checkpoint's run: the
+        rate then jumps at the resume (allowed: extending max_steps is a common reason)."""
+        saved = meta.get("config", {}).get("training", {})
+        now = self.cfg.training
+        changed = [f"training.{k} {saved[k]} -> {getattr(now, k)}" for k in self.SCHEDULE_FIELDS
+                   if k in saved and saved[k] != getattr(now, k)]
+        if changed:
+            self.log(f"warning: resuming {path} with another learning-rate schedule ("
+                     f"{', '.join(changed)}); the rate at step {meta.get('step')} changes from "
+                     f"the saved run's")
 
     def _save_deepspeed(self) -> Path:
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
                 "parallel": self._parallel_sizes(), "megagpt_version": __version__}
         path = self.engine.save(self.save_dir, self.step, meta=meta,
                                 extra_state={"engine": "deepspeed",
-                                             "skipped_total": self.skipped_total},
+                                             "skipped_total": self.skipped_total,
+                                             "consecutive_skips": self.consecutive_skips},
                                 rng_state=capture_rng_state(get_rng_tracker().get_states()),
                                 keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier)
         self.log(f"saved checkpoint {path}")
@@ -337,6 +364,7 @@ class Trainer:
         weights_only = meta.get("weights_only", False)
         check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
                          with_optimizer=not weights_only)
+        self._warn_schedule_changes(meta, path)
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         if weights_only:
             _, model_state, _, _ = load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0)
@@ -350,6 +378,7 @@ class Trainer:
         extra_state, rng_state = e.load(path)
         get_rng_tracker().set_states(restore_rng_state(rng_state))
         self.skipped_total = extra_state.get("skipped_total", 0)
+        self.consecutive_skips = extra_state.get("consecutive_skips", 0)
         self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)")
 
     def _load_pretrained(self, source: str) -> None:

@@ -12,17 +12,17 @@ import torch
 from megagpt.model.gpt import gather_full_state_dict
 from megagpt.parallel import state
 from megagpt.testing import run_distributed, tiny_config
+from megagpt.training.optim import lr_at
 from megagpt.training.trainer import Trainer, TrainingAborted
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_config(run_dir, steps, tp=1, pp=1, dp=1, **overrides):
-    return tiny_config(tp=tp, pp=pp, dp=dp, steps=steps,
-                       checkpoint__save_dir=str(run_dir / "ckpt"), checkpoint__save_interval=5,
-                       logging__run_dir=str(run_dir), logging__progress_bar=False,
-                       training__log_interval=1, training__eval_interval=0,
-                       data__num_workers=0, **overrides)
+    defaults = dict(checkpoint__save_dir=str(run_dir / "ckpt"), checkpoint__save_interval=5,
+                    logging__run_dir=str(run_dir), logging__progress_bar=False,
+                    training__log_interval=1, training__eval_interval=0, data__num_workers=0)
+    return tiny_config(tp=tp, pp=pp, dp=dp, steps=steps, **{**defaults, **overrides})
 
 
 def _train(rank, world, run_dir, steps, layout, max_steps=None):
@@ -44,10 +44,14 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("layout", [dict(), dict(training__precision="bf16"),
+                                    # CPU dropout masks come from torch's global generator, which
+                                    # a data loader drew from at each resume and evaluation
+                                    dict(model__dropout=0.1, training__eval_interval=3),
                                     pytest.param(dict(tp=2, pp=2), marks=pytest.mark.slow),
                                     pytest.param(dict(dp=2, zero=1, training__precision="bf16"),
                                                  marks=pytest.mark.slow)],
-                         ids=["1x1x1", "1x1x1-bf16", "tp2xpp2", "dp2-zero1-bf16"])
+                         ids=["1x1x1", "1x1x1-bf16", "1x1x1-dropout-eval", "tp2xpp2",
+                              "dp2-zero1-bf16"])
 def test_resume_continues_exactly(tmp_path, layout):
     world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
     straight = run_distributed(_train, world, str(tmp_path / "a"), 10, layout)
@@ -59,6 +63,53 @@ def test_resume_continues_exactly(tmp_path, layout):
     merged_b = {k: v for r in resumed for k, v in r.items()}
     for k, v in merged_a.items():
         assert torch.equal(v, merged_b[k]), k
+
+
+def test_evaluation_leaves_the_training_losses_alone(tmp_path):
+    layout = dict(model__dropout=0.1)
+    run_distributed(_train, 1, str(tmp_path / "a"), 6, layout)
+    run_distributed(_train, 1, str(tmp_path / "b"), 6, dict(layout, training__eval_interval=2))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def _resume_messages(rank, world, run_dir, max_steps, until):
+    messages = []
+    cfg = run_config(Path(run_dir), max_steps)
+    Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append).train(until=until)
+    return messages
+
+
+def test_a_resume_with_another_schedule_says_so(tmp_path):
+    run_distributed(_resume_messages, 1, str(tmp_path), 6, 2)
+    same = run_distributed(_resume_messages, 1, str(tmp_path), 6, 3)[0]
+    assert not any("another learning-rate schedule" in m for m in same)
+    longer = run_distributed(_resume_messages, 1, str(tmp_path), 9, 4)[0]
+    assert any("warning: resuming" in m and "another learning-rate schedule "
+               "(training.max_steps 6 -> 9)" in m for m in longer), longer
+
+
+def _throughput_tokens(rank, world, run_dir):
+    """The tokens a fine-tuning run's step timer counts, and the global batch's size."""
+    from megagpt.training import trainer as trainer_module
+    counted = []
+
+    class RecordingTimer(trainer_module.StepTimer):
+        def step(self, tokens):
+            counted.append(tokens)
+            return super().step(tokens)
+
+    trainer_module.StepTimer = RecordingTimer
+    cfg = run_config(Path(run_dir), 2, model__vocab_size=50257, training__mode="finetune",
+                     data__mock=False, data__format="sft", data__train_data_path=[SFT_DATA],
+                     data__split="90,10,0")
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
+    trainer.train()
+    return counted, trainer.global_batch * cfg.model.seq_length
+
+
+def test_throughput_counts_every_token_of_a_fine_tuning_batch(tmp_path):
+    counted, processed = run_distributed(_throughput_tokens, 1, str(tmp_path))[0]
+    assert counted == [processed, processed]   # not only the response tokens the loss counts
 
 
 def _resume_with_buckets(rank, world, run_dir, steps, bucket_mb):
@@ -78,7 +129,7 @@ def test_optimizer_state_for_other_pieces_is_refused(tmp_path):
         run_distributed(_resume_with_buckets, 2, str(tmp_path), 7, 0.02)
 
 
-def _nan_steps(rank, world, run_dir, bad_steps, max_skipped):
+def _nan_steps(rank, world, run_dir, bad_steps, max_skipped, until=None):
     cfg = run_config(Path(run_dir), 8, dp=2, training__max_skipped_steps=max_skipped)
     ps = state.initialize_parallel(1, 1)
     trainer = Trainer(cfg, ps, log=lambda *a: None)
@@ -97,7 +148,7 @@ def _nan_steps(rank, world, run_dir, bad_steps, max_skipped):
 
     engine.schedule = poisoned
     try:
-        trainer.train()
+        trainer.train(until=until)
     except TrainingAborted as e:
         return ("aborted", str(e), trainer.step, trainer.skipped_total)
     return ("done", "", trainer.step, trainer.skipped_total)
@@ -109,6 +160,21 @@ def test_a_nan_gradient_skips_the_step_on_every_rank(tmp_path):
     assert [o[3] for o in out] == [2, 2]                     # counted on both ranks
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records if "skipped" in r] == [0, 0, 1, 1, 1, 2, 2, 2]
+    # the schedule counts updates made (Megatron's): a skipped step leaves the rate where it was
+    lrs = [r["lr"] for r in records if "lr" in r]
+    updates_before = [0, 1, 2, 2, 3, 4, 4, 5]    # steps 3 and 6 (1-based) were skipped
+    schedule = run_config(tmp_path, 8, dp=2).training
+    assert lrs == pytest.approx([lr_at(n, schedule) for n in updates_before])
+
+
+def test_the_count_of_skips_in_a_row_survives_a_resume(tmp_path):
+    """Steps 4 and 5 non-finite, a checkpoint at step 5, then step 6 non-finite after the resume:
+    three in a row, the limit."""
+    out = run_distributed(_nan_steps, 2, str(tmp_path), {3, 4}, 3, 5)
+    assert out[0][:1] == ("done",) and out[0][2:] == (5, 2)
+    out = run_distributed(_nan_steps, 2, str(tmp_path), {5}, 3)
+    status, message, step, skipped = out[0]
+    assert status == "aborted" and step == 6 and skipped == 3, out[0]
 
 
 def test_repeated_non_finite_steps_abort_with_a_message(tmp_path):

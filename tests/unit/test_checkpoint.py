@@ -162,9 +162,15 @@ def test_keep_last_prunes_oldest(tmp_path):
     for step in range(1, 6):
         save_one(tmp_path, step, keep_last=2)
     assert steps_in(tmp_path) == ["latest", "step_0000004", "step_0000005"]
-    save_one(tmp_path, 2, keep_last=2)   # resumed from an older step: the new save is kept
-    assert steps_in(tmp_path) == ["latest", "step_0000002", "step_0000005"]
+    # resumed from an older step: the new save is kept, and the first attempt's later steps are
+    # not pruned in its favour (they were, down to the highest, before)
+    save_one(tmp_path, 2, keep_last=2)
+    assert steps_in(tmp_path) == ["latest", "step_0000002", "step_0000004", "step_0000005"]
     assert find_latest(tmp_path) == tmp_path / "step_0000002"
+    save_one(tmp_path, 3, keep_last=2)
+    save_one(tmp_path, 4, keep_last=2)   # replaces the first attempt's step 4; prunes step 2
+    assert steps_in(tmp_path) == ["latest", "step_0000003", "step_0000004", "step_0000005"]
+    assert find_latest(tmp_path) == tmp_path / "step_0000004"
 
 
 def test_keep_last_zero_keeps_all_and_resaving_a_step_replaces_it(tmp_path):

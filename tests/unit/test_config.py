@@ -165,6 +165,16 @@ def test_zero_or_negative_size(field, value):
     assert f"{field}={value}: must be positive; fix: set it to 1 or more" in problems
 
 
+def test_validation_needs_batches_and_keep_last_zero_keeps_all():
+    problems = problems_of(tiny_raw(), ["--training.eval_interval=5", "--training.eval_iters=0"])
+    assert any(p.startswith("training.eval_iters=0: validation every 5 steps needs at least one "
+                            "batch; fix:") for p in problems), problems
+    load_config(TINY, ["--training.eval_interval=0", "--training.eval_iters=0"], raw=tiny_raw())
+    assert load_config(TINY, ["--checkpoint.keep_last=0"], raw=tiny_raw()).checkpoint.keep_last == 0
+    assert "checkpoint.keep_last=-1: must be 0 or more" in problems_of(
+        tiny_raw(), ["--checkpoint.keep_last=-1"])
+
+
 def test_tensor_parallel_must_divide_heads():
     problems = problems_of(tiny_raw(), ["--parallel.tensor_parallel_size=3", "--parallel.world_size=6",
                                         "--parallel.pipeline_parallel_size=1"])

@@ -1,6 +1,7 @@
 """Conversion between layouts and to and from Hugging Face GPT-2; the two command-line tools."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,14 @@ BAD_INPUTS = {
         "always ties the input and output embeddings"),
     "no weights": (lambda root, full: _folder(root / "noweights", {"config.json": json.dumps(
         hf_config_dict(M))}), "{} has config.json but no weights: expected one of model.safetensors"),
+    # attention scaled otherwise than by 1/sqrt(head_dim): converted silently before, with
+    # logits 0.8-2.3 off
+    "layer-scaled attention": (lambda root, full: _folder(root / "crfm", {"config.json": json.dumps(
+        dict(hf_config_dict(M), scale_attn_by_inverse_layer_idx=True))}),
+        "{} is a GPT-2 this model cannot express:\n  - scale_attn_by_inverse_layer_idx=true"),
+    "unscaled attention": (lambda root, full: _folder(root / "unscaled", {"config.json": json.dumps(
+        dict(hf_config_dict(M), scale_attn_weights=False))}),
+        "{} is a GPT-2 this model cannot express:\n  - scale_attn_weights=false"),
 }
 
 
@@ -277,6 +286,18 @@ def test_bad_inputs_are_refused_with_a_message_and_nothing_written(tmp_path, ful
         quiet(source, tmp_path / "out", "megagpt")
     assert message.format(source) in str(info.value)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_weights_of_another_vocabulary_than_config_json_are_refused(tmp_path, hf_folder):
+    folder = tmp_path / "edited"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, vocab_size=config["vocab_size"] + 7)))
+    with pytest.raises(ConversionError, match=f"{folder}: the Hugging Face embedding has "
+                                              f"{config['vocab_size']} rows but model.vocab_size="
+                                              f"{config['vocab_size'] + 7}; fix: make config.json"):
+        quiet(folder, tmp_path / "out", "megagpt")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_corrupt_file_is_refused(tmp_path, full):
