@@ -199,6 +199,13 @@ class IndexedDatasetWriter:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {len(tokens)} tokens given")
         if lengths.size and (lengths.min() < 0 or lengths.max() > np.iinfo(np.int32).max):
             raise ValueError("sequence lengths must fit in int32 and be non-negative")
+        if tokens.dtype != self.dtype and tokens.size:   # a cast must not wrap an id around
+            info = np.iinfo(self.dtype)
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < info.min or high > info.max:
+                raise ValueError(f"token ids {low}..{high} do not fit the dataset's dtype "
+                                 f"{self.dtype} ({info.min}..{info.max}); fix: write it as int32 "
+                                 f"(a vocabulary of 65,500 ids or more)")
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._sizes.write(lengths.astype(np.int32).tobytes())
         self.num_sequences += len(lengths)

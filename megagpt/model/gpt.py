@@ -247,6 +247,10 @@ class Embedding(nn.Module):
         self.drop = Dropout(m.dropout, self.sequence_parallel)
 
     def forward(self, input_ids, positions=None):
+        if input_ids.shape[1] > self.wpe.num_embeddings:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} positions but the model has "
+                             f"{self.wpe.num_embeddings} (model.seq_length); fix: cut the input "
+                             f"to model.seq_length tokens")
         if positions is None:
             positions = self.wpe.weight[:input_ids.shape[1]].unsqueeze(1)    # (s, 1, h)
         else:

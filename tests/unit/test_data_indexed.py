@@ -92,6 +92,12 @@ def test_writer_leaves_nothing_until_finalize_and_nothing_on_error(tmp_path):
         with IndexedDatasetWriter(tmp_path / "y", np.uint16) as w:
             w.add_sequences(np.array([1, 2, 3]), np.array([4]))
     assert list(tmp_path.iterdir()) == []
+    # an id past uint16 would be written modulo 65536 by the cast
+    with pytest.raises(ValueError, match=r"token ids 1\.\.70000 do not fit the dataset's dtype "
+                                         r"uint16 \(0\.\.65535\); fix: write it as int32"):
+        write_documents(tmp_path / "z", [[1, 70000]])
+    assert list(tmp_path.iterdir()) == []
+    assert write_documents(tmp_path / "w", [[1, 70000]], np.int32)[0].tolist() == [1, 70000]
 
 
 def corrupt(tmp_path, case: str) -> Path:

@@ -125,6 +125,14 @@ def test_parameter_counts_from_the_meta_device_match_the_validator():
         assert count_model_parameters(m) == count_parameters(m) == m.estimated_parameters, path.name
 
 
+def test_input_longer_than_the_context_is_refused_by_name():
+    m = small_model_config(n_layers=1, seq_length=8)
+    stage = GPTStage(m, KernelsConfig(attention="eager", **TORCH_KERNELS), StageSpec(0, 1, True, True))
+    with pytest.raises(ValueError, match="input_ids has 9 positions but the model has 8 "
+                                         r"\(model.seq_length\); fix: cut the input"):
+        stage(torch.zeros(2, 9, dtype=torch.long))
+
+
 def test_auto_attention_with_dropout_uses_sdpa():
     m = small_model_config(dropout=0.1)
     stage = GPTStage(m, KernelsConfig(attention="auto", **TORCH_KERNELS), StageSpec(0, 1, True, True))
