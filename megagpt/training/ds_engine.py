@@ -8,6 +8,7 @@ trains through `deepspeed.initialize` (ZeRO stage 0 to 3) instead of our data-pa
     start()                       deepspeed.initialize(model, our AdamW parameter groups (no decay
                                   on biases, norms, embeddings), the merged config: ds_config.py)
     train_step(microbatches, lr)  -> StepResult; eval_step(microbatches) -> float
+    global_tokens(microbatches)   -> int: the loss tokens of a step, summed over replicas
     save(...), load(path)         checkpoints in our layout, DeepSpeed's files inside (see below)
 
 The loss and gradients equal the native path's. Each micro-batch back-propagates
@@ -158,7 +159,7 @@ class DeepSpeedEngine:
             dist.all_reduce(total, group=self.state.dp_group)
         return total.item()
 
-    def _global_tokens(self, microbatches) -> int:
+    def global_tokens(self, microbatches) -> int:
         """The loss tokens of the global batch; call it on the CPU micro-batches, before
         `_to_device` (as `Engine` does), so counting them is no device sync."""
         local = sum(float(mb["loss_mask"].sum()) if mb.get("loss_mask") is not None
@@ -182,7 +183,7 @@ class DeepSpeedEngine:
             raise ValueError(f"DeepSpeedEngine.train_step: {len(microbatches)} micro-batches, the "
                              f"DeepSpeed config accumulates {self.gas}")
         ds.train()
-        tokens = self._global_tokens(microbatches)     # before the copy: no device sync
+        tokens = self.global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
         factor = self.gas * self.state.dp_world_size / max(tokens, 1)
         set_lr(ds.optimizer, lr)
@@ -233,7 +234,7 @@ class DeepSpeedEngine:
         """The global mean loss of a batch, without gradients."""
         ds = self._engine()
         ds.eval()
-        tokens = self._global_tokens(microbatches)     # before the copy: no device sync
+        tokens = self.global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
         loss_sums = [ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))[0]
                      for mb in microbatches]

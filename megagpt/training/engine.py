@@ -105,7 +105,9 @@ class Engine:
                 stack.enter_context(w.master_weights())
             yield
 
-    def _global_tokens(self, microbatches: list[dict]) -> int:
+    def global_tokens(self, microbatches: list[dict]) -> int:
+        """The tokens counted in the loss of a step's micro-batches, summed over replicas (a
+        collective over the data-parallel group)."""
         local = sum(float(mb["loss_mask"].sum()) if mb.get("loss_mask") is not None
                     else mb["labels"].numel() for mb in microbatches)
         count = torch.tensor([local], dtype=torch.float64)
@@ -133,7 +135,7 @@ class Engine:
             chunk.train()
         for w in self.wrappers:
             w.zero_grad()
-        tokens = self._global_tokens(microbatches)     # before the copy: no device sync
+        tokens = self.global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
         losses = self.schedule(self.chunks, microbatches, p2p=self.p2p,
                                loss_scale=self.scaler.scale / max(tokens, 1),
@@ -162,7 +164,7 @@ class Engine:
         """The global mean loss of a batch, without gradients."""
         for chunk in self.chunks:
             chunk.eval()
-        tokens = self._global_tokens(microbatches)     # before the copy: no device sync
+        tokens = self.global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
         losses = self.schedule(self.chunks, microbatches, p2p=self.p2p, forward_only=True)
         return self._global_loss(losses, tokens)

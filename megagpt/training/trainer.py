@@ -232,14 +232,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the same training.eval_iters steps' worth of validation
-        samples each time, so values are comparable across the run and across a resume."""
+        samples each time, so values are comparable across the run and across a resume: the
+        mean over every token counted in the loss (batches with more such tokens, as fine-tuning
+        batches can have, weigh more), as the training loss is."""
         if self.valid_ds is None:
             raise ValueError("training.eval_interval is set but there is no validation data; "
                              "fix: set data.val_data_path, give data.split a validation weight, "
                              "or set training.eval_interval=0")
         batches = self._batches(self.valid_ds, 0)
-        losses = [self.engine.eval_step(next(batches)) for _ in range(self.cfg.training.eval_iters)]
-        return sum(losses) / len(losses)
+        total, tokens = 0.0, 0
+        for _ in range(self.cfg.training.eval_iters):
+            batch = next(batches)
+            count = self.engine.global_tokens(batch)
+            total += self.engine.eval_step(batch) * count
+            tokens += count
+        return total / max(tokens, 1)
 
     # ---- faults -------------------------------------------------------------------------
 

@@ -333,7 +333,7 @@ def _host_syncs_of_a_step(rank, world, ds):
     engine = DeepSpeedEngine(cfg, ps)
     engine.start()
     counted, added = [], []
-    global_tokens, sum_losses = engine._global_tokens, engine._sum_losses
+    global_tokens, sum_losses = engine.global_tokens, engine._sum_losses
 
     def spy_tokens(microbatches):
         counted.append(all(any(mb is own for own in given) for mb in microbatches))
@@ -345,7 +345,7 @@ def _host_syncs_of_a_step(rank, world, ds):
                       value == sum(float(x) for x in loss_sums)))
         return value
 
-    engine._global_tokens, engine._sum_losses = spy_tokens, spy_sum
+    engine.global_tokens, engine._sum_losses = spy_tokens, spy_sum
     batch = torch.randint(0, cfg.model.vocab_size, (8, cfg.model.seq_length + 1),
                           generator=torch.Generator().manual_seed(rank))
     given = split_microbatches(batch, ps.dp_rank, 2, cfg.training.batch_size)

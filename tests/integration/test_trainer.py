@@ -88,6 +88,20 @@ def test_a_resume_with_another_schedule_says_so(tmp_path):
                "(training.max_steps 6 -> 9)" in m for m in longer), longer
 
 
+def _weighted_validation(rank, world, run_dir):
+    cfg = run_config(Path(run_dir), 2, training__eval_interval=1, training__eval_iters=2)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
+    losses, counts = iter([1.0, 4.0]), iter([10, 30])
+    trainer.engine.eval_step = lambda batch: next(losses)
+    trainer.engine.global_tokens = lambda batch: next(counts)
+    return trainer.evaluate()
+
+
+def test_validation_is_a_mean_over_tokens_not_over_batches(tmp_path):
+    assert run_distributed(_weighted_validation, 1, str(tmp_path))[0] == pytest.approx(
+        (1.0 * 10 + 4.0 * 30) / 40)      # the mean of the two batches' means would be 2.5
+
+
 def _throughput_tokens(rank, world, run_dir):
     """The tokens a fine-tuning run's step timer counts, and the global batch's size."""
     from megagpt.training import trainer as trainer_module
