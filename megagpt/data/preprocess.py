@@ -19,6 +19,8 @@ import multiprocessing
 import os
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +206,13 @@ def _encode_in_order(stream, pool, writers: list[IndexedDatasetWriter], summary:
 
         def write_oldest() -> None:
             chunk_size, result = pending.popleft()
-            encoded, skips = result.get()
+            try:
+                encoded, skips = result.result()
+            except BrokenProcessPool as e:   # multiprocessing.Pool would wait for it forever
+                raise PreprocessError(f"--input {summary.input!r}: an encoding worker process "
+                                      f"died (killed, or out of memory) after "
+                                      f"{summary.documents:,} documents; fix: fewer --workers, "
+                                      f"or more memory (a very long line is held whole)") from e
             try:
                 for writer, (tokens, lengths) in zip(writers, encoded):
                     writer.add_documents(tokens, lengths)
@@ -222,7 +230,7 @@ def _encode_in_order(stream, pool, writers: list[IndexedDatasetWriter], summary:
 
         # a damaged gzip stream or an unreadable file raises InputError from jsonl.iter_lines
         for first, lines, size in _chunks(stream, chunk_bytes):
-            pending.append((size, pool.apply_async(encode_chunk, (first, lines))))
+            pending.append((size, pool.submit(encode_chunk, first, lines)))
             if len(pending) >= max_in_flight:
                 write_oldest()
         while pending:
@@ -268,8 +276,8 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
         writers: list[IndexedDatasetWriter] = []
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                           else "spawn")
-        pool = ctx.Pool(workers, initializer=_init_worker,
-                        initargs=(os.fspath(tokenizer), keys, append_eod, dtype.str))
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(os.fspath(tokenizer), keys, append_eod, dtype.str))
         try:
             for p in prefixes:
                 try:
@@ -294,13 +302,11 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
             for writer in writers:
                 writer.commit()
         except BaseException:
-            pool.terminate()
             for writer in writers:
                 writer.abort()
             raise
-        finally:
-            pool.close()
-            pool.join()
+        finally:   # on an error, chunks not started are dropped and the running ones end
+            pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - start
     summary.output_bytes = sum(bin_path(p).stat().st_size + idx_path(p).stat().st_size
                                for p in prefixes)

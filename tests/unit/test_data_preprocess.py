@@ -158,6 +158,19 @@ def test_unusable_input_or_output_fails_cleanly(tmp_path, monkeypatch, case, err
     assert files(tmp_path) == before  # no partial output, no temporary file
 
 
+def _die(first_line, lines):
+    os._exit(9)   # as the kernel's out-of-memory killer would end a worker
+
+
+def test_a_worker_that_dies_fails_the_run_instead_of_hanging(tmp_path, monkeypatch):
+    import megagpt.data.preprocess as preprocess
+    monkeypatch.setattr(preprocess, "encode_chunk", _die)   # forked workers see it
+    src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS])
+    with pytest.raises(PreprocessError, match="an encoding worker process died .*fewer --workers"):
+        preprocess_jsonl(src, tmp_path / "o", workers=2, progress=False)
+    assert files(tmp_path) == ["in.jsonl"]
+
+
 def test_a_dataset_already_there_survives_a_failed_run(tmp_path, monkeypatch):
     """Two keys: the second key's index fails to write, so neither output replaces the pair a
     previous run left (before, the first key's new pair had replaced it and was then deleted)."""
