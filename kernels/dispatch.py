@@ -94,7 +94,8 @@ def _require_triton(op: str, device: torch.device):
     """Raise unless the Triton kernels run on ``device``, naming what to do instead."""
     if triton_runs_on(device):
         return
-    others = ", ".join(b for b in BACKENDS[op] if b != "triton")
+    others = ", ".join(b for b in BACKENDS[op] if b != "triton"   # those that can run there
+                       and (device.type == "cuda" or b not in ("flash_attn", "apex")))
     why = ("the `triton` package is not installed" if not HAS_TRITON else
            f"the Triton kernels cannot run on {device}: they need a CUDA GPU, or "
            "TRITON_INTERPRET=1 set before importing megagpt.kernels (slow; for tests)")

@@ -485,9 +485,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
     problems: list[str] = []
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
+    overrides = overrides or {}
+    # `--model.config_file=...` names the file to read: it must be in place before the files are
+    # read, and the other overrides, applied after, still win over the file's fields
+    files = {k: v for k, v in overrides.items() if k.endswith(".config_file")}
+    apply_overrides(raw, files, problems)
     _expand_files(raw, str(path) if path else None, problems)
-    if overrides:
-        apply_overrides(raw, overrides, problems)
+    apply_overrides(raw, {k: v for k, v in overrides.items() if k not in files}, problems)
     cfg = _build(Config, raw, "", problems)
     cfg.source = str(path) if path else None
     if cfg.name is None and path is not None:
@@ -623,6 +627,10 @@ def validate(cfg: Config) -> list[str]:
         non_negative(where, value)
     if known(m.dropout) and not 0.0 <= m.dropout < 1.0:
         p.append(f"model.dropout={m.dropout}: must be in [0, 1); fix: 0.1 for GPT-2, 0.0 to turn it off")
+    elif known(m.dropout) and m.dropout > 0 and cfg.kernels.attention in ("triton", "flash_attn"):
+        p.append(f"kernels.attention={cfg.kernels.attention} has no attention dropout but "
+                 f"model.dropout={m.dropout}; fix: model.dropout=0 (usual for pretraining), or "
+                 f"kernels.attention=auto, sdpa or eager")
     for where, beta in [("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)]:
         if known(beta) and not 0.0 <= beta < 1.0:
             p.append(f"{where}={beta}: must be in [0, 1); fix: 0.9 and 0.95 are usual")

@@ -7,7 +7,8 @@
 `generate` runs the prompts as one batch. Prompts of different lengths are left-padded: row r
 with pad_r padding positions gives its token j the position id j - pad_r, so every row's first
 real token is at position 0, and the padding positions are masked out of every row's attention
-(`megagpt.model.gpt.KVCache`); the result of a row is the same as running it alone. The first
+(`megagpt.model.gpt.KVCache`); a row's logits are the same as running it alone (so greedy
+rows are too; sampled rows draw from one generator, so a row's draws depend on the batch). The first
 step runs the whole (padded) prompt batch and fills the cache; each later step feeds only the
 token just chosen (one position per row). A row stops after it emits the end-of-document id;
 the batch stops when every row has, or after `max_new_tokens`.
@@ -19,6 +20,8 @@ given `torch.Generator`, so a seed gives the same text every time. Logits of the
 padding are never candidates.
 """
 from __future__ import annotations
+
+import math
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,9 +52,9 @@ class Sampling:
         found = []
         if self.greedy:
             return found
-        if not self.temperature > 0:
-            found.append(f"temperature={self.temperature}: must be > 0; fix: e.g. 0.8, or greedy "
-                         f"decoding (--greedy) for the most likely token at each step")
+        if not 0 < self.temperature < math.inf:
+            found.append(f"temperature={self.temperature}: must be > 0 and finite; fix: e.g. 0.8, or "
+                         f"greedy decoding (--greedy) for the most likely token at each step")
         if self.top_k < 0:
             found.append(f"top_k={self.top_k}: must be >= 0 (0 keeps every token); fix: e.g. 40")
         if not 0 < self.top_p <= 1:
@@ -87,7 +90,11 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling,
     """The chosen token of each row, (b,) int64, from the logits of its last position (b, V)."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
+    # the row's largest logit subtracted first: a tiny temperature then sends the others to
+    # -inf (greedy in the limit) instead of every logit to +-inf and the softmax to NaN
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
+    logits = filter_logits(logits, sampling.top_k, sampling.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
@@ -199,5 +206,13 @@ class StreamDecoder:
         text = self.decode(self.ids)
         if text.endswith("\ufffd"):           # an incomplete UTF-8 sequence: wait for more bytes
             return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        """The text still held back when the stream ends (a character the last token left
+        incomplete, or a token that decodes to U+FFFD itself), so that everything shown equals
+        `decode(all tokens)`."""
+        text = self.decode(self.ids)
         piece, self.shown = text[self.shown:], len(text)
         return piece

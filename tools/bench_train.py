@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megagpt.config import load_config  # noqa: E402
+from megagpt.config import ConfigError, ConfigFileError, load_config  # noqa: E402
 from megagpt.estimate import GiB, estimate_memory  # noqa: E402
 from megagpt.hf import hf_config_dict, to_hf  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
@@ -146,10 +146,17 @@ def main() -> int:
                         help="after timing, profile one more step of ours and print where the time went")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "runs/bench"), "bench_train.json"))
     args, overrides = parser.parse_known_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and "
+                     f"{args.warmup}")
     overrides += ["--data.mock=true", "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
                   "--parallel.pipeline_parallel_size=1", "--parallel.virtual_pipeline_size=1",
                   "--parallel.zero_stage=0", "--parallel.sequence_parallel=false"]
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, ConfigFileError) as e:
+        print(f"{args.config}: {e}", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and cfg.training.precision != "fp32":
         cfg.training.precision = "fp32"

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megagpt.convert import ConversionError, load_source, single_process_model  # noqa: E402
 from megagpt.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
-from megagpt.generation import Sampling, StreamDecoder, generate, seeded  # noqa: E402
+from megagpt.generation import (Sampling, StreamDecoder, check_request, generate,  # noqa: E402
+                                seeded)
 from megagpt.training.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(args.tokenizer or source.tokenizer_path)
         model = single_process_model(source.model, source.full_state)
         prompts = [tokenizer.encode(text) for text in args.prompt]
+        check_request(prompts, args.max_new_tokens, source.model.vocab_size, source.model.seq_length)
         stream = StreamDecoder(tokenizer.decode) if len(prompts) == 1 else None
         if stream is not None:
             print(args.prompt[0], end="", flush=True)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         print(f"generate: error: {e}", file=sys.stderr)
         return 1
     if stream is not None:
-        print()
+        print(stream.flush())
         return 0
     for i, (text, new) in enumerate(zip(args.prompt, results)):
         new = [t for t in new if t != tokenizer.eod_id]

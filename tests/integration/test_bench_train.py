@@ -21,6 +21,20 @@ def test_bench_train_smoke(tmp_path):
     assert "megagpt step time / peer step time" in result.stdout
 
 
+def test_bad_input_is_a_message_not_a_traceback(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "tools/bench_train.py", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    result = run("--config", "configs/training/tiny_model.json", "--training.batch_sise=1")
+    assert result.returncode == 2 and "did you mean training.batch_size?" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run("--config", str(tmp_path / "nope.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = run("--config", "configs/training/tiny_model.json", "--steps", "0")
+    assert result.returncode == 2 and "--steps must be at least 1" in result.stderr
+
+
 def test_graph_pool_bytes_count_only_the_private_pools_free_blocks():
     sys.path.insert(0, str(ROOT / "tools"))
     try:

@@ -42,6 +42,10 @@ def test_auto_is_torch_on_a_plain_cpu(op, monkeypatch):
     with pytest.raises(RuntimeError, match=f"kernels.{op}=triton: the Triton kernels cannot run "
                                            "on cpu: they need a CUDA GPU, or TRITON_INTERPRET=1"):
         get_op(op, "triton", "cpu")
+    with pytest.raises(RuntimeError) as info:   # only the backends that run on a CPU are offered
+        get_op(op, "triton", "cpu")
+    offered = str(info.value).split("choose one of: ")[1].split(", ")
+    assert offered == [b for b in BACKENDS[op] if b not in ("triton", "flash_attn", "apex")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU without the interpreter")

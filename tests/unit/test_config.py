@@ -175,6 +175,23 @@ def test_validation_needs_batches_and_keep_last_zero_keeps_all():
         tiny_raw(), ["--checkpoint.keep_last=-1"])
 
 
+def test_fused_attention_with_dropout_is_refused_before_launch():
+    problems = problems_of(tiny_raw(), ["--model.dropout=0.1", "--kernels.attention=triton"])
+    assert any(p.startswith("kernels.attention=triton has no attention dropout but "
+                            "model.dropout=0.1; fix: model.dropout=0") for p in problems), problems
+    load_config(TINY, ["--model.dropout=0.1", "--kernels.attention=auto"], raw=tiny_raw())
+
+
+def test_a_config_file_override_is_read_not_just_recorded():
+    path = "configs/training/small_model.json"
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / path, ["--model.config_file=configs/models/gpt_base.json"])
+    assert "model.d_model=768 disagrees with configs/models/gpt_base.json which says 1024; fix: " \
+           "make them equal or drop the inline value" in info.value.problems
+    with pytest.raises(ConfigError, match="model.config_file=configs/models/nope.json: "):
+        load_config(ROOT / path, ["--model.config_file=configs/models/nope.json"])
+
+
 def test_tensor_parallel_must_divide_heads():
     problems = problems_of(tiny_raw(), ["--parallel.tensor_parallel_size=3", "--parallel.world_size=6",
                                         "--parallel.pipeline_parallel_size=1"])

@@ -161,6 +161,7 @@ def test_requests_the_model_cannot_serve_are_refused(model, prompts, max_new, me
 
 @pytest.mark.parametrize("sampling, message", [
     (Sampling(temperature=0.0), "temperature=0.0: must be > 0"),
+    (Sampling(temperature=float("inf")), "temperature=inf: must be > 0"),
     (Sampling(top_k=-1), "top_k=-1: must be >= 0"),
     (Sampling(top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
     (Sampling(top_p=1.5), r"top_p=1.5: must be in \(0, 1\]"),
@@ -169,6 +170,20 @@ def test_bad_sampling_settings_are_refused(model, sampling, message):
     with pytest.raises(ValueError, match=message):
         generate(model, [[1]], max_new_tokens=2, sampling=sampling)
     assert GREEDY.problems() == []
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=4)
+    assert generate(model, PROMPTS, max_new_tokens=4, sampling=Sampling(temperature=1e-40),
+                    generator=seeded(3)) == greedy
+
+
+def test_the_stream_decoder_flushes_what_it_held_back_at_the_end():
+    tokenizer = load_tokenizer("gpt2")
+    ids = tokenizer.encode("ab 🦜")[:-1]              # generation stopped inside the parrot
+    decoder = StreamDecoder(tokenizer.decode)
+    shown = "".join(decoder.push(t) for t in ids)
+    assert shown + decoder.flush() == tokenizer.decode(ids) and decoder.flush() == ""
 
 
 def test_the_stream_decoder_holds_back_split_characters():
