@@ -84,6 +84,7 @@ in every shipped config), the generators' states (kept on the host), and tensors
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -417,8 +418,8 @@ def parse_memory(text: str) -> float:
         value = float(number)
     except ValueError:
         raise ValueError(f"--gpu-memory={text!r}: not a size; write e.g. 80GB or 24GB") from None
-    if value <= 0:
-        raise ValueError(f"--gpu-memory={text!r}: must be positive, e.g. 80GB")
+    if not 0 < value < math.inf:
+        raise ValueError(f"--gpu-memory={text!r}: must be a positive, finite size, e.g. 80GB")
     return value * factor
 
 

@@ -67,8 +67,9 @@ def test_bad_gpu_memory_argument():
 def test_parse_memory():
     assert parse_memory("80GB") == parse_memory("80") == parse_memory("80GiB") == 80 * GiB
     assert parse_memory("512MB") == 0.5 * GiB
-    with pytest.raises(ValueError, match="must be positive"):
-        parse_memory("0GB")
+    for bad in ("0GB", "nan", "infGB", "-3"):
+        with pytest.raises(ValueError, match="must be a positive, finite size"):
+            parse_memory(bad)
 
 
 def test_stage_parameters_sum_to_the_total_plus_padding_and_the_output_copy():
