@@ -487,8 +487,11 @@ def report(cfg: Config, gpu_memory: float) -> tuple[list[str], list[str]]:
             for (rc, sp), v in est.activations_by_setting.items()),
     ]
     if not fits:
+        par = cfg.parallel
+        zero = (", parallel.zero_stage=1" if par.data_parallel_size > 1 and par.zero_stage == 0
+                else "")   # ZeRO-1 shards over data-parallel replicas: nothing to gain with one
         problems.append(f"memory: the estimate {_gb(est.total)} per GPU exceeds --gpu-memory "
                         f"{_gb(gpu_memory)}; fix: lower training.batch_size (raise "
-                        f"grad_accumulation_steps), set training.recompute=full, parallel.zero_stage=1, "
+                        f"grad_accumulation_steps), set training.recompute=full{zero}, "
                         f"or raise tensor/pipeline parallel sizes")
     return lines, problems

@@ -48,6 +48,10 @@ def test_not_fitting_exits_1_with_fixes():
     assert result.returncode == 1
     assert "does NOT fit" in result.stdout
     assert "exceeds --gpu-memory 2.00 GB; fix:" in result.stderr
+    assert "zero_stage" not in result.stderr          # one replica: ZeRO-1 would shard nothing
+    result = validate("--config", str(ROOT / "configs/training/base_model.json"), "--gpu-memory",
+                      "2GB", "--parallel.zero_stage=0")
+    assert "set training.recompute=full, parallel.zero_stage=1, or raise" in result.stderr
 
 
 def test_unreadable_or_bad_json_exits_2(tmp_path):
