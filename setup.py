@@ -10,7 +10,7 @@ from setuptools import find_packages, setup
 install_requires = [
     "torch>=2.4",
     "numpy",
-    "tokenizers>=0.15",
+    "tokenizers>=0.15.1",
     "tqdm",
     "tensorboard",
 ]

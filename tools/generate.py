@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         source = load_source(args.checkpoint, "--checkpoint")
         tokenizer = load_tokenizer(args.tokenizer or source.tokenizer_path)
         model = single_process_model(source.model, source.full_state)
-        prompts = [tokenizer.encode(text) for text in args.prompt]
+        prompts = [tokenizer.encode(text, allow_special=True) for text in args.prompt]
         check_request(prompts, args.max_new_tokens, source.model.vocab_size, source.model.seq_length)
         stream = StreamDecoder(tokenizer.decode) if len(prompts) == 1 else None
         if stream is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +38,12 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """A loaded tokenizer: raw token ids in and out, no special tokens added by encoding.
 
+    Text is text: a special token's string inside a document (a literal `<|endoftext|>` in web
+    text, or in a fine-tuning answer) is encoded as its characters, as GPT-2's own encoder and
+    Megatron's tokenizer do, never as the special id; end-of-document ids are added by the data
+    pipeline only. `encode(text, allow_special=True)` (prompts typed by a user) reads the
+    tokenizer's special strings as their ids.
+
     Args:
         backend: the `tokenizers.Tokenizer` doing the work.
         source: where it was loaded from (shown in messages).
@@ -44,8 +51,14 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer, source: str):
         self.backend = backend
+        self.backend.encode_special_tokens = True
         self.source = source
         self.eod_id = _find_eod(backend, source)
+        self._special_ids = {t.content: i for i, t in backend.get_added_tokens_decoder().items()
+                             if t.special}
+        self._special_split = re.compile(
+            "(" + "|".join(re.escape(s) for s in sorted(self._special_ids, key=len, reverse=True)) + ")"
+        ) if self._special_ids else None
         # encode_batch_fast (tokenizers >= 0.21) skips the offset bookkeeping we never use.
         self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
@@ -54,9 +67,23 @@ class Tokenizer:
         """Number of ids, added tokens included (GPT-2: 50257)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def __reduce__(self):
+        # A pickled `tokenizers.Tokenizer` forgets `encode_special_tokens`: rebuild through
+        # __init__, which sets it again.
+        return Tokenizer, (self.backend, self.source)
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`; with `allow_special`, the special tokens' strings in it become
+        their ids (`"<|endoftext|>"` -> the end-of-document id) instead of characters."""
+        if not allow_special or self._special_split is None:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        ids = []
+        for piece in self._special_split.split(text):
+            if piece in self._special_ids:
+                ids.append(self._special_ids[piece])
+            elif piece:
+                ids += self.backend.encode(piece, add_special_tokens=False).ids
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text; the `tokenizers` library may use several threads."""

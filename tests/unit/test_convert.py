@@ -416,6 +416,12 @@ def test_generate_tool_refuses_bad_settings(ours, capsys, args, status, message)
     assert message in capsys.readouterr().err
 
 
+def test_generate_tool_reads_a_special_string_in_a_prompt_as_its_id(ours, capsys):
+    argv = ["--checkpoint", str(ours / "tp1pp1"), "--prompt", "<|endoftext|>", "--max-new-tokens", "20"]
+    assert tool("generate").main(argv) == 1
+    assert "the longest prompt has 1 tokens" in capsys.readouterr().err
+
+
 def test_generate_tool_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert tool("generate").main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     assert f"generate: error: --checkpoint {tmp_path / 'nope'} does not exist" in capsys.readouterr().err

@@ -50,6 +50,15 @@ def test_writes_megatron_named_pair_with_eod(tmp_path, gpt2):
     assert "documents: 40" in summary.format() and "skipped 0 lines" in summary.format()
 
 
+def test_a_literal_end_of_document_string_is_text(tmp_path, gpt2):
+    # Web text quoting "<|endoftext|>" must not split its document: only --append-eod adds the id.
+    src = write_lines(tmp_path / "in.jsonl", [{"text": "before <|endoftext|> after"}])
+    preprocess_jsonl(src, tmp_path / "c", append_eod=True, workers=2, progress=False)
+    ids = IndexedDataset(tmp_path / "c_text_document")[0].tolist()
+    assert ids.count(gpt2.eod_id) == 1 and ids[-1] == gpt2.eod_id
+    assert gpt2.decode(ids) == "before <|endoftext|> after<|endoftext|>"
+
+
 def test_output_identical_for_any_worker_count_and_gzip(tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS] + [b"{bad"])
     gz = tmp_path / "in.jsonl.gz"

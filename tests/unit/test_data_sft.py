@@ -42,6 +42,12 @@ def test_template_and_mask_cover_only_responses(tok):
     assert pair == [("user", "Q?"), ("assistant", "A.")]
 
 
+def test_a_literal_end_of_document_string_in_an_answer_is_not_a_stop(tok):
+    turns, _ = example_turns({"prompt": "What ends a GPT-2 document?", "response": "<|endoftext|>"})
+    ex = tokenize_examples([turns], tok)
+    assert ex.tokens.tolist().count(tok.eod_id) == 1 and ex.tokens[-1] == tok.eod_id
+
+
 @pytest.mark.parametrize("obj, reason", [
     ({"text": "x"}, "neither prompt/response nor messages"),
     ({"prompt": "q", "response": 3}, "non-string value for 'prompt' or 'response'"),

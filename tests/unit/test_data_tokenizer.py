@@ -1,6 +1,7 @@
 """Tokenizer loading (bundled GPT-2, tokenizer.json, vocab/merges folder), errors, and training."""
 import json
 import os
+import pickle
 import runpy
 import shutil
 from pathlib import Path
@@ -36,7 +37,27 @@ def test_interface_round_trip(gpt2):
 def test_matches_hugging_face_gpt2(gpt2):
     transformers = pytest.importorskip("transformers")
     hf = transformers.GPT2TokenizerFast(str(GPT2_DIR / "vocab.json"), str(GPT2_DIR / "merges.txt"))
-    assert gpt2.encode(TRICKY) == hf.encode(TRICKY)
+    # Hugging Face reads the special string as its id; so does allow_special, and text without
+    # it is the same either way.
+    assert gpt2.encode(TRICKY, allow_special=True) == hf.encode(TRICKY)
+    plain = TRICKY.replace("<|endoftext|>", "eot")
+    assert gpt2.encode(plain) == gpt2.encode(plain, allow_special=True) == hf.encode(plain)
+
+
+def test_special_strings_in_text_are_text(gpt2):
+    # As GPT-2's own encoder and Megatron's: a document cannot smuggle in a document boundary.
+    assert gpt2.encode("a<|endoftext|>b") == [64, 27, 91, 437, 1659, 5239, 91, 29, 65]
+    assert gpt2.encode_batch(["a<|endoftext|>b"]) == [gpt2.encode("a<|endoftext|>b")]
+    assert gpt2.eod_id not in gpt2.encode(TRICKY)
+    assert gpt2.decode(gpt2.encode(TRICKY)) == TRICKY
+    assert gpt2.encode("<|endoftext|>x<|endoftext|>", allow_special=True) == [
+        gpt2.eod_id, 87, gpt2.eod_id]
+
+
+def test_pickled_tokenizer_keeps_text_as_text(gpt2):
+    clone = pickle.loads(pickle.dumps(gpt2))
+    assert clone.encode("a<|endoftext|>b") == gpt2.encode("a<|endoftext|>b")
+    assert clone.eod_id == gpt2.eod_id and clone.source == gpt2.source
 
 
 def test_loads_folder_and_tokenizer_json(tmp_path, gpt2):
