@@ -199,17 +199,23 @@ class GPTDataset(torch.utils.data.Dataset):
         seed: shuffle seed.
         cache_dir: where the index arrays are cached (None: next to the data).
         name: split name, part of the cache file names.
+        vocab_size: when given, a sample holding an id >= vocab_size is refused when read (data
+            tokenized with a larger vocabulary than the model's: one process would fail on an
+            index error or a device assert, a vocab-parallel embedding would read zeros).
     `ds[i]` is `{"tokens", "labels", "loss_mask"}`, each (seq_length,).
     """
 
     def __init__(self, indexed: IndexedDataset, documents: np.ndarray, seq_length: int,
-                 num_samples: int | None, seed: int, cache_dir=None, name: str = "train"):
+                 num_samples: int | None, seed: int, cache_dir=None, name: str = "train",
+                 vocab_size: int | None = None):
         if seq_length < 1:
             raise DatasetBuildError(f"model.seq_length={seq_length} must be positive")
         if len(documents) == 0:
             raise DatasetBuildError(f"{name} split of {indexed.prefix!r}: no documents given")
         self.indexed = indexed
         self.seq_length = seq_length
+        self.vocab_size = vocab_size
+        self.name = name
         self.doc_idx, self.sample_idx, self.shuffle_idx = cached_sample_index(
             indexed, np.asarray(documents), seq_length, num_samples, seed, cache_dir, name)
 
@@ -221,7 +227,14 @@ class GPTDataset(torch.utils.data.Dataset):
         return gather_sample(self.indexed.get, self.doc_idx, self.sample_idx, int(self.shuffle_idx[i]))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return make_item(self.tokens(i))
+        tokens = self.tokens(i)
+        if self.vocab_size is not None and len(tokens) and int(tokens.max()) >= self.vocab_size:
+            raise DatasetBuildError(
+                f"{self.name} sample {i} of {self.indexed.prefix!r} holds token id "
+                f"{int(tokens.max())}, but model.vocab_size={self.vocab_size}: the data was "
+                f"tokenized with a larger vocabulary than the model's; fix: preprocess it with "
+                f"data.tokenizer_path's tokenizer, or set model.vocab_size above that id")
+        return make_item(tokens)
 
 
 def _open(prefix: str, opened: dict) -> IndexedDataset:
@@ -232,7 +245,7 @@ def _open(prefix: str, opened: dict) -> IndexedDataset:
 
 def _build_split(blend: list[tuple[float | None, str]], part: int | None, split: str,
                  seq_length: int, num_samples: int, seed: int, cache_dir, name: str,
-                 opened: dict) -> torch.utils.data.Dataset | None:
+                 opened: dict, vocab_size: int | None) -> torch.utils.data.Dataset | None:
     """One split's dataset (blended when several prefixes), or None when it needs no sample."""
     if not num_samples or not blend:
         return None
@@ -250,18 +263,20 @@ def _build_split(blend: list[tuple[float | None, str]], part: int | None, split:
         parts.append((weight, ds, documents))
     if len(parts) == 1:
         _, ds, documents = parts[0]
-        return GPTDataset(ds, documents, seq_length, num_samples, seed, cache_dir, name)
+        return GPTDataset(ds, documents, seq_length, num_samples, seed, cache_dir, name, vocab_size)
     weights = [w for w, _, _ in parts]
     dataset_index, sample_index = blending_indices(weights, num_samples)
     needed = np.bincount(dataset_index, minlength=len(parts))
-    datasets = [GPTDataset(ds, documents, seq_length, max(int(n), 1), seed + i, cache_dir, name)
+    datasets = [GPTDataset(ds, documents, seq_length, max(int(n), 1), seed + i, cache_dir, name,
+                           vocab_size)
                 for i, ((_, ds, documents), n) in enumerate(zip(parts, needed))]
     return BlendedDataset(datasets, weights, dataset_index, sample_index)
 
 
 def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
                        split: str = "969,30,1", seq_length: int, num_samples: tuple[int, int, int],
-                       seed: int = 1234, cache_dir: str | os.PathLike | None = None):
+                       seed: int = 1234, cache_dir: str | os.PathLike | None = None,
+                       vocab_size: int | None = None):
     """Train, validation and test datasets for pretraining (each None when it needs no sample).
 
     Args:
@@ -277,6 +292,7 @@ def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
             train; a zero gives None for that split.
         seed: `training.seed`; same seed, same sample order.
         cache_dir: `data.cache_dir`; None caches the index arrays next to each dataset.
+        vocab_size: `model.vocab_size`; a sample holding a larger id is refused when read.
     Returns:
         (train, valid, test): datasets whose items are dicts of `tokens` and `labels` (int64) and
         `loss_mask` (float32, all ones), each (seq_length,); len() >= the requested samples.
@@ -293,7 +309,8 @@ def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
     if not valid:
         parse_split(split)
     opened: dict[str, IndexedDataset] = {}
-    common = dict(split=split, seq_length=seq_length, seed=seed, cache_dir=cache_dir, opened=opened)
+    common = dict(split=split, seq_length=seq_length, seed=seed, cache_dir=cache_dir, opened=opened,
+                  vocab_size=vocab_size)
     carve = not valid
     train_ds = _build_split(train, 0 if carve else None, num_samples=num_samples[0], name="train", **common)
     valid_ds = _build_split(valid or train, 1 if carve else None, num_samples=num_samples[1],

@@ -262,6 +262,23 @@ def test_blended_builder_realises_the_weights(tmp_path):
     assert np.allclose(unweighted.weights, [0.5, 0.5])  # equal token counts
 
 
+def test_ids_beyond_the_model_vocabulary_are_refused_when_read(tmp_path):
+    # Tokenized with a 300-id vocabulary, trained with 256: refused by name, on every path to it.
+    low = write_documents(tmp_path / "low", [np.arange(40) % 256] * 4).prefix
+    high = write_documents(tmp_path / "high", [np.arange(40) % 256] * 3 + [np.full(40, 299)]).prefix
+    common = dict(split="1,0,0", seq_length=8, num_samples=(20, 0, 0), cache_dir=tmp_path / "k",
+                  vocab_size=256)
+    train, _, _ = build_gpt_datasets(low, **common)
+    assert all(int(train[i]["tokens"].max()) < 256 for i in range(len(train)))
+    for path in (high, [low, high]):
+        train, _, _ = build_gpt_datasets(path, **common)
+        with pytest.raises(DatasetBuildError, match=r"train sample \d+ of '.*high' holds token id "
+                           r"299, but model.vocab_size=256: .*fix: preprocess it with"):
+            [train[i] for i in range(len(train))]
+    unchecked, _, _ = build_gpt_datasets(high, **{**common, "vocab_size": None})
+    assert max(int(unchecked[i]["labels"].max()) for i in range(len(unchecked))) == 299
+
+
 def test_mock_dataset_is_deterministic_and_shaped():
     ds = MockGPTDataset(10, seq_length=12, vocab_size=50, seed=4)
     item = ds[3]
