@@ -350,6 +350,9 @@ def _coerce(where: str, value: Any, tp, problems: list[str]) -> Any:
             return None
         return _build(sub, value, where, problems)
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):   # JSON readers accept NaN and Infinity
+            problems.append(f"{where}={_show(value)}: must be a finite number")
+            return None
         return float(value)
     if base is list and isinstance(value, str):
         return [value]
@@ -573,6 +576,28 @@ def _check_blend(where: str, paths: list, problems: list[str]) -> None:
                             f"weight followed by a path prefix")
 
 
+def _check_attention_backend(cfg: Config, head_dim: int, p: list[str]) -> None:
+    """What the fused attention backends cannot run: Triton's head sizes, flash-attn's head sizes
+    and float32 (`auto` falls back to SDPA by itself)."""
+    m, backend = cfg.model, cfg.kernels.attention
+    if backend == "triton":
+        from megagpt.kernels.flash_attention import SUPPORTED_HEAD_DIMS
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            p.append(f"kernels.attention=triton: the head size model.d_model / model.n_heads = "
+                     f"{m.d_model} / {m.n_heads} = {head_dim} is not one the kernel supports "
+                     f"({', '.join(map(str, SUPPORTED_HEAD_DIMS))}); fix: kernels.attention=auto "
+                     f"(SDPA for this size) or sdpa, or n_heads = d_model / 64")
+    elif backend == "flash_attn":
+        if head_dim > 256 or head_dim % 8:
+            p.append(f"kernels.attention=flash_attn: the head size model.d_model / model.n_heads "
+                     f"= {head_dim} must be a multiple of 8 and at most 256 for flash-attn; fix: "
+                     f"kernels.attention=sdpa, or another n_heads")
+        if cfg.training.precision == "fp32":
+            p.append("kernels.attention=flash_attn: flash-attn runs float16/bfloat16 only, but "
+                     "training.precision=fp32; fix: training.precision=bf16, or "
+                     "kernels.attention=auto or sdpa")
+
+
 def validate(cfg: Config) -> list[str]:
     """Every cross-field rule; returns the problems (empty when the config is valid)."""
     p: list[str] = []
@@ -631,6 +656,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"kernels.attention={cfg.kernels.attention} has no attention dropout but "
                  f"model.dropout={m.dropout}; fix: model.dropout=0 (usual for pretraining), or "
                  f"kernels.attention=auto, sdpa or eager")
+    if ok and m.d_model % m.n_heads == 0:
+        _check_attention_backend(cfg, m.d_model // m.n_heads, p)
     for where, beta in [("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)]:
         if known(beta) and not 0.0 <= beta < 1.0:
             p.append(f"{where}={beta}: must be in [0, 1); fix: 0.9 and 0.95 are usual")

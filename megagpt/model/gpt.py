@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from megagpt.config import Config, KernelsConfig, ModelConfig
 from megagpt.kernels import flash_attention_qkvpacked
 from megagpt.kernels.dispatch import get_op, resolve_backend
+from megagpt.kernels.flash_attention import SUPPORTED_HEAD_DIMS
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megagpt.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                      VocabParallelEmbedding, group_rank, group_size)
@@ -63,10 +64,10 @@ def stage_spec(n_layers: int, pp_rank: int, pp_size: int, vp_chunk: int = 0, vp_
 class Ops:
     """The kernel functions this model calls, resolved once from the `kernels` config for a device."""
 
-    def __init__(self, kernels: KernelsConfig, device, dropout: float):
+    def __init__(self, kernels: KernelsConfig, device, dropout: float, head_dim: int):
         attention = kernels.attention
-        if attention == "auto" and dropout > 0:
-            attention = "sdpa"          # the fused kernels have no attention dropout
+        if attention == "auto" and (dropout > 0 or head_dim not in SUPPORTED_HEAD_DIMS):
+            attention = "sdpa"          # no attention dropout, and three head sizes, in the kernel
         if dropout > 0 and resolve_backend("attention", attention, device) in ("triton", "flash_attn"):
             raise ValueError(f"kernels.attention={kernels.attention} has no attention dropout but "
                              f"model.dropout={dropout}; set model.dropout=0 (usual for pretraining) "
@@ -281,7 +282,7 @@ class GPTStage(nn.Module):
         self.cfg, self.spec, self.tp_group = model, spec, tp_group
         self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
         self.recompute = recompute
-        ops = Ops(kernels, device, model.dropout)
+        ops = Ops(kernels, device, model.dropout, model.d_model // model.n_heads)
         self.ops = ops
         if spec.pre_process:
             self.embedding = Embedding(model, tp_group, self.sequence_parallel)

@@ -182,6 +182,31 @@ def test_fused_attention_with_dropout_is_refused_before_launch():
     load_config(TINY, ["--model.dropout=0.1", "--kernels.attention=auto"], raw=tiny_raw())
 
 
+def test_fused_attention_head_sizes_and_precision_are_checked_before_launch():
+    # tiny: d_model 128; 8 heads give head size 16, which the Triton kernel does not have.
+    problems = problems_of(tiny_raw(), ["--model.dropout=0", "--model.n_heads=8",
+                                        "--kernels.attention=triton"])
+    assert any(p.startswith("kernels.attention=triton: the head size model.d_model / model.n_heads "
+                            "= 128 / 8 = 16 is not one the kernel supports (32, 64, 128); fix: "
+                            "kernels.attention=auto") for p in problems), problems
+    load_config(TINY, ["--model.dropout=0", "--model.n_heads=8", "--kernels.attention=auto"],
+                raw=tiny_raw())
+    problems = problems_of(tiny_raw(), ["--model.dropout=0", "--model.d_model=120", "--model.n_heads=2",
+                                        "--kernels.attention=flash_attn", "--training.precision=fp32"])
+    assert any(p.startswith("kernels.attention=flash_attn: the head size model.d_model / "
+                            "model.n_heads = 60 must be a multiple of 8") for p in problems), problems
+    assert any(p.startswith("kernels.attention=flash_attn: flash-attn runs float16/bfloat16 only, "
+                            "but training.precision=fp32; fix:") for p in problems), problems
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_numbers_must_be_finite(value):
+    fields = ["training.learning_rate", "training.grad_clip", "model.init_std", "model.layernorm_eps"]
+    problems = problems_of(tiny_raw(), [f"--{f}={value}" for f in fields])
+    for field in fields:
+        assert f"{field}={value}: must be a finite number" in problems, problems
+
+
 def test_a_config_file_override_is_read_not_just_recorded():
     path = "configs/training/small_model.json"
     with pytest.raises(ConfigError) as info:

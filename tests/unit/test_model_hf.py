@@ -133,10 +133,22 @@ def test_input_longer_than_the_context_is_refused_by_name():
         stage(torch.zeros(2, 9, dtype=torch.long))
 
 
-def test_auto_attention_with_dropout_uses_sdpa():
-    m = small_model_config(dropout=0.1)
+@pytest.mark.parametrize("dropout, n_heads, expected", [
+    (0.0, 2, "triton"),     # head size 32
+    (0.1, 2, "sdpa"),       # no attention dropout in the kernel
+    (0.0, 4, "sdpa"),       # head size 16: not one of the kernel's
+    (0.0, 8, "sdpa")])      # head size 8
+def test_auto_attention_falls_back_to_sdpa_where_the_kernel_cannot_run(monkeypatch, dropout, n_heads, expected):
+    import megagpt.model.gpt as gpt
+    real = gpt.resolve_backend     # as on a GPU: auto means triton (its functions are not called here)
+
+    def as_on_a_gpu(op, choice, device):
+        return "triton" if (op, choice) == ("attention", "auto") else real(op, choice, device)
+    monkeypatch.setattr(gpt, "resolve_backend", as_on_a_gpu)
+    monkeypatch.setattr(gpt, "get_op", lambda op, choice, device: object())
+    m = small_model_config(dropout=dropout, n_heads=n_heads)
     stage = GPTStage(m, KernelsConfig(attention="auto", **TORCH_KERNELS), StageSpec(0, 1, True, True))
-    assert stage.ops.attention_backend == "sdpa"
+    assert stage.ops.attention_backend == expected
 
 
 def test_fused_attention_with_dropout_is_refused(monkeypatch):
