@@ -74,8 +74,10 @@ def seeded(seed: int) -> torch.Generator:
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Logits (b, V) with every token outside the top-k and top-p sets set to -inf."""
     if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]                     # (b, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # by index, not by value: tokens tied with the k-th would otherwise all stay
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(
+            -1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)         # (b, V) each
         probs = sorted_logits.softmax(dim=-1)
@@ -94,8 +96,13 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling,
     # -inf (greedy in the limit) instead of every logit to +-inf and the softmax to NaN
     logits = logits.float()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
-    logits = filter_logits(logits, sampling.top_k, sampling.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = filter_logits(logits, sampling.top_k, sampling.top_p).softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # drawn where the generator lives (a CPU one for a GPU model: the same seed, the
+        # same tokens on either device)
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(
+            probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int,
@@ -114,11 +121,17 @@ def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int
                              f"{vocab_size} (model.vocab_size); fix: use the tokenizer the model "
                              f"was trained with (--tokenizer)")
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > seq_length:
+    if longest > seq_length:
+        raise ValueError(f"the longest prompt has {longest} tokens, more than the model's context "
+                         f"of {seq_length} (model.seq_length); fix: shorten it to at most "
+                         f"{seq_length} tokens")
+    # the last new token is chosen, never read: the model reads longest + max_new_tokens - 1
+    if longest + max_new_tokens - 1 > seq_length:
         raise ValueError(f"the longest prompt has {longest} tokens; with max_new_tokens="
-                         f"{max_new_tokens} that is {longest + max_new_tokens} positions, more than "
-                         f"the model's context of {seq_length} (model.seq_length); fix: set "
-                         f"max_new_tokens <= {max(seq_length - longest, 0)} or shorten the prompt")
+                         f"{max_new_tokens} the model reads {longest + max_new_tokens - 1} "
+                         f"positions, more than its context of {seq_length} (model.seq_length); "
+                         f"fix: set max_new_tokens <= {seq_length - longest + 1} or shorten the "
+                         f"prompt")
 
 
 @torch.no_grad()
@@ -131,12 +144,14 @@ def generate(model: GPTStage, prompts: list[list[int]], *, max_new_tokens: int,
     Args:
         model: a whole single-process model (`GPTStage` holding every layer, tp = pp = 1).
         prompts: token ids of each prompt, of any lengths (left-padded into one batch).
-        max_new_tokens: tokens generated per row at most; the longest prompt plus this must fit
-            the model's context (`model.seq_length`).
+        max_new_tokens: tokens generated per row at most; the longest prompt plus this, less
+            one (the last new token is never read), must fit the model's context
+            (`model.seq_length`).
         eod_id: the end-of-document id; a row stops after emitting it (it ends that row's
             result). None: rows run to max_new_tokens.
         sampling: greedy or temperature / top-k / top-p (`Sampling`).
-        generator: the random generator for sampling (`seeded(seed)`).
+        generator: the random generator for sampling (`seeded(seed)`); a CPU generator serves
+            a model on any device.
         use_cache: keep keys and values between steps (one position per step); False runs the
             whole sequence again at every step (the reference the cache is tested against).
         on_token: called as on_token(row, token_id) for each new token of each running row,
@@ -147,7 +162,17 @@ def generate(model: GPTStage, prompts: list[list[int]], *, max_new_tokens: int,
         raise ValueError("; ".join(problems))
     m = model.cfg
     check_request(prompts, max_new_tokens, m.vocab_size, m.seq_length)
+    was_training = model.training
     model.eval()
+    try:
+        return _generate(model, prompts, max_new_tokens, eod_id, sampling, generator, use_cache,
+                         on_token)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, max_new_tokens, eod_id, sampling, generator, use_cache, on_token):
+    m = model.cfg
     device = model.word_embedding_weight().device
     rows, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens

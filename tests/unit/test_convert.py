@@ -401,8 +401,8 @@ def test_generate_tool_streams_one_prompt_and_prints_a_batch(tmp_path, ours, cap
                                       "with --top-k"),
     (["--temperature", "0"], 2, "temperature=0.0: must be > 0"),
     (["--max-new-tokens", "20"], 1, "generate: error: the longest prompt has 3 tokens; with "
-                                    "max_new_tokens=20 that is 23 positions, more than the model's "
-                                    "context of 16 (model.seq_length); fix: set max_new_tokens <= 13"),
+                                    "max_new_tokens=20 the model reads 22 positions, more than its "
+                                    "context of 16 (model.seq_length); fix: set max_new_tokens <= 14"),
 ])
 def test_generate_tool_refuses_bad_settings(ours, capsys, args, status, message):
     main = tool("generate").main

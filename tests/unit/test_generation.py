@@ -119,6 +119,13 @@ def test_top_k_one_and_a_tiny_top_p_are_greedy(model):
                         generator=seeded(5)) == greedy, sampling
 
 
+def test_top_k_keeps_k_tokens_even_when_logits_tie():
+    logits = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 2.0, 2.0, 2.0]])
+    kept = filter_logits(logits, top_k=1).isfinite()
+    assert kept.sum(-1).tolist() == [1, 1]
+    assert filter_logits(logits, top_k=2).isfinite().sum(-1).tolist() == [2, 2]
+
+
 def test_filter_logits_keeps_the_top_k_and_the_top_p_sets():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()       # probabilities, unsorted
     kept = lambda out: set(torch.isfinite(out[0]).nonzero().flatten().tolist())  # noqa: E731
@@ -149,14 +156,30 @@ def test_padding_logits_are_never_chosen(model):
     ([], 4, "no prompts given"),
     ([[1, 2], []], 4, "prompt 1 is empty"),
     ([[1, 1001]], 4, "prompt 0 has token id 1001, outside the model's vocabulary of 1001"),
-    ([[1] * 30], 4, "the longest prompt has 30 tokens; with max_new_tokens=4 that is 34 "
-                    "positions, more than the model's context of 32 (model.seq_length); fix: set "
-                    "max_new_tokens <= 2"),
+    ([[1] * 30], 4, "the longest prompt has 30 tokens; with max_new_tokens=4 the model reads 33 "
+                    "positions, more than its context of 32 (model.seq_length); fix: set "
+                    "max_new_tokens <= 3"),
+    ([[1] * 33], 1, "the longest prompt has 33 tokens, more than the model's context of 32 "
+                    "(model.seq_length); fix: shorten it to at most 32 tokens"),
     ([[1]], 0, "max_new_tokens=0: must be an integer >= 1"),
 ])
 def test_requests_the_model_cannot_serve_are_refused(model, prompts, max_new, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         generate(model, prompts, max_new_tokens=max_new)
+
+
+def test_the_whole_context_is_usable_and_the_model_keeps_its_mode(model):
+    # The last new token is chosen, never read: a full-context prompt still gets one token,
+    # and 30 + 3 tokens read 32 positions.
+    full = [list(range(1, 33))]
+    assert len(generate(model, full, max_new_tokens=1)[0]) == 1
+    model.train()
+    try:
+        assert generate(model, [[1] * 30], max_new_tokens=3, use_cache=False) == generate(
+            model, [[1] * 30], max_new_tokens=3)
+        assert model.training   # generating mid-training leaves dropout on
+    finally:
+        model.eval()
 
 
 @pytest.mark.parametrize("sampling, message", [
