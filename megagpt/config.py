@@ -444,8 +444,15 @@ def _merge_file(raw_section: dict, from_file: dict, section: str, file_field: st
                 problems: list[str]) -> dict:
     """Values from a referenced file, with inline values required to agree."""
     merged = dict(from_file)
+
+    def same(key, a, b) -> bool:
+        if key == "ffn_hidden_size":   # null means 4 x d_model (GPT-2's n_inner: null)
+            width = raw_section.get("d_model", from_file.get("d_model"))
+            a, b = (4 * width if v is None and isinstance(width, int) else v for v in (a, b))
+        return a == b
+
     for key, value in raw_section.items():
-        if key in from_file and from_file[key] != value and key != file_field:
+        if key in from_file and not same(key, from_file[key], value) and key != file_field:
             problems.append(f"{section}.{key}={_show(value)} disagrees with "
                             f"{raw_section[file_field]} which says {_show(from_file[key])}; "
                             f"fix: make them equal or drop the inline value")

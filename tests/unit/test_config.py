@@ -271,6 +271,15 @@ def test_inline_values_must_agree_with_the_architecture_file():
             "them equal or drop the inline value") in problems
 
 
+def test_an_inline_ffn_size_agrees_with_the_files_null_that_means_four_widths():
+    raw = tiny_raw()   # gpt_tiny.json: n_inner null, n_embd 128
+    raw["model"]["ffn_hidden_size"] = 512
+    assert load_config(TINY, raw=raw).model.ffn_hidden_size == 512
+    raw["model"]["ffn_hidden_size"] = 256
+    assert ("model.ffn_hidden_size=256 disagrees with configs/models/gpt_tiny.json which says "
+            "null; fix: make them equal or drop the inline value") in problems_of(raw)
+
+
 def test_overrides_replace_values_from_the_referenced_files():
     cfg = load_config(TINY, ["--model.n_layers=8", "--data.split=1,1,0"])
     assert cfg.model.n_layers == 8 and cfg.data.split == "1,1,0"
