@@ -18,6 +18,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(f) -> None:
+    """Flush an open file's buffers and then its data to disk."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def _umask() -> int:
     """The process's umask (read by setting it and back: os has no getter)."""
     mask = os.umask(0o022)
@@ -28,15 +43,18 @@ def _umask() -> int:
 @contextmanager
 def write_file_atomically(dest: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Yield a file object open (``mode``) on a new temporary file beside `dest`; when the block
-    ends normally, rename it to `dest` in one step (replacing a file there), with the mode a
-    plain ``open`` would give it. If the block raises, the temporary file is removed."""
+    ends normally, flush it to disk and rename it to `dest` in one step (replacing a file there),
+    with the mode a plain ``open`` would give it, so that a crash leaves the old file or the new
+    one, never an empty one. If the block raises, the temporary file is removed."""
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+            fsync_file(f)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

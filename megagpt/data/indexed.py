@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megagpt.fsutil import fsync_dir, fsync_file
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = 34  # 9 magic + 8 version + 1 dtype + 8 sequences + 8 documents
@@ -248,7 +250,9 @@ class IndexedDatasetWriter:
         self.commit()
 
     def write_index(self) -> None:
-        """Close the data and write the index, both still under their temporary names."""
+        """Close the data and write the index, both still under their temporary names and
+        flushed to disk (so that the rename of `commit` never publishes an empty file)."""
+        fsync_file(self._bin)
         for f in self._files:
             f.close()
         with open(self._tmp_idx, "wb") as out:
@@ -266,11 +270,13 @@ class IndexedDatasetWriter:
             del sizes
             with open(self._tmp_docs, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 24)
+            fsync_file(out)
 
     def commit(self) -> None:
         """Rename the files `write_index` finished into place (replacing a dataset there)."""
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(self._tmp_idx, idx_path(self.prefix))
+        fsync_dir(idx_path(self.prefix).parent)
         for p in (self._tmp_sizes, self._tmp_docs):
             p.unlink()
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 import megagpt
+from megagpt.fsutil import fsync_dir, fsync_file
 from megagpt.parallel.state import RankLayout
 
 LATEST_FILE = "latest"
@@ -96,30 +97,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        fsync_file(f)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_hashed(path: Path, obj) -> None:
     """torch.save `obj` to `path`, flush it to disk, and write its SHA-256 to `path.sha256`."""
     with open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+        fsync_file(f)
     path.with_name(path.name + HASH_SUFFIX).write_text(sha256_file(path), encoding="utf-8")
 
 
@@ -280,7 +271,7 @@ def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayo
     if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
         final.rename(save_dir / f"{final.name}.replaced.tmp")
     tmp.rename(final)
-    _fsync_dir(save_dir)
+    fsync_dir(save_dir)
     _write_atomic_text(save_dir / LATEST_FILE, final.name + "\n")
     for stale in save_dir.glob("*.tmp"):
         if stale.is_dir():

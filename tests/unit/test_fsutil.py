@@ -1,0 +1,53 @@
+"""Atomic writes: the data reaches the disk before the rename publishes it."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megagpt import fsutil
+from megagpt.data.indexed import IndexedDataset, IndexedDatasetWriter
+
+
+@pytest.fixture()
+def disk_log(monkeypatch):
+    """Every fsync (by the path it flushed) and every rename, in order."""
+    log = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        log.append(("rename", str(src), str(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return log
+
+
+def test_write_file_atomically_flushes_before_and_after_the_rename(tmp_path, disk_log):
+    dest = tmp_path / "cache.npy"
+    with fsutil.write_file_atomically(dest) as f:
+        f.write(b"x" * 1000)
+    (rename,) = [e for e in disk_log if e[0] == "rename"]
+    tmp = rename[1]
+    assert disk_log == [("fsync", tmp), rename, ("fsync", str(tmp_path))]
+    assert dest.read_bytes() == b"x" * 1000
+
+
+def test_a_dataset_is_on_disk_before_it_is_renamed_into_place(tmp_path, disk_log):
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        w.add_document([1, 2, 3])
+        w.finalize()
+    renames = [i for i, e in enumerate(disk_log) if e[0] == "rename"]
+    synced = {e[1] for e in disk_log[:renames[0]] if e[0] == "fsync"}
+    assert {disk_log[i][1] for i in renames} <= synced          # both files flushed first
+    assert disk_log[-1] == ("fsync", str(tmp_path))             # and the renames themselves
+    assert IndexedDataset(tmp_path / "d")[0].tolist() == [1, 2, 3]
+
+
+def test_fsync_dir_flushes_a_folder(tmp_path, disk_log):
+    fsutil.fsync_dir(tmp_path)
+    assert disk_log == [("fsync", str(Path(tmp_path)))]
