@@ -10,6 +10,7 @@ creator only. Both helpers give the result the mode a plain `open` or `mkdir` wo
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import tempfile
@@ -31,6 +32,19 @@ def fsync_file(f) -> None:
     """Flush an open file's buffers and then its data to disk."""
     f.flush()
     os.fsync(f.fileno())
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths (folders included) in one atomic step, with Linux's
+    renameat2(RENAME_EXCHANGE); False where the system or file system cannot (nothing changed)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
 
 
 def _umask() -> int:

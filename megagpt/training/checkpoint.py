@@ -17,7 +17,9 @@ A checkpoint is one folder, `<save_dir>/step_<NNNNNNN>/` (the step zero-padded t
 
 Saving is atomic. Every rank writes its files into `step_<N>.tmp/` and records each file's hash
 beside it; after a barrier, rank 0 checks that every expected file is there, writes meta.json,
-renames the folder to `step_<N>/` (the atomic step), replaces `<save_dir>/latest` (a one-line
+renames the folder to `step_<N>/` (the atomic step; a `step_<N>/` saved before, by a run
+that resumed from an earlier step, is swapped with the new one in one renameat2 exchange on
+Linux, so that the step is never missing), replaces `<save_dir>/latest` (a one-line
 file naming the folder) with write-then-`os.replace`, removes stale `*.tmp` folders and prunes the
 earlier steps to `keep_last` complete checkpoints (later steps, left by a run this one resumed
 before, are kept); a last barrier lets every rank continue. A process killed at any
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 
 import megagpt
-from megagpt.fsutil import fsync_dir, fsync_file
+from megagpt.fsutil import exchange_paths, fsync_dir, fsync_file
 from megagpt.parallel.state import RankLayout
 
 LATEST_FILE = "latest"
@@ -268,9 +270,13 @@ def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayo
                      timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), files=files, file_sizes=sizes)
     _write_atomic_text(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
     final = save_dir / step_dir_name(step)
-    if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
+    if not final.exists():
+        tmp.rename(final)
+    elif not exchange_paths(tmp, final):   # a checkpoint of this step from an earlier attempt
+        # no atomic swap here: set the old one aside, then rename (a crash between the two
+        # leaves it as step_<N>.replaced.tmp, which the next save removes)
         final.rename(save_dir / f"{final.name}.replaced.tmp")
-    tmp.rename(final)
+        tmp.rename(final)
     fsync_dir(save_dir)
     _write_atomic_text(save_dir / LATEST_FILE, final.name + "\n")
     for stale in save_dir.glob("*.tmp"):

@@ -146,6 +146,28 @@ def test_latest_is_replaced_atomically(tmp_path, monkeypatch):
     assert not (tmp_path / "latest.tmp").exists()
 
 
+@pytest.mark.parametrize("swap", [True, False], ids=["atomic-swap", "set-aside"])
+def test_saving_a_step_again_replaces_it_and_never_leaves_none(tmp_path, monkeypatch, swap):
+    # keep_last=1: the step being replaced is the only checkpoint. With renameat2's exchange the
+    # new folder takes its name in one step; where the system lacks it, it is set aside first.
+    real_exchange = ckpt.exchange_paths
+    exchanged = []
+
+    def exchange(a, b):
+        if not swap:
+            return False
+        assert (Path(b) / "meta.json").is_file()          # the old one is whole up to the swap
+        exchanged.append(real_exchange(a, b))
+        return exchanged[-1]
+    monkeypatch.setattr(ckpt, "exchange_paths", exchange)
+    save_one(tmp_path, 4, keep_last=1)
+    save_one(tmp_path, 4, keep_last=1, model_state={"w": torch.full((2, 2), 44.0)})
+    assert exchanged == ([True] if swap else [])
+    assert steps_in(tmp_path) == ["latest", "step_0000004"]
+    model = load_checkpoint(tmp_path / "step_0000004", tp_rank=0, pp_rank=0, dp_rank=0)[1]
+    assert float(model["w"][0, 0]) == 44.0
+
+
 def test_latest_naming_a_missing_or_incomplete_folder_falls_back(tmp_path):
     for step in (1, 2, 3):
         save_one(tmp_path, step)
