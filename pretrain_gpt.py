@@ -14,9 +14,21 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import ConfigError, ConfigFileError, load_config
+from megagpt.convert import ConversionError
+from megagpt.data.blend import DataPathError
+from megagpt.data.gpt_dataset import DatasetBuildError
+from megagpt.data.indexed import IndexedDatasetError
+from megagpt.data.jsonl import InputError
+from megagpt.data.tokenizer import TokenizerError
 from megagpt.parallel.state import destroy_parallel, initialize_parallel
 from megagpt.testing import free_port
-from megagpt.training.trainer import Trainer, run_banner
+from megagpt.training.checkpoint import CheckpointError
+from megagpt.training.trainer import Trainer, TrainingAborted, run_banner
+
+# What a user's input or run can raise after the config loads: each message names the setting
+# and the fix, so it is printed as it is, without a traceback.
+USER_ERRORS = (CheckpointError, ConversionError, DataPathError, DatasetBuildError,
+               IndexedDatasetError, InputError, TokenizerError, TrainingAborted)
 
 
 def init_distributed(cfg) -> torch.device:
@@ -62,6 +74,10 @@ def main(argv=None) -> int:
         if state.rank == 0:
             print(run_banner(cfg, state))
         Trainer(cfg, state, device).train()
+    except USER_ERRORS as e:
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         destroy_parallel()
         if dist.is_initialized():

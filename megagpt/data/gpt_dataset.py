@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from megagpt.data.blend import BlendedDataset, blending_indices, parse_data_path
-from megagpt.data.indexed import IndexedDataset
+from megagpt.data.indexed import IndexedDataset, IndexedDatasetError
 from megagpt.fsutil import write_file_atomically
 
 INDEX_VERSION = 1  # bump when the index arrays' construction changes
@@ -237,21 +237,24 @@ class GPTDataset(torch.utils.data.Dataset):
         return make_item(tokens)
 
 
-def _open(prefix: str, opened: dict) -> IndexedDataset:
+def _open(prefix: str, opened: dict, where: str) -> IndexedDataset:
     if prefix not in opened:
-        opened[prefix] = IndexedDataset(prefix)
+        try:
+            opened[prefix] = IndexedDataset(prefix)
+        except IndexedDatasetError as e:
+            raise DatasetBuildError(f"{where}: {e}") from e
     return opened[prefix]
 
 
 def _build_split(blend: list[tuple[float | None, str]], part: int | None, split: str,
                  seq_length: int, num_samples: int, seed: int, cache_dir, name: str,
-                 opened: dict, vocab_size: int | None) -> torch.utils.data.Dataset | None:
+                 opened: dict, vocab_size: int | None, where: str) -> torch.utils.data.Dataset | None:
     """One split's dataset (blended when several prefixes), or None when it needs no sample."""
     if not num_samples or not blend:
         return None
     parts = []
     for weight, prefix in blend:
-        ds = _open(prefix, opened)
+        ds = _open(prefix, opened, where)
         start, stop = (0, len(ds)) if part is None else split_ranges(split, len(ds))[part]
         if stop <= start:
             raise DatasetBuildError(
@@ -312,9 +315,12 @@ def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
     common = dict(split=split, seq_length=seq_length, seed=seed, cache_dir=cache_dir, opened=opened,
                   vocab_size=vocab_size)
     carve = not valid
-    train_ds = _build_split(train, 0 if carve else None, num_samples=num_samples[0], name="train", **common)
+    train_ds = _build_split(train, 0 if carve else None, num_samples=num_samples[0], name="train",
+                            where="data.train_data_path", **common)
     valid_ds = _build_split(valid or train, 1 if carve else None, num_samples=num_samples[1],
-                            name="valid", **common)
+                            name="valid", where=f"data.{'val' if valid else 'train'}_data_path",
+                            **common)
     test_blend, test_part = (test, None) if test else ((train, 2) if carve else ([], None))
-    test_ds = _build_split(test_blend, test_part, num_samples=num_samples[2], name="test", **common)
+    test_ds = _build_split(test_blend, test_part, num_samples=num_samples[2], name="test",
+                           where=f"data.{'test' if test else 'train'}_data_path", **common)
     return train_ds, valid_ds, test_ds

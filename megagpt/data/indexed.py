@@ -75,10 +75,14 @@ class IndexedDataset:
         idx, bin_ = idx_path(prefix), bin_path(prefix)
         for path in (idx, bin_):
             if not path.is_file():
+                suffix = Path(self.prefix).suffix
+                hint = (f"; fix: drop the {suffix}: {self.prefix[:-len(suffix)]!r} names both "
+                        f"files" if suffix in (".bin", ".idx") else
+                        "; fix: run tools/preprocess_data.py first, or correct the path")
                 raise IndexedDatasetError(
                     f"indexed dataset {self.prefix!r}: {path} does not exist; a dataset prefix P "
                     f"names P.bin and P.idx (tools/preprocess_data.py writes "
-                    f"<output-prefix>_text_document.bin/.idx, so P ends in _text_document)")
+                    f"<output-prefix>_text_document.bin/.idx, so P ends in _text_document){hint}")
         self.dtype, num_sequences, num_docs = self._read_header(idx)
         expected = HEADER_SIZE + num_sequences * (4 + 8) + num_docs * 8
         actual = idx.stat().st_size

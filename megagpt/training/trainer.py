@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from megagpt import __version__
 from megagpt.config import Config, ModelConfig
-from megagpt.convert import load_source
-from megagpt.data.gpt_dataset import build_gpt_datasets
+from megagpt.convert import ConversionError, load_source
+from megagpt.data.gpt_dataset import DatasetBuildError, build_gpt_datasets
 from megagpt.data.mock import build_mock_datasets
 from megagpt.data.sampler import MegatronPretrainingSampler
 from megagpt.data.sft_dataset import build_sft_datasets
@@ -96,7 +96,7 @@ class Trainer:
             return build_mock_datasets(m.seq_length, m.vocab_size, num_samples, t.seed)
         tokenizer = load_tokenizer(d.tokenizer_path)
         if tokenizer.vocab_size > m.vocab_size:
-            raise ValueError(f"data.tokenizer_path={d.tokenizer_path} has {tokenizer.vocab_size} "
+            raise DatasetBuildError(f"data.tokenizer_path={d.tokenizer_path} has {tokenizer.vocab_size} "
                              f"tokens but model.vocab_size={m.vocab_size}; fix: set "
                              f"model.vocab_size to at least {tokenizer.vocab_size}")
         if d.format == "sft":
@@ -147,6 +147,10 @@ class Trainer:
                  f"{self.state.tp_world_size} x pp {self.state.pp_world_size} x dp "
                  f"{self.state.dp_world_size}, {t.precision} on {self.device.type}"
                  + (f", {self.engine.description}" if self.deepspeed else ""))
+        if self.step >= t.max_steps:
+            self.log(f"nothing to train: the run resumed at step {self.step}, and "
+                     f"training.max_steps={t.max_steps}; fix: raise training.max_steps to train "
+                     f"on, or checkpoint.load=none (and another checkpoint.save_dir) to start over")
         try:
             batches = self._batches(self.train_ds, self.consumed_samples)
             while self.step < end:
@@ -405,6 +409,12 @@ def run_banner(cfg: Config, state: ParallelState) -> str:
 def pretrained_state(source: str, m: ModelConfig) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint of ours (any layout) or a Hugging Face GPT-2 folder,
     checked against the architecture `m`; for `checkpoint.pretrained`."""
+    if not Path(source).exists():
+        raise ConversionError(
+            f"checkpoint.pretrained={source} does not exist; fix: point it at a checkpoint of ours "
+            f"or a Hugging Face GPT-2 folder (config.json + model.safetensors, e.g. from "
+            f"`huggingface-cli download gpt2 --local-dir {source}` on a machine with internet), "
+            f"or set checkpoint.pretrained=null to start from random weights")
     src = load_source(source, "checkpoint.pretrained")
     saved = dataclasses.asdict(src.model)
     if saved["seq_length"] >= m.seq_length:        # a model may use fewer learned positions

@@ -248,6 +248,41 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert (tmp_path / "checkpoints" / latest / "meta.json").exists()
 
 
+ONE_PROCESS = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/tiny_model.json",
+               "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
+               "--parallel.pipeline_parallel_size=1", "--data.num_workers=0",
+               "--training.eval_interval=0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--data.train_data_path=[\"runs/nowhere/shakespeare_text_document.bin\"]"],
+     "error: data.train_data_path: indexed dataset 'runs/nowhere/shakespeare_text_document.bin': "),
+    (["--data.tokenizer_path=runs/nowhere/tokenizer"],
+     "error: tokenizer 'runs/nowhere/tokenizer' does not exist"),
+    (["--checkpoint.pretrained=runs/nowhere/gpt2", "--data.mock=true"],
+     "error: checkpoint.pretrained=runs/nowhere/gpt2 does not exist; fix: point it at"),
+])
+def test_a_bad_path_is_one_message_not_a_traceback(tmp_path, args, message):
+    cmd = [*ONE_PROCESS, f"--logging.run_dir={tmp_path}", f"--checkpoint.save_dir={tmp_path / 'c'}",
+           *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path):
+    cmd = [*ONE_PROCESS, "--data.mock=true", "--training.max_steps=2", "--training.warmup_steps=1",
+           "--training.log_interval=1",
+           f"--logging.run_dir={tmp_path}", f"--checkpoint.save_dir={tmp_path / 'c'}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert ("nothing to train: the run resumed at step 2, and training.max_steps=2; fix: raise "
+            "training.max_steps") in again.stdout
+
+
 SFT_DATA = str(ROOT / "megagpt" / "data" / "assets" / "sft_example.jsonl")
 
 

@@ -9,7 +9,7 @@ import torch
 from megagpt.data.blend import BlendedDataset, DataPathError, blending_indices, parse_data_path
 from megagpt.data.gpt_dataset import (DatasetBuildError, GPTDataset, build_gpt_datasets, build_sample_index,
                                       gather_sample, parse_split, split_ranges)
-from megagpt.data.indexed import IndexedDataset, IndexedDatasetError, write_documents
+from megagpt.data.indexed import IndexedDataset, write_documents
 from megagpt.data.mock import MockGPTDataset, build_mock_datasets
 
 
@@ -241,8 +241,12 @@ def test_builder_errors(corpus, tmp_path):
         build_gpt_datasets(prefix, seq_length=8, num_samples=(1, 0))
     with pytest.raises(DataPathError, match="data.train_data_path"):
         build_gpt_datasets(["0.5", prefix, "0.5"], seq_length=8, num_samples=(1, 0, 0))
-    with pytest.raises(IndexedDatasetError, match=r"nope\.idx does not exist"):
+    with pytest.raises(DatasetBuildError, match=r"^data.train_data_path: indexed dataset .*nope\.idx "
+                                                r"does not exist.*fix: run tools/preprocess_data.py"):
         build_gpt_datasets(str(tmp_path / "nope"), seq_length=8, num_samples=(1, 0, 0))
+    with pytest.raises(DatasetBuildError, match=r"^data.val_data_path: .*fix: drop the \.bin: '.*c' "
+                                                r"names both files"):
+        build_gpt_datasets(prefix, prefix + ".bin", seq_length=8, num_samples=(1, 1, 0))
     empty = write_documents(tmp_path / "empty_docs", [[], []])
     with pytest.raises(DatasetBuildError, match=r"'.*empty_docs' \(train split\): the 2 documents "
                                                 r"selected hold no token"):
