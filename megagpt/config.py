@@ -746,13 +746,13 @@ def validate(cfg: Config) -> list[str]:
         if d.train_data_path == []:
             p.append("data.train_data_path=[]: needs at least one dataset prefix; fix: run "
                      "tools/preprocess_data.py and name its output prefix, or set data.mock=true")
+    from megagpt.data.gpt_dataset import DatasetBuildError, parse_split   # the datasets' reading
     try:
-        weights = [float(w) for w in (d.split or "").split(",")]
-        if len(weights) != 3 or any(w < 0 for w in weights) or not weights[0] > 0:
-            raise ValueError
-    except ValueError:
-        p.append(f"data.split={d.split!r}: must be three non-negative weights train,valid,test "
-                 f"with train > 0, e.g. \"969,30,1\"")
+        if not parse_split(d.split or "")[0] > 0:
+            p.append(f"data.split={d.split!r}: gives training no documents; fix: a positive "
+                     f"first weight, e.g. \"969,30,1\"")
+    except DatasetBuildError as e:
+        p.append(str(e))
     if m.estimated_parameters is not None and m.estimated_parameters <= 0:
         p.append(f"model.estimated_parameters={m.estimated_parameters}: must be positive")
     return p

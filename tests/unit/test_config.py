@@ -295,9 +295,14 @@ def test_missing_architecture_file_is_named():
 
 def test_bad_blend_and_split():
     problems = problems_of(tiny_raw(), ["--data.train_data_path=[\"0.3\", \"a\", \"b\"]",
-                                        "--data.split=90,10"])
+                                        "--data.split=90,-10"])
     assert any("data.train_data_path" in p and "odd number of entries" in p for p in problems)
-    assert any(p.startswith("data.split='90,10': must be three non-negative weights") for p in problems)
+    assert any(p.startswith("data.split='90,-10': must be up to three non-negative weights")
+               for p in problems)
+    assert any(p.startswith("data.split='0,1,0': gives training no documents") for p in
+               problems_of(tiny_raw(), ["--data.split=0,1,0"]))
+    for split in ("945/50/5", "969,30", "1"):   # Megatron's forms: "/" too, missing weights are 0
+        assert load_config(TINY, [f"--data.split={split}"], raw=tiny_raw()).data.split == split
 
 
 def test_native_zero_stage_and_deepspeed_layout():
