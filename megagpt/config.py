@@ -300,6 +300,11 @@ def _field_names(cls) -> list[str]:
 
 def _unknown(prefix: str, name: str, names: list[str], value: Any) -> str:
     where = f"{prefix}.{name}" if prefix else name
+    elsewhere = [section for section, cls in SECTIONS.items()
+                 if section != prefix and name in _field_names(cls)]
+    if elsewhere:   # the right name in the wrong section: say where it lives
+        return (f"{where}={_show(value)}: unknown field; {name} belongs in the {elsewhere[0]} "
+                f"section: {elsewhere[0]}.{name}")
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else \
         f"valid fields{' of ' + prefix if prefix else ''}: {', '.join(names)}"
@@ -492,6 +497,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
     if raw is None:
         raw = read_json(path)
     raw = json.loads(json.dumps(raw))
+    kind = _other_kind_of_file(raw)
+    if kind:
+        raise ConfigError([f"{path} is {kind}, not a training config; fix: --config takes a "
+                           f"training config (configs/training/*.json), which names such a file "
+                           f"in its model.config_file or data.config_file"], str(path))
     problems: list[str] = []
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
@@ -512,6 +522,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
     if problems:
         raise ConfigError(problems, cfg.source)
     return cfg
+
+
+def _other_kind_of_file(raw: dict) -> str | None:
+    """What a config-like file other than a training config is, or None."""
+    if "model" in raw or "training" in raw:
+        return None
+    if "n_embd" in raw or "model_type" in raw:
+        return "a model architecture file (Hugging Face GPT-2 config)"
+    if "train_data_path" in raw or "format" in raw:
+        return "a dataset file"
+    return None
 
 
 def _divisors(n: int) -> str:
@@ -615,7 +636,8 @@ def validate(cfg: Config) -> list[str]:
         if value is None:
             return optional
         if value <= 0:
-            p.append(f"{where}={value}: must be positive; fix: set it to 1 or more")
+            fix = "set it to 1 or more" if isinstance(value, int) else "give it a value above 0"
+            p.append(f"{where}={value}: must be positive; fix: {fix}")
             return False
         return True
 

@@ -151,6 +151,21 @@ def test_unknown_field_suggests_the_closest_name():
     assert any("did you mean parallel.tensor_parallel_size?" in p for p in problems)
 
 
+def test_a_field_in_the_wrong_section_is_sent_to_its_own():
+    problems = problems_of(tiny_raw(), ["--training.save_interval=10"])
+    assert ("training.save_interval=10: unknown field; save_interval belongs in the checkpoint "
+            "section: checkpoint.save_interval") in problems
+
+
+@pytest.mark.parametrize("path, kind", [("configs/models/gpt_tiny.json", "a model architecture file"),
+                                        ("configs/dataset/pretraining.json", "a dataset file")])
+def test_an_architecture_or_dataset_file_given_as_the_config_says_so(path, kind):
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / path)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{ROOT / path} is {kind}") and "fix: --config takes a training config" in problem
+
+
 def test_bad_choice_lists_the_valid_ones():
     problems = problems_of(tiny_raw(), ["--training.precision=fp8", "--kernels.attention=fast"])
     assert "training.precision=fp8: must be one of fp32, bf16, fp16" in problems
@@ -163,6 +178,12 @@ def test_bad_choice_lists_the_valid_ones():
 def test_zero_or_negative_size(field, value):
     problems = problems_of(tiny_raw(), [f"--{field}={value}"])
     assert f"{field}={value}: must be positive; fix: set it to 1 or more" in problems
+
+
+def test_a_non_positive_number_gets_a_fix_of_its_kind():
+    problems = problems_of(tiny_raw(), ["--training.learning_rate=-1", "--model.init_std=0"])
+    assert "training.learning_rate=-1.0: must be positive; fix: give it a value above 0" in problems
+    assert "model.init_std=0.0: must be positive; fix: give it a value above 0" in problems
 
 
 def test_validation_needs_batches_and_keep_last_zero_keeps_all():
