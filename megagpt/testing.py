@@ -42,9 +42,15 @@ def _worker(fn, rank, world_size, port, results, timeout, args, kwargs):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        try:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                    world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout))
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" in str(e):   # another program took the port after free_port chose it
+                results.put((rank, PORT_TAKEN, str(e)))
+                return
+            raise
         value = fn(rank, world_size, *args, **kwargs)
         results.put((rank, True, _dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
@@ -56,12 +62,30 @@ def _worker(fn, rank, world_size, port, results, timeout, args, kwargs):
             dist.destroy_process_group()
 
 
+class _PortTaken(Exception):
+    """Rank 0 could not listen on the chosen port: start again on another."""
+
+
+PORT_TAKEN = "port taken"
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, **kwargs) -> list:
     """Run fn(rank, world_size, *args, **kwargs) on `world_size` forked gloo processes.
 
     Returns the list of return values in rank order. Raises RuntimeError with the failing rank's
-    traceback, or TimeoutError naming the ranks that did not finish.
+    traceback, or TimeoutError naming the ranks that did not finish. A port that another program
+    takes between its choice and rank 0's listen is replaced (three tries) before `fn` runs.
     """
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, kwargs, timeout)
+        except _PortTaken:
+            if attempt == 2:
+                raise RuntimeError("run_distributed: three free ports were taken by other "
+                                   "programs before rank 0 could listen on them") from None
+
+
+def _run_once(fn, world_size: int, args, kwargs, timeout: float) -> list:
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = free_port()
@@ -85,6 +109,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, **kwargs
                     raise TimeoutError(f"run_distributed: ranks {missing} did not finish within "
                                        f"{timeout:.0f} s") from None
                 continue
+            if ok == PORT_TAKEN:
+                raise _PortTaken(payload)
             if not ok:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
             values[rank] = torch.load(io.BytesIO(payload), weights_only=False)

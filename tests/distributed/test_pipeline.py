@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megagpt.parallel import pipeline, state
 from megagpt.parallel.pipeline import P2P, get_forward_backward_func
@@ -106,3 +107,20 @@ def test_waits_are_timed_on_the_cpu_and_stream_ordered_on_cuda(monkeypatch, devi
     p2p.exchange(send_next=torch.ones(4, 2, 8), send_prev=torch.ones(4, 2, 8))
     assert len(waits) == 2
     assert all(args == ((datetime.timedelta(seconds=7),) if timed else ()) for args in waits)
+
+
+def _world(rank, world_size):
+    return (rank, dist.get_world_size())
+
+
+def test_a_port_taken_before_rank_0_listens_is_replaced(monkeypatch):
+    import socket
+
+    import megagpt.testing as testing
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1], testing.free_port()]
+        monkeypatch.setattr(testing, "free_port", lambda: ports.pop(0))
+        assert testing.run_distributed(_world, 2) == [(0, 2), (1, 2)]
+        assert ports == []
