@@ -124,6 +124,18 @@ def merge_deepspeed_config(ds: dict, cfg, dp: int) -> tuple[dict, list[str]]:
     if isinstance(zero, dict) and zero.get("stage") not in (0, 1, 2, 3):
         problems.append(f"parallel.deepspeed_config={name} sets zero_optimization.stage="
                         f"{_show(zero.get('stage'))}; it must be 0, 1, 2 or 3")
+    elif isinstance(zero, dict) and zero.get("stage") == 0 and any(
+            isinstance(merged.get(p), dict) and merged[p].get("enabled") is True
+            for p in ("bf16", "fp16")):
+        # 16-bit weights at stage 0: DeepSpeed's FP16 optimizer wrappers step once with zero
+        # gradients when built (Adam one step ahead, the weights decayed) and keep no float32
+        # weights we can save (autocast over float32 weights does not use them)
+        problems.append(f"parallel.deepspeed_config={name}: ZeRO stage 0 with training.precision="
+                        f"{t.precision} goes through DeepSpeed's FP16 optimizer wrapper, which "
+                        f"takes an optimizer step before training and checkpoints 16-bit weights; "
+                        f"fix: zero_optimization.stage 1, 2 or 3 (or parallel.zero_stage), or the "
+                        f"native path (no parallel.deepspeed_config) for data parallelism without "
+                        f"ZeRO")
 
     # optimizer and learning rate
     _merge_optimizer(merged, t, name, problems, fill)

@@ -51,7 +51,7 @@ from megagpt.parallel.state import ParallelState
 from megagpt.training import checkpoint as ckpt
 from megagpt.training.ds_config import merge_deepspeed_config, resolve_deepspeed_path
 from megagpt.training.engine import StepResult
-from megagpt.training.optim import param_groups, set_lr
+from megagpt.training.optim import param_groups, set_hyperparameters, set_lr
 
 DS_TAG = "deepspeed"           # DeepSpeed's folder inside a step folder
 
@@ -285,6 +285,7 @@ class DeepSpeedEngine:
                                        load_lr_scheduler_states=False)
         if loaded is None:
             raise ckpt.CheckpointError(f"{path}: DeepSpeed found no checkpoint in {path / DS_TAG}")
+        set_hyperparameters(ds.optimizer, self.cfg.training)  # the saved ones came with the state
         source = self.state.rank if self.state.rank < meta["world_size"] else 0
         extra = ckpt._read_verified(path, ckpt.optim_file(source), meta, True)
         rng = ckpt._read_verified(path, ckpt.rng_file(source), meta, True)

@@ -131,6 +131,17 @@ def lr_at(step: int, training_cfg: TrainingConfig) -> float:
                      f"or \"constant\"")
 
 
+def set_hyperparameters(optimizer: torch.optim.Optimizer, training_cfg: TrainingConfig) -> None:
+    """The config's betas, eps and weight decay on the groups of `param_groups` (decay group
+    first): a loaded optimizer state brings the saved run's, and a resume follows the config."""
+    t = training_cfg
+    decay, no_decay = optimizer.param_groups
+    for group in (decay, no_decay):
+        group["betas"] = (t.adam_beta1, t.adam_beta2)
+        group["eps"] = t.adam_eps
+    decay["weight_decay"], no_decay["weight_decay"] = t.weight_decay, 0.0
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group (decay and no-decay alike)."""
     for group in optimizer.param_groups:

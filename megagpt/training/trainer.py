@@ -44,7 +44,7 @@ from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, capture_rng_state,
 from megagpt.training.engine import Engine
 from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
                                       format_console_line, memory_gb, peak_flops, throughput)
-from megagpt.training.optim import lr_at
+from megagpt.training.optim import lr_at, set_hyperparameters
 
 
 class TrainingAborted(RuntimeError):
@@ -329,6 +329,7 @@ class Trainer:
         check_optimizer_layout(optim_state.get("optimizer_layout"), e.optimizer_layout,
                                sharded_by_tp_layout=zero_with_tp, where=path)
         e.optimizer.load_state_dict(optim_state["optimizer"])
+        set_hyperparameters(e.optimizer, self.cfg.training)   # the saved ones came with the state
         e.scaler.load_state_dict(optim_state["scaler"])
         get_rng_tracker().set_states(restore_rng_state(rng_state))
         self.skipped_total = optim_state.get("skipped_total", 0)
@@ -337,18 +338,26 @@ class Trainer:
 
     SCHEDULE_FIELDS = ("learning_rate", "min_lr", "lr_schedule", "warmup_steps", "lr_decay_steps",
                        "max_steps")
+    OPTIMIZER_FIELDS = ("weight_decay", "adam_beta1", "adam_beta2", "adam_eps")
 
     def _warn_schedule_changes(self, meta: dict, path) -> None:
-        """Log the learning-rate schedule's settings that differ from the checkpoint's run: the
-        rate then jumps at the resume (allowed: extending max_steps is a common reason)."""
+        """Log the learning-rate schedule's and the optimizer's settings that differ from the
+        checkpoint's run: the config's apply from the resume on (allowed: extending max_steps is
+        a common reason), so the rate may jump."""
         saved = meta.get("config", {}).get("training", {})
         now = self.cfg.training
-        changed = [f"training.{k} {saved[k]} -> {getattr(now, k)}" for k in self.SCHEDULE_FIELDS
-                   if k in saved and saved[k] != getattr(now, k)]
-        if changed:
+
+        def changed(fields):
+            return [f"training.{k} {saved[k]} -> {getattr(now, k)}" for k in fields
+                    if k in saved and saved[k] != getattr(now, k)]
+        if changed(self.SCHEDULE_FIELDS):
             self.log(f"warning: resuming {path} with another learning-rate schedule ("
-                     f"{', '.join(changed)}); the rate at step {meta.get('step')} changes from "
-                     f"the saved run's")
+                     f"{', '.join(changed(self.SCHEDULE_FIELDS))}); the rate at step "
+                     f"{meta.get('step')} changes from the saved run's")
+        if changed(self.OPTIMIZER_FIELDS):
+            self.log(f"warning: resuming {path} with other optimizer settings ("
+                     f"{', '.join(changed(self.OPTIMIZER_FIELDS))}); they apply from step "
+                     f"{meta.get('step')} on")
 
     def _save_deepspeed(self) -> Path:
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,

@@ -100,7 +100,8 @@ def test_torch_autocast_and_the_old_bf16_name_count_as_precision_settings():
     merged, problems = merge_deepspeed_config(
         {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, cfg, dp=2)
     assert problems == [] and "bf16" not in merged          # autocast over fp32 weights, as asked
-    merged, problems = merge_deepspeed_config({"bfloat16": {"enabled": True}}, cfg, dp=2)
+    merged, problems = merge_deepspeed_config(
+        {"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 1}}, cfg, dp=2)
     assert problems == [] and merged["bf16"] == {"enabled": True} and "bfloat16" not in merged
     _, problems = merge_deepspeed_config(
         {"torch_autocast": {"enabled": True, "dtype": "float16"}}, cfg, dp=2)
@@ -153,6 +154,20 @@ def test_zero_stage_0_takes_the_file_stage_and_a_missing_file_is_named(tmp_path)
     with pytest.raises(ConfigError, match=r"parallel.deepspeed_config=.*nope.json: "
                                           r"parallel.deepspeed_config file not found"):
         tiny_config(dp=2, parallel__deepspeed_config=str(tmp_path / "nope.json"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_zero_stage_0_with_16_bit_weights_is_refused(tmp_path, precision):
+    # DeepSpeed's stage-0 FP16 optimizer wrapper steps AdamW once at start-up and saves 16-bit
+    # weights as the model's: refused before it runs. fp32 at stage 0 is plain data parallelism.
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    with pytest.raises(ConfigError) as info:
+        tiny_config(dp=2, parallel__deepspeed_config=str(path), training__precision=precision)
+    assert any(p.startswith(f"parallel.deepspeed_config={path}: ZeRO stage 0 with "
+                            f"training.precision={precision} goes through DeepSpeed's FP16 "
+                            f"optimizer wrapper") for p in info.value.problems), info.value.problems
+    tiny_config(dp=2, parallel__deepspeed_config=str(path), training__precision="fp32")
 
 
 def test_deepspeed_with_tensor_or_pipeline_parallelism_is_refused():

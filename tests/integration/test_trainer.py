@@ -88,6 +88,26 @@ def test_a_resume_with_another_schedule_says_so(tmp_path):
                "(training.max_steps 6 -> 9)" in m for m in longer), longer
 
 
+def _resume_with_optimizer_settings(rank, world, run_dir, overrides):
+    messages = []
+    cfg = run_config(Path(run_dir), 6, **overrides)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append)
+    trainer.train(until=2 if not overrides else 3)
+    return messages, [(g["weight_decay"], g["betas"], g["eps"])
+                      for g in trainer.engine.optimizer.param_groups]
+
+
+def test_a_resume_applies_the_configs_optimizer_settings(tmp_path):
+    saved = run_distributed(_resume_with_optimizer_settings, 1, str(tmp_path), {})[0][1]
+    assert saved == [(0.1, (0.9, 0.95), 1e-8), (0.0, (0.9, 0.95), 1e-8)]
+    changed = dict(training__weight_decay=0.0, training__adam_beta2=0.99, training__adam_eps=1e-6)
+    messages, groups = run_distributed(_resume_with_optimizer_settings, 1, str(tmp_path), changed)[0]
+    assert groups == [(0.0, (0.9, 0.99), 1e-6), (0.0, (0.9, 0.99), 1e-6)]
+    assert any("other optimizer settings (training.weight_decay 0.1 -> 0.0, training.adam_beta2 "
+               "0.95 -> 0.99, training.adam_eps 1e-08 -> 1e-06); they apply from step 2 on" in m
+               for m in messages), messages
+
+
 def _weighted_validation(rank, world, run_dir):
     cfg = run_config(Path(run_dir), 2, training__eval_interval=1, training__eval_iters=2)
     trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
