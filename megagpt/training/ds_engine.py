@@ -11,7 +11,8 @@ trains through `deepspeed.initialize` (ZeRO stage 0 to 3) instead of our data-pa
     global_tokens(microbatches)   -> int: the loss tokens of a step, summed over replicas
     save(...), load(path)         checkpoints in our layout, DeepSpeed's files inside (see below)
 
-The loss and gradients equal the native path's. Each micro-batch back-propagates
+The loss and gradients equal the native path's (in fp32; in bf16/fp16 DeepSpeed accumulates
+and reduces them in the 16-bit type, the native path in float32). Each micro-batch back-propagates
 `loss_sum x gas x dp / global tokens`; DeepSpeed divides by gas (gradient accumulation) and
 averages over the dp ranks, so the gradients are those of the global mean loss over every token of
 the global batch, as `Engine` makes them; the reported loss is the same global sum / tokens. The
