@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -127,6 +128,16 @@ class StepTimer:
         """Count one finished step that processed `tokens` tokens (all ranks together)."""
         self._steps += 1
         self._tokens += tokens
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent in the block out of the interval (evaluation, checkpoints: as
+        Megatron's interval timer, a step's throughput is that of training)."""
+        began = self._now()
+        try:
+            yield
+        finally:
+            self._start += self._now() - began
 
     def lap(self) -> tuple[float, float]:
         """(seconds per step, tokens per second) since the last lap, then start a new interval.

@@ -190,7 +190,8 @@ class Trainer:
                     writer.write(last)
                     self._console(format_console_line(last, t.max_steps), bar)
                 if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == end):
-                    val_loss = self.evaluate()
+                    with timer.paused():
+                        val_loss = self.evaluate()
                     record = {"step": self.step, "val_loss": val_loss,
                               "val_ppl": math.exp(min(val_loss, 50.0))}
                     writer.write(record)
@@ -199,7 +200,8 @@ class Trainer:
                                   f"{record['val_ppl']:.2f}", bar)
                 save_every = self.cfg.checkpoint.save_interval
                 if self.step == end or (save_every and self.step % save_every == 0):
-                    self.save()
+                    with timer.paused():
+                        self.save()
         finally:
             signal.signal(signal.SIGTERM, previous)
             writer.close()

@@ -145,3 +145,20 @@ def test_step_timer_over_log_intervals():
     timer.step(tokens=600)
     assert timer.lap() == (3.0, 200.0)
     assert len(syncs) == 4               # construction and each lap read the clock after a sync
+
+
+def test_paused_time_is_left_out_of_the_interval():
+    now = [0.0]
+    timer = StepTimer(clock=lambda: now[0])
+    now[0] = 2.0
+    timer.step(tokens=100)
+    with timer.paused():            # evaluation or a checkpoint: 10 s
+        now[0] = 12.0
+    now[0] = 14.0
+    timer.step(tokens=100)
+    assert timer.lap() == (2.0, 50.0)           # 4 s of training for 2 steps, 200 tokens
+    with timer.paused():
+        now[0] = 20.0
+    now[0] = 21.0
+    timer.step(tokens=10)
+    assert timer.lap() == (1.0, 10.0)
