@@ -97,11 +97,12 @@ pretrain 30
 pretrain 40
 
 # Compiling the kernels takes most of the tests' time: spread them over processes (xdist).
-# Then the other GPU-only tests (CUDA graphs).
+# Then the other GPU-only tests (CUDA graphs, sampling a GPU model).
 parallel=""
 if "$python" -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
 # shellcheck disable=SC2086
-timeout 110 "$python" -m pytest tests/kernels tests/integration/test_cuda_graphs.py -v -ra \
+timeout 110 "$python" -m pytest tests/kernels tests/integration/test_cuda_graphs.py \
+  tests/unit/test_generation.py::test_a_cpu_generator_samples_for_a_gpu_model_as_for_a_cpu_one -v -ra \
   -p no:cacheprovider $parallel 2>&1 | tee "$out_dir/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
 

@@ -126,6 +126,18 @@ def test_top_k_keeps_k_tokens_even_when_logits_tie():
     assert filter_logits(logits, top_k=2).isfinite().sum(-1).tolist() == [2, 2]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tools/gpu_check.sh)")
+def test_a_cpu_generator_samples_for_a_gpu_model_as_for_a_cpu_one(model):
+    # tools/generate.py's generator is a CPU one: the draw moves to it, the same seed gives the
+    # same tokens on either device (up to rounding of the logits, hence a confident model here).
+    sampling = Sampling(temperature=0.5, top_k=3)
+    on_cpu = generate(model, PROMPTS, max_new_tokens=6, sampling=sampling, generator=seeded(5))
+    gpu_model = GPTStage(M, INFERENCE_KERNELS, StageSpec(0, M.n_layers, True, True)).cuda().eval()
+    gpu_model.load_state_dict(model.state_dict())
+    on_gpu = generate(gpu_model, PROMPTS, max_new_tokens=6, sampling=sampling, generator=seeded(5))
+    assert on_gpu == on_cpu
+
+
 def test_filter_logits_keeps_the_top_k_and_the_top_p_sets():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()       # probabilities, unsorted
     kept = lambda out: set(torch.isfinite(out[0]).nonzero().flatten().tolist())  # noqa: E731
