@@ -355,10 +355,14 @@ def _coerce(where: str, value: Any, tp, problems: list[str]) -> Any:
             return None
         return _build(sub, value, where, problems)
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):   # JSON readers accept NaN and Infinity
+        try:
+            number = float(value)
+        except OverflowError:          # an integer beyond float's range
+            number = math.inf
+        if not math.isfinite(number):  # JSON readers accept NaN and Infinity
             problems.append(f"{where}={_show(value)}: must be a finite number")
             return None
-        return float(value)
+        return number
     if base is list and isinstance(value, str):
         return [value]
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
@@ -499,7 +503,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
     raw = json.loads(json.dumps(raw))
     kind = _other_kind_of_file(raw)
     if kind:
-        raise ConfigError([f"{path} is {kind}, not a training config; fix: --config takes a "
+        raise ConfigError([f"{path or 'the config'} is {kind}, not a training config; fix: --config takes a "
                            f"training config (configs/training/*.json), which names such a file "
                            f"in its model.config_file or data.config_file"], str(path))
     problems: list[str] = []

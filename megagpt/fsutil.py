@@ -11,6 +11,7 @@ creator only. Both helpers give the result the mode a plain `open` or `mkdir` wo
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -20,10 +21,14 @@ from pathlib import Path
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Flush a folder's entries (a rename into it) to disk."""
+    """Flush a folder's entries (a rename into it) to disk; a file system that cannot sync a
+    folder (some network ones refuse) is left to its own guarantees."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 

@@ -119,11 +119,19 @@ class Trainer:
             persistent_workers=False,
             generator=torch.Generator().manual_seed(self.cfg.training.seed))
         step = []
-        for micro_batch in loader:
-            step.append(micro_batch)
-            if len(step) == self.micro_batches:
-                yield step
-                step = []
+        try:
+            for micro_batch in loader:
+                step.append(micro_batch)
+                if len(step) == self.micro_batches:
+                    yield step
+                    step = []
+        except DatasetBuildError as e:
+            # raised in a loader worker, it arrives wrapped in that worker's traceback: keep the
+            # message, which names the dataset, the sample and the fix
+            message = str(e)
+            if "Original Traceback" in message:
+                message = message.rsplit("DatasetBuildError: ", 1)[-1].strip()
+            raise DatasetBuildError(message) from None
 
     # ---- the loop -----------------------------------------------------------------------
 

@@ -292,6 +292,20 @@ def test_a_bad_path_is_one_message_not_a_traceback(tmp_path, args, message):
 
 
 @pytest.mark.slow
+def test_an_id_beyond_the_vocabulary_read_in_a_loader_worker_is_one_message(tmp_path):
+    from megagpt.data.indexed import write_documents
+    prefix = write_documents(tmp_path / "d", [list(range(200))] * 20 + [[60000] * 200]).prefix
+    cmd = [*ONE_PROCESS, "--data.num_workers=2", f"--data.train_data_path=[\"{prefix}\"]",
+           "--data.split=1,0,0", f"--data.cache_dir={tmp_path / 'k'}", "--training.max_steps=20",
+           "--training.warmup_steps=1", f"--logging.run_dir={tmp_path}",
+           f"--checkpoint.save_dir={tmp_path / 'c'}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "holds token id 60000, but model.vocab_size=50257" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path):
     cmd = [*ONE_PROCESS, "--data.mock=true", "--training.max_steps=2", "--training.warmup_steps=1",
            "--training.log_interval=1",

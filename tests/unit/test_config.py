@@ -220,12 +220,13 @@ def test_fused_attention_head_sizes_and_precision_are_checked_before_launch():
                             "but training.precision=fp32; fix:") for p in problems), problems
 
 
-@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1" + "0" * 400])
 def test_numbers_must_be_finite(value):
     fields = ["training.learning_rate", "training.grad_clip", "model.init_std", "model.layernorm_eps"]
     problems = problems_of(tiny_raw(), [f"--{f}={value}" for f in fields])
     for field in fields:
-        assert f"{field}={value}: must be a finite number" in problems, problems
+        assert any(p.startswith(f"{field}={value[:20]}") and p.endswith(": must be a finite number")
+                   for p in problems), problems
 
 
 def test_a_config_file_override_is_read_not_just_recorded():

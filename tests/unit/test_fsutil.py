@@ -51,3 +51,17 @@ def test_a_dataset_is_on_disk_before_it_is_renamed_into_place(tmp_path, disk_log
 def test_fsync_dir_flushes_a_folder(tmp_path, disk_log):
     fsutil.fsync_dir(tmp_path)
     assert disk_log == [("fsync", str(Path(tmp_path)))]
+
+
+def test_a_folder_the_file_system_cannot_sync_is_left_to_it(tmp_path, monkeypatch):
+    import errno
+
+    def refuse(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+    monkeypatch.setattr(os, "fsync", refuse(errno.EINVAL))
+    fsutil.fsync_dir(tmp_path)                      # some network file systems: not an error
+    monkeypatch.setattr(os, "fsync", refuse(errno.EIO))
+    with pytest.raises(OSError):
+        fsutil.fsync_dir(tmp_path)                  # a failing disk is
