@@ -76,7 +76,9 @@ def main(argv=None) -> int:
         Trainer(cfg, state, device).train()
     except USER_ERRORS as e:
         rank = int(os.environ.get("RANK", "0"))
-        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
+        cause = e.__cause__    # the library error underneath, unless the message quotes it
+        cause = f" ({type(cause).__name__}: {cause})" if cause and str(cause) not in str(e) else ""
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}{cause}", file=sys.stderr, flush=True)
         return 1
     finally:
         destroy_parallel()

@@ -620,10 +620,10 @@ def _check_attention_backend(cfg: Config, head_dim: int, p: list[str]) -> None:
                      f"({', '.join(map(str, SUPPORTED_HEAD_DIMS))}); fix: kernels.attention=auto "
                      f"(SDPA for this size) or sdpa, or n_heads = d_model / 64")
     elif backend == "flash_attn":
-        if head_dim > 256 or head_dim % 8:
+        if head_dim > 256:   # (flash-attn pads other sizes to a multiple of 8 itself)
             p.append(f"kernels.attention=flash_attn: the head size model.d_model / model.n_heads "
-                     f"= {head_dim} must be a multiple of 8 and at most 256 for flash-attn; fix: "
-                     f"kernels.attention=sdpa, or another n_heads")
+                     f"= {head_dim} is above flash-attn's 256; fix: kernels.attention=sdpa, or "
+                     f"more heads")
         if cfg.training.precision == "fp32":
             p.append("kernels.attention=flash_attn: flash-attn runs float16/bfloat16 only, but "
                      "training.precision=fp32; fix: training.precision=bf16, or "

@@ -212,10 +212,10 @@ def test_fused_attention_head_sizes_and_precision_are_checked_before_launch():
                             "kernels.attention=auto") for p in problems), problems
     load_config(TINY, ["--model.dropout=0", "--model.n_heads=8", "--kernels.attention=auto"],
                 raw=tiny_raw())
-    problems = problems_of(tiny_raw(), ["--model.dropout=0", "--model.d_model=120", "--model.n_heads=2",
+    problems = problems_of(tiny_raw(), ["--model.dropout=0", "--model.d_model=1024", "--model.n_heads=2",
                                         "--kernels.attention=flash_attn", "--training.precision=fp32"])
     assert any(p.startswith("kernels.attention=flash_attn: the head size model.d_model / "
-                            "model.n_heads = 60 must be a multiple of 8") for p in problems), problems
+                            "model.n_heads = 512 is above flash-attn's 256") for p in problems), problems
     assert any(p.startswith("kernels.attention=flash_attn: flash-attn runs float16/bfloat16 only, "
                             "but training.precision=fp32; fix:") for p in problems), problems
 
