@@ -2,8 +2,9 @@
 
 Public functions (each differentiable; each runs its plain-torch reference where the Triton
 kernels cannot run, i.e. on a CPU without ``TRITON_INTERPRET=1``):
-    flash_attention(q, k, v, causal=True, softmax_scale=None)   q/k/v (batch, heads, seq, head_dim)
-    flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None)
+    flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None)
+                                                   q/k/v (batch, heads, seq, head_dim)
+    flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None, dropout_p=0.0, seed=None)
                                                    qkv (batch, seq, 3, heads, head_dim), any strides
     layer_norm(x, weight, bias, eps=1e-5)                       over the last dimension
     scaled_masked_softmax(x, scale=1.0, causal=False)           over the last dimension
@@ -11,7 +12,8 @@ kernels cannot run, i.e. on a CPU without ``TRITON_INTERPRET=1``):
     cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
                   inplace_backward=False)
                                                                 mean (or float32 sum) over non-ignored rows
-and the vocab-parallel building blocks `cross_entropy_shard_stats` and `cross_entropy_shard_grad`.
+and the vocab-parallel building blocks `cross_entropy_shard_stats` and `cross_entropy_shard_grad`;
+`dropout_keep_mask` gives the attention dropout masks the kernels draw for a seed.
 Backend choice from the config's ``kernels`` section: `resolve_backend` and `get_op`
 (see `dispatch`).
 """
@@ -20,7 +22,7 @@ from .cross_entropy import (cross_entropy, cross_entropy_reference, cross_entrop
                             cross_entropy_shard_grad_reference, cross_entropy_shard_stats,
                             cross_entropy_shard_stats_reference)
 from .dispatch import BACKENDS, get_op, resolve_backend
-from .flash_attention import (flash_attention, flash_attention_qkvpacked,
+from .flash_attention import (dropout_keep_mask, flash_attention, flash_attention_qkvpacked,
                               flash_attention_reference)
 from .layer_norm import layer_norm, layer_norm_reference
 from .softmax import scaled_masked_softmax, scaled_masked_softmax_reference
@@ -31,6 +33,6 @@ __all__ = [
     "cross_entropy_shard_stats", "cross_entropy_shard_grad",
     "flash_attention_reference", "layer_norm_reference", "scaled_masked_softmax_reference",
     "bias_gelu_reference", "cross_entropy_reference", "cross_entropy_shard_stats_reference",
-    "cross_entropy_shard_grad_reference",
+    "cross_entropy_shard_grad_reference", "dropout_keep_mask",
     "BACKENDS", "get_op", "resolve_backend",
 ]

@@ -14,7 +14,9 @@ import or the device is not CUDA, are errors that say what to install or choose 
 ``eager`` and ``torch`` are the `<op>_reference` functions.
 
 Every backend of an op has the op's signature:
-    attention(q, k, v, causal=True, softmax_scale=None), q/k/v (batch, heads, seq, head_dim)
+    attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0),
+              q/k/v (batch, heads, seq, head_dim); dropout_p drops attention probabilities
+              (from torch's default generator on q's device: every backend draws there)
     layernorm(x, weight, bias, eps=1e-5)
     softmax(x, scale=1.0, causal=False)
     bias_gelu(x, bias)
@@ -42,13 +44,13 @@ BACKENDS = {
 }
 
 
-def sdpa_attention(q, k, v, causal=True, softmax_scale=None):
+def sdpa_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0):
     """torch.nn.functional.scaled_dot_product_attention on (batch, heads, seq, head_dim)."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                            scale=softmax_scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                                            is_causal=causal, scale=softmax_scale)
 
 
-def flash_attn_attention(q, k, v, causal=True, softmax_scale=None):
+def flash_attn_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0):
     """The flash-attn package's flash_attn_func, which wants (batch, seq, heads, head_dim)."""
     from flash_attn import flash_attn_func
 
@@ -56,7 +58,7 @@ def flash_attn_attention(q, k, v, causal=True, softmax_scale=None):
         raise TypeError(f"q has dtype {q.dtype}; the flash_attn backend supports float16 and "
                         "bfloat16 only; choose kernels.attention=triton or sdpa for float32")
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                          softmax_scale=softmax_scale, causal=causal)
+                          dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal)
     return out.transpose(1, 2)
 
 

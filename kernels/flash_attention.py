@@ -20,8 +20,20 @@ Grids are (batch*heads, blocks): programs launch in order of their index, batch*
 every head's first block starts before any head's second; under the causal mask the forward and
 dQ kernels number the query blocks from the last, so the longest programs start first and the
 shortest fill the last wave (dK/dV's first key blocks are already its longest).
+Dropout on the attention probabilities (``dropout_p > 0``), as flash-attn does it: no mask is
+stored; every kernel draws it again from a counter-based generator (Philox4x32-10, keyed by a
+64-bit seed) at the same (batch*head, query row, key column), so the backward drops exactly what
+the forward dropped. One Philox call gives eight 16-bit numbers, for eight neighbouring key
+columns; a probability is kept when its number is >= round(dropout_p * 65536), so the rate in
+effect is dropout_p rounded to a multiple of 1/65536, and the kept ones are scaled by the inverse
+of that rate's keep probability (the expectation is exact). `dropout_keep_mask` computes the same
+mask in plain torch, and `flash_attention_reference(..., seed=s)` uses it: the kernels and the
+reference drop the same probabilities for one seed. Without a seed, one is drawn from torch's
+default generator on the inputs' device (so `torch.manual_seed` and the model's tensor-parallel
+RNG stream decide the masks, and a CUDA graph draws a new one on every replay).
+
 Launch settings: each kernel's blocks, warps and pipeline stages are autotuned on a GPU per
-sequence length, head dim, mask and dtype (`_GPU_CONFIGS`).
+sequence length, head dim, mask, dropout and dtype (`_GPU_CONFIGS`).
 """
 import math
 
@@ -35,6 +47,34 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 # cannot multiply a constexpr by a tensor). The kernels use exp2: scores are scaled by 1 / ln 2.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Dropout compares 16-bit random numbers with round(dropout_p * DROPOUT_LEVELS).
+DROPOUT_LEVELS = 1 << 16
+# Philox4x32's constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011),
+# for `dropout_keep_mask`'s plain-torch copy of the generator the kernels call (`tl.philox`).
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+
+
+@triton.jit
+def _dropout_keep(seed, rows, start_n, threshold, BLOCK_N: tl.constexpr):
+    """(len(rows), BLOCK_N) bool: which probabilities of query rows `rows` and key columns
+    [start_n, start_n + BLOCK_N) dropout keeps (start_n a multiple of 8), for this program's
+    batch*head. Philox's counter is (column // 8, row, batch*head, 0); its four 32-bit outputs
+    r_i, cut into low and high halves h, give column 8 * (column // 8) + 4 * h + i its number."""
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    zeros = tl.zeros([rows.shape[0], BLOCK_N // 8], tl.int32)
+    c0 = (groups[None, :] + zeros).to(tl.uint32)
+    c1 = (rows[:, None] + zeros).to(tl.uint32)
+    c2 = (zeros + tl.program_id(0)).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zeros.to(tl.uint32))
+    h0 = tl.interleave(r0 & 0xFFFF, r0 >> 16)                       # column 8g + 4h (+ i)
+    h1 = tl.interleave(r1 & 0xFFFF, r1 >> 16)
+    h2 = tl.interleave(r2 & 0xFFFF, r2 >> 16)
+    h3 = tl.interleave(r3 & 0xFFFF, r3 >> 16)
+    numbers = tl.interleave(tl.interleave(h0, h2), tl.interleave(h1, h3))
+    return numbers >= threshold
 
 
 @triton.jit
@@ -74,9 +114,11 @@ def _load_kv(k_ptr, v_ptr, cols, stride_s, seq_len, MASK: tl.constexpr, UPCAST: 
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len, qk_scale,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Fold the key/value blocks [lo, hi) into the running (acc, max, sum) of the query block."""
+               seed, threshold, MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Fold the key/value blocks [lo, hi) into the running (acc, max, sum) of the query block.
+    With dropout the sum counts every probability and acc only the kept ones (unscaled)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -88,9 +130,20 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len, 
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, rows, start_n, threshold, BLOCK_N), p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _load_seed(SEED, DROPOUT: tl.constexpr):
+    """The dropout seed (an int64 on the device, so a CUDA graph's replays read new ones)."""
+    seed = tl.full([], 0, tl.int64)
+    if DROPOUT:
+        seed = tl.load(SEED)
+    return seed
 
 
 @triton.jit
@@ -110,10 +163,11 @@ def _head_offset(n_heads, stride_b, stride_h):
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, n_heads, sm_scale,
+def _attn_fwd_kernel(Q, K, V, O, LSE, SEED, seq_len, n_heads, sm_scale, threshold, dropout_scale,
                      stride_b, stride_h, stride_s, o_stride_b, o_stride_h, o_stride_s,
-                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     start_m = _query_block_start(CAUSAL, BLOCK_M)
     base = _head_offset(n_heads, stride_b, stride_h)
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -125,6 +179,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, n_heads, sm_scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * LOG2E
+    seed = _load_seed(SEED, DROPOUT)
     if CAUSAL:  # blocks left of the diagonal need no mask; the diagonal ones do
         full_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
@@ -132,12 +187,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, seq_len, n_heads, sm_scale,
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, stride_s, rows, 0, full_end,
-                               seq_len, qk_scale, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
-                               HEAD_DIM)
+                               seq_len, qk_scale, seed, threshold, False, CAUSAL, UPCAST, DROPOUT,
+                               DOT_PRECISION, BLOCK_N, HEAD_DIM)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, stride_s, rows, full_end,
-                               masked_end, seq_len, qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION,
-                               BLOCK_N, HEAD_DIM)
+                               masked_end, seq_len, qk_scale, seed, threshold, True, CAUSAL, UPCAST,
+                               DROPOUT, DOT_PRECISION, BLOCK_N, HEAD_DIM)
     acc = acc / l_i[:, None]
+    if DROPOUT:
+        acc = acc * dropout_scale
     o_base = _head_offset(n_heads, o_stride_b, o_stride_h)
     tl.store(O + o_base + _tile(rows, o_stride_s, HEAD_DIM),
              acc.to(O.dtype.element_ty), mask=rows[:, None] < seq_len)
@@ -162,11 +219,14 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, seq_len, n_heads, o_stride_b, o_stride_
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_s, do_stride_s,
-                    cols, lo, hi, seq_len, qk_scale, MASK: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    start_n, cols, lo, hi, seq_len, qk_scale, seed, threshold,
+                    dropout_scale, MASK: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
     """Accumulate the key block's dK, dV over the query blocks [lo, hi).
 
-    Query rows past the sequence load as zeros (q, dO, lse, delta), so they add nothing."""
+    Query rows past the sequence load as zeros (q, dO, lse, delta), so they add nothing. With
+    dropout, dV takes the kept probabilities scaled, and dS = P * (dP kept and scaled - delta)."""
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -184,18 +244,25 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_s, d
         p_t = tl.exp2(s_t - lse2[None, :])
         if MASK:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep_t = tl.trans(_dropout_keep(seed, rows, start_n, threshold, BLOCK_N))
+            dv += tl.dot(tl.where(keep_t, p_t * dropout_scale, 0.0).to(do.dtype), do,
+                         input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, seq_len, n_heads, sm_scale,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEED, seq_len, n_heads, sm_scale,
+                          threshold, dropout_scale,
                           stride_b, stride_h, stride_s, do_stride_b, do_stride_h, do_stride_s,
                           g_stride_b, g_stride_h, g_stride_s,
-                          CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                          CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(1) * BLOCK_N
@@ -212,18 +279,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, seq_len, n_heads, sm_
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * LOG2E
+    seed = _load_seed(SEED, DROPOUT)
     if CAUSAL:  # queries on the diagonal need the mask, those below it do not
         masked_end = tl.minimum(start_n + BLOCK_N, seq_len)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + do_base, LSE + row_base,
-                                 DELTA + row_base, stride_s, do_stride_s, cols, start_n,
-                                 masked_end, seq_len, qk_scale, True, UPCAST, DOT_PRECISION,
-                                 BLOCK_M, HEAD_DIM)
+                                 DELTA + row_base, stride_s, do_stride_s, start_n, cols, start_n,
+                                 masked_end, seq_len, qk_scale, seed, threshold, dropout_scale,
+                                 True, UPCAST, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM)
         full_start = start_n + BLOCK_N
     else:
         full_start = 0
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + do_base, LSE + row_base,
-                             DELTA + row_base, stride_s, do_stride_s, cols, full_start, seq_len,
-                             seq_len, qk_scale, False, UPCAST, DOT_PRECISION, BLOCK_M, HEAD_DIM)
+                             DELTA + row_base, stride_s, do_stride_s, start_n, cols, full_start,
+                             seq_len, seq_len, qk_scale, seed, threshold, dropout_scale, False,
+                             UPCAST, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM)
     g_offsets = _head_offset(n_heads, g_stride_b, g_stride_h) + _tile(cols, g_stride_s, HEAD_DIM)
     tl.store(DK + g_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols[:, None] < seq_len)
     tl.store(DV + g_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] < seq_len)
@@ -231,7 +300,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, seq_len, n_heads, sm_
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len,
-                  qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                  qk_scale, seed, threshold, dropout_scale, MASK: tl.constexpr,
+                  CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Accumulate the query block's dQ over the key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -243,17 +313,21 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, stride_s, rows, lo, hi, 
         if MASK:
             p = tl.where(_keep_mask(rows, cols, seq_len, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, rows, start_n, threshold, BLOCK_N),
+                          dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, n_heads, sm_scale,
-                        stride_b, stride_h, stride_s, do_stride_b, do_stride_h, do_stride_s,
-                        g_stride_b, g_stride_h, g_stride_s,
-                        CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEED, seq_len, n_heads, sm_scale, threshold,
+                        dropout_scale, stride_b, stride_h, stride_s, do_stride_b, do_stride_h,
+                        do_stride_s, g_stride_b, g_stride_h, g_stride_s,
+                        CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = _query_block_start(CAUSAL, BLOCK_M)
     base = _head_offset(n_heads, stride_b, stride_h)
     row_base = tl.program_id(0).to(tl.int64) * seq_len
@@ -270,6 +344,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, n_heads, sm_scale,
     delta = tl.load(DELTA + row_base + rows, mask=in_seq, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * LOG2E
+    seed = _load_seed(SEED, DROPOUT)
     if CAUSAL:
         full_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
@@ -277,10 +352,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, seq_len, n_heads, sm_scale,
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, stride_s, rows, 0, full_end,
-                       seq_len, qk_scale, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+                       seq_len, qk_scale, seed, threshold, dropout_scale, False, CAUSAL, UPCAST,
+                       DROPOUT, DOT_PRECISION, BLOCK_N, HEAD_DIM)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, stride_s, rows, full_end,
-                       masked_end, seq_len, qk_scale, True, CAUSAL, UPCAST, DOT_PRECISION,
-                       BLOCK_N, HEAD_DIM)
+                       masked_end, seq_len, qk_scale, seed, threshold, dropout_scale, True, CAUSAL,
+                       UPCAST, DROPOUT, DOT_PRECISION, BLOCK_N, HEAD_DIM)
     tl.store(DQ + _head_offset(n_heads, g_stride_b, g_stride_h) + _tile(rows, g_stride_s, HEAD_DIM),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_seq[:, None])
 
@@ -316,7 +392,7 @@ _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 _TUNED = {
     name: {precision: Autotuned(
         _KERNELS[name], configs, _INTERPRETER_CONFIGS[name],
-        key=["seq_len", "HEAD_DIM", "CAUSAL"],
+        key=["seq_len", "HEAD_DIM", "CAUSAL", "DROPOUT"],
         prune_configs_by={"early_config_prune": drop_blocks_longer_than("seq_len",
                                                                         _GRID_BLOCK[name])})
         for precision, configs in by_precision.items()}
@@ -358,18 +434,33 @@ def _one_layout(*tensors) -> bool:
     return tensors[0].stride(-1) == 1 and all(t.stride() == tensors[0].stride() for t in tensors)
 
 
-def _flash_attention_forward(q, k, v, causal, sm_scale, o):
+def _dropout_threshold(dropout_p: float) -> int:
+    """The 16-bit numbers below which a probability is dropped."""
+    return round(dropout_p * DROPOUT_LEVELS)
+
+
+def _dropout_args(dropout_p: float, seed, placeholder: torch.Tensor):
+    """The kernels' dropout arguments (SEED, threshold, dropout_scale) and DROPOUT: without
+    dropout ``placeholder`` stands for the seed tensor (it is never read)."""
+    threshold = _dropout_threshold(dropout_p)
+    if threshold == 0:
+        return (placeholder, 0, 1.0), False
+    return (seed, threshold, DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold)), True
+
+
+def _flash_attention_forward(q, k, v, causal, sm_scale, o, dropout_p, seed):
     """Write the attention of q, k, v (one layout) into o (any layout); return the log-sum-exp."""
     batch, heads, seq_len, head_dim = q.shape
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
+    (seed, threshold, dropout_scale), dropout = _dropout_args(dropout_p, seed, q)
     _TUNED["fwd"][_precision(q.dtype)][
         lambda meta: (batch * heads, cdiv(seq_len, meta["BLOCK_M"]))](
-        q, k, v, o, lse, seq_len, heads, sm_scale, *_strides(q), *_strides(o), CAUSAL=causal,
-        HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
+        q, k, v, o, lse, seed, seq_len, heads, sm_scale, threshold, dropout_scale, *_strides(q),
+        *_strides(o), CAUSAL=causal, DROPOUT=dropout, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
     return lse
 
 
-def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dq, dk, dv):
+def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, seed, dq, dk, dv):
     """Write the gradients into dq, dk, dv (one layout among them; q, k, v share another)."""
     batch, heads, seq_len, head_dim = q.shape
     if do.stride(-1) != 1:
@@ -378,36 +469,38 @@ def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dq, dk, dv)
     _attn_bwd_delta_kernel[(batch * heads, cdiv(seq_len, 64))](
         o, do, delta, seq_len, heads, *_strides(o), *_strides(do), HEAD_DIM=head_dim, BLOCK_M=64)
     precision = _precision(q.dtype)
-    options = dict(CAUSAL=causal, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
+    (seed, threshold, dropout_scale), dropout = _dropout_args(dropout_p, seed, q)
+    scalars = (seq_len, heads, sm_scale, threshold, dropout_scale, *_strides(q), *_strides(do))
+    options = dict(CAUSAL=causal, DROPOUT=dropout, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
     _TUNED["dkdv"][precision][
         lambda meta: (batch * heads, cdiv(seq_len, meta["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, seq_len, heads, sm_scale, *_strides(q), *_strides(do),
-        *_strides(dk), **options)
+        q, k, v, do, lse, delta, dk, dv, seed, *scalars, *_strides(dk), **options)
     _TUNED["dq"][precision][
         lambda meta: (batch * heads, cdiv(seq_len, meta["BLOCK_M"]))](
-        q, k, v, do, lse, delta, dq, seq_len, heads, sm_scale, *_strides(q), *_strides(do),
-        *_strides(dq), **options)
+        q, k, v, do, lse, delta, dq, seed, *scalars, *_strides(dq), **options)
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd for the Triton kernels on q, k, v; saves them, O and the log-sum-exp."""
+    """Autograd for the Triton kernels on q, k, v; saves them, O, the log-sum-exp and the
+    dropout seed (a one-element tensor, or None without dropout)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
+    def forward(ctx, q, k, v, causal, sm_scale, dropout_p, seed):
         if not _one_layout(q, k, v):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = _empty_in_layout(q)
-        lse = _flash_attention_forward(q, k, v, causal, sm_scale, o)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+        lse = _flash_attention_forward(q, k, v, causal, sm_scale, o, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, seed = ctx.saved_tensors
         dq, dk, dv = (_empty_in_layout(q) for _ in range(3))
-        _flash_attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, dq, dk, dv)
-        return dq, dk, dv, None, None
+        _flash_attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p,
+                                  seed, dq, dk, dv)
+        return dq, dk, dv, None, None, None, None
 
 
 class FlashAttentionQKVPackedFunction(torch.autograd.Function):
@@ -415,25 +508,26 @@ class FlashAttentionQKVPackedFunction(torch.autograd.Function):
     are read where they lie and the gradient is written into one tensor of qkv's layout."""
 
     @staticmethod
-    def forward(ctx, qkv, causal, sm_scale):
+    def forward(ctx, qkv, causal, sm_scale, dropout_p, seed):
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))             # (b, h, s, d) views
         o = _empty_in_layout(qkv[:, :, 0])                               # (b, s, h, d)
-        lse = _flash_attention_forward(q, k, v, causal, sm_scale, o.transpose(1, 2))
-        ctx.save_for_backward(qkv, o, lse)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+        lse = _flash_attention_forward(q, k, v, causal, sm_scale, o.transpose(1, 2), dropout_p,
+                                       seed)
+        ctx.save_for_backward(qkv, o, lse, seed)
+        ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qkv, o, lse = ctx.saved_tensors
+        qkv, o, lse, seed = ctx.saved_tensors
         dqkv = _empty_in_layout(qkv)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         dq, dk, dv = (t.transpose(1, 2) for t in dqkv.unbind(2))
         _flash_attention_backward(do.transpose(1, 2), q, k, v, o.transpose(1, 2), lse, ctx.causal,
-                                  ctx.sm_scale, dq, dk, dv)
-        return dqkv, None, None
+                                  ctx.sm_scale, ctx.dropout_p, seed, dq, dk, dv)
+        return dqkv, None, None, None, None
 
 
 def _check_inputs(q, k, v):
@@ -466,18 +560,118 @@ def _check_packed(qkv):
     _check_head_dim("qkv", qkv.shape[-1])
 
 
-def flash_attention_reference(q, k, v, causal=True, softmax_scale=None):
-    """Plain-torch attention, softmax in float32: softmax(q k^T * scale, causal mask) v."""
+def _check_dropout_p(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or \
+            not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p!r}: must be a number in [0, 1)")
+    if _dropout_threshold(dropout_p) >= DROPOUT_LEVELS:
+        raise ValueError(f"dropout_p={dropout_p!r} rounds to 1 at the kernels' steps of "
+                         f"1/{DROPOUT_LEVELS}: it would drop everything; use at most "
+                         f"{(DROPOUT_LEVELS - 1) / DROPOUT_LEVELS}")
+    return float(dropout_p)
+
+
+def _check_seed(seed) -> None:
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        return
+    if not (isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64):
+        raise TypeError(f"seed must be None, an int or a one-element int64 tensor, got {seed!r}")
+
+
+def _dropout_seed(dropout_p, seed, device):
+    """(dropout_p, the seed as the kernels read it: a one-element int64 tensor on ``device``, or
+    None when nothing is dropped), from arguments already checked. An int seed is taken modulo
+    2**63; without one, one is drawn from torch's default generator on ``device``."""
+    if _dropout_threshold(dropout_p) == 0:
+        return dropout_p, None
+    if seed is None:
+        return dropout_p, torch.randint(0, 2 ** 62, (1,), device=device)
+    if isinstance(seed, int):
+        return dropout_p, torch.tensor([seed % 2 ** 63], dtype=torch.int64, device=device)
+    if seed.device != torch.device(device):
+        raise ValueError(f"seed is on {seed.device} but the attention's inputs are on {device}; "
+                         f"put the seed on {device}")
+    return dropout_p, seed.reshape(1)
+
+
+def _philox_mulhilo(a: torch.Tensor, b: int):
+    """(a * b) >> 32 and (a * b) mod 2**32 for int64 tensors of uint32 values and a uint32 b,
+    from 16-bit halves (no product passes 2**63)."""
+    a_hi, a_lo, b_hi, b_lo = a >> 16, a & 0xFFFF, b >> 16, b & 0xFFFF
+    low = a_lo * b_lo
+    mid = a_hi * b_lo + a_lo * b_hi + (low >> 16)
+    return a_hi * b_hi + (mid >> 16), ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
+
+
+def _philox(counter, key):
+    """Philox4x32-10 of the counter words (four int64 tensors of uint32 values) and key (two
+    ints), as `tl.philox` computes it."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _philox_mulhilo(c2, _PHILOX_ROUND[1])
+        hi_a, lo_a = _philox_mulhilo(c0, _PHILOX_ROUND[0])
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _MASK32, (k1 + _PHILOX_KEY[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_keep_mask(seed, batch_heads: int, seq_len: int, dropout_p: float, device="cpu"):
+    """The mask of attention probabilities the kernels keep for ``seed``, in plain torch.
+
+    Args:
+        seed: an int, or a one-element int64 tensor (as `flash_attention` takes it).
+        batch_heads, seq_len: the attention's batch x heads and its sequence length.
+        dropout_p: the dropout rate; in effect rounded to a multiple of 1/65536.
+    Returns:
+        (mask, scale): mask (batch_heads, seq_len, seq_len) bool, [bh, query, key] True where
+        the probability is kept; scale, what the kept ones are multiplied by (1 / the keep
+        probability of the rounded rate).
+    """
+    dropout_p = _check_dropout_p(dropout_p)
+    _check_seed(seed)
+    if _dropout_threshold(dropout_p) == 0:
+        return torch.ones(batch_heads, seq_len, seq_len, dtype=torch.bool, device=device), 1.0
+    if seed is None:
+        raise ValueError("dropout_keep_mask needs the seed whose masks it computes")
+    key = seed % 2 ** 63 if isinstance(seed, int) else int(seed) % 2 ** 64
+    groups = torch.arange(cdiv(seq_len, 8)).view(1, 1, -1)
+    rows = torch.arange(seq_len).view(1, -1, 1)
+    heads = torch.arange(batch_heads).view(-1, 1, 1)
+    shape = (batch_heads, seq_len, groups.shape[-1])
+    counter = (groups.expand(shape), rows.expand(shape), heads.expand(shape),
+               torch.zeros(shape, dtype=torch.int64))
+    words = torch.stack(_philox(counter, (key & _MASK32, key >> 32)), dim=-1)   # (.., g, i)
+    numbers = torch.stack((words & 0xFFFF, words >> 16), dim=-2)                # (.., g, h, i)
+    numbers = numbers.reshape(batch_heads, seq_len, -1)[..., :seq_len]   # column 8g + 4h + i
+    threshold = _dropout_threshold(dropout_p)
+    return (numbers >= threshold).to(device), DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold)
+
+
+def flash_attention_reference(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0,
+                              seed=None):
+    """Plain-torch attention, softmax in float32: softmax(q k^T * scale, causal mask) v.
+
+    With ``dropout_p > 0`` the probabilities are dropped: with ``seed``, exactly those the
+    Triton kernels drop for that seed (`dropout_keep_mask`); without one, by torch's
+    ``F.dropout`` (torch's generator, other masks)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, S, S)
     if causal:
         seq = q.shape[-2]
         above = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(above, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0 and seed is None:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    elif dropout_p > 0:
+        batch, heads, seq, _ = q.shape
+        keep, keep_scale = dropout_keep_mask(seed, batch * heads, seq, dropout_p, q.device)
+        probs = probs * keep.view(batch, heads, seq, seq) * keep_scale
+    return torch.matmul(probs, v.float()).to(q.dtype)
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None):
     """Scaled dot-product attention with the Triton flash-attention kernels.
 
     Args:
@@ -487,6 +681,11 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None):
             copied to contiguous tensors first.
         causal: mask key j > query i.
         softmax_scale: multiplies q k^T; default 1 / sqrt(head_dim).
+        dropout_p: dropout on the attention probabilities, in [0, 1), rounded to a multiple of
+            1/65536 (see the module docstring); the kept ones are scaled up to keep the mean.
+        seed: the dropout masks' seed: an int or a one-element int64 tensor on q's device (read
+            by the kernels there, so a CUDA graph can replay with new values); None draws one
+            from torch's default generator on q's device.
     Returns:
         (batch, heads, seq, head_dim), q's dtype, laid out in q's memory order. Runs
         `flash_attention_reference` where the
@@ -494,12 +693,15 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None):
     """
     _check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    dropout_p = _check_dropout_p(dropout_p)
+    _check_seed(seed)
     if q.numel() == 0 or not triton_runs_on(q.device):
-        return flash_attention_reference(q, k, v, causal, scale)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
+        return flash_attention_reference(q, k, v, causal, scale, dropout_p, seed)
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale,
+                                        *_dropout_seed(dropout_p, seed, q.device))
 
 
-def flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None):
+def flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None, dropout_p=0.0, seed=None):
     """`flash_attention` on q, k and v packed in one tensor, as a fused QKV projection gives them.
 
     Args:
@@ -507,14 +709,17 @@ def flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None):
             contiguous (e.g. a (seq, batch, 3, heads, head_dim) tensor transposed): the kernels
             read it in place, and the gradient comes back in one tensor of the same layout, so
             neither direction copies q, k, v apart or back together.
-        causal, softmax_scale: as in `flash_attention`.
+        causal, softmax_scale, dropout_p, seed: as in `flash_attention`.
     Returns:
         (batch, seq, heads, head_dim), laid out in qkv's order of batch and seq (for a
         seq-major qkv, the output transposed to (seq, batch, ...) is contiguous).
     """
     _check_packed(qkv)
     scale = 1.0 / math.sqrt(qkv.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    dropout_p = _check_dropout_p(dropout_p)
+    _check_seed(seed)
     if qkv.numel() == 0 or not triton_runs_on(qkv.device):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-        return flash_attention_reference(q, k, v, causal, scale).transpose(1, 2)
-    return FlashAttentionQKVPackedFunction.apply(qkv, bool(causal), scale)
+        return flash_attention_reference(q, k, v, causal, scale, dropout_p, seed).transpose(1, 2)
+    return FlashAttentionQKVPackedFunction.apply(qkv, bool(causal), scale,
+                                                 *_dropout_seed(dropout_p, seed, qkv.device))

@@ -685,10 +685,6 @@ def validate(cfg: Config) -> list[str]:
         non_negative(where, value)
     if known(m.dropout) and not 0.0 <= m.dropout < 1.0:
         p.append(f"model.dropout={m.dropout}: must be in [0, 1); fix: 0.1 for GPT-2, 0.0 to turn it off")
-    elif known(m.dropout) and m.dropout > 0 and cfg.kernels.attention in ("triton", "flash_attn"):
-        p.append(f"kernels.attention={cfg.kernels.attention} has no attention dropout but "
-                 f"model.dropout={m.dropout}; fix: model.dropout=0 (usual for pretraining), or "
-                 f"kernels.attention=auto, sdpa or eager")
     if ok and m.d_model % m.n_heads == 0:
         _check_attention_backend(cfg, m.d_model // m.n_heads, p)
     for where, beta in [("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)]:

@@ -180,8 +180,8 @@ class KeptBytes:
 def kept_bytes(cfg: Config, device: str = "cuda") -> KeptBytes:
     """What the model keeps for its backward on `device` ("cuda" or "cpu") under
     `training.precision` and `kernels`, resolved as megagpt/kernels/dispatch.py does: `auto` is
-    Triton on CUDA (SDPA for attention with dropout, which the Triton kernel lacks) and torch on
-    the CPU (SDPA for attention)."""
+    Triton on CUDA (SDPA for attention with dropout, whose Triton path is not timed yet; the two
+    keep the same) and torch on the CPU (SDPA for attention)."""
     if device not in DEVICES:
         raise ValueError(f"device={device!r}: must be one of {', '.join(DEVICES)}")
     k, cuda = cfg.kernels, device == "cuda"

@@ -10,7 +10,9 @@ each op forward and forward+backward, against PyTorch (SDPA with its flash backe
 attention, eager ops for the rest) and flash-attn; and attention as the model runs it at the
 configs' shapes, from the fused QKV projection's output to the output projection's input
 (`flash_attention_qkvpacked`, reading q, k, v in place, against SDPA on the model's permuted
-views with its output laid out again). It reports the median ms over --reps runs
+views with its output laid out again); and attention with dropout 0.1 on the probabilities at
+the configs' shapes (ours regenerating its masks from a seed, SDPA's flash backend and flash-attn
+with theirs: the outputs differ by their masks, so no difference is reported). It reports the median ms over --reps runs
 after warm-up (the sides alternate run by run; small inputs rotate among three copies so the L2
 cache does not serve them), a call timed as a user makes it (host code included) and its device
 work alone (the call captured in a CUDA graph and replayed: at the Small config's shapes an
@@ -68,15 +70,16 @@ class Case:
     sides: Dict[str, Callable]  # side name -> fn(*inputs) -> output; "torch" is the baseline
     unit: str  # "TFLOP/s" or "GB/s"
     work: Dict[str, float]  # pass -> FLOPs or bytes
+    random: bool = False  # the sides draw their own random numbers: outputs are not compared
 
 
 def _leaf(*shape, device, dtype, scale=1.0):
     return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
 
 
-def _sdpa(on_gpu: bool) -> Callable:
+def _sdpa(on_gpu: bool, dropout_p: float = 0.0) -> Callable:
     def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
     if not on_gpu:
         return sdpa
@@ -97,16 +100,21 @@ def _has_flash_attn() -> bool:
     return True
 
 
-def attention_case(name, batch, heads, seq, head_dim, device, dtype, on_gpu) -> Case:
-    sides = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True),
-             "torch": _sdpa(on_gpu)}
+def attention_case(name, batch, heads, seq, head_dim, device, dtype, on_gpu,
+                   dropout_p=0.0) -> Case:
+    """Causal attention; with dropout_p > 0 each side drops with its own random numbers."""
+    sides = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True, dropout_p=dropout_p),
+             "torch": _sdpa(on_gpu, dropout_p)}
     if on_gpu and _has_flash_attn():
-        sides["flash_attn"] = lambda q, k, v: flash_attn_attention(q, k, v, causal=True)
+        sides["flash_attn"] = lambda q, k, v: flash_attn_attention(q, k, v, causal=True,
+                                                                   dropout_p=dropout_p)
     flops = 4 * batch * heads * seq * seq * head_dim * 0.5
-    return Case("attention", name, f"B{batch} H{heads} S{seq} D{head_dim} causal",
+    shape = f"B{batch} H{heads} S{seq} D{head_dim} causal"
+    return Case("attention_dropout" if dropout_p else "attention", name,
+                shape + (f" dropout {dropout_p}" if dropout_p else ""),
                 lambda: [_leaf(batch, heads, seq, head_dim, device=device, dtype=dtype)
                          for _ in range(3)],
-                sides, "TFLOP/s", {"fwd": flops, "fwd+bwd": 3.5 * flops})
+                sides, "TFLOP/s", {"fwd": flops, "fwd+bwd": 3.5 * flops}, random=dropout_p > 0)
 
 
 def attention_in_model_case(name, batch, heads, seq, head_dim, device, dtype, on_gpu) -> Case:
@@ -206,6 +214,9 @@ def build_cases(quick, device, dtype, on_gpu) -> List[Case]:
     for name, (d_model, n_heads, seq) in configs.items():   # last: the extras
         cases.append(attention_in_model_case(name, tokens // seq, n_heads, seq, d_model // n_heads,
                                              device, dtype, on_gpu))
+    for name, (d_model, n_heads, seq) in configs.items():
+        cases.append(attention_case(name, tokens // seq, n_heads, seq, d_model // n_heads, device,
+                                    dtype, on_gpu, dropout_p=0.1))
     return cases
 
 
@@ -309,7 +320,10 @@ def device_time_case(case: Case, backward: bool, reps: int) -> Dict[str, float]:
 
 
 def output_differences(case: Case) -> Dict[str, float]:
-    """Largest |output - torch's output| of each side on one set of inputs (a sanity check)."""
+    """Largest |output - torch's output| of each side on one set of inputs (a sanity check; none
+    for sides that draw their own random numbers)."""
+    if case.random:
+        return {}
     inputs = case.make()
     with torch.no_grad():
         outputs = {name: fn(*inputs).float() for name, fn in case.sides.items()}

@@ -22,6 +22,7 @@ and values, so generating a token costs one position's forward (megagpt/generati
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -66,12 +67,10 @@ class Ops:
 
     def __init__(self, kernels: KernelsConfig, device, dropout: float, head_dim: int):
         attention = kernels.attention
+        # auto: SDPA for the head sizes the Triton kernel lacks, and with dropout, whose Triton
+        # path has not been timed on a GPU yet (docs/kernels.md)
         if attention == "auto" and (dropout > 0 or head_dim not in SUPPORTED_HEAD_DIMS):
-            attention = "sdpa"          # no attention dropout, and three head sizes, in the kernel
-        if dropout > 0 and resolve_backend("attention", attention, device) in ("triton", "flash_attn"):
-            raise ValueError(f"kernels.attention={kernels.attention} has no attention dropout but "
-                             f"model.dropout={dropout}; set model.dropout=0 (usual for pretraining) "
-                             f"or kernels.attention=sdpa or eager")
+            attention = "sdpa"
         self.attention_backend = resolve_backend("attention", attention, device)
         self.attention = get_op("attention", attention, device)
         # Triton reads q, k, v inside the fused projection's output and writes the gradient
@@ -170,6 +169,11 @@ class Attention(nn.Module):
         self.dropout_p, self.ops = m.dropout, ops
         self.recompute = recompute == "selective" and ops.attention_backend == "eager"
 
+    def dropout_stream(self, p: float):
+        """Where attention dropout draws from: the tensor-parallel stream (the heads are
+        sharded, so each rank needs its own masks)."""
+        return get_rng_tracker().fork() if p > 0 else contextlib.nullcontext()
+
     def core(self, q, k, v):
         """Causal attention on this rank's heads, (b, nh, s, hd) -> (b, nh, s, hd)."""
         p = self.dropout_p if self.training else 0.0
@@ -177,20 +181,20 @@ class Attention(nn.Module):
             scores = q @ k.transpose(-2, -1)                                    # (b, nh, s, s)
             probs = self.ops.softmax(scores, scale=1.0 / math.sqrt(self.head_dim), causal=True)
             if p > 0:
-                with get_rng_tracker().fork():                                 # heads are sharded
+                with self.dropout_stream(p):
                     probs = F.dropout(probs, p, True)
             return probs @ v
-        if p > 0:
-            with get_rng_tracker().fork():
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return self.ops.attention(q, k, v, causal=True)
+        with self.dropout_stream(p):
+            return self.ops.attention(q, k, v, causal=True, dropout_p=p)
 
     def forward(self, x, cache: KVCache | None = None):       # x (s, b, h) or (s/tp, b, h)
         qkv = self.qkv(x)                                       # (s, b, 3 * nh_local * hd)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, 3, self.n_local_heads, self.head_dim)
         if cache is None and self.ops.attention_qkvpacked is not None:
-            y = self.ops.attention_qkvpacked(qkv.transpose(0, 1), causal=True)   # (b, s, nh, hd)
+            p = self.dropout_p if self.training else 0.0
+            with self.dropout_stream(p):                                        # (b, s, nh, hd)
+                y = self.ops.attention_qkvpacked(qkv.transpose(0, 1), causal=True, dropout_p=p)
             return self.proj(y.transpose(0, 1).reshape(s, b, self.n_local_heads * self.head_dim))
         q, k, v = qkv.permute(2, 1, 3, 0, 4)
         if cache is not None:                                   # (b, nh, s, hd) each

@@ -118,10 +118,17 @@ def test_dropout_is_deterministic_for_a_seed_under_tp_and_sp():
     assert first[0]["losses"] != no_dropout[0]["losses"]
 
 
-@pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_recompute_gives_identical_gradients_with_dropout(recompute):
-    base = run_distributed(_run, 2, sequence_parallel=True, dropout=0.2)
-    again = run_distributed(_run, 2, sequence_parallel=True, dropout=0.2, recompute=recompute)
+@pytest.mark.parametrize("recompute, attention", [
+    ("selective", "eager"), ("full", "eager"),
+    pytest.param("full", "triton", marks=pytest.mark.slow)])
+def test_recompute_gives_identical_gradients_with_dropout(recompute, attention):
+    """Recomputing a block (or eager attention) in the backward draws the same dropout masks;
+    for the Triton attention, the same seed from the tensor-parallel stream."""
+    d_model = 128 if attention == "triton" else 64                  # head size 32 for the kernel
+    base = run_distributed(_run, 2, sequence_parallel=True, dropout=0.2, attention=attention,
+                           d_model=d_model)
+    again = run_distributed(_run, 2, sequence_parallel=True, dropout=0.2, recompute=recompute,
+                            attention=attention, d_model=d_model)
     for out, ref in zip(again, base):
         assert out["losses"] == ref["losses"]
         for k, g in ref["grads"].items():

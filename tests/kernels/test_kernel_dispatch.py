@@ -145,8 +145,11 @@ def _fake_module(monkeypatch, name, **attrs):
 def test_flash_attn_backend_transposes_to_its_layout(monkeypatch, device):
     """flash_attn_func takes and returns (batch, seq, heads, head_dim): a stand-in that computes
     attention in that layout must give the reference's result through the backend."""
+    rates = []
+
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
         assert q.shape == (2, 19, 3, 32)
+        rates.append(dropout_p)
         out = flash_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                         causal, softmax_scale)
         return out.transpose(1, 2)
@@ -156,6 +159,8 @@ def test_flash_attn_backend_transposes_to_its_layout(monkeypatch, device):
     q, k, v = (torch.randn(2, 3, 19, 32, device=device).half() for _ in range(3))
     torch.testing.assert_close(fn(q, k, v, causal=True, softmax_scale=0.3),
                                flash_attention_reference(q, k, v, True, 0.3))
+    fn(q, k, v, causal=True, dropout_p=0.25)                 # flash-attn drops by itself
+    assert rates == [0.0, 0.25]
     with pytest.raises(TypeError, match="supports float16 and bfloat16 only"):
         fn(q.float(), k.float(), v.float())
 

@@ -196,11 +196,11 @@ def test_validation_needs_batches_and_keep_last_zero_keeps_all():
         tiny_raw(), ["--checkpoint.keep_last=-1"])
 
 
-def test_fused_attention_with_dropout_is_refused_before_launch():
-    problems = problems_of(tiny_raw(), ["--model.dropout=0.1", "--kernels.attention=triton"])
-    assert any(p.startswith("kernels.attention=triton has no attention dropout but "
-                            "model.dropout=0.1; fix: model.dropout=0") for p in problems), problems
-    load_config(TINY, ["--model.dropout=0.1", "--kernels.attention=auto"], raw=tiny_raw())
+def test_fused_attention_takes_dropout():
+    for attention in ("triton", "flash_attn", "auto", "sdpa", "eager"):
+        cfg = load_config(TINY, ["--model.dropout=0.1", f"--kernels.attention={attention}",
+                                 "--training.precision=bf16"], raw=tiny_raw())
+        assert (cfg.model.dropout, cfg.kernels.attention) == (0.1, attention)
 
 
 def test_fused_attention_head_sizes_and_precision_are_checked_before_launch():

@@ -135,7 +135,7 @@ def test_input_longer_than_the_context_is_refused_by_name():
 
 @pytest.mark.parametrize("dropout, n_heads, expected", [
     (0.0, 2, "triton"),     # head size 32
-    (0.1, 2, "sdpa"),       # no attention dropout in the kernel
+    (0.1, 2, "sdpa"),       # the kernel's dropout is not yet timed on a GPU
     (0.0, 4, "sdpa"),       # head size 16: not one of the kernel's
     (0.0, 8, "sdpa")])      # head size 8
 def test_auto_attention_falls_back_to_sdpa_where_the_kernel_cannot_run(monkeypatch, dropout, n_heads, expected):
@@ -151,12 +151,25 @@ def test_auto_attention_falls_back_to_sdpa_where_the_kernel_cannot_run(monkeypat
     assert stage.ops.attention_backend == expected
 
 
-def test_fused_attention_with_dropout_is_refused(monkeypatch):
-    import megagpt.model.gpt as gpt
-    real = gpt.resolve_backend
-    monkeypatch.setattr(gpt, "resolve_backend",
-                        lambda op, choice, device: "triton" if op == "attention" else real(op, choice, device))
-    m = small_model_config(dropout=0.1)
-    with pytest.raises(ValueError, match="kernels.attention=triton has no attention dropout but "
-                                         "model.dropout=0.1; set model.dropout=0"):
-        GPTStage(m, KernelsConfig(attention="triton", **TORCH_KERNELS), StageSpec(0, 1, True, True))
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_attention_dropout_draws_from_the_tensor_parallel_stream(attention):
+    """Attention dropout on the torch backends takes its masks from the tensor-parallel stream
+    (each rank holds other heads), not the default one, which stays where it was."""
+    from megagpt.parallel.random import get_rng_tracker, seed_everything
+
+    m = small_model_config(dropout=0.5)
+    stage = GPTStage(m, KernelsConfig(attention=attention, **TORCH_KERNELS),
+                     StageSpec(0, 1, True, True))
+    init_weights(stage, m, seed=0)
+    attn = stage.layers["0"].attn.train()
+    x = torch.randn(m.seq_length, 2, m.d_model)
+    seed_everything(3)
+    default_before = torch.get_rng_state()
+    tp_before = get_rng_tracker().get_states()
+    first = attn(x)
+    assert torch.equal(torch.get_rng_state(), default_before)
+    assert not all(torch.equal(a, b) for a, b in zip(get_rng_tracker().get_states().values(),
+                                                     tp_before.values()))
+    assert not torch.allclose(first, attn(x))            # new masks on the next call
+    attn.eval()
+    torch.testing.assert_close(attn(x), attn(x))
