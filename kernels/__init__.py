@@ -10,7 +10,7 @@ kernels cannot run, i.e. on a CPU without ``TRITON_INTERPRET=1``):
     scaled_masked_softmax(x, scale=1.0, causal=False)           over the last dimension
     bias_gelu(x, bias)                                          GPT-2's tanh GeLU of x + bias
     cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
-                  inplace_backward=False)
+                  inplace_backward=False, weight=None)
                                                                 mean (or float32 sum) over non-ignored rows
 and the vocab-parallel building blocks `cross_entropy_shard_stats` and `cross_entropy_shard_grad`;
 `dropout_keep_mask` gives the attention dropout masks the kernels draw for a seed.

@@ -14,7 +14,9 @@ writes the row's share of the mean loss (its loss over n_valid, the rows whose t
 ignore_index; one torch sum adds them up) and its log-sum-exp (float32, all the backward keeps
 besides the logits). The backward kernel reads the row again and writes (softmax - onehot) times
 the incoming gradient / n_valid (with reduction="sum", n_valid is 1), into a new tensor or, with
-`inplace_backward=True`, over the logits. Ignored rows are not read: their gradient is written
+`inplace_backward=True`, over the logits. With per-row weights w (a loss mask that need not be
+0/1), a row's loss and gradient are multiplied by its w, and the mean divides by the weights of
+the rows not ignored instead of their count. Ignored rows are not read: their gradient is written
 as zeros. The mean is NaN when every row is ignored, as in torch. A target outside [0, vocab)
 that is not ignore_index is an error on the CPU and gives a NaN loss on a GPU (checking it there
 would synchronise).
@@ -81,14 +83,18 @@ def _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, local_target, scale,
 
 
 @triton.jit
-def _cross_entropy_fwd_kernel(LOGITS, TARGET, LOSS, LSE, N_VALID, n_cols, width, ignore_index,
-                              BLOCK_V: tl.constexpr):
-    """One row, read once: its loss over its first n_cols logits divided by N_VALID (the mean's
-    share; 1 for a sum) and its log-sum-exp (0 for an ignored row, which is not read)."""
+def _cross_entropy_fwd_kernel(LOGITS, TARGET, WEIGHT, LOSS, LSE, N_VALID, n_cols, width,
+                              ignore_index, WEIGHTED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row, read once: its loss over its first n_cols logits (times its WEIGHT when
+    WEIGHTED) divided by N_VALID (the mean's share; 1 for a sum) and its log-sum-exp (0 for an
+    ignored row, which is not read)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * width
     target = tl.load(TARGET + row).to(tl.int64)
     n_valid = tl.load(N_VALID).to(tl.float32)
+    share = 1.0 / n_valid
+    if WEIGHTED:
+        share = tl.load(WEIGHT + row).to(tl.float32) / n_valid
     if target == ignore_index:
         # 0 / n_valid: 0, or NaN when every row is ignored (the mean of nothing, as in torch)
         tl.store(LOSS + row, tl.where(n_valid > 0, 0.0, float("nan")))
@@ -98,7 +104,7 @@ def _cross_entropy_fwd_kernel(LOGITS, TARGET, LOSS, LSE, N_VALID, n_cols, width,
         lse = m + tl.log(d)
         in_range = (target >= 0) & (target < n_cols)
         target_logit = tl.load(row_ptr + target, mask=in_range, other=float("nan"))
-        tl.store(LOSS + row, (lse - target_logit.to(tl.float32)) / n_valid)
+        tl.store(LOSS + row, (lse - target_logit.to(tl.float32)) * share)
         tl.store(LSE + row, lse)
 
 
@@ -163,19 +169,24 @@ class CrossEntropyFunction(torch.autograd.Function):
     backward reads them again and writes the gradient, over them when ``inplace_backward``."""
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, n_cols, reduction, inplace_backward):
+    def forward(ctx, logits, target, ignore_index, n_cols, reduction, inplace_backward, weight):
         logits, target = logits.contiguous(), target.contiguous()
         width = logits.shape[-1]
         n_rows = target.numel()
-        if reduction == "mean":
-            n_valid = (target != ignore_index).sum()
+        valid = target != ignore_index
+        if weight is not None:
+            weight = weight.reshape(-1).float().contiguous()
+        if reduction == "sum":
+            n_valid = torch.ones((), device=logits.device, dtype=torch.float32)
+        elif weight is None:
+            n_valid = valid.sum().float()
         else:
-            n_valid = torch.ones((), device=logits.device, dtype=torch.int64)
+            n_valid = weight.masked_fill(~valid.reshape(-1), 0.0).sum()
         loss_rows = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
         lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-        _fwd_kernel[(n_rows,)](logits, target, loss_rows, lse, n_valid, n_cols, width,
-                               ignore_index)
-        ctx.save_for_backward(logits, target, lse, n_valid)
+        _fwd_kernel[(n_rows,)](logits, target, lse if weight is None else weight, loss_rows, lse,
+                               n_valid, n_cols, width, ignore_index, WEIGHTED=weight is not None)
+        ctx.save_for_backward(logits, target, lse, n_valid, weight)
         ctx.ignore_index, ctx.n_cols = ignore_index, n_cols
         ctx.inplace_backward, ctx.backward_done = inplace_backward, False
         loss = loss_rows.sum()
@@ -187,13 +198,15 @@ class CrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError("cross_entropy(inplace_backward=True)'s backward ran twice on one "
                                "forward (retain_graph): the first wrote the gradient over the "
                                "logits; compute the loss again, or pass inplace_backward=False")
-        logits, target, lse, n_valid = ctx.saved_tensors
+        logits, target, lse, n_valid, weight = ctx.saved_tensors
         ctx.backward_done = ctx.inplace_backward
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
         scale = grad_loss.float() / n_valid                     # 0-d, on the device: no sync
+        if weight is not None:
+            scale = scale * weight                              # one a row
         _grad[(target.numel(),)](logits, target, lse, scale, grad, ctx.n_cols, logits.shape[-1],
-                                 0, ctx.ignore_index, SCALE_PER_ROW=False)
-        return grad, None, None, None, None, None
+                                 0, ctx.ignore_index, SCALE_PER_ROW=weight is not None)
+        return grad, None, None, None, None, None, None
 
 
 def _check_logits_target(logits, target):
@@ -207,6 +220,18 @@ def _check_logits_target(logits, target):
         raise ValueError(f"target has shape {tuple(target.shape)} but logits has "
                          f"{tuple(logits.shape)}; target must be logits' shape without the last "
                          "(vocabulary) dimension")
+
+
+def _check_weight(weight, target):
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating-point tensor of per-row weights (or None), "
+                        f"got {getattr(weight, 'dtype', type(weight).__name__)}")
+    check_same_device(target=target, weight=weight)
+    if weight.shape != target.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but target has "
+                         f"{tuple(target.shape)}; give one weight per target")
 
 
 def _check_target_range(target, ignore_index, n_classes):
@@ -231,18 +256,25 @@ def _check_vocab_size(logits, vocab_size):
 
 
 def cross_entropy_reference(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
-                            inplace_backward=False):
+                            inplace_backward=False, weight=None):
     """Plain torch: F.cross_entropy on float32 logits (the mean over non-ignored rows, returned
-    in the logits' dtype, or their float32 sum); columns from `vocab_size` on are left out.
-    `inplace_backward` is accepted for the common signature and has no effect (torch's backward
-    allocates the gradient)."""
+    in the logits' dtype, or their float32 sum); columns from `vocab_size` on are left out; with
+    per-row `weight`, each row's loss times its weight, the mean over the weights of the rows
+    not ignored. `inplace_backward` is accepted for the common signature and has no effect
+    (torch's backward allocates the gradient)."""
     _check_reduction(reduction)
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             target.reshape(-1).long(), ignore_index=ignore_index,
-                                             reduction=reduction)
-    return loss.to(logits.dtype) if reduction == "mean" else loss
+    flat_target = target.reshape(-1).long()
+    losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                               flat_target, ignore_index=ignore_index,
+                                               reduction="none" if weight is not None else reduction)
+    if weight is not None:
+        weight = weight.reshape(-1).float().masked_fill(flat_target == ignore_index, 0.0)
+        losses = (losses * weight).sum()
+        if reduction == "mean":
+            losses = losses / weight.sum()
+    return losses.to(logits.dtype) if reduction == "mean" else losses
 
 
 def _check_reduction(reduction):
@@ -251,7 +283,7 @@ def _check_reduction(reduction):
 
 
 def cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
-                  inplace_backward=False):
+                  inplace_backward=False, weight=None):
     """Cross-entropy of logits against target classes: the loss in one read of the logits, the
     gradient in one read and one write.
 
@@ -269,18 +301,24 @@ def cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction=
         inplace_backward: the backward writes the logits' gradient over the logits (no
             logits-sized buffer; a second backward of the same forward is then an error). For a
             caller that does not read the logits after the backward, as the model's loss.
+        weight: (...) like target, floating point, or None: each row's loss and gradient times
+            its weight (a loss mask, 0/1 or not); the mean then divides by the sum of the
+            weights of the rows not ignored (NaN when that is 0). Not differentiated.
     Returns:
         0-d tensor: the mean in the logits' dtype, or the sum in float32. Runs
         `cross_entropy_reference` where the kernels cannot run and for empty logits.
     """
     _check_reduction(reduction)
     _check_logits_target(logits, target)
+    _check_weight(weight, target)
     n_classes = _check_vocab_size(logits, vocab_size)
     _check_target_range(target, ignore_index, n_classes)
     if logits.numel() == 0 or not triton_runs_on(logits.device):
-        return cross_entropy_reference(logits, target, ignore_index, vocab_size, reduction)
+        return cross_entropy_reference(logits, target, ignore_index, vocab_size, reduction,
+                                       weight=weight)
     return CrossEntropyFunction.apply(logits, target, int(ignore_index), n_classes, reduction,
-                                      bool(inplace_backward))
+                                      bool(inplace_backward),
+                                      None if weight is None else weight.detach())
 
 
 def _shard_classes(logits, vocab_start, vocab_size):

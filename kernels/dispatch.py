@@ -21,7 +21,7 @@ Every backend of an op has the op's signature:
     softmax(x, scale=1.0, causal=False)
     bias_gelu(x, bias)
     cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
-                  inplace_backward=False)
+                  inplace_backward=False, weight=None)
 """
 import importlib
 from typing import Callable

@@ -274,9 +274,9 @@ class GPTStage(nn.Module):
       receives this call's keys and values and supplies the earlier ones (inference).
       Not the last stage: returns hidden (s, b, h) (or (s/tp, b, h) under sequence parallelism).
       Last stage with labels: returns (loss_sum, n_tokens), the float32 sum of per-token losses
-      over tokens where loss_mask is 1, and their count, so callers can normalise over
-      micro-batches and data-parallel ranks. Last stage without labels: this rank's vocabulary
-      slice of the logits, (b, s, V_padded / tp).
+      times loss_mask (1 where a token counts, 0 where not; other values weight it) and the
+      mask's sum, so callers can normalise over micro-batches and data-parallel ranks.
+      Last stage without labels: this rank's vocabulary slice of the logits, (b, s, V_padded / tp).
     """
 
     def __init__(self, model: ModelConfig, kernels: KernelsConfig, spec: StageSpec, *,
@@ -335,11 +335,12 @@ class GPTStage(nn.Module):
         target = labels.t()
         mask = torch.ones_like(target, dtype=torch.float32) if loss_mask is None else loss_mask.t().float()
         if group_size(self.tp_group) == 1 and self.ops.cross_entropy_backend == "triton":
-            target = target.masked_fill(mask == 0, -100)
+            target = target.masked_fill(mask == 0, -100)         # rows masked out are not read
             flat = logits.reshape(-1, logits.shape[-1])        # the padded vocabulary, no copy
             loss_sum = self.ops.cross_entropy(flat, target.reshape(-1), vocab_size=self.cfg.vocab_size,
                                               reduction="sum",     # float32, no device sync
-                                              inplace_backward=True)  # nothing reads the logits
+                                              inplace_backward=True,  # nothing reads the logits
+                                              weight=mask.reshape(-1))  # a mask need not be 0/1
             return loss_sum, mask.sum()
         losses = vocab_parallel_cross_entropy(logits, target, self.cfg.vocab_size, self.tp_group,
                                               fused=self.ops.cross_entropy_backend == "triton")

@@ -301,3 +301,101 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(device, dtype, red
     torch.testing.assert_close(seen["grad"].float(), ref.grad, rtol=rtol, atol=atol)
     torch.testing.assert_close(loss.float(), cross_entropy_reference(
         before, target, vocab_size=301, reduction=reduction).float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_row_weights(compare, device, dtype, reduction):
+    """Per-row weights (a loss mask that is not 0/1: zeros, fractions, above 1) multiply each
+    row's loss and gradient; the mean divides by the weights of the rows not ignored."""
+    logits, target = _logits_target((5, 7), 300, dtype, device)
+    weight = torch.rand(5, 7, device=device) * 2
+    weight[0, :3] = 0.0
+    compare(lambda x: cross_entropy(x, target, reduction=reduction, weight=weight).to(dtype),
+            lambda x: cross_entropy_reference(x, target, reduction=reduction,
+                                              weight=weight).to(dtype),
+            [logits], dtype, ["logits"])
+    losses = torch.nn.functional.cross_entropy(logits.detach().float().reshape(-1, 300),
+                                               target.reshape(-1), reduction="none")
+    kept = (target.reshape(-1) != -100).float() * weight.reshape(-1)
+    expected = (losses * kept).sum() / (kept.sum() if reduction == "mean" else 1.0)
+    torch.testing.assert_close(cross_entropy(logits, target, reduction=reduction,
+                                             weight=weight).float(), expected,
+                               rtol=5e-3 if dtype == F16 else 1e-5, atol=1e-4)
+
+
+def test_ones_as_weights_change_nothing(device):
+    logits, target = _logits_target((3, 11), 120, F32, device)
+    for reduction in ("mean", "sum"):
+        torch.testing.assert_close(
+            cross_entropy(logits, target, reduction=reduction,
+                          weight=torch.ones(3, 11, device=device)),
+            cross_entropy(logits, target, reduction=reduction))
+
+
+def test_strided_row_weights(device):
+    """A weight tensor that is a strided view is read as its values, not as its storage."""
+    logits, target = _logits_target((9,), 50, F32, device)
+    every_other = torch.rand(18, device=device)[::2]
+    torch.testing.assert_close(cross_entropy(logits, target, weight=every_other),
+                               cross_entropy_reference(logits, target, weight=every_other))
+
+
+def test_row_weights_with_inplace_backward_and_padding(device):
+    leaf, target = _logits_target((4, 6), 333, F32, device)
+    target = target.clamp(max=300).masked_fill(target == -100, -100)
+    weight = torch.rand(4, 6, device=device)
+    logits = leaf * 1
+    loss = cross_entropy(logits, target, vocab_size=301, reduction="sum", inplace_backward=True,
+                         weight=weight)
+    grad, = torch.autograd.grad(3.0 * loss, leaf)
+    ref = leaf.detach().clone().requires_grad_()
+    ref_loss = cross_entropy_reference(ref, target, vocab_size=301, reduction="sum",
+                                       weight=weight)
+    ref_grad, = torch.autograd.grad(3.0 * ref_loss, ref)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("weight,error,message", [
+    (lambda d: torch.ones(4, device=d, dtype=torch.int64), TypeError,
+     "weight must be a floating-point tensor"),
+    (lambda d: [1.0] * 4, TypeError, "weight must be a floating-point tensor"),
+    (lambda d: torch.ones(5, device=d), ValueError,
+     r"weight has shape \(5,\) but target has \(4,\)"),
+    (lambda d: torch.ones(4, device="meta"), ValueError, "target is on .* but weight is on meta"),
+])
+def test_bad_weight(device, weight, error, message):
+    logits, target = _logits_target((4,), 10, F32, device)
+    with pytest.raises(error, match=message):
+        cross_entropy(logits, target, weight=weight(device))
+
+
+def test_the_models_fused_loss_weights_by_a_fractional_loss_mask(device):
+    """The model's loss with the Triton cross-entropy equals the torch one (the sum of per-token
+    losses times loss_mask, and the mask's sum), loss and every gradient, for a mask of zeros,
+    fractions and values above 1."""
+    from megagpt.config import KernelsConfig, ModelConfig
+    from megagpt.model.gpt import GPTStage, StageSpec, init_weights
+
+    m = ModelConfig(vocab_size=90, d_model=64, n_heads=2, n_layers=1, seq_length=12, dropout=0.0)
+    data = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 90, (3, 12), generator=data).to(device)
+    labels = torch.randint(0, 90, (3, 12), generator=data).to(device)
+    mask = (torch.rand(3, 12, generator=data) * 2).to(device)
+    mask[0, :4] = 0.0
+    results = {}
+    for backend in ("triton", "torch"):
+        kernels = KernelsConfig(attention="eager", layernorm="torch", softmax="torch",
+                                bias_gelu="torch", cross_entropy=backend)
+        stage = GPTStage(m, kernels, StageSpec(0, 1, True, True), device=device)
+        init_weights(stage, m, seed=1)
+        loss_sum, n_tokens = stage(ids, labels, mask)
+        loss_sum.backward()
+        results[backend] = (loss_sum.detach(), n_tokens,
+                            {k: p.grad for k, p in stage.named_parameters()})
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1])
+    for name, grad in results["torch"][2].items():
+        torch.testing.assert_close(results["triton"][2][name], grad, rtol=1e-4, atol=1e-5,
+                                   msg=name)

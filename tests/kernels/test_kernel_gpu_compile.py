@@ -98,9 +98,11 @@ def main():
     _compile_configs(bg._bwd_kernel,
                      dict(X=bf16, BIAS=bf16, DY=bf16, DX=bf16, DBIAS_PARTIAL="*fp32",
                           n_rows="i32", n_cols="i32", rows_per_program="i32"), {})
-    _compile_configs(ce._fwd_kernel,
-                     dict(LOGITS=bf16, TARGET="*i64", LOSS="*fp32", LSE="*fp32", N_VALID="*i64",
-                          n_cols="i32", width="i32", ignore_index="i32"), {})
+    for weighted in (True, False):
+        _compile_configs(ce._fwd_kernel,
+                         dict(LOGITS=bf16, TARGET="*i64", WEIGHT="*fp32", LOSS="*fp32",
+                              LSE="*fp32", N_VALID="*fp32", n_cols="i32", width="i32",
+                              ignore_index="i32"), dict(WEIGHTED=weighted))
     _compile_configs(ce._shard_stats,
                      dict(LOGITS=bf16, TARGET="*i64", STATS="*fp32", n_cols="i32", width="i32",
                           vocab_start="i32"), {})
