@@ -27,8 +27,9 @@ logit (0 when the target lies outside the shard); the ranks combine them into th
 log-sum-exp (max over ranks, rescaled sums, summed target logits), and in the backward
 `cross_entropy_shard_grad` writes the shard's (softmax - onehot) times each row's gradient.
 
-Launch settings: one program a row; the vocabulary chunk BLOCK_V and the warps are autotuned on a
-GPU per row width.
+Each row is walked in chunks counted from its start rounded down to 16 bytes (`_aligned_row`), so
+that the whole chunks load and store as vectors whatever the width. Launch settings: one program
+a row; the vocabulary chunk BLOCK_V and the warps are autotuned on a GPU per row width.
 """
 import torch
 
@@ -38,48 +39,80 @@ from ._utils import (Autotuned, check_float, check_same_device, drop_blocks_long
 
 @triton.jit
 def _online_max_sumexp(m, d, x):
-    """Fold chunk x into the running max m and sum d of exp(x - m)."""
+    """Fold chunk x into the running max m and sum d of exp(x - m); a chunk of -inf only (or
+    none yet) leaves m = -inf and d = 0."""
     m_new = tl.maximum(m, tl.max(x, 0))
-    d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
     return m_new, d
 
 
 @triton.jit
-def _row_max_sumexp(row_ptr, n_cols, BLOCK_V: tl.constexpr):
-    """Online max and sum(exp(x - max)) of one row, chunk by chunk, in float32. Whole chunks load
-    without a mask (a mask over a width not divisible by 16, like GPT-2's 50257 classes, keeps
-    the loads from being vectorised); the last, partial one with it."""
+def _aligned_row(BASE, row, width):
+    """Row `row` of a (rows, width) tensor as (ptr, lead): ptr is the row's start rounded down
+    to 16 bytes, lead the elements between ptr and the row. Chunks of the row counted from ptr
+    can load and store whole 16-byte vectors whatever the width: counted from the row's own
+    start, a width like GPT-2's 50257 classes leaves most rows unaligned and every access a
+    single element."""
+    align: tl.constexpr = 128 // BASE.dtype.element_ty.primitive_bitwidth
+    start = row * width
+    lead = start % align
+    return BASE + tl.multiple_of(start - lead, align), lead
+
+
+@triton.jit
+def _row_max_sumexp(ptr, lead, n_cols, BLOCK_V: tl.constexpr):
+    """Online max and sum(exp(x - max)) of the n_cols elements at ptr + lead, chunk by chunk
+    from the aligned ptr, in float32: the first chunk (holding the lead) and the last, partial
+    one masked, the whole ones between without a mask, so that they load as vectors."""
     cols = tl.arange(0, BLOCK_V)
-    m = float("-inf")
-    d = 0.0
-    whole = (n_cols // BLOCK_V) * BLOCK_V
-    for start in range(0, whole, BLOCK_V):
-        m, d = _online_max_sumexp(m, d, tl.load(row_ptr + start + cols).to(tl.float32))
-    if whole < n_cols:
-        x = tl.load(row_ptr + whole + cols, mask=whole + cols < n_cols, other=float("-inf"))
+    end = lead + n_cols
+    x = tl.load(ptr + cols, mask=(cols >= lead) & (cols < end), other=float("-inf"))
+    m, d = _online_max_sumexp(float("-inf"), 0.0, x.to(tl.float32))
+    whole = (end // BLOCK_V) * BLOCK_V
+    for start in range(BLOCK_V, whole, BLOCK_V):
+        m, d = _online_max_sumexp(m, d, tl.load(ptr + start + cols).to(tl.float32))
+    if (whole >= BLOCK_V) & (whole < end):
+        x = tl.load(ptr + whole + cols, mask=whole + cols < end, other=float("-inf"))
         m, d = _online_max_sumexp(m, d, x.to(tl.float32))
     return m, d
 
 
 @triton.jit
-def _write_row_grad(row_ptr, grad_ptr, n_cols, width, lse, local_target, scale,
-                    BLOCK_V: tl.constexpr):
-    """grad[j] = (exp(x[j] - lse) - [j == local_target]) * scale for j < n_cols, 0 for the
-    padding columns n_cols <= j < width, over one row, chunk by chunk: whole chunks of classes
-    without masks, then the partial one and the padding with them."""
-    cols = tl.arange(0, BLOCK_V)
-    whole = (n_cols // BLOCK_V) * BLOCK_V
-    for start in range(0, whole, BLOCK_V):
-        idx = start + cols
-        x = tl.load(row_ptr + idx).to(tl.float32)
-        g = (tl.exp(x - lse) - tl.where(idx == local_target, 1.0, 0.0)) * scale
+def _row_grad_chunk(ptr, grad_ptr, idx, lead, n_cols, width, lse, local_target, scale,
+                    MASKED: tl.constexpr):
+    """grad = (exp(x - lse) - onehot) * scale at positions idx counted from the aligned row
+    start: a class at lead <= idx < lead + n_cols, padding (gradient 0) up to lead + width.
+    Unmasked, idx must lie among the classes."""
+    col = idx - lead
+    if MASKED:
+        x = tl.load(ptr + idx, mask=(col >= 0) & (col < n_cols), other=0.0).to(tl.float32)
+    else:
+        x = tl.load(ptr + idx).to(tl.float32)
+    g = (tl.exp(x - lse) - tl.where(col == local_target, 1.0, 0.0)) * scale
+    if MASKED:
+        g = tl.where(col < n_cols, g, 0.0)
+        tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=(col >= 0) & (col < width))
+    else:
         tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty))
-    for start in range(whole, width, BLOCK_V):
-        idx = start + cols
-        x = tl.load(row_ptr + idx, mask=idx < n_cols, other=0.0).to(tl.float32)
-        g = (tl.exp(x - lse) - tl.where(idx == local_target, 1.0, 0.0)) * scale
-        g = tl.where(idx < n_cols, g, 0.0)
-        tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=idx < width)
+
+
+@triton.jit
+def _write_row_grad(ptr, grad_ptr, lead, n_cols, width, lse, local_target, scale,
+                    BLOCK_V: tl.constexpr):
+    """grad[j] = (exp(x[j] - lse) - [j == local_target]) * scale for the row's classes j <
+    n_cols, 0 for its padding columns n_cols <= j < width, chunk by chunk from the aligned row
+    start (see `_aligned_row`): whole chunks of classes without masks, the first chunk, the
+    partial one and the padding with them."""
+    cols = tl.arange(0, BLOCK_V)
+    _row_grad_chunk(ptr, grad_ptr, cols, lead, n_cols, width, lse, local_target, scale, True)
+    whole = ((lead + n_cols) // BLOCK_V) * BLOCK_V
+    for start in range(BLOCK_V, whole, BLOCK_V):
+        _row_grad_chunk(ptr, grad_ptr, start + cols, lead, n_cols, width, lse, local_target,
+                        scale, False)
+    for start in range(tl.maximum(whole, BLOCK_V), lead + width, BLOCK_V):
+        _row_grad_chunk(ptr, grad_ptr, start + cols, lead, n_cols, width, lse, local_target,
+                        scale, True)
 
 
 @triton.jit
@@ -89,7 +122,7 @@ def _cross_entropy_fwd_kernel(LOGITS, TARGET, WEIGHT, LOSS, LSE, N_VALID, n_cols
     WEIGHTED) divided by N_VALID (the mean's share; 1 for a sum) and its log-sum-exp (0 for an
     ignored row, which is not read)."""
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = LOGITS + row * width
+    ptr, lead = _aligned_row(LOGITS, row, width)
     target = tl.load(TARGET + row).to(tl.int64)
     n_valid = tl.load(N_VALID).to(tl.float32)
     share = 1.0 / n_valid
@@ -100,10 +133,10 @@ def _cross_entropy_fwd_kernel(LOGITS, TARGET, WEIGHT, LOSS, LSE, N_VALID, n_cols
         tl.store(LOSS + row, tl.where(n_valid > 0, 0.0, float("nan")))
         tl.store(LSE + row, 0.0)
     else:
-        m, d = _row_max_sumexp(row_ptr, n_cols, BLOCK_V)
+        m, d = _row_max_sumexp(ptr, lead, n_cols, BLOCK_V)
         lse = m + tl.log(d)
         in_range = (target >= 0) & (target < n_cols)
-        target_logit = tl.load(row_ptr + target, mask=in_range, other=float("nan"))
+        target_logit = tl.load(ptr + lead + target, mask=in_range, other=float("nan"))
         tl.store(LOSS + row, (lse - target_logit.to(tl.float32)) * share)
         tl.store(LSE + row, lse)
 
@@ -114,11 +147,11 @@ def _shard_stats_kernel(LOGITS, TARGET, STATS, n_cols, width, vocab_start, BLOCK
     STATS is (3, rows): max, sum of exponentials, target logit."""
     row = tl.program_id(0).to(tl.int64)
     n_rows = tl.num_programs(0)
-    row_ptr = LOGITS + row * width
-    m, d = _row_max_sumexp(row_ptr, n_cols, BLOCK_V)
+    ptr, lead = _aligned_row(LOGITS, row, width)
+    m, d = _row_max_sumexp(ptr, lead, n_cols, BLOCK_V)
     local = tl.load(TARGET + row).to(tl.int64) - vocab_start
     in_shard = (local >= 0) & (local < n_cols)
-    target_logit = tl.load(row_ptr + local, mask=in_shard, other=0.0).to(tl.float32)
+    target_logit = tl.load(ptr + lead + local, mask=in_shard, other=0.0).to(tl.float32)
     tl.store(STATS + row, m)
     tl.store(STATS + n_rows + row, d)
     tl.store(STATS + 2 * n_rows + row, target_logit)
@@ -132,18 +165,17 @@ def _grad_kernel(LOGITS, TARGET, LSE, SCALE, GRAD, n_cols, width, vocab_start, i
     SCALE is one float32 per row, or one for all rows."""
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGET + row).to(tl.int64)
-    grad_ptr = GRAD + row * width
+    ptr, lead = _aligned_row(LOGITS, row, width)
+    grad_ptr, _ = _aligned_row(GRAD, row, width)
     if target == ignore_index:
-        cols = tl.arange(0, BLOCK_V)
-        for start in range(0, width, BLOCK_V):
-            tl.store(grad_ptr + start + cols, tl.zeros([BLOCK_V], tl.float32).to(
-                grad_ptr.dtype.element_ty), mask=start + cols < width)
+        # as a row of padding, unread: exp(0 - inf) = 0
+        _write_row_grad(ptr, grad_ptr, lead, 0, width, float("inf"), -1, 0.0, BLOCK_V)
     else:
         if SCALE_PER_ROW:
             scale = tl.load(SCALE + row).to(tl.float32)
         else:
             scale = tl.load(SCALE).to(tl.float32)
-        _write_row_grad(LOGITS + row * width, grad_ptr, n_cols, width, tl.load(LSE + row),
+        _write_row_grad(ptr, grad_ptr, lead, n_cols, width, tl.load(LSE + row),
                         target - vocab_start, scale, BLOCK_V)
 
 

@@ -20,8 +20,9 @@ element-wise kernel is faster than its host code, so only this timing shows its 
 TFLOP/s for attention (4·B·H·S²·D forward, halved when causal;
 forward+backward 3.5× that) or effective GB/s for the rest (the bytes the op must read and write;
 also as a fraction of the card's measured copy bandwidth), the speedup over PyTorch, the largest
-output difference from PyTorch, cross_entropy's peak memory beside F.cross_entropy (and with
-inplace_backward=True, as the model calls it), and the
+output difference from PyTorch; cross_entropy both on logits as wide as the vocabulary and on
+logits padded to a multiple of 128 as the model's (F.cross_entropy on their slice), and its peak
+memory beside F.cross_entropy (and with inplace_backward=True, as the model calls it); and the
 launch config Triton's autotuner chose for each kernel and key. The autotuner times its configs
 at the first call of each new shape, which the warm-up runs absorb: the timed runs only launch.
 It prints a table and writes JSON (--json, default $OUT/bench_kernels.json when $OUT is set,
@@ -180,15 +181,24 @@ def bias_gelu_case(name, tokens, d_model, device, dtype) -> Case:
                 "GB/s", _elementwise_work(tokens * width, dtype))
 
 
-def cross_entropy_case(tokens, vocab, device, dtype) -> Case:
+def cross_entropy_case(tokens, vocab, device, dtype, width=None) -> Case:
+    """Logits `width` wide (default: vocab) of which the first `vocab` columns are classes: with
+    padding, as the model's logits (its vocabulary padded to a multiple of 128) against
+    F.cross_entropy on their slice."""
     size = torch.finfo(dtype).bits // 8
+    width = width or vocab
 
     def make():
         target = torch.randint(0, vocab, (tokens,), device=device)
-        return [_leaf(tokens, vocab, device=device, dtype=dtype, scale=2.0), target]
+        return [_leaf(tokens, width, device=device, dtype=dtype, scale=2.0), target]
 
-    return Case("cross_entropy", f"vocab {vocab}", f"({tokens}, {vocab})", make,
-                {"triton": cross_entropy, "torch": F.cross_entropy},
+    if width == vocab:
+        name, sides = f"vocab {vocab}", {"triton": cross_entropy, "torch": F.cross_entropy}
+    else:
+        name = f"vocab {vocab} padded to {width}"
+        sides = {"triton": lambda x, t: cross_entropy(x, t, vocab_size=vocab),
+                 "torch": lambda x, t: F.cross_entropy(x[:, :vocab], t)}
+    return Case("cross_entropy", name, f"({tokens}, {width})", make, sides,
                 "GB/s", {"fwd": tokens * vocab * size, "fwd+bwd": 2 * tokens * vocab * size})
 
 
@@ -211,6 +221,7 @@ def build_cases(quick, device, dtype, on_gpu) -> List[Case]:
         cases.append(softmax_case(name, tokens, n_heads, seq, device, dtype))
         cases.append(bias_gelu_case(name, tokens, d_model, device, dtype))
     cases.append(cross_entropy_case(tokens, vocab, device, dtype))
+    cases.append(cross_entropy_case(tokens, vocab, device, dtype, width=-(-vocab // 128) * 128))
     for name, (d_model, n_heads, seq) in configs.items():   # last: the extras
         cases.append(attention_in_model_case(name, tokens // seq, n_heads, seq, d_model // n_heads,
                                              device, dtype, on_gpu))

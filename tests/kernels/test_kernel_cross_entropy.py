@@ -53,6 +53,36 @@ def test_all_rows_ignored_gives_nan_and_zero_grad(device):
     assert torch.all(logits.grad == 0)
 
 
+# (width, vocab_size): odd widths, so that the rows start at every offset within 16 bytes: one
+# short of a chunk (interpreter: 256), just over one, several chunks, padding over whole chunks.
+@pytest.mark.parametrize("width,vocab_size", [(1, None), (7, None), (255, None), (257, None),
+                                              (603, None), (603, 250), (601, 513)], ids=str)
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_rows_at_every_alignment(device, dtype, width, vocab_size):
+    """The kernels walk each row from its start rounded down to 16 bytes (so most chunks load
+    and store as vectors whatever the width): every row's loss and gradient, in place or not,
+    equals the reference's, and no row's gradient spills into its neighbours."""
+    leaf, target = _logits_target((9,), width, dtype, device, ignore_every=4)
+    target = target.clamp(max=(vocab_size or width) - 1).masked_fill(target == -100, -100)
+    ref = leaf.detach().float().requires_grad_()
+    ref_loss = cross_entropy_reference(ref, target, vocab_size=vocab_size, reduction="sum")
+    ref_loss.backward()
+    rtol, atol = (1e-5, 1e-5) if dtype == F32 else (5e-3, 5e-4)
+    for inplace in (False, True):
+        logits = leaf * 1
+        loss = cross_entropy(logits, target, vocab_size=vocab_size, reduction="sum",
+                             inplace_backward=inplace)
+        grad, = torch.autograd.grad(loss, leaf)
+        torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
+        torch.testing.assert_close(grad.float(), ref.grad, rtol=rtol, atol=atol)
+    start = 1 if vocab_size is None else 0
+    stats = cross_entropy_shard_stats(leaf.detach(), target + start, start, vocab_size)
+    expected = cross_entropy_shard_stats_reference(leaf.detach(), target + start, start,
+                                                   vocab_size)
+    for got, want in zip(stats, expected):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
 def test_sum_reduction_in_float32(compare, device, dtype):
     """reduction="sum": the float32 sum of the non-ignored rows' losses, padded vocabulary too."""

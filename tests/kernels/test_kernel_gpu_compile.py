@@ -4,7 +4,8 @@ The interpreter runs kernels as Python, so it accepts code that Triton's compile
 plain global float read inside a kernel, a loop-carried value changing type). This test compiles
 the kernels ahead of time for ``GPUTarget("cuda", 90, 32)`` in a subprocess without
 ``TRITON_INTERPRET`` (where the autotuned kernels hold their GPU configs), with every config the
-autotuner may choose, for the dtypes, head dims and row widths the model uses. On a machine with
+autotuner may choose, for the dtypes, head dims and row widths the model uses; and reads the PTX
+where a kernel's speed depends on how it accesses memory. On a machine with
 a GPU the other tests compile and run the kernels for real, so it is skipped there.
 """
 import importlib
@@ -18,19 +19,36 @@ import torch
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def _compile(fn, signature, constexprs, num_warps, num_stages=3):
+def _compile(fn, signature, constexprs, num_warps, num_stages=3, odd=()):
+    """The compiled kernel; its PTX is ``.asm["ptx"]``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    # As a launch with aligned tensors and sizes divisible by 16 specialises them.
+    # As a launch with aligned tensors and sizes divisible by 16 specialises them (the sizes
+    # named in `odd` excepted).
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-             if signature[name].startswith("*") or signature[name] == "i32"}
+             if signature[name].startswith("*") or (signature[name] == "i32"
+                                                    and name not in odd)}
     source = ASTSource(fn, signature, {(names.index(k),): v for k, v in constexprs.items()}, attrs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _check_cross_entropy_vectorised(ce, fwd_signature, grad_signature):
+    """With a row width not divisible by 16 (GPT-2's 50257 classes unpadded) the cross-entropy
+    kernels still read (and the gradient kernel still writes) the logits as 16-byte vectors."""
+    odd = ("n_cols", "width")
+    config = dict(BLOCK_V=4096)
+    fwd = _compile(ce._cross_entropy_fwd_kernel, fwd_signature, dict(WEIGHTED=False, **config),
+                   8, odd=odd).asm["ptx"]
+    grad = _compile(ce._grad_kernel, grad_signature, dict(SCALE_PER_ROW=False, **config), 8,
+                    odd=odd).asm["ptx"]
+    assert "ld.global.v4.b32" in fwd, "the forward reads an odd-width row element by element"
+    assert "ld.global.v4.b32" in grad and "st.global.v4.b32" in grad, \
+        "the backward reads or writes an odd-width row element by element"
 
 
 def _compile_configs(tuned, signature, constexprs):
@@ -98,19 +116,18 @@ def main():
     _compile_configs(bg._bwd_kernel,
                      dict(X=bf16, BIAS=bf16, DY=bf16, DX=bf16, DBIAS_PARTIAL="*fp32",
                           n_rows="i32", n_cols="i32", rows_per_program="i32"), {})
+    ce_fwd = dict(LOGITS=bf16, TARGET="*i64", WEIGHT="*fp32", LOSS="*fp32", LSE="*fp32",
+                  N_VALID="*fp32", n_cols="i32", width="i32", ignore_index="i32")
+    ce_grad = dict(LOGITS=bf16, TARGET="*i64", LSE="*fp32", SCALE="*fp32", GRAD=bf16,
+                   n_cols="i32", width="i32", vocab_start="i32", ignore_index="i32")
     for weighted in (True, False):
-        _compile_configs(ce._fwd_kernel,
-                         dict(LOGITS=bf16, TARGET="*i64", WEIGHT="*fp32", LOSS="*fp32",
-                              LSE="*fp32", N_VALID="*fp32", n_cols="i32", width="i32",
-                              ignore_index="i32"), dict(WEIGHTED=weighted))
+        _compile_configs(ce._fwd_kernel, ce_fwd, dict(WEIGHTED=weighted))
     _compile_configs(ce._shard_stats,
                      dict(LOGITS=bf16, TARGET="*i64", STATS="*fp32", n_cols="i32", width="i32",
                           vocab_start="i32"), {})
     for per_row in (True, False):
-        _compile_configs(ce._grad,
-                         dict(LOGITS=bf16, TARGET="*i64", LSE="*fp32", SCALE="*fp32", GRAD=bf16,
-                              n_cols="i32", width="i32", vocab_start="i32", ignore_index="i32"),
-                         dict(SCALE_PER_ROW=per_row))
+        _compile_configs(ce._grad, ce_grad, dict(SCALE_PER_ROW=per_row))
+    _check_cross_entropy_vectorised(ce, ce_fwd, ce_grad)
 
 
 @pytest.mark.slow
