@@ -109,6 +109,10 @@ class Autotuned:
     def _launch(self, grid, *args, **meta):
         if self._tensor_args is None:   # the kernel's pointer arguments, fixed by its launcher
             self._tensor_args = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
+        device = args[self._tensor_args[0]].device
+        if on_another_gpu(device):
+            with torch.cuda.device(device):
+                return self._launch(grid, *args, **meta)
         key = (*[args[i] if i < len(args) else meta[name] for i, name in self._key_args],
                *[args[i].dtype for i in self._tensor_args])
         options = self.chosen.get(key)
@@ -117,6 +121,14 @@ class Autotuned:
             self.chosen[key] = self.tuner.best_config.all_kwargs()
         else:
             self.kernel.run(*args, grid=grid, warmup=False, **meta, **options)
+
+
+def on_another_gpu(device: torch.device) -> bool:
+    """Whether `device` is a GPU other than the current one. Triton launches a kernel on the
+    current GPU and its current stream, whatever its tensors' device: a launch for tensors on
+    another GPU must make theirs current first (a torch op runs on its inputs' device), or it
+    faults, or with peer access runs on the wrong GPU unordered with their stream."""
+    return device.type == "cuda" and device.index != torch.cuda.current_device()
 
 
 def autotune_choices() -> dict:

@@ -69,6 +69,37 @@ def test_later_launches_reuse_the_chosen_config(device, monkeypatch):
     assert list(tuned.chosen) == [key, (300, torch.float16, F32, F32, torch.float16, F32)]
 
 
+def test_a_launch_for_another_gpu_makes_it_current(device, monkeypatch):
+    """Triton launches on the current GPU: a launch whose tensors live on another one runs
+    inside torch.cuda.device(their device), and only then."""
+    entered = []
+
+    class Recorder:
+        def __init__(self, where):
+            self.where = where
+
+        def __enter__(self):
+            entered.append(self.where)
+
+        def __exit__(self, *exc):
+            return False
+
+    x, weight, bias = torch.randn(3, 40, device=device), torch.randn(40, device=device), \
+        torch.randn(40, device=device)
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    monkeypatch.setattr(_utils, "on_another_gpu", lambda where: not entered)
+    torch.testing.assert_close(layer_norm(x, weight, bias), layer_norm_reference(x, weight, bias),
+                               rtol=1e-5, atol=1e-5)
+    assert entered == [x.device]
+
+
+def test_which_devices_count_as_another_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _utils.on_another_gpu(torch.device("cuda", 1))
+    assert not _utils.on_another_gpu(torch.device("cuda", 0))
+    assert not _utils.on_another_gpu(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("block_n", BLOCK_NS)
 @pytest.mark.parametrize("max_tile", [16384, ln.BWD_MAX_TILE])
 def test_row_configs_fit_the_row(block_n, max_tile):
