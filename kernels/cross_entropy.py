@@ -205,15 +205,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, target = logits.contiguous(), target.contiguous()
         width = logits.shape[-1]
         n_rows = target.numel()
-        valid = target != ignore_index
         if weight is not None:
             weight = weight.reshape(-1).float().contiguous()
         if reduction == "sum":
             n_valid = torch.ones((), device=logits.device, dtype=torch.float32)
         elif weight is None:
-            n_valid = valid.sum().float()
+            n_valid = (target != ignore_index).sum(dtype=torch.float32)
         else:
-            n_valid = weight.masked_fill(~valid.reshape(-1), 0.0).sum()
+            n_valid = weight.masked_fill(target.reshape(-1) == ignore_index, 0.0).sum()
         loss_rows = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
         lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
         _fwd_kernel[(n_rows,)](logits, target, lse if weight is None else weight, loss_rows, lse,
