@@ -9,9 +9,11 @@ runs a greedy loop over samples (pick the dataset furthest behind its share); he
 reached without a loop over samples: sample k of dataset i is given the time (k + 1/2) / w_i and
 all samples are ordered by time (Webster's divisor order, one stable sort). Measured at every
 prefix of the blend, the count of each dataset stays within one sample of w_i * n for two and
-three datasets, and over random weight draws with up to five datasets its largest deviation is no
-larger than that of Megatron's greedy loop (tests/unit/test_data_gpt_dataset.py checks fixed
-weights of two, three and five datasets against a port of that loop).
+three datasets, and over random weight draws with up to five datasets within two samples, as
+Megatron's greedy loop (a review's 800 draws of 2-5 datasets, 2,000 samples each: at worst 1.66
+samples here, 1.48 there; in about one draw in twenty ours deviates more).
+tests/unit/test_data_gpt_dataset.py checks fixed weights of two, three and five datasets against
+a port of that loop.
 """
 from __future__ import annotations
 

@@ -324,7 +324,7 @@ class Trainer:
         weights_only = meta.get("weights_only", False)
         check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
                          with_optimizer=not weights_only)   # before loading: a clear refusal
-        self._warn_schedule_changes(meta, path)
+        self._warn_setting_changes(meta, path)
         meta, model_state, optim_state, rng_state = load_checkpoint(
             path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)
         with torch.no_grad(), e.master_weights():
@@ -350,11 +350,17 @@ class Trainer:
                        "max_steps")
     OPTIMIZER_FIELDS = ("weight_decay", "adam_beta1", "adam_beta2", "adam_eps")
 
-    def _warn_schedule_changes(self, meta: dict, path) -> None:
-        """Log the learning-rate schedule's and the optimizer's settings that differ from the
-        checkpoint's run: the config's apply from the resume on (allowed: extending max_steps is
-        a common reason), so the rate may jump."""
-        saved = meta.get("config", {}).get("training", {})
+    DATA_ORDER_FIELDS = (("training", "seed"), ("data", "train_data_path"), ("data", "split"),
+                         ("data", "mock"), ("data", "format"), ("data", "sft_packing"))
+
+    def _warn_setting_changes(self, meta: dict, path) -> None:
+        """Log the settings that differ from the checkpoint's run and what that does: the
+        learning-rate schedule's and the optimizer's apply from the resume on (allowed:
+        extending max_steps is a common reason), so the rate may jump; the data settings the
+        training samples' order is built from (and their count, max_steps x global batch)
+        reorder the samples not yet consumed."""
+        config = meta.get("config", {})
+        saved = config.get("training", {})
         now = self.cfg.training
 
         def changed(fields):
@@ -368,6 +374,22 @@ class Trainer:
             self.log(f"warning: resuming {path} with other optimizer settings ("
                      f"{', '.join(changed(self.OPTIMIZER_FIELDS))}); they apply from step "
                      f"{meta.get('step')} on")
+        data = [f"{section}.{k} {config[section][k]} -> {getattr(getattr(self.cfg, section), k)}"
+                for section, k in self.DATA_ORDER_FIELDS
+                if k in config.get(section, {})
+                and config[section][k] != getattr(getattr(self.cfg, section), k)]
+        if all(k in saved for k in ("max_steps", "batch_size", "grad_accumulation_steps")) \
+                and "dp" in meta.get("parallel", {}):
+            samples = saved["max_steps"] * saved["batch_size"] * saved["grad_accumulation_steps"] \
+                * meta["parallel"]["dp"]
+            if samples != now.max_steps * self.global_batch:
+                data.append(f"training samples (max_steps x global batch) {samples} -> "
+                            f"{now.max_steps * self.global_batch}")
+        if data:
+            self.log(f"warning: resuming {path} with other data settings ({', '.join(data)}); "
+                     f"the training samples' order is built from them, so after the "
+                     f"{meta.get('consumed_samples')} samples consumed the run may see again "
+                     f"samples the saved run trained on and miss others")
 
     def _save_deepspeed(self) -> Path:
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
@@ -394,7 +416,7 @@ class Trainer:
         weights_only = meta.get("weights_only", False)
         check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
                          with_optimizer=not weights_only)
-        self._warn_schedule_changes(meta, path)
+        self._warn_setting_changes(meta, path)
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         if weights_only:
             _, model_state, _, _ = load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0)

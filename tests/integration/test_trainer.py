@@ -88,6 +88,26 @@ def test_a_resume_with_another_schedule_says_so(tmp_path):
                "(training.max_steps 6 -> 9)" in m for m in longer), longer
 
 
+def _resume_with(rank, world, run_dir, max_steps, until, overrides):
+    messages = []
+    cfg = run_config(Path(run_dir), max_steps, **overrides)
+    Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append).train(until=until)
+    return messages
+
+
+def test_a_resume_with_other_data_settings_says_so(tmp_path):
+    """The samples' order is built from the seed, the data settings and the sample count: a
+    resume that changes any of them is told that the samples not yet consumed are reordered."""
+    run_distributed(_resume_with, 1, str(tmp_path), 6, 2, {})
+    same = run_distributed(_resume_with, 1, str(tmp_path), 6, 3, {})[0]
+    assert not any("other data settings" in m for m in same), same
+    changed = run_distributed(_resume_with, 1, str(tmp_path), 9, 4, dict(training__seed=7))[0]
+    assert any("warning: resuming" in m and "other data settings (training.seed 11 -> 7, "
+               "training samples (max_steps x global batch) 48 -> 72); the training samples' "
+               "order is built from them, so after the 24 samples consumed" in m
+               for m in changed), changed
+
+
 def _resume_with_optimizer_settings(rank, world, run_dir, overrides):
     messages = []
     cfg = run_config(Path(run_dir), 6, **overrides)
