@@ -39,11 +39,12 @@ from ._utils import (Autotuned, check_float, check_same_device, drop_blocks_long
 
 @triton.jit
 def _online_max_sumexp(m, d, x):
-    """Fold chunk x into the running max m and sum d of exp(x - m); a chunk of -inf only (or
-    none yet) leaves m = -inf and d = 0."""
+    """Fold chunk x into the running max m (one for the row) and the sums d (one a lane, each of
+    exp(x - m) over the lane's elements so far): one reduction across the program a chunk, the
+    max; the sums add up once at the end. No finite element yet leaves m = -inf and d = 0."""
     m_new = tl.maximum(m, tl.max(x, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+    d = d * tl.exp(m - m_safe) + tl.exp(x - m_safe)
     return m_new, d
 
 
@@ -68,14 +69,14 @@ def _row_max_sumexp(ptr, lead, n_cols, BLOCK_V: tl.constexpr):
     cols = tl.arange(0, BLOCK_V)
     end = lead + n_cols
     x = tl.load(ptr + cols, mask=(cols >= lead) & (cols < end), other=float("-inf"))
-    m, d = _online_max_sumexp(float("-inf"), 0.0, x.to(tl.float32))
+    m, d = _online_max_sumexp(float("-inf"), tl.zeros([BLOCK_V], tl.float32), x.to(tl.float32))
     whole = (end // BLOCK_V) * BLOCK_V
     for start in range(BLOCK_V, whole, BLOCK_V):
         m, d = _online_max_sumexp(m, d, tl.load(ptr + start + cols).to(tl.float32))
     if (whole >= BLOCK_V) & (whole < end):
         x = tl.load(ptr + whole + cols, mask=whole + cols < end, other=float("-inf"))
         m, d = _online_max_sumexp(m, d, x.to(tl.float32))
-    return m, d
+    return m, tl.sum(d, 0)
 
 
 @triton.jit
