@@ -6,7 +6,8 @@ resharding can rebuild the full tensor:
 - `param.tp_dim`: the dimension split across the tensor-parallel group (absent: replicated);
 - `param.tp_stride`: blocks along that dimension each rank takes a part of (3 for fused QKV);
 - `param.sequence_parallel`: a replicated parameter applied to sequence shards, whose gradient
-  must be summed over the tensor-parallel group (`reduce_sequence_parallel_grads`).
+  must be summed over the tensor-parallel group (in training `DataParallel` does it before its
+  data-parallel reduction; `reduce_sequence_parallel_grads` for a model used without it).
 
 Activations are [seq, batch, hidden]; under sequence parallelism the layers take and return
 [seq/tp, batch, hidden] at their outer edges.
