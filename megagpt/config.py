@@ -250,12 +250,28 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def _override_value(raw: str) -> Any:
-    """Command-line text to a JSON value: numbers, true/false/null and lists parse; the rest is text."""
+def _override_value(raw: str, ftype) -> Any:
+    """Command-line text to a JSON value: numbers, true/false/null and lists parse, and so do the
+    forms Python and shells write that JSON does not (True/False/None, .1, 1., +1) for a field
+    of that type; the rest is text."""
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
-        return raw
+        pass
+    base = _base_type(ftype)
+    if raw == "None":
+        return None
+    if base is bool and raw in ("True", "False"):
+        return raw == "True"
+    if base in (int, float):
+        try:
+            number = float(raw)
+        except ValueError:
+            return raw
+        if math.isfinite(number):
+            return int(number) if base is int and number.is_integer() and "." not in raw \
+                and "e" not in raw.lower() else number
+    return raw
 
 
 def apply_overrides(raw: dict, overrides: dict[str, str], problems: list[str]) -> None:
@@ -268,11 +284,16 @@ def apply_overrides(raw: dict, overrides: dict[str, str], problems: list[str]) -
             names = _field_names(cls)
             if part not in names:
                 prefix = ".".join(parts[:depth])
-                problems.append(_unknown(prefix, part, names, value))
+                problem = _unknown(prefix, part, names, value)
+                if depth < len(parts) - 1:   # a section's name: show the whole override
+                    section = ".".join(parts[:depth + 1])
+                    problem = f"--{key}={value}: unknown section {section}; " \
+                              f"{problem.split('; ', 1)[1]}"
+                problems.append(problem)
                 break
             ftype = _hints(cls)[part]
             if depth == len(parts) - 1:
-                parsed = _override_value(value)
+                parsed = _override_value(value, ftype)
                 if _base_type(ftype) is str and not isinstance(parsed, str) and parsed is not None:
                     parsed = value
                 node[part] = parsed
@@ -339,13 +360,13 @@ _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str:
                list: "a list"}
 
 
-def _coerce(where: str, value: Any, tp, problems: list[str]) -> Any:
+def _coerce(where: str, value: Any, tp, problems: list[str], doc: str | None = None) -> Any:
     """Check one JSON value against a field type; return the value to store (or None on error)."""
     if value is None:
         if _is_optional(tp):
             return None
         problems.append(f"{where}=null: must be {_TYPE_WORDS.get(_base_type(tp), 'set')}; "
-                        f"fix: give it a value")
+                        f"fix: give it a value{': ' + doc if doc else ''}")
         return None
     base = _base_type(tp)
     sub = _dataclass_of(tp)
@@ -387,7 +408,7 @@ def _build(cls, raw: dict, prefix: str, problems: list[str]):
                 problems.append(f"{where}: required field is missing; fix: add it to the config "
                                 f"({f.metadata.get('doc') or 'see configs/README.md'})")
             continue
-        value = _coerce(where, raw[f.name], hints[f.name], problems)
+        value = _coerce(where, raw[f.name], hints[f.name], problems, f.metadata.get("doc"))
         choices = f.metadata.get("choices")
         if choices and value is not None and value not in choices:
             problems.append(f"{where}={_show(value)}: must be one of {', '.join(choices)}")

@@ -140,6 +140,29 @@ def test_wrong_type():
     assert "training.learning_rate=true: must be a number, got bool" in problems
 
 
+def test_overrides_take_the_forms_python_and_shells_write():
+    """.1 and 1. are numbers, True/False booleans, None null: as a user would type them."""
+    cfg = load_config(TINY, ["--model.dropout=.1", "--training.learning_rate=3.",
+                             "--training.max_steps=+70", "--data.mock=True",
+                             "--parallel.sequence_parallel=False",
+                             "--parallel.deepspeed_config=None"], raw=tiny_raw())
+    assert (cfg.model.dropout, cfg.training.learning_rate, cfg.training.max_steps) == (0.1, 3.0, 70)
+    assert cfg.data.mock is True and cfg.parallel.sequence_parallel is False
+    assert cfg.parallel.deepspeed_config is None
+    problems = problems_of(tiny_raw(), ["--checkpoint.load=None", "--training.max_steps=1e3",
+                                        "--model.dropout=nan", "--data.mock=yes"])
+    assert ('checkpoint.load=null: must be a string; fix: give it a value: "auto" (resume from '
+            'latest if any), "none", or a path') in problems
+    assert "training.max_steps=1000.0: must be an integer, got float" in problems
+    assert "model.dropout=nan: must be a number, got str" in problems
+    assert "data.mock=yes: must be true or false, got str" in problems
+
+
+def test_a_misspelt_section_in_an_override_shows_the_whole_override():
+    problems = problems_of(tiny_raw(), ["--trainng.learning_rate=1"])
+    assert "--trainng.learning_rate=1: unknown section trainng; did you mean training?" in problems
+
+
 def test_unknown_field_suggests_the_closest_name():
     raw = tiny_raw()
     raw["training"]["learnin_rate"] = 0.1
