@@ -1,5 +1,6 @@
 """The trainer in-process on gloo: exact resume, skipped steps, aborts, SIGTERM."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -267,20 +268,29 @@ def test_the_peak_memory_stays_null_on_cpus_with_several_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("workers, to_group", [(0, False), (2, True)],
+                         ids=["the-trainer", "its-process-group-with-loader-workers"])
+def test_sigterm_saves_and_exits_zero(tmp_path, workers, to_group):
+    """SIGTERM to the trainer, or to its whole process group as a scheduler sends it (the data
+    loader's workers too), saves a checkpoint and exits 0."""
     cmd = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/tiny_model.json",
            "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
-           "--parallel.pipeline_parallel_size=1", "--data.mock=true", "--data.num_workers=0",
+           "--parallel.pipeline_parallel_size=1", "--data.mock=true",
+           f"--data.num_workers={workers}",
            "--training.max_steps=100000", "--training.log_interval=1", "--training.eval_interval=0",
            "--checkpoint.save_interval=0", f"--logging.run_dir={tmp_path}",
            f"--checkpoint.save_dir={tmp_path / 'checkpoints'}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=to_group)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and \
             not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "SIGTERM: saving step" in output
