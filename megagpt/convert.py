@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from megagpt.config import (KernelsConfig, ModelConfig, layout_problems, load_config,
                             model_fields_from_hf)
 from megagpt.data.tokenizer import Tokenizer, load_tokenizer
-from megagpt.fsutil import replace_folder_atomically
+from megagpt.fsutil import give_default_mode, replace_folder_atomically
 from megagpt.hf import from_hf, hf_config_dict, to_hf
 from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
 from megagpt.model.reshard import full_state_from_checkpoint, model_config_of, shard_full_state
@@ -153,6 +154,23 @@ def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Hugging Face folder; ConversionError naming the file that cannot be
+    read (truncated, corrupt, or not a weight file)."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_hf_weights(path)
+    except ConversionError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError,
+            pickle.UnpicklingError) as e:
+        files = [name for name in HF_WEIGHT_FILES if (path / name).is_file()]
+        where = path / files[0] if files else path
+        raise ConversionError(f"{where} cannot be read ({type(e).__name__}: {e}): truncated or "
+                              f"corrupt; fix: copy or export it again") from e
+
+
+def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if (path / "model.safetensors").is_file():
@@ -254,6 +272,7 @@ def write_hf(source: Source, folder: Path, tokenizer: Tokenizer) -> None:
     m, eod = source.model, tokenizer.eod_id
     weights = {k: v for k, v in to_hf(source.full_state, m).items() if k != "lm_head.weight"}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    give_default_mode(folder / "model.safetensors")   # safetensors writes it 0600
     _write_json(folder / "config.json", dict(hf_config_dict(m), bos_token_id=eod, eos_token_id=eod))
     _write_json(folder / "generation_config.json",
                 {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": eod})

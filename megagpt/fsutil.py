@@ -6,7 +6,11 @@ that every rank writes into, hashes, then one rename).
 
 `tempfile` creates its files 0600 and folders 0700 whatever the umask, and a rename keeps the
 mode: an index cache beside a shared corpus, or a trained tokenizer, would be readable by its
-creator only. Both helpers give the result the mode a plain `open` or `mkdir` would have.
+creator only. Both helpers give the result the mode a plain `open` or `mkdir` would have
+(`give_default_mode` does it for a file a library wrote).
+
+The tools that write outputs call `clean_up_on_sigterm` first: SIGTERM then unwinds like Ctrl-C,
+so the temporary files and folders are removed instead of left behind.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import ctypes
 import errno
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +64,23 @@ def _umask() -> int:
     return mask
 
 
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain ``open`` would have (what a library wrote 0600 included)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def clean_up_on_sigterm() -> None:
+    """Make SIGTERM (from `kill`, `timeout`, a scheduler) raise SystemExit(143) in this process,
+    as Ctrl-C raises KeyboardInterrupt: the writers here remove their temporary files on the way
+    out, and a tool's worker pool is shut down, where the signal's default would end the process
+    on the spot and leave both behind."""
+    signal.signal(signal.SIGTERM, _exit)
+
+
 @contextmanager
 def write_file_atomically(dest: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Yield a file object open (``mode``) on a new temporary file beside `dest`; when the block
@@ -71,7 +93,7 @@ def write_file_atomically(dest: str | os.PathLike, mode: str = "wb") -> Iterator
         with os.fdopen(fd, mode) as f:
             yield f
             fsync_file(f)
-        os.chmod(tmp, 0o666 & ~_umask())
+        give_default_mode(tmp)
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
     except BaseException:

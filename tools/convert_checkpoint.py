@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megagpt.convert import ConversionError, convert  # noqa: E402
 from megagpt.data.tokenizer import TokenizerError  # noqa: E402
+from megagpt.fsutil import clean_up_on_sigterm  # noqa: E402
 from megagpt.training.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--verify", action="store_true",
                         help="compare the logits of the output and the source on a fixed batch")
     args = parser.parse_args(argv)
+    clean_up_on_sigterm()
     try:
         result = convert(args.input, args.output, args.to, tp=args.tensor_parallel_size,
                          pp=args.pipeline_parallel_size, vp=args.virtual_pipeline_size,

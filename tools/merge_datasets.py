@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from megagpt.data.indexed import IndexedDatasetError, merge_datasets
+from megagpt.fsutil import clean_up_on_sigterm
 
 
 def main(argv=None) -> int:
@@ -17,6 +18,7 @@ def main(argv=None) -> int:
     parser.add_argument("--inputs", nargs="+", required=True, help="dataset prefixes, in order")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
     args = parser.parse_args(argv)
+    clean_up_on_sigterm()
     try:
         merged = merge_datasets(args.inputs, args.output_prefix)
     except (IndexedDatasetError, ValueError, OSError) as e:

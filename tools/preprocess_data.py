@@ -13,6 +13,7 @@ import sys
 from megagpt.data.jsonl import InputError
 from megagpt.data.preprocess import PreprocessError, preprocess_jsonl
 from megagpt.data.tokenizer import TokenizerError
+from megagpt.fsutil import clean_up_on_sigterm
 
 
 def main(argv=None) -> int:
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-bytes", type=int, default=1 << 18, help="input bytes per worker task")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    clean_up_on_sigterm()
     try:
         summary = preprocess_jsonl(args.input, args.output_prefix, tokenizer=args.tokenizer,
                                    json_keys=args.json_keys, append_eod=args.append_eod,

@@ -13,6 +13,7 @@ import sys
 
 from megagpt.data import jsonl
 from megagpt.data.tokenizer import train_bpe_tokenizer
+from megagpt.fsutil import clean_up_on_sigterm
 
 
 def read_texts(path: str, key: str, skipped: jsonl.SkipLog):
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json-key", default="text", help="the string field to train on")
     parser.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
     args = parser.parse_args(argv)
+    clean_up_on_sigterm()
     skipped = jsonl.SkipLog()
     try:
         jsonl.open_input(args.input).close()

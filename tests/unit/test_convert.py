@@ -1,7 +1,9 @@
 """Conversion between layouts and to and from Hugging Face GPT-2; the two command-line tools."""
 import importlib.util
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -298,6 +300,32 @@ def test_weights_of_another_vocabulary_than_config_json_are_refused(tmp_path, hf
                                               f"{config['vocab_size'] + 7}; fix: make config.json"):
         quiet(folder, tmp_path / "out", "megagpt")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_truncated_hf_weights_are_refused_with_the_file_named(tmp_path, hf_folder, weights):
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    (folder / "config.json").write_text((hf_folder / "config.json").read_text())
+    data = (hf_folder / "model.safetensors").read_bytes()
+    if weights == "pytorch_model.bin":
+        torch.save(safetensors_torch.load_file(hf_folder / "model.safetensors"), tmp_path / "w")
+        data = (tmp_path / "w").read_bytes()
+    (folder / weights).write_bytes(data[: len(data) // 3])
+    with pytest.raises(ConversionError, match=f"{folder / weights} cannot be read .*: truncated "
+                                              f"or corrupt; fix: copy or export it again"):
+        quiet(folder, tmp_path / "out", "megagpt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_exported_weights_are_as_readable_as_the_other_files(tmp_path, ours):
+    old = os.umask(0o022)
+    try:
+        quiet(ours / "tp2pp2", tmp_path / "hf", "hf")
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_a_corrupt_file_is_refused(tmp_path, full):

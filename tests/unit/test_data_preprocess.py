@@ -4,8 +4,10 @@ import gzip
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,7 @@ def test_several_keys_stay_aligned(tmp_path, gpt2):
     ("zero_workers", PreprocessError, "--workers 0 must be a positive integer"),
     ("no_keys", PreprocessError, r"--json-keys \[\]: give one or more"),
     ("repeated_key", PreprocessError, "repeats a key"),
+    ("zero_chunk_bytes", PreprocessError, "--chunk-bytes 0 must be a positive number of bytes"),
 ])
 def test_unusable_input_or_output_fails_cleanly(tmp_path, monkeypatch, case, error, message):
     src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS * 200])
@@ -161,6 +164,8 @@ def test_unusable_input_or_output_fails_cleanly(tmp_path, monkeypatch, case, err
         kwargs["json_keys"] = []
     elif case == "repeated_key":
         kwargs["json_keys"] = ["text", "text"]
+    elif case == "zero_chunk_bytes":
+        kwargs["chunk_bytes"] = 0
     before = files(tmp_path)
     with pytest.raises(error, match=message):
         preprocess_jsonl(**kwargs)
@@ -234,6 +239,42 @@ def test_command_line(tmp_path):
     assert "documents: 2" in ok.stdout and "malformed JSON: 1 (line 2)" in ok.stdout
     assert np.array_equal(IndexedDataset(tmp_path / "d" / "c_text_document")[1], [6894, 50256])
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to_group", [False, True], ids=["the-tool", "its-process-group"])
+def test_sigterm_mid_run_leaves_nothing_behind(tmp_path, to_group):
+    """SIGTERM (from kill, timeout, a scheduler) unwinds like Ctrl-C: the temporary files are
+    removed, no dataset is left half-written and the worker processes end too."""
+    src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS * 20000])
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "preprocess_data.py"),
+                             "--input", str(src), "--output-prefix", str(out / "c"),
+                             "--workers", "2", "--chunk-bytes", "4096", "--no-progress"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and \
+            not (out.is_dir() and any(".tmp" in f.name for f in out.iterdir())):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output
+    assert sorted(f.name for f in out.iterdir()) == [], output
+    deadline = time.time() + 10
+    while time.time() < deadline:    # the workers follow their parent out
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived the interrupted run")
 
 
 def test_command_line_errors_exit_2(tmp_path, capsys):
