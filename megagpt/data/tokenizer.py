@@ -187,6 +187,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
         raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs the "
                          f"{BYTE_ALPHABET_SIZE} byte tokens plus {EOD_TOKEN}; fix: use at least "
                          f"{BYTE_ALPHABET_SIZE + 1}")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
+        raise ValueError(f"min_frequency={min_frequency!r}: must be a count, 0 or more (a pair "
+                         f"must occur this often to be merged); fix: e.g. 2")
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {str(out)!r} exists and is not an empty folder; fix: choose "

@@ -132,6 +132,8 @@ def test_train_writes_a_folder_every_loader_reads(tmp_path):
 def test_train_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100 is too small.*at least 257"):
         train_bpe_tokenizer(CORPUS, vocab_size=100, output_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="min_frequency=-3: must be a count, 0 or more"):
+        train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "a", min_frequency=-3)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not an empty folder"):
