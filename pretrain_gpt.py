@@ -23,7 +23,7 @@ from megagpt.data.tokenizer import TokenizerError
 from megagpt.parallel.state import destroy_parallel, initialize_parallel
 from megagpt.testing import free_port
 from megagpt.training.checkpoint import CheckpointError
-from megagpt.training.trainer import Trainer, TrainingAborted, run_banner
+from megagpt.training.trainer import Trainer, TrainingAborted, output_problems, run_banner
 
 # What a user's input or run can raise after the config loads: each message names the setting
 # and the fix, so it is printed as it is, without a traceback.
@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     except (ConfigError, ConfigFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigFileError) else 1
+    problems = output_problems(cfg)
+    if problems:
+        print(f"error: {ConfigError(problems)}", file=sys.stderr)
+        return 1
     device = init_distributed(cfg)
     if device.type == "cpu" and cfg.training.precision != "fp32":
         print(f"note: training.precision={cfg.training.precision} runs as fp32 on a CPU")

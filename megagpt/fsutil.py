@@ -64,6 +64,20 @@ def _umask() -> int:
     return mask
 
 
+def why_not_a_folder(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be (or become, with its missing parents) a folder to write in: the
+    nearest existing path on the way is a file, or a folder this process may not write; None
+    when it can."""
+    for at in (Path(path).absolute(), *Path(path).absolute().parents):
+        if at.exists():
+            if not at.is_dir():
+                return f"{at} is a file"
+            if not os.access(at, os.W_OK | os.X_OK):
+                return f"{at} is not writable"
+            return None
+    return None
+
+
 def give_default_mode(path: str | os.PathLike) -> None:
     """Give a file the mode a plain ``open`` would have (what a library wrote 0600 included)."""
     os.chmod(path, 0o666 & ~_umask())

@@ -34,6 +34,7 @@ from megagpt.data.mock import build_mock_datasets
 from megagpt.data.sampler import MegatronPretrainingSampler
 from megagpt.data.sft_dataset import build_sft_datasets
 from megagpt.data.tokenizer import load_tokenizer
+from megagpt.fsutil import why_not_a_folder
 from megagpt.model.gpt import load_full_state_dict
 from megagpt.parallel.random import get_rng_tracker, seed_everything
 from megagpt.parallel.state import ParallelState
@@ -57,6 +58,25 @@ def _ignore_sigterm(worker_id: int) -> None:
     before the trainer's own handler could save. The workers end with the loader or with the
     trainer's process, as they do without a signal."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def output_problems(cfg) -> list[str]:
+    """The output folders of a run (the checkpoints', the metrics file's) that cannot be written,
+    each naming its setting and the fix: checked before training starts, not at the first save."""
+    run_dir = Path(cfg.run_dir)
+    folders = [("checkpoint.save_dir", cfg.checkpoint.save_dir, run_dir / "checkpoints"),
+               ("logging.metrics_file", cfg.logging.metrics_file,
+                run_dir / "metrics.jsonl")]
+    problems = []
+    for name, value, default in folders:
+        path = Path(value) if value else default
+        folder = path.parent if name == "logging.metrics_file" else path
+        reason = why_not_a_folder(folder)
+        if reason:
+            where = f"{name}={value}" if value else f"{name} (default {default}, under " \
+                                                     f"logging.run_dir={cfg.run_dir})"
+            problems.append(f"{where}: cannot write there ({reason}); fix: choose another path")
+    return problems
 
 
 class Trainer:

@@ -14,7 +14,7 @@ from megagpt.model.gpt import gather_full_state_dict
 from megagpt.parallel import state
 from megagpt.testing import run_distributed, tiny_config
 from megagpt.training.optim import lr_at
-from megagpt.training.trainer import Trainer, TrainingAborted
+from megagpt.training.trainer import Trainer, TrainingAborted, output_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -319,6 +319,34 @@ def test_a_bad_path_is_one_message_not_a_traceback(tmp_path, args, message):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_output_folders_that_cannot_be_written_are_named_before_training(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    bad = run_config(tmp_path, 2, checkpoint__save_dir=str(tmp_path / "afile"),
+                     logging__metrics_file=str(tmp_path / "afile" / "sub" / "m.jsonl"))
+    assert output_problems(bad) == [
+        f"checkpoint.save_dir={tmp_path / 'afile'}: cannot write there ({tmp_path / 'afile'} is "
+        f"a file); fix: choose another path",
+        f"logging.metrics_file={tmp_path / 'afile' / 'sub' / 'm.jsonl'}: cannot write there "
+        f"({tmp_path / 'afile'} is a file); fix: choose another path"]
+    defaults = run_config(tmp_path, 2, checkpoint__save_dir=None,
+                          logging__run_dir=str(tmp_path / "afile" / "run"))
+    assert output_problems(defaults)[0].startswith(
+        f"checkpoint.save_dir (default {tmp_path / 'afile' / 'run' / 'checkpoints'}, under "
+        f"logging.run_dir={tmp_path / 'afile' / 'run'}): cannot write there")
+    assert output_problems(run_config(tmp_path / "new" / "run", 2)) == []
+
+
+@pytest.mark.slow
+def test_a_save_dir_that_is_a_file_is_one_message_before_training(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    result = subprocess.run([*ONE_PROCESS, "--data.mock=true", f"--logging.run_dir={tmp_path}",
+                             f"--checkpoint.save_dir={tmp_path / 'afile'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"checkpoint.save_dir={tmp_path / 'afile'}: cannot write there" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow
