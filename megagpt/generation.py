@@ -138,7 +138,8 @@ def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int
 def generate(model: GPTStage, prompts: list[list[int]], *, max_new_tokens: int,
              eod_id: int | None = None, sampling: Sampling = GREEDY,
              generator: torch.Generator | None = None, use_cache: bool = True,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None,
+             vocab_limit: int | None = None) -> list[list[int]]:
     """Continue each prompt; returns the new token ids of each row.
 
     Args:
@@ -156,22 +157,28 @@ def generate(model: GPTStage, prompts: list[list[int]], *, max_new_tokens: int,
             whole sequence again at every step (the reference the cache is tested against).
         on_token: called as on_token(row, token_id) for each new token of each running row,
             rows in order within a step, as soon as the step has chosen them (streaming).
+        vocab_limit: choose only ids below this (a tokenizer's vocabulary smaller than the
+            model's: the ids past it have no text); None: the model's whole vocabulary.
     """
     problems = sampling.problems()
     if problems:
         raise ValueError("; ".join(problems))
     m = model.cfg
     check_request(prompts, max_new_tokens, m.vocab_size, m.seq_length)
+    if vocab_limit is not None and not 0 < vocab_limit <= m.vocab_size:
+        raise ValueError(f"vocab_limit={vocab_limit}: must be in 1..{m.vocab_size} (the model's "
+                         f"vocabulary), or None")
     was_training = model.training
     model.eval()
     try:
         return _generate(model, prompts, max_new_tokens, eod_id, sampling, generator, use_cache,
-                         on_token)
+                         on_token, vocab_limit or m.vocab_size)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, max_new_tokens, eod_id, sampling, generator, use_cache, on_token):
+def _generate(model, prompts, max_new_tokens, eod_id, sampling, generator, use_cache, on_token,
+              vocab_limit):
     m = model.cfg
     device = model.word_embedding_weight().device
     rows, longest = len(prompts), max(len(p) for p in prompts)
@@ -195,7 +202,7 @@ def _generate(model, prompts, max_new_tokens, eod_id, sampling, generator, use_c
             cache, cached = KVCache(key_mask), 0
         logits = model(tokens[:, cached:length], positions=positions[:, cached:length], cache=cache)
         cached = length
-        chosen = next_tokens(logits[:, -1, :m.vocab_size], sampling, generator)   # (b,)
+        chosen = next_tokens(logits[:, -1, :vocab_limit], sampling, generator)   # (b,)
         chosen = chosen.masked_fill(finished, pad_id)
         tokens[:, length] = chosen
         for r in range(rows):

@@ -62,6 +62,11 @@ def main(argv=None) -> int:
         model = single_process_model(source.model, source.full_state)
         prompts = [tokenizer.encode(text, allow_special=True) for text in args.prompt]
         check_request(prompts, args.max_new_tokens, source.model.vocab_size, source.model.seq_length)
+        vocab_limit = min(tokenizer.vocab_size, source.model.vocab_size)
+        if tokenizer.vocab_size < source.model.vocab_size:
+            print(f"generate: note: the tokenizer has {tokenizer.vocab_size} ids and the model "
+                  f"{source.model.vocab_size} (model.vocab_size); ids from {tokenizer.vocab_size} "
+                  f"on have no text and are never chosen", file=sys.stderr)
         stream = StreamDecoder(tokenizer.decode) if len(prompts) == 1 else None
         if stream is not None:
             print(args.prompt[0], end="", flush=True)
@@ -72,7 +77,8 @@ def main(argv=None) -> int:
 
         results = generate(model, prompts, max_new_tokens=args.max_new_tokens,
                            eod_id=tokenizer.eod_id, sampling=sampling, generator=seeded(args.seed),
-                           on_token=show if stream is not None else None)
+                           on_token=show if stream is not None else None,
+                           vocab_limit=vocab_limit)
     except (ConversionError, CheckpointError, TokenizerError, ValueError) as e:
         print(f"generate: error: {e}", file=sys.stderr)
         return 1

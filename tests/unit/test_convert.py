@@ -424,6 +424,24 @@ def test_generate_tool_streams_one_prompt_and_prints_a_batch(tmp_path, ours, cap
     assert samples[0] == samples[1] != samples[2]
 
 
+def test_generate_tool_with_a_smaller_tokenizer_says_so_and_chooses_only_its_ids(tmp_path, ours,
+                                                                                   capsys):
+    from megagpt.data.tokenizer import train_bpe_tokenizer
+    small = train_bpe_tokenizer(["ROMEO: but soft, what light through yonder window breaks"] * 20,
+                                vocab_size=260, output_dir=tmp_path / "tok")
+    main = tool("generate").main
+    assert main(["--checkpoint", str(ours / "tp2pp2"), "--tokenizer", str(tmp_path / "tok"),
+                 "--prompt", "ROMEO:", "--prompt", "soft", "--max-new-tokens", "8",
+                 "--temperature", "5", "--seed", "1"]) == 0
+    out = capsys.readouterr()
+    assert (f"generate: note: the tokenizer has 260 ids and the model {M.vocab_size} "
+            f"(model.vocab_size); ids from 260 on have no text and are never chosen") in out.err
+    texts = [block.split("\n", 1)[1] for block in out.out.split("--- [")[1:]]
+    new = [small.encode(text.rstrip("\n"))[len(small.encode(p)):]
+           for text, p in zip(texts, ["ROMEO:", "soft"])]
+    assert all(new), out.out          # every row printed text of its own
+
+
 @pytest.mark.parametrize("args, status, message", [
     (["--greedy", "--top-k", "5"], 2, "--greedy takes the most likely token; it cannot be combined "
                                       "with --top-k"),

@@ -164,6 +164,19 @@ def test_padding_logits_are_never_chosen(model):
     assert max(max(r) for r in rows) < M.vocab_size
 
 
+@torch.no_grad()
+def test_ids_past_a_smaller_tokenizers_vocabulary_are_never_chosen(model):
+    rows = generate(model, PROMPTS, max_new_tokens=10, sampling=Sampling(temperature=50.0),
+                    generator=seeded(3), vocab_limit=40)
+    assert max(max(r) for r in rows) < 40
+    full = generate(model, PROMPTS, max_new_tokens=10, sampling=Sampling(temperature=50.0),
+                    generator=seeded(3))
+    assert max(max(r) for r in full) >= 40     # the limit did the work
+    for limit in (0, M.vocab_size + 1):
+        with pytest.raises(ValueError, match=f"vocab_limit={limit}: must be in 1..1001"):
+            generate(model, PROMPTS, max_new_tokens=2, vocab_limit=limit)
+
+
 @pytest.mark.parametrize("prompts, max_new, message", [
     ([], 4, "no prompts given"),
     ([[1, 2], []], 4, "prompt 1 is empty"),
