@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,8 @@ def locate(path: str | Path, argument: str = "--input") -> tuple[str, Path]:
     if not p.is_dir():
         raise ConversionError(f"{argument} {p} is a file; fix: give a folder (a save dir, a "
                               f"step_NNNNNNN folder, or a Hugging Face GPT-2 folder)")
-    latest = find_latest(p)
+    latest = find_latest(p, warn=lambda message: print(f"note: {argument}: {message}",
+                                                       file=sys.stderr))
     if latest is not None:
         return "megagpt", latest
     unfinished = sorted(x.name for x in p.glob("step_*.tmp"))

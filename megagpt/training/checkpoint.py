@@ -341,23 +341,31 @@ def complete_checkpoints(save_dir: str | Path) -> list[Path]:
     return sorted((p for p in found if is_complete(p)), key=lambda p: p.name)
 
 
-def find_latest(save_dir: str | Path) -> Path | None:
+def find_latest(save_dir: str | Path, warn: Callable[[str], None] | None = None) -> Path | None:
     """The checkpoint to resume from in `save_dir`, or None when it holds none.
 
     The folder named by `<save_dir>/latest` when it is complete; otherwise (no `latest`, or it
-    names a missing or incomplete folder) the highest complete step. Never a `.tmp` folder.
+    names a missing or incomplete folder) the highest complete step, and `warn` (when given) is
+    told why the one `latest` names was passed over. Never a `.tmp` folder.
     """
     save_dir = Path(save_dir)
     latest = save_dir / LATEST_FILE
+    passed_over = None
     if latest.is_file():
         named = save_dir / latest.read_text(encoding="utf-8").strip()
         if STEP_RE.fullmatch(named.name) and is_complete(named):
             return named
+        passed_over = _incomplete_reason(named) if named.exists() else f"{named} does not exist"
     complete = complete_checkpoints(save_dir)
+    if passed_over and warn is not None:
+        instead = f"using {complete[-1].name}, the latest complete one" if complete else \
+            "no other checkpoint is complete"
+        warn(f"{latest} names a checkpoint that cannot be used ({passed_over}); {instead}")
     return complete[-1] if complete else None
 
 
-def resolve_load_path(load: str | None, save_dir: str | Path | None) -> Path | None:
+def resolve_load_path(load: str | None, save_dir: str | Path | None,
+                      warn: Callable[[str], None] | None = None) -> Path | None:
     """The step folder `checkpoint.load` asks for, or None to start from scratch.
 
     Args:
@@ -365,13 +373,14 @@ def resolve_load_path(load: str | None, save_dir: str | Path | None) -> Path | N
             "none" (or None: start fresh), or a path to a step folder or to a save dir (its
             latest complete checkpoint).
         save_dir: `checkpoint.save_dir`, used by "auto".
+        warn: told when a save dir's `latest` names a checkpoint that cannot be used.
 
     A path that does not exist or holds no complete checkpoint is a CheckpointError naming it.
     """
     if load is None or load == "none":
         return None
     if load == "auto":
-        return find_latest(save_dir) if save_dir is not None else None
+        return find_latest(save_dir, warn) if save_dir is not None else None
     path = Path(load)
     fix = ("fix: give a step_NNNNNNN folder or a save dir holding one, or set checkpoint.load=auto "
            "(resume from checkpoint.save_dir if it has a checkpoint) or none (start fresh)")
@@ -382,7 +391,7 @@ def resolve_load_path(load: str | None, save_dir: str | Path | None) -> Path | N
         if reason:
             raise CheckpointError(f"checkpoint.load={load}: {reason}; {fix}")
         return path
-    latest = find_latest(path)
+    latest = find_latest(path, warn)
     if latest is None:
         raise CheckpointError(f"checkpoint.load={load}: {path} holds no complete checkpoint (a "
                               f"step_NNNNNNN folder with {META_FILE}); {fix}")

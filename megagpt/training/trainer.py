@@ -340,7 +340,8 @@ class Trainer:
 
     def _resume(self) -> None:
         """Continue from checkpoint.load's checkpoint, or start from checkpoint.pretrained's weights."""
-        path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir)
+        path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir,
+                                 warn=lambda message: self.log(f"warning: {message}"))
         if self.deepspeed:
             return self._resume_deepspeed(path)
         if path is None:

@@ -185,6 +185,24 @@ def test_latest_naming_a_missing_or_incomplete_folder_falls_back(tmp_path):
     assert find_latest(tmp_path) == tmp_path / "step_0000001"
 
 
+def test_passing_over_what_latest_names_is_said(tmp_path):
+    for step in (1, 2):
+        save_one(tmp_path, step)
+    said = []
+    assert find_latest(tmp_path, warn=said.append) == tmp_path / "step_0000002" and said == []
+    (tmp_path / "step_0000002" / "rng_rank00000.pt").write_bytes(b"truncated")
+    assert resolve_load_path("auto", tmp_path, warn=said.append) == tmp_path / "step_0000001"
+    assert said == [f"{tmp_path / 'latest'} names a checkpoint that cannot be used "
+                    f"({tmp_path / 'step_0000002'} is not a complete checkpoint: rng_rank00000.pt "
+                    f"has 9 bytes, meta.json records "
+                    f"{(tmp_path / 'step_0000001' / 'rng_rank00000.pt').stat().st_size}); "
+                    f"using step_0000001, the latest complete one"]
+    (tmp_path / "latest").write_text("step_0000007\n")
+    find_latest(tmp_path, warn=said.append)
+    assert said[-1].endswith(f"({tmp_path / 'step_0000007'} does not exist); using step_0000001, "
+                             f"the latest complete one")
+
+
 def test_keep_last_prunes_oldest(tmp_path):
     for step in range(1, 6):
         save_one(tmp_path, step, keep_last=2)
