@@ -34,7 +34,7 @@ import torch
 
 from megagpt.config import (KernelsConfig, ModelConfig, layout_problems, load_config,
                             model_fields_from_hf)
-from megagpt.data.tokenizer import Tokenizer, load_tokenizer
+from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from megagpt.fsutil import give_default_mode, replace_folder_atomically
 from megagpt.hf import from_hf, hf_config_dict, to_hf
 from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
@@ -221,6 +221,20 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
                   config["data"]["tokenizer_path"])
 
 
+def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
+    """The tokenizer `--tokenizer` gives, else the source's own; when the source's own (a path
+    its training config recorded, maybe relative to another folder) does not load, the message
+    says where the path came from and how to give another."""
+    if given:
+        return load_tokenizer(given)
+    try:
+        return load_tokenizer(source.tokenizer_path)
+    except TokenizerError as e:
+        raise TokenizerError(f"the tokenizer recorded with {source.path} (its data.tokenizer_path "
+                             f"{source.tokenizer_path!r}, read from {Path.cwd()}) does not load: "
+                             f"{e}; fix: pass --tokenizer PATH") from e
+
+
 def single_process_model(m: ModelConfig, full_state: dict[str, torch.Tensor]) -> GPTStage:
     """The whole model on one CPU process (tp = pp = 1), holding `full_state`, fp32, eval mode."""
     model = GPTStage(m, INFERENCE_KERNELS, StageSpec(0, m.n_layers, True, True))
@@ -405,7 +419,7 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
         notes.append("weights only: resuming from it restores the weights, the step and the "
                      "consumed samples; the optimizer state starts fresh")
     else:
-        tok = load_tokenizer(tokenizer or source.tokenizer_path)
+        tok = source_tokenizer(source, tokenizer)
         if tok.vocab_size > source.model.vocab_size:
             raise ConversionError(f"--tokenizer {tok.source} has {tok.vocab_size} ids but the "
                                   f"model's vocabulary is {source.model.vocab_size} "

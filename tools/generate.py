@@ -19,8 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megagpt.convert import ConversionError, load_source, single_process_model  # noqa: E402
-from megagpt.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+from megagpt.convert import (ConversionError, load_source, single_process_model,  # noqa: E402
+                             source_tokenizer)
+from megagpt.data.tokenizer import TokenizerError  # noqa: E402
 from megagpt.generation import (Sampling, StreamDecoder, check_request, generate,  # noqa: E402
                                 seeded)
 from megagpt.training.checkpoint import CheckpointError  # noqa: E402
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     sampling = sampling_of(args, parser)
     try:
         source = load_source(args.checkpoint, "--checkpoint")
-        tokenizer = load_tokenizer(args.tokenizer or source.tokenizer_path)
+        tokenizer = source_tokenizer(source, args.tokenizer)
         model = single_process_model(source.model, source.full_state)
         prompts = [tokenizer.encode(text, allow_special=True) for text in args.prompt]
         check_request(prompts, args.max_new_tokens, source.model.vocab_size, source.model.seq_length)

@@ -442,6 +442,21 @@ def test_generate_tool_with_a_smaller_tokenizer_says_so_and_chooses_only_its_ids
     assert all(new), out.out          # every row printed text of its own
 
 
+def test_a_recorded_tokenizer_path_that_does_not_load_says_where_it_came_from(ours, monkeypatch,
+                                                                             tmp_path):
+    import dataclasses as dc
+    from megagpt.convert import load_source, source_tokenizer
+    from megagpt.data.tokenizer import TokenizerError
+    source = dc.replace(load_source(ours / "tp2pp2"), tokenizer_path="runs/tok")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TokenizerError, match=f"the tokenizer recorded with {source.path} \\(its "
+                                             f"data.tokenizer_path 'runs/tok', read from "
+                                             f"{tmp_path}\\) does not load: .*; fix: pass "
+                                             f"--tokenizer PATH"):
+        source_tokenizer(source, None)
+    assert source_tokenizer(source, "gpt2").vocab_size == 50257
+
+
 @pytest.mark.parametrize("args, status, message", [
     (["--greedy", "--top-k", "5"], 2, "--greedy takes the most likely token; it cannot be combined "
                                       "with --top-k"),
