@@ -31,6 +31,13 @@ USER_ERRORS = (CheckpointError, ConversionError, DataPathError, DatasetBuildErro
                IndexedDatasetError, InputError, TokenizerError, TrainingAborted)
 
 
+def print_once(message: str) -> None:
+    """Print to stderr on torchrun's rank 0 only (or without torchrun): before the process group
+    exists, every rank finds the same config problem and would print it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 def init_distributed(cfg) -> torch.device:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); one process without torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,11 +66,11 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except (ConfigError, ConfigFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_once(f"error: {e}")
         return 2 if isinstance(e, ConfigFileError) else 1
     problems = output_problems(cfg)
     if problems:
-        print(f"error: {ConfigError(problems)}", file=sys.stderr)
+        print_once(f"error: {ConfigError(problems)}")
         return 1
     device = init_distributed(cfg)
     if device.type == "cpu" and cfg.training.precision != "fp32":

@@ -53,6 +53,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: vocab_size {tok.vocab_size}, <|endoftext|> = {tok.eod_id}")
+    if tok.vocab_size < args.vocab_size:
+        print(f"note: --vocab-size {args.vocab_size} asked for more ids than the corpus gives "
+              f"merges for (pairs seen at least --min-frequency {args.min_frequency} times); "
+              f"the tokenizer has {tok.vocab_size}")
     if skipped.total:
         print(f"skipped {skipped.total} line(s):\n" + "\n".join(skipped.lines()))
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megagpt.fsutil import fsync_dir, fsync_file
+from megagpt.fsutil import fsync_dir, fsync_file, why_not_a_folder
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -325,6 +325,10 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
     out = os.fspath(output_prefix)
     if any(Path(ds.prefix).resolve() == Path(out).resolve() for ds in datasets):
         raise ValueError(f"--output-prefix {out!r} is also an input; fix: choose a new prefix")
+    reason = why_not_a_folder(Path(out).parent)
+    if reason:
+        raise ValueError(f"--output-prefix {out!r}: cannot write there ({reason}); fix: choose "
+                         f"another location")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with IndexedDatasetWriter(out, dtype) as writer:
         for ds in datasets:

@@ -182,7 +182,13 @@ def _chunks(stream, chunk_bytes: int) -> Iterator[tuple[int, list[bytes], int]]:
 
 
 def _check_output(output_prefix: str | os.PathLike) -> None:
-    parent = Path(os.fspath(output_prefix)).parent
+    text = os.fspath(output_prefix)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise PreprocessError(f"--output-prefix {text!r} names a folder, so the files would be "
+                              f"named {output_prefix_for(text.rstrip('/' + os.sep) + os.sep, 'text')}"
+                              f".bin; fix: end it with a name, e.g. "
+                              f"{os.path.join(text, 'corpus')!r}")
+    parent = Path(text).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -22,7 +22,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from megagpt.fsutil import replace_folder_atomically
+from megagpt.fsutil import replace_folder_atomically, why_not_a_folder
 
 GPT2_DIR = Path(__file__).resolve().parent / "assets" / "gpt2"
 EOD_TOKEN = "<|endoftext|>"
@@ -191,6 +191,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
         raise ValueError(f"min_frequency={min_frequency!r}: must be a count, 0 or more (a pair "
                          f"must occur this often to be merged); fix: e.g. 2")
     out = Path(output_dir)
+    reason = why_not_a_folder(out.parent)
+    if reason:
+        raise ValueError(f"output {str(out)!r}: cannot write there ({reason}); fix: choose "
+                         f"another location")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {str(out)!r} exists and is not an empty folder; fix: choose "
                               f"a new path or remove it")

@@ -338,6 +338,18 @@ def test_output_folders_that_cannot_be_written_are_named_before_training(tmp_pat
     assert output_problems(run_config(tmp_path / "new" / "run", 2)) == []
 
 
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_a_config_problem_is_printed_by_rank_zero_only(monkeypatch, capsys, rank, shown):
+    import runpy
+    main = runpy.run_path(str(ROOT / "pretrain_gpt.py"))["main"]
+    monkeypatch.setenv("RANK", rank)
+    assert main(["--config", str(ROOT / "configs/training/tiny_model.json"),
+                 "--training.learnig_rate=1"]) == 1
+    err = capsys.readouterr().err
+    assert ("training.learnig_rate=1: unknown field; did you mean training.learning_rate?" in err) \
+        == shown, err
+
+
 @pytest.mark.slow
 def test_a_save_dir_that_is_a_file_is_one_message_before_training(tmp_path):
     (tmp_path / "afile").write_text("not a folder")

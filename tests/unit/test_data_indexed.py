@@ -174,6 +174,10 @@ def test_merge_refusals(tmp_path):
     with pytest.raises(ValueError, match="--inputs is empty"):
         merge_datasets([], tmp_path / "m")
     assert not list(tmp_path.glob("m*"))
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ValueError, match=f"--output-prefix '{tmp_path / 'f' / 'm'}': cannot write "
+                                         f"there \\({tmp_path / 'f'} is a file\\); fix: choose"):
+        merge_datasets([a.prefix], tmp_path / "f" / "m")
 
 
 def test_merge_tool(tmp_path, capsys):

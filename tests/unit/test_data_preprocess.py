@@ -125,6 +125,9 @@ def test_several_keys_stay_aligned(tmp_path, gpt2):
     ("no_keys", PreprocessError, r"--json-keys \[\]: give one or more"),
     ("repeated_key", PreprocessError, "repeats a key"),
     ("zero_chunk_bytes", PreprocessError, "--chunk-bytes 0 must be a positive number of bytes"),
+    ("folder_prefix", PreprocessError, "--output-prefix '.*out/' names a folder, so the files "
+                                       "would be named .*out/_text_document.bin; fix: end it with "
+                                       "a name, e.g. '.*out/corpus'"),
 ])
 def test_unusable_input_or_output_fails_cleanly(tmp_path, monkeypatch, case, error, message):
     src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS * 200])
@@ -166,6 +169,8 @@ def test_unusable_input_or_output_fails_cleanly(tmp_path, monkeypatch, case, err
         kwargs["json_keys"] = ["text", "text"]
     elif case == "zero_chunk_bytes":
         kwargs["chunk_bytes"] = 0
+    elif case == "folder_prefix":
+        kwargs["output_prefix"] = f"{tmp_path / 'out'}/"
     before = files(tmp_path)
     with pytest.raises(error, match=message):
         preprocess_jsonl(**kwargs)

@@ -134,11 +134,15 @@ def test_train_refuses_bad_arguments(tmp_path):
         train_bpe_tokenizer(CORPUS, vocab_size=100, output_dir=tmp_path / "a")
     with pytest.raises(ValueError, match="min_frequency=-3: must be a count, 0 or more"):
         train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "a", min_frequency=-3)
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ValueError, match=f"output '{tmp_path / 'f' / 'tok'}': cannot write there "
+                                         f"\\({tmp_path / 'f'} is a file\\); fix: choose"):
+        train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "f" / "tok")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not an empty folder"):
         train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "b")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "f"]  # no temporary folder left
 
 
 def test_train_tokenizer_tool(tmp_path, capsys):
@@ -148,7 +152,13 @@ def test_train_tokenizer_tool(tmp_path, capsys):
     assert main(["--input", str(data), "--vocab-size", "280", "--output", str(tmp_path / "t")]) == 0
     out = capsys.readouterr().out
     assert "vocab_size 280" in out and "malformed JSON: 1" in out and "missing key 'text': 1" in out
-    assert load_tokenizer(tmp_path / "t").vocab_size == 280
+    assert load_tokenizer(tmp_path / "t").vocab_size == 280 and "note:" not in out
+    assert main(["--input", str(data), "--vocab-size", "100000", "--output", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    size = load_tokenizer(tmp_path / "w").vocab_size
+    assert size < 100000 and (f"note: --vocab-size 100000 asked for more ids than the corpus gives "
+                              f"merges for (pairs seen at least --min-frequency 2 times); the "
+                              f"tokenizer has {size}") in out
     assert main(["--input", str(tmp_path / "nope.jsonl"), "--vocab-size", "280",
                       "--output", str(tmp_path / "u")]) == 2
     assert "--input" in capsys.readouterr().err
