@@ -17,6 +17,7 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -124,6 +125,21 @@ def _run_once(fn, world_size: int, args, kwargs, timeout: float) -> list:
 
 
 TINY_VOCAB, TINY_SEQ, TINY_GLOBAL_BATCH = 1001, 16, 8
+
+
+def sigterm_when_ready(proc, ready, *, to_group: bool, wait: float = 60.0,
+                      timeout: float = 120.0) -> str:
+    """Wait until `ready()` holds (at most `wait` seconds, or until the process ends), send
+    SIGTERM to `proc` (a `subprocess.Popen` with its output piped), or to its whole process
+    group with `to_group` (start it with start_new_session=True), and return its output."""
+    deadline = time.time() + wait
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    return proc.communicate(timeout=timeout)[0]
 
 
 def tiny_config(tp=1, pp=1, dp=1, vp=1, zero=0, micro=2, steps=5, **overrides):

@@ -1,10 +1,7 @@
 """The trainer in-process on gloo: exact resume, skipped steps, aborts, SIGTERM."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import torch
 
 from megagpt.model.gpt import gather_full_state_dict
 from megagpt.parallel import state
-from megagpt.testing import run_distributed, tiny_config
+from megagpt.testing import run_distributed, sigterm_when_ready, tiny_config
 from megagpt.training.optim import lr_at
 from megagpt.training.trainer import Trainer, TrainingAborted, output_problems
 
@@ -283,15 +280,9 @@ def test_sigterm_saves_and_exits_zero(tmp_path, workers, to_group):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=to_group)
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and \
-            not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.5)
-    if to_group:
-        os.killpg(proc.pid, signal.SIGTERM)
-    else:
-        proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    output = sigterm_when_ready(
+        proc, lambda: metrics.exists() and metrics.read_text().count("\n") >= 2,
+        to_group=to_group, wait=120)
     assert proc.returncode == 0, output
     assert "SIGTERM: saving step" in output
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()

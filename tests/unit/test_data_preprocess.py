@@ -17,6 +17,7 @@ from megagpt.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megagpt.data.jsonl import InputError
 from megagpt.data.preprocess import PreprocessError, preprocess_jsonl
 from megagpt.data.tokenizer import TokenizerError, load_tokenizer
+from megagpt.testing import sigterm_when_ready
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [f"Document {i}: " + "to be or not to be " * (i % 7 + 1) for i in range(40)]
@@ -258,16 +259,10 @@ def test_sigterm_mid_run_leaves_nothing_behind(tmp_path, to_group):
                              "--workers", "2", "--chunk-bytes", "4096", "--no-progress"],
                             env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None and \
-            not (out.is_dir() and any(".tmp" in f.name for f in out.iterdir())):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    if to_group:
-        os.killpg(proc.pid, signal.SIGTERM)
-    else:
-        proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
+    output = sigterm_when_ready(
+        proc, lambda: out.is_dir() and any(".tmp" in f.name for f in out.iterdir()),
+        to_group=to_group)
+    assert "documents:" not in output, "the run ended before it could be interrupted"
     assert proc.returncode == 143, output
     assert sorted(f.name for f in out.iterdir()) == [], output
     deadline = time.time() + 10
