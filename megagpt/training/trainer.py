@@ -52,14 +52,6 @@ class TrainingAborted(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """A loader worker's start: ignore SIGTERM. A scheduler (SLURM's scancel, `timeout`, a
-    Kubernetes stop) signals the whole process group; a worker it killed would fail the loader
-    before the trainer's own handler could save. The workers end with the loader or with the
-    trainer's process, as they do without a signal."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def output_problems(cfg) -> list[str]:
     """The output folders of a run (the checkpoints', the metrics file's) that cannot be written,
     each naming its setting and the fix: checked before training starts, not at the first save."""
@@ -144,7 +136,7 @@ class Trainer:
         # resume (a new loader) or an evaluation (another loader) would change the training.
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
-            persistent_workers=False, worker_init_fn=_ignore_sigterm,
+            persistent_workers=False,
             generator=torch.Generator().manual_seed(self.cfg.training.seed))
         step = []
         try:
