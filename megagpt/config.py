@@ -263,14 +263,17 @@ def _override_value(raw: str, ftype) -> Any:
         return None
     if base is bool and raw in ("True", "False"):
         return raw == "True"
+    if base is int:
+        try:
+            return int(raw)
+        except ValueError:
+            pass
     if base in (int, float):
         try:
             number = float(raw)
         except ValueError:
             return raw
-        if math.isfinite(number):
-            return int(number) if base is int and number.is_integer() and "." not in raw \
-                and "e" not in raw.lower() else number
+        return number if math.isfinite(number) else raw
     return raw
 
 
