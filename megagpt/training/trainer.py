@@ -17,9 +17,12 @@ and its checkpoints are our step folders with DeepSpeed's own files inside.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +53,31 @@ from megagpt.training.optim import lr_at, set_hyperparameters
 
 class TrainingAborted(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def shield_worker_from_stray_sigterm(trainer_pid: int, worker_id: int) -> None:
+    """A data-loader worker's start (`worker_init_fn`, with the trainer's pid bound). A scheduler
+    stops a job by sending SIGTERM to every process in it (SLURM's scancel, `timeout`, a
+    process-group kill), and a worker killed so fails the loader before the trainer's own handler
+    can save. So the worker takes SIGTERM on a thread of its own and ends on it only when the
+    trainer sent it (the loader ending its workers: `terminate()` at its shutdown or at exit,
+    where torch's own worker handler would `_exit(0)` too); a SIGTERM from anyone else leaves it
+    serving until the loader ends it as usual, after the trainer has saved. If the trainer dies,
+    torch's worker watchdog ends the worker. Where there is no `sigwaitinfo` (macOS) workers keep
+    torch's default."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    # blocked in this (the worker's only) thread before the waiting thread starts: every thread
+    # started later inherits the block, so each SIGTERM waits for `sigwaitinfo` below
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_the_trainers_sigterm, args=(trainer_pid,), daemon=True,
+                     name="megagpt-sigterm").start()
+
+
+def _end_on_the_trainers_sigterm(trainer_pid: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer_pid:
+        pass
+    os._exit(0)
 
 
 def output_problems(cfg) -> list[str]:
@@ -137,6 +165,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
             persistent_workers=False,
+            worker_init_fn=functools.partial(shield_worker_from_stray_sigterm, os.getpid()),
             generator=torch.Generator().manual_seed(self.cfg.training.seed))
         step = []
         try:

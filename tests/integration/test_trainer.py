@@ -1,7 +1,12 @@
 """The trainer in-process on gloo: exact resume, skipped steps, aborts, SIGTERM."""
+import functools
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,8 @@ from megagpt.model.gpt import gather_full_state_dict
 from megagpt.parallel import state
 from megagpt.testing import run_distributed, sigterm_when_ready, tiny_config
 from megagpt.training.optim import lr_at
-from megagpt.training.trainer import Trainer, TrainingAborted, output_problems
+from megagpt.training.trainer import (Trainer, TrainingAborted, output_problems,
+                                     shield_worker_from_stray_sigterm)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -264,10 +270,38 @@ def test_the_peak_memory_stays_null_on_cpus_with_several_ranks(tmp_path):
     assert [r["mem_gb"] for r in records] == [None, None]
 
 
+class _WorkerPids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the shield needs sigwaitinfo")
+def test_a_loader_worker_ends_on_the_trainers_sigterm_and_outlives_anyone_elses():
+    loader = torch.utils.data.DataLoader(
+        _WorkerPids(), batch_size=1, num_workers=1,
+        worker_init_fn=functools.partial(shield_worker_from_stray_sigterm, os.getpid()))
+    batches = iter(loader)
+    pid = int(next(batches))
+    worker = next(p for p in multiprocessing.active_children() if p.pid == pid)
+    subprocess.run(["kill", "-TERM", str(pid)], check=True)     # a scheduler's SIGTERM
+    time.sleep(1.0)
+    assert worker.is_alive()
+    assert [int(next(batches)) for _ in range(3)] == [pid] * 3
+    os.kill(pid, signal.SIGTERM)                                  # the loader ending its worker
+    worker.join(timeout=10)
+    assert worker.exitcode == 0
+    del batches
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, to_group", [(0, False)], ids=["the-trainer"])
+@pytest.mark.parametrize("workers, to_group", [(0, False), (2, True)],
+                         ids=["the-trainer", "its-process-group-with-loader-workers"])
 def test_sigterm_saves_and_exits_zero(tmp_path, workers, to_group):
-    """SIGTERM to the trainer saves a checkpoint and exits 0."""
+    """SIGTERM to the trainer, or to its whole process group as a scheduler sends it (the data
+    loader's workers too), saves a checkpoint and exits 0."""
     cmd = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/tiny_model.json",
            "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
            "--parallel.pipeline_parallel_size=1", "--data.mock=true",
