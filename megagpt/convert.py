@@ -264,10 +264,24 @@ def check_layout(m: ModelConfig, tp: int, pp: int, vp: int, sequence_parallel: b
 
 
 def converted_config(source: Source, tp: int, pp: int, vp: int) -> dict:
-    """The source's config with the parallel section set to the new layout (world = tp x pp)."""
+    """The source's config as the config of a run at the new layout, one data-parallel replica
+    (world = tp x pp), training with the same global batch: the old replicas' micro-batches
+    become accumulation steps, split smaller where the interleaved schedule (vp > 1) needs a
+    multiple of pp of them; the native engine where tp or pp > 1 (DeepSpeed runs data parallel
+    only, so its ZeRO stage becomes the native path's 0 or 1)."""
     config = json.loads(json.dumps(source.config))
-    config["parallel"].update(world_size=tp * pp, tensor_parallel_size=tp,
-                              pipeline_parallel_size=pp, virtual_pipeline_size=vp)
+    par, t = config["parallel"], config["training"]
+    old_dp = par["world_size"] // (par["tensor_parallel_size"] * par["pipeline_parallel_size"])
+    global_batch = t["batch_size"] * t["grad_accumulation_steps"] * old_dp
+    micro = t["batch_size"]
+    if vp > 1:
+        micro = next((b for b in range(micro, 0, -1)
+                      if global_batch % b == 0 and (global_batch // b) % pp == 0), micro)
+    t.update(batch_size=micro, grad_accumulation_steps=global_batch // micro)
+    par.update(world_size=tp * pp, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+               virtual_pipeline_size=vp)
+    if par["deepspeed_config"] is not None and tp * pp > 1:
+        par.update(deepspeed_config=None, zero_stage=min(par["zero_stage"], 1))
     return config
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megagpt.config import load_config
-from megagpt.convert import ConversionError, convert, our_logits
+from megagpt.convert import ConversionError, Source, convert, converted_config, our_logits
 from megagpt.data.tokenizer import load_tokenizer
 from megagpt.hf import hf_config_dict
 from megagpt.model.gpt import build_stage, gather_full_state_dict
@@ -218,6 +218,31 @@ def test_ours_to_ours_keeps_every_weight_bit_for_bit(tmp_path, ours, full, path)
     assert meta["config"]["parallel"]["world_size"] == tp * pp
     assert meta["config"]["parallel"]["tensor_parallel_size"] == tp
     assert meta["config"]["training"] == CFG.to_dict()["training"]
+
+
+@pytest.mark.parametrize("source, layout, micro", [
+    (dict(dp=2, micro=2, training__global_batch_size=8), (2, 1, 1), 2),
+    (dict(dp=4, micro=2), (1, 2, 1), 2),
+    (dict(micro=8, training__global_batch_size=8), (1, 2, 2), 4),
+    (dict(dp=2, micro=1), (1, 4, 1), 1),
+    (dict(dp=2, zero=1, deepspeed_config=str(ROOT / "configs/deepspeed/zero2.json")), (2, 1, 1), 2),
+], ids=["dp2-to-tp2", "dp4-to-pp2", "vp2-needs-even-micro-batches", "dp2-to-pp4",
+        "deepspeed-to-tp2"])
+def test_the_recorded_config_is_a_valid_run_at_the_new_layout_with_the_same_global_batch(
+        source, layout, micro):
+    """A converted checkpoint's config is a config one can train with at its layout."""
+    ds = source.pop("deepspeed_config", None)
+    old = tiny_config(**source, **({"parallel__deepspeed_config": ds, "parallel__zero_stage": 2}
+                                   if ds else {})).to_dict()
+    tp, pp, vp = layout
+    cfg = load_config(raw=converted_config(
+        Source("megagpt", ROOT, M, {}, old, 5, 40, (1, 1, 1), "gpt2"), tp, pp, vp))
+    par, t = cfg.parallel, cfg.training
+    assert (par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+            par.virtual_pipeline_size) == (tp * pp, tp, pp, vp)
+    assert (t.batch_size, t.batch_size * t.grad_accumulation_steps) == (micro, 8)
+    assert par.deepspeed_config is None if tp * pp > 1 and ds else par.deepspeed_config == ds
+    assert old["training"]["global_batch_size"] == t.global_batch_size
 
 
 def test_the_layout_defaults_to_the_sources(tmp_path, ours):
