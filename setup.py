@@ -11,6 +11,7 @@ install_requires = [
     "torch>=2.4",
     "numpy",
     "tokenizers>=0.15.1",
+    "tiktoken>=0.7",
     "tqdm",
     "tensorboard",
 ]

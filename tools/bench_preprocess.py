@@ -4,11 +4,15 @@
 
 - ours: `megagpt.data.preprocess.preprocess_jsonl` (what tools/preprocess_data.py runs): chunks of
   lines, one `encode_batch` per chunk in each worker, numpy arrays back, bounded in-flight window.
+  For GPT-2's tokenizer that encodes with tiktoken (see megagpt/data/tokenizer.py).
+- ours-tokenizers: the same with `MEGAGPT_FAST_BPE=0`, encoding with Hugging Face `tokenizers`
+  (shows what the pipeline gains and what the BPE implementation gains).
 - baseline: Megatron-LM's tools/preprocess_data.py approach: `multiprocessing.Pool.imap` over
-  lines (chunksize 32), each worker `json.loads` and `encode`s one document and returns its id
-  list, the parent converts it to numpy and writes it.
-Both use the same tokenizer (--tokenizer) and worker count and write the same indexed format
-(the outputs are checked byte-identical). Each run is a fresh process; runs alternate between
+  lines (chunksize 32), each worker `json.loads` and `encode`s one document with Hugging Face
+  `tokenizers` (what Megatron's HuggingFaceTokenizer runs; its own GPT2BPETokenizer is pure
+  Python and slower) and returns its id list, the parent converts it to numpy and writes it.
+All use the same vocabulary and merges (--tokenizer) and worker count and write the same indexed
+format (the outputs are checked byte-identical). Each run is a fresh process; runs alternate between
 the two methods; the table shows medians. tokens/s is timed inside the process (imports
 excluded); peak memory is the highest sum of PSS (proportional set size) over the process and
 its workers, sampled every 100 ms. --scales repeats the input that many times, to show memory
@@ -33,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = REPO / "megagpt" / "data" / "assets" / "shakespeare.jsonl.gz"
+METHODS = ("ours", "ours-tokenizers", "baseline")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +56,7 @@ def _baseline_init(tokenizer: str, append_eod: bool) -> None:
 def _baseline_encode(line: bytes):
     """Megatron's Encoder.encode: one document a call, ids returned as a Python list."""
     text = json.loads(line)["text"]
-    ids = _BASELINE["tok"].encode(text)
+    ids = _BASELINE["tok"].backend.encode(text, add_special_tokens=False).ids
     if _BASELINE["eod"]:
         ids.append(_BASELINE["tok"].eod_id)
     return ids, len(line)
@@ -119,7 +124,8 @@ def measure(method: str, input_path: str, prefix: str, args) -> dict:
            "--tokenizer", args.tokenizer, "--workers", str(args.workers)]
     if not args.append_eod:
         cmd.append("--no-append-eod")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ, MEGAGPT_FAST_BPE="0" if method == "ours-tokenizers" else "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     peak = 0.0
     while proc.poll() is None:
         peak = max(peak, _tree_memory_mb(proc.pid))
@@ -159,12 +165,12 @@ def main(argv=None) -> int:
                         help="one document per paragraph: many small documents, as in web text")
     parser.add_argument("--no-append-eod", dest="append_eod", action="store_false")
     parser.add_argument("--output", default="runs/bench/bench_preprocess.json")
-    parser.add_argument("--run", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--run", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.run:
-        work = run_ours if args.run == "ours" else run_baseline
+        work = run_baseline if args.run == "baseline" else run_ours
         start = time.perf_counter()
         tokens = work(args.input, args.prefix, args.tokenizer, args.workers, args.append_eod)
         print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens}))
@@ -175,14 +181,14 @@ def main(argv=None) -> int:
     try:
         for scale in args.scales:
             input_path = make_input(Path(args.input), scale, args.paragraphs, folder)
-            results = {"ours": [], "baseline": []}
+            results = {method: [] for method in METHODS}
             for rep in range(args.repeats):
-                order = ("ours", "baseline") if rep % 2 == 0 else ("baseline", "ours")
-                for method in order:
+                for method in METHODS[rep % 3:] + METHODS[:rep % 3]:   # each goes first in turn
                     results[method].append(measure(method, input_path, str(folder / method), args))
-            if not (filecmp.cmp(folder / "ours.bin", folder / "baseline.bin", shallow=False)
-                    and filecmp.cmp(folder / "ours.idx", folder / "baseline.idx", shallow=False)):
-                raise SystemExit("ours and baseline wrote different outputs")
+            for method in METHODS[1:]:
+                if not all(filecmp.cmp(folder / f"ours{ext}", folder / f"{method}{ext}",
+                                       shallow=False) for ext in (".bin", ".idx")):
+                    raise SystemExit(f"ours and {method} wrote different outputs")
             input_mb = os.path.getsize(input_path) / 1e6
             for method, runs in results.items():
                 tokens = runs[0]["tokens"]
@@ -197,12 +203,12 @@ def main(argv=None) -> int:
 
     print(f"workers={args.workers} tokenizer={args.tokenizer} repeats={args.repeats} "
           f"cpus={os.cpu_count()}")
-    print(f"{'scale':>5} {'method':>9} {'tokens':>11} {'s (median)':>10} {'tokens/s':>11} "
+    print(f"{'scale':>5} {'method':>15} {'tokens':>11} {'s (median)':>10} {'tokens/s':>11} "
           f"{'peak MB':>8} {'speedup':>8}")
     for row in rows:
         base = next(r for r in rows if r["scale"] == row["scale"] and r["method"] == "baseline")
         speedup = row["tokens_per_s_median"] / base["tokens_per_s_median"]
-        print(f"{row['scale']:>5} {row['method']:>9} {row['tokens']:>11,} {row['seconds_median']:>10.2f} "
+        print(f"{row['scale']:>5} {row['method']:>15} {row['tokens']:>11,} {row['seconds_median']:>10.2f} "
               f"{row['tokens_per_s_median']:>11,} {row['peak_mb_median']:>8.0f} {speedup:>7.2f}x")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,14 @@ byte-level BPE and writes a folder that this loader and Hugging Face `AutoTokeni
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import tiktoken
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -29,6 +31,10 @@ EOD_TOKEN = "<|endoftext|>"
 # End-of-document tokens looked for, in order, in a tokenizer that is not GPT-2's.
 EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 BYTE_ALPHABET_SIZE = 256
+# GPT-2's pre-tokenizer pattern, as `tokenizers`' ByteLevel pre-tokenizer applies it
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# MEGAGPT_FAST_BPE=0 (read at import): GPT-2's tokenizer encodes with `tokenizers`, not tiktoken
+FAST_BPE = os.environ.get("MEGAGPT_FAST_BPE", "1").lower() not in ("0", "false", "off", "no")
 
 
 class TokenizerError(ValueError):
@@ -61,6 +67,7 @@ class Tokenizer:
         ) if self._special_ids else None
         # encode_batch_fast (tokenizers >= 0.21) skips the offset bookkeeping we never use.
         self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self._tiktoken = _gpt2_tiktoken() if FAST_BPE and _is_gpt2(backend) else None
 
     @property
     def vocab_size(self) -> int:
@@ -76,17 +83,26 @@ class Tokenizer:
         """Token ids of `text`; with `allow_special`, the special tokens' strings in it become
         their ids (`"<|endoftext|>"` -> the end-of-document id) instead of characters."""
         if not allow_special or self._special_split is None:
-            return self.backend.encode(text, add_special_tokens=False).ids
+            return self._encode_text(text)
         ids = []
         for piece in self._special_split.split(text):
             if piece in self._special_ids:
                 ids.append(self._special_ids[piece])
             elif piece:
-                ids += self.backend.encode(piece, add_special_tokens=False).ids
+                ids += self._encode_text(piece)
         return ids
 
+    def _encode_text(self, text: str) -> list[int]:
+        if self._tiktoken is None:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        text.encode("utf-8")  # a lone surrogate raises here, as in `tokenizers` (tiktoken would
+        return self._tiktoken.encode_ordinary(text)  # replace it with U+FFFD, silently)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text; the `tokenizers` library may use several threads."""
+        """Token ids of each text; the `tokenizers` library may use several threads (tiktoken,
+        for GPT-2's tokenizer, one)."""
+        if self._tiktoken is not None:
+            return [self._encode_text(text) for text in texts]
         return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -95,6 +111,47 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
+
+
+def _gpt2_files() -> tuple[dict[str, int], list[str]]:
+    """The bundled GPT-2 vocabulary (token -> id) and merges ("a b" each)."""
+    vocab = json.loads((GPT2_DIR / "vocab.json").read_text(encoding="utf-8"))
+    lines = (GPT2_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
+    return vocab, [m for m in lines if m and not m.startswith("#version")]
+
+
+def _is_gpt2(backend: tokenizers.Tokenizer) -> bool:
+    """Whether `backend` is exactly GPT-2's tokenizer: its vocabulary and merges in a BPE with
+    nothing else changing the ids (no normaliser, the ByteLevel pre-tokenizer without a prefix
+    space, no added tokens but `<|endoftext|>`)."""
+    spec = json.loads(backend.to_str())
+    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    plain_bpe = (model.get("type") == "BPE" and not model.get("dropout")
+                 and not model.get("continuing_subword_prefix")
+                 and not model.get("end_of_word_suffix") and not model.get("byte_fallback")
+                 and not model.get("ignore_merges"))
+    if not (plain_bpe and spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+            and pre.get("add_prefix_space") is False and pre.get("use_regex", True)
+            and [t["content"] for t in spec.get("added_tokens", [])] in ([], [EOD_TOKEN])):
+        return False
+    vocab, merges = _gpt2_files()
+    return model["vocab"] == vocab and [m if isinstance(m, str) else " ".join(m)
+                                        for m in model["merges"]] == merges
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt2_tiktoken() -> tiktoken.Encoding:
+    """GPT-2's encoding in tiktoken, built from the bundled files (tiktoken's own "gpt2" would
+    download them): the byte-level alphabet's characters back to bytes, each token's rank its
+    id (GPT-2's ids follow its merges' order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    vocab, _ = _gpt2_files()
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token != EOD_TOKEN}
+    return tiktoken.Encoding("megagpt-gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOD_TOKEN: vocab[EOD_TOKEN]})
 
 
 def _find_eod(backend: tokenizers.Tokenizer, source: str) -> int:

@@ -1,9 +1,13 @@
 """Tokenizer loading (bundled GPT-2, tokenizer.json, vocab/merges folder), errors, and training."""
+import gzip
 import json
 import os
 import pickle
+import random
 import runpy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +62,7 @@ def test_pickled_tokenizer_keeps_text_as_text(gpt2):
     clone = pickle.loads(pickle.dumps(gpt2))
     assert clone.encode("a<|endoftext|>b") == gpt2.encode("a<|endoftext|>b")
     assert clone.eod_id == gpt2.eod_id and clone.source == gpt2.source
+    assert clone._tiktoken is not None      # and the fast path (preprocess workers get it so)
 
 
 def test_loads_folder_and_tokenizer_json(tmp_path, gpt2):
@@ -67,6 +72,69 @@ def test_loads_folder_and_tokenizer_json(tmp_path, gpt2):
     gpt2.backend.save(str(tmp_path / "tokenizer.json"))
     assert load_tokenizer(tmp_path / "tokenizer.json").encode(TRICKY) == gpt2.encode(TRICKY)
     assert load_tokenizer(tmp_path).encode(TRICKY) == gpt2.encode(TRICKY)  # folder with tokenizer.json
+
+
+def _awkward_texts() -> list[str]:
+    """Whitespace runs, contractions, numbers, special strings, scripts, emoji, combining marks,
+    and code points across the whole Unicode range, alone and in random strings."""
+    texts = [TRICKY, "", " ", "  ", "\n\n\n", "a\n\n b", "x \t\n y", "\r\n\r\n", "   lead",
+             "trail   ", "it's we'll I'M don't 's's", "1234567890 12,345.67 ١٢ ½ Ⅻ",
+             "<|endoftext|>", " <|endoftext|> ", "naïve café 東京 😀👍🏽",
+             " nbsp em　", "é ​zero ﬁ Ǆ ʰ"]
+    texts += [f"a {chr(c)}{chr(c)} b{chr(c)}" for c in range(0x20, 0x30000, 7)
+              if not 0xD800 <= c < 0xE000]
+    rng = random.Random(0)
+    for _ in range(2000):
+        texts.append("".join(chr(rng.choice([rng.randint(0x20, 0x7E), rng.randint(0xA0, 0xD7FF),
+                                             rng.randint(0xE000, 0x10FFFF), 0x20, 0x0A, 0x09]))
+                             for _ in range(rng.randint(1, 40))))
+    return texts
+
+
+def test_gpt2_encodes_with_tiktoken_and_gives_the_tokenizers_ids(gpt2):
+    """GPT-2's tokenizer takes the fast path in every form it loads from; its ids are those of
+    `tokenizers` on awkward text and on the whole bundled corpus."""
+    assert gpt2._tiktoken is not None
+    texts = _awkward_texts()
+    with gzip.open(GPT2_DIR.parent / "shakespeare.jsonl.gz", "rt", encoding="utf-8") as f:
+        corpus = [json.loads(line)["text"] for line in f]
+    for batch in (texts, corpus):
+        slow = [e.ids for e in gpt2.backend.encode_batch(batch, add_special_tokens=False)]
+        assert gpt2.encode_batch(batch) == slow
+    assert [gpt2.encode(t) for t in texts[:50]] == [
+        gpt2.backend.encode(t, add_special_tokens=False).ids for t in texts[:50]]
+
+
+def test_only_gpt2s_own_tokenizer_takes_the_fast_path(tmp_path, gpt2):
+    gpt2.backend.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path / "tokenizer.json")._tiktoken is not None
+    trained = train_bpe_tokenizer(["hello world", "abc def"] * 50, 300, tmp_path / "trained")
+    assert trained._tiktoken is None and load_tokenizer(tmp_path / "trained")._tiktoken is None
+    spec = json.loads(gpt2.backend.to_str())
+    for change in ({"normalizer": {"type": "NFC"}},
+                   {"pre_tokenizer": dict(spec["pre_tokenizer"], add_prefix_space=True)}):
+        changed = tmp_path / f"changed_{len(list(tmp_path.iterdir()))}.json"
+        changed.write_text(json.dumps(dict(spec, **change)), encoding="utf-8")
+        assert load_tokenizer(changed)._tiktoken is None
+    one_merge_less = dict(spec, model=dict(spec["model"], merges=spec["model"]["merges"][:-1]))
+    (tmp_path / "fewer.json").write_text(json.dumps(one_merge_less), encoding="utf-8")
+    assert load_tokenizer(tmp_path / "fewer.json")._tiktoken is None
+
+
+def test_a_lone_surrogate_is_refused_on_the_fast_path_too(gpt2):
+    """tiktoken would replace it with U+FFFD; the data pipeline must see the error and skip the
+    document, as with `tokenizers`."""
+    with pytest.raises(UnicodeEncodeError):
+        gpt2.encode("bad \ud800 text")
+    with pytest.raises(UnicodeEncodeError):
+        gpt2.encode_batch(["fine", "bad \ud800 text"])
+
+
+def test_megagpt_fast_bpe_0_keeps_tokenizers():
+    code = "from megagpt.data.tokenizer import load_tokenizer; print(load_tokenizer('gpt2')._tiktoken)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, MEGAGPT_FAST_BPE="0")).stdout
+    assert out.strip() == "None"
 
 
 @pytest.mark.parametrize("case, expected", [
