@@ -47,6 +47,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megagpt.parallel.layers import group_rank, group_size
+from megagpt.parallel.mappings import all_gather_single, reduce_scatter_single
 
 
 _PRE_REDUCE_KINDS = ("tp_sum", "tp_copy", "tied_sum")
@@ -229,8 +230,8 @@ class DataParallel:
             b.work = True
             return
         if self.zero:
-            b.work = dist.reduce_scatter_tensor(b.grad_shard, b.grad_buffer, group=self.dp_group,
-                                                async_op=True)
+            b.work = reduce_scatter_single(b.grad_shard, b.grad_buffer, group=self.dp_group,
+                                           async_op=True)
         else:
             b.work = dist.all_reduce(b.grad_buffer, group=self.dp_group, async_op=True)
 
@@ -287,7 +288,7 @@ class DataParallel:
             for b in self.buckets:
                 shard = b.main_buffer.numel() // self.dp
                 mine = b.main_buffer[self.dp_rank * shard:(self.dp_rank + 1) * shard].clone()
-                dist.all_gather_into_tensor(b.main_buffer, mine, group=self.dp_group)
+                all_gather_single(b.main_buffer, mine, group=self.dp_group)
         if self.low_precision:
             self._copy_masters_to_model()
 

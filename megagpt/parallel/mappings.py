@@ -23,6 +23,12 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.13 names these two `*_single` and deprecates the old names (a FutureWarning from every
+# rank); earlier versions have only the old names
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -42,7 +48,7 @@ def _gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    all_gather_single(out, x, group=group)
     return out
 
 
@@ -54,7 +60,7 @@ def _reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
         raise ValueError(f"reduce-scatter: dim 0 ({x.shape[0]}) not divisible by the group size {n}")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=group)
+    reduce_scatter_single(out, x, group=group)
     return out
 
 

@@ -1,5 +1,6 @@
 """Every (tp, pp, dp) layout trains the same model as one process: losses, grad norms, parameters."""
 import functools
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ STEPS = 5
 
 
 def _train(rank, world, cfg_kwargs):
+    # no deprecated collective (torch 2.13 renamed the all-gather and reduce-scatter into tensors)
+    warnings.filterwarnings("error", message=r".*torch\.distributed\..* is deprecated",
+                            category=FutureWarning)
     cfg = tiny_config(**cfg_kwargs)
     par = cfg.parallel
     ps = state.initialize_parallel(par.tensor_parallel_size, par.pipeline_parallel_size)
