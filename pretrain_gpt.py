@@ -9,6 +9,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,9 +34,13 @@ USER_ERRORS = (CheckpointError, ConversionError, DataPathError, DatasetBuildErro
 
 def print_once(message: str) -> None:
     """Print to stderr on torchrun's rank 0 only (or without torchrun): before the process group
-    exists, every rank finds the same config problem and would print it."""
+    exists, every rank finds the same config problem and would print it. The other ranks wait a
+    moment first, to exit after rank 0: torchrun stops every rank as soon as one fails, and a rank
+    0 stopped before printing would leave the run failed without a word."""
     if os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr)
+    else:
+        time.sleep(5)
 
 
 def init_distributed(cfg) -> torch.device:

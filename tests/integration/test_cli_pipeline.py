@@ -62,3 +62,15 @@ def reference(tmp_path_factory, prefix):
 def test_layouts_give_the_same_first_losses(tmp_path, prefix, reference, tp, pp, dp):
     losses = train(tmp_path, prefix, tp, pp, dp, 3, f"tp{tp}pp{pp}dp{dp}")
     assert losses == pytest.approx(reference, rel=1e-5)
+
+
+def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
+    """Every rank finds the problem; rank 0 says it, once, and the other ranks exit after it
+    (torchrun stops all ranks at the first failure, which must not silence rank 0)."""
+    cmd = [str(TORCHRUN), "--nproc_per_node", "4", "pretrain_gpt.py",
+           "--config", "configs/training/tiny_model.json", "--training.max_steps=6",
+           f"--logging.run_dir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    error = "training.warmup_steps=10: exceeds the decay length (training.max_steps=6)"
+    assert result.stderr.count(error) == 1, result.stderr[-3000:]
