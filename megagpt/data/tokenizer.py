@@ -123,8 +123,10 @@ def _gpt2_files() -> tuple[dict[str, int], list[str]]:
 def _is_gpt2(backend: tokenizers.Tokenizer) -> bool:
     """Whether `backend` is exactly GPT-2's tokenizer: its vocabulary and merges in a BPE with
     nothing else changing the ids (no normaliser, the ByteLevel pre-tokenizer without a prefix
-    space, no added tokens but `<|endoftext|>`)."""
+    space, no added token but a special `<|endoftext|>`, no truncation or padding; the post-
+    processor and decoder do not take part in `encode` without special tokens)."""
     spec = json.loads(backend.to_str())
+    added = [(t["content"], t["special"]) for t in spec.get("added_tokens", [])]
     model, pre = spec["model"], spec.get("pre_tokenizer") or {}
     plain_bpe = (model.get("type") == "BPE" and not model.get("dropout")
                  and not model.get("continuing_subword_prefix")
@@ -132,7 +134,8 @@ def _is_gpt2(backend: tokenizers.Tokenizer) -> bool:
                  and not model.get("ignore_merges"))
     if not (plain_bpe and spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
             and pre.get("add_prefix_space") is False and pre.get("use_regex", True)
-            and [t["content"] for t in spec.get("added_tokens", [])] in ([], [EOD_TOKEN])):
+            and added in ([], [(EOD_TOKEN, True)]) and spec.get("truncation") is None
+            and spec.get("padding") is None):
         return False
     vocab, merges = _gpt2_files()
     return model["vocab"] == vocab and [m if isinstance(m, str) else " ".join(m)

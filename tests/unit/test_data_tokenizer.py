@@ -101,6 +101,9 @@ def test_gpt2_encodes_with_tiktoken_and_gives_the_tokenizers_ids(gpt2):
     for batch in (texts, corpus):
         slow = [e.ids for e in gpt2.backend.encode_batch(batch, add_special_tokens=False)]
         assert gpt2.encode_batch(batch) == slow
+    long_pieces = ["a" * 100_000, "x" + "\u00e9" * 50_000, " " * 100_000 + "end"]
+    assert [gpt2.encode(t) for t in long_pieces] == [
+        gpt2.backend.encode(t, add_special_tokens=False).ids for t in long_pieces]
     assert [gpt2.encode(t) for t in texts[:50]] == [
         gpt2.backend.encode(t, add_special_tokens=False).ids for t in texts[:50]]
 
@@ -111,11 +114,20 @@ def test_only_gpt2s_own_tokenizer_takes_the_fast_path(tmp_path, gpt2):
     trained = train_bpe_tokenizer(["hello world", "abc def"] * 50, 300, tmp_path / "trained")
     assert trained._tiktoken is None and load_tokenizer(tmp_path / "trained")._tiktoken is None
     spec = json.loads(gpt2.backend.to_str())
+    eod_as_text = [dict(t, special=False) for t in spec["added_tokens"]]
     for change in ({"normalizer": {"type": "NFC"}},
-                   {"pre_tokenizer": dict(spec["pre_tokenizer"], add_prefix_space=True)}):
+                   {"pre_tokenizer": dict(spec["pre_tokenizer"], add_prefix_space=True)},
+                   {"added_tokens": eod_as_text},
+                   {"truncation": {"direction": "Right", "max_length": 8, "strategy": "LongestFirst",
+                                   "stride": 0}},
+                   {"padding": {"strategy": {"Fixed": 16}, "direction": "Right",
+                                "pad_to_multiple_of": None, "pad_id": 50256, "pad_type_id": 0,
+                                "pad_token": "<|endoftext|>"}}):
         changed = tmp_path / f"changed_{len(list(tmp_path.iterdir()))}.json"
         changed.write_text(json.dumps(dict(spec, **change)), encoding="utf-8")
-        assert load_tokenizer(changed)._tiktoken is None
+        tok = load_tokenizer(changed)
+        assert tok._tiktoken is None, change
+        assert tok.encode(TRICKY) == tok.backend.encode(TRICKY, add_special_tokens=False).ids
     one_merge_less = dict(spec, model=dict(spec["model"], merges=spec["model"]["merges"][:-1]))
     (tmp_path / "fewer.json").write_text(json.dumps(one_merge_less), encoding="utf-8")
     assert load_tokenizer(tmp_path / "fewer.json")._tiktoken is None
