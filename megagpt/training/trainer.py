@@ -16,9 +16,11 @@ and its checkpoints are our step folders with DeepSpeed's own files inside.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -55,18 +57,29 @@ class TrainingAborted(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+def loader_worker_options(num_workers: int) -> dict:
+    """The DataLoader arguments that let its workers outlive a scheduler's SIGTERM.
+
+    A scheduler stops a job by sending SIGTERM to every process in it (SLURM's scancel, `timeout`,
+    a process-group kill), and a worker killed so fails the loader before the trainer's own
+    handler can save. Where `sigwaitinfo` exists (Linux), each worker takes SIGTERM on a thread of
+    its own (`shield_worker_from_stray_sigterm`) and ends on it only when the trainer sent it;
+    workers are forked, since the shield needs to block SIGTERM before any other thread of the
+    worker exists (a spawned worker has library threads from its imports; Python 3.14 makes
+    forkserver the default). Elsewhere (macOS) workers keep torch's defaults."""
+    if num_workers == 0 or not hasattr(signal, "sigwaitinfo"):
+        return {}
+    _end_loader_workers_at_exit_once()
+    return {"worker_init_fn": functools.partial(shield_worker_from_stray_sigterm, os.getpid()),
+            "multiprocessing_context": "fork"}
+
+
 def shield_worker_from_stray_sigterm(trainer_pid: int, worker_id: int) -> None:
-    """A data-loader worker's start (`worker_init_fn`, with the trainer's pid bound). A scheduler
-    stops a job by sending SIGTERM to every process in it (SLURM's scancel, `timeout`, a
-    process-group kill), and a worker killed so fails the loader before the trainer's own handler
-    can save. So the worker takes SIGTERM on a thread of its own and ends on it only when the
-    trainer sent it (the loader ending its workers: `terminate()` at its shutdown or at exit,
-    where torch's own worker handler would `_exit(0)` too); a SIGTERM from anyone else leaves it
-    serving until the loader ends it as usual, after the trainer has saved. If the trainer dies,
-    torch's worker watchdog ends the worker. Where there is no `sigwaitinfo` (macOS) workers keep
-    torch's default."""
-    if not hasattr(signal, "sigwaitinfo"):
-        return
+    """A forked loader worker's start (`worker_init_fn`, with the trainer's pid bound): a SIGTERM
+    from the trainer (the loader ending its workers: `terminate()` at its shutdown or at exit,
+    where torch's own worker handler would `_exit(0)` too) ends the worker; one from anyone else
+    leaves it serving until the loader ends it as usual, after the trainer has saved. If the
+    trainer dies, torch's worker watchdog ends the worker."""
     # blocked in this (the worker's only) thread before the waiting thread starts: every thread
     # started later inherits the block, so each SIGTERM waits for `sigwaitinfo` below
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -78,6 +91,28 @@ def _end_on_the_trainers_sigterm(trainer_pid: int) -> None:
     while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer_pid:
         pass
     os._exit(0)
+
+
+def end_daemonic_children(grace_s: float = 10.0) -> None:
+    """Terminate this process's daemonic children (loader workers still alive), wait for them at
+    most `grace_s` seconds in all, and kill those left. At exit multiprocessing terminates them
+    and joins them without a time limit; a shielded worker ends on that SIGTERM only once its
+    thread gets the GIL, so one stuck holding it (a long C call) would hang the exit."""
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+@functools.cache
+def _end_loader_workers_at_exit_once() -> None:
+    # registered after multiprocessing's own exit function (imported with torch), so it runs first
+    atexit.register(end_daemonic_children)
 
 
 def output_problems(cfg) -> list[str]:
@@ -164,8 +199,7 @@ class Trainer:
         # resume (a new loader) or an evaluation (another loader) would change the training.
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
-            persistent_workers=False,
-            worker_init_fn=functools.partial(shield_worker_from_stray_sigterm, os.getpid()),
+            persistent_workers=False, **loader_worker_options(self.cfg.data.num_workers),
             generator=torch.Generator().manual_seed(self.cfg.training.seed))
         step = []
         try:

@@ -16,8 +16,8 @@ from megagpt.model.gpt import gather_full_state_dict
 from megagpt.parallel import state
 from megagpt.testing import run_distributed, sigterm_when_ready, tiny_config
 from megagpt.training.optim import lr_at
-from megagpt.training.trainer import (Trainer, TrainingAborted, output_problems,
-                                     shield_worker_from_stray_sigterm)
+from megagpt.training.trainer import (Trainer, TrainingAborted, end_daemonic_children,
+                                     loader_worker_options, output_problems)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -278,11 +278,11 @@ class _WorkerPids(torch.utils.data.Dataset):
         return os.getpid()
 
 
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the shield needs sigwaitinfo")
-def test_a_loader_worker_ends_on_the_trainers_sigterm_and_outlives_anyone_elses():
-    loader = torch.utils.data.DataLoader(
-        _WorkerPids(), batch_size=1, num_workers=1,
-        worker_init_fn=functools.partial(shield_worker_from_stray_sigterm, os.getpid()))
+def check_worker_shield() -> None:
+    """A loader worker outlives a SIGTERM from another process (a scheduler's) and ends on its
+    trainer's (the loader ending it)."""
+    loader = torch.utils.data.DataLoader(_WorkerPids(), batch_size=1, num_workers=1,
+                                         **loader_worker_options(1))
     batches = iter(loader)
     pid = int(next(batches))
     worker = next(p for p in multiprocessing.active_children() if p.pid == pid)
@@ -293,7 +293,40 @@ def test_a_loader_worker_ends_on_the_trainers_sigterm_and_outlives_anyone_elses(
     os.kill(pid, signal.SIGTERM)                                  # the loader ending its worker
     worker.join(timeout=10)
     assert worker.exitcode == 0
-    del batches
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the shield needs sigwaitinfo")
+def test_a_loader_worker_ends_on_the_trainers_sigterm_and_outlives_anyone_elses():
+    check_worker_shield()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the shield needs sigwaitinfo")
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_the_worker_shield_holds_whatever_the_default_start_method(method):
+    """Python 3.14 makes forkserver the default; a spawned worker has library threads that the
+    shield could not cover, so the workers are forked whatever the default."""
+    code = (f"import multiprocessing; multiprocessing.set_start_method({method!r}); "
+            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_trainer; test_trainer.check_worker_shield(); print('held')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "held" in result.stdout, result.stderr[-3000:]
+
+
+def _ignore_sigterm_and_wait():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)
+
+
+def test_children_that_ignore_sigterm_are_killed_after_the_grace_period():
+    """The exit hook bounds what multiprocessing's own exit would wait for without a limit."""
+    child = multiprocessing.get_context("fork").Process(target=_ignore_sigterm_and_wait, daemon=True)
+    child.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    end_daemonic_children(grace_s=1.0)
+    assert child.exitcode == -signal.SIGKILL
+    assert time.monotonic() - start < 5
 
 
 @pytest.mark.slow
@@ -306,7 +339,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path, workers, to_group):
            "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
            "--parallel.pipeline_parallel_size=1", "--data.mock=true",
            f"--data.num_workers={workers}",
-           "--training.max_steps=100000", "--training.log_interval=1", "--training.eval_interval=0",
+           "--training.max_steps=100000", "--training.log_interval=1", "--training.eval_interval=2",
+           "--training.eval_iters=1",
            "--checkpoint.save_interval=0", f"--logging.run_dir={tmp_path}",
            f"--checkpoint.save_dir={tmp_path / 'checkpoints'}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -317,6 +351,9 @@ def test_sigterm_saves_and_exits_zero(tmp_path, workers, to_group):
         to_group=to_group, wait=120)
     assert proc.returncode == 0, output
     assert "SIGTERM: saving step" in output
+    if to_group:                        # and no worker outlives the run
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert (tmp_path / "checkpoints" / latest / "meta.json").exists()
 
