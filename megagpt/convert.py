@@ -267,8 +267,10 @@ def converted_config(source: Source, tp: int, pp: int, vp: int) -> dict:
     """The source's config as the config of a run at the new layout, one data-parallel replica
     (world = tp x pp), training with the same global batch: the old replicas' micro-batches
     become accumulation steps, split smaller where the interleaved schedule (vp > 1) needs a
-    multiple of pp of them; the native engine where tp or pp > 1 (DeepSpeed runs data parallel
-    only, so its ZeRO stage becomes the native path's 0 or 1)."""
+    multiple of pp of them (kept as they are when no split gives that: `convert` says so); the
+    native engine where the layout or the accumulation changes (DeepSpeed runs data parallel
+    only and its file fixes the accumulation; its ZeRO stage becomes the native path's 0 or 1);
+    no CUDA graphs where tp or pp > 1."""
     config = json.loads(json.dumps(source.config))
     par, t = config["parallel"], config["training"]
     old_dp = par["world_size"] // (par["tensor_parallel_size"] * par["pipeline_parallel_size"])
@@ -280,8 +282,10 @@ def converted_config(source: Source, tp: int, pp: int, vp: int) -> dict:
     t.update(batch_size=micro, grad_accumulation_steps=global_batch // micro)
     par.update(world_size=tp * pp, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                virtual_pipeline_size=vp)
-    if par["deepspeed_config"] is not None and tp * pp > 1:
+    if par["deepspeed_config"] is not None and (tp * pp > 1 or old_dp > 1):
         par.update(deepspeed_config=None, zero_stage=min(par["zero_stage"], 1))
+    if tp * pp > 1:
+        t["cuda_graphs"] = False
     return config
 
 
@@ -432,6 +436,13 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
         check_layout(source.model, tp, pp, vp, source.config["parallel"].get("sequence_parallel", False))
         notes.append("weights only: resuming from it restores the weights, the step and the "
                      "consumed samples; the optimizer state starts fresh")
+        t = converted_config(source, tp, pp, vp)["training"]
+        if vp > 1 and t["grad_accumulation_steps"] % pp:
+            notes.append(f"the source's global batch ({t['batch_size'] * t['grad_accumulation_steps']} "
+                         f"sequences) does not split into a multiple of pp={pp} micro-batches, "
+                         f"which the interleaved schedule needs; the recorded config keeps it, so "
+                         f"set training.batch_size and grad_accumulation_steps to train at this "
+                         f"layout")
     else:
         tok = source_tokenizer(source, tokenizer)
         if tok.vocab_size > source.model.vocab_size:

@@ -226,8 +226,10 @@ def test_ours_to_ours_keeps_every_weight_bit_for_bit(tmp_path, ours, full, path)
     (dict(micro=8, training__global_batch_size=8), (1, 2, 2), 4),
     (dict(dp=2, micro=1), (1, 4, 1), 1),
     (dict(dp=2, zero=1, deepspeed_config=str(ROOT / "configs/deepspeed/zero2.json")), (2, 1, 1), 2),
+    (dict(dp=2, zero=1, deepspeed_config=str(ROOT / "configs/deepspeed/zero2.json")), (1, 1, 1), 2),
+    (dict(micro=8, training__cuda_graphs=True), (2, 1, 1), 8),
 ], ids=["dp2-to-tp2", "dp4-to-pp2", "vp2-needs-even-micro-batches", "dp2-to-pp4",
-        "deepspeed-to-tp2"])
+        "deepspeed-to-tp2", "deepspeed-dp2-to-one", "cuda-graphs-to-tp2"])
 def test_the_recorded_config_is_a_valid_run_at_the_new_layout_with_the_same_global_batch(
         source, layout, micro):
     """A converted checkpoint's config is a config one can train with at its layout."""
@@ -241,8 +243,29 @@ def test_the_recorded_config_is_a_valid_run_at_the_new_layout_with_the_same_glob
     assert (par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
             par.virtual_pipeline_size) == (tp * pp, tp, pp, vp)
     assert (t.batch_size, t.batch_size * t.grad_accumulation_steps) == (micro, 8)
-    assert par.deepspeed_config is None if tp * pp > 1 and ds else par.deepspeed_config == ds
+    assert par.deepspeed_config is None
     assert old["training"]["global_batch_size"] == t.global_batch_size
+    assert t.cuda_graphs == (old["training"]["cuda_graphs"] and tp * pp == 1)
+
+
+def test_deepspeed_stays_in_the_recorded_config_of_the_same_one_replica_layout():
+    old = tiny_config(parallel__deepspeed_config=str(ROOT / "configs/deepspeed/zero2.json"),
+                      parallel__zero_stage=2).to_dict()
+    cfg = load_config(raw=converted_config(
+        Source("megagpt", ROOT, M, {}, old, 5, 40, (1, 1, 1), "gpt2"), 1, 1, 1))
+    assert (cfg.parallel.deepspeed_config, cfg.parallel.zero_stage) == (
+        old["parallel"]["deepspeed_config"], 2)
+
+
+def test_a_global_batch_the_interleaved_schedule_cannot_split_is_said(tmp_path, full):
+    odd = tiny_config(micro=3, training__grad_accumulation_steps=1)     # 3 sequences a step
+    meta = {"config": odd.to_dict(), "consumed_samples": 40,
+            "parallel": {"tp": 1, "pp": 1, "dp": 1, "vp": 1}}
+    write_checkpoint_offline(tmp_path / "src", 5, shard_full_state(full, M, 1, 1, 1), meta)
+    result = quiet(tmp_path / "src", tmp_path / "out", "megagpt", tp=1, pp=2, vp=2)
+    assert any("does not split into a multiple of pp=2" in note for note in result.notes)
+    assert not any("does not split" in note for note in quiet(
+        tmp_path / "src", tmp_path / "out2", "megagpt", tp=1, pp=2, vp=1).notes)
 
 
 def test_the_layout_defaults_to_the_sources(tmp_path, ours):
