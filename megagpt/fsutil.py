@@ -95,6 +95,48 @@ def clean_up_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_noted: list[int] = []   # stop signals that arrived while `stop_signals_deferred`
+
+
+def _note(signum, frame):
+    _noted.append(signum)
+
+
+def _raise_noted() -> None:
+    if _noted:
+        signum = _noted[0]
+        _noted.clear()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+
+@contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Inside, SIGTERM and Ctrl-C are only noted; on leaving, the first noted one is raised
+    (SystemExit(143), KeyboardInterrupt). For work that must not be cut mid-way: forking worker
+    processes, where an exception raised inside fork's own hooks is swallowed ("Exception ignored
+    in ...": the tool would run on to the end) and a pool cut while starting can hang at its
+    shutdown. A process forked inside inherits the noting handlers: it calls
+    `stop_signals_restored_in_child` first."""
+    previous = {s: signal.signal(s, _note) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _raise_noted()
+
+
+def stop_signals_restored_in_child() -> None:
+    """In a worker forked inside `stop_signals_deferred`: SIGTERM raises SystemExit(143) and
+    Ctrl-C KeyboardInterrupt again, and one noted while it was being forked is raised now."""
+    clean_up_on_sigterm()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _raise_noted()
+
+
 @contextmanager
 def write_file_atomically(dest: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Yield a file object open (``mode``) on a new temporary file beside `dest`; when the block

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from megagpt import fsutil
 from megagpt.data import jsonl
 from megagpt.data.indexed import IndexedDatasetWriter, best_dtype, bin_path, idx_path
 from megagpt.data.tokenizer import load_tokenizer
@@ -84,6 +85,7 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_path: str, json_keys: tuple[str, ...], append_eod: bool,
                  dtype: str) -> None:
+    fsutil.stop_signals_restored_in_child()         # forked while stop signals were deferred
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the count
     tok = load_tokenizer(tokenizer_path)
     _WORKER.update(tokenizer=tok, keys=json_keys, eod=tok.eod_id if append_eod else None,
@@ -288,6 +290,8 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                    initargs=(os.fspath(tokenizer), keys, append_eod, dtype.str))
         try:
+            with fsutil.stop_signals_deferred():   # the first task forks every worker
+                pool.submit(int)
             for p in prefixes:
                 try:
                     writers.append(IndexedDatasetWriter(p, dtype))

@@ -1,5 +1,10 @@
 """Atomic writes: the data reaches the disk before the rename publishes it."""
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +70,38 @@ def test_a_folder_the_file_system_cannot_sync_is_left_to_it(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", refuse(errno.EIO))
     with pytest.raises(OSError):
         fsutil.fsync_dir(tmp_path)                  # a failing disk is
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_stop_signal_while_deferred_is_raised_on_leaving(signum, raised):
+    previous = signal.getsignal(signal.SIGTERM)
+    fsutil.clean_up_on_sigterm()
+    try:
+        with pytest.raises(raised):
+            with fsutil.stop_signals_deferred():
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)        # the handler has run by now, and only noted it
+                reached = True
+        assert reached
+        assert signal.getsignal(signal.SIGTERM) is fsutil._exit
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_while_the_preprocess_workers_fork_stops_the_tool(tmp_path):
+    """Deterministically what a scheduler's SIGTERM can hit: the signal lands inside fork's
+    after-fork hook in the parent, where a raised SystemExit is swallowed ("Exception ignored")
+    and the tool used to run on to the end and exit 0."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(100)))
+    code = ("import os, signal, sys; from megagpt import fsutil; "
+            "from megagpt.data.preprocess import preprocess_jsonl; fsutil.clean_up_on_sigterm(); "
+            "os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM)); "
+            f"preprocess_jsonl({str(src)!r}, {str(tmp_path / 'out' / 'c')!r}, workers=2, "
+            "progress=False); print('finished')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 143, result.stdout + result.stderr
+    assert "finished" not in result.stdout and "Exception ignored" not in result.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
