@@ -696,13 +696,17 @@ def validate(cfg: Config) -> list[str]:
                  f"needs at least one batch; fix: training.eval_iters=10, or "
                  f"training.eval_interval=0 to turn validation off")
     positive("parallel.bucket_size_mb", par.bucket_size_mb)
+    positive("training.adam_eps", t.adam_eps)
+    positive("training.lr_decay_steps", t.lr_decay_steps, optional=True)
+    if known(t.seed) and not 0 <= t.seed < 2 ** 32:
+        p.append(f"training.seed={t.seed}: must be in [0, 2**32) (numpy's and the data order's "
+                 f"seeds); fix: e.g. 1234")
     positive("model.init_std", m.init_std)
     positive("model.layernorm_eps", m.layernorm_eps)
     for where, value in [("training.warmup_steps", t.warmup_steps), ("training.min_lr", t.min_lr),
                          ("training.weight_decay", t.weight_decay), ("training.grad_clip", t.grad_clip),
                          ("training.eval_interval", t.eval_interval), ("training.eval_iters", t.eval_iters),
                          ("training.max_skipped_steps", t.max_skipped_steps),
-                         ("training.lr_decay_steps", t.lr_decay_steps),
                          ("checkpoint.save_interval", cfg.checkpoint.save_interval),
                          ("checkpoint.keep_last", cfg.checkpoint.keep_last),
                          ("data.num_workers", d.num_workers)]:
@@ -721,7 +725,7 @@ def validate(cfg: Config) -> list[str]:
     if t.lr_schedule != "constant" and known(decay, t.warmup_steps) and t.warmup_steps > decay:
         p.append(f"training.warmup_steps={t.warmup_steps}: exceeds the decay length "
                  f"({'training.lr_decay_steps' if t.lr_decay_steps is not None else 'training.max_steps'}"
-                 f"={decay}); fix: shorten the warm-up")
+                 f"={decay}); fix: shorten the warm-up, or lengthen the run")
 
     if ok:
         if m.d_model % m.n_heads:

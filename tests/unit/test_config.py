@@ -209,6 +209,19 @@ def test_a_non_positive_number_gets_a_fix_of_its_kind():
     assert "model.init_std=0.0: must be positive; fix: give it a value above 0" in problems
 
 
+def test_optimizer_and_schedule_values_that_would_break_training_are_refused():
+    """Each passed validation before, then crashed (adam_eps < 0, a negative seed) or trained
+    nothing (adam_eps = 0 skips every step; a decay of 0 steps holds min_lr from the start)."""
+    problems = problems_of(tiny_raw(), ["--training.adam_eps=0", "--training.seed=-1",
+                                        "--training.lr_decay_steps=0"])
+    assert "training.adam_eps=0.0: must be positive; fix: give it a value above 0" in problems
+    assert any(p.startswith("training.seed=-1: must be in [0, 2**32)") for p in problems), problems
+    assert "training.lr_decay_steps=0: must be positive; fix: set it to 1 or more" in problems
+    assert any(p.startswith("training.seed=4294967296: must be in") for p in problems_of(
+        tiny_raw(), ["--training.seed=4294967296"]))
+    load_config(TINY, ["--training.seed=0", "--training.seed=4294967295"], raw=tiny_raw())
+
+
 def test_validation_needs_batches_and_keep_last_zero_keeps_all():
     problems = problems_of(tiny_raw(), ["--training.eval_interval=5", "--training.eval_iters=0"])
     assert any(p.startswith("training.eval_iters=0: validation every 5 steps needs at least one "
