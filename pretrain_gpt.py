@@ -21,6 +21,7 @@ from megagpt.data.gpt_dataset import DatasetBuildError
 from megagpt.data.indexed import IndexedDatasetError
 from megagpt.data.jsonl import InputError
 from megagpt.data.tokenizer import TokenizerError
+from megagpt.kernels import BackendUnavailable
 from megagpt.parallel.state import destroy_parallel, initialize_parallel
 from megagpt.testing import free_port
 from megagpt.training.checkpoint import CheckpointError
@@ -28,8 +29,8 @@ from megagpt.training.trainer import Trainer, TrainingAborted, output_problems, 
 
 # What a user's input or run can raise after the config loads: each message names the setting
 # and the fix, so it is printed as it is, without a traceback.
-USER_ERRORS = (CheckpointError, ConversionError, DataPathError, DatasetBuildError,
-               IndexedDatasetError, InputError, TokenizerError, TrainingAborted)
+USER_ERRORS = (BackendUnavailable, CheckpointError, ConversionError, DataPathError,
+               DatasetBuildError, IndexedDatasetError, InputError, TokenizerError, TrainingAborted)
 
 
 def print_once(message: str) -> None:

@@ -21,7 +21,7 @@ from .bias_gelu import bias_gelu, bias_gelu_reference
 from .cross_entropy import (cross_entropy, cross_entropy_reference, cross_entropy_shard_grad,
                             cross_entropy_shard_grad_reference, cross_entropy_shard_stats,
                             cross_entropy_shard_stats_reference)
-from .dispatch import BACKENDS, get_op, resolve_backend
+from .dispatch import BACKENDS, BackendUnavailable, get_op, resolve_backend
 from .flash_attention import (dropout_keep_mask, flash_attention, flash_attention_qkvpacked,
                               flash_attention_reference)
 from .layer_norm import layer_norm, layer_norm_reference
@@ -34,5 +34,5 @@ __all__ = [
     "flash_attention_reference", "layer_norm_reference", "scaled_masked_softmax_reference",
     "bias_gelu_reference", "cross_entropy_reference", "cross_entropy_shard_stats_reference",
     "cross_entropy_shard_grad_reference", "dropout_keep_mask",
-    "BACKENDS", "get_op", "resolve_backend",
+    "BACKENDS", "BackendUnavailable", "get_op", "resolve_backend",
 ]

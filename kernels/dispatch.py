@@ -29,6 +29,11 @@ from typing import Callable
 import torch
 
 from ._utils import HAS_TRITON, triton_runs_on
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend the config chose that this machine cannot run (not installed, or not on this
+    device); the message names the setting and what to install or choose instead."""
 from .bias_gelu import bias_gelu, bias_gelu_reference
 from .cross_entropy import cross_entropy, cross_entropy_reference
 from .flash_attention import flash_attention, flash_attention_reference
@@ -85,10 +90,10 @@ def _require_package(module: str, backend: str, op: str, device: torch.device, i
     try:
         importlib.import_module(module)
     except ImportError as err:
-        raise RuntimeError(f"kernels.{op}={backend} needs `{module}`, which does not import "
+        raise BackendUnavailable(f"kernels.{op}={backend} needs `{module}`, which does not import "
                            f"({err}); {install}, or choose one of: {others}") from err
     if device.type != "cuda":
-        raise RuntimeError(f"kernels.{op}={backend} runs on CUDA devices only, not {device}; "
+        raise BackendUnavailable(f"kernels.{op}={backend} runs on CUDA devices only, not {device}; "
                            f"choose one of: {others}")
 
 
@@ -101,7 +106,7 @@ def _require_triton(op: str, device: torch.device):
     why = ("the `triton` package is not installed" if not HAS_TRITON else
            f"the Triton kernels cannot run on {device}: they need a CUDA GPU, or "
            "TRITON_INTERPRET=1 set before importing megagpt.kernels (slow; for tests)")
-    raise RuntimeError(f"kernels.{op}=triton: {why}; choose one of: {others}")
+    raise BackendUnavailable(f"kernels.{op}=triton: {why}; choose one of: {others}")
 
 
 def resolve_backend(op: str, choice: str = "auto", device="cpu") -> str:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 
 from megagpt.config import TrainingConfig
+from megagpt.kernels import BackendUnavailable
 
 EMBEDDING_NAMES = ("wte", "wpe", "output_weight")
 
@@ -79,12 +80,12 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]],
         try:
             from apex.optimizers import FusedAdam
         except ImportError as e:
-            raise RuntimeError(
+            raise BackendUnavailable(
                 f"training.optimizer=\"apex\": apex.optimizers.FusedAdam is not importable ({e}); "
                 f"fix: install NVIDIA apex with its CUDA extensions, or set "
                 f"training.optimizer=\"adamw\" (torch's AdamW, fused on CUDA)") from e
         if device.type != "cuda":
-            raise RuntimeError(
+            raise BackendUnavailable(
                 f"training.optimizer=\"apex\": apex's FusedAdam runs on CUDA only, but the "
                 f"parameters are on {device}; fix: set training.optimizer=\"adamw\"")
         return FusedAdam(groups, adam_w_mode=True, **kwargs)

@@ -372,6 +372,10 @@ ONE_PROCESS = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/
      "error: tokenizer 'runs/nowhere/tokenizer' does not exist"),
     (["--checkpoint.pretrained=runs/nowhere/gpt2", "--data.mock=true"],
      "error: checkpoint.pretrained=runs/nowhere/gpt2 does not exist; fix: point it at"),
+    (["--kernels.layernorm=triton", "--data.mock=true"],
+     "error: kernels.layernorm=triton: the Triton kernels cannot run on cpu"),
+    (["--training.optimizer=apex", "--data.mock=true"],
+     "error: training.optimizer=\"apex\": apex.optimizers.FusedAdam is not importable"),
 ])
 def test_a_bad_path_is_one_message_not_a_traceback(tmp_path, args, message):
     cmd = [*ONE_PROCESS, f"--logging.run_dir={tmp_path}", f"--checkpoint.save_dir={tmp_path / 'c'}",
