@@ -38,7 +38,8 @@ from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from megagpt.fsutil import give_default_mode, replace_folder_atomically
 from megagpt.hf import from_hf, hf_config_dict, to_hf
 from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
-from megagpt.model.reshard import full_state_from_checkpoint, model_config_of, shard_full_state
+from megagpt.model.reshard import (full_state_from_checkpoint, full_state_shapes, model_config_of,
+                                   shard_full_state)
 from megagpt.training.checkpoint import (META_FILE, STEP_RE, CheckpointError, find_latest,
                                          is_complete, read_meta, write_checkpoint_offline)
 
@@ -132,9 +133,13 @@ def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConversionError(f"{path / 'config.json'} cannot be read: {e}") from e
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path / 'config.json'} holds a JSON {type(hf).__name__}, not the "
+                              f"object of a Hugging Face model config")
     if hf.get("model_type") != "gpt2":
-        raise ConversionError(f"{path} holds a {hf.get('model_type')!r} model "
-                              f"(config.json model_type); only GPT-2 (model_type \"gpt2\") converts")
+        kind = f"a {hf['model_type']!r} model" if "model_type" in hf else "no model_type"
+        raise ConversionError(f"{path} config.json names {kind}; only GPT-2 (model_type "
+                              f"\"gpt2\") converts")
     problems: list[str] = []
     where = str(path / "config.json")
     fields = model_fields_from_hf(hf, where, problems)
@@ -146,13 +151,22 @@ def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     m = ModelConfig(**fields)
     hf_state = _read_hf_weights(path)
     try:
-        return m, from_hf(hf_state, m)
+        full = from_hf(hf_state, m)
     except KeyError as e:
         raise ConversionError(f"{path}: the weights lack {e.args[0]} (config.json says n_layer="
                               f"{m.n_layers}); the weight files are incomplete or of another "
                               f"model") from e
     except ValueError as e:   # weights of other sizes than config.json says
         raise ConversionError(f"{path}: {e}") from e
+    expected = full_state_shapes(m)
+    wrong = [f"  - {name}: {tuple(value.shape)} in the weights, {expected[name]} from config.json"
+             for name, value in full.items() if tuple(value.shape) != expected[name]]
+    if wrong:
+        raise ConversionError(
+            f"{path}: the weights are not the model config.json describes (n_embd={m.d_model}, "
+            f"n_inner={m.ffn_hidden_size}, n_positions={m.seq_length}, n_head={m.n_heads}):\n"
+            + "\n".join(wrong[:8]) + "\nfix: use the config.json the weights were saved with")
+    return m, full
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -189,14 +203,14 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
                           f"{', '.join(HF_WEIGHT_FILES)}")
 
 
-def config_from_hf(m: ModelConfig, path: Path) -> dict:
-    """A training config dict for a Hugging Face model: its architecture, the other sections from
-    configs/training/small_model.json (GPT-2 small's recipe), one process."""
+def config_from_hf(m: ModelConfig, path: Path, tokenizer_path: str) -> dict:
+    """A training config dict for a Hugging Face model: its architecture and tokenizer, the other
+    sections from configs/training/small_model.json (GPT-2 small's recipe), one process."""
     cfg = load_config(HF_CONFIG_TEMPLATE).to_dict()
     cfg["name"] = path.name
     cfg["description"] = f"converted from the Hugging Face GPT-2 folder {path}"
     cfg["model"] = dataclasses.asdict(m)
-    cfg["data"]["config_file"] = None
+    cfg["data"].update(config_file=None, tokenizer_path=tokenizer_path)
     cfg["checkpoint"].update(save_dir=None, load="auto")
     cfg["logging"].update(run_dir=None, metrics_file=None)
     return cfg
@@ -211,8 +225,9 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
         m, full = read_hf_folder(where)
         has_tokenizer = (where / "tokenizer.json").is_file() or (
             (where / "vocab.json").is_file() and (where / "merges.txt").is_file())
-        return Source("hf", where, m, full, config_from_hf(m, where), 0, 0, (1, 1, 1),
-                      str(where) if has_tokenizer else "gpt2")
+        tokenizer_path = str(where) if has_tokenizer else "gpt2"
+        return Source("hf", where, m, full, config_from_hf(m, where, tokenizer_path), 0, 0,
+                      (1, 1, 1), tokenizer_path)
     meta, full = full_state_from_checkpoint(where)
     p = meta["parallel"]
     config = meta["config"]

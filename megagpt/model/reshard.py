@@ -19,12 +19,23 @@ _META_KERNELS = KernelsConfig(attention="eager", layernorm="torch", softmax="tor
                               bias_gelu="torch", cross_entropy="torch")
 
 
+def _meta_model(m: ModelConfig) -> GPTStage:
+    """The whole model of `m` on the meta device (shapes and attributes, no memory)."""
+    with torch.device("meta"):
+        return GPTStage(m, _META_KERNELS, StageSpec(0, m.n_layers, True, True), device="meta")
+
+
 def sharding_rules(m: ModelConfig) -> dict[str, tuple[int | None, int]]:
     """Canonical parameter name -> (split dimension or None if replicated, stride)."""
-    with torch.device("meta"):
-        model = GPTStage(m, _META_KERNELS, StageSpec(0, m.n_layers, True, True), device="meta")
     return {name: (getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
-            for name, p in model.named_parameters()}
+            for name, p in _meta_model(m).named_parameters()}
+
+
+def full_state_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical parameter name -> its shape in a full state dict (the embedding unpadded)."""
+    shapes = {name: tuple(p.shape) for name, p in _meta_model(m).named_parameters()}
+    shapes["embedding.wte.weight"] = (m.vocab_size, m.d_model)
+    return shapes
 
 
 def model_config_of(meta: dict) -> ModelConfig:

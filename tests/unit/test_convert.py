@@ -11,7 +11,7 @@ import torch
 
 from megagpt.config import load_config
 from megagpt.convert import ConversionError, Source, convert, converted_config, our_logits
-from megagpt.data.tokenizer import load_tokenizer
+from megagpt.data.tokenizer import GPT2_DIR, load_tokenizer
 from megagpt.hf import hf_config_dict
 from megagpt.model.gpt import build_stage, gather_full_state_dict
 from megagpt.model.reshard import full_state_from_checkpoint, shard_full_state
@@ -303,7 +303,10 @@ BAD_INPUTS = {
                           "--input {} is not a complete checkpoint: model_tp1_pp0.pt is missing"),
     "not gpt2": (lambda root, full: _folder(root / "llama", {"config.json": json.dumps(
         {"model_type": "llama", "hidden_size": 64})}),
-        "{} holds a 'llama' model (config.json model_type); only GPT-2 (model_type \"gpt2\") converts"),
+        "{} config.json names a 'llama' model; only GPT-2 (model_type \"gpt2\") converts"),
+    "config not an object": (lambda root, full: _folder(root / "listcfg", {"config.json": "[1, 2]"}),
+                             "{}/config.json holds a JSON list, not the object of a Hugging Face "
+                             "model config"),
     "untied gpt2": (lambda root, full: _folder(root / "untied", {"config.json": json.dumps(
         dict(hf_config_dict(M), tie_word_embeddings=False))}),
         "{} is a GPT-2 this model cannot express:\n  - tie_word_embeddings=false; the model "
@@ -336,6 +339,39 @@ def test_bad_inputs_are_refused_with_a_message_and_nothing_written(tmp_path, ful
         quiet(source, tmp_path / "out", "megagpt")
     assert message.format(source) in str(info.value)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("change, shown", [
+    (dict(n_inner=64), "layers.0.mlp.fc1.weight: (128, 32) in the weights, (64, 32) from config.json"),
+    (dict(n_positions=64), "embedding.wpe.weight: (16, 32) in the weights, (64, 32) from config.json"),
+    (dict(n_embd=28, n_head=4), "embedding.wte.weight: (50257, 32) in the weights, (50257, 28) "
+                                "from config.json"),
+], ids=["n_inner", "n_positions", "n_embd"])
+def test_weights_of_other_sizes_than_config_json_are_refused(tmp_path, hf_folder, change, shown):
+    """Each converted before (exit 0) into a checkpoint nothing could load, or failed with a
+    traceback."""
+    folder = tmp_path / "mismatch"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, **change)))
+    with pytest.raises(ConversionError, match="the weights are not the model config.json "
+                                              "describes") as info:
+        quiet(folder, tmp_path / "out", "megagpt")
+    assert shown in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hf_folders_own_tokenizer_is_recorded_in_the_converted_checkpoint(tmp_path, hf_folder):
+    folder = tmp_path / "with_tokenizer"
+    shutil.copytree(hf_folder, folder)
+    shutil.copy(GPT2_DIR / "vocab.json", folder)
+    shutil.copy(GPT2_DIR / "merges.txt", folder)
+    quiet(folder, tmp_path / "ours", "megagpt")
+    meta = json.loads((tmp_path / "ours" / "step_0000000" / "meta.json").read_text())
+    assert meta["config"]["data"]["tokenizer_path"] == str(folder)
+    quiet(hf_folder, tmp_path / "ours2", "megagpt")        # none of its own: GPT-2's
+    meta = json.loads((tmp_path / "ours2" / "step_0000000" / "meta.json").read_text())
+    assert meta["config"]["data"]["tokenizer_path"] == "gpt2"
 
 
 def test_weights_of_another_vocabulary_than_config_json_are_refused(tmp_path, hf_folder):
