@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from megagpt.model.gpt import GPTStage, KVCache
 
@@ -68,6 +69,8 @@ GREEDY = Sampling(greedy=True)
 
 def seeded(seed: int) -> torch.Generator:
     """A CPU generator for `generate`, seeded: the same seed draws the same tokens."""
+    if not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed={seed}: must be in [0, 2**64); fix: e.g. 1234")
     return torch.Generator().manual_seed(seed)
 
 
@@ -163,7 +166,15 @@ def generate(model: GPTStage, prompts: list[list[int]], *, max_new_tokens: int,
     problems = sampling.problems()
     if problems:
         raise ValueError("; ".join(problems))
-    m = model.cfg
+    m, spec = model.cfg, model.spec
+    whole = (spec.pre_process and spec.post_process and spec.first_layer == 0
+             and spec.last_layer == m.n_layers)
+    if not whole or (model.tp_group is not None and dist.get_world_size(model.tp_group) > 1):
+        raise ValueError(f"generate: the model is one part of a split model (layers "
+                         f"{spec.first_layer}-{spec.last_layer - 1} of {m.n_layers}, embedding "
+                         f"{spec.pre_process}, output {spec.post_process}, tensor-parallel "
+                         f"group {model.tp_group}); fix: build the whole model in one process "
+                         f"(`convert.single_process_model`, as tools/generate.py does)")
     check_request(prompts, max_new_tokens, m.vocab_size, m.seq_length)
     if vocab_limit is not None and not 0 < vocab_limit <= m.vocab_size:
         raise ValueError(f"vocab_limit={vocab_limit}: must be in 1..{m.vocab_size} (the model's "
@@ -183,7 +194,7 @@ def _generate(model, prompts, max_new_tokens, eod_id, sampling, generator, use_c
     device = model.word_embedding_weight().device
     rows, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
-    pad_id = eod_id if eod_id is not None else 0
+    pad_id = 0   # any id the model has: padding is masked, a finished row's tokens unread
     tokens = torch.full((rows, total), pad_id, dtype=torch.long, device=device)  # (b, total)
     key_mask = torch.ones(rows, total, dtype=torch.bool, device=device)          # False: padding
     pads = [longest - len(p) for p in prompts]
@@ -202,7 +213,11 @@ def _generate(model, prompts, max_new_tokens, eod_id, sampling, generator, use_c
             cache, cached = KVCache(key_mask), 0
         logits = model(tokens[:, cached:length], positions=positions[:, cached:length], cache=cache)
         cached = length
-        chosen = next_tokens(logits[:, -1, :vocab_limit], sampling, generator)   # (b,)
+        last = logits[:, -1, :vocab_limit]
+        if not bool(torch.isfinite(last).all()):
+            raise ValueError(f"the model's logits are not finite (NaN or inf) after {length} "
+                             f"tokens: its weights have diverged; fix: use an earlier checkpoint")
+        chosen = next_tokens(last, sampling, generator)   # (b,)
         chosen = chosen.masked_fill(finished, pad_id)
         tokens[:, length] = chosen
         for r in range(rows):

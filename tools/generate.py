@@ -11,7 +11,8 @@ in the order given. A row stops at the end-of-document token or after --max-new-
 --greedy, tokens are sampled (temperature 1, no top-k or top-p cut unless given) with --seed.
 The sampling and the key-value cache live in megagpt/generation.py.
 
-Exit status: 0 done, 1 a checkpoint, tokenizer or setting that cannot be used.
+Exit status: 0 done, 1 a checkpoint, tokenizer, prompt or seed that cannot be used, 2 a bad
+argument (sampling settings included).
 """
 import argparse
 import os

@@ -242,3 +242,35 @@ def test_the_stream_decoder_holds_back_split_characters():
     assert "".join(pieces) == text
     assert "" in pieces                              # the parrot's 4 bytes span 3 tokens
     assert all("\ufffd" not in p for p in pieces)
+
+
+@torch.no_grad()
+def test_an_end_of_document_id_outside_the_vocabulary_runs_to_max_new_tokens(model):
+    """A tokenizer larger than the model (GPT-2's eod 50256 over 1001 ids) padded with that id
+    and failed with an IndexError."""
+    assert generate(model, PROMPTS, max_new_tokens=5, eod_id=50256) == generate(
+        model, PROMPTS, max_new_tokens=5)
+
+
+def test_a_part_of_a_split_model_is_refused():
+    """A first pipeline stage's hidden states were taken for logits, silently."""
+    first_half = GPTStage(M, INFERENCE_KERNELS, StageSpec(0, 1, True, False))
+    with pytest.raises(ValueError, match=r"one part of a split model \(layers 0-0 of 2"):
+        generate(first_half, PROMPTS, max_new_tokens=3)
+
+
+@torch.no_grad()
+def test_diverged_weights_are_said_not_sampled(model):
+    broken = GPTStage(M, INFERENCE_KERNELS, StageSpec(0, M.n_layers, True, True))
+    broken.load_state_dict(model.state_dict())
+    broken.final_ln.weight.fill_(float("nan"))
+    for sampling in (GREEDY, Sampling(temperature=0.8)):
+        with pytest.raises(ValueError, match="logits are not finite .* diverged"):
+            generate(broken.eval(), PROMPTS, max_new_tokens=3, sampling=sampling,
+                     generator=seeded(1))
+
+
+def test_a_seed_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"seed=18446744073709551616: must be in \[0, 2\*\*64\)"):
+        seeded(2 ** 64)
+    seeded(2 ** 64 - 1)
