@@ -474,18 +474,26 @@ def resolve_path(path: str, config_path: str | Path | None) -> Path:
 
 
 def _merge_file(raw_section: dict, from_file: dict, section: str, file_field: str,
-                problems: list[str]) -> dict:
-    """Values from a referenced file, with inline values required to agree."""
+                problems: list[str], file_wins: bool = False) -> dict:
+    """Values from a referenced file, with inline values required to agree; a model's inline
+    `seq_length` may be shorter than the architecture's (a task's context, within the learned
+    positions). With `file_wins` (the file named on the command line) an inline value that
+    disagrees yields to the file: it was written for the file the config named."""
     merged = dict(from_file)
 
-    def same(key, a, b) -> bool:
+    def agrees(key, file_value, value) -> bool:
         if key == "ffn_hidden_size":   # null means 4 x d_model (GPT-2's n_inner: null)
             width = raw_section.get("d_model", from_file.get("d_model"))
-            a, b = (4 * width if v is None and isinstance(width, int) else v for v in (a, b))
-        return a == b
+            file_value, value = (4 * width if v is None and isinstance(width, int) else v
+                                 for v in (file_value, value))
+        if section == "model" and key == "seq_length" and _is_number(file_value, value):
+            return 0 < value <= file_value
+        return file_value == value
 
     for key, value in raw_section.items():
-        if key in from_file and not same(key, from_file[key], value) and key != file_field:
+        if key in from_file and key != file_field and not agrees(key, from_file[key], value):
+            if file_wins:
+                continue
             problems.append(f"{section}.{key}={_show(value)} disagrees with "
                             f"{raw_section[file_field]} which says {_show(from_file[key])}; "
                             f"fix: make them equal or drop the inline value")
@@ -493,14 +501,22 @@ def _merge_file(raw_section: dict, from_file: dict, section: str, file_field: st
     return merged
 
 
-def _expand_files(raw: dict, config_path: str | None, problems: list[str]) -> None:
+def _is_number(*values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _expand_files(raw: dict, config_path: str | None, problems: list[str],
+                  from_command_line: set[str] = frozenset()) -> None:
+    """Merge the files the model and data sections name; `from_command_line` holds the
+    sections whose file an override chose."""
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("config_file"), str):
         path = resolve_path(model["config_file"], config_path)
         try:
             hf = read_json(path, "model.config_file")
             raw["model"] = _merge_file(model, model_fields_from_hf(hf, model["config_file"], problems),
-                                       "model", "config_file", problems)
+                                       "model", "config_file", problems,
+                                       file_wins="model" in from_command_line)
         except ConfigFileError as e:
             problems.append(f"model.config_file={model['config_file']}: {e}")
     data = raw.get("data")
@@ -508,7 +524,8 @@ def _expand_files(raw: dict, config_path: str | None, problems: list[str]) -> No
         path = resolve_path(data["config_file"], config_path)
         try:
             raw["data"] = _merge_file(data, read_json(path, "data.config_file"), "data",
-                                      "config_file", problems)
+                                      "config_file", problems,
+                                      file_wins="data" in from_command_line)
         except ConfigFileError as e:
             problems.append(f"data.config_file={data['config_file']}: {e}")
 
@@ -535,10 +552,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
         overrides = parse_overrides(overrides)
     overrides = overrides or {}
     # `--model.config_file=...` names the file to read: it must be in place before the files are
-    # read, and the other overrides, applied after, still win over the file's fields
+    # read; the config's inline values written for the file it named yield to the new one, and
+    # the other overrides, applied after, still win over the file's fields
     files = {k: v for k, v in overrides.items() if k.endswith(".config_file")}
     apply_overrides(raw, files, problems)
-    _expand_files(raw, str(path) if path else None, problems)
+    _expand_files(raw, str(path) if path else None, problems,
+                  {k.split(".")[0] for k in files})
     apply_overrides(raw, {k: v for k, v in overrides.items() if k not in files}, problems)
     cfg = _build(Config, raw, "", problems)
     cfg.source = str(path) if path else None

@@ -265,14 +265,31 @@ def test_numbers_must_be_finite(value):
                    for p in problems), problems
 
 
-def test_a_config_file_override_is_read_not_just_recorded():
-    path = "configs/training/small_model.json"
-    with pytest.raises(ConfigError) as info:
-        load_config(ROOT / path, ["--model.config_file=configs/models/gpt_base.json"])
-    assert "model.d_model=768 disagrees with configs/models/gpt_base.json which says 1024; fix: " \
-           "make them equal or drop the inline value" in info.value.problems
+def test_a_config_file_override_is_read_and_the_inline_values_written_for_the_old_one_yield():
+    """Every shipped config repeats its files' values inline; a file chosen on the command line
+    replaces them (they were refused as disagreeing before, with no way to fix it from the
+    command line), and the other overrides still win over the file."""
+    path = ROOT / "configs/training/small_model.json"
+    cfg = load_config(path, ["--model.config_file=configs/models/gpt_base.json",
+                             "--model.estimated_parameters=null", "--model.n_layers=12"])
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers) == (1024, 16, 12)
+    cfg = load_config(path, ["--training.mode=finetune",
+                             "--data.config_file=configs/dataset/finetuning.json",
+                             "--data.train_data_path=[\"megagpt/data/assets/sft_example.jsonl\"]"])
+    assert (cfg.data.format, cfg.data.train_data_path) == (
+        "sft", ["megagpt/data/assets/sft_example.jsonl"])
     with pytest.raises(ConfigError, match="model.config_file=configs/models/nope.json: "):
-        load_config(ROOT / path, ["--model.config_file=configs/models/nope.json"])
+        load_config(path, ["--model.config_file=configs/models/nope.json"])
+
+
+def test_an_inline_context_may_be_shorter_than_the_architectures_not_longer():
+    raw = json.loads((ROOT / "configs/training/finetune_small.json").read_text())
+    raw["model"]["seq_length"] = 512                         # a task's context
+    assert load_config(ROOT / "configs/training/finetune_small.json", raw=raw).model.seq_length == 512
+    raw["model"]["seq_length"] = 2048
+    assert any(p.startswith("model.seq_length=2048 disagrees with configs/models/gpt_small.json "
+                            "which says 1024") for p in problems_of(
+        raw, path=ROOT / "configs/training/finetune_small.json"))
 
 
 def test_tensor_parallel_must_divide_heads():
