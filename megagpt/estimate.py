@@ -487,11 +487,27 @@ def report(cfg: Config, gpu_memory: float) -> tuple[list[str], list[str]]:
             for (rc, sp), v in est.activations_by_setting.items()),
     ]
     if not fits:
-        par = cfg.parallel
-        zero = (", parallel.zero_stage=1" if par.data_parallel_size > 1 and par.zero_stage == 0
-                else "")   # ZeRO-1 shards over data-parallel replicas: nothing to gain with one
         problems.append(f"memory: the estimate {_gb(est.total)} per GPU exceeds --gpu-memory "
-                        f"{_gb(gpu_memory)}; fix: lower training.batch_size (raise "
-                        f"grad_accumulation_steps), set training.recompute=full{zero}, "
-                        f"or raise tensor/pipeline parallel sizes")
+                        f"{_gb(gpu_memory)}; fix: " + ", ".join(_memory_fixes(cfg, est)))
     return lines, problems
+
+
+def _memory_fixes(cfg, est: MemoryEstimate) -> list[str]:
+    """The settings that would lower this config's estimate, each only where it applies."""
+    par, t = cfg.parallel, cfg.training
+    fixes = []
+    if t.batch_size > 1:
+        fixes.append("lower training.batch_size (raise grad_accumulation_steps)")
+    if t.recompute != "full":
+        fixes.append("set training.recompute=full")
+    if par.deepspeed_config is not None:
+        if par.data_parallel_size > 1 and par.zero_stage < 3:
+            fixes.append(f"a higher ZeRO stage in {par.deepspeed_config} (with parallel.zero_stage "
+                         f"to match)")
+    else:
+        if par.data_parallel_size > 1 and par.zero_stage == 0:
+            fixes.append("set parallel.zero_stage=1")   # shards over replicas: none with one
+        fixes.append("raise tensor/pipeline parallel sizes")
+    if est.first_step > est.later_steps:
+        fixes.append("MEGAGPT_AUTOTUNE=0 (no tuning of Triton's launch settings in the first step)")
+    return fixes

@@ -51,7 +51,22 @@ def test_not_fitting_exits_1_with_fixes():
     assert "zero_stage" not in result.stderr          # one replica: ZeRO-1 would shard nothing
     result = validate("--config", str(ROOT / "configs/training/base_model.json"), "--gpu-memory",
                       "2GB", "--parallel.zero_stage=0")
-    assert "set training.recompute=full, parallel.zero_stage=1, or raise" in result.stderr
+    assert "set training.recompute=full, set parallel.zero_stage=1, raise tensor/pipeline" \
+        in result.stderr
+
+
+def test_the_memory_fixes_offered_are_those_that_apply():
+    """Not recompute=full when it is set, no native ZeRO or model parallelism under DeepSpeed
+    (which refuses both): its file's ZeRO stage; Triton's first-step tuning where it is the
+    peak."""
+    result = validate("--config", str(TINY), "--gpu-memory", "0.05GB", "--training.recompute=full")
+    fixes = result.stderr.split("fix: ", 1)[1]
+    assert "recompute" not in fixes and "MEGAGPT_AUTOTUNE=0" in fixes
+    result = validate("--config", str(ROOT / "configs/training/tiny_deepspeed.json"),
+                      "--gpu-memory", "0.2GB")
+    fixes = result.stderr.split("fix: ", 1)[1]
+    assert "a higher ZeRO stage in configs/deepspeed/zero2.json" in fixes
+    assert "tensor/pipeline" not in fixes and "set parallel.zero_stage=1" not in fixes
 
 
 def test_unreadable_or_bad_json_exits_2(tmp_path):
