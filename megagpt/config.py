@@ -299,6 +299,11 @@ def apply_overrides(raw: dict, overrides: dict[str, str], problems: list[str]) -
                 parsed = _override_value(value, ftype)
                 if _base_type(ftype) is str and not isinstance(parsed, str) and parsed is not None:
                     parsed = value
+                if _base_type(ftype) is list and isinstance(parsed, str) and value.lstrip().startswith("["):
+                    problems.append(f"--{key}={value}: not a JSON list (a path in it needs quotes); "
+                                    f"fix: --{key}='[0.5, \"runs/data/a\", 0.5, \"runs/data/b\"]' "
+                                    f"(the single quotes keep the shell from taking the double)")
+                    break
                 node[part] = parsed
             else:
                 sub = _dataclass_of(ftype)
@@ -625,32 +630,6 @@ def layout_problems(m: ModelConfig, tp: int, pp: int, vp: int, sequence_parallel
     return p
 
 
-def _check_blend(where: str, paths: list, problems: list[str]) -> None:
-    """A data path list is prefixes, or alternating weight/prefix pairs."""
-    if len(paths) <= 1:
-        if paths and not isinstance(paths[0], str):
-            problems.append(f"{where}={_show(paths)}: a single entry must be a path prefix")
-        return
-    try:
-        float(paths[0])
-    except (TypeError, ValueError):
-        if not all(isinstance(p, str) for p in paths):
-            problems.append(f"{where}={_show(paths)}: must be prefixes or [weight, prefix, ...] pairs")
-        return
-    if len(paths) % 2:
-        problems.append(f"{where}={_show(paths)}: a blend is [weight, prefix, weight, prefix, ...]; "
-                        f"it has an odd number of entries")
-        return
-    for w, p in zip(paths[0::2], paths[1::2]):
-        try:
-            ok = float(w) > 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok or not isinstance(p, str):
-            problems.append(f"{where}: blend pair ({_show(w)}, {_show(p)}) must be a positive "
-                            f"weight followed by a path prefix")
-
-
 def _check_attention_backend(cfg: Config, head_dim: int, p: list[str]) -> None:
     """What the fused attention backends cannot run: Triton's head sizes, flash-attn's head sizes
     and float32 (`auto` falls back to SDPA by itself)."""
@@ -807,11 +786,15 @@ def validate(cfg: Config) -> list[str]:
     if d.format == "sft" and t.mode != "finetune":
         p.append(f"data.format=sft: fine-tuning data needs training.mode=finetune, got {t.mode}")
     if d.mock is False:
+        from megagpt.data.blend import DataPathError, parse_data_path   # the datasets' reading
         for where, paths in [("data.train_data_path", d.train_data_path),
                              ("data.val_data_path", d.val_data_path),
                              ("data.test_data_path", d.test_data_path)]:
             if paths is not None:
-                _check_blend(where, paths, p)
+                try:
+                    parse_data_path(paths, where)
+                except DataPathError as e:
+                    p.append(str(e))
         if d.train_data_path == []:
             p.append("data.train_data_path=[]: needs at least one dataset prefix; fix: run "
                      "tools/preprocess_data.py and name its output prefix, or set data.mock=true")

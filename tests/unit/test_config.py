@@ -371,7 +371,7 @@ def test_missing_architecture_file_is_named():
 def test_bad_blend_and_split():
     problems = problems_of(tiny_raw(), ["--data.train_data_path=[\"0.3\", \"a\", \"b\"]",
                                         "--data.split=90,-10"])
-    assert any("data.train_data_path" in p and "odd number of entries" in p for p in problems)
+    assert any("data.train_data_path" in p and "odd number (3) of entries" in p for p in problems)
     assert any(p.startswith("data.split='90,-10': must be up to three non-negative weights")
                for p in problems)
     assert any(p.startswith("data.split='0,1,0': gives training no documents") for p in
@@ -420,3 +420,17 @@ def test_configs_readme_documents_every_field():
     for section, cls in [*SECTIONS.items(), ("data.preprocessing", PreprocessingConfig)]:
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in readme, f"configs/README.md does not document {section}.{f.name}"
+
+
+@pytest.mark.parametrize("value, message", [
+    ('[true, "a"]', "data.train_data_path=[True, 'a']: must be dataset prefixes or [weight, prefix"),
+    ('["inf", "a"]', "data.train_data_path: blend pair ('inf', 'a') must be a positive weight"),
+    ('[""]', "data.train_data_path=['']: must be dataset prefixes"),
+    ('[0.5, "a", 0.5]', "a blend is [weight, prefix, weight, prefix, ...] but it has an odd number"),
+    ("[0.5,a]", "--data.train_data_path=[0.5,a]: not a JSON list (a path in it needs quotes)"),
+])
+def test_a_data_path_the_datasets_would_refuse_is_refused_before_training(value, message):
+    """The validator reads data paths with the datasets' own parser: these passed it before and
+    failed when the data was built (or, not being JSON, became one prefix named "[0.5,a]")."""
+    problems = problems_of(tiny_raw(), ["--data.mock=false", f"--data.train_data_path={value}"])
+    assert any(message in p for p in problems), problems
