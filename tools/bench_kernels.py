@@ -199,7 +199,9 @@ def cross_entropy_case(tokens, vocab, device, dtype, width=None) -> Case:
         sides = {"triton": lambda x, t: cross_entropy(x, t, vocab_size=vocab),
                  "torch": lambda x, t: F.cross_entropy(x[:, :vocab], t)}
     return Case("cross_entropy", name, f"({tokens}, {width})", make, sides,
-                "GB/s", {"fwd": tokens * vocab * size, "fwd+bwd": 2 * tokens * vocab * size})
+                # the forward reads the logits; the backward reads them again and writes the
+                # gradient (over them, in place)
+                "GB/s", {"fwd": tokens * vocab * size, "fwd+bwd": 3 * tokens * vocab * size})
 
 
 def build_cases(quick, device, dtype, on_gpu) -> List[Case]:

@@ -13,7 +13,8 @@
 # Writes environment.txt, kernel_tests.log, bench_kernels.{txt,json,err},
 # bench_host_overhead.{txt,json}, bench_train_*.{txt,json}
 # to runs/gpu_check/; when $OUT is set (the device tool brings back at most 8 files) it also packs
-# them into $OUT/gpu_check.tgz and copies the text reports beside it. Each step runs even when an
+# them into $OUT/gpu_check.tgz and copies the text reports beside it, after every step (a run cut
+# off by the device's limit still brings back what finished). Each step runs even when an
 # earlier one failed; the exit status is non-zero when any failed.
 #   usage: bash tools/gpu_check.sh        (PYTHON=... to pick the interpreter; default python3)
 set -uo pipefail
@@ -58,6 +59,7 @@ bench_train() {   # name, seconds, config, extra arguments
     | tee "$out_dir/bench_train_$name.txt"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || train_rc=$rc
+  pack
 }
 # Small and Base with CUDA graphs beside the Hugging Face peer (the speed-up and MFU figures);
 # Small without graphs, with Triton and with torch's ops, and torch's ops with graphs; the memory
@@ -95,6 +97,7 @@ pretrain() {   # max_steps
 rm -rf /tmp/gpu_check_pretrain
 pretrain 30
 pretrain 40
+pack
 
 # Compiling the kernels takes most of the tests' time: spread them over processes (xdist).
 # Then the other GPU-only tests (CUDA graphs, sampling a GPU model).
@@ -105,6 +108,7 @@ timeout 110 "$python" -m pytest tests/kernels tests/integration/test_cuda_graphs
   tests/unit/test_generation.py::test_a_cpu_generator_samples_for_a_gpu_model_as_for_a_cpu_one -v -ra \
   -p no:cacheprovider $parallel 2>&1 | tee "$out_dir/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
+pack
 
 quick=""
 if [ "${QUICK:-0}" = "1" ]; then quick="--quick"; fi
@@ -112,6 +116,7 @@ if [ "${QUICK:-0}" = "1" ]; then quick="--quick"; fi
 timeout 120 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
   2>"$out_dir/bench_kernels.err" | tee "$out_dir/bench_kernels.txt"
 bench_rc=${PIPESTATUS[0]}
+pack
 
 # The host code a kernel call costs on this machine's CPU (launches stubbed; about 10 s).
 timeout 20 "$python" tools/bench_host_overhead.py --calls 100 --rounds 5 \
