@@ -482,8 +482,8 @@ def _merge_file(raw_section: dict, from_file: dict, section: str, file_field: st
                 problems: list[str], file_wins: bool = False) -> dict:
     """Values from a referenced file, with inline values required to agree; a model's inline
     `seq_length` may be shorter than the architecture's (a task's context, within the learned
-    positions). With `file_wins` (the file named on the command line) an inline value that
-    disagrees yields to the file: it was written for the file the config named."""
+    positions). With `file_wins` (the file named on the command line) every inline value that
+    differs yields to the file, `seq_length` too: it was written for the file the config named."""
     merged = dict(from_file)
 
     def agrees(key, file_value, value) -> bool:
@@ -491,7 +491,8 @@ def _merge_file(raw_section: dict, from_file: dict, section: str, file_field: st
             width = raw_section.get("d_model", from_file.get("d_model"))
             file_value, value = (4 * width if v is None and isinstance(width, int) else v
                                  for v in (file_value, value))
-        if section == "model" and key == "seq_length" and _is_number(file_value, value):
+        if (section == "model" and key == "seq_length" and not file_wins
+                and _is_number(file_value, value)):
             return 0 < value <= file_value
         return file_value == value
 

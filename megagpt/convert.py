@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,6 +151,13 @@ def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
                               + "\n".join(f"  - {p}" for p in problems))
     m = ModelConfig(**fields)
     hf_state = _read_hf_weights(path)
+    extra = sorted({int(x) for k in hf_state for x in re.findall(r"(?:^|\.)h\.(\d+)\.", k)}
+                   - set(range(m.n_layers)))
+    positions = [tuple(v.shape) for k, v in hf_state.items() if k.endswith("wpe.weight")]
+    wrong = ([f"  - blocks {extra[0]}-{extra[-1]} are in the weights, past config.json's "
+              f"n_layer={m.n_layers}"] if extra else [])
+    wrong += [f"  - embedding.wpe.weight: {shape} in the weights, ({m.seq_length}, {m.d_model}) "
+              f"from config.json" for shape in positions if shape[0] != m.seq_length]
     try:
         full = from_hf(hf_state, m)
     except KeyError as e:
@@ -159,12 +167,14 @@ def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     except ValueError as e:   # weights of other sizes than config.json says
         raise ConversionError(f"{path}: {e}") from e
     expected = full_state_shapes(m)
-    wrong = [f"  - {name}: {tuple(value.shape)} in the weights, {expected[name]} from config.json"
-             for name, value in full.items() if tuple(value.shape) != expected[name]]
+    wrong += [f"  - {name}: {tuple(value.shape)} in the weights, {expected[name]} from config.json"
+              for name, value in full.items()
+              if tuple(value.shape) != expected[name] and name != "embedding.wpe.weight"]
     if wrong:
         raise ConversionError(
-            f"{path}: the weights are not the model config.json describes (n_embd={m.d_model}, "
-            f"n_inner={m.ffn_hidden_size}, n_positions={m.seq_length}, n_head={m.n_heads}):\n"
+            f"{path}: the weights are not the model config.json describes (n_layer="
+            f"{m.n_layers}, n_embd={m.d_model}, n_inner={m.ffn_hidden_size}, n_positions="
+            f"{m.seq_length}, n_head={m.n_heads}):\n"
             + "\n".join(wrong[:8]) + "\nfix: use the config.json the weights were saved with")
     return m, full
 

@@ -510,4 +510,5 @@ def _memory_fixes(cfg, est: MemoryEstimate) -> list[str]:
         fixes.append("raise tensor/pipeline parallel sizes")
     if est.first_step > est.later_steps:
         fixes.append("MEGAGPT_AUTOTUNE=0 (no tuning of Triton's launch settings in the first step)")
-    return fixes
+    return fixes or ["a GPU with more memory, or a smaller model (every setting that saves "
+                     "memory is already taken)"]

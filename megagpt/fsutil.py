@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,44 +97,57 @@ def clean_up_on_sigterm() -> None:
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_noted: list[int] = []   # stop signals that arrived while `stop_signals_deferred`
+_noted: list[int] = []      # stop signals that arrived while `stop_signals_deferred`
+_deferred_from: dict = {}   # the handlers a deferral replaced (a child forked inside restores them)
 
 
 def _note(signum, frame):
     _noted.append(signum)
 
 
+if hasattr(os, "register_at_fork"):   # a child raises only what it received itself
+    os.register_at_fork(after_in_child=_noted.clear)
+
+
 def _raise_noted() -> None:
-    if _noted:
-        signum = _noted[0]
-        _noted.clear()
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
+    """Deliver the noted stop signals again, now, to the handlers in place (which raise,
+    ignore or end the process as they would have)."""
+    noted = list(dict.fromkeys(_noted))
+    _noted.clear()
+    for signum in noted:
+        signal.raise_signal(signum)
 
 
 @contextmanager
 def stop_signals_deferred() -> Iterator[None]:
-    """Inside, SIGTERM and Ctrl-C are only noted; on leaving, the first noted one is raised
-    (SystemExit(143), KeyboardInterrupt). For work that must not be cut mid-way: forking worker
-    processes, where an exception raised inside fork's own hooks is swallowed ("Exception ignored
-    in ...": the tool would run on to the end) and a pool cut while starting can hang at its
-    shutdown. A process forked inside inherits the noting handlers: it calls
-    `stop_signals_restored_in_child` first."""
-    previous = {s: signal.signal(s, _note) for s in _STOP_SIGNALS}
+    """Inside, SIGTERM and SIGINT are only noted; on leaving, the handlers in place before are
+    restored and each noted signal is delivered to them again. For work that must not be cut
+    mid-way: forking worker processes, where an exception raised inside fork's own hooks is
+    swallowed ("Exception ignored in ...": the tool would run on to the end) and a pool cut
+    while starting can hang at its shutdown. A process forked inside inherits the noting
+    handlers: it calls `stop_signals_restored_in_child` first. Off the main thread, where
+    Python cannot set handlers (and signals are not delivered), it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _noted.clear()
+    _deferred_from.update({s: signal.signal(s, _note) for s in _STOP_SIGNALS})
     try:
         yield
     finally:
-        for s, handler in previous.items():
+        for s, handler in _deferred_from.items():
             signal.signal(s, handler)
+        _deferred_from.clear()
         _raise_noted()
 
 
 def stop_signals_restored_in_child() -> None:
-    """In a worker forked inside `stop_signals_deferred`: SIGTERM raises SystemExit(143) and
-    Ctrl-C KeyboardInterrupt again, and one noted while it was being forked is raised now."""
-    clean_up_on_sigterm()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """In a worker forked inside `stop_signals_deferred`: the handlers its parent had before the
+    deferral are back, and a stop signal this worker received while being forked is delivered
+    to them. Elsewhere (a worker started otherwise) it changes nothing."""
+    for s, handler in _deferred_from.items():
+        signal.signal(s, handler)
+    _deferred_from.clear()
     _raise_noted()
 
 

@@ -24,7 +24,7 @@ rm -rf "$out_dir"
 mkdir -p "$out_dir"
 pack() {
   [ -n "${OUT:-}" ] || return 0
-  tar czf "$OUT/gpu_check.tgz" -C "$out_dir" .
+  tar czf "$OUT/.gpu_check.tgz.tmp" -C "$out_dir" . && mv "$OUT/.gpu_check.tgz.tmp" "$OUT/gpu_check.tgz"
   cat "$out_dir"/bench_train_*.txt >"$OUT/bench_train.txt" 2>/dev/null
   cp "$out_dir/environment.txt" "$out_dir/kernel_tests.log" "$out_dir/bench_kernels.txt" \
     "$out_dir/bench_host_overhead.txt" "$OUT/" 2>/dev/null

@@ -273,6 +273,9 @@ def test_a_config_file_override_is_read_and_the_inline_values_written_for_the_ol
     cfg = load_config(path, ["--model.config_file=configs/models/gpt_base.json",
                              "--model.estimated_parameters=null", "--model.n_layers=12"])
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers) == (1024, 16, 12)
+    cfg = load_config(TINY, ["--model.config_file=configs/models/gpt_small.json",
+                             "--model.estimated_parameters=null"])
+    assert (cfg.model.d_model, cfg.model.seq_length) == (768, 1024)   # not tiny's context of 128
     cfg = load_config(path, ["--training.mode=finetune",
                              "--data.config_file=configs/dataset/finetuning.json",
                              "--data.train_data_path=[\"megagpt/data/assets/sft_example.jsonl\"]"])

@@ -346,7 +346,9 @@ def test_bad_inputs_are_refused_with_a_message_and_nothing_written(tmp_path, ful
     (dict(n_positions=64), "embedding.wpe.weight: (16, 32) in the weights, (64, 32) from config.json"),
     (dict(n_embd=28, n_head=4), "embedding.wte.weight: (50257, 32) in the weights, (50257, 28) "
                                 "from config.json"),
-], ids=["n_inner", "n_positions", "n_embd"])
+    (dict(n_positions=8), "embedding.wpe.weight: (16, 32) in the weights, (8, 32) from config.json"),
+    (dict(n_layer=3), "blocks 3-3 are in the weights, past config.json's n_layer=3"),
+], ids=["n_inner", "n_positions", "n_embd", "fewer-positions", "fewer-layers"])
 def test_weights_of_other_sizes_than_config_json_are_refused(tmp_path, hf_folder, change, shown):
     """Each converted before (exit 0) into a checkpoint nothing could load, or failed with a
     traceback."""

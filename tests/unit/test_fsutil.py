@@ -1,9 +1,11 @@
 """Atomic writes: the data reaches the disk before the rename publishes it."""
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +87,67 @@ def test_a_stop_signal_while_deferred_is_raised_on_leaving(signum, raised):
         assert reached
         assert signal.getsignal(signal.SIGTERM) is fsutil._exit
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_deferred_signal_reaches_the_handler_that_was_in_place():
+    """A custom handler is called, an ignored signal stays ignored: the deferral only delays."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with fsutil.stop_signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert received == []
+        assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def test_deferring_off_the_main_thread_changes_nothing():
+    errors = []
+
+    def work():
+        try:
+            with fsutil.stop_signals_deferred():
+                pass
+        except Exception as e:   # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert errors == []
+
+
+def _child_restores(conn):
+    try:
+        fsutil.stop_signals_restored_in_child()
+        conn.send(("ran on", signal.getsignal(signal.SIGTERM) is fsutil._exit))
+    except SystemExit as e:
+        conn.send(("raised", e.code))
+
+
+def test_a_child_forked_while_deferred_gets_its_parents_handlers_and_not_its_signals():
+    previous = signal.getsignal(signal.SIGTERM)
+    fsutil.clean_up_on_sigterm()
+    try:
+        with pytest.raises(SystemExit):
+            with fsutil.stop_signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)      # the parent's, before the fork
+                time.sleep(0.05)
+                ours, theirs = multiprocessing.get_context("fork").Pipe()
+                child = multiprocessing.get_context("fork").Process(target=_child_restores,
+                                                                     args=(theirs,))
+                child.start()
+                result = ours.recv()
+                child.join()
+        assert result == ("ran on", True)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

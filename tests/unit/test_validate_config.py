@@ -67,6 +67,13 @@ def test_the_memory_fixes_offered_are_those_that_apply():
     fixes = result.stderr.split("fix: ", 1)[1]
     assert "a higher ZeRO stage in configs/deepspeed/zero2.json" in fixes
     assert "tensor/pipeline" not in fixes and "set parallel.zero_stage=1" not in fixes
+    torch_ops = [f"--kernels.{op}=torch" for op in ("layernorm", "softmax", "bias_gelu",
+                                                   "cross_entropy")]
+    result = validate("--config", str(ROOT / "configs/training/tiny_deepspeed.json"),
+                      "--gpu-memory", "0.01GB", "--parallel.world_size=1", "--training.batch_size=1",
+                      "--training.grad_accumulation_steps=8", "--training.recompute=full",
+                      "--kernels.attention=sdpa", *torch_ops)
+    assert "fix: a GPU with more memory, or a smaller model" in result.stderr   # nothing else left
 
 
 def test_unreadable_or_bad_json_exits_2(tmp_path):
