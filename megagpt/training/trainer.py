@@ -74,6 +74,20 @@ def loader_worker_options(num_workers: int) -> dict:
             "multiprocessing_context": "fork"}
 
 
+def start_loader(loader: torch.utils.data.DataLoader):
+    """`iter(loader)`, its shielded workers forked with SIGTERM blocked: they inherit the block,
+    so a scheduler's SIGTERM arriving before a worker's shield is up waits for the shield's
+    thread instead of meeting torch's worker handler, which would end the worker. The trainer's
+    own SIGTERM waits the few milliseconds the forks take."""
+    if loader.num_workers == 0 or not hasattr(signal, "sigwaitinfo"):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def shield_worker_from_stray_sigterm(trainer_pid: int, worker_id: int) -> None:
     """A forked loader worker's start (`worker_init_fn`, with the trainer's pid bound): a SIGTERM
     from the trainer (the loader ending its workers: `terminate()` at its shutdown or at exit,
@@ -203,7 +217,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.cfg.training.seed))
         step = []
         try:
-            for micro_batch in loader:
+            for micro_batch in start_loader(loader):
                 step.append(micro_batch)
                 if len(step) == self.micro_batches:
                     yield step

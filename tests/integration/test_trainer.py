@@ -17,7 +17,8 @@ from megagpt.parallel import state
 from megagpt.testing import run_distributed, sigterm_when_ready, tiny_config
 from megagpt.training.optim import lr_at
 from megagpt.training.trainer import (Trainer, TrainingAborted, end_daemonic_children,
-                                     loader_worker_options, output_problems)
+                                     loader_worker_options, output_problems,
+                                     shield_worker_from_stray_sigterm, start_loader)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -311,6 +312,25 @@ def test_the_worker_shield_holds_whatever_the_default_start_method(method):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "held" in result.stdout, result.stderr[-3000:]
+
+
+def _stray_sigterm_then_shield(trainer_pid, worker_id):
+    """A scheduler's SIGTERM landing before the shield is up (the window a new evaluation
+    loader's workers open), then the shield."""
+    subprocess.run(["kill", "-TERM", str(os.getpid())], check=True)
+    time.sleep(0.3)
+    shield_worker_from_stray_sigterm(trainer_pid, worker_id)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the shield needs sigwaitinfo")
+def test_a_sigterm_before_the_shield_is_up_waits_for_it():
+    loader = torch.utils.data.DataLoader(
+        _WorkerPids(), batch_size=1, num_workers=1, multiprocessing_context="fork",
+        worker_init_fn=functools.partial(_stray_sigterm_then_shield, os.getpid()))
+    batches = start_loader(loader)
+    pid = int(next(batches))
+    assert [int(next(batches)) for _ in range(3)] == [pid] * 3
+    del batches
 
 
 def _ignore_sigterm_and_wait():
