@@ -299,6 +299,9 @@ def apply_overrides(raw: dict, overrides: dict[str, str], problems: list[str]) -
                 parsed = _override_value(value, ftype)
                 if _base_type(ftype) is str and not isinstance(parsed, str) and parsed is not None:
                     parsed = value
+                if _base_type(ftype) is list and isinstance(parsed, str) and len(value.split()) > 1 \
+                        and not value.lstrip().startswith("["):
+                    parsed = value.split()   # Megatron's --data-path form: "0.5 runs/a 0.5 runs/b"
                 if _base_type(ftype) is list and isinstance(parsed, str) and value.lstrip().startswith("["):
                     problems.append(f"--{key}={value}: not a JSON list (a path in it needs quotes); "
                                     f"fix: --{key}='[0.5, \"runs/data/a\", 0.5, \"runs/data/b\"]' "

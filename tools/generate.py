@@ -11,8 +11,8 @@ in the order given. A row stops at the end-of-document token or after --max-new-
 --greedy, tokens are sampled (temperature 1, no top-k or top-p cut unless given) with --seed.
 The sampling and the key-value cache live in megagpt/generation.py.
 
-Exit status: 0 done, 1 a checkpoint, tokenizer, prompt or seed that cannot be used, 2 a bad
-argument (sampling settings included).
+Exit status: 0 done, 1 a checkpoint, tokenizer or prompt that cannot be used, 2 a bad argument
+(sampling settings and the seed included).
 """
 import argparse
 import os
@@ -38,6 +38,10 @@ def sampling_of(args, parser) -> Sampling:
                         temperature=1.0 if args.temperature is None else args.temperature,
                         top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
     problems = sampling.problems()
+    try:
+        seeded(args.seed)
+    except ValueError as e:
+        problems.append(f"--seed: {e}")
     if problems:
         parser.error("; ".join(problems))
     return sampling

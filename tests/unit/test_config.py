@@ -425,12 +425,20 @@ def test_configs_readme_documents_every_field():
             assert f"`{f.name}`" in readme, f"configs/README.md does not document {section}.{f.name}"
 
 
+def test_megatrons_space_separated_data_path_form_is_a_list():
+    cfg = load_config(TINY, ["--data.train_data_path=0.3 runs/a 0.7 runs/b"], raw=tiny_raw())
+    assert cfg.data.train_data_path == ["0.3", "runs/a", "0.7", "runs/b"]
+    cfg = load_config(TINY, ["--data.train_data_path=runs/one"], raw=tiny_raw())
+    assert cfg.data.train_data_path == ["runs/one"]
+
+
 @pytest.mark.parametrize("value, message", [
     ('[true, "a"]', "data.train_data_path=[True, 'a']: must be dataset prefixes or [weight, prefix"),
     ('["inf", "a"]', "data.train_data_path: blend pair ('inf', 'a') must be a positive weight"),
     ('[""]', "data.train_data_path=['']: must be dataset prefixes"),
     ('[0.5, "a", 0.5]', "a blend is [weight, prefix, weight, prefix, ...] but it has an odd number"),
     ("[0.5,a]", "--data.train_data_path=[0.5,a]: not a JSON list (a path in it needs quotes)"),
+    ("0.5 runs/a 0.5", "a blend is [weight, prefix, weight, prefix, ...] but it has an odd number"),
 ])
 def test_a_data_path_the_datasets_would_refuse_is_refused_before_training(value, message):
     """The validator reads data paths with the datasets' own parser: these passed it before and
