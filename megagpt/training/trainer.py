@@ -57,6 +57,10 @@ class TrainingAborted(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+# Linux: loader workers take SIGTERM on a thread of their own (macOS has no sigwaitinfo)
+WORKERS_SHIELDED = hasattr(signal, "sigwaitinfo")
+
+
 def loader_worker_options(num_workers: int) -> dict:
     """The DataLoader arguments that let its workers outlive a scheduler's SIGTERM.
 
@@ -67,7 +71,7 @@ def loader_worker_options(num_workers: int) -> dict:
     workers are forked, since the shield needs to block SIGTERM before any other thread of the
     worker exists (a spawned worker has library threads from its imports; Python 3.14 makes
     forkserver the default). Elsewhere (macOS) workers keep torch's defaults."""
-    if num_workers == 0 or not hasattr(signal, "sigwaitinfo"):
+    if num_workers == 0 or not WORKERS_SHIELDED:
         return {}
     _end_loader_workers_at_exit_once()
     return {"worker_init_fn": functools.partial(shield_worker_from_stray_sigterm, os.getpid()),
@@ -79,7 +83,7 @@ def start_loader(loader: torch.utils.data.DataLoader):
     so a scheduler's SIGTERM arriving before a worker's shield is up waits for the shield's
     thread instead of meeting torch's worker handler, which would end the worker. The trainer's
     own SIGTERM waits the few milliseconds the forks take."""
-    if loader.num_workers == 0 or not hasattr(signal, "sigwaitinfo"):
+    if loader.num_workers == 0 or not WORKERS_SHIELDED:
         return iter(loader)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
@@ -94,8 +98,8 @@ def shield_worker_from_stray_sigterm(trainer_pid: int, worker_id: int) -> None:
     where torch's own worker handler would `_exit(0)` too) ends the worker; one from anyone else
     leaves it serving until the loader ends it as usual, after the trainer has saved. If the
     trainer dies, torch's worker watchdog ends the worker."""
-    # blocked in this (the worker's only) thread before the waiting thread starts: every thread
-    # started later inherits the block, so each SIGTERM waits for `sigwaitinfo` below
+    # blocked (already, when `start_loader` forked it) before the waiting thread starts: every
+    # thread started later inherits the block, so each SIGTERM waits for `sigwaitinfo` below
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_end_on_the_trainers_sigterm, args=(trainer_pid,), daemon=True,
                      name="megagpt-sigterm").start()

@@ -16,8 +16,8 @@ from megagpt.model.gpt import gather_full_state_dict
 from megagpt.parallel import state
 from megagpt.testing import run_distributed, sigterm_when_ready, tiny_config
 from megagpt.training.optim import lr_at
-from megagpt.training.trainer import (Trainer, TrainingAborted, end_daemonic_children,
-                                     loader_worker_options, output_problems,
+from megagpt.training.trainer import (WORKERS_SHIELDED, Trainer, TrainingAborted,
+                                     end_daemonic_children, loader_worker_options, output_problems,
                                      shield_worker_from_stray_sigterm, start_loader)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -296,12 +296,12 @@ def check_worker_shield() -> None:
     assert worker.exitcode == 0
 
 
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the shield needs sigwaitinfo")
+@pytest.mark.skipif(not WORKERS_SHIELDED, reason="the shield is Linux-only (sigwaitinfo)")
 def test_a_loader_worker_ends_on_the_trainers_sigterm_and_outlives_anyone_elses():
     check_worker_shield()
 
 
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the shield needs sigwaitinfo")
+@pytest.mark.skipif(not WORKERS_SHIELDED, reason="the shield is Linux-only (sigwaitinfo)")
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_the_worker_shield_holds_whatever_the_default_start_method(method):
     """Python 3.14 makes forkserver the default; a spawned worker has library threads that the
@@ -322,7 +322,7 @@ def _stray_sigterm_then_shield(trainer_pid, worker_id):
     shield_worker_from_stray_sigterm(trainer_pid, worker_id)
 
 
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the shield needs sigwaitinfo")
+@pytest.mark.skipif(not WORKERS_SHIELDED, reason="the shield is Linux-only (sigwaitinfo)")
 def test_a_sigterm_before_the_shield_is_up_waits_for_it():
     loader = torch.utils.data.DataLoader(
         _WorkerPids(), batch_size=1, num_workers=1, multiprocessing_context="fork",
