@@ -72,7 +72,15 @@ class IndexedDataset:
 
     def __init__(self, prefix: str | os.PathLike):
         self.prefix = os.fspath(prefix)
-        idx, bin_ = idx_path(prefix), bin_path(prefix)
+        try:
+            self._open(idx_path(prefix), bin_path(prefix))
+        except OSError as e:
+            raise IndexedDatasetError(
+                f"indexed dataset {self.prefix!r}: {e.filename or 'its .bin or .idx'} cannot be "
+                f"read ({e.strerror}); "
+                f"fix: check its permissions") from e
+
+    def _open(self, idx: Path, bin_: Path) -> None:
         for path in (idx, bin_):
             if not path.is_file():
                 suffix = Path(self.prefix).suffix
@@ -86,6 +94,11 @@ class IndexedDataset:
         self.dtype, num_sequences, num_docs = self._read_header(idx)
         expected = HEADER_SIZE + num_sequences * (4 + 8) + num_docs * 8
         actual = idx.stat().st_size
+        if num_sequences and actual == expected + num_sequences:
+            raise IndexedDatasetError(
+                f"{idx} is a Megatron multimodal index (one mode byte a sequence after the "
+                f"document indices), which text training does not read; fix: preprocess the text "
+                f"without the multimodal option")
         if actual != expected:
             state = "is truncated" if actual < expected else "has trailing bytes"
             raise IndexedDatasetError(
@@ -323,6 +336,10 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
                 f"cannot merge {ds.prefix!r} (dtype {ds.dtype}) with {datasets[0].prefix!r} "
                 f"(dtype {dtype}); fix: merge datasets written with the same tokenizer")
     out = os.fspath(output_prefix)
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        raise ValueError(f"--output-prefix {out!r} names a folder, so the files would be named "
+                         f"{os.path.join(out, '')}.bin and .idx; fix: end it with a name, e.g. "
+                         f"{os.path.join(out, 'merged')!r}")
     if any(Path(ds.prefix).resolve() == Path(out).resolve() for ds in datasets):
         raise ValueError(f"--output-prefix {out!r} is also an input; fix: choose a new prefix")
     reason = why_not_a_folder(Path(out).parent)

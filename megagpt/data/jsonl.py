@@ -69,18 +69,24 @@ class SkipLog:
 def open_input(path: str | os.PathLike, what: str = "--input") -> BinaryIO:
     """Open a jsonl file for binary reading, gunzipping when it starts with the gzip magic.
 
-    Raises InputError naming `what` and the path when it is missing, not a file or empty.
+    Raises InputError naming `what` and the path when it is missing, not a file, empty or
+    cannot be read.
     """
     p = Path(path)
     if not p.exists():
         raise InputError(f"{what} {str(p)!r} does not exist; fix: give a .jsonl or .jsonl.gz file")
     if not p.is_file():
         raise InputError(f"{what} {str(p)!r} is not a file; fix: give a .jsonl or .jsonl.gz file")
-    if p.stat().st_size == 0:
-        raise InputError(f"{what} {str(p)!r} is empty; fix: give a file with one JSON object a line")
-    with open(p, "rb") as f:
-        gzipped = f.read(2) == GZIP_MAGIC
-    return gzip.open(p, "rb") if gzipped else open(p, "rb")
+    try:
+        if p.stat().st_size == 0:
+            raise InputError(f"{what} {str(p)!r} is empty; fix: give a file with one JSON object "
+                             f"a line")
+        with open(p, "rb") as f:
+            gzipped = f.read(2) == GZIP_MAGIC
+        return gzip.open(p, "rb") if gzipped else open(p, "rb")
+    except OSError as e:
+        raise InputError(f"{what} {str(p)!r} cannot be read ({e.strerror}); fix: check its "
+                         f"permissions") from e
 
 
 def iter_lines(stream: BinaryIO, what: str = "--input") -> Iterator[tuple[int, bytes]]:

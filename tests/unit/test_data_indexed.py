@@ -1,4 +1,6 @@
 """The .bin/.idx format byte for byte (DESIGN.md's table), round trips, refusals, and merging."""
+import errno
+import os
 import pickle
 import runpy
 import struct
@@ -119,6 +121,8 @@ def corrupt(tmp_path, case: str) -> Path:
         idx.write_bytes(bytes(data[:-4]))
     elif case == "trailing_idx":
         idx.write_bytes(bytes(data) + b"\x00")
+    elif case == "multimodal":     # Megatron's multimodal index: a mode byte per sequence
+        idx.write_bytes(bytes(data) + b"\x00\x01")
     elif case == "truncated_bin":
         bin_.write_bytes(bin_.read_bytes()[:-2])
     elif case == "doc_idx":
@@ -136,6 +140,8 @@ def corrupt(tmp_path, case: str) -> Path:
     ("short_header", r"c\.idx is truncated: 20 bytes"),
     ("truncated_idx", r"c\.idx is truncated: its header announces 2 sequences"),
     ("trailing_idx", r"c\.idx has trailing bytes"),
+    ("multimodal", r"c\.idx is a Megatron multimodal index .*fix: preprocess the text without "
+                   r"the multimodal option"),
     ("truncated_bin", r"c\.bin has 8 bytes but .*c\.idx describes 10 \(truncated\)"),
     ("doc_idx", r"c\.idx: document indices must run from 0 to the sequence count 2"),
     ("missing_idx", r"c\.idx does not exist; a dataset prefix P names P\.bin and P\.idx"),
@@ -143,6 +149,19 @@ def corrupt(tmp_path, case: str) -> Path:
 def test_refuses_damaged_or_foreign_files(tmp_path, case, message):
     prefix = corrupt(tmp_path, case)
     with pytest.raises(IndexedDatasetError, match=message):
+        IndexedDataset(prefix)
+
+
+def test_an_unreadable_file_is_named(tmp_path, monkeypatch):
+    import megagpt.data.indexed as indexed
+
+    prefix = corrupt(tmp_path, "none")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    monkeypatch.setattr(indexed, "open", denied, raising=False)
+    with pytest.raises(IndexedDatasetError, match=r"indexed dataset '.*c': .*c\.idx cannot be read "
+                                                  r"\(Permission denied\); fix: check its permissions"):
         IndexedDataset(prefix)
 
 
@@ -173,7 +192,11 @@ def test_merge_refusals(tmp_path):
         merge_datasets([a.prefix], a.prefix)
     with pytest.raises(ValueError, match="--inputs is empty"):
         merge_datasets([], tmp_path / "m")
-    assert not list(tmp_path.glob("m*"))
+    with pytest.raises(ValueError, match=r"--output-prefix '.*/' names a folder, so the files would "
+                                         r"be named .*/\.bin and \.idx; fix: end it with a name, "
+                                         r"e\.g\. '.*/merged'"):
+        merge_datasets([a.prefix], f"{tmp_path}/")
+    assert not list(tmp_path.glob("m*")) and not list(tmp_path.glob(".*"))
     (tmp_path / "f").write_text("a file")
     with pytest.raises(ValueError, match=f"--output-prefix '{tmp_path / 'f' / 'm'}': cannot write "
                                          f"there \\({tmp_path / 'f'} is a file\\); fix: choose"):

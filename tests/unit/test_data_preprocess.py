@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from megagpt.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megagpt.data import jsonl
 from megagpt.data.jsonl import InputError
 from megagpt.data.preprocess import PreprocessError, preprocess_jsonl
 from megagpt.data.tokenizer import TokenizerError, load_tokenizer
@@ -116,6 +117,8 @@ def test_several_keys_stay_aligned(tmp_path, gpt2):
     ("missing_input", InputError, "--input '.*nope.jsonl' does not exist"),
     ("empty_input", InputError, "--input '.*empty.jsonl' is empty"),
     ("folder_input", InputError, "is not a file"),
+    ("unreadable_input", InputError, r"--input '.*in.jsonl' cannot be read \(Permission denied\); "
+                                     r"fix: check its permissions"),
     ("all_bad", PreprocessError, "(?s)has no usable document for --json-keys text;.*malformed JSON: 2"),
     ("unwritable_output", PreprocessError, "--output-prefix .*cannot create the folder"),
     ("bad_tokenizer", TokenizerError, "tokenizer '.*no_such_tok' does not exist"),
@@ -140,6 +143,10 @@ def test_unusable_input_or_output_fails_cleanly(tmp_path, monkeypatch, case, err
         kwargs["input_path"].write_bytes(b"")
     elif case == "folder_input":
         kwargs["input_path"] = tmp_path
+    elif case == "unreadable_input":     # as a user who may not read it (the tests run as root)
+        def denied(path, *args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        monkeypatch.setattr(jsonl, "open", denied, raising=False)
     elif case == "all_bad":
         kwargs["input_path"] = write_lines(tmp_path / "bad.jsonl", [b"{x", b"{y"])
     elif case == "unwritable_output":
