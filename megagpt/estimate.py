@@ -13,12 +13,11 @@ tensor-parallel slice, the padded vocabulary, the output layer's copy of the tie
 last stage when pp > 1), as megagpt/parallel/data_parallel.py keeps them:
 - weights: the model's parameters, 2 bytes each under bf16/fp16 (Megatron's scheme: the module
   itself is 16-bit), 4 under fp32;
-- master weights (bf16/fp16 only): the float32 copy the optimizer updates, 4 bytes, full size on
-  every data-parallel rank, under ZeRO-1 too;
-- gradients: the float32 gradient buckets, 4 bytes, plus under ZeRO-1 the shard the
-  reduce-scatter writes (4 / dp). A parameter's 16-bit gradient is added into its bucket and
-  freed once autograd hands it over, so these are transient (counted below where they meet a
-  peak);
+- master weights (bf16/fp16 only): the float32 copy the optimizer updates, 4 bytes, sharded
+  over data parallelism by ZeRO-1 (4 / dp, Megatron's distributed optimizer);
+- gradients: the float32 gradient buckets, 4 bytes (ZeRO-1 reduce-scatters in place). A
+  parameter's 16-bit gradient is added into its bucket and freed once autograd hands it over, so
+  these are transient (counted below where they meet a peak);
 - optimizer: AdamW's two float32 moments, 8 bytes, sharded over data parallelism by ZeRO-1.
 Through DeepSpeed (`parallel.deepspeed_config`) the states follow the ZeRO paper's accounting
 instead: float32 master partitions (sharded from stage 1, kept under fp32 too), gradients in the
@@ -380,8 +379,8 @@ def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
             master = 0.0 if not mixed and zero == 0 else 4 * n / (dp if zero >= 1 else 1)
         else:
             weights = param_b * n
-            master = 4 * n if mixed else 0.0
-            grads = 4 * n + (4 * n / dp if zero >= 1 and dp > 1 else 0.0)
+            master = 4 * n / (dp if zero >= 1 else 1) if mixed else 0.0
+            grads = 4 * n
         optim = 8 * n / (dp if zero >= 1 else 1)
         workspace = 0.0
         if device == "cuda":

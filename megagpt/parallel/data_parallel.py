@@ -30,11 +30,14 @@ reduced in float32; after the optimizer step the master copy is cast into the 16
 one copy per bucket. `master_weights()` lets the rest of the trainer read and write the float32
 masters under the parameters' names (checkpoints hold them, so no precision is lost).
 
-ZeRO-1 (`zero_stage=1`): the float32 parameters (or masters) live in the buckets too; a
-reduce-scatter leaves each replica the summed gradient of its 1/dp of every bucket, the optimizer
-holds state for that shard only (`optimizer_params()` are views of the shard, named after their
-parameters), and after the step an all-gather brings every replica the updated parameters
-(`after_optimizer_step()`).
+ZeRO-1 (`zero_stage=1`), Megatron's distributed optimizer: a reduce-scatter, in place in each
+bucket, leaves each replica the summed gradient of its 1/dp of the bucket; the optimizer holds
+state for that shard only (`optimizer_params()` are views of it, named after their parameters);
+under bf16/fp16 the float32 masters are that shard too (4/dp bytes a parameter, not 4), and after
+the step each replica casts its updated shard into the 16-bit parameters and an all-gather, in
+place and in 16 bits, brings every replica the rest (under fp32 the parameters are the float32
+buckets, gathered the same way). Reading or loading the masters (`master_weights()`) then
+gathers them, so every replica must do it together.
 """
 from __future__ import annotations
 
@@ -59,9 +62,10 @@ class Bucket:
     offsets: list[int]
     grad_buffer: torch.Tensor
     deferred: bool
-    main_buffer: torch.Tensor | None = None      # float32 parameters, flat (ZeRO-1 or 16-bit params)
+    main_buffer: torch.Tensor | None = None      # float32 parameters (ZeRO-1 or 16-bit params): flat,
+    main_offset: int = 0                         # or only this replica's shard from main_offset on
     model_buffer: torch.Tensor | None = None     # 16-bit parameters, flat (the module's, when 16-bit)
-    grad_shard: torch.Tensor | None = None       # ZeRO-1: this replica's reduced gradients
+    grad_shard: torch.Tensor | None = None       # ZeRO-1: this replica's reduced gradients (a view)
     ready: int = 0
     work: object = None
     pieces: list = field(default_factory=list)   # ZeRO-1: (name, shard view, param)
@@ -83,6 +87,7 @@ class DataParallel:
         self.embedding_group = embedding_group
         self.dp, self.dp_rank = group_size(dp_group), group_rank(dp_group)
         self.zero = zero_stage >= 1 and self.dp > 1
+        self.sharded_masters = self.zero and self.low_precision
         self.sync = False
         self.names = {p: n for n, p in module.named_parameters()}
         tp = group_size(tp_group)
@@ -130,26 +135,34 @@ class DataParallel:
         padded = math.ceil(total / self.dp) * self.dp
         device = params[0].device
         bucket = Bucket(params, offsets, torch.zeros(padded, dtype=torch.float32, device=device), deferred)
-        if self.zero or self.low_precision:
+        shard = padded // self.dp
+        lo_shard = self.dp_rank * shard
+        if self.sharded_masters:
+            bucket.main_buffer = torch.zeros(shard, dtype=torch.float32, device=device)
+            bucket.main_offset = lo_shard
+        elif self.zero or self.low_precision:
             bucket.main_buffer = torch.zeros(padded, dtype=torch.float32, device=device)
         if self.low_precision:
             bucket.model_buffer = torch.zeros(padded, dtype=self.param_dtype, device=device)
-        shard = padded // self.dp
-        lo_shard = self.dp_rank * shard
         if self.zero:
-            bucket.grad_shard = torch.zeros(shard, dtype=torch.float32, device=device)
+            bucket.grad_shard = bucket.grad_buffer[lo_shard:lo_shard + shard]
         for p, off in zip(params, offsets):
             flat = slice(off, off + p.numel())
             self.main_grads[p] = bucket.grad_buffer[flat].view_as(p)
-            if bucket.main_buffer is not None:
-                bucket.main_buffer[flat].copy_(p.data.reshape(-1))
+            lo, hi = off, off + p.numel()     # the part of p whose float32 copy this replica holds
+            if self.sharded_masters:
+                lo, hi = max(off, lo_shard), min(off + p.numel(), lo_shard + shard)
+            if bucket.main_buffer is not None and lo < hi:
+                _main(bucket, lo, hi).copy_(p.data.reshape(-1)[lo - off:hi - off])
             if self.low_precision:
-                master = nn.Parameter(bucket.main_buffer[flat].view_as(p))
-                master.grad, master.source = self.main_grads[p], p
-                self.masters[p] = master
+                weights = p.data
                 p.data = bucket.model_buffer[flat].view_as(p)
-                p.data.copy_(master.data)
+                p.data.copy_(weights)
                 p.grad = None
+                if not self.sharded_masters:
+                    master = nn.Parameter(bucket.main_buffer[flat].view_as(p))
+                    master.grad, master.source = self.main_grads[p], p
+                    self.masters[p] = master
             else:
                 p.grad = self.main_grads[p]
                 if self.zero:
@@ -157,7 +170,7 @@ class DataParallel:
             if self.zero:
                 lo, hi = max(off, lo_shard), min(off + p.numel(), lo_shard + shard)
                 if lo < hi:
-                    piece = nn.Parameter(bucket.main_buffer[lo:hi])
+                    piece = nn.Parameter(_main(bucket, lo, hi))
                     piece.grad = bucket.grad_shard[lo - lo_shard:hi - lo_shard]
                     piece.source = p
                     bucket.pieces.append((self.names[p], piece, p))
@@ -168,23 +181,37 @@ class DataParallel:
         """Inside, every parameter holds its float32 master (16-bit parameters only; otherwise
         the parameters are the masters): reading `state_dict()` gives full precision, and what is
         loaded or copied into the parameters lands in the masters and is cast into the 16-bit
-        parameters on exit."""
+        parameters on exit.
+
+        Under ZeRO-1 a replica holds only its shard of the masters: on entry they are gathered,
+        a bucket at a time, into host memory (every data-parallel replica must enter together),
+        and on exit each replica keeps its shard of what the parameters then hold."""
         if not self.low_precision:
             yield
             return
-        model_views = {p: p.data for p in self.masters}
-        for p, master in self.masters.items():
-            p.data = master.data
+        full = {id(b): self._gathered_masters(b) if self.sharded_masters else b.main_buffer
+                for b in self.buckets}
+        model_views = {}
+        for b in self.buckets:
+            for p, off in zip(b.params, b.offsets):
+                model_views[p] = p.data
+                p.data = full[id(b)][off:off + p.numel()].view_as(p)
         try:
             yield
         finally:
             for p, view in model_views.items():
                 p.data = view
-            self._copy_masters_to_model()
+            for b in self.buckets:
+                if self.sharded_masters:
+                    shard = b.main_buffer.numel()
+                    b.main_buffer.copy_(full[id(b)][b.main_offset:b.main_offset + shard])
+                b.model_buffer.copy_(full[id(b)])
 
-    def _copy_masters_to_model(self) -> None:
-        for b in self.buckets:
-            b.model_buffer.copy_(b.main_buffer)
+    def _gathered_masters(self, b: Bucket) -> torch.Tensor:
+        """The bucket's float32 masters from every replica's shard, in host memory."""
+        whole = torch.empty(b.grad_buffer.numel(), dtype=torch.float32, device=b.main_buffer.device)
+        all_gather_single(whole, b.main_buffer, group=self.dp_group)
+        return whole.cpu()
 
     # ---- gradients ----------------------------------------------------------------------
 
@@ -282,15 +309,19 @@ class DataParallel:
                 if p.requires_grad]
 
     def after_optimizer_step(self) -> None:
-        """ZeRO-1: all-gather the updated shards so every replica holds the new parameters;
-        16-bit parameters: cast the updated masters into them."""
-        if self.zero:
-            for b in self.buckets:
-                shard = b.main_buffer.numel() // self.dp
-                mine = b.main_buffer[self.dp_rank * shard:(self.dp_rank + 1) * shard].clone()
-                all_gather_single(b.main_buffer, mine, group=self.dp_group)
-        if self.low_precision:
-            self._copy_masters_to_model()
+        """ZeRO-1: every replica casts its updated shard into the parameters (16-bit) and an
+        all-gather brings it the others' shards; 16-bit parameters without ZeRO: cast the
+        updated masters into them."""
+        for b in self.buckets:
+            if self.zero:
+                flat = b.model_buffer if self.low_precision else b.main_buffer
+                shard = flat.numel() // self.dp
+                mine = flat[self.dp_rank * shard:(self.dp_rank + 1) * shard]
+                if self.low_precision:
+                    mine.copy_(b.main_buffer)
+                all_gather_single(flat, mine, group=self.dp_group)
+            elif self.low_precision:
+                b.model_buffer.copy_(b.main_buffer)
 
     def norm_grads(self, tp_rank: int) -> list[torch.Tensor]:
         """Gradients that count toward the global norm on this rank, each element counted once
@@ -304,6 +335,12 @@ class DataParallel:
             return [piece.grad for b in self.buckets for _, piece, p in b.pieces if counted(p)]
         return [self.main_grads[p] for p in self.module.parameters()
                 if p in self.main_grads and counted(p)]
+
+
+def _main(b: Bucket, lo: int, hi: int) -> torch.Tensor:
+    """The float32 copy of the bucket's elements [lo, hi) (within this replica's shard when the
+    masters are sharded)."""
+    return b.main_buffer[lo - b.main_offset:hi - b.main_offset]
 
 
 def global_grad_norm(wrappers: list[DataParallel], tp_rank: int, norm_group=None) -> float:

@@ -31,8 +31,8 @@ def _train(rank, world, cfg_kwargs):
         losses.append(result.loss)
         norms.append(result.grad_norm)
     params = {}
-    if ps.dp_rank == 0:
-        with engine.master_weights():      # float32 masters, also when training in bf16
+    with engine.master_weights():   # float32 masters, also in bf16 (ZeRO-1: every replica gathers)
+        if ps.dp_rank == 0:
             for chunk in engine.chunks:
                 params.update(gather_full_state_dict(chunk))
     return dict(losses=losses, norms=norms, params=params)

@@ -36,8 +36,8 @@ def _train(rank, world, run_dir, steps, layout, max_steps=None):
     trainer = Trainer(cfg, ps, log=lambda *a: None)
     trainer.train(until=steps)
     params = {}
-    if ps.dp_rank == 0:
-        with trainer.engine.master_weights():
+    with trainer.engine.master_weights():     # ZeRO-1: every replica gathers the masters
+        if ps.dp_rank == 0:
             for chunk in trainer.engine.chunks:
                 params.update(gather_full_state_dict(chunk))
     return params

@@ -122,3 +122,57 @@ def test_tensor_parallel_replicas_get_rank_0s_gradient(dtype):
         assert torch.equal(grads["shard"], torch.full((3,), own))
     want = (3 * 1.0 ** 2 + 3 * 2.0 ** 2 + 4 * 1.0 + 2 * 3.0 ** 2) ** 0.5
     assert norm0 == norm1 == pytest.approx(want, rel=1e-6)
+
+
+def _zero1_bf16(rank, world):
+    """ZeRO-1 over two replicas with bf16 parameters: one optimizer step, then the masters read
+    and loaded through `master_weights()`."""
+    dist_state = state.initialize_parallel(1, 1)
+    model = _model()
+    fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dp = DataParallel(model, dp_group=dist_state.dp_group, zero_stage=1, param_dtype=torch.bfloat16)
+    held = sum(b.main_buffer.numel() for b in dp.buckets)
+    pieces = dict(dp.optimizer_params())
+    dp.zero_grad()
+    dp.start_grad_sync()
+    _loss(model, 10 + rank).backward()
+    dp.finish_grad_sync()
+    with torch.no_grad():
+        for piece in pieces.values():
+            piece.sub_(piece.grad * 2 ** -10)
+    dp.after_optimizer_step()
+    with dp.master_weights():
+        masters = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(1.0 + 2 ** -12)     # rounds to 1.0 in bf16
+    bf16 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return dict(fp32=fp32, held=held, padded=sum(b.grad_buffer.numel() for b in dp.buckets),
+                masters=masters, bf16=bf16, pieces={n: p.detach().clone() for n, p in pieces.items()})
+
+
+def test_zero1_shards_the_float32_masters_and_gathers_them_for_master_weights():
+    """Each replica keeps float32 masters for its half of the buckets only; after a step both
+    replicas hold the same bf16 parameters, cast from the updated masters; `master_weights()`
+    shows the whole float32 masters (one step of SGD on the summed gradient here) and what is
+    written there lands in the shards unrounded."""
+    r0, r1 = run_distributed(_zero1_bf16, 2)
+    model = _model()
+    grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for seed in (10, 11):     # each replica's bf16 gradient, summed in float32
+        copy = {n: p.detach().bfloat16().requires_grad_() for n, p in model.named_parameters()}
+        _loss(lambda x: torch.func.functional_call(model, copy, (x,)), seed, torch.bfloat16).backward()
+        for n in grads:
+            grads[n] += copy[n].grad.float()
+    numel = sum(p.numel() for p in model.parameters())
+    for r in (r0, r1):
+        assert r["held"] == r["padded"] // 2 and r["padded"] - numel < 2 * len(r["fp32"])
+        for name, p in model.named_parameters():
+            want = r["fp32"][name] - grads[name] * 2 ** -10
+            torch.testing.assert_close(r["masters"][name], want, rtol=0, atol=1e-6)
+            assert r["masters"][name].dtype == torch.float32
+            assert torch.equal(r["bf16"][name], torch.ones_like(p, dtype=torch.bfloat16))
+        assert all(torch.equal(v, torch.full_like(v, 1.0 + 2 ** -12)) for v in r["pieces"].values())
+    assert sum(v.numel() for r in (r0, r1) for v in r["pieces"].values()) == numel
+    for name in r0["masters"]:
+        assert torch.equal(r0["masters"][name], r1["masters"][name])

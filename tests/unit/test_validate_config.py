@@ -162,12 +162,12 @@ def test_mixed_precision_states_follow_megatron():
     n = bf16.params_per_gpu
     assert (bf16.weights, bf16.master_weights, bf16.gradients, bf16.optimizer) == (2 * n, 4 * n, 4 * n, 8 * n)
     assert (fp32.weights, fp32.master_weights, fp32.gradients, fp32.optimizer) == (4 * n, 0, 4 * n, 8 * n)
-    # ZeRO-1 over 8 replicas shards only the moments; the masters stay whole on every replica, and
-    # the reduce-scatter's shard of the gradients comes on top of the full bucket.
+    # ZeRO-1 over 8 replicas shards the moments and the masters (Megatron's distributed
+    # optimizer); the gradient bucket stays whole, reduce-scattered in place.
     zero = estimate_memory(load_config(ROOT / "configs/training/base_model.json"))
     n, dp = zero.params_per_gpu, 8
-    assert (zero.weights, zero.master_weights) == (2 * n, 4 * n)
-    assert zero.gradients == 4 * n + 4 * n / dp and zero.optimizer == 8 * n / dp
+    assert (zero.weights, zero.master_weights) == (2 * n, 4 * n / dp)
+    assert zero.gradients == 4 * n and zero.optimizer == 8 * n / dp
 
 
 def test_deepspeed_states_follow_the_zero_paper():
