@@ -487,6 +487,10 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
             wanted = wanted or 4 * model_cfg["d_model"]
         if saved != wanted:
             problems.append(f"checkpoint has model.{name}={saved}, the config says {wanted}")
+    if problems:
+        problems.append("it is another model: give checkpoint.load a checkpoint of this one (or "
+                        "a new checkpoint.save_dir to start fresh), or give the config the "
+                        "checkpoint's architecture")
     saved_par = meta["parallel"]
     layout_fields = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size",
                      "vp": "virtual_pipeline_size"}
@@ -498,8 +502,10 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
         problems.append(f"the model is split differently: convert the checkpoint with `python "
                         f"tools/convert_checkpoint.py --input {where} --output NEW_DIR --to "
                         f"megagpt --tensor-parallel-size {parallel_sizes['tp']} "
-                        f"--pipeline-parallel-size {parallel_sizes['pp']}`, or set the config's "
-                        f"parallel sizes to the checkpoint's")
+                        f"--pipeline-parallel-size {parallel_sizes['pp']} "
+                        f"--virtual-pipeline-size {parallel_sizes['vp']}` and set "
+                        f"checkpoint.load=NEW_DIR, or set the config's parallel sizes to the "
+                        f"checkpoint's")
     saved_engine = saved_par.get("engine", "native")
     engine = parallel_sizes.get("engine", "native")
     if with_optimizer and saved_engine != engine:
@@ -508,7 +514,8 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
         problems.append(f"checkpoint was saved by the {saved_engine} engine, this run trains "
                         f"through the {engine} engine: the optimizer state is not "
                         f"interchangeable; {how}, or start from its weights with "
-                        f"checkpoint.pretrained={where} (and checkpoint.load=none)")
+                        f"checkpoint.pretrained={where} (with checkpoint.load=none and a new "
+                        f"checkpoint.save_dir)")
     saved_zero, zero = saved_par.get("zero_stage", 0), parallel_sizes.get("zero_stage", 0)
     if with_optimizer and saved_engine == engine and saved_zero != zero:
         form = "sharded over" if saved_zero else "whole on each of"

@@ -8,7 +8,7 @@ trains through `deepspeed.initialize` (ZeRO stage 0 to 3) instead of our data-pa
     start()                       deepspeed.initialize(model, our AdamW parameter groups (no decay
                                   on biases, norms, embeddings), the merged config: ds_config.py)
     train_step(microbatches, lr)  -> StepResult; eval_step(microbatches) -> float
-    global_tokens(microbatches)   -> int: the loss tokens of a step, summed over replicas
+    global_tokens(microbatches)   -> float: the loss tokens of a step, summed over replicas
     save(...), load(path)         checkpoints in our layout, DeepSpeed's files inside (see below)
 
 The loss and gradients equal the native path's (in fp32; in bf16/fp16 DeepSpeed accumulates
@@ -160,12 +160,13 @@ class DeepSpeedEngine:
             dist.all_reduce(total, group=self.state.dp_group)
         return total.item()
 
-    def global_tokens(self, microbatches) -> int:
-        """The loss tokens of the global batch; call it on the CPU micro-batches, before
-        `_to_device` (as `Engine` does), so counting them is no device sync."""
+    def global_tokens(self, microbatches) -> float:
+        """The loss tokens of the global batch (their summed loss-mask weights); call it on the
+        CPU micro-batches, before `_to_device` (as `Engine` does), so counting them is no device
+        sync."""
         local = sum(float(mb["loss_mask"].sum()) if mb.get("loss_mask") is not None
                     else mb["labels"].numel() for mb in microbatches)
-        return int(self._dp_sum(local))
+        return self._dp_sum(local)
 
     @staticmethod
     def _sum_losses(loss_sums: list[torch.Tensor]) -> float:
@@ -186,7 +187,7 @@ class DeepSpeedEngine:
         ds.train()
         tokens = self.global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
-        factor = self.gas * self.state.dp_world_size / max(tokens, 1)
+        factor = self.gas * self.state.dp_world_size / (tokens or 1.0)
         set_lr(ds.optimizer, lr)
         loss_sums, own_norm = [], None
         for i, mb in enumerate(microbatches):
@@ -200,7 +201,7 @@ class DeepSpeedEngine:
                         ds.step()
                     continue
             ds.step()
-        loss = self._dp_sum(self._sum_losses(loss_sums)) / max(tokens, 1)
+        loss = self._dp_sum(self._sum_losses(loss_sums)) / (tokens or 1.0)
         norm = own_norm if own_norm is not None else ds.get_global_grad_norm()
         norm = math.nan if norm is None else float(norm)
         skipped = not ds.was_step_applied() or not math.isfinite(norm) or not math.isfinite(loss)
@@ -239,7 +240,7 @@ class DeepSpeedEngine:
         microbatches = self._to_device(microbatches)
         loss_sums = [ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))[0]
                      for mb in microbatches]
-        return self._dp_sum(self._sum_losses(loss_sums)) / max(tokens, 1)
+        return self._dp_sum(self._sum_losses(loss_sums)) / (tokens or 1.0)
 
     # ---- weights and checkpoints --------------------------------------------------------
 

@@ -39,7 +39,7 @@ class StepResult:
     loss: float            # global mean loss of the batch (nan when not finite)
     grad_norm: float | None
     skipped: bool
-    tokens: int            # loss tokens in the global batch
+    tokens: float          # loss tokens in the global batch (their summed loss-mask weights)
 
 
 class Engine:
@@ -105,17 +105,17 @@ class Engine:
                 stack.enter_context(w.master_weights())
             yield
 
-    def global_tokens(self, microbatches: list[dict]) -> int:
-        """The tokens counted in the loss of a step's micro-batches, summed over replicas (a
-        collective over the data-parallel group)."""
+    def global_tokens(self, microbatches: list[dict]) -> float:
+        """The tokens counted in the loss of a step's micro-batches (the sum of their loss-mask
+        weights), summed over replicas (a collective over the data-parallel group)."""
         local = sum(float(mb["loss_mask"].sum()) if mb.get("loss_mask") is not None
                     else mb["labels"].numel() for mb in microbatches)
         count = torch.tensor([local], dtype=torch.float64)
         if self.state.dp_world_size > 1:
             dist.all_reduce(count, group=self.state.dp_group)
-        return int(count.item())
+        return count.item()
 
-    def _global_loss(self, losses: list, tokens: int) -> float:
+    def _global_loss(self, losses: list, tokens: float) -> float:
         """Sum of the last stage's loss sums over micro-batches and replicas / tokens, on every rank."""
         total = torch.zeros(1, dtype=torch.float64)
         if self.state.is_last_stage:
@@ -124,7 +124,7 @@ class Engine:
                 dist.all_reduce(total, group=self.state.dp_group)
         if self.state.pp_world_size > 1:
             dist.all_reduce(total, group=self.state.pp_group)   # only the last stage is non-zero
-        return total.item() / max(tokens, 1)
+        return total.item() / (tokens or 1.0)
 
     def _to_device(self, microbatches):
         return [{k: v.to(self.device) for k, v in mb.items()} for mb in microbatches]
@@ -138,7 +138,7 @@ class Engine:
         tokens = self.global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
         losses = self.schedule(self.chunks, microbatches, p2p=self.p2p,
-                               loss_scale=self.scaler.scale / max(tokens, 1),
+                               loss_scale=self.scaler.scale / (tokens or 1.0),
                                before_last_backward=[w.start_grad_sync for w in self.wrappers])
         for w in self.wrappers:
             w.finish_grad_sync()

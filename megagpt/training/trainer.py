@@ -43,10 +43,11 @@ from megagpt.fsutil import why_not_a_folder
 from megagpt.model.gpt import load_full_state_dict
 from megagpt.parallel.random import get_rng_tracker, seed_everything
 from megagpt.parallel.state import ParallelState
-from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, capture_rng_state,
-                                         check_compatible, check_optimizer_layout,
-                                         load_checkpoint, read_meta, resolve_load_path,
-                                         restore_rng_state, save_checkpoint)
+from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, CheckpointError,
+                                         capture_rng_state, check_compatible,
+                                         check_optimizer_layout, find_latest, load_checkpoint,
+                                         read_meta, resolve_load_path, restore_rng_state,
+                                         save_checkpoint)
 from megagpt.training.engine import Engine
 from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
                                       format_console_line, memory_gb, peak_flops, throughput)
@@ -174,6 +175,7 @@ class Trainer:
             self.engine = Engine(cfg, state, self.device)
         self.step, self.consumed_samples, self.skipped_total, self.consecutive_skips = 0, 0, 0, 0
         self._stop_requested = False
+        self.saved_step = None        # the step last written to the save dir, if any
         self._resume()
         self.train_ds, self.valid_ds = self._datasets()
 
@@ -264,8 +266,11 @@ class Trainer:
             batches = self._batches(self.train_ds, self.consumed_samples)
             while self.step < end:
                 if self._should_stop():
-                    self.log(f"SIGTERM: saving step {self.step} and stopping")
-                    self.save()
+                    if self.saved_step == self.step:
+                        self.log(f"SIGTERM: step {self.step} is saved; stopping")
+                    else:
+                        self.log(f"SIGTERM: saving step {self.step} and stopping")
+                        self.save()
                     break
                 microbatches = next(batches)
                 # the schedule counts updates made, as Megatron's: a skipped step does not advance it
@@ -361,7 +366,7 @@ class Trainer:
             count = self.engine.global_tokens(batch)
             total += self.engine.eval_step(batch) * count
             tokens += count
-        return total / max(tokens, 1)
+        return total / (tokens or 1.0)
 
     # ---- faults -------------------------------------------------------------------------
 
@@ -408,6 +413,7 @@ class Trainer:
                                    rng_state=capture_rng_state(get_rng_tracker().get_states()),
                                    meta=meta, keep_last=self.cfg.checkpoint.keep_last,
                                    barrier=self._barrier)
+        self.saved_step = self.step
         self.log(f"saved checkpoint {path}")
         return path
 
@@ -415,6 +421,10 @@ class Trainer:
         """Continue from checkpoint.load's checkpoint, or start from checkpoint.pretrained's weights."""
         path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir,
                                  warn=lambda message: self.log(f"warning: {message}"))
+        if path is not None and path.resolve().parent == self.save_dir.resolve():
+            self.saved_step = read_meta(path)["step"]      # (an earlier one: going back to it)
+        else:
+            self._refuse_replacing_another_run(path)
         if self.deepspeed:
             return self._resume_deepspeed(path)
         if path is None:
@@ -502,6 +512,7 @@ class Trainer:
                                              "consecutive_skips": self.consecutive_skips},
                                 rng_state=capture_rng_state(get_rng_tracker().get_states()),
                                 keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier)
+        self.saved_step = self.step
         self.log(f"saved checkpoint {path}")
         return path
 
@@ -534,6 +545,19 @@ class Trainer:
         self.skipped_total = extra_state.get("skipped_total", 0)
         self.consecutive_skips = extra_state.get("consecutive_skips", 0)
         self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)")
+
+    def _refuse_replacing_another_run(self, path: Path | None) -> None:
+        """A run that does not continue from its save dir's checkpoints (checkpoint.load=none, or
+        a checkpoint elsewhere) would replace them step by step and prune the rest: refused."""
+        held = find_latest(self.save_dir)
+        if held is None:
+            return
+        start = f"continues from {path}" if path is not None else "starts fresh"
+        raise CheckpointError(
+            f"checkpoint.save_dir={self.save_dir} already holds checkpoints (the latest "
+            f"{held.name}), and this run {start} (checkpoint.load={self.cfg.checkpoint.load}): "
+            f"its saves would replace them; fix: choose a new checkpoint.save_dir (or "
+            f"logging.run_dir), or set checkpoint.load=auto to continue the run saved there")
 
     def _load_pretrained(self, source: str) -> None:
         full = pretrained_state(source, self.cfg.model)
@@ -578,5 +602,7 @@ def _check_architecture(saved: dict, m: ModelConfig, source: str) -> None:
         if name != "make_vocab_size_divisible_by" and a != b:
             problems.append(f"{source} has model.{name}={a}, the config says {b}")
     if problems:
-        raise ValueError("checkpoint.pretrained does not fit this config:\n" +
-                         "\n".join(f"  - {p}" for p in problems))
+        raise CheckpointError("checkpoint.pretrained does not fit this config:\n" +
+                              "\n".join(f"  - {p}" for p in problems) +
+                              "\nfix: give the config the checkpoint's architecture (its model "
+                              "section or model.config_file), or choose a checkpoint of this one")

@@ -137,3 +137,27 @@ def test_bf16_layouts_track_one_process(layout):
     lr = 3e-3
     for k, v in ref["params"].items():
         torch.testing.assert_close(params[k], v, rtol=0, atol=STEPS * lr, msg=k)
+
+
+def _train_with_mask_weight(rank, world, weight, dp):
+    cfg = tiny_config(dp=dp)
+    ps = state.initialize_parallel(1, 1)
+    seed_everything(cfg.training.seed, ps.tp_rank, ps.pp_rank)
+    engine = Engine(cfg, ps, p2p_timeout_s=60)
+    losses = []
+    for step, tokens in enumerate(fixed_batches(2)):
+        mbs = split_microbatches(tokens, ps.dp_rank, dp, cfg.training.batch_size)
+        for mb in mbs:
+            mb["loss_mask"] = mb["loss_mask"] * weight
+        losses.append(engine.train_step(mbs, lr_at(step, cfg.training)).loss)
+    return losses
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_loss_mask_weights_are_not_rounded_to_a_token_count(dp):
+    """A loss mask may weight tokens: the loss is the weighted mean, so weighting every token
+    alike (0.3 here: 8 x 16 x 0.3 = 38.4 summed, which a token count would truncate to 38)
+    trains exactly as a mask of ones does."""
+    ones = run_distributed(_train_with_mask_weight, dp, 1.0, dp)[0]
+    weighted = run_distributed(_train_with_mask_weight, dp, 0.3, dp)[0]
+    torch.testing.assert_close(torch.tensor(weighted), torch.tensor(ones), rtol=1e-6, atol=0)

@@ -3,6 +3,7 @@ import functools
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,6 +112,51 @@ def test_a_resume_with_other_data_settings_says_so(tmp_path):
                "training samples (max_steps x global batch) 48 -> 72); the training samples' "
                "order is built from them, so after the 24 samples consumed" in m
                for m in changed), changed
+
+
+def _start(rank, world, run_dir, steps, overrides, stop_after_save=False):
+    messages = []
+    cfg = run_config(Path(run_dir), steps, **overrides)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append)
+    if stop_after_save:       # a scheduler's SIGTERM lands while the periodic save runs
+        save = trainer.save
+
+        def save_then_sigterm():
+            path = save()
+            trainer._stop_requested = True
+            return path
+        trainer.save = save_then_sigterm
+    trainer.train()
+    return messages
+
+
+def test_a_fresh_run_does_not_replace_another_runs_checkpoints(tmp_path):
+    """checkpoint.load=none (or a checkpoint from elsewhere) in a save dir that holds checkpoints
+    would replace them step by step: refused, naming the save dir and the fixes; going back to
+    an earlier step of the same save dir is allowed."""
+    run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__save_interval=2))
+    ckpt = tmp_path / "ckpt"
+    before = sorted(p.name for p in ckpt.iterdir())
+    for load in ("none", str(tmp_path / "elsewhere" / "step_0000002")):
+        if load != "none":
+            shutil.copytree(ckpt / "step_0000002", load)
+        with pytest.raises(RuntimeError, match=rf"checkpoint.save_dir={ckpt} already holds "
+                                               rf"checkpoints \(the latest step_0000004\), and "
+                                               rf"this run .*checkpoint.load={load}\): its saves "
+                                               rf"would replace them; fix: choose a new "
+                                               rf"checkpoint.save_dir"):
+            run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__load=load))
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    back = run_distributed(_start, 1, str(tmp_path), 3,
+                           dict(checkpoint__load=str(ckpt / "step_0000002")))[0]
+    assert any("resumed from" in m and "step_0000002 at step 2" in m for m in back), back
+
+
+def test_a_sigterm_during_a_save_does_not_save_the_step_again(tmp_path):
+    messages = run_distributed(_start, 1, str(tmp_path), 6, dict(checkpoint__save_interval=2),
+                               True)[0]
+    assert [m for m in messages if m.startswith(("saved", "SIGTERM"))] == [
+        f"saved checkpoint {tmp_path / 'ckpt' / 'step_0000002'}", "SIGTERM: step 2 is saved; stopping"]
 
 
 def _resume_with_optimizer_settings(rank, world, run_dir, overrides):
@@ -544,5 +590,9 @@ def test_pretrained_weights_of_another_architecture_are_refused(tmp_path):
     m = tiny_config().model
     transformers.GPT2LMHeadModel(transformers.GPT2Config(**dict(hf_config_dict(m), n_layer=2))) \
         .save_pretrained(tmp_path / "hf")
-    with pytest.raises(RuntimeError, match="has model.n_layers=2, the config says 4"):
+    # a CheckpointError: pretrain_gpt prints it as one message, not a traceback
+    with pytest.raises(RuntimeError, match=r"(?s)CheckpointError: checkpoint.pretrained does not "
+                                           r"fit this config:.*has model.n_layers=2, the config "
+                                           r"says 4.*fix: give the config the checkpoint's "
+                                           r"architecture"):
         run_distributed(_from_hf_folder, 1, str(tmp_path / "run"), str(tmp_path / "hf"))

@@ -253,6 +253,7 @@ def test_incompatible_architecture_names_both_values():
     assert "checkpoint has model.n_layers=4, the config says 8" in text
     assert "checkpoint has model.d_model=16, the config says 32" in text
     assert "checkpoint has model.ffn_hidden_size=64, the config says 128" in text
+    assert "it is another model: give checkpoint.load a checkpoint of this one" in text
     check_compatible(meta, dict(MODEL, ffn_hidden_size=64, dropout=0.0), LAYOUT)  # same width
 
 
@@ -270,7 +271,11 @@ def test_other_tensor_or_pipeline_layout_says_to_convert():
     assert "checkpoint has parallel.tensor_parallel_size=1, the config says 2" in text
     assert "checkpoint has parallel.pipeline_parallel_size=1, the config says 2" in text
     assert ("tools/convert_checkpoint.py --input ck --output NEW_DIR --to megagpt "
-            "--tensor-parallel-size 2 --pipeline-parallel-size 2") in text
+            "--tensor-parallel-size 2 --pipeline-parallel-size 2 --virtual-pipeline-size 1` and "
+            "set checkpoint.load=NEW_DIR") in text
+    # the virtual pipeline size is named too: the converter keeps the source's by default
+    with pytest.raises(CheckpointError, match=r"--pipeline-parallel-size 1 --virtual-pipeline-size 2`"):
+        check_compatible(make_meta(1), MODEL, dict(LAYOUT, vp=2), where="ck")
 
 
 def test_data_parallel_size_may_change_only_without_zero():
