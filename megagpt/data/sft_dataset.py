@@ -25,7 +25,8 @@ Two layouts, both giving the pretraining item dict (`tokens`, `labels`, `loss_ma
   end-of-document id, padding masked out.
 
 Bad lines (invalid UTF-8 or JSON, missing or non-string fields, unknown roles, no assistant
-turn, empty content) are counted by reason and skipped; `dataset.skipped` holds the counts.
+turn, an empty user or assistant turn) are counted by reason and skipped; `dataset.skipped` holds
+the counts. A system message with empty content is left out, as if absent.
 Examples are tokenized in memory when the dataset is built.
 """
 from __future__ import annotations
@@ -69,6 +70,8 @@ def example_turns(obj: dict) -> tuple[list[tuple[str, str]] | None, str | None]:
         turns = [("user", obj["prompt"]), ("assistant", obj["response"])]
     else:
         return None, NO_FIELDS
+    # an empty system prompt (chat exports often carry one) is no system prompt
+    turns = [(role, content) for role, content in turns if role != "system" or content.strip()]
     if not any(role == "assistant" for role, _ in turns):
         return None, NO_ASSISTANT
     if any(not content.strip() for _, content in turns):

@@ -56,10 +56,19 @@ def test_a_literal_end_of_document_string_in_an_answer_is_not_a_stop(tok):
     ({"messages": [{"role": "user", "content": None}]}, "bad message"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
     ({"prompt": "q", "response": "  "}, "empty content"),
+    ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": ""},
+                   {"role": "assistant", "content": "a"}]}, "empty content"),
 ])
 def test_bad_examples_are_classified(obj, reason):
     turns, got = example_turns(obj)
     assert turns is None and got.startswith(reason)
+
+
+def test_an_empty_system_prompt_is_left_out_not_the_example():
+    turns, reason = example_turns({"messages": [{"role": "system", "content": " "},
+                                                {"role": "user", "content": "q"},
+                                                {"role": "assistant", "content": "a"}]})
+    assert reason is None and turns == [("user", "q"), ("assistant", "a")]
 
 
 def test_bad_lines_are_counted_and_skipped(tmp_path, tok):
