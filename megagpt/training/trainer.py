@@ -45,9 +45,9 @@ from megagpt.parallel.random import get_rng_tracker, seed_everything
 from megagpt.parallel.state import ParallelState
 from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, CheckpointError,
                                          capture_rng_state, check_compatible,
-                                         check_optimizer_layout, find_latest, load_checkpoint,
-                                         read_meta, resolve_load_path, restore_rng_state,
-                                         save_checkpoint)
+                                         check_optimizer_layout, complete_checkpoints,
+                                         load_checkpoint, read_meta, resolve_load_path,
+                                         restore_rng_state, save_checkpoint)
 from megagpt.training.engine import Engine
 from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
                                       format_console_line, memory_gb, peak_flops, throughput)
@@ -548,16 +548,20 @@ class Trainer:
 
     def _refuse_replacing_another_run(self, path: Path | None) -> None:
         """A run that does not continue from its save dir's checkpoints (checkpoint.load=none, or
-        a checkpoint elsewhere) would replace them step by step and prune the rest: refused."""
-        held = find_latest(self.save_dir)
-        if held is None:
+        a checkpoint elsewhere) and starts before the last of them would replace them step by
+        step: refused. One that starts at or after it (a converted copy of the latest, say) only
+        adds later steps."""
+        held = complete_checkpoints(self.save_dir)
+        start = read_meta(path)["step"] if path is not None else 0
+        if not held or start >= read_meta(held[-1])["step"]:
             return
-        start = f"continues from {path}" if path is not None else "starts fresh"
+        how = f"continues from {path}" if path is not None else "starts fresh"
         raise CheckpointError(
-            f"checkpoint.save_dir={self.save_dir} already holds checkpoints (the latest "
-            f"{held.name}), and this run {start} (checkpoint.load={self.cfg.checkpoint.load}): "
-            f"its saves would replace them; fix: choose a new checkpoint.save_dir (or "
-            f"logging.run_dir), or set checkpoint.load=auto to continue the run saved there")
+            f"checkpoint.save_dir={self.save_dir} already holds checkpoints up to "
+            f"{held[-1].name}, and this run {how} at step {start} "
+            f"(checkpoint.load={self.cfg.checkpoint.load}): its saves would replace them; fix: "
+            f"choose a new checkpoint.save_dir (or logging.run_dir), or set checkpoint.load=auto "
+            f"to continue the run saved there")
 
     def _load_pretrained(self, source: str) -> None:
         full = pretrained_state(source, self.cfg.model)

@@ -141,15 +141,20 @@ def test_a_fresh_run_does_not_replace_another_runs_checkpoints(tmp_path):
         if load != "none":
             shutil.copytree(ckpt / "step_0000002", load)
         with pytest.raises(RuntimeError, match=rf"checkpoint.save_dir={ckpt} already holds "
-                                               rf"checkpoints \(the latest step_0000004\), and "
-                                               rf"this run .*checkpoint.load={load}\): its saves "
-                                               rf"would replace them; fix: choose a new "
+                                               rf"checkpoints up to step_0000004, and this run "
+                                               rf".* at step [02] \(checkpoint.load={load}\): its "
+                                               rf"saves would replace them; fix: choose a new "
                                                rf"checkpoint.save_dir"):
             run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__load=load))
     assert sorted(p.name for p in ckpt.iterdir()) == before
     back = run_distributed(_start, 1, str(tmp_path), 3,
                            dict(checkpoint__load=str(ckpt / "step_0000002")))[0]
     assert any("resumed from" in m and "step_0000002 at step 2" in m for m in back), back
+    # a copy of the latest from elsewhere (a converted checkpoint, say) only adds later steps
+    shutil.copytree(ckpt / "step_0000004", tmp_path / "converted" / "step_0000004")
+    run_distributed(_start, 1, str(tmp_path), 6,
+                    dict(checkpoint__load=str(tmp_path / "converted" / "step_0000004")))
+    assert (ckpt / "step_0000006").is_dir()
 
 
 def test_a_sigterm_during_a_save_does_not_save_the_step_again(tmp_path):
