@@ -99,7 +99,9 @@ class Engine:
     @contextlib.contextmanager
     def master_weights(self):
         """Inside, the chunks' parameters are their float32 masters (see
-        `DataParallel.master_weights`): save `chunk.state_dict()` or load weights here."""
+        `DataParallel.master_weights`): save `chunk.state_dict()` or load weights here. Under
+        ZeRO-1 with 16-bit parameters the masters are gathered from the replicas' shards, so
+        every data-parallel replica must enter together."""
         with contextlib.ExitStack() as stack:
             for w in self.wrappers:
                 stack.enter_context(w.master_weights())
