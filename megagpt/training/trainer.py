@@ -46,8 +46,8 @@ from megagpt.parallel.state import ParallelState
 from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, CheckpointError,
                                          capture_rng_state, check_compatible,
                                          check_optimizer_layout, complete_checkpoints,
-                                         load_checkpoint, read_meta, resolve_load_path,
-                                         restore_rng_state, save_checkpoint)
+                                         find_latest, load_checkpoint, read_meta,
+                                         resolve_load_path, restore_rng_state, save_checkpoint)
 from megagpt.training.engine import Engine
 from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
                                       format_console_line, memory_gb, peak_flops, throughput)
@@ -421,8 +421,11 @@ class Trainer:
         """Continue from checkpoint.load's checkpoint, or start from checkpoint.pretrained's weights."""
         path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir,
                                  warn=lambda message: self.log(f"warning: {message}"))
-        if path is not None and path.resolve().parent == self.save_dir.resolve():
-            self.saved_step = read_meta(path)["step"]      # (an earlier one: going back to it)
+        # a step folder of the save dir (the link itself, if it is one) continues its run
+        if path is not None and path.absolute().parent.resolve() == self.save_dir.resolve():
+            latest = find_latest(self.save_dir)
+            if latest is not None and latest.name == path.name:   # not when going back
+                self.saved_step = read_meta(path)["step"]
         else:
             self._refuse_replacing_another_run(path)
         if self.deepspeed:

@@ -157,6 +157,31 @@ def test_a_fresh_run_does_not_replace_another_runs_checkpoints(tmp_path):
     assert (ckpt / "step_0000006").is_dir()
 
 
+def _sigterm_at_start(rank, world, run_dir, overrides):
+    messages = []
+    cfg = run_config(Path(run_dir), 6, **overrides)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append)
+    trainer._stop_requested = True
+    trainer.train()
+    return messages
+
+
+def test_a_linked_step_folder_resumes_and_going_back_saves_the_step_again(tmp_path):
+    """A step folder that is a link into the save dir is the save dir's own (auto resumes it);
+    a run gone back to an earlier step and stopped at once saves that step again, so `latest`
+    names it and not the abandoned later one."""
+    run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__save_interval=2))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step_0000004").rename(tmp_path / "step_0000004")
+    (ckpt / "step_0000004").symlink_to(tmp_path / "step_0000004")
+    auto = run_distributed(_sigterm_at_start, 1, str(tmp_path), {})[0]
+    assert "SIGTERM: step 4 is saved; stopping" in auto, auto
+    back = run_distributed(_sigterm_at_start, 1, str(tmp_path),
+                           dict(checkpoint__load=str(ckpt / "step_0000002")))[0]
+    assert "SIGTERM: saving step 2 and stopping" in back, back
+    assert (ckpt / "latest").read_text().strip() == "step_0000002"
+
+
 def test_a_sigterm_during_a_save_does_not_save_the_step_again(tmp_path):
     messages = run_distributed(_start, 1, str(tmp_path), 6, dict(checkpoint__save_interval=2),
                                True)[0]
