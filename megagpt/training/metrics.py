@@ -168,6 +168,11 @@ def _plain(value):
                     f"number, string, bool or None")
 
 
+def _holds_something(path: Path) -> bool:
+    """A non-empty file or folder."""
+    return any(path.iterdir()) if path.is_dir() else path.stat().st_size > 0
+
+
 class MetricsWriter:
     """Appends records to a JSON-lines file (and TensorBoard), one flushed line per record.
 
@@ -179,19 +184,31 @@ class MetricsWriter:
         resume_step: when resuming from the checkpoint of this step, records of later steps (left
             by a run stopped after its last checkpoint) are dropped from the file, and from
             TensorBoard, so the file reads as one run.
+        fresh: a run starting at step 0: a metrics file (and TensorBoard folder) already there,
+            from another run or an attempt that saved nothing, is moved aside to
+            `<name>.previous-<time>` (`set_aside` lists the moves), so the file reads as one run and
+            nothing is lost.
 
     Non-finite numbers (a NaN loss on a skipped step) are written as null: the file stays JSON.
     """
 
     def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None,
-                 enabled: bool = True, resume_step: int | None = None):
+                 enabled: bool = True, resume_step: int | None = None, fresh: bool = False):
         self.path = Path(path)
         self.enabled = enabled
+        self.set_aside: list[tuple[Path, Path]] = []     # (what was there, where it went)
         self._file = None
         self._tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for old in (self.path, tensorboard_dir):
+                if old is not None and Path(old).exists() and _holds_something(Path(old)):
+                    kept = Path(f"{old}.previous-{stamp}")
+                    Path(old).rename(kept)
+                    self.set_aside.append((Path(old), kept))
         if resume_step is not None and self.path.exists():
             self._drop_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")

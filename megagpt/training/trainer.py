@@ -247,7 +247,10 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         writer = MetricsWriter(self.cfg.logging.metrics_file or self.run_dir / "metrics.jsonl",
                                self.run_dir / "tensorboard" if self.cfg.logging.tensorboard else None,
-                               enabled=self.is_rank0, resume_step=self.step)
+                               enabled=self.is_rank0, resume_step=self.step or None,
+                               fresh=self.step == 0)
+        for old, kept in writer.set_aside:
+            self.log(f"this run starts at step 0: moved the {old} already there to {kept}")
         timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
         flops, peak = flops_per_token(self.cfg.model), peak_flops(self.device)
         bar = self._progress_bar()

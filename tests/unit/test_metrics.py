@@ -85,6 +85,24 @@ def test_resumed_run_continues_the_file(tmp_path):
     assert [r["step"] for r in read_lines(path)] == [10, 20, 30, 40]
 
 
+def test_a_fresh_run_moves_an_earlier_file_and_tensorboard_folder_aside(tmp_path):
+    path, tb = tmp_path / "metrics.jsonl", tmp_path / "tb"
+    earlier = MetricsWriter(path, tensorboard_dir=tb)
+    earlier.write({"step": 10, "loss": 1.0})
+    earlier.close()
+    fresh = MetricsWriter(path, tensorboard_dir=tb, fresh=True)
+    fresh.write({"step": 1, "loss": 2.0})
+    fresh.close()
+    assert read_lines(path) == [{"step": 1, "loss": 2.0}]
+    (old_file, kept_file), (old_tb, kept_tb) = fresh.set_aside
+    assert (old_file, old_tb) == (path, tb) and kept_file.name.startswith("metrics.jsonl.previous-")
+    assert read_lines(kept_file) == [{"step": 10, "loss": 1.0}] and any(kept_tb.iterdir())
+    path.write_text("")                        # an empty file is not worth keeping
+    again = MetricsWriter(path, fresh=True)
+    again.close()
+    assert again.set_aside == []
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
     writer = MetricsWriter(tmp_path / "sub" / "metrics.jsonl", tensorboard_dir=tmp_path / "tb",
                            enabled=False)
