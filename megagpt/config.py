@@ -150,6 +150,9 @@ class CheckpointConfig:
     save_interval: int = _field(1000, doc="steps between checkpoints; 0: only at the end")
     load: str = _field("auto", doc='"auto" (resume from latest if any), "none", or a path')
     keep_last: int = _field(3, doc="complete checkpoints kept (0: every one)")
+    async_save: bool = _field(False, doc="write periodic checkpoints in the background: the "
+                              "state is copied to host memory and training goes on while a "
+                              "thread writes it")
     pretrained: str | None = _field(None, doc="weights to start from when there is nothing to "
                                     "resume: a checkpoint of ours (any layout) or a Hugging Face "
                                     "GPT-2 folder")
@@ -783,6 +786,10 @@ def validate(cfg: Config) -> list[str]:
                          f"kernels on fixed buffers: no fresh dropout masks, no pipeline's "
                          f"micro-batches in flight, no recompute or DeepSpeed wrapping, tensor "
                          f"parallelism untested); fix: {fix}, or cuda_graphs=false")
+    if cfg.checkpoint.async_save and par.deepspeed_config is not None:
+        p.append(f"checkpoint.async_save=true: not with parallel.deepspeed_config="
+                 f"{par.deepspeed_config} (DeepSpeed writes its own checkpoint files, in the "
+                 f"foreground); fix: async_save=false, or drop deepspeed_config")
     if t.mode == "finetune" and d.format != "sft" and not d.mock:
         p.append(f"training.mode=finetune: trains on fine-tuning data, but data.format={d.format}; "
                  f"fix: data.config_file=configs/dataset/finetuning.json (format sft) or "

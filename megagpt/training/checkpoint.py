@@ -25,6 +25,10 @@ earlier steps to `keep_last` complete checkpoints (later steps, left by a run th
 before, are kept); a last barrier lets every rank continue. A process killed at any
 point leaves either the previous checkpoint as the newest complete one, or the new one complete.
 
+`start_checkpoint_save` is the same save in the background (`checkpoint.async_save`): the state
+is copied to host memory, a thread writes this rank's files, and `PendingSave.complete` (a
+collective, once every rank's thread is done) checks they all succeeded and finalizes as above.
+
 A folder is complete when its meta.json exists and lists files that all exist with their recorded
 sizes (`is_complete`); `load_checkpoint` also checks each SHA-256 it reads. Files are written with
 `torch.save` and read with `torch.load(weights_only=True)`: their contents must be tensors,
@@ -39,6 +43,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,26 +188,113 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
     """
     layout = _check_save_args(step, meta, keep_last, dict(rank=rank, tp_rank=tp_rank,
                                                           pp_rank=pp_rank, dp_rank=dp_rank))
+    tmp = _prepare_tmp(Path(save_dir), step, rank, barrier)
+    if write_extra is not None:
+        write_extra(tmp)
+    _write_rank_files(tmp, rank, tp_rank, pp_rank, dp_rank, model_state, optim_state, rng_state)
+    return _end_save(Path(save_dir), step, tmp, rank, meta, layout, keep_last, barrier)
+
+
+@dataclasses.dataclass
+class PendingSave:
+    """A checkpoint being written by this rank's thread (`start_checkpoint_save`)."""
+    step: int
+    final: Path
+    thread: threading.Thread
+    errors: list
+    end: Callable[[], Path]
+
+    def written(self) -> bool:
+        """This rank's files are written (or failed): no wait."""
+        return not self.thread.is_alive()
+
+    def complete(self, all_min: Callable[[int], int]) -> Path:
+        """Collective over every rank: wait for this rank's thread, check that every rank wrote
+        its files, and finalize the checkpoint (meta.json, rename, `latest`, pruning).
+
+        all_min: the minimum of an integer over every rank (an all-reduce; identity alone).
+        A rank that failed raises its error, the others a CheckpointError saying a rank failed;
+        the folder stays `step_<N>.tmp/`, removed by the next save."""
+        self.thread.join()
+        if not all_min(0 if self.errors else 1):
+            if self.errors:
+                raise CheckpointError(f"saving {self.final} in the background: this rank's "
+                                      f"files were not written ({self.errors[0]})") from self.errors[0]
+            raise CheckpointError(f"saving {self.final} in the background: another rank's files "
+                                  f"were not written (its own message says why)")
+        return self.end()
+
+
+def start_checkpoint_save(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
+                          pp_rank: int, dp_rank: int, model_state, optim_state, rng_state,
+                          meta: dict, keep_last: int, barrier: Callable[[], None]) -> PendingSave:
+    """`save_checkpoint` in the background: collective (every rank calls it at the same step).
+
+    The states are copied to host memory before this returns, so training may change the
+    originals at once; a thread then writes this rank's files into `step_<N>.tmp/`. Call
+    `PendingSave.complete` on every rank (it waits for the thread) to make the checkpoint the
+    latest; until then the previous one is. Arguments as for `save_checkpoint` (no
+    `write_extra`: an engine that writes its own files saves in the foreground)."""
+    layout = _check_save_args(step, meta, keep_last, dict(rank=rank, tp_rank=tp_rank,
+                                                          pp_rank=pp_rank, dp_rank=dp_rank))
     save_dir = Path(save_dir)
-    name = step_dir_name(step)
-    tmp = save_dir / f"{name}.tmp"
+    states = _host_copy((model_state if dp_rank == 0 else None, optim_state, rng_state))
+    tmp = _prepare_tmp(save_dir, step, rank, barrier)
+    errors: list = []
+
+    def write():
+        try:
+            _write_rank_files(tmp, rank, tp_rank, pp_rank, dp_rank, *states)
+        except Exception as e:            # told to every rank by PendingSave.complete
+            errors.append(e)
+
+    thread = threading.Thread(target=write, name=f"checkpoint-step-{step}")
+    thread.start()
+    return PendingSave(step, save_dir / step_dir_name(step), thread, errors,
+                       lambda: _end_save(save_dir, step, tmp, rank, meta, layout, keep_last,
+                                         barrier))
+
+
+def _host_copy(obj):
+    """obj with every tensor copied to host memory (containers rebuilt, so nothing is shared
+    with the live training state)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
+def _prepare_tmp(save_dir: Path, step: int, rank: int, barrier: Callable[[], None]) -> Path:
+    """Rank 0 creates an empty `step_<N>.tmp/`; every rank returns it after a barrier."""
+    tmp = save_dir / f"{step_dir_name(step)}.tmp"
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    if write_extra is not None:
-        write_extra(tmp)
+    return tmp
+
+
+def _write_rank_files(tmp: Path, rank: int, tp_rank: int, pp_rank: int, dp_rank: int,
+                      model_state, optim_state, rng_state) -> None:
     if dp_rank == 0:
         _write_hashed(tmp / model_file(tp_rank, pp_rank), model_state)
     _write_hashed(tmp / optim_file(rank), optim_state)
     _write_hashed(tmp / rng_file(rank), rng_state)
+
+
+def _end_save(save_dir: Path, step: int, tmp: Path, rank: int, meta: dict, layout: RankLayout,
+              keep_last: int, barrier: Callable[[], None]) -> Path:
+    """After every rank wrote its files: rank 0 finalizes; every rank returns the folder."""
     barrier()
     if rank == 0:
         _finalize(save_dir, step, tmp, meta, layout, keep_last)
     barrier()
-    return save_dir / name
+    return save_dir / step_dir_name(step)
 
 
 def write_checkpoint_offline(save_dir: str | Path, step: int,

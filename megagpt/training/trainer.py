@@ -47,7 +47,8 @@ from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, CheckpointError,
                                          capture_rng_state, check_compatible,
                                          check_optimizer_layout, complete_checkpoints,
                                          find_latest, load_checkpoint, read_meta,
-                                         resolve_load_path, restore_rng_state, save_checkpoint)
+                                         resolve_load_path, restore_rng_state, save_checkpoint,
+                                         start_checkpoint_save)
 from megagpt.training.engine import Engine
 from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
                                       format_console_line, memory_gb, peak_flops, throughput)
@@ -176,6 +177,7 @@ class Trainer:
         self.step, self.consumed_samples, self.skipped_total, self.consecutive_skips = 0, 0, 0, 0
         self._stop_requested = False
         self.saved_step = None        # the step last written to the save dir, if any
+        self.pending = None           # a background save (checkpoint.async_save)
         self._resume()
         self.train_ds, self.valid_ds = self._datasets()
 
@@ -269,6 +271,7 @@ class Trainer:
             batches = self._batches(self.train_ds, self.consumed_samples)
             while self.step < end:
                 if self._should_stop():
+                    self.complete_pending_save()
                     if self.saved_step == self.step:
                         self.log(f"SIGTERM: step {self.step} is saved; stopping")
                     else:
@@ -317,9 +320,13 @@ class Trainer:
                                   f"{record['val_ppl']:.2f}", bar)
                 save_every = self.cfg.checkpoint.save_interval
                 if self.step == end or (save_every and self.step % save_every == 0):
-                    with timer.paused():
-                        self.save()
+                    with timer.paused():   # the last one in the foreground
+                        self.save(background=self.cfg.checkpoint.async_save and self.step < end)
         finally:
+            if self.pending is not None:   # an error stopped the run: no collective to finish it
+                self.pending.thread.join()
+                self.log(f"the background save of {self.pending.final} was not completed")
+                self.pending = None
             signal.signal(signal.SIGTERM, previous)
             writer.close()
             if bar is not None:
@@ -377,11 +384,21 @@ class Trainer:
         self._stop_requested = True
 
     def _should_stop(self) -> bool:
-        """True on every rank when any rank has received SIGTERM."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        """True on every rank when any rank has received SIGTERM. The same collective tells
+        whether every rank has written its files of a background save, which is then completed."""
+        pending = self.pending is not None and not self.pending.written()
+        flags = torch.tensor([1.0 if self._stop_requested else 0.0, 1.0 if pending else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if self.pending is not None and not flags[1]:
+            self.complete_pending_save()
+        return bool(flags[0])
+
+    def _all_min(self, value: int) -> int:
+        flag = torch.tensor([value], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return int(flag.item())
 
     def _barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -398,8 +415,12 @@ class Trainer:
                 "dp": self.state.dp_world_size, "vp": par.virtual_pipeline_size,
                 "zero_stage": par.zero_stage}
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step on every rank (collective)."""
+    def save(self, background: bool = False) -> Path:
+        """Write a checkpoint of the current step on every rank (collective), after completing
+        a background save still pending. `background`: copy the state to host memory and let a
+        thread write it (`self.pending`, completed at a later step once every rank has written
+        its files, or by the next save); DeepSpeed's engine always saves in the foreground."""
+        self.complete_pending_save()
         if self.deepspeed:
             return self._save_deepspeed()
         e, s = self.engine, self.state
@@ -410,15 +431,27 @@ class Trainer:
                 "parallel": self._parallel_sizes(), "megagpt_version": __version__}
         with e.master_weights():     # the float32 weights, also when training in 16 bits
             model_state = {f"chunk{c}": chunk.state_dict() for c, chunk in enumerate(e.chunks)}
-            path = save_checkpoint(self.save_dir, self.step, rank=s.rank, tp_rank=s.tp_rank,
-                                   pp_rank=s.pp_rank, dp_rank=s.dp_rank, model_state=model_state,
-                                   optim_state=optim_state,
-                                   rng_state=capture_rng_state(get_rng_tracker().get_states()),
-                                   meta=meta, keep_last=self.cfg.checkpoint.keep_last,
-                                   barrier=self._barrier)
+            args = dict(rank=s.rank, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank,
+                        model_state=model_state, optim_state=optim_state,
+                        rng_state=capture_rng_state(get_rng_tracker().get_states()), meta=meta,
+                        keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier)
+            if background:
+                self.pending = start_checkpoint_save(self.save_dir, self.step, **args)
+                self.log(f"saving checkpoint {self.pending.final} in the background")
+                return self.pending.final
+            path = save_checkpoint(self.save_dir, self.step, **args)
         self.saved_step = self.step
         self.log(f"saved checkpoint {path}")
         return path
+
+    def complete_pending_save(self) -> None:
+        """Collective: finish the background save, if any (waits for this rank's thread)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        path = pending.complete(self._all_min)
+        self.saved_step = pending.step
+        self.log(f"saved checkpoint {path}")
 
     def _resume(self) -> None:
         """Continue from checkpoint.load's checkpoint, or start from checkpoint.pretrained's weights."""

@@ -16,6 +16,7 @@ import torch
 from megagpt.model.gpt import gather_full_state_dict
 from megagpt.parallel import state
 from megagpt.testing import run_distributed, sigterm_when_ready, tiny_config
+from megagpt.training.checkpoint import load_checkpoint
 from megagpt.training.optim import lr_at
 from megagpt.training.trainer import (WORKERS_SHIELDED, Trainer, TrainingAborted,
                                      end_daemonic_children, loader_worker_options, output_problems,
@@ -121,8 +122,8 @@ def _start(rank, world, run_dir, steps, overrides, stop_after_save=False):
     if stop_after_save:       # a scheduler's SIGTERM lands while the periodic save runs
         save = trainer.save
 
-        def save_then_sigterm():
-            path = save()
+        def save_then_sigterm(**kwargs):
+            path = save(**kwargs)
             trainer._stop_requested = True
             return path
         trainer.save = save_then_sigterm
@@ -187,6 +188,70 @@ def test_a_sigterm_during_a_save_does_not_save_the_step_again(tmp_path):
                                True)[0]
     assert [m for m in messages if m.startswith(("saved", "SIGTERM"))] == [
         f"saved checkpoint {tmp_path / 'ckpt' / 'step_0000002'}", "SIGTERM: step 2 is saved; stopping"]
+
+
+def _saved_states(run_dir, step, world):
+    path = Path(run_dir) / "ckpt" / f"step_{step:07d}"
+    return [load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=r)[1:3] for r in range(world)]
+
+
+def test_background_saves_equal_foreground_ones_and_resume_exactly(tmp_path):
+    """checkpoint.async_save: the periodic checkpoints (steps 3, 6, 9) are written by a thread
+    while training goes on, each completed (latest moved to it) before the next one starts; the
+    last one in the foreground. They hold what foreground saves hold, and a resume from one
+    continues exactly."""
+    every = dict(dp=2, checkpoint__save_interval=3, checkpoint__keep_last=0)
+    run_distributed(_start, 2, str(tmp_path / "fg"), 10, every)
+    messages = run_distributed(_start, 2, str(tmp_path / "bg"), 10,
+                               dict(every, checkpoint__async_save=True))[0]
+    ckpt = tmp_path / "bg" / "ckpt"
+    expected = []
+    for step in (3, 6, 9):
+        expected += [f"saving checkpoint {ckpt / f'step_{step:07d}'} in the background",
+                     f"saved checkpoint {ckpt / f'step_{step:07d}'}"]
+    assert [m for m in messages if m.startswith("sav")] == expected + [
+        f"saved checkpoint {ckpt / 'step_0000010'}"]
+    for step in (3, 6, 9, 10):
+        for (fg_model, fg_optim), (bg_model, bg_optim) in zip(_saved_states(tmp_path / "fg", step, 2),
+                                                               _saved_states(tmp_path / "bg", step, 2)):
+            torch.testing.assert_close(bg_model, fg_model, rtol=0, atol=0)
+            torch.testing.assert_close(bg_optim.pop("optimizer"), fg_optim.pop("optimizer"),
+                                       rtol=0, atol=0)
+            assert bg_optim == fg_optim        # the scaler, layout and skip counts
+    run_distributed(_start, 2, str(tmp_path / "bg"), 10,
+                    dict(every, checkpoint__async_save=True, checkpoint__load=str(ckpt / "step_0000006")))
+    assert losses(tmp_path / "bg") == losses(tmp_path / "fg")
+
+
+def _failing_background_save(rank, world, run_dir):
+    import megagpt.training.checkpoint as checkpoint
+    write = checkpoint._write_rank_files
+
+    def disk_full(tmp, *args):
+        if rank == 1:
+            raise OSError(28, "No space left on device")
+        write(tmp, *args)
+    checkpoint._write_rank_files = disk_full
+    _start(rank, world, run_dir, 6, dict(dp=2, checkpoint__save_interval=3,
+                                         checkpoint__async_save=True))
+
+
+def test_a_failed_background_save_stops_every_rank_and_names_the_error(tmp_path):
+    with pytest.raises(RuntimeError, match=r"(?s)CheckpointError: saving .*step_0000003 in the "
+                                           r"background: (this rank's files were not written "
+                                           r"\(\[Errno 28\] No space left on device\)|another "
+                                           r"rank's files were not written)"):
+        run_distributed(_failing_background_save, 2, str(tmp_path))
+    assert not (tmp_path / "ckpt" / "step_0000003").exists()
+
+
+def test_a_sigterm_while_a_background_save_runs_completes_it_and_stops(tmp_path):
+    messages = run_distributed(_start, 1, str(tmp_path), 9,
+                               dict(checkpoint__save_interval=3, checkpoint__async_save=True), True)[0]
+    assert [m for m in messages if m.startswith(("sav", "SIGTERM"))] == [
+        f"saving checkpoint {tmp_path / 'ckpt' / 'step_0000003'} in the background",
+        f"saved checkpoint {tmp_path / 'ckpt' / 'step_0000003'}", "SIGTERM: step 3 is saved; stopping"]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000003"
 
 
 def _resume_with_optimizer_settings(rank, world, run_dir, overrides):

@@ -388,6 +388,10 @@ def test_native_zero_stage_and_deepspeed_layout():
     assert any(p.startswith("parallel.zero_stage=2: the native path supports 0 or 1") for p in problems)
     problems = problems_of(tiny_raw(), ["--parallel.deepspeed_config=configs/deepspeed/zero2.json"])
     assert any("the DeepSpeed engine runs data parallel only" in p for p in problems)
+    problems = problems_of(tiny_raw(), ["--parallel.deepspeed_config=configs/deepspeed/zero2.json",
+                                        "--checkpoint.async_save=true"])
+    assert any(p.startswith("checkpoint.async_save=true: not with parallel.deepspeed_config=") and
+               "fix: async_save=false, or drop deepspeed_config" in p for p in problems)
 
 
 def test_learning_rate_rules():
