@@ -203,6 +203,7 @@ class PendingSave:
     thread: threading.Thread
     errors: list
     end: Callable[[], Path]
+    states: tuple          # the host copy being written (`reuse` it for the next save)
 
     def written(self) -> bool:
         """This rank's files are written (or failed): no wait."""
@@ -227,18 +228,21 @@ class PendingSave:
 
 def start_checkpoint_save(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
                           pp_rank: int, dp_rank: int, model_state, optim_state, rng_state,
-                          meta: dict, keep_last: int, barrier: Callable[[], None]) -> PendingSave:
+                          meta: dict, keep_last: int, barrier: Callable[[], None],
+                          reuse: tuple | None = None) -> PendingSave:
     """`save_checkpoint` in the background: collective (every rank calls it at the same step).
 
     The states are copied to host memory before this returns, so training may change the
     originals at once; a thread then writes this rank's files into `step_<N>.tmp/`. Call
     `PendingSave.complete` on every rank (it waits for the thread) to make the checkpoint the
     latest; until then the previous one is. Arguments as for `save_checkpoint` (no
-    `write_extra`: an engine that writes its own files saves in the foreground)."""
+    `write_extra`: an engine that writes its own files saves in the foreground), and `reuse`:
+    the `states` of a completed earlier save, whose tensors of the same shape and dtype are
+    copied into instead of allocated again (fresh host memory costs more than the copy)."""
     layout = _check_save_args(step, meta, keep_last, dict(rank=rank, tp_rank=tp_rank,
                                                           pp_rank=pp_rank, dp_rank=dp_rank))
     save_dir = Path(save_dir)
-    states = _host_copy((model_state if dp_rank == 0 else None, optim_state, rng_state))
+    states = _host_copy((model_state if dp_rank == 0 else None, optim_state, rng_state), reuse)
     tmp = _prepare_tmp(save_dir, step, rank, barrier)
     errors: list = []
 
@@ -252,18 +256,24 @@ def start_checkpoint_save(save_dir: str | Path, step: int, *, rank: int, tp_rank
     thread.start()
     return PendingSave(step, save_dir / step_dir_name(step), thread, errors,
                        lambda: _end_save(save_dir, step, tmp, rank, meta, layout, keep_last,
-                                         barrier))
+                                         barrier), states)
 
 
-def _host_copy(obj):
+def _host_copy(obj, into=None):
     """obj with every tensor copied to host memory (containers rebuilt, so nothing is shared
-    with the live training state)."""
+    with the live training state), into the tensors at the same place in `into` where their
+    shape and dtype match."""
     if isinstance(obj, torch.Tensor):
+        if (isinstance(into, torch.Tensor) and into.shape == obj.shape
+                and into.dtype == obj.dtype):
+            return into.copy_(obj.detach())
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _host_copy(v) for k, v in obj.items()}
+        into = into if isinstance(into, dict) else {}
+        return {k: _host_copy(v, into.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v) for v in obj)
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(_host_copy(v, i) for v, i in zip(obj, into))
     return obj
 
 

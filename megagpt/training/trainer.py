@@ -178,6 +178,7 @@ class Trainer:
         self._stop_requested = False
         self.saved_step = None        # the step last written to the save dir, if any
         self.pending = None           # a background save (checkpoint.async_save)
+        self._host_states = None      # the last one's host copy, reused by the next
         self._resume()
         self.train_ds, self.valid_ds = self._datasets()
 
@@ -436,7 +437,8 @@ class Trainer:
                         rng_state=capture_rng_state(get_rng_tracker().get_states()), meta=meta,
                         keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier)
             if background:
-                self.pending = start_checkpoint_save(self.save_dir, self.step, **args)
+                self.pending = start_checkpoint_save(self.save_dir, self.step, **args,
+                                                     reuse=self._host_states)
                 self.log(f"saving checkpoint {self.pending.final} in the background")
                 return self.pending.final
             path = save_checkpoint(self.save_dir, self.step, **args)
@@ -450,7 +452,7 @@ class Trainer:
             return
         pending, self.pending = self.pending, None
         path = pending.complete(self._all_min)
-        self.saved_step = pending.step
+        self.saved_step, self._host_states = pending.step, pending.states
         self.log(f"saved checkpoint {path}")
 
     def _resume(self) -> None:

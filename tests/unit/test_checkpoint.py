@@ -390,3 +390,17 @@ def test_optimizer_layout_must_match():
     with pytest.raises(CheckpointError, match=r"ZeRO-1 optimizer state saved with tensor "
                                               r"parallelism by an older megagpt.*--to megagpt"):
         check_optimizer_layout(None, layout, sharded_by_tp_layout=True)
+
+
+def test_a_host_copy_shares_nothing_with_the_state_and_reuses_an_earlier_copy():
+    from megagpt.training.checkpoint import _host_copy
+    state = {"w": torch.randn(3, 4), "step": 7, "groups": [{"lr": 0.1, "m": torch.ones(2)}],
+             "pair": (torch.zeros(1), "x")}
+    first = _host_copy(state)
+    assert first["w"].data_ptr() != state["w"].data_ptr() and torch.equal(first["w"], state["w"])
+    assert first["groups"][0] is not state["groups"][0] and isinstance(first["pair"], tuple)
+    state["w"].add_(1.0)
+    state["groups"][0]["m"] = torch.ones(5)                  # another shape: a new tensor
+    second = _host_copy(state, first)
+    assert second["w"] is first["w"] and torch.equal(second["w"], state["w"])
+    assert second["groups"][0]["m"].shape == (5,) and second["step"] == 7
