@@ -25,7 +25,8 @@ from megagpt.kernels import BackendUnavailable
 from megagpt.parallel.state import destroy_parallel, initialize_parallel
 from megagpt.testing import free_port
 from megagpt.training.checkpoint import CheckpointError
-from megagpt.training.trainer import Trainer, TrainingAborted, output_problems, run_banner
+from megagpt.training.trainer import (AnotherRankFailed, Trainer, TrainingAborted, output_problems,
+                                      run_banner)
 
 # What a user's input or run can raise after the config loads: each message names the setting
 # and the fix, so it is printed as it is, without a traceback.
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
         if state.rank == 0:
             print(run_banner(cfg, state))
         Trainer(cfg, state, device).train()
+    except AnotherRankFailed:
+        return 1           # rank 0 has printed why
     except USER_ERRORS as e:
         rank = int(os.environ.get("RANK", "0"))
         cause = e.__cause__    # the library error underneath, unless the message quotes it

@@ -59,6 +59,10 @@ class TrainingAborted(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class AnotherRankFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 failed at something it does first (it says why)."""
+
+
 # Linux: loader workers take SIGTERM on a thread of their own (macOS has no sigwaitinfo)
 WORKERS_SHIELDED = hasattr(signal, "sigwaitinfo")
 
@@ -189,9 +193,16 @@ class Trainer:
         t = self.cfg.training
         num_samples = (t.max_steps * self.global_batch,
                        t.eval_iters * self.global_batch if t.eval_interval else 0, 0)
+        failure = None
         if self.is_rank0:
-            datasets = self._build_datasets(num_samples)
-        self._barrier()
+            try:
+                datasets = self._build_datasets(num_samples)
+            except Exception as e:             # told to the others, which stop without a word
+                failure = e
+        if not self._all_min(0 if failure else 1):
+            if failure is not None:
+                raise failure
+            raise AnotherRankFailed("rank 0 could not build the datasets")
         if not self.is_rank0:
             datasets = self._build_datasets(num_samples)
         return datasets[0], datasets[1]
