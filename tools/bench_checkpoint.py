@@ -8,9 +8,10 @@ one step (so AdamW's moments exist; that step's own save at the end is the warm-
 the same step again and again into a temporary save dir, the two ways taking turns:
 - foreground, `Trainer.save()`: the seconds until training could go on;
 - background, `Trainer.save(background=True)`: the seconds until it returns (the copy of the state
-  to host memory: what training still waits for), then the seconds its thread takes to write the
-  files (waited for here, so that the two ways never overlap; in training, the steps that follow
-  run meanwhile), then completing it (meta.json, the rename, `latest`).
+  to host memory), then the seconds its thread takes to write the files (waited for here, so
+  that the two ways never overlap; in training, the steps that follow run meanwhile), then
+  completing it (meta.json, the rename, `latest`, pruning: a later step of training waits for
+  this too). Training waits for the copy and the completing.
 Prints medians with the range, and the checkpoint's size, as a table and as JSON (`--json`).
 Overrides after the options apply to the config (e.g. `--training.precision=fp32`).
 """
@@ -104,7 +105,8 @@ def main() -> int:
     for name in ("foreground", "background_blocks", "background_writes", "background_completes"):
         s = result[name]
         print(f"  {name:<22} {s['median']:8.3f} s  ({s['min']:.3f}-{s['max']:.3f})")
-    print(f"  training waits {result['background_blocks']['median']:.3f} s instead of "
+    waits = result["background_blocks"]["median"] + result["background_completes"]["median"]
+    print(f"  training waits {waits:.3f} s (the copy, then completing in a later step) instead of "
           f"{result['foreground']['median']:.3f} s per save with checkpoint.async_save")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -226,6 +226,8 @@ class Trainer:
 
     def _batches(self, dataset, consumed: int):
         """This rank's micro-batches from sample `consumed` on, grouped into steps of m micro-batches."""
+        if self.pending is not None and self.cfg.data.num_workers:
+            self.pending.thread.join()      # no fork of loader workers while a thread writes
         sampler = MegatronPretrainingSampler(len(dataset), consumed, self.cfg.training.batch_size,
                                              self.state.dp_rank, self.state.dp_world_size)
         # A generator of its own: without one, each loader takes a draw from torch's global
@@ -282,8 +284,11 @@ class Trainer:
         try:
             batches = self._batches(self.train_ds, self.consumed_samples)
             while self.step < end:
-                if self._should_stop():
-                    self.complete_pending_save()
+                stop, written = self._agree_at_step()
+                if written or stop:   # a background save every rank has written, or SIGTERM
+                    with timer.paused():
+                        self.complete_pending_save()
+                if stop:
                     if self.saved_step == self.step:
                         self.log(f"SIGTERM: step {self.step} is saved; stopping")
                     else:
@@ -303,6 +308,7 @@ class Trainer:
                     self.log(f"step {self.step}: non-finite loss or gradient (loss {result.loss}); "
                              f"update skipped ({self.consecutive_skips} in a row)")
                     if self.consecutive_skips >= t.max_skipped_steps:
+                        self.complete_pending_save()      # every rank stops here: keep it
                         raise TrainingAborted(
                             f"{self.consecutive_skips} consecutive steps had a non-finite loss or "
                             f"gradient (training.max_skipped_steps={t.max_skipped_steps}); "
@@ -339,6 +345,7 @@ class Trainer:
                 self.pending.thread.join()
                 self.log(f"the background save of {self.pending.final} was not completed")
                 self.pending = None
+            self._host_states = None
             signal.signal(signal.SIGTERM, previous)
             writer.close()
             if bar is not None:
@@ -395,16 +402,14 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         self._stop_requested = True
 
-    def _should_stop(self) -> bool:
-        """True on every rank when any rank has received SIGTERM. The same collective tells
-        whether every rank has written its files of a background save, which is then completed."""
-        pending = self.pending is not None and not self.pending.written()
-        flags = torch.tensor([1.0 if self._stop_requested else 0.0, 1.0 if pending else 0.0])
+    def _agree_at_step(self) -> tuple[bool, bool]:
+        """One collective a step, the same on every rank: (any rank has received SIGTERM, every
+        rank has written its files of the background save in progress)."""
+        writing = self.pending is not None and not self.pending.written()
+        flags = torch.tensor([1.0 if self._stop_requested else 0.0, 1.0 if writing else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if self.pending is not None and not flags[1]:
-            self.complete_pending_save()
-        return bool(flags[0])
+        return bool(flags[0]), self.pending is not None and not flags[1]
 
     def _all_min(self, value: int) -> int:
         flag = torch.tensor([value], dtype=torch.int64)
@@ -433,6 +438,8 @@ class Trainer:
         thread write it (`self.pending`, completed at a later step once every rank has written
         its files, or by the next save); DeepSpeed's engine always saves in the foreground."""
         self.complete_pending_save()
+        if not background:
+            self._host_states = None        # a foreground save needs no host copy
         if self.deepspeed:
             return self._save_deepspeed()
         e, s = self.engine, self.state

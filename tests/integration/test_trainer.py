@@ -223,6 +223,26 @@ def test_background_saves_equal_foreground_ones_and_resume_exactly(tmp_path):
     assert losses(tmp_path / "bg") == losses(tmp_path / "fg")
 
 
+def _host_copy_after_training(rank, world, run_dir):
+    cfg = run_config(Path(run_dir), 5, checkpoint__save_interval=2, checkpoint__async_save=True)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
+    held, save = [], trainer.save
+
+    def noting_save(**kwargs):
+        held.append((trainer.step, trainer._host_states is not None))
+        return save(**kwargs)
+    trainer.save = noting_save
+    trainer.train()
+    return held, trainer._host_states is None and trainer.pending is None
+
+
+def test_the_host_copy_is_reused_and_let_go_once_training_ends(tmp_path):
+    """The background save of step 4 copies into step 2's host buffers; the foreground save at
+    the end lets them go (a checkpoint's worth of memory), not kept for the life of the process."""
+    held, let_go = run_distributed(_host_copy_after_training, 1, str(tmp_path))[0]
+    assert held == [(2, False), (4, True), (5, True)] and let_go
+
+
 def _failing_background_save(rank, world, run_dir):
     import megagpt.training.checkpoint as checkpoint
     write = checkpoint._write_rank_files
@@ -346,10 +366,14 @@ def test_optimizer_state_for_other_pieces_is_refused(tmp_path):
         run_distributed(_resume_with_buckets, 2, str(tmp_path), 7, 0.02)
 
 
-def _nan_steps(rank, world, run_dir, bad_steps, max_skipped, until=None):
-    cfg = run_config(Path(run_dir), 8, dp=2, training__max_skipped_steps=max_skipped)
+def _nan_steps(rank, world, run_dir, bad_steps, max_skipped, until=None, **overrides):
+    cfg = run_config(Path(run_dir), 8, dp=2, training__max_skipped_steps=max_skipped, **overrides)
     ps = state.initialize_parallel(1, 1)
     trainer = Trainer(cfg, ps, log=lambda *a: None)
+    if cfg.checkpoint.async_save:       # a writer slow enough to be busy when the run aborts
+        import megagpt.training.checkpoint as checkpoint
+        write = checkpoint._write_rank_files
+        checkpoint._write_rank_files = lambda *args: (time.sleep(1.5), write(*args))
     engine = trainer.engine
     schedule = engine.schedule
 
@@ -369,6 +393,15 @@ def _nan_steps(rank, world, run_dir, bad_steps, max_skipped, until=None):
     except TrainingAborted as e:
         return ("aborted", str(e), trainer.step, trainer.skipped_total)
     return ("done", "", trainer.step, trainer.skipped_total)
+
+
+def test_an_abort_keeps_the_background_save_in_progress(tmp_path):
+    """max_skipped_steps stops every rank at the same step: the checkpoint a thread is still
+    writing is completed first, so the run can resume from it as the message says."""
+    out = run_distributed(_nan_steps, 2, str(tmp_path), {4, 5}, 2, None,
+                          checkpoint__save_interval=3, checkpoint__async_save=True)
+    assert [o[:1] + o[2:3] for o in out] == [("aborted", 6), ("aborted", 6)]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000003"
 
 
 def test_a_nan_gradient_skips_the_step_on_every_rank(tmp_path):
