@@ -82,20 +82,23 @@ bench_train large_memory 30 configs/training/large_model.json --no-peer --steps 
   --training.grad_accumulation_steps=2
 
 # The real entry point on the GPU: 30 steps of the tiny model (bf16, CUDA graphs) with a
-# checkpoint, then a resume to step 40 (the checkpoints stay outside what is packed).
-pretrain() {   # max_steps
+# checkpoint at 15 written in the background (checkpoint.async_save: copied from the device),
+# then a resume to step 40 (the checkpoints stay outside what is packed).
+pretrain() {   # max_steps, extra arguments
+  local steps=$1
+  shift
   timeout 22 "$python" pretrain_gpt.py --config configs/training/tiny_model.json \
     --data.mock=true --data.num_workers=0 --parallel.world_size=1 \
     --parallel.tensor_parallel_size=1 --parallel.pipeline_parallel_size=1 \
-    --training.precision=bf16 --training.cuda_graphs=true --training.max_steps="$1" \
+    --training.precision=bf16 --training.cuda_graphs=true --training.max_steps="$steps" \
     --training.eval_interval=15 --training.log_interval=5 --checkpoint.save_interval=15 \
     --logging.run_dir=/tmp/gpu_check_pretrain --checkpoint.save_dir=/tmp/gpu_check_pretrain/ckpt \
-    --logging.tensorboard=false 2>&1 | tee -a "$out_dir/bench_train_pretrain.txt"
+    --logging.tensorboard=false "$@" 2>&1 | tee -a "$out_dir/bench_train_pretrain.txt"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || train_rc=$rc
 }
 rm -rf /tmp/gpu_check_pretrain
-pretrain 30
+pretrain 30 --checkpoint.async_save=true
 pretrain 40
 pack
 
