@@ -177,7 +177,7 @@ class DataParallel:
         return bucket
 
     @contextlib.contextmanager
-    def master_weights(self):
+    def master_weights(self, first_replica_reads: bool = False):
         """Inside, every parameter holds its float32 master (16-bit parameters only; otherwise
         the parameters are the masters): reading `state_dict()` gives full precision, and what is
         loaded or copied into the parameters lands in the masters and is cast into the 16-bit
@@ -185,9 +185,16 @@ class DataParallel:
 
         Under ZeRO-1 a replica holds only its shard of the masters: on entry they are gathered,
         a bucket at a time, into host memory (every data-parallel replica must enter together),
-        and on exit each replica keeps its shard of what the parameters then hold."""
+        and on exit each replica keeps its shard of what the parameters then hold.
+        `first_replica_reads`: only data-parallel rank 0 will read them (a checkpoint's weights):
+        they are gathered there alone, the other replicas' parameters stay as they are, and
+        nothing written inside is kept."""
         if not self.low_precision:
             yield
+            return
+        if self.sharded_masters and first_replica_reads:
+            with self._masters_on_first_replica():
+                yield
             return
         full = {id(b): self._gathered_masters(b) if self.sharded_masters else b.main_buffer
                 for b in self.buckets}
@@ -206,6 +213,26 @@ class DataParallel:
                     shard = b.main_buffer.numel()
                     b.main_buffer.copy_(full[id(b)][b.main_offset:b.main_offset + shard])
                 b.model_buffer.copy_(full[id(b)])
+
+    @contextlib.contextmanager
+    def _masters_on_first_replica(self):
+        """master_weights(first_replica_reads=True) under ZeRO-1: a gather to replica 0."""
+        dst = dist.get_global_rank(self.dp_group, 0)
+        model_views = {}
+        for b in self.buckets:
+            pieces = ([torch.empty_like(b.main_buffer) for _ in range(self.dp)]
+                      if self.dp_rank == 0 else None)
+            dist.gather(b.main_buffer, pieces, dst=dst, group=self.dp_group)
+            if self.dp_rank == 0:
+                whole = torch.cat(pieces).cpu()
+                for p, off in zip(b.params, b.offsets):
+                    model_views[p] = p.data
+                    p.data = whole[off:off + p.numel()].view_as(p)
+        try:
+            yield
+        finally:
+            for p, view in model_views.items():
+                p.data = view
 
     def _gathered_masters(self, b: Bucket) -> torch.Tensor:
         """The bucket's float32 masters from every replica's shard, in host memory."""

@@ -97,14 +97,15 @@ class Engine:
         torch.cuda.make_graphed_callables(blocks, samples)
 
     @contextlib.contextmanager
-    def master_weights(self):
+    def master_weights(self, first_replica_reads: bool = False):
         """Inside, the chunks' parameters are their float32 masters (see
         `DataParallel.master_weights`): save `chunk.state_dict()` or load weights here. Under
         ZeRO-1 with 16-bit parameters the masters are gathered from the replicas' shards, so
-        every data-parallel replica must enter together."""
+        every data-parallel replica must enter together; `first_replica_reads`: to data-parallel
+        rank 0 only, for reading there (a checkpoint's weights)."""
         with contextlib.ExitStack() as stack:
             for w in self.wrappers:
-                stack.enter_context(w.master_weights())
+                stack.enter_context(w.master_weights(first_replica_reads))
             yield
 
     def global_tokens(self, microbatches: list[dict]) -> float:

@@ -448,7 +448,8 @@ class Trainer:
                        "consecutive_skips": self.consecutive_skips}
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
                 "parallel": self._parallel_sizes(), "megagpt_version": __version__}
-        with e.master_weights():     # the float32 weights, also when training in 16 bits
+        # the float32 weights, also when training in 16 bits; written by data-parallel rank 0
+        with e.master_weights(first_replica_reads=True):
             model_state = {f"chunk{c}": chunk.state_dict() for c, chunk in enumerate(e.chunks)}
             args = dict(rank=s.rank, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank,
                         model_state=model_state, optim_state=optim_state,

@@ -141,6 +141,10 @@ def _zero1_bf16(rank, world):
         for piece in pieces.values():
             piece.sub_(piece.grad * 2 ** -10)
     dp.after_optimizer_step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with dp.master_weights(first_replica_reads=True):     # gathered to replica 0 only
+        read = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unchanged = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     with dp.master_weights():
         masters = {n: p.detach().clone() for n, p in model.named_parameters()}
         with torch.no_grad():
@@ -148,7 +152,8 @@ def _zero1_bf16(rank, world):
                 p.fill_(1.0 + 2 ** -12)     # rounds to 1.0 in bf16
     bf16 = {n: p.detach().clone() for n, p in model.named_parameters()}
     return dict(fp32=fp32, held=held, padded=sum(b.grad_buffer.numel() for b in dp.buckets),
-                masters=masters, bf16=bf16, pieces={n: p.detach().clone() for n, p in pieces.items()})
+                masters=masters, bf16=bf16, pieces={n: p.detach().clone() for n, p in pieces.items()},
+                read=read, before=before, unchanged=unchanged)
 
 
 def test_zero1_shards_the_float32_masters_and_gathers_them_for_master_weights():
@@ -176,3 +181,9 @@ def test_zero1_shards_the_float32_masters_and_gathers_them_for_master_weights():
     assert sum(v.numel() for r in (r0, r1) for v in r["pieces"].values()) == numel
     for name in r0["masters"]:
         assert torch.equal(r0["masters"][name], r1["masters"][name])
+    # first_replica_reads: replica 0 reads the float32 masters (as master_weights() gives them
+    # after the same step), replica 1 its own bf16 parameters; neither changes anything
+    assert r0["unchanged"] and r1["unchanged"]
+    for name in r0["read"]:
+        assert torch.equal(r0["read"][name], r0["masters"][name])
+        assert torch.equal(r1["read"][name], r1["before"][name])
