@@ -206,7 +206,9 @@ class MetricsWriter:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for old in (self.path, tensorboard_dir):
                 if old is not None and Path(old).exists() and _holds_something(Path(old)):
-                    kept = Path(f"{old}.previous-{stamp}")
+                    kept, n = Path(f"{old}.previous-{stamp}"), 1
+                    while kept.exists():             # another start within the same second
+                        kept, n = Path(f"{old}.previous-{stamp}-{n}"), n + 1
                     Path(old).rename(kept)
                     self.set_aside.append((Path(old), kept))
         if resume_step is not None and self.path.exists():

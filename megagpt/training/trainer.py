@@ -189,22 +189,22 @@ class Trainer:
     # ---- data ---------------------------------------------------------------------------
 
     def _datasets(self):
-        """Build the datasets on rank 0 first (it writes the index caches), then on the rest."""
+        """Build the datasets on rank 0 first (it writes the index caches), then on the rest. A
+        rank that fails raises its error; the others then raise AnotherRankFailed."""
         t = self.cfg.training
         num_samples = (t.max_steps * self.global_batch,
                        t.eval_iters * self.global_batch if t.eval_interval else 0, 0)
-        failure = None
-        if self.is_rank0:
-            try:
-                datasets = self._build_datasets(num_samples)
-            except Exception as e:             # told to the others, which stop without a word
-                failure = e
-        if not self._all_min(0 if failure else 1):
-            if failure is not None:
-                raise failure
-            raise AnotherRankFailed("rank 0 could not build the datasets")
-        if not self.is_rank0:
-            datasets = self._build_datasets(num_samples)
+        failure = datasets = None
+        for builds in (self.is_rank0, not self.is_rank0):
+            if builds:
+                try:
+                    datasets = self._build_datasets(num_samples)
+                except Exception as e:      # the others are told, and stop without a word
+                    failure = e
+            if not self._all_min(0 if failure else 1):
+                if failure is not None:
+                    raise failure
+                raise AnotherRankFailed("another rank could not build the datasets")
         return datasets[0], datasets[1]
 
     def _build_datasets(self, num_samples):

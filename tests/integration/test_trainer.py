@@ -274,21 +274,25 @@ def test_a_sigterm_while_a_background_save_runs_completes_it_and_stops(tmp_path)
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000003"
 
 
-def _missing_data(rank, world, run_dir):
-    cfg = run_config(Path(run_dir), 2, dp=2, data__mock=False,
+def _missing_data(rank, world, run_dir, failing_rank):
+    cfg = run_config(Path(run_dir), 2, dp=2, data__mock=rank != failing_rank,
                      data__train_data_path=[str(Path(run_dir) / "nowhere_text_document")])
     try:
         Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
     except Exception as e:
         return type(e).__name__, str(e)
+    return "built", ""
 
 
-def test_a_data_error_on_rank_0_stops_the_other_ranks_without_a_word(tmp_path):
-    """Rank 0 builds the datasets first; when it fails, the others stop with AnotherRankFailed
-    (pretrain_gpt exits 1 quietly there) instead of a broken collective's traceback."""
-    (kind0, message0), (kind1, _) = run_distributed(_missing_data, 2, str(tmp_path))
-    assert kind0 == "DatasetBuildError" and "fix:" in message0
-    assert kind1 == "AnotherRankFailed"
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_data_error_on_one_rank_stops_the_others_without_a_word(tmp_path, failing_rank):
+    """Rank 0 builds the datasets first, then the others (a rank may see other files: another
+    node's disk); when one fails, the rest stop with AnotherRankFailed (pretrain_gpt exits 1
+    quietly there) instead of a broken collective's traceback."""
+    out = run_distributed(_missing_data, 2, str(tmp_path), failing_rank)
+    kinds = [kind for kind, _ in out]
+    assert kinds[failing_rank] == "DatasetBuildError" and "fix:" in out[failing_rank][1]
+    assert kinds[1 - failing_rank] == "AnotherRankFailed"
 
 
 def _resume_with_optimizer_settings(rank, world, run_dir, overrides):

@@ -85,7 +85,9 @@ def test_resumed_run_continues_the_file(tmp_path):
     assert [r["step"] for r in read_lines(path)] == [10, 20, 30, 40]
 
 
-def test_a_fresh_run_moves_an_earlier_file_and_tensorboard_folder_aside(tmp_path):
+def test_a_fresh_run_moves_an_earlier_file_and_tensorboard_folder_aside(tmp_path, monkeypatch):
+    import megagpt.training.metrics as metrics
+    monkeypatch.setattr(metrics.time, "strftime", lambda fmt: "20261129-101500")   # one second
     path, tb = tmp_path / "metrics.jsonl", tmp_path / "tb"
     earlier = MetricsWriter(path, tensorboard_dir=tb)
     earlier.write({"step": 10, "loss": 1.0})
@@ -97,6 +99,13 @@ def test_a_fresh_run_moves_an_earlier_file_and_tensorboard_folder_aside(tmp_path
     (old_file, kept_file), (old_tb, kept_tb) = fresh.set_aside
     assert (old_file, old_tb) == (path, tb) and kept_file.name.startswith("metrics.jsonl.previous-")
     assert read_lines(kept_file) == [{"step": 10, "loss": 1.0}] and any(kept_tb.iterdir())
+    for n in (1, 2):        # more starts within the same second: each kept under its own name
+        again = MetricsWriter(path, tensorboard_dir=tb, fresh=True)
+        again.write({"step": 1, "loss": 3.0 + n})
+        again.close()
+    kept = sorted(tmp_path.glob("metrics.jsonl.previous-*"))
+    assert len(kept) == 3 and len(list(tmp_path.glob("tb.previous-*"))) == 3
+    assert sorted(r["loss"] for k in kept for r in read_lines(k)) == [1.0, 2.0, 4.0]
     path.write_text("")                        # an empty file is not worth keeping
     again = MetricsWriter(path, fresh=True)
     again.close()
