@@ -91,6 +91,9 @@ class TrainingConfig:
     cuda_graphs: bool = _field(False, doc="replay each block's forward and backward as CUDA graphs "
                                           "(one GPU per model replica, dropout 0)")
     max_skipped_steps: int = _field(10, doc="consecutive non-finite steps before the run aborts")
+    exit_duration_minutes: float | None = _field(None, doc="save and stop at the first step "
+                                                 "boundary after this many minutes of the run "
+                                                 "(a job's time limit); null: no limit")
 
 
 @dataclass
@@ -703,6 +706,7 @@ def validate(cfg: Config) -> list[str]:
     positive("parallel.bucket_size_mb", par.bucket_size_mb)
     positive("training.adam_eps", t.adam_eps)
     positive("training.lr_decay_steps", t.lr_decay_steps, optional=True)
+    positive("training.exit_duration_minutes", t.exit_duration_minutes, optional=True)
     if known(t.seed) and not 0 <= t.seed < 2 ** 32:
         p.append(f"training.seed={t.seed}: must be in [0, 2**32) (numpy's and the data order's "
                  f"seeds); fix: e.g. 1234")

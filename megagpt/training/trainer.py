@@ -5,7 +5,8 @@ share of the model (`Engine`), resuming from a checkpoint when `checkpoint.load`
 
     for each step: this rank's micro-batches -> engine.train_step -> skip accounting
                    -> metrics every log_interval -> validation every eval_interval
-                   -> checkpoint every save_interval, at the end, and on SIGTERM
+                   -> checkpoint every save_interval, at the end, and on SIGTERM or when
+                      training.exit_duration_minutes have passed
 
 A resumed run continues exactly: the data order is a function of the consumed samples, and the
 model, optimizer, loss scaler and every random stream come back from the checkpoint.
@@ -163,6 +164,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, state: ParallelState, device: torch.device | str = "cpu",
                  log=print):
+        self.started = time.monotonic()   # training.exit_duration_minutes counts from here
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         self.is_rank0 = state.rank == 0
         self.log = log if self.is_rank0 else (lambda *a, **k: None)
@@ -285,14 +287,14 @@ class Trainer:
             batches = self._batches(self.train_ds, self.consumed_samples)
             while self.step < end:
                 stop, written = self._agree_at_step()
-                if written or stop:   # a background save every rank has written, or SIGTERM
+                if written or stop:   # a background save every rank has written, or a stop
                     with timer.paused():
                         self.complete_pending_save()
                 if stop:
                     if self.saved_step == self.step:
-                        self.log(f"SIGTERM: step {self.step} is saved; stopping")
+                        self.log(f"{stop}: step {self.step} is saved; stopping")
                     else:
-                        self.log(f"SIGTERM: saving step {self.step} and stopping")
+                        self.log(f"{stop}: saving step {self.step} and stopping")
                         self.save()
                     break
                 microbatches = next(batches)
@@ -402,14 +404,19 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         self._stop_requested = True
 
-    def _agree_at_step(self) -> tuple[bool, bool]:
-        """One collective a step, the same on every rank: (any rank has received SIGTERM, every
+    def _agree_at_step(self) -> tuple[str | None, bool]:
+        """One collective a step, the same on every rank: (why to stop, if any rank has received
+        SIGTERM or any rank's clock has passed training.exit_duration_minutes, else None; every
         rank has written its files of the background save in progress)."""
         writing = self.pending is not None and not self.pending.written()
-        flags = torch.tensor([1.0 if self._stop_requested else 0.0, 1.0 if writing else 0.0])
+        limit = self.cfg.training.exit_duration_minutes
+        out_of_time = limit is not None and time.monotonic() - self.started >= 60 * limit
+        flags = torch.tensor([float(self._stop_requested), float(writing), float(out_of_time)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0]), self.pending is not None and not flags[1]
+        stop = ("SIGTERM" if flags[0] else
+                f"training.exit_duration_minutes={limit:g} has passed" if flags[2] else None)
+        return stop, self.pending is not None and not flags[1]
 
     def _all_min(self, value: int) -> int:
         flag = torch.tensor([value], dtype=torch.int64)

@@ -190,6 +190,37 @@ def test_a_sigterm_during_a_save_does_not_save_the_step_again(tmp_path):
         f"saved checkpoint {tmp_path / 'ckpt' / 'step_0000002'}", "SIGTERM: step 2 is saved; stopping"]
 
 
+def _out_of_time_at(rank, world, run_dir, step, overrides):
+    """A run whose clock passes training.exit_duration_minutes on rank 1 alone, after `step`."""
+    messages = []
+    cfg = run_config(Path(run_dir), 8, dp=world, **overrides)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append)
+    train_step = trainer.engine.train_step
+
+    def then_late(*args):
+        result = train_step(*args)
+        if rank == 1 and trainer.step + 1 == step:
+            trainer.started -= 3600.0
+        return result
+    trainer.engine.train_step = then_late
+    trainer.train()
+    return messages, trainer.step
+
+
+def test_exit_duration_saves_and_stops_every_rank_at_the_same_step(tmp_path):
+    """training.exit_duration_minutes (a job's time limit): the first rank whose clock passes it
+    stops every rank at the same step boundary, with a checkpoint of that step; the job ends
+    normally, and running it again resumes there."""
+    overrides = dict(training__exit_duration_minutes=30, checkpoint__save_interval=0)
+    (messages, step), (_, step1) = run_distributed(_out_of_time_at, 2, str(tmp_path), 3, overrides)
+    assert step == step1 == 3
+    assert "training.exit_duration_minutes=30 has passed: saving step 3 and stopping" in messages
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000003"
+    (messages, step), _ = run_distributed(_out_of_time_at, 2, str(tmp_path), 0, overrides)
+    assert any("resumed from" in m and "at step 3" in m for m in messages), messages
+    assert step == 8
+
+
 def _saved_states(run_dir, step, world):
     path = Path(run_dir) / "ckpt" / f"step_{step:07d}"
     return [load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=r)[1:3] for r in range(world)]

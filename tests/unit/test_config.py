@@ -204,8 +204,11 @@ def test_zero_or_negative_size(field, value):
 
 
 def test_a_non_positive_number_gets_a_fix_of_its_kind():
-    problems = problems_of(tiny_raw(), ["--training.learning_rate=-1", "--model.init_std=0"])
+    problems = problems_of(tiny_raw(), ["--training.learning_rate=-1", "--model.init_std=0",
+                                        "--training.exit_duration_minutes=0"])
     assert "training.learning_rate=-1.0: must be positive; fix: give it a value above 0" in problems
+    assert ("training.exit_duration_minutes=0.0: must be positive; fix: give it a value above 0"
+            in problems)
     assert "model.init_std=0.0: must be positive; fix: give it a value above 0" in problems
 
 
