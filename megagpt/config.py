@@ -90,7 +90,8 @@ class TrainingConfig:
     recompute: str = _field("none", choices=("none", "selective", "full"))
     cuda_graphs: bool = _field(False, doc="replay each block's forward and backward as CUDA graphs "
                                           "(one GPU per model replica, dropout 0)")
-    max_skipped_steps: int = _field(10, doc="consecutive non-finite steps before the run aborts")
+    max_skipped_steps: int = _field(10, doc="consecutive non-finite steps before the run aborts "
+                                                "(0: never)")
     exit_duration_minutes: float | None = _field(None, doc="save and stop at the first step "
                                                  "boundary after this many minutes of the run "
                                                  "(a job's time limit); null: no limit")

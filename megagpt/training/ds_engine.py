@@ -186,8 +186,10 @@ class DeepSpeedEngine:
                              f"DeepSpeed config accumulates {self.gas}")
         ds.train()
         tokens = self.global_tokens(microbatches)     # before the copy: no device sync
+        if not tokens:             # as Engine: no loss in the global batch, no step at all
+            return StepResult(math.nan, None, True, 0.0)
         microbatches = self._to_device(microbatches)
-        factor = self.gas * self.state.dp_world_size / (tokens or 1.0)
+        factor = self.gas * self.state.dp_world_size / tokens
         set_lr(ds.optimizer, lr)
         loss_sums, own_norm = [], None
         for i, mb in enumerate(microbatches):
@@ -201,7 +203,7 @@ class DeepSpeedEngine:
                         ds.step()
                     continue
             ds.step()
-        loss = self._dp_sum(self._sum_losses(loss_sums)) / (tokens or 1.0)
+        loss = self._dp_sum(self._sum_losses(loss_sums)) / tokens
         norm = own_norm if own_norm is not None else ds.get_global_grad_norm()
         norm = math.nan if norm is None else float(norm)
         skipped = not ds.was_step_applied() or not math.isfinite(norm) or not math.isfinite(loss)
@@ -240,7 +242,7 @@ class DeepSpeedEngine:
         microbatches = self._to_device(microbatches)
         loss_sums = [ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))[0]
                      for mb in microbatches]
-        return self._dp_sum(self._sum_losses(loss_sums)) / (tokens or 1.0)
+        return self._dp_sum(self._sum_losses(loss_sums)) / tokens if tokens else math.nan
 
     # ---- weights and checkpoints --------------------------------------------------------
 

@@ -36,7 +36,7 @@ from megagpt.training.precision import make_scaler, param_dtype
 
 @dataclass
 class StepResult:
-    loss: float            # global mean loss of the batch (nan when not finite)
+    loss: float            # global mean loss of the batch (nan when not finite or no tokens)
     grad_norm: float | None
     skipped: bool
     tokens: float          # loss tokens in the global batch (their summed loss-mask weights)
@@ -127,21 +127,25 @@ class Engine:
                 dist.all_reduce(total, group=self.state.dp_group)
         if self.state.pp_world_size > 1:
             dist.all_reduce(total, group=self.state.pp_group)   # only the last stage is non-zero
-        return total.item() / (tokens or 1.0)
+        return total.item() / tokens if tokens else math.nan
 
     def _to_device(self, microbatches):
         return [{k: v.to(self.device) for k, v in mb.items()} for mb in microbatches]
 
     def train_step(self, microbatches: list[dict], lr: float) -> StepResult:
-        """One optimizer step over this rank's micro-batches (dicts of tokens, labels, loss_mask)."""
+        """One optimizer step over this rank's micro-batches (dicts of tokens, labels, loss_mask).
+        A global batch without a token counted in the loss (every loss_mask 0) is skipped before
+        its forward: a StepResult with `tokens` 0, and nothing changed."""
         for chunk in self.chunks:
             chunk.train()
         for w in self.wrappers:
             w.zero_grad()
         tokens = self.global_tokens(microbatches)     # before the copy: no device sync
+        if not tokens:             # no loss anywhere in the global batch: nothing to learn from
+            return StepResult(math.nan, None, True, 0.0)
         microbatches = self._to_device(microbatches)
         losses = self.schedule(self.chunks, microbatches, p2p=self.p2p,
-                               loss_scale=self.scaler.scale / (tokens or 1.0),
+                               loss_scale=self.scaler.scale / tokens,
                                before_last_backward=[w.start_grad_sync for w in self.wrappers])
         for w in self.wrappers:
             w.finish_grad_sync()

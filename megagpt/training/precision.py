@@ -5,19 +5,18 @@ activations are 16-bit, gradients accumulate and are reduced in float32, and the
 updates float32 master weights (megagpt/parallel/data_parallel.py). `autocast_context` is the
 other common scheme, autocast over float32 weights; the benchmarks' Hugging Face peer runs in it.
 
-fp16 also needs loss scaling: `DynamicLossScaler` is Megatron's dynamic grad scaler. The loop
-multiplies the loss by `scaler.scale` before backward, checks the gradients with
-`grads_are_finite` (agreed across ranks, so every rank skips the same steps), divides them by the
-scale with `unscale_` when they are finite, and calls `scaler.update(found_inf)` every step.
-fp32 and bf16 get a `ConstantScaler` with the same interface and a scale of 1.
+fp16 also needs loss scaling: `DynamicLossScaler` is Megatron's dynamic grad scaler. The engine
+(megagpt/training/engine.py) multiplies the loss by `scaler.scale` before backward, divides the
+gradients by it after their reduction, finds a non-finite step through the global gradient norm
+(the same number on every rank, so every rank skips the same steps), and calls
+`scaler.update(found_inf)` every step. fp32 and bf16 get a `ConstantScaler` with the same
+interface and a scale of 1.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -148,48 +147,3 @@ def make_scaler(precision: str, initial_scale: float = 2.0 ** 16):
     """A `DynamicLossScaler(initial_scale)` for fp16, a `ConstantScaler` for fp32 and bf16."""
     _check_precision(precision)
     return DynamicLossScaler(initial_scale) if precision == "fp16" else ConstantScaler()
-
-
-def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return [p.grad for p in params if p.grad is not None]
-
-
-def grads_are_finite(params: Iterable[torch.Tensor], group=None,
-                     device: torch.device | str | None = None) -> bool:
-    """True when every gradient is finite on every rank of `group`.
-
-    Args:
-        params: the parameters this rank holds; those without a gradient are ignored.
-        group: the process group that must agree (the lead passes the world group, so a NaN on
-            one rank skips the step everywhere); None means the default group. Without an
-            initialised torch.distributed there is no communication.
-        device: where the flag is all-reduced: this rank's device. By default the device of
-            `params` (with or without gradients), or the CPU when there are none; a rank that
-            may hold no parameters passes its device. It is never read from the backend's name:
-            under "cpu:gloo,cuda:nccl" a CPU flag goes over gloo and a CUDA one over NCCL, so
-            every rank of `group` must reduce on the same kind of device (one rank on the CPU
-            and the others on CUDA would hang).
-
-    Each rank computes a local "found inf/nan" flag and all-reduces it with MAX; one host sync.
-    """
-    params = list(params)
-    if device is None:
-        device = params[0].device if params else "cpu"
-    grads = _grads(params)
-    if grads:
-        bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().to(device)
-    else:
-        bad = torch.zeros((), device=device)
-    if dist.is_initialized():
-        bad = bad.reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-    return not bool(bad.item())
-
-
-def unscale_(params: Iterable[torch.Tensor], scale: float) -> None:
-    """Divide every gradient by `scale` in place (undoing the loss scale before clipping)."""
-    if not scale > 0:
-        raise ValueError(f"unscale_: scale={scale} must be > 0")
-    grads = _grads(params)
-    if grads and scale != 1.0:
-        torch._foreach_mul_(grads, 1.0 / scale)

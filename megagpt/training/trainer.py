@@ -194,7 +194,8 @@ class Trainer:
         """Build the datasets on rank 0 first (it writes the index caches), then on the rest. A
         rank that fails raises its error; the others then raise AnotherRankFailed."""
         t = self.cfg.training
-        num_samples = (t.max_steps * self.global_batch,
+        self.train_samples = self._train_samples(self.step, self.consumed_samples)
+        num_samples = (self.train_samples,
                        t.eval_iters * self.global_batch if t.eval_interval else 0, 0)
         failure = datasets = None
         for builds in (self.is_rank0, not self.is_rank0):
@@ -208,6 +209,11 @@ class Trainer:
                     raise failure
                 raise AnotherRankFailed("another rank could not build the datasets")
         return datasets[0], datasets[1]
+
+    def _train_samples(self, step: int, consumed: int) -> int:
+        """The training samples a run at `step` with `consumed` samples behind it goes through
+        by max_steps: max_steps x global batch, unless a resume changed the global batch."""
+        return consumed + max(0, self.cfg.training.max_steps - step) * self.global_batch
 
     def _build_datasets(self, num_samples):
         m, d, t = self.cfg.model, self.cfg.data, self.cfg.training
@@ -304,12 +310,17 @@ class Trainer:
                 self.step += 1
                 self.consumed_samples += self.global_batch
                 timer.step(tokens_per_step)    # every token processed, masked from the loss or not
-                if result.skipped:
+                if result.skipped and not result.tokens:   # not a fault: no streak, no abort
+                    self.skipped_total += 1
+                    self.log(f"step {self.step}: no token of the global batch counts in the loss "
+                             f"(every loss_mask is 0, as in fine-tuning examples whose prompt "
+                             f"fills the window); update skipped")
+                elif result.skipped:
                     self.skipped_total += 1
                     self.consecutive_skips += 1
                     self.log(f"step {self.step}: non-finite loss or gradient (loss {result.loss}); "
                              f"update skipped ({self.consecutive_skips} in a row)")
-                    if self.consecutive_skips >= t.max_skipped_steps:
+                    if t.max_skipped_steps and self.consecutive_skips >= t.max_skipped_steps:
                         self.complete_pending_save()      # every rank stops here: keep it
                         raise TrainingAborted(
                             f"{self.consecutive_skips} consecutive steps had a non-finite loss or "
@@ -395,9 +406,11 @@ class Trainer:
         for _ in range(self.cfg.training.eval_iters):
             batch = next(batches)
             count = self.engine.global_tokens(batch)
-            total += self.engine.eval_step(batch) * count
-            tokens += count
-        return total / (tokens or 1.0)
+            loss = self.engine.eval_step(batch)
+            if count:
+                total += loss * count
+                tokens += count
+        return total / tokens if tokens else math.nan
 
     # ---- faults -------------------------------------------------------------------------
 
@@ -454,7 +467,8 @@ class Trainer:
                        "optimizer_layout": e.optimizer_layout, "skipped_total": self.skipped_total,
                        "consecutive_skips": self.consecutive_skips}
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
-                "parallel": self._parallel_sizes(), "megagpt_version": __version__}
+                "train_samples": self.train_samples, "parallel": self._parallel_sizes(),
+                "megagpt_version": __version__}
         # the float32 weights, also when training in 16 bits; written by data-parallel rank 0
         with e.master_weights(first_replica_reads=True):
             model_state = {f"chunk{c}": chunk.state_dict() for c, chunk in enumerate(e.chunks)}
@@ -558,12 +572,14 @@ class Trainer:
                 if k in config.get(section, {})
                 and config[section][k] != getattr(getattr(self.cfg, section), k)]
         if all(k in saved for k in ("max_steps", "batch_size", "grad_accumulation_steps")) \
-                and "dp" in meta.get("parallel", {}):
+                and "dp" in meta.get("parallel", {}) and "step" in meta:
             samples = saved["max_steps"] * saved["batch_size"] * saved["grad_accumulation_steps"] \
                 * meta["parallel"]["dp"]
-            if samples != now.max_steps * self.global_batch:
-                data.append(f"training samples (max_steps x global batch) {samples} -> "
-                            f"{now.max_steps * self.global_batch}")
+            samples = meta.get("train_samples", samples)   # a resumed run's own count
+            count = self._train_samples(meta["step"], meta.get("consumed_samples", 0))
+            if samples != count:
+                data.append(f"training samples (consumed + steps to go x global batch) "
+                            f"{samples} -> {count}")
         if data:
             self.log(f"warning: resuming {path} with other data settings ({', '.join(data)}); "
                      f"the training samples' order is built from them, so after the "
@@ -572,7 +588,8 @@ class Trainer:
 
     def _save_deepspeed(self) -> Path:
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
-                "parallel": self._parallel_sizes(), "megagpt_version": __version__}
+                "train_samples": self.train_samples, "parallel": self._parallel_sizes(),
+                "megagpt_version": __version__}
         path = self.engine.save(self.save_dir, self.step, meta=meta,
                                 extra_state={"engine": "deepspeed",
                                              "skipped_total": self.skipped_total,

@@ -110,9 +110,25 @@ def test_a_resume_with_other_data_settings_says_so(tmp_path):
     assert not any("other data settings" in m for m in same), same
     changed = run_distributed(_resume_with, 1, str(tmp_path), 9, 4, dict(training__seed=7))[0]
     assert any("warning: resuming" in m and "other data settings (training.seed 11 -> 7, "
-               "training samples (max_steps x global batch) 48 -> 72); the training samples' "
+               "training samples (consumed + steps to go x global batch) 48 -> 72); the "
+               "training samples' "
                "order is built from them, so after the 24 samples consumed" in m
                for m in changed), changed
+
+
+def test_a_resume_with_a_smaller_global_batch_has_the_samples_to_finish(tmp_path):
+    """The training set holds the samples consumed plus the steps to go at the resumed run's
+    global batch: 6 steps of 8, then 4 more of 2, need 56 (max_steps x global batch, 20, ran
+    out: a traceback before the first step)."""
+    run_distributed(_resume_with, 1, str(tmp_path), 6, 6, {})
+    messages = run_distributed(_resume_with, 1, str(tmp_path), 10, 8,
+                               dict(training__grad_accumulation_steps=1))[0]
+    assert any("training samples (consumed + steps to go x global batch) 48 -> 56" in m
+               for m in messages), messages
+    again = run_distributed(_resume_with, 1, str(tmp_path), 10, 10,    # the same settings again
+                            dict(training__grad_accumulation_steps=1))[0]
+    assert not any("other data settings" in m for m in again), again
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000010"
 
 
 def _start(rank, world, run_dir, steps, overrides, stop_after_save=False):
@@ -467,6 +483,47 @@ def test_repeated_non_finite_steps_abort_with_a_message(tmp_path):
     status, message, step, skipped = out[0]
     assert status == "aborted" and step == 5 and skipped == 3
     assert "3 consecutive steps had a non-finite loss or gradient (training.max_skipped_steps=3)" in message
+
+
+def test_max_skipped_steps_zero_never_aborts(tmp_path):
+    out = run_distributed(_nan_steps, 2, str(tmp_path), {2, 3, 4, 5}, 0)
+    assert [o[0] for o in out] == ["done", "done"] and out[0][3] == 4, out
+
+
+def _masked_out_at(rank, world, run_dir, empty_step, only_rank=None):
+    """Every loss_mask of step `empty_step`'s micro-batches zeroed (on `only_rank`, or on all)."""
+    messages = []
+    cfg = run_config(Path(run_dir), 5, dp=world, training__max_skipped_steps=1)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append)
+    train_step, weights = trainer.engine.train_step, {}
+
+    def masked(microbatches, lr):
+        if trainer.step + 1 == empty_step and only_rank in (None, rank):
+            for mb in microbatches:
+                mb["loss_mask"] = torch.zeros(mb["labels"].shape)
+        before = [p.detach().clone() for p in trainer.engine.chunks[0].parameters()]
+        result = train_step(microbatches, lr)
+        weights[trainer.step + 1] = all(torch.equal(a, b) for a, b in zip(
+            before, trainer.engine.chunks[0].parameters()))
+        return result
+    trainer.engine.train_step = masked
+    trainer.train()
+    return messages, weights, trainer.skipped_total
+
+
+def test_a_global_batch_without_loss_tokens_is_skipped_not_counted_as_a_fault(tmp_path):
+    """Fine-tuning batches whose every loss_mask is 0 (prompts filling the window): the step was
+    logged as loss 0 and still moved the weights (AdamW's momentum and decay). It is skipped on
+    every rank, logged, its loss null, and it does not count toward max_skipped_steps (1 here);
+    a batch empty on one replica only is an ordinary step."""
+    out = run_distributed(_masked_out_at, 2, str(tmp_path / "all"), 3)
+    for messages, unchanged, skipped in out:
+        assert unchanged == {1: False, 2: False, 3: True, 4: False, 5: False} and skipped == 1
+    assert any("step 3: no token of the global batch counts in the loss" in m for m in out[0][0])
+    records = [json.loads(x) for x in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"] is None, r["skipped"]) for r in records][2] == (3, True, 1)
+    out = run_distributed(_masked_out_at, 2, str(tmp_path / "one"), 3, 1)
+    assert [o[1][3] for o in out] == [False, False] and out[0][2] == 0
 
 
 def _peaks_per_rank(rank, world, run_dir, peaks):

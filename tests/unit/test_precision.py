@@ -1,12 +1,11 @@
-"""Autocast contexts, loss scalers, the agreed finite-gradient check and unscaling."""
+"""Autocast contexts and loss scalers."""
 import contextlib
 
 import pytest
 import torch
 
-from megagpt.testing import run_distributed
 from megagpt.training.precision import (ConstantScaler, DynamicLossScaler, autocast_context,
-                                        grads_are_finite, make_scaler, unscale_)
+                                        make_scaler)
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
@@ -113,87 +112,3 @@ def test_bad_scaler_arguments(kw, message):
     with pytest.raises(ValueError, match=message):
         DynamicLossScaler(**kw)
 
-
-def params_with_grads(*grads):
-    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    return params
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_gradient_found_without_distributed(bad):
-    grads = [torch.randn(3, 3), torch.randn(4)]
-    assert grads_are_finite(params_with_grads(*grads))
-    grads[1][2] = bad
-    assert not grads_are_finite(params_with_grads(*grads))
-
-
-def test_parameters_without_grad_are_ignored():
-    params = params_with_grads(torch.randn(2))
-    params.append(torch.nn.Parameter(torch.zeros(2)))
-    assert grads_are_finite(params)
-    assert grads_are_finite([])
-
-
-def _check_on_ranks(rank, world_size):
-    grads = [torch.randn(4, 4), torch.randn(4)]
-    if rank == 1:
-        grads[0][1, 2] = float("nan")
-    params = params_with_grads(*grads)
-    clean = params_with_grads(torch.randn(3))
-    return grads_are_finite(params), grads_are_finite(clean), grads_are_finite([])
-
-
-def test_ranks_agree_when_one_rank_has_a_nan():
-    results = run_distributed(_check_on_ranks, 2)
-    assert results == [(False, True, True), (False, True, True)]
-
-
-def _device_from_the_rank_not_the_backend(rank, world_size):
-    import torch.distributed as dist
-
-    def no_backend_name(*args, **kwargs):
-        raise AssertionError("grads_are_finite read the backend's name to pick a device")
-
-    reduced_on = []
-    all_reduce = dist.all_reduce
-
-    def spy(tensor, *args, **kwargs):
-        reduced_on.append(str(tensor.device))
-        return all_reduce(tensor, *args, **kwargs)
-
-    dist.get_backend, dist.all_reduce = no_backend_name, spy
-    # rank 0 has gradients; rank 1 holds parameters without any (the case that fell back to the
-    # backend's name, which under "cpu:gloo,cuda:nccl" put one rank's flag on the CPU)
-    params = (params_with_grads(torch.randn(3)) if rank == 0
-              else [torch.nn.Parameter(torch.zeros(3))])
-    return (grads_are_finite(params), grads_are_finite([], device=torch.device("cpu")),
-            grads_are_finite([]), reduced_on)
-
-
-def test_the_flag_is_reduced_on_the_ranks_device_whatever_the_backend():
-    results = run_distributed(_device_from_the_rank_not_the_backend, 2)
-    assert results == [(True, True, True, ["cpu", "cpu", "cpu"])] * 2
-
-
-def test_an_explicit_device_holds_the_flag(monkeypatch):
-    import torch.distributed as dist
-    seen = []
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: seen.append((t.device, t.shape)))
-    params = params_with_grads(torch.tensor([1.0, float("inf")]))
-    assert not grads_are_finite(params, device="cpu")
-    assert grads_are_finite([], device="cpu")
-    assert seen == [(torch.device("cpu"), torch.Size([1]))] * 2
-
-
-def test_unscale_divides_in_place():
-    grads = [torch.randn(3, 3), torch.randn(5)]
-    params = params_with_grads(*grads)
-    params.append(torch.nn.Parameter(torch.zeros(1)))
-    unscale_(params, 1024.0)
-    for p, g in zip(params, grads):
-        assert torch.equal(p.grad, g / 1024.0)   # a power of two: exact
-    with pytest.raises(ValueError, match=r"scale=0.0 must be > 0"):
-        unscale_(params, 0.0)
