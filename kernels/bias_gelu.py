@@ -179,3 +179,9 @@ def bias_gelu(x, bias):
     if x.numel() == 0 or not triton_runs_on(x.device):
         return bias_gelu_reference(x, bias)
     return BiasGeluFunction.apply(x, bias)
+
+
+def bias_gelu_torch(x, bias):
+    """The `torch` backend: `bias_gelu_reference` after `bias_gelu`'s checks of its inputs."""
+    _check_inputs(x, bias)
+    return bias_gelu_reference(x, bias)

@@ -31,6 +31,8 @@ Each row is walked in chunks counted from its start rounded down to 16 bytes (`_
 that the whole chunks load and store as vectors whatever the width. Launch settings: one program
 a row; the vocabulary chunk BLOCK_V and the warps are autotuned on a GPU per row width.
 """
+import numbers
+
 import torch
 
 from ._utils import (Autotuned, check_float, check_same_device, drop_blocks_longer_than, tl,
@@ -260,10 +262,18 @@ def _check_weight(weight, target):
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
         raise TypeError(f"weight must be a floating-point tensor of per-row weights (or None), "
                         f"got {getattr(weight, 'dtype', type(weight).__name__)}")
+    if weight.requires_grad:
+        raise ValueError("weight requires grad, but cross_entropy does not differentiate its "
+                         "per-row weights (a loss mask); pass weight.detach()")
     check_same_device(target=target, weight=weight)
     if weight.shape != target.shape:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but target has "
                          f"{tuple(target.shape)}; give one weight per target")
+
+
+def _check_integer(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r}: must be an int (a class index)")
 
 
 def _check_target_range(target, ignore_index, n_classes):
@@ -340,21 +350,37 @@ def cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction=
         0-d tensor: the mean in the logits' dtype, or the sum in float32. Runs
         `cross_entropy_reference` where the kernels cannot run and for empty logits.
     """
-    _check_reduction(reduction)
-    _check_logits_target(logits, target)
-    _check_weight(weight, target)
-    n_classes = _check_vocab_size(logits, vocab_size)
-    _check_target_range(target, ignore_index, n_classes)
+    n_classes = _check_arguments(logits, target, ignore_index, vocab_size, reduction, weight)
     if logits.numel() == 0 or not triton_runs_on(logits.device):
         return cross_entropy_reference(logits, target, ignore_index, vocab_size, reduction,
                                        weight=weight)
     return CrossEntropyFunction.apply(logits, target, int(ignore_index), n_classes, reduction,
-                                      bool(inplace_backward),
-                                      None if weight is None else weight.detach())
+                                      bool(inplace_backward), weight)
+
+
+def cross_entropy_torch(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
+                        inplace_backward=False, weight=None):
+    """The `torch` backend: `cross_entropy_reference` after `cross_entropy`'s checks of its
+    arguments."""
+    _check_arguments(logits, target, ignore_index, vocab_size, reduction, weight)
+    return cross_entropy_reference(logits, target, ignore_index, vocab_size, reduction,
+                                   weight=weight)
+
+
+def _check_arguments(logits, target, ignore_index, vocab_size, reduction, weight) -> int:
+    """Every check of cross_entropy's arguments; returns the number of classes in use."""
+    _check_reduction(reduction)
+    _check_logits_target(logits, target)
+    _check_weight(weight, target)
+    _check_integer("ignore_index", ignore_index)
+    n_classes = _check_vocab_size(logits, vocab_size)
+    _check_target_range(target, ignore_index, n_classes)
+    return n_classes
 
 
 def _shard_classes(logits, vocab_start, vocab_size):
     """How many of a shard's columns are classes: all, or those below the global `vocab_size`."""
+    _check_integer("vocab_start", vocab_start)
     width = logits.shape[-1]
     if vocab_size is None:
         return width
@@ -441,6 +467,7 @@ def cross_entropy_shard_grad(logits, target, vocab_start, lse, grad_row=None, ig
         (softmax - onehot) * grad_row over the shard, in the logits' dtype.
     """
     _check_logits_target(logits, target)
+    _check_integer("ignore_index", ignore_index)
     others = {"lse": lse} if grad_row is None else {"lse": lse, "grad_row": grad_row}
     check_same_device(logits=logits, **others)
     if lse.shape != target.shape:

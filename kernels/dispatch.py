@@ -11,7 +11,9 @@ Ops and their backends (the first is the config default):
 ``TRITON_INTERPRET=1``), else torch: SDPA for attention, the plain-torch reference for the rest.
 ``triton`` where the kernels cannot run, and ``flash_attn`` or ``apex`` when the package does not
 import or the device is not CUDA, are errors that say what to install or choose instead.
-``eager`` and ``torch`` are the `<op>_reference` functions.
+``eager`` is `flash_attention_reference`; ``torch`` is each op's `<op>_reference` after the
+same checks of its arguments as the Triton function (`<op>_torch`), so a bad input is the same
+clear error whichever backend runs.
 
 Every backend of an op has the op's signature:
     attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0),
@@ -34,11 +36,11 @@ from ._utils import HAS_TRITON, triton_runs_on
 class BackendUnavailable(RuntimeError):
     """A backend the config chose that this machine cannot run (not installed, or not on this
     device); the message names the setting and what to install or choose instead."""
-from .bias_gelu import bias_gelu, bias_gelu_reference
-from .cross_entropy import cross_entropy, cross_entropy_reference
+from .bias_gelu import bias_gelu, bias_gelu_torch
+from .cross_entropy import cross_entropy, cross_entropy_torch
 from .flash_attention import flash_attention, flash_attention_reference
-from .layer_norm import layer_norm, layer_norm_reference
-from .softmax import scaled_masked_softmax, scaled_masked_softmax_reference
+from .layer_norm import layer_norm, layer_norm_torch
+from .softmax import scaled_masked_softmax, scaled_masked_softmax_torch
 
 BACKENDS = {
     "attention": ("auto", "triton", "flash_attn", "sdpa", "eager"),
@@ -77,16 +79,18 @@ def apex_layer_norm(x, weight, bias, eps=1e-5):
 _IMPLEMENTATIONS = {
     "attention": {"triton": flash_attention, "flash_attn": flash_attn_attention,
                   "sdpa": sdpa_attention, "eager": flash_attention_reference},
-    "layernorm": {"triton": layer_norm, "torch": layer_norm_reference, "apex": apex_layer_norm},
-    "softmax": {"triton": scaled_masked_softmax, "torch": scaled_masked_softmax_reference},
-    "bias_gelu": {"triton": bias_gelu, "torch": bias_gelu_reference},
-    "cross_entropy": {"triton": cross_entropy, "torch": cross_entropy_reference},
+    "layernorm": {"triton": layer_norm, "torch": layer_norm_torch, "apex": apex_layer_norm},
+    "softmax": {"triton": scaled_masked_softmax, "torch": scaled_masked_softmax_torch},
+    "bias_gelu": {"triton": bias_gelu, "torch": bias_gelu_torch},
+    "cross_entropy": {"triton": cross_entropy, "torch": cross_entropy_torch},
 }
 
 
 def _require_package(module: str, backend: str, op: str, device: torch.device, install: str):
     """Raise unless ``module`` imports and ``device`` is CUDA, naming what to do instead."""
-    others = ", ".join(b for b in BACKENDS[op] if b != backend)
+    others = ", ".join(b for b in BACKENDS[op] if b != backend     # those that can run there
+                       and (b != "triton" or triton_runs_on(device))
+                       and (device.type == "cuda" or b not in ("flash_attn", "apex")))
     try:
         importlib.import_module(module)
     except ImportError as err:

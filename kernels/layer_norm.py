@@ -185,3 +185,9 @@ def layer_norm(x, weight, bias, eps=1e-5):
     if x.numel() == 0 or not triton_runs_on(x.device):
         return layer_norm_reference(x, weight, bias, eps)
     return LayerNormFunction.apply(x, weight, bias, float(eps))
+
+
+def layer_norm_torch(x, weight, bias, eps=1e-5):
+    """The `torch` backend: `layer_norm_reference` after `layer_norm`'s checks of its inputs."""
+    _check_inputs(x, weight, bias)
+    return layer_norm_reference(x, weight, bias, eps)

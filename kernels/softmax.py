@@ -138,3 +138,10 @@ def scaled_masked_softmax(x, scale=1.0, causal=False):
     if x.numel() == 0 or not triton_runs_on(x.device):
         return scaled_masked_softmax_reference(x, scale, causal)
     return ScaledMaskedSoftmaxFunction.apply(x, float(scale), bool(causal))
+
+
+def scaled_masked_softmax_torch(x, scale=1.0, causal=False):
+    """The `torch` backend: `scaled_masked_softmax_reference` after `scaled_masked_softmax`'s
+    checks of its input."""
+    _check_inputs(x, causal)
+    return scaled_masked_softmax_reference(x, scale, causal)

@@ -81,9 +81,42 @@ def test_unknown_op_or_choice():
     ("layernorm", "apex", r"needs `apex.normalization.fused_layer_norm`, which does not import "
                           r".*build NVIDIA apex.*choose one of: auto, triton, torch"),
 ])
-def test_optional_packages_say_what_to_do(op, choice, message):
+def test_optional_packages_say_what_to_do(op, choice, message, monkeypatch):
     with pytest.raises(RuntimeError, match=message):
         get_op(op, choice, "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET")    # where triton cannot run either, it is not offered
+    with pytest.raises(RuntimeError, match=message.replace("triton, ", "")):
+        get_op(op, choice, "cpu")
+
+
+def _wrong(*args, **kwargs):
+    return args, kwargs
+
+
+@pytest.mark.parametrize("op,call,error", [
+    ("cross_entropy", _wrong(torch.randn(6, 10), torch.randint(0, 10, (3, 2))),
+     r"target has shape \(3, 2\) but logits has \(6, 10\)"),
+    ("cross_entropy", _wrong(torch.randn(6, 10), torch.randint(0, 10, (6,)).float()),
+     "target must be an integer tensor"),
+    ("cross_entropy", _wrong(torch.randn(6, 10), torch.randint(0, 10, (6,)), ignore_index=2.5),
+     r"ignore_index=2.5: must be an int"),
+    ("cross_entropy", _wrong(torch.randn(6, 10), torch.randint(0, 10, (6,)),
+                             weight=torch.rand(6, requires_grad=True)),
+     r"weight requires grad, but cross_entropy does not differentiate .* weight.detach\(\)"),
+    ("bias_gelu", _wrong(torch.randn(4, 8), torch.randn(1)), r"bias must have shape \(8,\)"),
+    ("bias_gelu", _wrong(torch.randn(4, 8), torch.randn(4, 1)), r"bias must have shape \(8,\)"),
+    ("layernorm", _wrong(torch.randn(3, 8).double(), torch.randn(8).double(),
+                         torch.randn(8).double()), "x has dtype torch.float64"),
+    ("softmax", _wrong(torch.randn(5), causal=True), r"needs \(..., sq, sk\) when causal"),
+])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_bad_input_is_the_same_error_on_every_backend(op, call, error, backend):
+    """The torch backend ran the bare references: a target of the wrong shape or dtype, a bias
+    that broadcasts, a float ignore_index (the kernel truncated it to a real class) went through
+    silently."""
+    args, kwargs = call
+    with pytest.raises((TypeError, ValueError), match=error):
+        get_op(op, backend, "cpu")(*args, **kwargs)
 
 
 def test_attention_backends_agree(device):
@@ -116,7 +149,7 @@ def test_imports_and_runs_without_triton(tmp_path):
         "from megagpt.kernels import get_op, layer_norm, layer_norm_reference\n"
         "x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)\n"
         "assert torch.equal(layer_norm(x, w, b), layer_norm_reference(x, w, b))\n"
-        "assert get_op('softmax', 'auto', 'cuda').__name__ == 'scaled_masked_softmax_reference'\n"
+        "assert get_op('softmax', 'auto', 'cuda').__name__ == 'scaled_masked_softmax_torch'\n"
         "try:\n"
         "    get_op('softmax', 'triton', 'cpu')\n"
         "except RuntimeError as err:\n"
