@@ -166,7 +166,12 @@ def main() -> int:
         state = initialize_parallel(1, 1)
         seed_everything(cfg.training.seed, device=device)
         engine = Engine(cfg, state, device)
-        peer = None if args.no_peer else HFPeer(cfg, engine, device)
+        peer = None
+        if not args.no_peer:
+            try:
+                peer = HFPeer(cfg, engine, device)
+            except ImportError as e:      # our figures still count
+                print(f"peer skipped: transformers does not import ({e}); timing ours alone")
         sides = {"megagpt": engine.train_step, "hf_eager": peer.train_step if peer else None}
         sides = {k: v for k, v in sides.items() if v is not None}
         times = {k: [] for k in sides}
@@ -175,6 +180,7 @@ def main() -> int:
         lr = cfg.training.learning_rate
         for i in range(args.warmup + args.steps):
             batch = mock_microbatches(cfg, generator)
+            took = []
             for name, step in sides.items():          # alternate the sides every step
                 if device.type == "cuda":
                     # Subtract what the other side holds: the peer's tensors, or everything but them.
@@ -182,26 +188,40 @@ def main() -> int:
                     other = peer_held if name == "megagpt" else torch.cuda.memory_allocated(device) - peer_held
                     torch.cuda.reset_peak_memory_stats(device)
                 elapsed = timed(lambda: step(batch, lr), device)
+                took.append(f"{name} {elapsed:.4f} s")
                 if i >= args.warmup:
                     times[name].append(elapsed)
                     if device.type == "cuda":
                         used = (torch.cuda.max_memory_allocated(device) - other) / GiB
                         peak[name] = max(peak[name] or 0, used)
+            # as it goes: a run cut off by a time limit still shows how far it got, and how fast
+            print(f"step {i + 1}/{args.warmup + args.steps} "
+                  f"({'warm-up' if i < args.warmup else 'timed'}): {', '.join(took)}", flush=True)
         graph_pool = 0
         if device.type == "cuda" and cfg.training.cuda_graphs and peak["megagpt"] is not None:
             graph_pool = graph_pool_unallocated_bytes(torch.cuda.memory_snapshot())
             peak["megagpt"] += graph_pool / GiB
-        if args.profile:
-            profile_step(lambda: engine.train_step(mock_microbatches(cfg, generator), lr), device)
         # The peaks above are of the steps after the warm-up (the first step's autotuning
         # buffer is not in them): the estimate of those steps.
         estimate = estimate_memory(cfg, device.type).later_steps / GiB
         tokens = cfg.training.batch_size * cfg.training.grad_accumulation_steps * cfg.model.seq_length
         rows = [summary(name, times[name], tokens, cfg, device, peak[name]) for name in sides]
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        report(args, cfg, device_name, tokens, rows, estimate, graph_pool)
+        if args.profile:   # after the report: a profiler that fails loses none of the figures
+            try:
+                profile_step(lambda: engine.train_step(mock_microbatches(cfg, generator), lr),
+                             device)
+            except Exception as e:
+                print(f"profile failed ({type(e).__name__}: {e}); the figures above stand")
     finally:
         destroy_parallel()
         dist.destroy_process_group()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return 0
+
+
+def report(args, cfg, device_name, tokens, rows, estimate, graph_pool) -> None:
+    """Print the table and write the JSON (atomically) of a finished benchmark."""
     print(f"{cfg.source}: {device_name}, {cfg.training.precision}, {tokens:,} tokens a step, "
           f"{args.steps} timed steps after {args.warmup} warm-up, sides alternating")
     print(f"{'side':<10} {'step s':>9} {'min':>8} {'max':>8} {'tokens/s':>11} {'TFLOP/s':>8} "
@@ -234,8 +254,7 @@ def main() -> int:
     with open(args.json + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(args.json + ".tmp", args.json)
-    print(f"wrote {args.json}")
-    return 0
+    print(f"wrote {args.json}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@
 # to runs/gpu_check/; when $OUT is set (the device tool brings back at most 8 files) it also packs
 # them into $OUT/gpu_check.tgz and copies the text reports beside it, after every step (a run cut
 # off by the device's limit still brings back what finished). Each step runs even when an
-# earlier one failed; the exit status is non-zero when any failed.
-#   usage: bash tools/gpu_check.sh        (PYTHON=... to pick the interpreter; default python3)
+# earlier one failed; each step's exit status and seconds against its cap are added to
+# environment.txt (`timeout -k`: a step that ignores or outlives its SIGTERM, as a trainer saving
+# a checkpoint does, is killed 10 s later); the exit status is non-zero when any failed.
+#   usage: bash tools/gpu_check.sh        (PYTHON=... to pick the interpreter; default python3;
+#                                          GPU_CHECK_DIR=... for another folder than runs/gpu_check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out_dir=runs/gpu_check
+out_dir="${GPU_CHECK_DIR:-runs/gpu_check}"
 rm -rf "$out_dir"
 mkdir -p "$out_dir"
 pack() {
@@ -32,6 +35,14 @@ pack() {
 }
 trap pack EXIT
 python="${PYTHON:-python3}"
+capped() {   # name, seconds, command...: run it under its cap; returns its exit status
+  local name=$1 cap=$2 start=$SECONDS rc
+  shift 2
+  timeout -k 10 "$cap" "$@"
+  rc=$?
+  echo "gpu_check: $name exit $rc in $((SECONDS - start)) s (cap $cap s)" >>"$out_dir/environment.txt"
+  return $rc
+}
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 
@@ -54,7 +65,7 @@ train_rc=0
 bench_train() {   # name, seconds, config, extra arguments
   local name=$1 seconds=$2 config=$3
   shift 3
-  timeout "$seconds" "$python" tools/bench_train.py --config "$config" --steps 5 --warmup 2 \
+  capped "train $name" "$seconds" "$python" tools/bench_train.py --config "$config" --steps 5 --warmup 2 \
     --model.dropout=0 --json "$out_dir/bench_train_$name.json" "$@" 2>&1 \
     | tee "$out_dir/bench_train_$name.txt"
   local rc=${PIPESTATUS[0]}
@@ -87,7 +98,7 @@ bench_train large_memory 30 configs/training/large_model.json --no-peer --steps 
 pretrain() {   # max_steps, extra arguments
   local steps=$1
   shift
-  timeout 22 "$python" pretrain_gpt.py --config configs/training/tiny_model.json \
+  capped "pretrain to $steps" 22 "$python" pretrain_gpt.py --config configs/training/tiny_model.json \
     --data.mock=true --data.num_workers=0 --parallel.world_size=1 \
     --parallel.tensor_parallel_size=1 --parallel.pipeline_parallel_size=1 \
     --training.precision=bf16 --training.cuda_graphs=true --training.max_steps="$steps" \
@@ -107,7 +118,7 @@ pack
 parallel=""
 if "$python" -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
 # shellcheck disable=SC2086
-timeout 110 "$python" -m pytest tests/kernels tests/integration/test_cuda_graphs.py \
+capped "kernel tests" 110 "$python" -m pytest tests/kernels tests/integration/test_cuda_graphs.py \
   tests/unit/test_generation.py::test_a_cpu_generator_samples_for_a_gpu_model_as_for_a_cpu_one -v -ra \
   -p no:cacheprovider $parallel 2>&1 | tee "$out_dir/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
@@ -116,13 +127,13 @@ pack
 quick=""
 if [ "${QUICK:-0}" = "1" ]; then quick="--quick"; fi
 # shellcheck disable=SC2086
-timeout 120 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
+capped "kernel benchmark" 120 "$python" tools/bench_kernels.py --json "$out_dir/bench_kernels.json" $quick \
   2>"$out_dir/bench_kernels.err" | tee "$out_dir/bench_kernels.txt"
 bench_rc=${PIPESTATUS[0]}
 pack
 
 # The host code a kernel call costs on this machine's CPU (launches stubbed; about 10 s).
-timeout 20 "$python" tools/bench_host_overhead.py --calls 100 --rounds 5 \
+capped "host overhead" 20 "$python" tools/bench_host_overhead.py --calls 100 --rounds 5 \
   --json "$out_dir/bench_host_overhead.json" 2>&1 | tee "$out_dir/bench_host_overhead.txt"
 host_rc=${PIPESTATUS[0]}
 

@@ -19,6 +19,31 @@ def test_bench_train_smoke(tmp_path):
     assert [r["side"] for r in report["rows"]] == ["megagpt", "hf_eager"]
     assert report["megagpt_over_peer_step_time"] > 0
     assert "megagpt step time / peer step time" in result.stdout
+    assert "step 1/2 (warm-up): megagpt " in result.stdout          # each step as it ends
+    assert "step 2/2 (timed): megagpt " in result.stdout and ", hf_eager " in result.stdout
+
+
+def test_without_transformers_and_with_a_failing_profiler_our_figures_are_written(tmp_path):
+    """The GPU check's one call: a missing peer or a profiler that fails (as on some CUDA-graph
+    replays) lost the whole row, ours included."""
+    out = tmp_path / "bench.json"
+    script = (
+        "import runpy, sys\n"
+        "sys.modules['transformers'] = None\n"
+        "import torch.profiler\n"
+        "def broken(*a, **k):\n"
+        "    raise RuntimeError('profiler broke')\n"
+        "torch.profiler.profile = broken\n"
+        f"sys.argv = ['bench_train.py', '--config', 'configs/training/tiny_model.json', '--steps',"
+        f" '1', '--warmup', '0', '--json', {str(out)!r}, '--profile', '--model.n_layers=2',"
+        f" '--model.seq_length=32', '--training.grad_accumulation_steps=1']\n"
+        "runpy.run_path('tools/bench_train.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peer skipped: transformers does not import" in result.stdout
+    assert "profile failed (RuntimeError: profiler broke); the figures above stand" in result.stdout
+    assert [r["side"] for r in json.loads(out.read_text())["rows"]] == ["megagpt"]
 
 
 def test_bad_input_is_a_message_not_a_traceback(tmp_path):
