@@ -49,9 +49,15 @@ def init_distributed(cfg) -> torch.device:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); one process without torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != cfg.parallel.world_size:
-        sys.exit(f"parallel.world_size={cfg.parallel.world_size} but {world} processes were "
-                 f"started; fix: torchrun --nproc_per_node {cfg.parallel.world_size} ... or "
-                 f"--parallel.world_size={world} (with tensor/pipeline sizes that divide it)")
+        par = cfg.parallel
+        model_parallel = par.tensor_parallel_size * par.pipeline_parallel_size
+        other = (f"--parallel.world_size={world}" if world % model_parallel == 0 else
+                 f"--parallel.world_size={world} with tensor x pipeline parallel sizes whose "
+                 f"product divides {world} (now {par.tensor_parallel_size} x "
+                 f"{par.pipeline_parallel_size})")
+        print_once(f"error: parallel.world_size={par.world_size} but {world} processes were "
+                   f"started; fix: torchrun --nproc_per_node {par.world_size} ... or {other}")
+        sys.exit(1)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))

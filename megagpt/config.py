@@ -227,11 +227,21 @@ def read_json(path: str | Path, what: str = "config") -> dict:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"cannot read {what} file {path}: {e}") from e
+    duplicates = []
+
+    def no_duplicates(pairs):          # json.loads keeps the last of a repeated key, silently
+        keys = [k for k, _ in pairs]
+        duplicates.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(pairs)
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
         raise ConfigFileError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg} "
                               f"(run `python -m json.tool {path}` to see it)") from e
+    if duplicates:
+        raise ConfigFileError(f"{path}: {', '.join(repr(k) for k in dict.fromkeys(duplicates))} "
+                              f"appear{'s' if len(set(duplicates)) == 1 else ''} twice in one "
+                              f"object, and only the last would count; fix: keep one of each")
     if not isinstance(obj, dict):
         raise ConfigFileError(f"{path}: the top level must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -242,9 +252,12 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     out, i = {}, 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+        top_level = [f for f in _field_names(Config) if _dataclass_of(_hints(Config)[f]) is None]
+        if not arg.startswith("--") or ("." not in arg.split("=", 1)[0]
+                                        and arg[2:].split("=", 1)[0] not in top_level):
             raise ConfigError([f"override {arg!r} is not of the form --section.field=value "
-                               f"(e.g. --training.max_steps=100)"])
+                               f"(e.g. --training.max_steps=100) or one of "
+                               f"{', '.join(f'--{f}=VALUE' for f in top_level)}"])
         key = arg[2:]
         if "=" in key:
             key, value = key.split("=", 1)
@@ -297,8 +310,8 @@ def apply_overrides(raw: dict, overrides: dict[str, str], problems: list[str]) -
                 problem = _unknown(prefix, part, names, value)
                 if depth < len(parts) - 1:   # a section's name: show the whole override
                     section = ".".join(parts[:depth + 1])
-                    problem = f"--{key}={value}: unknown section {section}; " \
-                              f"{problem.split('; ', 1)[1]}"
+                    problem = (f"--{key}={value}: unknown section {section}; "
+                               f"{_unknown_hint(prefix, part, names)}")
                 problems.append(problem)
                 break
             ftype = _hints(cls)[part]
@@ -339,15 +352,18 @@ def _field_names(cls) -> list[str]:
 
 def _unknown(prefix: str, name: str, names: list[str], value: Any) -> str:
     where = f"{prefix}.{name}" if prefix else name
+    return f"{where}={_show(value)}: unknown field; {_unknown_hint(prefix, name, names)}"
+
+
+def _unknown_hint(prefix: str, name: str, names: list[str]) -> str:
+    """Where an unknown name belongs, the closest known one, or the known ones."""
     elsewhere = [section for section, cls in SECTIONS.items()
                  if section != prefix and name in _field_names(cls)]
     if elsewhere:   # the right name in the wrong section: say where it lives
-        return (f"{where}={_show(value)}: unknown field; {name} belongs in the {elsewhere[0]} "
-                f"section: {elsewhere[0]}.{name}")
+        return f"{name} belongs in the {elsewhere[0]} section: {elsewhere[0]}.{name}"
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else \
+    return f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else \
         f"valid fields{' of ' + prefix if prefix else ''}: {', '.join(names)}"
-    return f"{where}={_show(value)}: unknown field; {hint}"
 
 
 def _show(value: Any) -> str:
@@ -406,8 +422,11 @@ def _coerce(where: str, value: Any, tp, problems: list[str], doc: str | None = N
         return [value]
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
-    problems.append(f"{where}={_show(value)}: must be {_TYPE_WORDS.get(base, base.__name__)}, "
-                    f"got {type(value).__name__}")
+    shown = json.dumps(value) if isinstance(value, str) else _show(value)   # "2", quotes seen
+    fix = "; fix: write it without the quotes" if isinstance(value, str) and \
+        _override_value(value, tp) != value else ""
+    problems.append(f"{where}={shown}: must be {_TYPE_WORDS.get(base, base.__name__)}, "
+                    f"got {type(value).__name__}{fix}")
     return None
 
 
@@ -445,6 +464,14 @@ HF_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 def model_fields_from_hf(hf: dict, path: str, problems: list[str]) -> dict:
     """Map a Hugging Face GPT-2 config dict onto `model` fields, noting what cannot be expressed."""
+    if not any(key in hf for key in ("n_embd", "n_layer", "n_head", "model_type")):
+        kind = ("a training config" if "model" in hf or "training" in hf else
+                "a DeepSpeed config" if "zero_optimization" in hf or "train_batch_size" in hf
+                else _other_kind_of_file(hf) or "not one")
+        problems.append(f"model.config_file={path}: not a Hugging Face GPT-2 config (it has none "
+                        f"of n_embd, n_layer, n_head, model_type; it is {kind}); fix: name an "
+                        f"architecture file, e.g. configs/models/gpt_small.json")
+        return {}
     if hf.get("model_type", "gpt2") != "gpt2":
         problems.append(f"model.config_file={path}: model_type={hf.get('model_type')!r}; "
                         f"only GPT-2 configs (model_type \"gpt2\") are supported")
@@ -512,7 +539,10 @@ def _merge_file(raw_section: dict, from_file: dict, section: str, file_field: st
                 continue
             problems.append(f"{section}.{key}={_show(value)} disagrees with "
                             f"{raw_section[file_field]} which says {_show(from_file[key])}; "
-                            f"fix: make them equal or drop the inline value")
+                            f"fix: make them equal, drop the inline value to keep the file's, "
+                            f"or to use another value give --{section}.{key}=... on the command "
+                            f"line (it overrides the file) or name a copy of the file in "
+                            f"{section}.{file_field}")
         merged[key] = value
     return merged
 

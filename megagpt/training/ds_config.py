@@ -152,6 +152,14 @@ def merge_deepspeed_config(ds: dict, cfg, dp: int) -> tuple[dict, list[str]]:
 def _merge_precision(merged: dict, precision: str, name: str, problems: list[str]) -> None:
     if "bfloat16" in merged and "bf16" not in merged:      # DeepSpeed's older name
         merged["bf16"] = merged.pop("bfloat16")
+    found = len(problems)
+    for key in ("bf16", "fp16", "torch_autocast"):
+        if key in merged and not isinstance(merged[key], dict):
+            problems.append(f"parallel.deepspeed_config={name}: {key}={_show(merged[key])} must "
+                            f"be an object (DeepSpeed reads {key}.enabled); fix: remove it (it is "
+                            f"filled from training.precision) or write {{\"enabled\": true}}")
+    if len(problems) > found:
+        return
     declared = {}                                           # precision -> where the file says so
     for p in ("bf16", "fp16"):
         if isinstance(merged.get(p), dict) and merged[p].get("enabled") is True:
@@ -194,6 +202,9 @@ def _merge_optimizer(merged: dict, t, name: str, problems: list[str], fill) -> N
         return
     kind = opt.get("type", AUTO)
     params = opt.setdefault("params", {})
+    if not isinstance(params, dict):
+        problems.append(f"parallel.deepspeed_config={name}: optimizer.params must be an object")
+        return
     if kind == AUTO:
         opt["type"] = "AdamW"
     elif str(kind).lower() not in DS_OPTIMIZERS or (str(kind).lower() == "adam" and

@@ -74,3 +74,16 @@ def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
     assert result.returncode != 0
     error = "training.warmup_steps=10: exceeds the decay length (training.max_steps=6)"
     assert result.stderr.count(error) == 1, result.stderr[-3000:]
+
+
+def test_a_world_size_mismatch_under_torchrun_is_printed_once_with_a_fix_that_fits(tmp_path):
+    """It was printed by every rank, and offered --parallel.world_size=2 for a tp 2 x pp 2 layout
+    that 2 processes cannot hold."""
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "pretrain_gpt.py",
+           "--config", "configs/training/tiny_model.json", f"--logging.run_dir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    error = ("error: parallel.world_size=4 but 2 processes were started; fix: torchrun "
+             "--nproc_per_node 4 ... or --parallel.world_size=2 with tensor x pipeline parallel "
+             "sizes whose product divides 2 (now 2 x 2)")
+    assert result.stderr.count(error) == 1, result.stderr[-3000:]

@@ -135,9 +135,13 @@ def test_missing_section():
 def test_wrong_type():
     problems = problems_of(tiny_raw(), ["--training.batch_size=\"four\"", "--data.mock=1",
                                         "--training.learning_rate=true"])
-    assert "training.batch_size=four: must be an integer, got str" in problems
+    assert 'training.batch_size="four": must be an integer, got str' in problems
     assert "data.mock=1: must be true or false, got int" in problems
     assert "training.learning_rate=true: must be a number, got bool" in problems
+    raw = tiny_raw()
+    raw["training"]["batch_size"] = "2"          # a quoted number in the JSON
+    assert ('training.batch_size="2": must be an integer, got str; fix: write it without the '
+            'quotes') in problems_of(raw)
 
 
 def test_overrides_take_the_forms_python_and_shells_write():
@@ -154,8 +158,8 @@ def test_overrides_take_the_forms_python_and_shells_write():
     assert ('checkpoint.load=null: must be a string; fix: give it a value: "auto" (resume from '
             'latest if any), "none", or a path') in problems
     assert "training.max_steps=1000.0: must be an integer, got float" in problems
-    assert "model.dropout=nan: must be a number, got str" in problems
-    assert "data.mock=yes: must be true or false, got str" in problems
+    assert 'model.dropout="nan": must be a number, got str' in problems
+    assert 'data.mock="yes": must be true or false, got str' in problems
 
 
 def test_a_misspelt_section_in_an_override_shows_the_whole_override():
@@ -349,7 +353,9 @@ def test_inline_values_must_agree_with_the_architecture_file():
     raw["model"]["n_layers"] = 8
     problems = problems_of(raw)
     assert ("model.n_layers=8 disagrees with configs/models/gpt_tiny.json which says 4; fix: make "
-            "them equal or drop the inline value") in problems
+            "them equal, drop the inline value to keep the file's, or to use another value give "
+            "--model.n_layers=... on the command line (it overrides the file) or name a copy of "
+            "the file in model.config_file") in problems
 
 
 def test_an_inline_ffn_size_agrees_with_the_files_null_that_means_four_widths():
@@ -357,8 +363,39 @@ def test_an_inline_ffn_size_agrees_with_the_files_null_that_means_four_widths():
     raw["model"]["ffn_hidden_size"] = 512
     assert load_config(TINY, raw=raw).model.ffn_hidden_size == 512
     raw["model"]["ffn_hidden_size"] = 256
-    assert ("model.ffn_hidden_size=256 disagrees with configs/models/gpt_tiny.json which says "
-            "null; fix: make them equal or drop the inline value") in problems_of(raw)
+    assert any(p.startswith("model.ffn_hidden_size=256 disagrees with configs/models/gpt_tiny.json "
+                            "which says null; fix: make them equal") for p in problems_of(raw))
+
+
+@pytest.mark.parametrize("other,kind", [("configs/dataset/pretraining.json", "a dataset file"),
+                                         ("configs/training/small_model.json", "a training config"),
+                                         ("configs/deepspeed/zero2.json", "a DeepSpeed config")])
+def test_a_model_config_file_of_another_kind_is_refused(other, kind):
+    """It was read as an architecture with no fields, and the inline values built the model."""
+    problems = problems_of(tiny_raw(), [f"--model.config_file={other}"])
+    assert any(p.startswith(f"model.config_file={other}: not a Hugging Face GPT-2 config") and
+               f"it is {kind}" in p for p in problems), problems
+
+
+def test_top_level_fields_can_be_overridden_and_odd_values_stay_whole():
+    """--name was refused as not of the form --section.field (the README says any field can be
+    changed on the command line); a value holding '; ' garbled an unknown section's message."""
+    assert load_config(TINY, ["--name=run7", "--description=a try"]).name == "run7"
+    problems = problems_of(tiny_raw(), ["--loging.run_dir=/tmp/a; b"])
+    assert problems == ["--loging.run_dir=/tmp/a; b: unknown section loging; did you mean logging?"]
+    with pytest.raises(ConfigError, match="or one of --name=VALUE, --description=VALUE"):
+        load_config(TINY, ["--nmae=x"])
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """The last one silently won: a second learning_rate line, or a whole section twice."""
+    text = TINY.read_text().replace('"training": {', '"training": {"learning_rate": 3.0, ', 1)
+    assert '"learning_rate": 3.0' in text
+    path = tmp_path / "twice.json"
+    path.write_text(text)
+    with pytest.raises(ConfigFileError, match=r"twice.json: 'learning_rate' appears twice in one "
+                                              r"object, and only the last would count"):
+        load_config(path)
 
 
 def test_overrides_replace_values_from_the_referenced_files():

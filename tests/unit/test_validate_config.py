@@ -36,6 +36,15 @@ def test_invalid_config_exits_1_listing_every_problem():
     assert "parallel.world_size=6: must be a multiple of" in result.stderr
 
 
+def test_an_override_whose_value_has_a_space_is_an_override():
+    """argparse put '--data.train_data_path=0.3 a 0.7' among the config files: the config was
+    reported valid without it, and the override as an unreadable file."""
+    result = validate("--config", str(TINY), "--data.train_data_path=0.3 runs/a 0.7")
+    assert result.returncode == 1, result.stdout
+    assert "odd number (3) of entries" in result.stderr and "unreadable" not in result.stderr
+    assert validate("--data.train_data_path=x", "--config").returncode == 2
+
+
 def test_wrong_estimated_parameters_exits_1_with_the_right_number():
     result = validate("--config", str(TINY), "--model.estimated_parameters=7000000")
     assert result.returncode == 1
