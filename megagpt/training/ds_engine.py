@@ -207,7 +207,10 @@ class DeepSpeedEngine:
         norm = own_norm if own_norm is not None else ds.get_global_grad_norm()
         norm = math.nan if norm is None else float(norm)
         skipped = not ds.was_step_applied() or not math.isfinite(norm) or not math.isfinite(loss)
-        return StepResult(loss, None if skipped else norm, skipped, tokens)
+        # DeepSpeed's fp16 scaler lowers its scale on an overflow (and stops the run itself once
+        # at its minimum): with a finite loss such a skip is not a fault
+        overflow = skipped and self.cfg.training.precision == "fp16" and math.isfinite(loss)
+        return StepResult(loss, None if skipped else norm, skipped, tokens, overflow)
 
     def _zero0_grad_norm(self) -> float:
         """ZeRO-0 fp32 (torch's AdamW, gradients already averaged over the ranks at the last

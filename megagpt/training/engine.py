@@ -40,6 +40,7 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     tokens: float          # loss tokens in the global batch (their summed loss-mask weights)
+    overflow: bool = False   # skipped for fp16 gradients the loss scaler can still scale down
 
 
 class Engine:
@@ -154,9 +155,13 @@ class Engine:
         loss = self._global_loss(losses, tokens)
         norm = global_grad_norm(self.wrappers, self.state.tp_rank, self.norm_group)
         finite = math.isfinite(norm) and math.isfinite(loss)
+        # fp16: scaled gradients beyond float16's range with a finite loss are what the scaler
+        # is for, while it can still lower the scale (Megatron never stops a run on these)
+        overflow = (not finite and math.isfinite(loss)
+                    and self.scaler.scale > getattr(self.scaler, "min_scale", math.inf))
         self.scaler.update(not finite)
         if not finite:
-            return StepResult(loss, None, True, tokens)
+            return StepResult(loss, None, True, tokens, overflow)
         clip = self.cfg.training.grad_clip
         if clip > 0 and norm > clip:
             scale_grads(self.wrappers, clip / (norm + 1e-6))

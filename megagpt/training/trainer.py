@@ -315,6 +315,10 @@ class Trainer:
                     self.log(f"step {self.step}: no token of the global batch counts in the loss "
                              f"(every loss_mask is 0, as in fine-tuning examples whose prompt "
                              f"fills the window); update skipped")
+                elif result.skipped and result.overflow:     # nor is an fp16 overflow
+                    self.skipped_total += 1
+                    self.log(f"step {self.step}: the fp16 gradients overflowed at this loss "
+                             f"scale; update skipped, scale lowered")
                 elif result.skipped:
                     self.skipped_total += 1
                     self.consecutive_skips += 1

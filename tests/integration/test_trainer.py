@@ -485,6 +485,34 @@ def test_repeated_non_finite_steps_abort_with_a_message(tmp_path):
     assert "3 consecutive steps had a non-finite loss or gradient (training.max_skipped_steps=3)" in message
 
 
+def _fp16_from_scale(rank, world, run_dir, initial_scale, min_scale):
+    from megagpt.training.precision import DynamicLossScaler
+    messages = []
+    cfg = run_config(Path(run_dir), 14, training__precision="fp16",
+                     training__max_skipped_steps=2)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append)
+    trainer.engine.scaler = DynamicLossScaler(initial_scale, min_scale=min_scale)
+    try:
+        trainer.train()
+    except TrainingAborted as e:
+        return "aborted", str(e), trainer.skipped_total, trainer.engine.scaler.scale
+    return "done", messages, trainer.skipped_total, trainer.engine.scaler.scale
+
+
+def test_fp16_overflows_lower_the_scale_without_stopping_the_run(tmp_path):
+    """A loss scale far too high overflows the fp16 gradients for several steps in a row while
+    the scaler backs off: those skips are the scaler's work, not a fault (they counted toward
+    max_skipped_steps, 2 here, and stopped the run); once the scale is at its minimum, a skip is
+    a fault again."""
+    status, messages, skipped, scale = run_distributed(_fp16_from_scale, 1, str(tmp_path / "a"),
+                                                       2.0 ** 40, 1.0)[0]
+    assert status == "done" and skipped >= 3 and scale < 2.0 ** 40, (status, messages)
+    assert sum("fp16 gradients overflowed" in m for m in messages) == skipped
+    status, message, skipped, _ = run_distributed(_fp16_from_scale, 1, str(tmp_path / "b"),
+                                                  2.0 ** 40, 2.0 ** 40)[0]
+    assert status == "aborted" and skipped == 2, message
+
+
 def test_max_skipped_steps_zero_never_aborts(tmp_path):
     out = run_distributed(_nan_steps, 2, str(tmp_path), {2, 3, 4, 5}, 0)
     assert [o[0] for o in out] == ["done", "done"] and out[0][3] == 4, out
