@@ -33,8 +33,9 @@ setup(
         # deepspeed builds from its sdist without importing torch (no ops precompiled) and
         # needs only an unpinned torch, so it keeps the CPU torch the Makefile installs first
         "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "safetensors",
-                 "deepspeed==0.19.8; sys_platform == 'linux'"],
+                 "deepspeed==0.19.8; sys_platform == 'linux'", "wandb>=0.19"],
         "hf": ["transformers>=4.40", "safetensors"],
+        "wandb": ["wandb>=0.19"],
         "deepspeed": ["deepspeed>=0.19"],
         "flash": ["flash-attn>=2.5"],
     },

@@ -167,6 +167,8 @@ class LoggingConfig:
     run_dir: str | None = _field(None, doc="default runs/<config name>")
     metrics_file: str | None = _field(None, doc="default <run_dir>/metrics.jsonl")
     tensorboard: bool = _field(False)
+    wandb_project: str | None = _field(None, doc="log the records to this Weights & Biases "
+                                       "project too (rank 0; needs the wandb package)")
     progress_bar: bool = _field(True)
 
 

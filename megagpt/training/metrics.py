@@ -3,7 +3,7 @@
 - `flops_per_token` and `peak_flops` give DESIGN.md's MFU convention (PaLM's, as nanoGPT uses it):
   6·N + 12·L·d·T FLOPs per token over the device's dense bf16 peak.
 - `MetricsWriter` appends one JSON object a line to `logging.metrics_file` (rank 0 only) and,
-  optionally, TensorBoard scalars. Training records carry `step, loss, lr, grad_norm,
+  optionally, TensorBoard scalars and a Weights & Biases run (`start_wandb`). Training records carry `step, loss, lr, grad_norm,
   tokens_per_s, tflops_per_gpu, mfu, mem_gb, skipped`; eval records `step, val_loss, val_ppl`.
   `mem_gb` is the largest `memory_gb` of any rank (the trainer all-reduces it with MAX at each
   log step; the last pipeline stage usually holds the most), null on CPUs.
@@ -17,7 +17,9 @@ import contextlib
 import json
 import math
 import numbers
+import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -180,6 +182,8 @@ class MetricsWriter:
         path: the metrics file (`logging.metrics_file`); parent folders are created, and an
             existing file is appended to, so a resumed run continues it.
         tensorboard_dir: write TensorBoard scalars there too (`logging.tensorboard`); None: no.
+        wandb_run: a Weights & Biases run (`start_wandb`) that gets every record's numbers too,
+            at the record's step; finished by `close`. None: no W&B.
         enabled: False on every rank but 0: nothing is opened or written.
         resume_step: when resuming from the checkpoint of this step, records of later steps (left
             by a run stopped after its last checkpoint) are dropped from the file, and from
@@ -193,12 +197,14 @@ class MetricsWriter:
     """
 
     def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None,
-                 enabled: bool = True, resume_step: int | None = None, fresh: bool = False):
+                 enabled: bool = True, resume_step: int | None = None, fresh: bool = False,
+                 wandb_run=None):
         self.path = Path(path)
         self.enabled = enabled
         self.set_aside: list[tuple[Path, Path]] = []     # (what was there, where it went)
         self._file = None
         self._tb = None
+        self._wandb = wandb_run
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,11 +249,14 @@ class MetricsWriter:
         plain = {key: _plain(value) for key, value in record.items()}
         self._file.write(json.dumps(plain, allow_nan=False) + "\n")
         self._file.flush()
+        numbers_of = {key: value for key, value in plain.items() if key != "step" and
+                      isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self._tb is not None:
-            for key, value in plain.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, int(step))
+            for key, value in numbers_of.items():
+                self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numbers_of, step=int(step))
 
     def close(self) -> None:
         if self._file is not None:
@@ -256,6 +265,36 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def start_wandb(project: str, name: str, config: dict, run_dir: str | Path, resuming: bool):
+    """A Weights & Biases run (`wandb.init`) for a training run's records, its files under
+    `<run_dir>/wandb/`. The W&B run's id is kept in `<run_dir>/wandb_run_id`: a resumed run
+    continues the same W&B run, a run starting at step 0 starts a new one. W&B's own settings
+    (WANDB_ENTITY, WANDB_MODE=offline, WANDB_API_KEY, ...) come from the environment.
+
+    W&B keeps the steps it was given: after a resume from the checkpoint of step N, records of
+    steps N+1... that the stopped attempt had logged stay, and the resumed run's records of
+    those steps are dropped by W&B (metrics.jsonl holds the resumed ones)."""
+    import wandb
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else ""
+    if not run_id:
+        run_id = secrets.token_hex(4)
+        tmp = id_file.with_name(id_file.name + ".tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, id_file)
+    return wandb.init(project=project, name=name, id=run_id, resume="allow", config=config,
+                      dir=str(run_dir))
 
 
 def format_console_line(record: dict, max_steps: int | None = None) -> str:

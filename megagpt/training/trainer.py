@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import importlib.util
 import math
 import multiprocessing
 import os
@@ -52,7 +53,8 @@ from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, CheckpointError,
                                          start_checkpoint_save)
 from megagpt.training.engine import Engine
 from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
-                                      format_console_line, memory_gb, peak_flops, throughput)
+                                      format_console_line, memory_gb, peak_flops, start_wandb,
+                                      throughput)
 from megagpt.training.optim import lr_at, set_hyperparameters
 
 
@@ -156,7 +158,18 @@ def output_problems(cfg) -> list[str]:
             where = f"{name}={value}" if value else f"{name} (default {default}, under " \
                                                      f"logging.run_dir={cfg.run_dir})"
             problems.append(f"{where}: cannot write there ({reason}); fix: choose another path")
+    if _wandb_missing(cfg):
+        problems.append(_wandb_missing(cfg))
     return problems
+
+
+def _wandb_missing(cfg) -> str | None:
+    """What to do when logging.wandb_project is set where wandb is not installed."""
+    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        return (f"logging.wandb_project={cfg.logging.wandb_project}: the wandb package is not "
+                f"installed; fix: pip install wandb (or pip install -e '.[wandb]'), or "
+                f"logging.wandb_project=null")
+    return None
 
 
 class Trainer:
@@ -165,6 +178,8 @@ class Trainer:
     def __init__(self, cfg: Config, state: ParallelState, device: torch.device | str = "cpu",
                  log=print):
         self.started = time.monotonic()   # training.exit_duration_minutes counts from here
+        if _wandb_missing(cfg):             # on every rank, before any collective
+            raise ValueError(_wandb_missing(cfg))
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         self.is_rank0 = state.rank == 0
         self.log = log if self.is_rank0 else (lambda *a, **k: None)
@@ -269,10 +284,14 @@ class Trainer:
         t = self.cfg.training
         end = t.max_steps if until is None else min(until, t.max_steps)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        wandb_run = None
+        if self.is_rank0 and self.cfg.logging.wandb_project:
+            wandb_run = start_wandb(self.cfg.logging.wandb_project, self.cfg.name,
+                                    self.cfg.to_dict(), self.run_dir, resuming=self.step > 0)
         writer = MetricsWriter(self.cfg.logging.metrics_file or self.run_dir / "metrics.jsonl",
                                self.run_dir / "tensorboard" if self.cfg.logging.tensorboard else None,
                                enabled=self.is_rank0, resume_step=self.step or None,
-                               fresh=self.step == 0)
+                               fresh=self.step == 0, wandb_run=wandb_run)
         for old, kept in writer.set_aside:
             self.log(f"this run starts at step 0: moved the {old} already there to {kept}")
         timer = StepTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)

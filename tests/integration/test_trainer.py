@@ -513,6 +513,34 @@ def test_fp16_overflows_lower_the_scale_without_stopping_the_run(tmp_path):
     assert status == "aborted" and skipped == 2, message
 
 
+def test_metrics_reach_weights_and_biases_and_a_resume_continues_the_run(tmp_path, monkeypatch):
+    """logging.wandb_project with the real wandb package, offline: the run's id is kept in the
+    run dir, its records are written under <run_dir>/wandb/, and a resume logs to the same id."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = dict(logging__wandb_project="megagpt-tests", checkpoint__save_interval=2)
+    run_distributed(_resume_with, 1, str(tmp_path), 4, 2, overrides)
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    run_distributed(_resume_with, 1, str(tmp_path), 4, 4, overrides)
+    assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
+    files = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2, list((tmp_path / "wandb").iterdir())
+    for f in files:            # the records' keys are in W&B's own binary log
+        assert b"grad_norm" in f.read_bytes() and b"tokens_per_s" in f.read_bytes()
+
+
+def test_wandb_without_the_package_is_refused_on_every_rank(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = run_config(tmp_path, 2, logging__wandb_project="p")
+    with pytest.raises(ValueError, match=r"logging.wandb_project=p: the wandb package is not "
+                                         r"installed; fix: pip install wandb"):
+        Trainer(cfg, None)
+    assert any("the wandb package is not installed" in p for p in output_problems(cfg))
+
+
 def test_max_skipped_steps_zero_never_aborts(tmp_path):
     out = run_distributed(_nan_steps, 2, str(tmp_path), {2, 3, 4, 5}, 0)
     assert [o[0] for o in out] == ["done", "done"] and out[0][3] == 4, out

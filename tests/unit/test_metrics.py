@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from megagpt.config import ModelConfig
-from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
+from megagpt.training.metrics import (WANDB_ID_FILE, MetricsWriter, StepTimer, flops_per_token,
                                       format_console_line, memory_gb, peak_flops,
-                                      peak_flops_for_name, throughput)
+                                      peak_flops_for_name, start_wandb, throughput)
 
 TRAIN = dict(step=120, loss=4.12341, lr=3e-4, grad_norm=0.8123, tokens_per_s=12345.4,
              tflops_per_gpu=101.23, mfu=0.4131, mem_gb=12.34, skipped=0)
@@ -143,6 +143,48 @@ def test_tensorboard_scalars(tmp_path):
     assert "mfu" not in events.Tags()["scalars"]
     assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == [(120, 4.1234)]
     assert [(e.step, e.value) for e in events.Scalars("val_loss")] == [(200, 3.5)]
+
+
+class FakeRun:
+    def __init__(self):
+        self.logged, self.finished = [], False
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_gets_each_records_numbers_at_its_step(tmp_path):
+    run = FakeRun()
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", wandb_run=run)
+    writer.write(dict(TRAIN, mfu=None, loss=float("nan")))
+    writer.write({"step": 200, "val_loss": 3.5, "val_ppl": 33.1})
+    writer.close()
+    assert run.logged[0][0] == 120 and "loss" not in run.logged[0][1]     # null: not a number
+    assert "mfu" not in run.logged[0][1] and run.logged[0][1]["lr"] == 3e-4
+    assert run.logged[1] == (200, {"val_loss": 3.5, "val_ppl": 33.1})
+    assert run.finished
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_starts_another(tmp_path,
+                                                                               monkeypatch):
+    import sys
+    import types
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    start_wandb("proj", "tiny", {"a": 1}, tmp_path / "run", resuming=False)
+    first = (tmp_path / "run" / WANDB_ID_FILE).read_text().strip()
+    start_wandb("proj", "tiny", {"a": 1}, tmp_path / "run", resuming=True)
+    start_wandb("proj", "tiny", {"a": 1}, tmp_path / "run", resuming=False)
+    ids = [c["id"] for c in calls]
+    assert ids[0] == ids[1] == first and ids[2] != first
+    assert (tmp_path / "run" / WANDB_ID_FILE).read_text().strip() == ids[2]
+    assert calls[0] == dict(project="proj", name="tiny", id=first, resume="allow",
+                            config={"a": 1}, dir=str(tmp_path / "run"))
 
 
 def test_console_line_of_a_training_record():
