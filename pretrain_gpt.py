@@ -25,13 +25,15 @@ from megagpt.kernels import BackendUnavailable
 from megagpt.parallel.state import destroy_parallel, initialize_parallel
 from megagpt.testing import free_port
 from megagpt.training.checkpoint import CheckpointError
+from megagpt.training.metrics import WandbError
 from megagpt.training.trainer import (AnotherRankFailed, Trainer, TrainingAborted, output_problems,
                                       run_banner)
 
 # What a user's input or run can raise after the config loads: each message names the setting
 # and the fix, so it is printed as it is, without a traceback.
 USER_ERRORS = (BackendUnavailable, CheckpointError, ConversionError, DataPathError,
-               DatasetBuildError, IndexedDatasetError, InputError, TokenizerError, TrainingAborted)
+               DatasetBuildError, IndexedDatasetError, InputError, TokenizerError, TrainingAborted,
+               WandbError)
 
 
 def print_once(message: str) -> None:

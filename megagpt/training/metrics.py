@@ -273,6 +273,10 @@ class MetricsWriter:
 WANDB_ID_FILE = "wandb_run_id"
 
 
+class WandbError(RuntimeError):
+    """`wandb.init` failed (not logged in, no network): the message says what to do."""
+
+
 def start_wandb(project: str, name: str, config: dict, run_dir: str | Path, resuming: bool):
     """A Weights & Biases run (`wandb.init`) for a training run's records, its files under
     `<run_dir>/wandb/`. The W&B run's id is kept in `<run_dir>/wandb_run_id`: a resumed run
@@ -293,8 +297,13 @@ def start_wandb(project: str, name: str, config: dict, run_dir: str | Path, resu
         tmp = id_file.with_name(id_file.name + ".tmp")
         tmp.write_text(run_id + "\n")
         os.replace(tmp, id_file)
-    return wandb.init(project=project, name=name, id=run_id, resume="allow", config=config,
-                      dir=str(run_dir))
+    try:
+        return wandb.init(project=project, name=name, id=run_id, resume="allow", config=config,
+                          dir=str(run_dir))
+    except Exception as e:
+        raise WandbError(f"logging.wandb_project={project}: wandb.init failed ({e}); fix: "
+                         f"`wandb login` or WANDB_API_KEY, WANDB_MODE=offline on a machine "
+                         f"without network (then `wandb sync`), or logging.wandb_project=null") from e
 
 
 def format_console_line(record: dict, max_steps: int | None = None) -> str:

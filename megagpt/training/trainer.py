@@ -52,7 +52,7 @@ from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, CheckpointError,
                                          resolve_load_path, restore_rng_state, save_checkpoint,
                                          start_checkpoint_save)
 from megagpt.training.engine import Engine
-from megagpt.training.metrics import (MetricsWriter, StepTimer, flops_per_token,
+from megagpt.training.metrics import (MetricsWriter, StepTimer, WandbError, flops_per_token,
                                       format_console_line, memory_gb, peak_flops, start_wandb,
                                       throughput)
 from megagpt.training.optim import lr_at, set_hyperparameters
@@ -284,10 +284,19 @@ class Trainer:
         t = self.cfg.training
         end = t.max_steps if until is None else min(until, t.max_steps)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        wandb_run = None
-        if self.is_rank0 and self.cfg.logging.wandb_project:
-            wandb_run = start_wandb(self.cfg.logging.wandb_project, self.cfg.name,
-                                    self.cfg.to_dict(), self.run_dir, resuming=self.step > 0)
+        wandb_run = failure = None
+        if self.cfg.logging.wandb_project:      # rank 0's start, agreed on: no rank waits alone
+            if self.is_rank0:
+                try:
+                    wandb_run = start_wandb(self.cfg.logging.wandb_project, self.cfg.name,
+                                            self.cfg.to_dict(), self.run_dir,
+                                            resuming=self.step > 0)
+                except WandbError as e:
+                    failure = e
+            if not self._all_min(0 if failure else 1):
+                if failure is not None:
+                    raise failure
+                raise AnotherRankFailed("rank 0 could not start its Weights & Biases run")
         writer = MetricsWriter(self.cfg.logging.metrics_file or self.run_dir / "metrics.jsonl",
                                self.run_dir / "tensorboard" if self.cfg.logging.tensorboard else None,
                                enabled=self.is_rank0, resume_step=self.step or None,

@@ -529,6 +529,33 @@ def test_metrics_reach_weights_and_biases_and_a_resume_continues_the_run(tmp_pat
         assert b"grad_norm" in f.read_bytes() and b"tokens_per_s" in f.read_bytes()
 
 
+def _wandb_init_fails(rank, world, run_dir):
+    import importlib.machinery
+    import types
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+    fake.init = init
+    sys.modules["wandb"] = fake
+    cfg = run_config(Path(run_dir), 2, dp=world, logging__wandb_project="p")
+    try:
+        Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None).train()
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return "trained", ""
+
+
+def test_a_failed_wandb_start_stops_every_rank_with_the_fix(tmp_path):
+    """Only rank 0 starts the W&B run: when that fails (not logged in), the other ranks are
+    told and stop, instead of waiting in the first collective until its timeout."""
+    (kind0, message), (kind1, _) = run_distributed(_wandb_init_fails, 2, str(tmp_path))
+    assert kind0 == "WandbError" and kind1 == "AnotherRankFailed"
+    assert message.startswith("logging.wandb_project=p: wandb.init failed (api_key not "
+                              "configured (no-tty)); fix: `wandb login` or WANDB_API_KEY")
+
+
 def test_wandb_without_the_package_is_refused_on_every_rank(tmp_path, monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
