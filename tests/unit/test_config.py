@@ -469,6 +469,51 @@ def test_configs_readme_documents_every_field():
             assert f"`{f.name}`" in readme, f"configs/README.md does not document {section}.{f.name}"
 
 
+def _documented_defaults(readme: str) -> dict[str, str]:
+    """{"section.field": the default cell} from configs/README.md's section tables."""
+    import re
+    cells, section = {}, None
+    for line in readme.splitlines():
+        heading = re.match(r"^### `(\w+)`$", line)
+        if heading:
+            section = heading.group(1)
+        elif section and line.startswith("| `"):
+            names, default = [c.strip() for c in line.split("|")[1:3]]
+            names = re.findall(r"`(\w+)`", names)
+            values = [v.strip() for v in default.split(",")]   # one default each, or one for all
+            values = values if len(names) > 1 and len(values) == len(names) else [default] * len(names)
+            cells.update({f"{section}.{n}": v for n, v in zip(names, values)})
+    return cells
+
+
+def test_configs_readme_gives_each_fields_default():
+    """Every field's row in configs/README.md states the default the code has."""
+    import dataclasses
+
+    from megagpt.config import SECTIONS
+    cells = _documented_defaults((ROOT / "configs" / "README.md").read_text())
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal") or dataclasses.is_dataclass(f.type):
+                continue
+            cell = cells.get(f"{section}.{f.name}")
+            assert cell is not None, f"configs/README.md has no row for {section}.{f.name}"
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            word = cell.split(" (")[0].strip('"')
+            if f.metadata.get("required"):
+                assert word == "*required*", (section, f.name, cell)
+            elif default is None:
+                assert word == "null", (section, f.name, cell)
+            elif isinstance(default, bool):
+                assert word == str(default).lower(), (section, f.name, cell)
+            elif isinstance(default, (int, float)):
+                assert float(word) == default, (section, f.name, cell)
+            else:
+                assert word == (json.dumps(default) if isinstance(default, list) else default), \
+                    (section, f.name, cell)
+
+
 def test_megatrons_space_separated_data_path_form_is_a_list():
     cfg = load_config(TINY, ["--data.train_data_path=0.3 runs/a 0.7 runs/b"], raw=tiny_raw())
     assert cfg.data.train_data_path == ["0.3", "runs/a", "0.7", "runs/b"]
