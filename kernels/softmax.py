@@ -106,9 +106,6 @@ def _check_inputs(x, causal):
     if x.dim() < (2 if causal else 1):
         need = "(..., sq, sk) when causal" if causal else "at least one dimension"
         raise ValueError(f"x has shape {tuple(x.shape)}; scaled_masked_softmax needs {need}")
-    if x.shape[-1] > MAX_WIDTH:
-        raise ValueError(f"x has last dimension {x.shape[-1]}; scaled_masked_softmax supports up "
-                         f"to {MAX_WIDTH}")
 
 
 def scaled_masked_softmax_reference(x, scale=1.0, causal=False):
@@ -137,6 +134,9 @@ def scaled_masked_softmax(x, scale=1.0, causal=False):
     _check_inputs(x, causal)
     if x.numel() == 0 or not triton_runs_on(x.device):
         return scaled_masked_softmax_reference(x, scale, causal)
+    if x.shape[-1] > MAX_WIDTH:         # the kernels' limit, not the reference's
+        raise ValueError(f"x has last dimension {x.shape[-1]}; the Triton scaled_masked_softmax "
+                         f"supports up to {MAX_WIDTH} (kernels.softmax=torch has no limit)")
     return ScaledMaskedSoftmaxFunction.apply(x, float(scale), bool(causal))
 
 

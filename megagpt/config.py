@@ -242,11 +242,20 @@ def read_json(path: str | Path, what: str = "config") -> dict:
                               f"(run `python -m json.tool {path}` to see it)") from e
     if duplicates:
         raise ConfigFileError(f"{path}: {', '.join(repr(k) for k in dict.fromkeys(duplicates))} "
-                              f"appear{'s' if len(set(duplicates)) == 1 else ''} twice in one "
-                              f"object, and only the last would count; fix: keep one of each")
+                              f"appear{'s' if len(set(duplicates)) == 1 else ''} more than once "
+                              f"in one object, and only the last would count; fix: keep one of "
+                              f"each")
     if not isinstance(obj, dict):
         raise ConfigFileError(f"{path}: the top level must be a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def split_config_args(config_args: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
+    """A tool's `--config FILE...` values and its other arguments, as (config files, overrides):
+    argparse never reads an argument holding a space as an option, so an override whose value
+    has one ('--data.train_data_path=0.3 runs/a 0.7 runs/b') lands among the config files."""
+    return ([a for a in config_args if not a.startswith("--")],
+            overrides + [a for a in config_args if a.startswith("--")])
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -425,8 +434,11 @@ def _coerce(where: str, value: Any, tp, problems: list[str], doc: str | None = N
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
     shown = json.dumps(value) if isinstance(value, str) else _show(value)   # "2", quotes seen
-    fix = "; fix: write it without the quotes" if isinstance(value, str) and \
-        _override_value(value, tp) != value else ""
+    meant = _override_value(value, tp) if isinstance(value, str) else value
+    fits = (meant is None or (isinstance(meant, bool) if base is bool else
+                              base in (int, float) and not isinstance(meant, bool)
+                              and isinstance(meant, int if base is int else (int, float))))
+    fix = f"; fix: write {json.dumps(meant)}" if meant is not value and fits else ""
     problems.append(f"{where}={shown}: must be {_TYPE_WORDS.get(base, base.__name__)}, "
                     f"got {type(value).__name__}{fix}")
     return None
@@ -466,13 +478,13 @@ HF_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 def model_fields_from_hf(hf: dict, path: str, problems: list[str]) -> dict:
     """Map a Hugging Face GPT-2 config dict onto `model` fields, noting what cannot be expressed."""
-    if not any(key in hf for key in ("n_embd", "n_layer", "n_head", "model_type")):
-        kind = ("a training config" if "model" in hf or "training" in hf else
-                "a DeepSpeed config" if "zero_optimization" in hf or "train_batch_size" in hf
-                else _other_kind_of_file(hf) or "not one")
-        problems.append(f"model.config_file={path}: not a Hugging Face GPT-2 config (it has none "
-                        f"of n_embd, n_layer, n_head, model_type; it is {kind}); fix: name an "
-                        f"architecture file, e.g. configs/models/gpt_small.json")
+    kind = ("a training config" if "model" in hf or "training" in hf else
+            "a DeepSpeed config" if "zero_optimization" in hf or "train_batch_size" in hf
+            else "a dataset file" if "train_data_path" in hf else None)
+    if kind or not any(key in hf for key in (*HF_TO_MODEL, "model_type")):
+        what = f"it is {kind}" if kind else f"it has none of {', '.join(HF_TO_MODEL)}"
+        problems.append(f"model.config_file={path}: not a Hugging Face GPT-2 config ({what}); "
+                        f"fix: name an architecture file, e.g. configs/models/gpt_small.json")
         return {}
     if hf.get("model_type", "gpt2") != "gpt2":
         problems.append(f"model.config_file={path}: model_type={hf.get('model_type')!r}; "

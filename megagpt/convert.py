@@ -69,6 +69,7 @@ class Source:
     consumed_samples: int
     layout: tuple[int, int, int]        # (tp, pp, vp) it was saved with; (1, 1, 1) for HF
     tokenizer_path: str                 # the tokenizer to use unless one is given
+    train_samples: int | None = None    # the training set's size of the run (its meta.json)
 
     def describe(self) -> str:
         if self.kind == "hf":
@@ -243,7 +244,7 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
     config = meta["config"]
     return Source("megagpt", where, model_config_of(meta), full, config, meta["step"],
                   meta["consumed_samples"], (p["tp"], p["pp"], p["vp"]),
-                  config["data"]["tokenizer_path"])
+                  config["data"]["tokenizer_path"], meta.get("train_samples"))
 
 
 def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
@@ -320,6 +321,8 @@ def write_megagpt(source: Source, save_dir: Path, tp: int, pp: int, vp: int) -> 
             "consumed_samples": source.consumed_samples,
             "parallel": {"tp": tp, "pp": pp, "dp": 1, "vp": vp, "zero_stage": 0},
             "converted_from": str(source.path)}
+    if source.train_samples is not None:        # the data order the run was on
+        meta["train_samples"] = source.train_samples
     states = shard_full_state(source.full_state, source.model, tp, pp, vp)
     return write_checkpoint_offline(save_dir, source.step, states, meta)
 

@@ -60,7 +60,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megagpt.config import ConfigError, ConfigFileError, load_config  # noqa: E402
+from megagpt.config import (ConfigError, ConfigFileError, load_config,  # noqa: E402
+                            split_config_args)
 from megagpt.estimate import MiB, estimate_memory  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
@@ -221,6 +222,8 @@ def main() -> int:
                              "processes on the CPU (the native engine; not DeepSpeed configs)")
     parser.add_argument("--json", help="also write the rows, with every estimate term, to this file")
     args, overrides = parser.parse_known_args()
+    if args.config:
+        args.config, overrides = split_config_args(args.config, overrides)
     if args.steps < 2:
         parser.error(f"--steps={args.steps}: must be at least 2 (AdamW's moments exist from the "
                      f"first step on, so the peak is reached in a later one)")

@@ -138,5 +138,6 @@ capped "host overhead" 20 "$python" tools/bench_host_overhead.py --calls 100 --r
 host_rc=${PIPESTATUS[0]}
 
 echo "gpu_check: kernel tests exit $tests_rc, kernel benchmark exit $bench_rc, host overhead" \
-  "exit $host_rc, training benchmark exit $train_rc (124: timed out); files in $out_dir"
+  "exit $host_rc, training benchmark exit $train_rc (124: timed out, 137: killed 10 s after" \
+  "that); files in $out_dir"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$host_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]

@@ -12,7 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megagpt.config import ConfigError, ConfigFileError, load_config  # noqa: E402
+from megagpt.config import (ConfigError, ConfigFileError, load_config,  # noqa: E402
+                            split_config_args)
 from megagpt.estimate import parse_memory, report  # noqa: E402
 
 
@@ -21,10 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", nargs="+", required=True, help="training config JSON file(s)")
     parser.add_argument("--gpu-memory", default="80GB", help="memory of one GPU (default 80GB)")
     args, overrides = parser.parse_known_args(argv)
-    # argparse never reads an argument with a space as an option, so an override whose value has
-    # one ('--data.train_data_path=0.3 runs/a 0.7 runs/b') lands among the config files
-    overrides += [a for a in args.config if a.startswith("--")]
-    args.config = [a for a in args.config if not a.startswith("--")]
+    args.config, overrides = split_config_args(args.config, overrides)
     if not args.config:
         parser.error("--config needs at least one config file")
     try:

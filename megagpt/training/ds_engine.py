@@ -96,6 +96,22 @@ def _stderr_silenced():
         os.close(saved)
 
 
+
+def scale_can_back_off(optimizer) -> bool:
+    """Whether DeepSpeed's fp16 loss scale is dynamic and above its minimum, read from its
+    optimizer: the ZeRO optimizers keep a `loss_scaler` (dynamic, cur_scale, min_scale), the
+    fp16 optimizer a `loss_scale_config`. False when neither says so (a static scale, bf16, or
+    fields this DeepSpeed names otherwise): its skips then count as faults."""
+    for holder in (getattr(optimizer, "loss_scaler", None),
+                   getattr(optimizer, "loss_scale_config", None)):
+        if holder is None:
+            continue
+        dynamic = getattr(holder, "dynamic", getattr(holder, "dynamic_loss_scale", False))
+        low = getattr(holder, "min_scale", getattr(holder, "min_loss_scale", None))
+        scale = getattr(holder, "cur_scale", None)
+        return bool(dynamic) and None not in (low, scale) and scale > low
+    return False
+
 class DeepSpeedEngine:
     """The model, trained through DeepSpeed. See the module docstring."""
 
@@ -185,6 +201,7 @@ class DeepSpeedEngine:
             raise ValueError(f"DeepSpeedEngine.train_step: {len(microbatches)} micro-batches, the "
                              f"DeepSpeed config accumulates {self.gas}")
         ds.train()
+        can_back_off = scale_can_back_off(ds.optimizer)   # before this step's update
         tokens = self.global_tokens(microbatches)     # before the copy: no device sync
         if not tokens:             # as Engine: no loss in the global batch, no step at all
             return StepResult(math.nan, None, True, 0.0)
@@ -207,9 +224,9 @@ class DeepSpeedEngine:
         norm = own_norm if own_norm is not None else ds.get_global_grad_norm()
         norm = math.nan if norm is None else float(norm)
         skipped = not ds.was_step_applied() or not math.isfinite(norm) or not math.isfinite(loss)
-        # DeepSpeed's fp16 scaler lowers its scale on an overflow (and stops the run itself once
-        # at its minimum): with a finite loss such a skip is not a fault
-        overflow = skipped and self.cfg.training.precision == "fp16" and math.isfinite(loss)
+        # an overflow a dynamic fp16 scale above its minimum backs off from is not a fault
+        overflow = (skipped and self.cfg.training.precision == "fp16" and math.isfinite(loss)
+                    and can_back_off)
         return StepResult(loss, None if skipped else norm, skipped, tokens, overflow)
 
     def _zero0_grad_norm(self) -> float:

@@ -346,7 +346,7 @@ class Trainer:
                 elif result.skipped and result.overflow:     # nor is an fp16 overflow
                     self.skipped_total += 1
                     self.log(f"step {self.step}: the fp16 gradients overflowed at this loss "
-                             f"scale; update skipped, scale lowered")
+                             f"scale; update skipped (the scaler backs off)")
                 elif result.skipped:
                     self.skipped_total += 1
                     self.consecutive_skips += 1

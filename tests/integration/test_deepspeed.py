@@ -411,3 +411,25 @@ def test_torchrun_pretrain_gpt_trains_through_deepspeed_and_resumes(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+
+
+def test_an_fp16_skip_is_exempt_only_while_deepspeeds_scale_can_back_off():
+    """An overflow counts as the scaler's work only with a dynamic scale above its minimum: a
+    static `fp16.loss_scale` (DeepSpeed then skips forever) or one at its minimum is a fault,
+    as is a scaler whose fields this DeepSpeed names otherwise."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+    from megagpt.training.ds_engine import scale_can_back_off
+    dynamic = DynamicLossScaler(init_scale=2.0 ** 16, scale_window=1000, min_scale=1.0,
+                                delayed_shift=2, consecutive_hysteresis=False)
+    assert scale_can_back_off(SimpleNamespace(loss_scaler=dynamic))      # ZeRO's optimizers
+    dynamic.cur_scale = 1.0
+    assert not scale_can_back_off(SimpleNamespace(loss_scaler=dynamic))
+    assert not scale_can_back_off(SimpleNamespace(loss_scaler=LossScaler(scale=128)))
+    fp16_optimizer = SimpleNamespace(loss_scale_config=SimpleNamespace(
+        dynamic_loss_scale=True, cur_scale=1024.0, min_loss_scale=1.0))
+    assert scale_can_back_off(fp16_optimizer)
+    assert not scale_can_back_off(SimpleNamespace())
+

@@ -131,6 +131,21 @@ def test_a_resume_with_a_smaller_global_batch_has_the_samples_to_finish(tmp_path
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000010"
 
 
+def test_a_converted_checkpoint_keeps_the_runs_training_set_size(tmp_path):
+    """A conversion dropped train_samples from meta.json: resuming from it warned of a data
+    order change that had not happened (20 -> 56, the run's own size being 56)."""
+    from megagpt.convert import convert
+    run_distributed(_resume_with, 1, str(tmp_path), 6, 6, {})
+    run_distributed(_resume_with, 1, str(tmp_path), 10, 8, dict(training__grad_accumulation_steps=1))
+    convert(tmp_path / "ckpt" / "step_0000008", tmp_path / "converted", "megagpt",
+            log=lambda line: None)
+    messages = run_distributed(_resume_with, 1, str(tmp_path), 10, 10, dict(
+        training__grad_accumulation_steps=1,
+        checkpoint__load=str(tmp_path / "converted" / "step_0000008")))[0]
+    assert any("resumed the weights of" in m for m in messages), messages
+    assert not any("other data settings" in m for m in messages), messages
+
+
 def _start(rank, world, run_dir, steps, overrides, stop_after_save=False):
     messages = []
     cfg = run_config(Path(run_dir), steps, **overrides)

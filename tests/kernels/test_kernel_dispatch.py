@@ -208,3 +208,14 @@ def test_apex_backend_calls_fused_layer_norm_affine(monkeypatch, device):
     x, w, b = torch.randn(4, 24, device=device), torch.randn(24, device=device), torch.randn(
         24, device=device)
     torch.testing.assert_close(fn(x, w, b, 1e-3), layer_norm_reference(x, w, b, 1e-3))
+
+
+@pytest.mark.parametrize("op,args", [
+    ("softmax", (torch.randn(2, 70000),)),
+    ("layernorm", (torch.randn(2, 70000), torch.randn(70000), torch.randn(70000))),
+])
+def test_the_kernels_width_limit_is_not_the_torch_backends(op, args):
+    assert get_op(op, "torch", "cpu")(*args).shape == (2, 70000)
+    with pytest.raises(ValueError, match="last dimension 70000; the Triton .* supports up to 65536"):
+        get_op(op, "triton", "cpu")(*args)
+

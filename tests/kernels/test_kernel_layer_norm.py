@@ -60,7 +60,7 @@ def test_bf16_on_gpu(compare, width):
     (lambda d: (torch.randn(4, 8, device=d), torch.randn(8, device="meta"),
                 torch.randn(8, device=d)), "x is on .* but weight is on meta"),
     (lambda d: (torch.randn(2, 70000, device=d), torch.randn(70000, device=d),
-                torch.randn(70000, device=d)), "last dimension 70000; layer_norm supports up to"),
+                torch.randn(70000, device=d)), "last dimension 70000; the Triton layer_norm supports up to"),
 ])
 def test_bad_input(device, make_inputs, message):
     with pytest.raises((ValueError, TypeError), match=message):

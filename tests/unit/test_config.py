@@ -140,8 +140,16 @@ def test_wrong_type():
     assert "training.learning_rate=true: must be a number, got bool" in problems
     raw = tiny_raw()
     raw["training"]["batch_size"] = "2"          # a quoted number in the JSON
-    assert ('training.batch_size="2": must be an integer, got str; fix: write it without the '
-            'quotes') in problems_of(raw)
+    assert 'training.batch_size="2": must be an integer, got str; fix: write 2' in problems_of(raw)
+    for field, value, fix in [("logging.tensorboard", "True", "; fix: write true"),
+                              ("training.lr_decay_steps", "None", "; fix: write null"),
+                              ("training.learning_rate", ".001", "; fix: write 0.001"),
+                              ("training.max_steps", "1e3", "")]:    # 1000.0: not an integer
+        raw = tiny_raw()
+        section, name = field.split(".")
+        raw[section][name] = value
+        problem = next(p for p in problems_of(raw) if p.startswith(f'{field}="{value}"'))
+        assert problem.endswith(f"got str{fix}"), problem
 
 
 def test_overrides_take_the_forms_python_and_shells_write():
@@ -367,6 +375,14 @@ def test_an_inline_ffn_size_agrees_with_the_files_null_that_means_four_widths():
                             "which says null; fix: make them equal") for p in problems_of(raw))
 
 
+def test_a_partial_architecture_file_still_fills_what_it_has(tmp_path):
+    path = tmp_path / "vocab_only.json"
+    path.write_text('{"vocab_size": 50257, "n_positions": 16}')
+    raw = tiny_raw()
+    raw["model"] = dict(raw["model"], config_file=str(path), vocab_size=50257, seq_length=16)
+    assert load_config(TINY, raw=raw).model.vocab_size == 50257
+
+
 @pytest.mark.parametrize("other,kind", [("configs/dataset/pretraining.json", "a dataset file"),
                                          ("configs/training/small_model.json", "a training config"),
                                          ("configs/deepspeed/zero2.json", "a DeepSpeed config")])
@@ -393,8 +409,8 @@ def test_a_key_given_twice_is_refused(tmp_path):
     assert '"learning_rate": 3.0' in text
     path = tmp_path / "twice.json"
     path.write_text(text)
-    with pytest.raises(ConfigFileError, match=r"twice.json: 'learning_rate' appears twice in one "
-                                              r"object, and only the last would count"):
+    with pytest.raises(ConfigFileError, match=r"twice.json: 'learning_rate' appears more than "
+                                              r"once in one object, and only the last would count"):
         load_config(path)
 
 
