@@ -190,8 +190,12 @@ class Config:
         return self.logging.run_dir or f"runs/{self.name or 'default'}"
 
     def to_dict(self) -> dict:
+        """The whole config as one self-contained dict (what checkpoints keep): the sections
+        hold every value, those read from files and overrides alike, so the files they named
+        are dropped (`config_file` null) and the dict loads back as the same config."""
         out = dataclasses.asdict(self)
         out.pop("source")
+        out["model"]["config_file"] = out["data"]["config_file"] = None
         return out
 
 

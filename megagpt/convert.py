@@ -298,6 +298,8 @@ def converted_config(source: Source, tp: int, pp: int, vp: int) -> dict:
     only and its file fixes the accumulation; its ZeRO stage becomes the native path's 0 or 1);
     no CUDA graphs where tp or pp > 1."""
     config = json.loads(json.dumps(source.config))
+    for section in ("model", "data"):     # expanded already; checkpoints before 2026-11-29 kept them
+        config[section]["config_file"] = None
     par, t = config["parallel"], config["training"]
     old_dp = par["world_size"] // (par["tensor_parallel_size"] * par["pipeline_parallel_size"])
     global_batch = t["batch_size"] * t["grad_accumulation_steps"] * old_dp

@@ -127,7 +127,8 @@ def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int
     if longest > seq_length:
         raise ValueError(f"the longest prompt has {longest} tokens, more than the model's context "
                          f"of {seq_length} (model.seq_length); fix: shorten it to at most "
-                         f"{seq_length} tokens")
+                         f"{seq_length - max_new_tokens + 1} tokens (room for max_new_tokens="
+                         f"{max_new_tokens}), or fewer new tokens")
     # the last new token is chosen, never read: the model reads longest + max_new_tokens - 1
     if longest + max_new_tokens - 1 > seq_length:
         raise ValueError(f"the longest prompt has {longest} tokens; with max_new_tokens="

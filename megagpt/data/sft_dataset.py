@@ -185,7 +185,13 @@ class SFTDataset(torch.utils.data.Dataset):
             epochs = 1 if num_samples is None else max(1, -(-num_samples // len(examples)))
             rng = np.random.default_rng(seed)
             self.order = np.concatenate([rng.permutation(len(examples)) for _ in range(epochs)])
-        self.truncated = 0 if packing else int(np.sum(examples.lengths > seq_length + 1))
+        # padded: an example longer than the window is cut to it, and may lose its response
+        window, offsets = seq_length + 1, examples.offsets
+        cut = [] if packing else np.flatnonzero(examples.lengths > window)
+        self.truncated = len(cut)
+        self.lost_response = sum(1 for i in cut if examples.loss_mask[
+            offsets[i]:offsets[i + 1]].any() and not examples.loss_mask[
+            offsets[i] + 1:offsets[i] + window].any())
 
     def __len__(self) -> int:
         return len(self.order)
@@ -254,6 +260,15 @@ def build_sft_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
         if part is None or not len(part):
             raise DatasetBuildError(f"data.split={split!r} leaves the {name} split no example "
                                     f"({len(train)} examples in all) but {n} samples are needed; "
-                                    f"fix: give the {name} split weight or set data.val_data_path")
+                                    f"fix: give the {name} split a weight that is at least one "
+                                    f"example of {len(train)}, set data.val_data_path, or "
+                                    f"training.eval_interval=0 to train without validation")
         out.append(SFTDataset(part, num_samples=n, **common))
+        if out[-1].truncated:
+            log.warning("fine-tuning data (%s split): %d of %d examples are longer than "
+                        "model.seq_length + 1 = %d tokens and are cut to it, %d of them losing "
+                        "every response token (a step of only such examples is skipped); fix: "
+                        "raise model.seq_length, shorten the prompts, or data.sft_packing=true "
+                        "(a long example then goes on in the next window)", name,
+                        out[-1].truncated, len(part), seq_length + 1, out[-1].lost_response)
     return tuple(out)

@@ -494,6 +494,12 @@ def resolve_load_path(load: str | None, save_dir: str | Path | None,
             raise CheckpointError(f"checkpoint.load={load}: {reason}; {fix}")
         return path
     latest = find_latest(path, warn)
+    if latest is None and (path / "config.json").is_file():     # a Hugging Face model folder
+        raise CheckpointError(f"checkpoint.load={load}: {path} is a Hugging Face model folder, "
+                              f"not a checkpoint of ours; fix: start from its weights with "
+                              f"checkpoint.pretrained={load} (and checkpoint.load=auto), or "
+                              f"convert it with tools/convert_checkpoint.py --input {load} "
+                              f"--output DIR --to megagpt and load DIR")
     if latest is None:
         raise CheckpointError(f"checkpoint.load={load}: {path} holds no complete checkpoint (a "
                               f"step_NNNNNNN folder with {META_FILE}); {fix}")

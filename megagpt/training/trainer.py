@@ -21,6 +21,7 @@ import atexit
 import dataclasses
 import functools
 import importlib.util
+import logging
 import math
 import multiprocessing
 import os
@@ -183,6 +184,8 @@ class Trainer:
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         self.is_rank0 = state.rank == 0
         self.log = log if self.is_rank0 else (lambda *a, **k: None)
+        if not self.is_rank0:   # every rank reads the same data: its warnings once, from rank 0
+            logging.getLogger("megagpt").setLevel(logging.ERROR)
         t = cfg.training
         self.micro_batches = t.grad_accumulation_steps
         self.global_batch = t.batch_size * t.grad_accumulation_steps * state.dp_world_size
@@ -337,7 +340,9 @@ class Trainer:
                 result = self.engine.train_step(microbatches, lr)
                 self.step += 1
                 self.consumed_samples += self.global_batch
-                timer.step(tokens_per_step)    # every token processed, masked from the loss or not
+                # every token processed, masked from the loss or not; none for a step skipped
+                # before its forward (no token counted in the loss)
+                timer.step(tokens_per_step if result.tokens or not result.skipped else 0)
                 if result.skipped and not result.tokens:   # not a fault: no streak, no abort
                     self.skipped_total += 1
                     self.log(f"step {self.step}: no token of the global batch counts in the loss "
@@ -584,6 +589,8 @@ class Trainer:
         extending max_steps is a common reason), so the rate may jump; the data settings the
         training samples' order is built from (and their count, max_steps x global batch)
         reorder the samples not yet consumed."""
+        if not meta.get("step") and not meta.get("consumed_samples"):
+            return    # nothing trained yet (a converted Hugging Face model): no run to differ from
         config = meta.get("config", {})
         saved = config.get("training", {})
         now = self.cfg.training
@@ -693,15 +700,24 @@ def run_banner(cfg: Config, state: ParallelState) -> str:
             f"started {time.strftime('%Y-%m-%d %H:%M:%S')}")
 
 
+# OpenAI's GPT-2 sizes on the Hugging Face hub, by (vocabulary, width, layers, heads)
+GPT2_SIZES = {(50257, 768, 12, 12): "gpt2", (50257, 1024, 24, 16): "gpt2-medium",
+              (50257, 1280, 36, 20): "gpt2-large", (50257, 1600, 48, 25): "gpt2-xl"}
+
+
 def pretrained_state(source: str, m: ModelConfig) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint of ours (any layout) or a Hugging Face GPT-2 folder,
     checked against the architecture `m`; for `checkpoint.pretrained`."""
     if not Path(source).exists():
+        hub = GPT2_SIZES.get((m.vocab_size, m.d_model, m.n_layers, m.n_heads))
+        where = (f"a Hugging Face GPT-2 folder (config.json + model.safetensors, e.g. from "
+                 f"`huggingface-cli download {hub} --local-dir {source}` on a machine with "
+                 f"internet)" if hub else
+                 f"a checkpoint of ours of this architecture: train it first (`make demo` writes "
+                 f"the tiny model's to runs/tiny_model/checkpoints)")
         raise ConversionError(
-            f"checkpoint.pretrained={source} does not exist; fix: point it at a checkpoint of ours "
-            f"or a Hugging Face GPT-2 folder (config.json + model.safetensors, e.g. from "
-            f"`huggingface-cli download gpt2 --local-dir {source}` on a machine with internet), "
-            f"or set checkpoint.pretrained=null to start from random weights")
+            f"checkpoint.pretrained={source} does not exist; fix: point it at {where}, or set "
+            f"checkpoint.pretrained=null to start from random weights")
     src = load_source(source, "checkpoint.pretrained")
     saved = dataclasses.asdict(src.model)
     if saved["seq_length"] >= m.seq_length:        # a model may use fewer learned positions

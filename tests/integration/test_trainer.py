@@ -1,6 +1,7 @@
 """The trainer in-process on gloo: exact resume, skipped steps, aborts, SIGTERM."""
 import functools
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -144,6 +145,21 @@ def test_a_converted_checkpoint_keeps_the_runs_training_set_size(tmp_path):
         checkpoint__load=str(tmp_path / "converted" / "step_0000008")))[0]
     assert any("resumed the weights of" in m for m in messages), messages
     assert not any("other data settings" in m for m in messages), messages
+
+
+def test_a_checkpoint_of_nothing_trained_gives_no_setting_warnings(tmp_path):
+    """A Hugging Face model converted to ours is at step 0 with its config made from a template:
+    there is no saved run whose schedule or data order could change (it warned of both)."""
+    trainer = Trainer.__new__(Trainer)
+    messages = []
+    trainer.cfg, trainer.log, trainer.global_batch = run_config(tmp_path, 6), messages.append, 8
+    other = run_config(tmp_path, 9, training__learning_rate=0.5, training__seed=3).to_dict()
+    trainer._warn_setting_changes({"step": 0, "consumed_samples": 0, "config": other,
+                                   "parallel": {"dp": 1}}, "converted")
+    assert messages == []
+    trainer._warn_setting_changes({"step": 2, "consumed_samples": 16, "config": other,
+                                   "parallel": {"dp": 1}}, "trained")
+    assert any("another learning-rate schedule" in m for m in messages), messages
 
 
 def _start(rank, world, run_dir, steps, overrides, stop_after_save=False):
@@ -606,7 +622,7 @@ def _masked_out_at(rank, world, run_dir, empty_step, only_rank=None):
         return result
     trainer.engine.train_step = masked
     trainer.train()
-    return messages, weights, trainer.skipped_total
+    return messages, weights, trainer.skipped_total, logging.getLogger("megagpt").level
 
 
 def test_a_global_batch_without_loss_tokens_is_skipped_not_counted_as_a_fault(tmp_path):
@@ -615,11 +631,14 @@ def test_a_global_batch_without_loss_tokens_is_skipped_not_counted_as_a_fault(tm
     every rank, logged, its loss null, and it does not count toward max_skipped_steps (1 here);
     a batch empty on one replica only is an ordinary step."""
     out = run_distributed(_masked_out_at, 2, str(tmp_path / "all"), 3)
-    for messages, unchanged, skipped in out:
+    for messages, unchanged, skipped, _ in out:
         assert unchanged == {1: False, 2: False, 3: True, 4: False, 5: False} and skipped == 1
     assert any("step 3: no token of the global batch counts in the loss" in m for m in out[0][0])
     records = [json.loads(x) for x in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"] is None, r["skipped"]) for r in records][2] == (3, True, 1)
+    assert records[2]["tokens_per_s"] == 0 < records[3]["tokens_per_s"]   # no forward, no tokens
+    # every rank reads the same data: its warnings (skipped lines, cut examples) come from rank 0
+    assert out[0][3] != logging.ERROR and out[1][3] == logging.ERROR
     out = run_distributed(_masked_out_at, 2, str(tmp_path / "one"), 3, 1)
     assert [o[1][3] for o in out] == [False, False] and out[0][2] == 0
 
@@ -772,7 +791,8 @@ ONE_PROCESS = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/
     (["--data.tokenizer_path=runs/nowhere/tokenizer"],
      "error: tokenizer 'runs/nowhere/tokenizer' does not exist"),
     (["--checkpoint.pretrained=runs/nowhere/gpt2", "--data.mock=true"],
-     "error: checkpoint.pretrained=runs/nowhere/gpt2 does not exist; fix: point it at"),
+     "error: checkpoint.pretrained=runs/nowhere/gpt2 does not exist; fix: point it at a "
+     "checkpoint of ours of this architecture: train it first"),
     (["--kernels.layernorm=triton", "--data.mock=true"],
      "error: kernels.layernorm=triton: the Triton kernels cannot run on cpu"),
     (["--training.optimizer=apex", "--data.mock=true"],
@@ -784,6 +804,17 @@ def test_a_bad_path_is_one_message_not_a_traceback(tmp_path, args, message):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_missing_pretrained_folder_of_a_gpt2_size_names_its_download():
+    """Only a GPT-2 architecture is offered OpenAI's weights (the tiny model was offered them)."""
+    from megagpt.config import load_config
+    from megagpt.convert import ConversionError
+    from megagpt.training.trainer import pretrained_state
+    model = load_config(ROOT / "configs" / "training" / "base_model.json").model
+    with pytest.raises(ConversionError, match="`huggingface-cli download gpt2-medium --local-dir "
+                                              "runs/nowhere`"):
+        pretrained_state("runs/nowhere", model)
 
 
 def test_output_folders_that_cannot_be_written_are_named_before_training(tmp_path):

@@ -318,6 +318,13 @@ def test_bad_load_paths_are_named(tmp_path):
         resolve_load_path(str(missing), None)
     with pytest.raises(CheckpointError, match=rf"{tmp_path} holds no complete checkpoint"):
         resolve_load_path(str(tmp_path), None)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=rf"{hf} is a Hugging Face model folder, not a "
+                                              rf"checkpoint of ours; fix: .*checkpoint.pretrained"
+                                              rf"={hf}"):
+        resolve_load_path(str(hf), None)
     (tmp_path / "step_0000004").mkdir()
     with pytest.raises(CheckpointError, match=r"checkpoint.load=.*step_0000004: .*step_0000004 is "
                                               r"not a complete checkpoint: it has no meta.json"):

@@ -403,6 +403,16 @@ def test_top_level_fields_can_be_overridden_and_odd_values_stay_whole():
         load_config(TINY, ["--nmae=x"])
 
 
+def test_the_dict_a_checkpoint_keeps_loads_back_as_the_same_config():
+    """to_dict kept the files' names beside values an override had changed: loading it (a
+    checkpoint's meta.json config, which docs/models.md calls valid) failed on the disagreement."""
+    cfg = load_config(TINY, ["--data.num_workers=0", "--model.dropout=0.0",
+                             "--data.train_data_path=runs/data/other"])
+    again = load_config(raw=cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict() and again.data.num_workers == 0
+    assert again.data.train_data_path == ["runs/data/other"] and again.model.d_model == 128
+
+
 def test_a_key_given_twice_is_refused(tmp_path):
     """The last one silently won: a second learning_rate line, or a whole section twice."""
     text = TINY.read_text().replace('"training": {', '"training": {"learning_rate": 3.0, ', 1)

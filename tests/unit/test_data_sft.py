@@ -127,6 +127,27 @@ def test_padded_examples_mask_padding_and_count_truncation(tok):
     assert SFTDataset(ex, 24, num_samples=5, packing=False, seed=0, pad_id=0).order.tolist().count(0) >= 2
 
 
+def test_cut_examples_are_reported_with_those_that_lose_their_response(tmp_path, tok, caplog):
+    """Padded: examples longer than the window were cut without a word, some losing every
+    response token (their steps then have nothing to learn from)."""
+    lines = [{"prompt": "Hi?", "response": "Hello."},
+             {"prompt": "Long? " * 40, "response": "Lost."},          # the response is cut off
+             {"prompt": "Short?", "response": "word " * 40}]          # cut, response kept
+    path = write(tmp_path / "sft.jsonl", lines)
+    with caplog.at_level("WARNING", logger="megagpt"):
+        train, _, _ = build_sft_datasets([str(path)], [], [], split="1,0,0", tokenizer=tok,
+                                         seq_length=24, num_samples=(3, 0, 0), packing=False,
+                                         seed=0)
+    assert (train.truncated, train.lost_response) == (2, 1)
+    assert ("fine-tuning data (train split): 2 of 3 examples are longer than model.seq_length + "
+            "1 = 25 tokens and are cut to it, 1 of them losing every response token") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megagpt"):
+        build_sft_datasets([str(path)], [], [], split="1,0,0", tokenizer=tok, seq_length=24,
+                           num_samples=(3, 0, 0), packing=True, seed=0)
+    assert "are cut" not in caplog.text                        # packed: they go on
+
+
 def test_bundled_example_builds_with_the_finetuning_config(tok):
     config = json.loads((REPO / "configs" / "dataset" / "finetuning.json").read_text())
     assert config["train_data_path"] == ["megagpt/data/assets/sft_example.jsonl"]
