@@ -38,6 +38,8 @@ def sampling_of(args, parser) -> Sampling:
                         temperature=1.0 if args.temperature is None else args.temperature,
                         top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
     problems = sampling.problems()
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens={args.max_new_tokens}: must be at least 1")
     try:
         seeded(args.seed)
     except ValueError as e:

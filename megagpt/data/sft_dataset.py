@@ -74,6 +74,10 @@ def example_turns(obj: dict) -> tuple[list[tuple[str, str]] | None, str | None]:
     turns = [(role, content) for role, content in turns if role != "system" or content.strip()]
     if not any(role == "assistant" for role, _ in turns):
         return None, NO_ASSISTANT
+    # turns after the last answer teach nothing (mask 0), and the end-of-text the model learns
+    # to write belongs after an answer, not after a user's turn
+    last = max(i for i, (role, _) in enumerate(turns) if role == "assistant")
+    turns = turns[:last + 1]
     if any(not content.strip() for _, content in turns):
         return None, EMPTY_CONTENT
     return turns, None

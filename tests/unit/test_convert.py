@@ -547,6 +547,7 @@ def test_a_recorded_tokenizer_path_that_does_not_load_says_where_it_came_from(ou
     (["--greedy", "--top-k", "5"], 2, "--greedy takes the most likely token; it cannot be combined "
                                       "with --top-k"),
     (["--temperature", "0"], 2, "temperature=0.0: must be > 0"),
+    (["--max-new-tokens", "0"], 2, "--max-new-tokens=0: must be at least 1"),
     (["--seed", "99999999999999999999"], 2, "--seed: seed=99999999999999999999: must be in [0, 2**64)"),
     (["--max-new-tokens", "20"], 1, "generate: error: the longest prompt has 3 tokens; with "
                                     "max_new_tokens=20 the model reads 22 positions, more than its "

@@ -71,6 +71,16 @@ def test_an_empty_system_prompt_is_left_out_not_the_example():
     assert reason is None and turns == [("user", "q"), ("assistant", "a")]
 
 
+def test_turns_after_the_last_answer_are_left_out(tok):
+    """A conversation ending with a user's turn taught the model to write end-of-text after it."""
+    turns, reason = example_turns({"messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "yo"},
+                                                {"role": "user", "content": "thanks"}]})
+    assert reason is None and turns == [("user", "hi"), ("assistant", "yo")]
+    ex = tokenize_examples([turns], tok)
+    assert tok.decode(ex.tokens[ex.loss_mask.astype(bool)].tolist()) == " yo\n<|endoftext|>"
+
+
 def test_bad_lines_are_counted_and_skipped(tmp_path, tok):
     path = write(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, b"{oops", b"\xff\xfe",
                                         {"messages": [{"role": "user", "content": "x"}]}, b"",
