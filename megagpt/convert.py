@@ -107,6 +107,9 @@ def locate(path: str | Path, argument: str = "--input") -> tuple[str, Path]:
                               f"save dir with a complete step_NNNNNNN folder (one with "
                               f"{META_FILE} and every file it lists)")
     found = sorted(x.name for x in p.iterdir())[:8]
+    if (p / "checkpoints").is_dir():           # a run dir: its save dir is inside
+        raise ConversionError(f"{argument} {p} is a run's folder (found: {', '.join(found)}); "
+                              f"fix: give its save dir, {argument} {p / 'checkpoints'}")
     raise ConversionError(f"{argument} {p} is neither a checkpoint of ours nor a Hugging Face "
                           f"folder (found: {', '.join(found) or 'nothing'}); fix: give a save dir "
                           f"(step_NNNNNNN folders and `latest`), a step folder (with {META_FILE}), "

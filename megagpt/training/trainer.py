@@ -598,6 +598,11 @@ class Trainer:
         def changed(fields):
             return [f"training.{k} {saved[k]} -> {getattr(now, k)}" for k in fields
                     if k in saved and saved[k] != getattr(now, k)]
+        if saved.get("mode", now.mode) != now.mode:
+            self.log(f"warning: resuming {path}, a training.mode={saved['mode']} run, with "
+                     f"training.mode={now.mode}: its step, optimizer state and schedule go on; "
+                     f"to start a {now.mode} run from its weights instead, set "
+                     f"checkpoint.pretrained={path} and a new checkpoint.save_dir")
         if changed(self.SCHEDULE_FIELDS):
             self.log(f"warning: resuming {path} with another learning-rate schedule ("
                      f"{', '.join(changed(self.SCHEDULE_FIELDS))}); the rate at step "

@@ -160,6 +160,13 @@ def test_a_checkpoint_of_nothing_trained_gives_no_setting_warnings(tmp_path):
     trainer._warn_setting_changes({"step": 2, "consumed_samples": 16, "config": other,
                                    "parallel": {"dp": 1}}, "trained")
     assert any("another learning-rate schedule" in m for m in messages), messages
+    other["training"]["mode"] = "finetune"       # resuming a run of the other mode goes on with it
+    trainer._warn_setting_changes({"step": 2, "consumed_samples": 16, "config": other,
+                                   "parallel": {"dp": 1}}, "trained")
+    assert ("warning: resuming trained, a training.mode=finetune run, with training.mode="
+            "pretrain: its step, optimizer state and schedule go on; to start a pretrain run from "
+            "its weights instead, set checkpoint.pretrained=trained and a new "
+            "checkpoint.save_dir") in messages, messages
 
 
 def _start(rank, world, run_dir, steps, overrides, stop_after_save=False):

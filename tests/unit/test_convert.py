@@ -291,6 +291,10 @@ def make_half_written(root: Path, full) -> Path:
 
 BAD_INPUTS = {
     "missing": (lambda root, full: root / "nope", "--input {} does not exist"),
+    "a run dir": (lambda root, full: _folder(_folder(root / "run", {"metrics.jsonl": ""}) /
+                                             "checkpoints", {}).parent,
+                  "--input {0} is a run's folder (found: checkpoints, metrics.jsonl); fix: give "
+                  "its save dir, --input {0}/checkpoints"),
     "neither": (lambda root, full: _folder(root / "junk", {"notes.txt": "hi"}),
                 "--input {} is neither a checkpoint of ours nor a Hugging Face folder "
                 "(found: notes.txt)"),
