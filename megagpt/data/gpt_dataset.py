@@ -4,14 +4,15 @@ The design is Megatron-LM's: a sample is `seq_length + 1` consecutive tokens of 
 formed by concatenating documents, so samples cross document boundaries; consecutive samples share
 one token (the last input token of sample i is the first of sample i + 1). Three index arrays
 define the samples:
-- `doc_idx`: the order of documents in the stream, one random permutation of the split's
-  documents per epoch, for as many epochs as `num_samples` needs;
+- `doc_idx`: the order of documents in the stream: the split's documents repeated for as many
+  epochs as `num_samples` needs, shuffled together (the last epoch apart when less than 80% of
+  it is used: Megatron-core's rule);
 - `sample_idx` (samples + 1, 2): where sample i starts, as (position in doc_idx, token offset);
   sample i runs from entry i to entry i + 1 inclusive;
-- `shuffle_idx`: the order samples are served in; as in Megatron, the samples of the full epochs
-  are shuffled together and those of the last (partly used) epoch separately, after them. With
-  one full epoch every document is seen once before the last epoch starts; with two or more,
-  their samples mix (a document may come twice before another comes once).
+- `shuffle_idx`: the order samples are served in: shuffled together, or, when the last epoch is
+  apart, the full epochs' samples shuffled and served first, then the last epoch's.
+The arrays equal Megatron-core's for the same seed, value for value (its RandomState draws, in
+its order; tests/unit/test_data_gpt_dataset.py transcribes its loops as the reference).
 
 All three are built with vectorised numpy (cumsum + searchsorted, no loop over tokens or samples:
 an index over a billion tokens takes a few seconds) and cached as `.npy` files under a name
@@ -35,7 +36,7 @@ from megagpt.data.blend import BlendedDataset, blending_indices, parse_data_path
 from megagpt.data.indexed import IndexedDataset, IndexedDatasetError
 from megagpt.fsutil import write_file_atomically
 
-INDEX_VERSION = 1  # bump when the index arrays' construction changes
+INDEX_VERSION = 2  # bump when the index arrays' construction changes (2: Megatron's exact draws)
 
 
 class DatasetBuildError(ValueError):
@@ -60,13 +61,13 @@ def parse_split(split: str) -> np.ndarray:
 
 
 def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
-    """Document ranges [start, stop) of train, valid and test (Megatron's rounding)."""
-    fractions = parse_split(split)
-    bounds = [0]
-    for f in fractions:
-        bounds.append(bounds[-1] + int(round(f * num_documents)))
-    diff = bounds[-1] - num_documents
-    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
+    """Document ranges [start, stop) of train, valid and test: Megatron-core's rounding of the
+    cumulative fractions (`round(bookend * n)` for each end), so a split holds the same
+    documents as there."""
+    bookends = [0.0]
+    for f in parse_split(split):
+        bookends.append(bookends[-1] + float(f))
+    bounds = [int(round(b * float(num_documents))) for b in bookends]
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
@@ -95,27 +96,39 @@ def build_sample_index(sizes: np.ndarray, documents: np.ndarray, seq_length: int
     if (num_epochs * tokens_per_epoch - 1) // seq_length < 1:
         raise DatasetBuildError(f"the {len(documents)} documents hold {tokens_per_epoch} tokens, "
                                 f"fewer than one sample of seq_length + 1 = {seq_length + 1}")
-    rng = np.random.default_rng(seed)
+    # Megatron's rule: the last epoch is served on its own when less than 80% of it is used (so
+    # every document of the full epochs comes before it); otherwise all epochs mix
+    per_epoch = (tokens_per_epoch - 1) // seq_length
+    sans_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
+    separate_final = (num_epochs > 1 and num_samples is not None
+                      and num_samples - sans_final < int(0.80 * per_epoch))
+    rng = np.random.RandomState(seed)   # Megatron's generator and draws: the same samples
     doc_dtype = np.int32 if len(sizes) < 2**31 else np.int64
-    doc_idx = np.concatenate([rng.permutation(documents) for _ in range(num_epochs)]).astype(doc_dtype)
+
+    def shuffled_epochs(epochs: int) -> np.ndarray:
+        order = np.tile(documents, epochs).astype(doc_dtype)
+        rng.shuffle(order)
+        return order
+    doc_idx = (np.concatenate([shuffled_epochs(num_epochs - 1), shuffled_epochs(1)])
+               if separate_final else shuffled_epochs(num_epochs))
 
     lengths = np.asarray(sizes[doc_idx], dtype=np.int64)  # (epochs * n,)
     ends = np.cumsum(lengths)  # stream position just past each document
     total_samples = (int(ends[-1]) - 1) // seq_length
     starts = np.arange(total_samples + 1, dtype=np.int64) * seq_length  # first token of each sample
     which = np.searchsorted(ends, starts, side="right")  # the document holding that token
+    which[0] = 0          # Megatron starts at (0, 0), even when the first documents are empty
     offsets = starts - (ends[which] - lengths[which])
     sample_dtype = np.int32 if max(len(doc_idx), int(lengths.max())) < 2**31 else np.int64
     sample_idx = np.stack([which, offsets], axis=1).astype(sample_dtype)
 
     shuffle_dtype = np.uint32 if total_samples < 2**32 - 1 else np.int64
-    if num_epochs == 1:
-        shuffle_idx = rng.permutation(total_samples)
-    else:
-        full = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
-        shuffle_idx = np.concatenate([rng.permutation(full),
-                                      full + rng.permutation(total_samples - full)])
-    return doc_idx, sample_idx, shuffle_idx.astype(shuffle_dtype)
+    first = sans_final if separate_final else total_samples
+    shuffle_idx = np.arange(total_samples, dtype=shuffle_dtype)
+    rng.shuffle(shuffle_idx[:first])
+    if first < total_samples:
+        rng.shuffle(shuffle_idx[first:])
+    return doc_idx, sample_idx, shuffle_idx
 
 
 def cached_sample_index(indexed: IndexedDataset, documents: np.ndarray, seq_length: int,
@@ -270,9 +283,9 @@ def _build_split(blend: list[tuple[float | None, str]], part: int | None, split:
     weights = [w for w, _, _ in parts]
     dataset_index, sample_index = blending_indices(weights, num_samples)
     needed = np.bincount(dataset_index, minlength=len(parts))
-    datasets = [GPTDataset(ds, documents, seq_length, max(int(n), 1), seed + i, cache_dir, name,
-                           vocab_size)
-                for i, ((_, ds, documents), n) in enumerate(zip(parts, needed))]
+    datasets = [GPTDataset(ds, documents, seq_length, max(int(n), 1), seed, cache_dir, name,
+                           vocab_size)        # one seed for all, as Megatron's blends
+                for (_, ds, documents), n in zip(parts, needed)]
     return BlendedDataset(datasets, weights, dataset_index, sample_index)
 
 

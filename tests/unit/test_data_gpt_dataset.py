@@ -89,18 +89,72 @@ def test_samples_are_consecutive_windows_even_with_empty_documents():
             assert np.array_equal(gather_sample(get, doc_idx, sample_idx, j), window)
 
 
-def test_epochs_are_permutations_and_last_epoch_shuffled_apart():
-    sizes = np.full(10, 10, dtype=np.int32)  # 100 tokens an epoch
-    doc_idx, sample_idx, shuffle_idx = build_sample_index(sizes, np.arange(3, 8), 4, 30, seed=5)
-    epochs = doc_idx.reshape(-1, 5)
-    assert len(epochs) == 3  # 50 tokens an epoch, 30 samples x 4 + 1 tokens need 3 epochs
-    assert all(sorted(e) == [3, 4, 5, 6, 7] for e in epochs)
-    assert not all(np.array_equal(epochs[0], e) for e in epochs[1:])  # reshuffled each epoch
-    full = (2 * 50 - 1) // 4
-    assert sorted(shuffle_idx[:full]) == list(range(full))  # full epochs are served first
-    assert sorted(shuffle_idx) == list(range(len(sample_idx) - 1))
-    again = build_sample_index(sizes, np.arange(3, 8), 4, 30, seed=5)
-    assert all(np.array_equal(a, b) for a, b in zip(again, (doc_idx, sample_idx, shuffle_idx)))
+def megatron_indices(sizes, documents, seq_length, num_samples, seed):
+    """Megatron-core's GPTDataset._build_document_sample_shuffle_indices (megatron/core/datasets/
+    gpt_dataset.py, with helpers.cpp's build_sample_idx), transcribed loop by loop: the reference
+    our vectorised build must equal, array for array."""
+    tokens_per_epoch = int(sizes[documents].sum())
+    num_epochs, num_tokens = 1, tokens_per_epoch
+    while num_samples is not None and num_tokens < num_samples * seq_length + 1:
+        num_epochs, num_tokens = num_epochs + 1, num_tokens + tokens_per_epoch
+    separate, sans_final = False, None
+    if num_epochs > 1:
+        sans_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
+        per_epoch = (tokens_per_epoch - 1) // seq_length
+        separate = num_samples - sans_final < int(0.80 * per_epoch)
+    random_state = np.random.RandomState(seed)
+
+    def document_index(epochs, separate_final):
+        if not separate_final or epochs == 1:
+            index = np.mgrid[0:epochs, 0:len(documents)][1]
+            index[:] = documents
+            index = index.reshape(-1).astype(np.int32)
+            random_state.shuffle(index)
+            return index
+        return np.concatenate((document_index(epochs - 1, False), document_index(1, False)))
+    doc_idx = document_index(num_epochs, separate)
+    total = (num_epochs * tokens_per_epoch - 1) // seq_length
+    sample_idx = np.zeros((total + 1, 2), dtype=np.int64)
+    d, offset = 0, 0
+    for sample in range(1, total + 1):
+        remaining = seq_length + 1
+        while remaining != 0:
+            length = int(sizes[doc_idx[d]]) - offset
+            remaining -= length
+            if remaining <= 0:
+                offset += remaining + length - 1
+                remaining = 0
+            else:
+                d, offset = d + 1, 0
+        sample_idx[sample] = (d, offset)
+
+    def shuffle_index(first, size):
+        head = np.arange(first, dtype=np.uint32)
+        random_state.shuffle(head)
+        if first == size:
+            return head
+        tail = np.arange(first, size, dtype=np.uint32)
+        random_state.shuffle(tail)
+        return np.concatenate((head, tail))
+    return doc_idx, sample_idx, shuffle_index(sans_final if separate else total, total)
+
+
+@pytest.mark.parametrize("num_samples", [None, 5, 30, 44, 70, 139])
+@pytest.mark.parametrize("seed", [0, 1234])
+def test_the_index_arrays_are_megatrons_for_the_same_seed(num_samples, seed):
+    """doc_idx, sample_idx and shuffle_idx equal Megatron's: one epoch; several epochs whose last
+    is mostly unused (served apart: 30 samples need 3 epochs, 10 of the last one's 24) or mostly
+    used (mixed with the others: 44 and 70); documents of length 0 and 1 among them."""
+    sizes = np.random.default_rng(3).integers(0, 25, 40).astype(np.int32)
+    sizes[[4, 9]] = 0, 1
+    documents = np.arange(5, 15)                        # a split's range
+    ours = build_sample_index(sizes, documents, 4, num_samples, seed)
+    theirs = megatron_indices(sizes, documents, 4, num_samples, seed)
+    for name, a, b in zip(("doc_idx", "sample_idx", "shuffle_idx"), ours, theirs):
+        assert np.array_equal(a, b), name
+    if num_samples == 30:      # the full epochs' samples come first, then the last one's
+        full = int(((2 * sizes[documents].sum()) - 1) // 4)
+        assert sorted(ours[2][:full]) == list(range(full))
 
 
 def test_billion_token_index_is_vectorised():
@@ -114,6 +168,8 @@ def test_billion_token_index_is_vectorised():
 def test_split_ranges_and_errors():
     assert split_ranges("969,30,1", 1000) == [(0, 969), (969, 999), (999, 1000)]
     assert split_ranges("98/2/0", 50) == [(0, 49), (49, 50), (50, 50)]
+    # Megatron-core rounds the cumulative bookends (the old rounding put 48 in train here)
+    assert split_ranges("969,30,1", 49) == [(0, 47), (47, 49), (49, 49)]
     assert split_ranges("1", 7) == [(0, 7), (7, 7), (7, 7)]
     assert np.allclose(parse_split("949,50,1"), [0.949, 0.05, 0.001])
     for bad in ("a,b,c", "-1,1,1", "0,0,0", "1,2,3,4", ""):
