@@ -70,6 +70,7 @@ class Source:
     layout: tuple[int, int, int]        # (tp, pp, vp) it was saved with; (1, 1, 1) for HF
     tokenizer_path: str                 # the tokenizer to use unless one is given
     train_samples: int | None = None    # the training set's size of the run (its meta.json)
+    data_index_version: int | None = None   # how the run's sample order was built (meta.json)
 
     def describe(self) -> str:
         if self.kind == "hf":
@@ -247,7 +248,8 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
     config = meta["config"]
     return Source("megagpt", where, model_config_of(meta), full, config, meta["step"],
                   meta["consumed_samples"], (p["tp"], p["pp"], p["vp"]),
-                  config["data"]["tokenizer_path"], meta.get("train_samples"))
+                  config["data"]["tokenizer_path"], meta.get("train_samples"),
+                  meta.get("data_index_version", 1))
 
 
 def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
@@ -328,6 +330,8 @@ def write_megagpt(source: Source, save_dir: Path, tp: int, pp: int, vp: int) -> 
             "converted_from": str(source.path)}
     if source.train_samples is not None:        # the data order the run was on
         meta["train_samples"] = source.train_samples
+    if source.data_index_version is not None:
+        meta["data_index_version"] = source.data_index_version
     states = shard_full_state(source.full_state, source.model, tp, pp, vp)
     return write_checkpoint_offline(save_dir, source.step, states, meta)
 

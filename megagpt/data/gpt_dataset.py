@@ -122,7 +122,7 @@ def build_sample_index(sizes: np.ndarray, documents: np.ndarray, seq_length: int
     sample_dtype = np.int32 if max(len(doc_idx), int(lengths.max())) < 2**31 else np.int64
     sample_idx = np.stack([which, offsets], axis=1).astype(sample_dtype)
 
-    shuffle_dtype = np.uint32 if total_samples < 2**32 - 1 else np.int64
+    shuffle_dtype = np.uint32 if total_samples < 2**32 - 2 else np.int64   # Megatron's switch
     first = sans_final if separate_final else total_samples
     shuffle_idx = np.arange(total_samples, dtype=shuffle_dtype)
     rng.shuffle(shuffle_idx[:first])

@@ -18,9 +18,10 @@ The loss mask is 1 on the tokens of every assistant turn's `" <content>\\n"` and
 so a turn's tokens do not depend on its neighbours.
 
 Two layouts, both giving the pretraining item dict (`tokens`, `labels`, `loss_mask`):
-- packed: examples, shuffled per epoch, are concatenated into one stream cut into windows of
-  `seq_length + 1` tokens (the pretraining index, examples may straddle windows); the mask moves
-  with its tokens.
+- packed: examples, repeated for as many epochs as needed and shuffled as pretraining's
+  documents are (Megatron's rule: an example may come again before another comes once), are
+  concatenated into one stream cut into windows of `seq_length + 1` tokens (the pretraining
+  index, examples may straddle windows); the mask moves with its tokens.
 - padded: one example a sample, truncated to `seq_length + 1` tokens or padded with the
   end-of-document id, padding masked out.
 
@@ -167,7 +168,7 @@ class SFTDataset(torch.utils.data.Dataset):
     Args:
         examples: tokenized examples.
         seq_length: tokens per sample fed to the model.
-        num_samples: samples needed (epochs repeat, reshuffled); None: one epoch.
+        num_samples: samples needed (epochs repeat, shuffled together); None: one epoch.
         packing: pack into full windows (True) or one padded example a sample (False).
         seed: shuffle seed.
         pad_id: padding token id for the padded layout (masked out).

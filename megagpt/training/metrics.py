@@ -258,7 +258,9 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(numbers_of, step=int(step))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the file and TensorBoard; finish the W&B run, marked failed (exit code 1) when
+        the run stopped on an error."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -266,7 +268,7 @@ class MetricsWriter:
             self._tb.close()
             self._tb = None
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=1 if failed else 0)
             self._wandb = None
 
 

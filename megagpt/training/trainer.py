@@ -37,7 +37,7 @@ import torch.distributed as dist
 from megagpt import __version__
 from megagpt.config import Config, ModelConfig
 from megagpt.convert import ConversionError, load_source
-from megagpt.data.gpt_dataset import DatasetBuildError, build_gpt_datasets
+from megagpt.data.gpt_dataset import INDEX_VERSION, DatasetBuildError, build_gpt_datasets
 from megagpt.data.mock import build_mock_datasets
 from megagpt.data.sampler import MegatronPretrainingSampler
 from megagpt.data.sft_dataset import build_sft_datasets
@@ -320,6 +320,7 @@ class Trainer:
             self.log(f"nothing to train: the run resumed at step {self.step}, and "
                      f"training.max_steps={t.max_steps}; fix: raise training.max_steps to train "
                      f"on, or checkpoint.load=none (and another checkpoint.save_dir) to start over")
+        failed = True                      # until the loop ends normally
         try:
             batches = self._batches(self.train_ds, self.consumed_samples)
             while self.step < end:
@@ -390,6 +391,7 @@ class Trainer:
                 if self.step == end or (save_every and self.step % save_every == 0):
                     with timer.paused():   # the last one in the foreground
                         self.save(background=self.cfg.checkpoint.async_save and self.step < end)
+            failed = False
         finally:
             if self.pending is not None:   # an error stopped the run: no collective to finish it
                 self.pending.thread.join()
@@ -397,7 +399,7 @@ class Trainer:
                 self.pending = None
             self._host_states = None
             signal.signal(signal.SIGTERM, previous)
-            writer.close()
+            writer.close(failed=failed)
             if bar is not None:
                 bar.close()
         return last
@@ -504,7 +506,8 @@ class Trainer:
                        "optimizer_layout": e.optimizer_layout, "skipped_total": self.skipped_total,
                        "consecutive_skips": self.consecutive_skips}
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
-                "train_samples": self.train_samples, "parallel": self._parallel_sizes(),
+                "train_samples": self.train_samples, "data_index_version": INDEX_VERSION,
+                "parallel": self._parallel_sizes(),
                 "megagpt_version": __version__}
         # the float32 weights, also when training in 16 bits; written by data-parallel rank 0
         with e.master_weights(first_replica_reads=True):
@@ -624,6 +627,10 @@ class Trainer:
             if samples != count:
                 data.append(f"training samples (consumed + steps to go x global batch) "
                             f"{samples} -> {count}")
+        saved_version = meta.get("data_index_version", 1)   # 1: checkpoints before it was kept
+        if saved_version != INDEX_VERSION and not self.cfg.data.mock:
+            data.append(f"the samples' order itself (data index version {saved_version} -> "
+                        f"{INDEX_VERSION}: Megatron-core's order since 2026-11-29)")
         if data:
             self.log(f"warning: resuming {path} with other data settings ({', '.join(data)}); "
                      f"the training samples' order is built from them, so after the "
@@ -632,7 +639,8 @@ class Trainer:
 
     def _save_deepspeed(self) -> Path:
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
-                "train_samples": self.train_samples, "parallel": self._parallel_sizes(),
+                "train_samples": self.train_samples, "data_index_version": INDEX_VERSION,
+                "parallel": self._parallel_sizes(),
                 "megagpt_version": __version__}
         path = self.engine.save(self.save_dir, self.step, meta=meta,
                                 extra_state={"engine": "deepspeed",

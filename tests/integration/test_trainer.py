@@ -167,6 +167,17 @@ def test_a_checkpoint_of_nothing_trained_gives_no_setting_warnings(tmp_path):
             "pretrain: its step, optimizer state and schedule go on; to start a pretrain run from "
             "its weights instead, set checkpoint.pretrained=trained and a new "
             "checkpoint.save_dir") in messages, messages
+    # a run saved before the samples' order became Megatron-core's is told its order changes
+    trainer.cfg.data.mock = False
+    same = trainer.cfg.to_dict()
+    for version, warned in [(None, True), (1, True), (2, False)]:
+        messages.clear()
+        meta = {"step": 2, "consumed_samples": 16, "config": same, "parallel": {"dp": 1}}
+        if version is not None:
+            meta["data_index_version"] = version
+        trainer._warn_setting_changes(meta, "old")
+        assert any(f"the samples' order itself (data index version {version or 1} -> 2" in m
+                   for m in messages) == warned, messages
 
 
 def _start(rank, world, run_dir, steps, overrides, stop_after_save=False):
@@ -583,6 +594,33 @@ def _wandb_init_fails(rank, world, run_dir):
     except Exception as e:
         return type(e).__name__, str(e)
     return "trained", ""
+
+
+def _wandb_run_of_a_failing_step(rank, world, run_dir):
+    import importlib.machinery
+    import types
+    finished = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kwargs: types.SimpleNamespace(
+        log=lambda values, step: None, finish=lambda exit_code: finished.append(exit_code))
+    sys.modules["wandb"] = fake
+    cfg = run_config(Path(run_dir), 4, logging__wandb_project="p")
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
+    step = trainer.engine.train_step
+
+    def fails_at_3(microbatches, lr):
+        if trainer.step == 2:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return step(microbatches, lr)
+    trainer.engine.train_step = fails_at_3
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        trainer.train()
+    return finished
+
+
+def test_a_run_stopped_by_an_error_finishes_its_wandb_run_as_failed(tmp_path):
+    assert run_distributed(_wandb_run_of_a_failing_step, 1, str(tmp_path))[0] == [1]
 
 
 def test_a_failed_wandb_start_stops_every_rank_with_the_fix(tmp_path):

@@ -139,12 +139,14 @@ def megatron_indices(sizes, documents, seq_length, num_samples, seed):
     return doc_idx, sample_idx, shuffle_index(sans_final if separate else total, total)
 
 
-@pytest.mark.parametrize("num_samples", [None, 5, 30, 44, 70, 139])
+@pytest.mark.parametrize("num_samples", [None, 5, 26, 30, 45, 46, 52, 70, 78, 139])
 @pytest.mark.parametrize("seed", [0, 1234])
 def test_the_index_arrays_are_megatrons_for_the_same_seed(num_samples, seed):
-    """doc_idx, sample_idx and shuffle_idx equal Megatron's: one epoch; several epochs whose last
-    is mostly unused (served apart: 30 samples need 3 epochs, 10 of the last one's 24) or mostly
-    used (mixed with the others: 44 and 70); documents of length 0 and 1 among them."""
+    """doc_idx, sample_idx and shuffle_idx equal Megatron's, dtypes too. The split holds 106
+    tokens, 26 samples of 4 an epoch; the last epoch is served apart when fewer than
+    int(0.8 x 26) = 20 of its samples are used: one epoch (None, 5, 26); the last epoch apart (30,
+    45: 4 and 19 of it, 70 and 139); mixed with the others (46: 20, 52: exactly two epochs, 78:
+    three). Documents of length 0 and 1 among them."""
     sizes = np.random.default_rng(3).integers(0, 25, 40).astype(np.int32)
     sizes[[4, 9]] = 0, 1
     documents = np.arange(5, 15)                        # a split's range
@@ -152,6 +154,7 @@ def test_the_index_arrays_are_megatrons_for_the_same_seed(num_samples, seed):
     theirs = megatron_indices(sizes, documents, 4, num_samples, seed)
     for name, a, b in zip(("doc_idx", "sample_idx", "shuffle_idx"), ours, theirs):
         assert np.array_equal(a, b), name
+    assert (ours[0].dtype, ours[2].dtype) == (theirs[0].dtype, theirs[2].dtype)
     if num_samples == 30:      # the full epochs' samples come first, then the last one's
         full = int(((2 * sizes[documents].sum()) - 1) // 4)
         assert sorted(ours[2][:full]) == list(range(full))

@@ -147,13 +147,13 @@ def test_tensorboard_scalars(tmp_path):
 
 class FakeRun:
     def __init__(self):
-        self.logged, self.finished = [], False
+        self.logged, self.finished = [], None
 
     def log(self, values, step):
         self.logged.append((step, values))
 
-    def finish(self):
-        self.finished = True
+    def finish(self, exit_code):
+        self.finished = exit_code
 
 
 def test_wandb_gets_each_records_numbers_at_its_step(tmp_path):
@@ -165,7 +165,10 @@ def test_wandb_gets_each_records_numbers_at_its_step(tmp_path):
     assert run.logged[0][0] == 120 and "loss" not in run.logged[0][1]     # null: not a number
     assert "mfu" not in run.logged[0][1] and run.logged[0][1]["lr"] == 3e-4
     assert run.logged[1] == (200, {"val_loss": 3.5, "val_ppl": 33.1})
-    assert run.finished
+    assert run.finished == 0
+    failed = FakeRun()
+    MetricsWriter(tmp_path / "metrics.jsonl", wandb_run=failed).close(failed=True)
+    assert failed.finished == 1                 # a run stopped by an error shows as failed
 
 
 def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_starts_another(tmp_path,
