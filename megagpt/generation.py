@@ -124,10 +124,11 @@ def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int
                              f"{vocab_size} (model.vocab_size); fix: use the tokenizer the model "
                              f"was trained with (--tokenizer)")
     longest = max(len(p) for p in prompts)
-    if max_new_tokens > seq_length:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: more than the model's context of "
-                         f"{seq_length} (model.seq_length); fix: max_new_tokens <= "
-                         f"{seq_length + 1} - the prompt's tokens")
+    if longest > seq_length and max_new_tokens > seq_length:   # no prompt length would do
+        raise ValueError(f"the longest prompt has {longest} tokens and max_new_tokens="
+                         f"{max_new_tokens}, each more than the model's context of {seq_length} "
+                         f"(model.seq_length); fix: max_new_tokens <= {seq_length + 1} - the "
+                         f"prompt's tokens")
     if longest > seq_length:
         raise ValueError(f"the longest prompt has {longest} tokens, more than the model's context "
                          f"of {seq_length} (model.seq_length); fix: shorten it to at most "

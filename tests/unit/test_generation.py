@@ -188,8 +188,9 @@ def test_ids_past_a_smaller_tokenizers_vocabulary_are_never_chosen(model):
                     "(model.seq_length); fix: shorten it to at most 32 tokens"),
     # the fix counts the new tokens: 29 tokens leave room for 4 (it said 32, then refused 32)
     ([[1] * 33], 4, "fix: shorten it to at most 29 tokens (room for max_new_tokens=4)"),
-    ([[1] * 40], 50, "max_new_tokens=50: more than the model's context of 32 (model.seq_length); "
-                     "fix: max_new_tokens <= 33 - the prompt's tokens"),
+    ([[1] * 40], 50, "the longest prompt has 40 tokens and max_new_tokens=50, each more than the "
+                     "model's context of 32 (model.seq_length); fix: max_new_tokens <= 33 - the "
+                     "prompt's tokens"),
     ([[1]], 0, "max_new_tokens=0: must be an integer >= 1"),
 ])
 def test_requests_the_model_cannot_serve_are_refused(model, prompts, max_new, message):
