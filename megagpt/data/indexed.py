@@ -300,7 +300,10 @@ class IndexedDatasetWriter:
     def abort(self) -> None:
         """Close and remove every temporary file."""
         for f in self._files:
-            f.close()
+            try:
+                f.close()
+            except OSError:     # a full disk fails the buffered bytes' flush: remove them anyway
+                pass
         for p in (self._tmp_bin, self._tmp_sizes, self._tmp_docs, self._tmp_idx):
             p.unlink(missing_ok=True)
 
@@ -346,9 +349,23 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
     if reason:
         raise ValueError(f"--output-prefix {out!r}: cannot write there ({reason}); fix: choose "
                          f"another location")
+    check_replaceable(out, "--output-prefix")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with IndexedDatasetWriter(out, dtype) as writer:
-        for ds in datasets:
-            writer.add_dataset(ds)
-        writer.finalize()
+    try:
+        with IndexedDatasetWriter(out, dtype) as writer:
+            for ds in datasets:
+                writer.add_dataset(ds)
+            writer.finalize()
+    except OSError as e:     # a full disk, a quota
+        raise ValueError(f"--output-prefix {out!r}: cannot write ({e.strerror or e}); fix: free "
+                         f"space or choose another location") from e
     return IndexedDataset(out)
+
+
+def check_replaceable(prefix: str | os.PathLike, flag: str) -> None:
+    """Refuse an output prefix whose .bin or .idx exists as something other than a file (a
+    folder): renaming the new file over it fails only after the whole write."""
+    for path in (bin_path(prefix), idx_path(prefix)):
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{flag} {os.fspath(prefix)!r}: {path} exists and is not a file; "
+                             f"fix: remove it or choose another prefix")

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from megagpt import fsutil
 from megagpt.data import jsonl
-from megagpt.data.indexed import IndexedDatasetWriter, best_dtype, bin_path, idx_path
+from megagpt.data.indexed import (IndexedDatasetWriter, best_dtype, bin_path, check_replaceable,
+                                  idx_path)
 from megagpt.data.tokenizer import load_tokenizer
 
 
@@ -284,6 +285,11 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
     start = time.perf_counter()
     with jsonl.open_input(input_path) as stream:
         _check_output(output_prefix)
+        for prefix in prefixes:
+            try:
+                check_replaceable(prefix, "--output-prefix")
+            except ValueError as e:
+                raise PreprocessError(str(e)) from None
         writers: list[IndexedDatasetWriter] = []
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                           else "spawn")

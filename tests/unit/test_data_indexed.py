@@ -201,6 +201,22 @@ def test_merge_refusals(tmp_path):
     with pytest.raises(ValueError, match=f"--output-prefix '{tmp_path / 'f' / 'm'}': cannot write "
                                          f"there \\({tmp_path / 'f'} is a file\\); fix: choose"):
         merge_datasets([a.prefix], tmp_path / "f" / "m")
+    (tmp_path / "d.bin").mkdir()      # renaming over it failed only after the whole write
+    with pytest.raises(ValueError, match=r"d.bin exists and is not a file; fix: remove it"):
+        merge_datasets([a.prefix], tmp_path / "d")
+
+
+def test_a_merge_on_a_full_disk_names_the_output_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    a = write_documents(tmp_path / "a", [[1, 2]])
+
+    def no_space(self, ds):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(IndexedDatasetWriter, "add_dataset", no_space)
+    with pytest.raises(ValueError, match=r"--output-prefix '.*m': cannot write \(No space left on "
+                                         r"device\); fix: free space"):
+        merge_datasets([a.prefix], tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.idx"]
 
 
 def test_merge_tool(tmp_path, capsys):

@@ -129,6 +129,9 @@ def test_several_keys_stay_aligned(tmp_path, gpt2):
     ("no_keys", PreprocessError, r"--json-keys \[\]: give one or more"),
     ("repeated_key", PreprocessError, "repeats a key"),
     ("zero_chunk_bytes", PreprocessError, "--chunk-bytes 0 must be a positive number of bytes"),
+    ("folder_in_the_way", PreprocessError, r"--output-prefix '.*o_title_document': .*"
+                                           r"o_title_document.bin exists and is not a file; fix: "
+                                           r"remove it or choose another prefix"),
     ("folder_prefix", PreprocessError, "--output-prefix '.*out/' names a folder, so the files "
                                        "would be named .*out/_text_document.bin; fix: end it with "
                                        "a name, e.g. '.*out/corpus'"),
@@ -165,8 +168,18 @@ def test_unusable_input_or_output_fails_cleanly(tmp_path, monkeypatch, case, err
         kwargs["input_path"] = tmp_path / "in.jsonl.gz"
         kwargs["input_path"].write_bytes(bytes(data))
         kwargs["chunk_bytes"] = 4096
-    elif case == "disk_full":
+    elif case == "disk_full":      # the write fails, and so does each file's flush at close
+
+        class Full:
+            def __init__(self, f):
+                self.f = f
+
+            def close(self):
+                self.f.close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
         def no_space(self, tokens, lengths):
+            self._files = [Full(f) for f in self._files]
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         monkeypatch.setattr(IndexedDatasetWriter, "add_documents", no_space)
     elif case == "zero_workers":
@@ -179,6 +192,10 @@ def test_unusable_input_or_output_fails_cleanly(tmp_path, monkeypatch, case, err
         kwargs["chunk_bytes"] = 0
     elif case == "folder_prefix":
         kwargs["output_prefix"] = f"{tmp_path / 'out'}/"
+    elif case == "folder_in_the_way":      # the second key's .bin is a folder: nothing is written
+        kwargs["json_keys"] = ["text", "title"]
+        kwargs["input_path"] = write_lines(tmp_path / "t.jsonl", [{"text": "a b", "title": "c"}])
+        (tmp_path / "out" / "o_title_document.bin").mkdir(parents=True)
     before = files(tmp_path)
     with pytest.raises(error, match=message):
         preprocess_jsonl(**kwargs)
