@@ -361,6 +361,25 @@ def test_a_failed_background_save_stops_every_rank_and_names_the_error(tmp_path)
     assert not (tmp_path / "ckpt" / "step_0000003").exists()
 
 
+def _failing_foreground_save(rank, world, run_dir):
+    import megagpt.training.checkpoint as checkpoint
+
+    def torch_save_on_a_full_disk(*args):       # how torch.save reports it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+    checkpoint._write_rank_files = torch_save_on_a_full_disk
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        _start(rank, world, run_dir, 2, {})
+    return str(info.value)
+
+
+def test_a_failed_foreground_save_is_a_checkpoint_error_with_the_fix(tmp_path):
+    """It was a traceback from torch's zip writer."""
+    message = run_distributed(_failing_foreground_save, 1, str(tmp_path))[0]
+    assert message.startswith(f"saving {tmp_path / 'ckpt' / 'step_0000002'}: this rank's files "
+                              f"were not written ([enforce fail at"), message
+    assert "fix: free space in checkpoint.save_dir=" in message and "is still `latest`" in message
+
+
 def test_a_sigterm_while_a_background_save_runs_completes_it_and_stops(tmp_path):
     messages = run_distributed(_start, 1, str(tmp_path), 9,
                                dict(checkpoint__save_interval=3, checkpoint__async_save=True), True)[0]
