@@ -99,6 +99,8 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling,
     # -inf (greedy in the limit) instead of every logit to +-inf and the softmax to NaN
     logits = logits.float()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
+    # a temperature below float32's range (1e-300) divides by 0: the largest logits' 0 / 0 is 0
+    logits = torch.where(logits.isnan(), torch.zeros_like(logits), logits)
     probs = filter_logits(logits, sampling.top_k, sampling.top_p).softmax(dim=-1)
     if generator is not None and generator.device != probs.device:
         # drawn where the generator lives (a CPU one for a GPU model: the same seed, the

@@ -10,6 +10,7 @@
 Each step prints the command it runs, so a reader can run it again by hand. A previous run's
 checkpoints are moved aside (kept) so the demo always trains from scratch.
 """
+import argparse
 import glob
 import json
 import os
@@ -53,7 +54,10 @@ def summarise() -> None:
     print(f"checkpoint: {RUN_DIR}/checkpoints/{latest}; metrics: {RUN_DIR}/metrics.jsonl")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    # no options: --help describes the demo, anything else is refused before it starts
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog="Takes no options; run it with `make demo`.").parse_args(argv)
     configs = sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/training/*.json"))
     run("1. Validate the shipped configs: exact parameter counts, memory per GPU",
         [sys.executable, "tools/validate_config.py", "--config", *configs])
