@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import signal
@@ -194,3 +195,20 @@ def replace_folder_atomically(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def output_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be written at `path` (a folder there, or a parent that cannot be a
+    folder), or None: for a tool to check its output before the work, not after."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder"
+    return why_not_a_folder(path.absolute().parent)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """`obj` as indented JSON at `path`, written atomically (parent folders created)."""
+    Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
+    with write_file_atomically(path, "w") as f:
+        json.dump(obj, f, indent=2)
+

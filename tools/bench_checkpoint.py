@@ -16,7 +16,6 @@ Prints medians with the range, and the checkpoint's size, as a table and as JSON
 Overrides after the options apply to the config (e.g. `--training.precision=fp32`).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megagpt.config import ConfigError, ConfigFileError, load_config  # noqa: E402
+from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
 from megagpt.testing import free_port  # noqa: E402
 from megagpt.training.trainer import Trainer  # noqa: E402
@@ -83,6 +83,8 @@ def main() -> int:
     args, overrides = parser.parse_known_args()
     if args.repeats < 1:
         parser.error(f"--repeats={args.repeats}: must be at least 1")
+    if args.json and output_file_problem(args.json):
+        parser.error(f"--json {args.json}: {output_file_problem(args.json)}; fix: another path")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -109,8 +111,7 @@ def main() -> int:
     print(f"  training waits {waits:.3f} s (the copy, then completing in a later step) instead of "
           f"{result['foreground']['median']:.3f} s per save with checkpoint.async_save")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

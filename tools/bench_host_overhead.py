@@ -30,13 +30,14 @@ default $OUT/bench_host_overhead.json when $OUT is set, else runs/bench_host_ove
 """
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 
 KERNEL_MODULES = ("bias_gelu", "cross_entropy", "dispatch", "flash_attention", "layer_norm",
                   "softmax")
@@ -238,6 +239,8 @@ def main(argv=None):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     json_path = args.json or os.path.join(os.environ.get("OUT") or "runs",
                                           "bench_host_overhead.json")
+    if output_file_problem(json_path):
+        parser.error(f"--json {json_path}: {output_file_problem(json_path)}; fix: another path")
     _prepare()
     import torch
     import triton
@@ -248,11 +251,7 @@ def main(argv=None):
     rows.append(run_model(max(1, args.calls // 20), args.rounds))
     report = {"torch": torch.__version__, "triton": triton.__version__, "calls": args.calls,
               "rounds": args.rounds, "unit": "microseconds a call, host only", "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    tmp = json_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, json_path)
+    write_json(json_path, report)
     print(_format_table(rows))
     print(f"\nhost time a call (kernels not run; Triton's launcher and CUDA's launch cost not "
           f"included), the fastest of {args.rounds} rounds of {args.calls} calls; wrote {json_path}")

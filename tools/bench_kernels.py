@@ -33,7 +33,6 @@ once, and the output differences; no timings (they need a GPU; the Triton interp
 TRITON_INTERPRET=1 be set, is never timed).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -45,6 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention,  # noqa: E402
                              flash_attention_qkvpacked, layer_norm, scaled_masked_softmax)
 from megagpt.kernels._utils import autotune_choices  # noqa: E402
@@ -425,12 +425,6 @@ def _format_table(rows, copy_gbs) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
 
 
-def _write_json(report, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-
-
 def run(args, json_path) -> dict:
     """Every case; the JSON is rewritten after each, so a run cut short keeps what it measured."""
     on_gpu = torch.cuda.is_available()
@@ -470,12 +464,12 @@ def run(args, json_path) -> dict:
                     "side": side, "unit": case.unit, **_timing(case, pass_name, ms, side),
                     **_timing(case, pass_name, device_ms, side, prefix="device_"),
                     "device_error": device_error, "max_abs_diff": diffs.get(side)})
-        _write_json(report, json_path)
+        write_json(json_path, report)
     if on_gpu:
         report["cross_entropy_peak_memory_gib"] = cross_entropy_memory(TOKENS, VOCAB, dtype)
         report["autotune_choices"] = autotune_choices()
     report["complete"] = True
-    _write_json(report, json_path)
+    write_json(json_path, report)
     return report
 
 
@@ -490,6 +484,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out_dir = os.environ.get("OUT")
     json_path = args.json or os.path.join(out_dir or "runs", "bench_kernels.json")
+    if output_file_problem(json_path):
+        parser.error(f"--json {json_path}: {output_file_problem(json_path)}; fix: another path")
 
     report = run(args, json_path)
     print(_format_table(report["results"], report.get("copy_bandwidth_gbs")))

@@ -47,7 +47,6 @@ so the estimate's Triton terms can be checked on the CPU (slowly: minutes for th
 """
 import argparse
 import glob
-import json
 import math
 import os
 import sys
@@ -62,6 +61,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megagpt.config import (ConfigError, ConfigFileError, load_config,  # noqa: E402
                             split_config_args)
+from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.estimate import MiB, estimate_memory  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
@@ -204,13 +204,6 @@ def table_row(r: dict) -> str:
             f"{r['measured_over_estimate']:>8.3f} {held:>19}")
 
 
-def write_json(path: str, rows: list[dict], steps: int) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"device": rows[0]["device"], "steps": steps, "rows": rows}, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", nargs="+", help="training configs (default: configs/training/*.json)")
@@ -224,6 +217,8 @@ def main() -> int:
     args, overrides = parser.parse_known_args()
     if args.config:
         args.config, overrides = split_config_args(args.config, overrides)
+    if args.json and output_file_problem(args.json):
+        parser.error(f"--json {args.json}: {output_file_problem(args.json)}; fix: another path")
     if args.steps < 2:
         parser.error(f"--steps={args.steps}: must be at least 2 (AdamW's moments exist from the "
                      f"first step on, so the peak is reached in a later one)")
@@ -266,7 +261,8 @@ def main() -> int:
               f"{row['estimate_bytes'] / MiB:,.1f} MiB: measured / estimate = "
               f"{row['measured_over_estimate']:.3f}", flush=True)
         if args.json:
-            write_json(args.json, rows, args.steps)   # after each config, so a cut-off run keeps its rows
+            # after each config, so a cut-off run keeps its rows
+            write_json(args.json, {"device": rows[0]["device"], "steps": args.steps, "rows": rows})
     if rows:
         print(f"\n{rows[0]['device']}, {args.steps} steps a config, tensor memory from before the "
               f"model is built to the end of the last step")

@@ -12,7 +12,6 @@ prints the measured idle fraction beside the formula: (p - 1) / (m + p - 1) for 
 (pp <= cores) or the timings mix in the scheduler's own waiting.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from megagpt.config import load_config  # noqa: E402
+from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.parallel import state  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
 from megagpt.testing import run_distributed  # noqa: E402
@@ -84,6 +84,16 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "runs/bench"),
                                                        "bench_pipeline.json"))
     args = parser.parse_args()
+    for name in ("pp", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if min(args.microbatches + args.vp) < 1:
+        parser.error("--microbatches and --vp take values of at least 1")
+    if not any(vp == 1 or m % args.pp == 0 for vp in args.vp for m in args.microbatches):
+        parser.error(f"nothing to measure: interleaving (--vp > 1) needs --microbatches that are "
+                     f"multiples of --pp {args.pp}")
+    if output_file_problem(args.json):
+        parser.error(f"--json {args.json}: {output_file_problem(args.json)}; fix: another path")
     torch.set_num_threads(1)
     rows = []
     print(f"pp={args.pp}, {os.cpu_count()} CPUs; idle = time waiting for neighbours / step time")
@@ -101,10 +111,7 @@ def main() -> None:
                   " ".join(f"{x:>8.3f}" for x in idle) + f" {mean:>7.3f}", flush=True)
             rows.append({"schedule": name, "pp": args.pp, "vp": vp, "microbatches": m,
                          "formula": formula, "idle_per_stage": idle, "idle_mean": mean})
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json + ".tmp", "w") as f:
-        json.dump({"cpus": os.cpu_count(), "rows": rows}, f, indent=2)
-    os.replace(args.json + ".tmp", args.json)
+    write_json(args.json, {"cpus": os.cpu_count(), "rows": rows})
     print(f"wrote {args.json}")
 
 

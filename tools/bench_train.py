@@ -32,6 +32,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megagpt.config import ConfigError, ConfigFileError, load_config  # noqa: E402
 from megagpt.estimate import GiB, estimate_memory  # noqa: E402
+from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.hf import hf_config_dict, to_hf  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
@@ -146,6 +147,8 @@ def main() -> int:
                         help="after timing, profile one more step of ours and print where the time went")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "runs/bench"), "bench_train.json"))
     args, overrides = parser.parse_known_args()
+    if output_file_problem(args.json):
+        parser.error(f"--json {args.json}: {output_file_problem(args.json)}; fix: another path")
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and "
                      f"{args.warmup}")
@@ -250,10 +253,7 @@ def report(args, cfg, device_name, tokens, rows, estimate, graph_pool) -> None:
         ratio = rows[0]["step_s_median"] / rows[1]["step_s_median"]
         result["megagpt_over_peer_step_time"] = ratio
         print(f"megagpt step time / peer step time = {ratio:.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.json + ".tmp", args.json)
+    write_json(args.json, result)
     print(f"wrote {args.json}", flush=True)
 
 

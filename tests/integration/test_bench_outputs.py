@@ -1,0 +1,38 @@
+"""Every benchmark tool checks its --json path before measuring (a folder there failed with a
+traceback after the whole run and left a .tmp file beside it), and bench_pipeline refuses
+arguments that leave nothing to measure."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "configs/training/tiny_model.json"
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("bench_train.py", ["--config", TINY]),
+    ("bench_pipeline.py", []),
+    ("bench_memory.py", ["--config", TINY]),
+    ("bench_host_overhead.py", []),
+    ("bench_kernels.py", ["--quick"]),
+    ("bench_checkpoint.py", ["--config", TINY]),
+])
+def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(tmp_path, tool, args):
+    result = subprocess.run([sys.executable, f"tools/{tool}", *args, "--json", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--json {tmp_path}: {tmp_path} is a folder; fix: another path" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pp", "0"], "--pp must be at least 1, got 0"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--vp", "2", "--microbatches", "3"], "nothing to measure: interleaving"),
+])
+def test_bench_pipeline_refuses_what_leaves_nothing_to_measure(args, message):
+    result = subprocess.run([sys.executable, "tools/bench_pipeline.py", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
