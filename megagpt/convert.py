@@ -36,7 +36,7 @@ import torch
 from megagpt.config import (KernelsConfig, ModelConfig, layout_problems, load_config,
                             model_fields_from_hf)
 from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
-from megagpt.fsutil import give_default_mode, replace_folder_atomically
+from megagpt.fsutil import give_default_mode, replace_folder_atomically, why_not_a_folder
 from megagpt.hf import from_hf, hf_config_dict, to_hf
 from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
 from megagpt.model.reshard import (full_state_from_checkpoint, full_state_shapes, model_config_of,
@@ -338,11 +338,15 @@ def write_megagpt(source: Source, save_dir: Path, tp: int, pp: int, vp: int) -> 
 
 def write_hf(source: Source, folder: Path, tokenizer: Tokenizer) -> None:
     """Write `source` as a Hugging Face GPT-2 folder: weights, config, tokenizer, generation."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     m, eod = source.model, tokenizer.eod_id
     weights = {k: v for k, v in to_hf(source.full_state, m).items() if k != "lm_head.weight"}
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    except SafetensorError as e:     # its I/O errors (a full disk) are of its own type
+        raise OSError(str(e)) from e
     give_default_mode(folder / "model.safetensors")   # safetensors writes it 0600
     _write_json(folder / "config.json", dict(hf_config_dict(m), bos_token_id=eod, eos_token_id=eod))
     _write_json(folder / "generation_config.json",
@@ -430,6 +434,10 @@ def _check_output(output: Path) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConversionError(f"--output {output} already exists and is not an empty folder; fix: "
                               f"choose a new path, or remove it first")
+    reason = why_not_a_folder(output.absolute().parent)
+    if reason:
+        raise ConversionError(f"--output {output}: cannot write there ({reason}); fix: choose "
+                              f"another path")
 
 
 def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | None = None,
@@ -468,6 +476,7 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
                               f"--to megagpt to make a checkpoint of ours")
     log(f"read {source.describe()}")
     notes = []
+    tok = None
     if to == "megagpt":
         tp, pp, vp = (v if v is not None else d for v, d in zip((tp, pp, vp), source.layout))
         check_layout(source.model, tp, pp, vp, source.config["parallel"].get("sequence_parallel", False))
@@ -487,6 +496,15 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
                                   f"model's vocabulary is {source.model.vocab_size} "
                                   f"(model.vocab_size); fix: pass the tokenizer the model was "
                                   f"trained with")
+    try:
+        return _write(source, output, to, tok, tp, pp, vp, verify, log, notes)
+    except OSError as e:            # a full disk, a read-only file system, a quota
+        raise ConversionError(f"--output {output}: cannot write ({e.strerror or e}); nothing was "
+                              f"written; fix: free space or choose another location") from e
+
+
+def _write(source, output, to, tok, tp, pp, vp, verify, log, notes) -> ConversionResult:
+    """convert's writing: into a temporary folder renamed to `output` when complete."""
     with replace_folder_atomically(output) as tmp:
         if to == "megagpt":
             written = write_megagpt(source, tmp, tp, pp, vp)

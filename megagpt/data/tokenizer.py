@@ -268,6 +268,16 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
     backend.train_from_iterator(texts, trainer=trainer)
     backend.add_special_tokens([EOD_TOKEN])
 
+    try:
+        _write_trained(backend, out)
+    except Exception as e:       # OSError, or the tokenizers library's own (a full disk)
+        raise ValueError(f"output {str(out)!r}: cannot write ({getattr(e, 'strerror', None) or e});"
+                         f" nothing was written; fix: free space or choose another location") from e
+    return load_tokenizer(out)
+
+
+def _write_trained(backend, out: Path) -> None:
+    """The trained tokenizer's files, written into a temporary folder renamed to `out`."""
     with replace_folder_atomically(out) as tmp:
         backend.model.save(str(tmp))  # vocab.json + merges.txt, without the added token
         vocab = json.loads((tmp / "vocab.json").read_text(encoding="utf-8"))
@@ -279,4 +289,3 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
         config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
                   "add_prefix_space": False, **special}
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return load_tokenizer(out)

@@ -345,6 +345,33 @@ def test_bad_inputs_are_refused_with_a_message_and_nothing_written(tmp_path, ful
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_an_output_that_cannot_be_written_is_a_message_and_leaves_nothing(tmp_path, ours,
+                                                                         monkeypatch):
+    """An output under a file, or a disk that fills up (for both formats): tracebacks before."""
+    import errno
+
+    import megagpt.convert as convert_module
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConversionError, match=r"--output .*afile/out: cannot write there "
+                                              r"\(.*afile is a file\); fix: choose another path"):
+        quiet(ours / "tp1pp1", tmp_path / "afile" / "out", "megagpt")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(convert_module, "write_checkpoint_offline", full)
+    import safetensors.torch
+
+    def full_safetensors(*args, **kwargs):
+        from safetensors import SafetensorError
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_safetensors)
+    for to in ("megagpt", "hf"):
+        with pytest.raises(ConversionError, match=r"--output .*out: cannot write \(.*No space left "
+                                                  r"on device.*\); nothing was written; fix: free"):
+            quiet(ours / "tp1pp1", tmp_path / "out", to)
+        assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("change, shown", [
     (dict(n_inner=64), "layers.0.mlp.fc1.weight: (128, 32) in the weights, (64, 32) from config.json"),
     (dict(n_positions=64), "embedding.wpe.weight: (16, 32) in the weights, (64, 32) from config.json"),

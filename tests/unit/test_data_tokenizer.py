@@ -225,6 +225,19 @@ def test_train_refuses_bad_arguments(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "f"]  # no temporary folder left
 
 
+def test_a_tokenizer_that_cannot_be_written_is_a_message_and_leaves_nothing(tmp_path, monkeypatch):
+    """The tokenizers library reports a full disk as a bare Exception: it was a traceback."""
+    import tokenizers
+
+    def full(self, path, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+    monkeypatch.setattr(tokenizers.Tokenizer, "save", full)
+    with pytest.raises(ValueError, match=r"output '.*tok': cannot write \(No space left on device "
+                                         r"\(os error 28\)\); nothing was written; fix: free"):
+        train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "tok")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_tokenizer_tool(tmp_path, capsys):
     main = runpy.run_path(str(TOOL))["main"]
     data = tmp_path / "c.jsonl"
