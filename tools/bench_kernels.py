@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention,  # noqa: E402
                              flash_attention_qkvpacked, layer_norm, scaled_masked_softmax)
-from megagpt.kernels._utils import autotune_choices  # noqa: E402
+from megagpt.kernels._utils import KERNELS_INTERPRETED, autotune_choices  # noqa: E402
 from megagpt.kernels.dispatch import flash_attn_attention  # noqa: E402
 
 TOKENS = 16384
@@ -501,8 +501,11 @@ def main(argv=None):
             for key, config in choices.items():
                 print(f"  {kernel} {key}: {config}")
     else:
-        print("\nsmoke pass on the CPU: every case ran forward and forward+backward at tiny "
-              "shapes; timings need a CUDA GPU (the Triton interpreter is never timed)")
+        ran = ("the Triton kernels under the interpreter" if KERNELS_INTERPRETED else
+               "the torch references on both sides (TRITON_INTERPRET=1 runs the Triton kernels "
+               "under the interpreter)")
+        print(f"\nsmoke pass on the CPU: every case ran forward and forward+backward at tiny "
+              f"shapes, {ran}; timings need a CUDA GPU (the interpreter is never timed)")
     print(f"wrote {json_path}")
 
 
