@@ -175,6 +175,18 @@ def main(argv=None) -> int:
         tokens = work(args.input, args.prefix, args.tokenizer, args.workers, args.append_eod)
         print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens}))
         return 0
+    for name in ("workers", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if min(args.scales) < 1:
+        parser.error(f"--scales take values of at least 1, got {min(args.scales)}")
+    if not Path(args.input).is_file():
+        parser.error(f"--input {args.input}: not a file; fix: a .jsonl or .jsonl.gz file")
+    sys.path.insert(0, str(REPO))
+    from megagpt.fsutil import output_file_problem, write_json
+    if output_file_problem(args.output):
+        parser.error(f"--output {args.output}: {output_file_problem(args.output)}; fix: another "
+                     f"path")
 
     rows = []
     folder = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
@@ -210,11 +222,9 @@ def main(argv=None) -> int:
         speedup = row["tokens_per_s_median"] / base["tokens_per_s_median"]
         print(f"{row['scale']:>5} {row['method']:>15} {row['tokens']:>11,} {row['seconds_median']:>10.2f} "
               f"{row['tokens_per_s_median']:>11,} {row['peak_mb_median']:>8.0f} {speedup:>7.2f}x")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("run", "prefix")}
-    out.write_text(json.dumps({"config": config, "cpus": os.cpu_count(), "results": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.output, {"config": config, "cpus": os.cpu_count(), "results": rows})
+    print(f"wrote {args.output}")
     return 0
 
 

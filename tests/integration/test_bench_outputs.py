@@ -36,3 +36,18 @@ def test_bench_pipeline_refuses_what_leaves_nothing_to_measure(args, message):
     result = subprocess.run([sys.executable, "tools/bench_pipeline.py", *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--scales", "0"], "--scales take values of at least 1, got 0"),
+    (["--input", "/nonexistent.jsonl"], "--input /nonexistent.jsonl: not a file"),
+    (["--output", "/"], "--output /: / is a folder"),
+])
+def test_bench_preprocess_refuses_bad_arguments_before_measuring(args, message):
+    """They failed with a child's traceback, or after the whole run."""
+    result = subprocess.run([sys.executable, "tools/bench_preprocess.py", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
