@@ -226,6 +226,10 @@ class ConfigFileError(ValueError):
 def read_json(path: str | Path, what: str = "config") -> dict:
     """Read a JSON object, with errors that name the file, the line and the column."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.json"))[:4]
+        raise ConfigFileError(f"{what} file {path} is a folder; fix: name a file in it"
+                              f"{' (' + ', '.join(found) + ')' if found else ''}")
     if not path.is_file():
         raise ConfigFileError(f"{what} file not found: {path} (check the path; it is read relative "
                               f"to the current directory {Path.cwd()})")

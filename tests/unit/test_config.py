@@ -413,6 +413,12 @@ def test_the_dict_a_checkpoint_keeps_loads_back_as_the_same_config():
     assert again.data.train_data_path == ["runs/data/other"] and again.model.d_model == 128
 
 
+def test_a_folder_given_as_the_config_is_named_as_one():
+    with pytest.raises(ConfigFileError, match=r"config file .*configs/training is a folder; fix: "
+                                              r"name a file in it \(base_model.json, "):
+        load_config(ROOT / "configs" / "training")
+
+
 def test_a_key_given_twice_is_refused(tmp_path):
     """The last one silently won: a second learning_rate line, or a whole section twice."""
     text = TINY.read_text().replace('"training": {', '"training": {"learning_rate": 3.0, ', 1)
