@@ -35,7 +35,7 @@ import torch
 
 from megagpt.config import (KernelsConfig, ModelConfig, layout_problems, load_config,
                             model_fields_from_hf)
-from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_to
 from megagpt.fsutil import give_default_mode, replace_folder_atomically, why_not_a_folder
 from megagpt.hf import from_hf, hf_config_dict, to_hf
 from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
@@ -365,11 +365,11 @@ def write_hf_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int) -> N
                               f"tokenizer; a GPT-2 folder needs a byte-level BPE (the GPT-2 "
                               f"tokenizer, or one from tools/train_tokenizer.py)")
     eod = backend.id_to_token(tokenizer.eod_id)
-    backend.model.save(str(folder))                          # vocab.json + merges.txt
+    save_to(backend.model.save, folder)                      # vocab.json + merges.txt
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     vocab[eod] = tokenizer.eod_id                            # an added token is not in the model
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    backend.save(str(folder / "tokenizer.json"))
+    save_to(backend.save, folder / "tokenizer.json")
     special = {"bos_token": eod, "eos_token": eod, "unk_token": eod}
     _write_json(folder / "special_tokens_map.json", special)
     _write_json(folder / "tokenizer_config.json",
@@ -497,27 +497,30 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
                                   f"(model.vocab_size); fix: pass the tokenizer the model was "
                                   f"trained with")
     try:
-        return _write(source, output, to, tok, tp, pp, vp, verify, log, notes)
+        with replace_folder_atomically(output) as tmp:
+            if to == "megagpt":
+                written = write_megagpt(source, tmp, tp, pp, vp)
+                log(f"wrote {written.name} for tp {tp} x pp {pp} x vp {vp}")
+            else:
+                write_hf(source, tmp, tok)
+                written = tmp
+                log(f"wrote a Hugging Face GPT-2 folder with the tokenizer {tok.source}")
+            difference = _verify(source, to, written, log) if verify else None
     except OSError as e:            # a full disk, a read-only file system, a quota
         raise ConversionError(f"--output {output}: cannot write ({e.strerror or e}); nothing was "
                               f"written; fix: free space or choose another location") from e
-
-
-def _write(source, output, to, tok, tp, pp, vp, verify, log, notes) -> ConversionResult:
-    """convert's writing: into a temporary folder renamed to `output` when complete."""
-    with replace_folder_atomically(output) as tmp:
-        if to == "megagpt":
-            written = write_megagpt(source, tmp, tp, pp, vp)
-            log(f"wrote {written.name} for tp {tp} x pp {pp} x vp {vp}")
-        else:
-            write_hf(source, tmp, tok)
-            written = tmp
-            log(f"wrote a Hugging Face GPT-2 folder with the tokenizer {tok.source}")
-        difference = None
-        if verify:
-            difference = logit_difference(source, to, written)
-            log(f"verify: largest logit difference {difference:.3g} (tolerance {VERIFY_TOLERANCE})")
-            if not difference <= VERIFY_TOLERANCE:
-                raise ConversionError(f"--verify: the largest logit difference {difference:.3g} "
-                                      f"exceeds {VERIFY_TOLERANCE}; the output was not written")
     return ConversionResult(output, difference, notes)
+
+
+def _verify(source: Source, to: str, written: Path, log: Callable[[str], None]) -> float:
+    """--verify: the largest logit difference between the source and what was written."""
+    try:
+        difference = logit_difference(source, to, written)
+    except OSError as e:            # transformers reports every load problem as an OSError
+        raise ConversionError(f"--verify: the written output does not load ({e}); the output "
+                              f"was not written") from e
+    log(f"verify: largest logit difference {difference:.3g} (tolerance {VERIFY_TOLERANCE})")
+    if not difference <= VERIFY_TOLERANCE:
+        raise ConversionError(f"--verify: the largest logit difference {difference:.3g} "
+                              f"exceeds {VERIFY_TOLERANCE}; the output was not written")
+    return difference

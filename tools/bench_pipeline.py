@@ -89,6 +89,8 @@ def main() -> None:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if min(args.microbatches + args.vp) < 1:
         parser.error("--microbatches and --vp take values of at least 1")
+    if args.pp == 1 and max(args.vp) > 1:
+        parser.error("--vp above 1 needs --pp 2 or more: interleaving cuts a pipeline into chunks")
     if not any(vp == 1 or m % args.pp == 0 for vp in args.vp for m in args.microbatches):
         parser.error(f"nothing to measure: interleaving (--vp > 1) needs --microbatches that are "
                      f"multiples of --pp {args.pp}")

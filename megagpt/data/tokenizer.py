@@ -270,20 +270,29 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
 
     try:
         _write_trained(backend, out)
-    except Exception as e:       # OSError, or the tokenizers library's own (a full disk)
+    except OSError as e:         # a full disk, a read-only file system
         raise ValueError(f"output {str(out)!r}: cannot write ({getattr(e, 'strerror', None) or e});"
                          f" nothing was written; fix: free space or choose another location") from e
     return load_tokenizer(out)
 
 
+def save_to(save, path: Path) -> None:
+    """`save(str(path))`, a tokenizers library save (`Tokenizer.save`, `model.save`), whose I/O
+    errors (a full disk, a missing folder) come as a bare Exception: raised as an OSError."""
+    try:
+        save(str(path))
+    except Exception as e:
+        raise OSError(str(e)) from e
+
+
 def _write_trained(backend, out: Path) -> None:
     """The trained tokenizer's files, written into a temporary folder renamed to `out`."""
     with replace_folder_atomically(out) as tmp:
-        backend.model.save(str(tmp))  # vocab.json + merges.txt, without the added token
+        save_to(backend.model.save, tmp)  # vocab.json + merges.txt, without the added token
         vocab = json.loads((tmp / "vocab.json").read_text(encoding="utf-8"))
         vocab[EOD_TOKEN] = backend.token_to_id(EOD_TOKEN)
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        backend.save(str(tmp / "tokenizer.json"))
+        save_to(backend.save, tmp / "tokenizer.json")
         special = {"bos_token": EOD_TOKEN, "eos_token": EOD_TOKEN, "unk_token": EOD_TOKEN}
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
         config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,

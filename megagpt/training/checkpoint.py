@@ -188,19 +188,24 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
     """
     layout = _check_save_args(step, meta, keep_last, dict(rank=rank, tp_rank=tp_rank,
                                                           pp_rank=pp_rank, dp_rank=dp_rank))
-    tmp = _prepare_tmp(Path(save_dir), step, rank, barrier)
-    if write_extra is not None:
-        write_extra(tmp)
+    final = Path(save_dir) / step_dir_name(step)
+    fix = (f"fix: free space in checkpoint.save_dir={save_dir} or choose another (the previous "
+           f"checkpoint is still `latest`)")
     try:
+        tmp = _prepare_tmp(Path(save_dir), step, rank, barrier)
+        if write_extra is not None:
+            write_extra(tmp)
         _write_rank_files(tmp, rank, tp_rank, pp_rank, dp_rank, model_state, optim_state,
                           rng_state)
     except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
         cause = next((c for c in (e, e.__cause__, e.__context__) if isinstance(c, OSError)), e)
-        raise CheckpointError(f"saving {Path(save_dir) / step_dir_name(step)}: this rank's files "
-                              f"were not written ({getattr(cause, 'strerror', None) or cause}); "
-                              f"fix: free space in checkpoint.save_dir={save_dir} or choose "
-                              f"another (the previous checkpoint is still `latest`)") from e
-    return _end_save(Path(save_dir), step, tmp, rank, meta, layout, keep_last, barrier)
+        raise CheckpointError(f"saving {final}: this rank's files were not written "
+                              f"({getattr(cause, 'strerror', None) or cause}); {fix}") from e
+    try:
+        return _end_save(Path(save_dir), step, tmp, rank, meta, layout, keep_last, barrier)
+    except OSError as e:                   # rank 0's meta.json, rename and `latest`
+        raise CheckpointError(f"saving {final}: it could not be completed "
+                              f"({e.strerror or e}); {fix}") from e
 
 
 @dataclasses.dataclass

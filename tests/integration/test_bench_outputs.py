@@ -31,6 +31,7 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(tmp_path
     (["--pp", "0"], "--pp must be at least 1, got 0"),
     (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--vp", "2", "--microbatches", "3"], "nothing to measure: interleaving"),
+    (["--pp", "1"], "--vp above 1 needs --pp 2 or more"),      # it crashed after measuring
 ])
 def test_bench_pipeline_refuses_what_leaves_nothing_to_measure(args, message):
     result = subprocess.run([sys.executable, "tools/bench_pipeline.py", *args], cwd=ROOT,

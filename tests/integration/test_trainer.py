@@ -372,12 +372,28 @@ def _failing_foreground_save(rank, world, run_dir):
     return str(info.value)
 
 
+def _failing_completion(rank, world, run_dir):
+    import errno
+
+    import megagpt.training.checkpoint as checkpoint
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    checkpoint._write_atomic_text = full                  # meta.json, `latest`
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        _start(rank, world, run_dir, 2, {})
+    return str(info.value)
+
+
 def test_a_failed_foreground_save_is_a_checkpoint_error_with_the_fix(tmp_path):
-    """It was a traceback from torch's zip writer."""
-    message = run_distributed(_failing_foreground_save, 1, str(tmp_path))[0]
-    assert message.startswith(f"saving {tmp_path / 'ckpt' / 'step_0000002'}: this rank's files "
-                              f"were not written ([enforce fail at"), message
+    """It was a traceback from torch's zip writer, or from writing meta.json and `latest`."""
+    message = run_distributed(_failing_foreground_save, 1, str(tmp_path / "a"))[0]
+    assert message.startswith(f"saving {tmp_path / 'a' / 'ckpt' / 'step_0000002'}: this rank's "
+                              f"files were not written ([enforce fail at"), message
     assert "fix: free space in checkpoint.save_dir=" in message and "is still `latest`" in message
+    message = run_distributed(_failing_completion, 1, str(tmp_path / "b"))[0]
+    assert message.startswith(f"saving {tmp_path / 'b' / 'ckpt' / 'step_0000002'}: it could not be "
+                              f"completed (No space left on device); fix: free space"), message
 
 
 def test_a_sigterm_while_a_background_save_runs_completes_it_and_stops(tmp_path):

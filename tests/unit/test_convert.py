@@ -370,6 +370,29 @@ def test_an_output_that_cannot_be_written_is_a_message_and_leaves_nothing(tmp_pa
                                                   r"on device.*\); nothing was written; fix: free"):
             quiet(ours / "tp1pp1", tmp_path / "out", to)
         assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    import tokenizers                       # the tokenizer's files: the library's bare Exception
+
+    def tokenizer_full(self, path, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+    monkeypatch.setattr(tokenizers.Tokenizer, "save", tokenizer_full)
+    with pytest.raises(ConversionError, match=r"cannot write \(No space left on device \(os error "
+                                              r"28\)\); nothing was written"):
+        quiet(ours / "tp1pp1", tmp_path / "out", "hf")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_verify_that_cannot_load_the_output_says_so_not_disk_full(tmp_path, ours, monkeypatch):
+    import megagpt.convert as convert_module
+
+    def unloadable(*args, **kwargs):       # how transformers reports a folder it cannot load
+        raise OSError("Error no file named model.safetensors found in directory")
+    monkeypatch.setattr(convert_module, "hf_logits", unloadable)
+    with pytest.raises(ConversionError, match=r"--verify: the written output does not load "
+                                              r"\(Error no file named .*\); the output was not "
+                                              r"written"):
+        quiet(ours / "tp1pp1", tmp_path / "out", "hf", verify=True)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("change, shown", [
