@@ -159,8 +159,9 @@ def output_problems(cfg) -> list[str]:
             where = f"{name}={value}" if value else f"{name} (default {default}, under " \
                                                      f"logging.run_dir={cfg.run_dir})"
             problems.append(f"{where}: cannot write there ({reason}); fix: choose another path")
-    if _wandb_missing(cfg):
-        problems.append(_wandb_missing(cfg))
+    missing = _wandb_missing(cfg)
+    if missing:
+        problems.append(missing)
     return problems
 
 
@@ -179,8 +180,9 @@ class Trainer:
     def __init__(self, cfg: Config, state: ParallelState, device: torch.device | str = "cpu",
                  log=print):
         self.started = time.monotonic()   # training.exit_duration_minutes counts from here
-        if _wandb_missing(cfg):             # on every rank, before any collective
-            raise ValueError(_wandb_missing(cfg))
+        missing = _wandb_missing(cfg)       # on every rank, before any collective
+        if missing:
+            raise ValueError(missing)
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         self.is_rank0 = state.rank == 0
         self.log = log if self.is_rank0 else (lambda *a, **k: None)
