@@ -102,6 +102,12 @@ def main(argv=None) -> int:
         Trainer(cfg, state, device).train()
     except AnotherRankFailed:
         return 1           # rank 0 has printed why
+    except KeyboardInterrupt:   # Ctrl-C reaches every rank: rank 0 speaks for all
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"interrupted (Ctrl-C): stopped without saving; the same command resumes from "
+                  f"the last checkpoint in {cfg.checkpoint.save_dir}; to stop with a checkpoint, "
+                  f"send SIGTERM instead (kill -TERM, scancel)", file=sys.stderr, flush=True)
+        return 130
     except USER_ERRORS as e:
         rank = int(os.environ.get("RANK", "0"))
         cause = e.__cause__    # the library error underneath, unless the message quotes it

@@ -48,18 +48,24 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
 
-    def problems(self) -> list[str]:
-        """What is wrong with these settings, one sentence each naming the value and the fix."""
+    def problems(self, names: dict[str, str] | None = None) -> list[str]:
+        """What is wrong with these settings, one sentence each naming the value and the fix;
+        `names` gives the name to show for a field (a command line's flag), default its own."""
+        def name(field: str) -> str:
+            return (names or {}).get(field, "greedy=True" if field == "greedy" else field)
+
         found = []
         if self.greedy:
             return found
         if not 0 < self.temperature < math.inf:
-            found.append(f"temperature={self.temperature}: must be > 0 and finite; fix: e.g. 0.8, or "
-                         f"greedy decoding (--greedy) for the most likely token at each step")
+            found.append(f"{name('temperature')}={self.temperature}: must be > 0 and finite; "
+                         f"fix: e.g. 0.8, or greedy decoding ({name('greedy')}) for the most likely "
+                         f"token at each step")
         if self.top_k < 0:
-            found.append(f"top_k={self.top_k}: must be >= 0 (0 keeps every token); fix: e.g. 40")
+            found.append(f"{name('top_k')}={self.top_k}: must be >= 0 (0 keeps every token); "
+                         f"fix: e.g. 40")
         if not 0 < self.top_p <= 1:
-            found.append(f"top_p={self.top_p}: must be in (0, 1] (1 keeps every token); "
+            found.append(f"{name('top_p')}={self.top_p}: must be in (0, 1] (1 keeps every token); "
                          f"fix: e.g. 0.9")
         return found
 
@@ -67,10 +73,11 @@ class Sampling:
 GREEDY = Sampling(greedy=True)
 
 
-def seeded(seed: int) -> torch.Generator:
-    """A CPU generator for `generate`, seeded: the same seed draws the same tokens."""
+def seeded(seed: int, name: str = "seed") -> torch.Generator:
+    """A CPU generator for `generate`, seeded: the same seed draws the same tokens. `name` is the
+    seed's name in the message when it is out of range."""
     if not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed={seed}: must be in [0, 2**64); fix: e.g. 1234")
+        raise ValueError(f"{name}={seed}: must be in [0, 2**64); fix: e.g. 1234")
     return torch.Generator().manual_seed(seed)
 
 
@@ -111,12 +118,13 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling,
 
 
 def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int,
-                  seq_length: int) -> None:
-    """Refuse prompts the model cannot continue, with a ValueError naming the value and the fix."""
+                  seq_length: int, name: str = "max_new_tokens") -> None:
+    """Refuse prompts the model cannot continue, with a ValueError naming the value and the fix;
+    `name` is max_new_tokens's name in the messages (a command line's flag)."""
     if not prompts:
         raise ValueError("generate: no prompts given; fix: pass at least one prompt")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be an integer >= 1")
+        raise ValueError(f"{name}={max_new_tokens}: must be an integer >= 1")
     for r, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {r} is empty (no tokens); fix: give it some text")
@@ -127,21 +135,21 @@ def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int
                              f"was trained with (--tokenizer)")
     longest = max(len(p) for p in prompts)
     if longest > seq_length and max_new_tokens > seq_length:   # no prompt length would do
-        raise ValueError(f"the longest prompt has {longest} tokens and max_new_tokens="
+        raise ValueError(f"the longest prompt has {longest} tokens and {name}="
                          f"{max_new_tokens}, each more than the model's context of {seq_length} "
-                         f"(model.seq_length); fix: max_new_tokens <= {seq_length + 1} - the "
+                         f"(model.seq_length); fix: {name} <= {seq_length + 1} - the "
                          f"prompt's tokens")
     if longest > seq_length:
         raise ValueError(f"the longest prompt has {longest} tokens, more than the model's context "
                          f"of {seq_length} (model.seq_length); fix: shorten it to at most "
-                         f"{seq_length - max_new_tokens + 1} tokens (room for max_new_tokens="
+                         f"{seq_length - max_new_tokens + 1} tokens (room for {name}="
                          f"{max_new_tokens}), or fewer new tokens")
     # the last new token is chosen, never read: the model reads longest + max_new_tokens - 1
     if longest + max_new_tokens - 1 > seq_length:
-        raise ValueError(f"the longest prompt has {longest} tokens; with max_new_tokens="
+        raise ValueError(f"the longest prompt has {longest} tokens; with {name}="
                          f"{max_new_tokens} the model reads {longest + max_new_tokens - 1} "
                          f"positions, more than its context of {seq_length} (model.seq_length); "
-                         f"fix: set max_new_tokens <= {seq_length - longest + 1} or shorten the "
+                         f"fix: set {name} <= {seq_length - longest + 1} or shorten the "
                          f"prompt")
 
 

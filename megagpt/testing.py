@@ -128,17 +128,18 @@ TINY_VOCAB, TINY_SEQ, TINY_GLOBAL_BATCH = 1001, 16, 8
 
 
 def sigterm_when_ready(proc, ready, *, to_group: bool, wait: float = 60.0,
-                      timeout: float = 120.0) -> str:
+                      timeout: float = 120.0, signum: int = signal.SIGTERM) -> str:
     """Wait until `ready()` holds (at most `wait` seconds, or until the process ends), send
-    SIGTERM to `proc` (a `subprocess.Popen` with its output piped), or to its whole process
-    group with `to_group` (start it with start_new_session=True), and return its output."""
+    SIGTERM (or `signum`: SIGINT is a terminal's Ctrl-C) to `proc` (a `subprocess.Popen` with its
+    output piped), or to its whole process group with `to_group` (start it with
+    start_new_session=True), and return its output."""
     deadline = time.time() + wait
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.05)
     if to_group:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
     else:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
     return proc.communicate(timeout=timeout)[0]
 
 

@@ -18,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megagpt.cli import run_main  # noqa: E402
 from megagpt.convert import ConversionError, convert  # noqa: E402
 from megagpt.data.tokenizer import TokenizerError  # noqa: E402
 from megagpt.fsutil import clean_up_on_sigterm  # noqa: E402
@@ -51,4 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

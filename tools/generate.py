@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megagpt.cli import run_main  # noqa: E402
 from megagpt.convert import (ConversionError, load_source, single_process_model,  # noqa: E402
                              source_tokenizer)
 from megagpt.data.tokenizer import TokenizerError  # noqa: E402
@@ -37,13 +38,14 @@ def sampling_of(args, parser) -> Sampling:
     sampling = Sampling(greedy=args.greedy,
                         temperature=1.0 if args.temperature is None else args.temperature,
                         top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
-    problems = sampling.problems()
+    problems = sampling.problems({f: "--" + f.replace("_", "-")
+                                  for f in ("greedy", "temperature", "top_k", "top_p")})
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens={args.max_new_tokens}: must be at least 1")
     try:
-        seeded(args.seed)
+        seeded(args.seed, "--seed")
     except ValueError as e:
-        problems.append(f"--seed: {e}")
+        problems.append(str(e))
     if problems:
         parser.error("; ".join(problems))
     return sampling
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
         tokenizer = source_tokenizer(source, args.tokenizer)
         model = single_process_model(source.model, source.full_state)
         prompts = [tokenizer.encode(text, allow_special=True) for text in args.prompt]
-        check_request(prompts, args.max_new_tokens, source.model.vocab_size, source.model.seq_length)
+        check_request(prompts, args.max_new_tokens, source.model.vocab_size, source.model.seq_length,
+                      "--max-new-tokens")
         vocab_limit = min(tokenizer.vocab_size, source.model.vocab_size)
         if tokenizer.vocab_size < source.model.vocab_size:
             print(f"generate: note: the tokenizer has {tokenizer.vocab_size} ids and the model "
@@ -100,4 +103,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

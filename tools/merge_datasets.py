@@ -9,6 +9,7 @@ and renamed when complete. The work is done by megagpt.data.indexed.merge_datase
 import argparse
 import sys
 
+from megagpt.cli import run_main
 from megagpt.data.indexed import IndexedDatasetError, merge_datasets
 from megagpt.fsutil import clean_up_on_sigterm
 
@@ -30,4 +31,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -10,6 +10,7 @@ megagpt.data.preprocess.preprocess_jsonl; see docs/data.md.
 import argparse
 import sys
 
+from megagpt.cli import run_main
 from megagpt.data.jsonl import InputError
 from megagpt.data.preprocess import PreprocessError, preprocess_jsonl
 from megagpt.data.tokenizer import TokenizerError
@@ -42,4 +43,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -11,6 +11,7 @@ import argparse
 import itertools
 import sys
 
+from megagpt.cli import run_main
 from megagpt.data import jsonl
 from megagpt.data.tokenizer import train_bpe_tokenizer
 from megagpt.fsutil import clean_up_on_sigterm
@@ -48,7 +49,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--input {args.input!r} has no usable line for --json-key "
                              f"{args.json_key}; skipped:\n" + "\n".join(skipped.lines()))
         tok = train_bpe_tokenizer(itertools.chain([first], texts), args.vocab_size,
-                                  args.output, min_frequency=args.min_frequency)
+                                  args.output, min_frequency=args.min_frequency,
+                                  names={"vocab_size": "--vocab-size", "output_dir": "--output",
+                                         "min_frequency": "--min-frequency"})
     except (jsonl.InputError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -63,4 +66,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -86,9 +87,16 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_path: str, json_keys: tuple[str, ...], append_eod: bool,
                  dtype: str) -> None:
-    fsutil.stop_signals_restored_in_child()         # forked while stop signals were deferred
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the count
-    tok = load_tokenizer(tokenizer_path)
+    # A terminal's Ctrl-C reaches the whole group: the parent stops the pool, the workers ignore
+    # it. A stop signal while starting ends the worker without a traceback; the parent reports
+    # it (a broken pool, when the signal reached only this worker).
+    try:
+        fsutil.stop_signals_restored_in_child()         # forked while stop signals were deferred
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the count
+        tok = load_tokenizer(tokenizer_path)
+    except (SystemExit, KeyboardInterrupt):
+        os._exit(1)
     _WORKER.update(tokenizer=tok, keys=json_keys, eod=tok.eod_id if append_eod else None,
                    dtype=np.dtype(dtype))
 

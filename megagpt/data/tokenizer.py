@@ -228,7 +228,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLike,
-                        min_frequency: int = 2) -> Tokenizer:
+                        min_frequency: int = 2, names: dict[str, str] | None = None) -> Tokenizer:
     """Train a GPT-2 style byte-level BPE and write it to `output_dir`.
 
     The folder gets `vocab.json` + `merges.txt` (GPT-2 form), `tokenizer.json`, and the Hugging
@@ -242,22 +242,27 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
         vocab_size: ids in the result, `<|endoftext|>` included; at least 257 (256 bytes + 1).
         output_dir: the folder to create.
         min_frequency: a pair must occur this often to be merged.
+        names: the name to show in messages for an argument (a command line's flag), by the
+            argument's name; default the argument's own.
     """
+    def name(arg: str) -> str:
+        return (names or {}).get(arg, arg)
+
     if vocab_size < BYTE_ALPHABET_SIZE + 1:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs the "
-                         f"{BYTE_ALPHABET_SIZE} byte tokens plus {EOD_TOKEN}; fix: use at least "
+        raise ValueError(f"{name('vocab_size')}={vocab_size} is too small: a byte-level BPE needs "
+                         f"the {BYTE_ALPHABET_SIZE} byte tokens plus {EOD_TOKEN}; fix: use at least "
                          f"{BYTE_ALPHABET_SIZE + 1}")
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
-        raise ValueError(f"min_frequency={min_frequency!r}: must be a count, 0 or more (a pair "
-                         f"must occur this often to be merged); fix: e.g. 2")
+        raise ValueError(f"{name('min_frequency')}={min_frequency!r}: must be a count, 0 or more "
+                         f"(a pair must occur this often to be merged); fix: e.g. 2")
     out = Path(output_dir)
     reason = why_not_a_folder(out.parent)
     if reason:
-        raise ValueError(f"output {str(out)!r}: cannot write there ({reason}); fix: choose "
-                         f"another location")
+        raise ValueError(f"{name('output_dir')} {str(out)!r}: cannot write there ({reason}); "
+                         f"fix: choose another location")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output {str(out)!r} exists and is not an empty folder; fix: choose "
-                              f"a new path or remove it")
+        raise FileExistsError(f"{name('output_dir')} {str(out)!r} exists and is not an empty "
+                              f"folder; fix: choose a new path or remove it")
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -271,8 +276,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
     try:
         _write_trained(backend, out)
     except OSError as e:         # a full disk, a read-only file system
-        raise ValueError(f"output {str(out)!r}: cannot write ({getattr(e, 'strerror', None) or e});"
-                         f" nothing was written; fix: free space or choose another location") from e
+        raise ValueError(f"{name('output_dir')} {str(out)!r}: cannot write "
+                         f"({getattr(e, 'strerror', None) or e}); nothing was written; fix: free "
+                         f"space or choose another location") from e
     return load_tokenizer(out)
 
 

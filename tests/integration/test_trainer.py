@@ -858,6 +858,28 @@ def test_sigterm_saves_and_exits_zero(tmp_path, workers, to_group):
     assert (tmp_path / "checkpoints" / latest / "meta.json").exists()
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_without_a_traceback(tmp_path):
+    """Ctrl-C reaches the trainer's whole process group (its loader workers too): one line says
+    what was kept and how to stop with a checkpoint, no rank or worker prints a traceback, and
+    the status is the shell's for SIGINT."""
+    cmd = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/tiny_model.json",
+           "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
+           "--parallel.pipeline_parallel_size=1", "--data.mock=true", "--data.num_workers=2",
+           "--training.max_steps=100000", "--training.log_interval=1", "--training.eval_interval=0",
+           "--checkpoint.save_interval=0", f"--logging.run_dir={tmp_path}",
+           f"--checkpoint.save_dir={tmp_path / 'checkpoints'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "metrics.jsonl"
+    output = sigterm_when_ready(proc, lambda: metrics.exists() and metrics.read_text().count("\n") >= 2,
+                                to_group=True, wait=120, signum=signal.SIGINT)
+    assert proc.returncode == 130, output
+    assert (f"interrupted (Ctrl-C): stopped without saving; the same command resumes from the last "
+            f"checkpoint in {tmp_path / 'checkpoints'}; to stop with a checkpoint, send SIGTERM") in output
+    assert "Traceback" not in output, output
+
+
 ONE_PROCESS = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/tiny_model.json",
                "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
                "--parallel.pipeline_parallel_size=1", "--data.num_workers=0",

@@ -600,12 +600,16 @@ def test_a_recorded_tokenizer_path_that_does_not_load_says_where_it_came_from(ou
 @pytest.mark.parametrize("args, status, message", [
     (["--greedy", "--top-k", "5"], 2, "--greedy takes the most likely token; it cannot be combined "
                                       "with --top-k"),
-    (["--temperature", "0"], 2, "temperature=0.0: must be > 0"),
+    (["--temperature", "0"], 2, "--temperature=0.0: must be > 0 and finite; fix: e.g. 0.8, or "
+                                "greedy decoding (--greedy)"),
+    (["--top-k", "-1", "--top-p", "0"], 2, "--top-k=-1: must be >= 0 (0 keeps every token); fix: "
+                                           "e.g. 40; --top-p=0.0: must be in (0, 1]"),
     (["--max-new-tokens", "0"], 2, "--max-new-tokens=0: must be at least 1"),
-    (["--seed", "99999999999999999999"], 2, "--seed: seed=99999999999999999999: must be in [0, 2**64)"),
+    (["--seed", "99999999999999999999"], 2, "--seed=99999999999999999999: must be in [0, 2**64)"),
     (["--max-new-tokens", "20"], 1, "generate: error: the longest prompt has 3 tokens; with "
-                                    "max_new_tokens=20 the model reads 22 positions, more than its "
-                                    "context of 16 (model.seq_length); fix: set max_new_tokens <= 14"),
+                                    "--max-new-tokens=20 the model reads 22 positions, more than "
+                                    "its context of 16 (model.seq_length); fix: set "
+                                    "--max-new-tokens <= 14"),
 ])
 def test_generate_tool_refuses_bad_settings(ours, capsys, args, status, message):
     main = tool("generate").main

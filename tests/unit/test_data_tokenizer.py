@@ -215,7 +215,7 @@ def test_train_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="min_frequency=-3: must be a count, 0 or more"):
         train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "a", min_frequency=-3)
     (tmp_path / "f").write_text("a file")
-    with pytest.raises(ValueError, match=f"output '{tmp_path / 'f' / 'tok'}': cannot write there "
+    with pytest.raises(ValueError, match=f"output_dir '{tmp_path / 'f' / 'tok'}': cannot write there "
                                          f"\\({tmp_path / 'f'} is a file\\); fix: choose"):
         train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "f" / "tok")
     (tmp_path / "b").mkdir()
@@ -232,7 +232,7 @@ def test_a_tokenizer_that_cannot_be_written_is_a_message_and_leaves_nothing(tmp_
     def full(self, path, *args, **kwargs):
         raise Exception("No space left on device (os error 28)")
     monkeypatch.setattr(tokenizers.Tokenizer, "save", full)
-    with pytest.raises(ValueError, match=r"output '.*tok': cannot write \(No space left on device "
+    with pytest.raises(ValueError, match=r"output_dir '.*tok': cannot write \(No space left on device "
                                          r"\(os error 28\)\); nothing was written; fix: free"):
         train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "tok")
     assert list(tmp_path.iterdir()) == []
@@ -261,6 +261,13 @@ def test_train_tokenizer_tool(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has no usable line for --json-key text" in err and "invalid UTF-8: 1 (line 2)" in err
     assert not (tmp_path / "v").exists()
+    # the tool's messages name its flags
+    for flags, message in ((["--vocab-size", "100"], "--vocab-size=100 is too small"),
+                           (["--min-frequency", "-1"], "--min-frequency=-1: must be a count"),
+                           (["--output", str(tmp_path / "t")], "--output '"),):
+        argv = ["--input", str(data), "--vocab-size", "280", "--output", str(tmp_path / "x"), *flags]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err, flags
     # the trained folder takes the umask's mode, not tempfile's private 0700
     assert (tmp_path / "t").stat().st_mode & 0o777 == 0o777 & ~_umask()
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~_umask() for p in (tmp_path / "t").iterdir())
