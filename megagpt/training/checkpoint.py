@@ -638,19 +638,23 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
                         f"checkpoint.pretrained={where} (with checkpoint.load=none and a new "
                         f"checkpoint.save_dir)")
     saved_zero, zero = saved_par.get("zero_stage", 0), parallel_sizes.get("zero_stage", 0)
+    weights_only = (f"convert it to a weights-only checkpoint (`python tools/convert_checkpoint.py "
+                    f"--input {where} --output NEW_DIR --to megagpt`) and set "
+                    f"checkpoint.load=NEW_DIR, which resumes its step with a fresh optimizer "
+                    f"state")
     if with_optimizer and saved_engine == engine and saved_zero != zero:
         form = "sharded over" if saved_zero else "whole on each of"
         problems.append(f"checkpoint has parallel.zero_stage={saved_zero}, the config says "
                         f"{zero}: its optimizer state was saved {form} the data-parallel ranks; "
-                        f"set parallel.zero_stage={saved_zero} to resume")
+                        f"fix: set parallel.zero_stage={saved_zero} to resume, or {weights_only}")
     elif (with_optimizer and saved_engine == engine and saved_par["dp"] != parallel_sizes["dp"]
           and zero):
         saved_world = saved_par["tp"] * saved_par["pp"] * saved_par["dp"]
+        why = ("its optimizer state is sharded over its data-parallel ranks" if saved_par["dp"] > 1
+               else f"this run shards the optimizer state over {parallel_sizes['dp']} ranks")
         problems.append(f"checkpoint has data-parallel size {saved_par['dp']}, this run has "
-                        f"{parallel_sizes['dp']}: with parallel.zero_stage={zero} the optimizer "
-                        f"state is sharded over data-parallel ranks, so the size must stay "
-                        f"{saved_par['dp']} (world size {saved_world}); it may change "
-                        f"only with zero_stage=0")
+                        f"{parallel_sizes['dp']} with parallel.zero_stage={zero}: {why}; fix: "
+                        f"resume with world size {saved_world}, or {weights_only}")
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise CheckpointError(f"{where} does not fit this config:\n{lines}")

@@ -354,7 +354,8 @@ class Trainer:
                 elif result.skipped and result.overflow:     # nor is an fp16 overflow
                     self.skipped_total += 1
                     self.log(f"step {self.step}: the fp16 gradients overflowed at this loss "
-                             f"scale; update skipped (the scaler backs off)")
+                             f"scale; update skipped (the scaler lowers the scale once its "
+                             f"hysteresis is used up)")
                 elif result.skipped:
                     self.skipped_total += 1
                     self.consecutive_skips += 1

@@ -282,13 +282,26 @@ def test_data_parallel_size_may_change_only_without_zero():
     check_compatible(make_meta(1), MODEL, dict(LAYOUT, dp=4))
     sharded = make_meta(1, dict(LAYOUT, dp=2, zero_stage=1))
     check_compatible(sharded, MODEL, dict(LAYOUT, dp=2, zero_stage=1))
-    with pytest.raises(CheckpointError, match=r"data-parallel size 2, this run has 4: with "
-                                              r"parallel.zero_stage=1 .* must stay 2 .* only with "
-                                              r"zero_stage=0"):
-        check_compatible(sharded, MODEL, dict(LAYOUT, dp=4, zero_stage=1))
+    convert = (r"convert it to a weights-only checkpoint \(`python tools/convert_checkpoint.py "
+               r"--input ck --output NEW_DIR --to megagpt`\) and set checkpoint.load=NEW_DIR, "
+               r"which resumes its step with a fresh optimizer state")
+    # the way out is not another zero_stage, which the next check refuses
+    with pytest.raises(CheckpointError, match=r"data-parallel size 2, this run has 4 with "
+                                              r"parallel.zero_stage=1: its optimizer state is "
+                                              r"sharded over its data-parallel ranks; fix: resume "
+                                              r"with world size 2, or " + convert):
+        check_compatible(sharded, MODEL, dict(LAYOUT, dp=4, zero_stage=1), where="ck")
+    with pytest.raises(CheckpointError, match=r"data-parallel size 1, this run has 2 with "
+                                              r"parallel.zero_stage=1: this run shards the "
+                                              r"optimizer state over 2 ranks; fix: resume with "
+                                              r"world size 1, or " + convert):
+        check_compatible(make_meta(1, dict(LAYOUT, zero_stage=1)), MODEL, dict(LAYOUT, dp=2, zero_stage=1),
+                         where="ck")
     with pytest.raises(CheckpointError, match=r"parallel.zero_stage=1, the config says 0: its "
-                                              r"optimizer state was saved sharded over"):
-        check_compatible(sharded, MODEL, dict(LAYOUT, dp=2))
+                                              r"optimizer state was saved sharded over the "
+                                              r"data-parallel ranks; fix: set "
+                                              r"parallel.zero_stage=1 to resume, or " + convert):
+        check_compatible(sharded, MODEL, dict(LAYOUT, dp=2), where="ck")
     check_compatible(sharded, MODEL, dict(LAYOUT, dp=4), with_optimizer=False)   # weights only
 
 
