@@ -502,17 +502,20 @@ def model_fields_from_hf(hf: dict, path: str, problems: list[str]) -> dict:
         problems.append(f"model.config_file={path}: activation_function={act!r}; the model uses "
                         f"GPT-2's tanh GeLU, so set it to \"gelu_new\"")
     if hf.get("tie_word_embeddings", True) is not True:
-        problems.append(f"model.config_file={path}: tie_word_embeddings=false; the model always "
-                        f"ties the input and output embeddings")
+        problems.append(f"model.config_file={path}: tie_word_embeddings="
+                        f"{json.dumps(hf['tie_word_embeddings'])}; the model always ties the input "
+                        f"and output embeddings (true)")
     # attention scores are always divided by sqrt(head_dim) and by nothing else
     if hf.get("scale_attn_weights", True) is not True:
-        problems.append(f"model.config_file={path}: scale_attn_weights=false; the model always "
-                        f"scales the attention scores by 1/sqrt(head_dim), so this checkpoint's "
+        problems.append(f"model.config_file={path}: scale_attn_weights="
+                        f"{json.dumps(hf['scale_attn_weights'])}; the model always scales the "
+                        f"attention scores by 1/sqrt(head_dim) (true), so this checkpoint's "
                         f"attention cannot be expressed")
-    if hf.get("scale_attn_by_inverse_layer_idx", False):
-        problems.append(f"model.config_file={path}: scale_attn_by_inverse_layer_idx=true (as in "
-                        f"some Stanford CRFM GPT-2s); the model does not also divide layer i's "
-                        f"scores by i + 1, so this checkpoint's attention cannot be expressed")
+    if hf.get("scale_attn_by_inverse_layer_idx", False) is not False:
+        problems.append(f"model.config_file={path}: scale_attn_by_inverse_layer_idx="
+                        f"{json.dumps(hf['scale_attn_by_inverse_layer_idx'])} (true in some "
+                        f"Stanford CRFM GPT-2s); the model does not also divide layer i's scores "
+                        f"by i + 1 (false), so this checkpoint's attention cannot be expressed")
     out = {ours: hf[theirs] for theirs, ours in HF_TO_MODEL.items() if theirs in hf}
     drops = {hf[k] for k in HF_DROPOUTS if k in hf}
     if len(drops) > 1:

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from megagpt.config import (KernelsConfig, ModelConfig, layout_problems, load_config,
-                            model_fields_from_hf)
+from megagpt.config import (HF_TO_MODEL, ConfigError, KernelsConfig, ModelConfig,
+                            layout_problems, load_config, model_fields_from_hf, read_json)
 from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_to
 from megagpt.fsutil import give_default_mode, replace_folder_atomically, why_not_a_folder
 from megagpt.hf import from_hf, hf_config_dict, to_hf
@@ -133,6 +133,20 @@ def _check_complete(step_dir: Path, argument: str) -> None:
                           f"or a copy that did not finish); fix: give a complete step folder")
 
 
+def _architecture_problems(fields: dict) -> list[str]:
+    """The config validator's problems with a Hugging Face config's architecture (types, sizes,
+    heads dividing the width), under config.json's names."""
+    raw = read_json(HF_CONFIG_TEMPLATE)
+    raw["model"] = fields
+    try:
+        load_config(raw=raw)
+    except ConfigError as e:
+        hf_name = {ours: theirs for theirs, ours in HF_TO_MODEL.items()}
+        return [re.sub(r"model\.(\w+)", lambda m: hf_name.get(m[1], m[0]), p)
+                for p in e.problems if p.startswith("model.")]
+    return []
+
+
 def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(model config, our full state dict) of a Hugging Face GPT-2 folder."""
     try:
@@ -151,6 +165,8 @@ def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     fields = model_fields_from_hf(hf, where, problems)
     problems = [p.removeprefix(f"model.config_file={where}: ") for p in problems]
     problems += [f"config.json lacks {k}" for k in HF_REQUIRED_FIELDS if k not in hf]
+    if not problems:
+        problems = _architecture_problems(fields)
     if problems:
         raise ConversionError(f"{path} is a GPT-2 this model cannot express:\n"
                               + "\n".join(f"  - {p}" for p in problems))
@@ -240,7 +256,7 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
         m, full = read_hf_folder(where)
         has_tokenizer = (where / "tokenizer.json").is_file() or (
             (where / "vocab.json").is_file() and (where / "merges.txt").is_file())
-        tokenizer_path = str(where) if has_tokenizer else "gpt2"
+        tokenizer_path = str(where.resolve()) if has_tokenizer else "gpt2"   # from any folder
         return Source("hf", where, m, full, config_from_hf(m, where, tokenizer_path), 0, 0,
                       (1, 1, 1), tokenizer_path)
     meta, full = full_state_from_checkpoint(where)

@@ -325,6 +325,21 @@ BAD_INPUTS = {
     "unscaled attention": (lambda root, full: _folder(root / "unscaled", {"config.json": json.dumps(
         dict(hf_config_dict(M), scale_attn_weights=False))}),
         "{} is a GPT-2 this model cannot express:\n  - scale_attn_weights=false"),
+    # a hand-edited config.json: converted (exit 0) into a checkpoint nothing could load, or a
+    # traceback, before; checked as the validator checks a model section, in config.json's names
+    "heads not dividing the width": (lambda root, full: _folder(root / "heads", {"config.json": json.dumps(
+        dict(hf_config_dict(M), n_head=5))}),
+        "{} is a GPT-2 this model cannot express:\n  - n_embd=32: must be divisible by n_head=5"),
+    "null positions": (lambda root, full: _folder(root / "nopos", {"config.json": json.dumps(
+        dict(hf_config_dict(M), n_positions=None))}),
+        "{} is a GPT-2 this model cannot express:\n  - n_positions=null: must be an integer"),
+    "quoted inner size": (lambda root, full: _folder(root / "inner", {"config.json": json.dumps(
+        dict(hf_config_dict(M), n_inner="96"))}),
+        "  - n_inner=\"96\": must be an integer, got str; fix: write 96"),
+    "quoted tie": (lambda root, full: _folder(root / "tie", {"config.json": json.dumps(
+        dict(hf_config_dict(M), tie_word_embeddings="true"))}),
+        "  - tie_word_embeddings=\"true\"; the model always ties the input and output "
+        "embeddings (true)"),
 }
 
 
