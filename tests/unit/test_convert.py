@@ -432,14 +432,16 @@ def test_weights_of_other_sizes_than_config_json_are_refused(tmp_path, hf_folder
     assert not (tmp_path / "out").exists()
 
 
-def test_a_hf_folders_own_tokenizer_is_recorded_in_the_converted_checkpoint(tmp_path, hf_folder):
+def test_a_hf_folders_own_tokenizer_is_recorded_in_the_converted_checkpoint(tmp_path, hf_folder,
+                                                                           monkeypatch):
     folder = tmp_path / "with_tokenizer"
     shutil.copytree(hf_folder, folder)
     shutil.copy(GPT2_DIR / "vocab.json", folder)
     shutil.copy(GPT2_DIR / "merges.txt", folder)
-    quiet(folder, tmp_path / "ours", "megagpt")
+    monkeypatch.chdir(tmp_path)     # a relative --input is recorded absolute: it was recorded
+    quiet("with_tokenizer", tmp_path / "ours", "megagpt")    # as typed, wrong from elsewhere
     meta = json.loads((tmp_path / "ours" / "step_0000000" / "meta.json").read_text())
-    assert meta["config"]["data"]["tokenizer_path"] == str(folder)
+    assert meta["config"]["data"]["tokenizer_path"] == str(folder.resolve())
     quiet(hf_folder, tmp_path / "ours2", "megagpt")        # none of its own: GPT-2's
     meta = json.loads((tmp_path / "ours2" / "step_0000000" / "meta.json").read_text())
     assert meta["config"]["data"]["tokenizer_path"] == "gpt2"
