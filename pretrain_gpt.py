@@ -25,15 +25,16 @@ from megagpt.kernels import BackendUnavailable
 from megagpt.parallel.state import destroy_parallel, initialize_parallel
 from megagpt.testing import free_port
 from megagpt.training.checkpoint import CheckpointError
+from megagpt.training.ds_engine import DeepSpeedError
 from megagpt.training.metrics import WandbError
 from megagpt.training.trainer import (AnotherRankFailed, Trainer, TrainingAborted, output_problems,
                                       run_banner)
 
 # What a user's input or run can raise after the config loads: each message names the setting
 # and the fix, so it is printed as it is, without a traceback.
-USER_ERRORS = (BackendUnavailable, CheckpointError, ConversionError, DataPathError,
-               DatasetBuildError, IndexedDatasetError, InputError, TokenizerError, TrainingAborted,
-               WandbError)
+USER_ERRORS = (BackendUnavailable, CheckpointError, ConfigError, ConversionError, DataPathError,
+               DatasetBuildError, DeepSpeedError, IndexedDatasetError, InputError, TokenizerError,
+               TrainingAborted, WandbError)
 
 
 def print_once(message: str) -> None:
@@ -88,7 +89,10 @@ def main(argv=None) -> int:
         print_once(f"error: {ConfigError(problems)}")
         return 1
     device = init_distributed(cfg)
-    if device.type == "cpu" and cfg.training.precision != "fp32":
+    # DeepSpeed's CPU accelerator has its bf16 mode (and refuses fp16, saying so); the native
+    # engine runs fp32 on a CPU
+    if (device.type == "cpu" and cfg.training.precision != "fp32"
+            and cfg.parallel.deepspeed_config is None):
         print(f"note: training.precision={cfg.training.precision} runs as fp32 on a CPU")
         cfg.training.precision = "fp32"
     if device.type == "cpu" and cfg.training.cuda_graphs:

@@ -642,7 +642,14 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
                     f"--input {where} --output NEW_DIR --to megagpt`) and set "
                     f"checkpoint.load=NEW_DIR, which resumes its step with a fresh optimizer "
                     f"state")
-    if with_optimizer and saved_engine == engine and saved_zero != zero:
+    if with_optimizer and saved_engine == engine == "deepspeed" and saved_zero != zero:
+        # the stage is the DeepSpeed file's unless parallel.zero_stage overrides it
+        problems.append(f"checkpoint was saved at DeepSpeed ZeRO stage {saved_zero}, this run's "
+                        f"DeepSpeed config has stage {zero}: the optimizer state is not "
+                        f"interchangeable; fix: resume with a DeepSpeed file of stage {saved_zero} "
+                        f"(configs/deepspeed/zero{saved_zero}.json, or zero_optimization.stage="
+                        f"{saved_zero}) and parallel.zero_stage 0 or {saved_zero}, or {weights_only}")
+    elif with_optimizer and saved_engine == engine and saved_zero != zero:
         form = "sharded over" if saved_zero else "whole on each of"
         problems.append(f"checkpoint has parallel.zero_stage={saved_zero}, the config says "
                         f"{zero}: its optimizer state was saved {form} the data-parallel ranks; "

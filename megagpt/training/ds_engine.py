@@ -18,8 +18,10 @@ averages over the dp ranks, so the gradients are those of the global mean loss o
 the global batch, as `Engine` makes them; the reported loss is the same global sum / tokens. The
 learning rate of our schedule is set on the optimizer's groups before every step; DeepSpeed clips
 to `training.grad_clip` and steps at the last micro-batch. A step whose gradients are not finite
-is skipped by DeepSpeed (ZeRO 1-3, bf16's overflow check, fp16's loss scaler), and here for ZeRO-0
-fp32, which has no such check (the optimizer's update is left out); `StepResult.skipped` says so.
+is skipped by DeepSpeed (ZeRO 1-3, bf16's overflow check, fp16's loss scaler; at the scale's
+minimum it skips too, instead of raising), and here for ZeRO-0 without DeepSpeed's 16-bit wrapper
+(fp32, or torch_autocast), which has no such check (the optimizer's update is left out; the
+gradient norm is computed here too); `StepResult.skipped` says so.
 
 A checkpoint is our step folder (atomic, `latest`, `keep_last`, hashes in meta.json), holding:
 DeepSpeed's own `save_checkpoint` files under `deepspeed/` (module, ZeRO-partitioned optimizer
@@ -57,6 +59,11 @@ from megagpt.training.optim import param_groups, set_hyperparameters, set_lr
 DS_TAG = "deepspeed"           # DeepSpeed's folder inside a step folder
 
 
+class DeepSpeedError(RuntimeError):
+    """DeepSpeed cannot train this run here (not importable, another accelerator, a precision
+    or layout it lacks); the message names the setting and the fix."""
+
+
 def import_deepspeed(device: torch.device):
     """deepspeed, set up for `device`: its CPU accelerator on a CPU, no shared-memory op build."""
     if device.type == "cpu":
@@ -64,14 +71,14 @@ def import_deepspeed(device: torch.device):
     try:
         import deepspeed
     except ImportError as e:
-        raise RuntimeError(f"parallel.deepspeed_config is set but deepspeed cannot be imported "
+        raise DeepSpeedError(f"parallel.deepspeed_config is set but deepspeed cannot be imported "
                            f"({e}); fix: pip install 'deepspeed>=0.19' (pip install -e "
                            f"'.[deepspeed]'), or remove parallel.deepspeed_config to train "
                            f"through the native data-parallel path") from e
     from deepspeed.accelerator import get_accelerator
     accelerator = get_accelerator()
     if (accelerator.device_name() == "cpu") != (device.type == "cpu"):
-        raise RuntimeError(f"DeepSpeed chose its {accelerator.device_name()} accelerator but the "
+        raise DeepSpeedError(f"DeepSpeed chose its {accelerator.device_name()} accelerator but the "
                            f"model is on {device}; fix: set DS_ACCELERATOR="
                            f"{'cpu' if device.type == 'cpu' else device.type} (it is "
                            f"{os.environ.get('DS_ACCELERATOR')!r})")
@@ -112,13 +119,24 @@ def scale_can_back_off(optimizer) -> bool:
         return bool(dynamic) and None not in (low, scale) and scale > low
     return False
 
+
+def keep_skipping_at_min_scale(optimizer) -> None:
+    """DeepSpeed's dynamic fp16 loss scaler raises a bare Exception ("Current loss scale already
+    at minimum") from inside `step()` when it would back off below its minimum: here it stays
+    at its minimum and skips the step, as ours does, so the skip counts as a fault and the run
+    stops only after `training.max_skipped_steps` of them in a row, with our message."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if hasattr(scaler, "raise_error_at_min_scale"):
+        scaler.raise_error_at_min_scale = False
+
+
 class DeepSpeedEngine:
     """The model, trained through DeepSpeed. See the module docstring."""
 
     def __init__(self, cfg: Config, state: ParallelState, device: torch.device | str = "cpu"):
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         if state.tp_world_size != 1 or state.pp_world_size != 1:
-            raise ValueError(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config}: the "
+            raise DeepSpeedError(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config}: the "
                              f"DeepSpeed engine runs data parallel only, but the layout has tp "
                              f"{state.tp_world_size} and pp {state.pp_world_size}; fix: set "
                              f"tensor_parallel_size and pipeline_parallel_size to 1")
@@ -127,9 +145,15 @@ class DeepSpeedEngine:
         if problems:
             raise ConfigError(problems, cfg.source)
         if cfg.training.precision == "fp16" and self.device.type == "cpu":
-            raise ValueError("training.precision=fp16: DeepSpeed has no fp16 on CPUs; fix: "
-                             "training.precision=bf16 or fp32")
+            raise DeepSpeedError("training.precision=fp16: DeepSpeed has no fp16 on CPUs; fix: "
+                                 "training.precision=bf16 or fp32")
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        # ZeRO-0 without DeepSpeed's bf16/fp16 wrapper (fp32, or torch_autocast over float32
+        # weights) steps torch's AdamW directly: DeepSpeed neither checks its gradients nor
+        # reports their norm, so this engine does both
+        self.own_check = self.zero_stage == 0 and not any(
+            isinstance(self.ds_config.get(p), dict) and self.ds_config[p].get("enabled") is True
+            for p in ("bf16", "fp16"))
         self.gas = int(self.ds_config["gradient_accumulation_steps"])
         self.deepspeed = import_deepspeed(self.device)
         self.chunks = [build_stage(cfg, tp_group=state.tp_group, device=self.device)]
@@ -160,6 +184,7 @@ class DeepSpeedEngine:
         self.ds, _, _, _ = self.deepspeed.initialize(model=model, model_parameters=groups,
                                                      config=self.ds_config,
                                                      dist_init_required=False)
+        keep_skipping_at_min_scale(self.ds.optimizer)
 
     def _engine(self):
         self.start()
@@ -213,7 +238,7 @@ class DeepSpeedEngine:
             loss_sum, _ = ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))
             loss_sums.append(loss_sum.detach())         # no sync per micro-batch
             ds.backward(loss_sum * factor)
-            if i == self.gas - 1 and self.zero_stage == 0 and self.cfg.training.precision == "fp32":
+            if i == self.gas - 1 and self.own_check:
                 own_norm = self._zero0_grad_norm()
                 if not math.isfinite(own_norm):
                     with self._zero0_skip_update():
@@ -222,16 +247,18 @@ class DeepSpeedEngine:
             ds.step()
         loss = self._dp_sum(self._sum_losses(loss_sums)) / tokens
         norm = own_norm if own_norm is not None else ds.get_global_grad_norm()
-        norm = math.nan if norm is None else float(norm)
-        skipped = not ds.was_step_applied() or not math.isfinite(norm) or not math.isfinite(loss)
+        norm = None if norm is None else float(norm)     # None: DeepSpeed computed none
+        skipped = (not ds.was_step_applied() or not math.isfinite(loss)
+                   or (norm is not None and not math.isfinite(norm)))
         # an overflow a dynamic fp16 scale above its minimum backs off from is not a fault
         overflow = (skipped and self.cfg.training.precision == "fp16" and math.isfinite(loss)
                     and can_back_off)
         return StepResult(loss, None if skipped else norm, skipped, tokens, overflow)
 
     def _zero0_grad_norm(self) -> float:
-        """ZeRO-0 fp32 (torch's AdamW, gradients already averaged over the ranks at the last
-        micro-batch): the global gradient norm, which DeepSpeed does not report there."""
+        """ZeRO-0 without DeepSpeed's 16-bit wrapper (torch's AdamW, gradients already averaged
+        over the ranks at the last micro-batch): the global gradient norm, which DeepSpeed does
+        not report there."""
         grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
         if not grads:
             return 0.0
@@ -240,9 +267,10 @@ class DeepSpeedEngine:
 
     @contextlib.contextmanager
     def _zero0_skip_update(self):
-        """ZeRO-0 fp32 has no overflow check: around ds.step(), zero the non-finite gradients (for
-        its clipping) and make the optimizer's step a no-op, so no parameter or optimizer state
-        changes, while DeepSpeed's step counters advance as on any step."""
+        """ZeRO-0 without DeepSpeed's 16-bit wrapper has no overflow check: around ds.step(),
+        zero the non-finite gradients (for its clipping) and make the optimizer's step a no-op,
+        so no parameter or optimizer state changes, while DeepSpeed's step counters advance as
+        on any step."""
         opt = self.ds.optimizer
         for p in self.ds.module.parameters():
             if p.grad is not None:

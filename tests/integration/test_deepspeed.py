@@ -184,7 +184,8 @@ def test_deepspeed_with_tensor_or_pipeline_parallelism_is_refused():
 
 
 def test_the_engine_refuses_a_config_changed_after_validation(tmp_path):
-    """pretrain_gpt.py turns bf16 into fp32 on a CPU after loading: the engine checks again."""
+    """A config changed after validation (as pretrain_gpt.py changes the native path's precision
+    on a CPU): the engine checks the merged DeepSpeed config again."""
     from megagpt.training.ds_engine import DeepSpeedEngine
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}))
@@ -205,6 +206,16 @@ def test_a_checkpoint_of_the_other_engine_is_refused_with_the_fix():
         check_compatible(meta, tiny_config().model, native, where="ckpt/step_0000003")
     check_compatible(meta, tiny_config().model, native, with_optimizer=False)   # weights: fine
     check_compatible(meta, tiny_config().model, {**meta["parallel"]})
+    # another stage: the DeepSpeed file's, which parallel.zero_stage=0 leaves alone (the message
+    # said to set parallel.zero_stage, which then contradicted the file)
+    with pytest.raises(CheckpointError, match=r"saved at DeepSpeed ZeRO stage 2, this run's "
+                                              r"DeepSpeed config has stage 3: .* fix: resume with "
+                                              r"a DeepSpeed file of stage 2 \(configs/deepspeed/"
+                                              r"zero2.json, or zero_optimization.stage=2\) and "
+                                              r"parallel.zero_stage 0 or 2, or convert it to a "
+                                              r"weights-only checkpoint"):
+        check_compatible(meta, tiny_config().model, {**meta["parallel"], "zero_stage": 3},
+                         where="ck")
 
 
 # ---- training on 2 gloo processes -------------------------------------------------------------
@@ -391,9 +402,16 @@ def test_tokens_are_counted_before_the_device_copy_and_losses_summed_once(tmp_pa
 @needs_deepspeed
 @pytest.mark.slow
 def test_torchrun_pretrain_gpt_trains_through_deepspeed_and_resumes(tmp_path):
+    """In bf16, with a DeepSpeed file that says so: a CPU run of the native path is fp32, but
+    DeepSpeed's CPU accelerator has its bf16 mode (pretrain_gpt.py turned the run into fp32, and
+    the engine then refused the file's bf16 with a traceback on every rank)."""
+    ds = tmp_path / "zero2_bf16.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+
     def run(steps):
         cmd = [str(TORCHRUN), "--nproc_per_node", "2", "pretrain_gpt.py",
                "--config", "configs/training/tiny_deepspeed.json", "--data.mock=true",
+               f"--parallel.deepspeed_config={ds}", "--training.precision=bf16",
                "--data.num_workers=0", "--model.n_layers=2", "--model.d_model=64",
                "--model.estimated_parameters=null", f"--training.max_steps={steps}",
                "--training.warmup_steps=1", "--training.log_interval=1",
@@ -405,12 +423,56 @@ def test_torchrun_pretrain_gpt_trains_through_deepspeed_and_resumes(tmp_path):
         return result.stdout
 
     out = run(2)
-    assert "DeepSpeed ZeRO-2 (configs/deepspeed/zero2.json)" in out
+    assert f"DeepSpeed ZeRO-2 ({ds})" in out and "bf16 on cpu" in out, out
     out = run(4)
     assert "resumed from" in out and "at step 2" in out
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("ds, precision", [
+    ({"zero_optimization": {"stage": 0}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
+     "bf16"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "fp32")],
+    ids=["zero0-torch-autocast", "zero2-without-its-norm"])
+def test_a_step_deepspeed_reports_no_norm_for_is_not_skipped(tmp_path, native, ds, precision):
+    """DeepSpeed reports no gradient norm for ZeRO-0 under torch_autocast (torch's AdamW steps
+    unwrapped) nor with `compute_grad_norm: false`: every applied update was logged as a skipped
+    non-finite step, the schedule stood still and the run aborted at max_skipped_steps."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    run_distributed(_train, 2, str(tmp_path), STEPS, str(path), timeout=300,
+                    training__precision=precision, training__grad_clip=0.0)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records if "loss" in r] == [0] * STEPS
+    norms = [r["grad_norm"] for r in records if "loss" in r]
+    if ds["zero_optimization"]["stage"] == 0:      # computed here, as for ZeRO-0 in fp32
+        assert all(math.isfinite(n) and n > 0 for n in norms), norms
+    else:                                          # asked not to compute it: logged as null
+        assert norms == [None] * STEPS
+    assert losses(tmp_path) == pytest.approx(native[0], rel=1e-2)   # trained, as native did
+
+
+def test_deepspeeds_fp16_scaler_skips_at_its_minimum_instead_of_raising(monkeypatch):
+    """At its minimum scale, with the hysteresis used up, DeepSpeed's dynamic scaler raised a
+    bare Exception from inside step(), ending the run with a traceback; it now stays there and
+    the step counts as a fault, as with our scaler."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from megagpt.training.ds_engine import keep_skipping_at_min_scale
+    monkeypatch.setattr("deepspeed.runtime.fp16.loss_scaler.dist.get_rank", lambda: 0)
+    scaler = DynamicLossScaler(init_scale=1.0, scale_window=1000, min_scale=1.0, delayed_shift=1,
+                               consecutive_hysteresis=False)
+    with pytest.raises(Exception, match="already at minimum"):
+        scaler.update_scale(True)
+    keep_skipping_at_min_scale(SimpleNamespace(loss_scaler=scaler))
+    scaler.update_scale(True)
+    assert scaler.cur_scale == 1.0
+    keep_skipping_at_min_scale(SimpleNamespace())          # bf16, ZeRO-0: nothing to change
 
 
 def test_an_fp16_skip_is_exempt_only_while_deepspeeds_scale_can_back_off():
