@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megagpt.config import ConfigError, ConfigFileError, load_config
+from megagpt.config import OVERRIDES_HELP, ConfigError, ConfigFileError, load_config
 from megagpt.convert import ConversionError
 from megagpt.data.blend import DataPathError
 from megagpt.data.gpt_dataset import DatasetBuildError
@@ -76,7 +76,8 @@ def init_distributed(cfg) -> torch.device:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=OVERRIDES_HELP)
     parser.add_argument("--config", required=True, help="a training config (configs/training/*.json)")
     args, overrides = parser.parse_known_args(argv)
     try:

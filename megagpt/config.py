@@ -258,6 +258,13 @@ def read_json(path: str | Path, what: str = "config") -> dict:
     return obj
 
 
+OVERRIDES_HELP = ("Any config field can be overridden after the config: --section.field=VALUE "
+                  "(or --section.field VALUE), e.g. --training.max_steps=1000 "
+                  "--parallel.tensor_parallel_size=2 --name=my_run. VALUE is read as JSON where "
+                  "it parses (numbers, true/false/null, '[...]' lists), else as text; the fields "
+                  "are in configs/README.md.")
+
+
 def split_config_args(config_args: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
     """A tool's `--config FILE...` values and its other arguments, as (config files, overrides):
     argparse never reads an argument holding a space as an option, so an override whose value
@@ -637,8 +644,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
     if None not in (cfg.model, cfg.training, cfg.data, cfg.parallel, cfg.kernels,
                     cfg.checkpoint, cfg.logging):
         problems.extend(validate(cfg))
-    if problems:
-        raise ConfigError(problems, cfg.source)
+    if problems:   # the values may come from the file or from an override: name both
+        raise ConfigError(problems, f"{cfg.source} with its command-line overrides"
+                          if overrides and cfg.source else cfg.source)
     return cfg
 
 

@@ -28,7 +28,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megagpt.config import ConfigError, ConfigFileError, load_config  # noqa: E402
+from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noqa: E402
+                            load_config)
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
 from megagpt.testing import free_port  # noqa: E402
@@ -76,7 +77,8 @@ def measure(cfg, device: torch.device, repeats: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=OVERRIDES_HELP)
     parser.add_argument("--config", required=True, help="a training config")
     parser.add_argument("--repeats", type=int, default=3, help="saves each way (at least 1)")
     parser.add_argument("--json", help="also write the result to this file")

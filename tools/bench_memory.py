@@ -59,8 +59,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megagpt.config import (ConfigError, ConfigFileError, load_config,  # noqa: E402
-                            split_config_args)
+from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noqa: E402
+                            load_config, split_config_args)
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.estimate import MiB, estimate_memory  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
@@ -205,7 +205,8 @@ def table_row(r: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=OVERRIDES_HELP)
     parser.add_argument("--config", nargs="+", help="training configs (default: configs/training/*.json)")
     parser.add_argument("--steps", type=int, default=3, help="training steps a config (at least 2)")
     parser.add_argument("--no-shrink", action="store_true",

@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megagpt.config import ConfigError, ConfigFileError, load_config  # noqa: E402
+from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noqa: E402
+                            load_config)
 from megagpt.estimate import GiB, estimate_memory  # noqa: E402
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.hf import hf_config_dict, to_hf  # noqa: E402
@@ -138,7 +139,8 @@ def summary(name, times, tokens, cfg, device, peak_mem):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=OVERRIDES_HELP)
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

@@ -12,13 +12,14 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megagpt.config import (ConfigError, ConfigFileError, load_config,  # noqa: E402
-                            split_config_args)
+from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noqa: E402
+                            load_config, split_config_args)
 from megagpt.estimate import parse_memory, report  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=OVERRIDES_HELP)
     parser.add_argument("--config", nargs="+", required=True, help="training config JSON file(s)")
     parser.add_argument("--gpu-memory", default="80GB", help="memory of one GPU (default 80GB)")
     args, overrides = parser.parse_known_args(argv)

@@ -1,4 +1,8 @@
-"""megagpt.cli: how the command-line programs exit."""
+"""What the command-line programs share: how they exit, and the override syntax in --help."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from megagpt.cli import run_main
@@ -19,3 +23,17 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
         run_main(interrupted)
     assert info.value.code == 130
     assert capsys.readouterr().err == "preprocess_data.py: interrupted (Ctrl-C)\n"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("program", ["pretrain_gpt.py", "tools/validate_config.py",
+                                     "tools/bench_memory.py", "tools/bench_train.py",
+                                     "tools/bench_checkpoint.py"])
+def test_every_program_taking_a_config_explains_overrides_in_its_help(program):
+    result = subprocess.run([sys.executable, program, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "Any config field can be overridden after the config: --section.field=VALUE" in text

@@ -482,6 +482,16 @@ def test_every_problem_is_reported_together():
     assert message.startswith(f"{len(problems)} problem(s) in x.json:")
 
 
+def test_problems_with_overrides_name_the_command_line_too():
+    """They were said to be in the file alone, where a user looked for a field the file lacks."""
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["--training.max_steps=abc"])
+    assert str(info.value).startswith(f"1 problem(s) in {TINY} with its command-line overrides:")
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, {"training.max_steps": "abc"})
+    assert info.value.source == f"{TINY} with its command-line overrides"
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="is not of the form --section.field=value"):
         load_config(TINY, ["training.max_steps=3"])
