@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:   # Ctrl-C reaches every rank: rank 0 speaks for all
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"interrupted (Ctrl-C): stopped without saving; the same command resumes from "
-                  f"the last checkpoint in {cfg.checkpoint.save_dir}; to stop with a checkpoint, "
+                  f"the last checkpoint in {cfg.save_dir}; to stop with a checkpoint, "
                   f"send SIGTERM instead (kill -TERM, scancel)", file=sys.stderr, flush=True)
         return 130
     except USER_ERRORS as e:

@@ -189,6 +189,11 @@ class Config:
     def run_dir(self) -> str:
         return self.logging.run_dir or f"runs/{self.name or 'default'}"
 
+    @property
+    def save_dir(self) -> str:
+        """`checkpoint.save_dir`, or its default: the run dir's `checkpoints/`."""
+        return self.checkpoint.save_dir or f"{self.run_dir}/checkpoints"
+
     def to_dict(self) -> dict:
         """The whole config as one self-contained dict (what checkpoints keep): the sections
         hold every value, those read from files and overrides alike, so the files they named

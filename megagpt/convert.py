@@ -273,7 +273,7 @@ def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
     its training config recorded, maybe relative to another folder) does not load, the message
     says where the path came from and how to give another."""
     if given:
-        return load_tokenizer(given)
+        return load_tokenizer(given, "--tokenizer")
     try:
         return load_tokenizer(source.tokenizer_path)
     except TokenizerError as e:

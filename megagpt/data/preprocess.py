@@ -286,7 +286,7 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
     if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
         raise PreprocessError(f"--chunk-bytes {chunk_bytes!r} must be a positive number of bytes; "
                               f"fix: leave the default ({1 << 18})")
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, "--tokenizer")
     dtype = best_dtype(tok.vocab_size)
     prefixes = [output_prefix_for(output_prefix, k) for k in keys]
     summary = PreprocessSummary(input=os.fspath(input_path), outputs=prefixes)

@@ -173,9 +173,9 @@ def _byte_level_bpe(vocab: Path, merges: Path, source: str) -> tokenizers.Tokeni
     try:
         backend = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise TokenizerError(f"tokenizer {source!r}: cannot read {vocab.name} + {merges.name} as a "
-                             f"byte-level BPE ({e}); expected GPT-2 style vocab.json (token -> id) "
-                             f"and merges.txt (one merge a line)") from e
+        raise TokenizerError(f"{source}: cannot read {vocab.name} + {merges.name} as a byte-level "
+                             f"BPE ({e}); fix: give GPT-2 style vocab.json (token -> id) and "
+                             f"merges.txt (one merge a line)") from e
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -188,43 +188,47 @@ def _from_json(path: Path, source: str) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:
-        raise TokenizerError(f"tokenizer {source!r}: {path} is not a valid tokenizers "
-                             f"tokenizer.json ({e})") from e
+        raise TokenizerError(f"{source}: {path} is not a valid tokenizers tokenizer.json ({e}); "
+                             f"fix: give a tokenizer.json that tokenizers.Tokenizer.from_file "
+                             f"reads") from e
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+TOKENIZER_CHOICES = ("\"gpt2\" (bundled), a tokenizer.json file, or a folder with tokenizer.json or "
+                     "vocab.json + merges.txt")
+
+
+def load_tokenizer(path: str | os.PathLike, name: str = "tokenizer") -> Tokenizer:
     """Load a tokenizer from `"gpt2"`, a tokenizer.json file, or a folder.
 
     Args:
         path: `"gpt2"` (the bundled GPT-2 BPE), a `tokenizer.json` file, or a folder with
             `tokenizer.json` or with `vocab.json` + `merges.txt`.
+        name: what the messages call the path (a flag or a config field).
     Raises:
         TokenizerError: naming the path and what was expected there.
     """
     source = str(path)
+    shown = f"{name} {source!r}"
     if source == "gpt2":
-        return Tokenizer(_byte_level_bpe(GPT2_DIR / "vocab.json", GPT2_DIR / "merges.txt", source),
+        return Tokenizer(_byte_level_bpe(GPT2_DIR / "vocab.json", GPT2_DIR / "merges.txt", shown),
                          source)
     p = Path(path).expanduser()
     if p.is_file():
         if p.suffix != ".json" or p.name == "vocab.json":
-            raise TokenizerError(
-                f"tokenizer {source!r} is a file but not a tokenizer.json; expected \"gpt2\", a "
-                f"tokenizer.json file, or a folder with tokenizer.json or vocab.json + merges.txt")
-        return Tokenizer(_from_json(p, source), source)
+            raise TokenizerError(f"{shown} is a file but not a tokenizer.json; fix: give "
+                                 f"{TOKENIZER_CHOICES}")
+        return Tokenizer(_from_json(p, shown), source)
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
-            return Tokenizer(_from_json(p / "tokenizer.json", source), source)
+            return Tokenizer(_from_json(p / "tokenizer.json", shown), source)
         if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-            return Tokenizer(_byte_level_bpe(p / "vocab.json", p / "merges.txt", source), source)
+            return Tokenizer(_byte_level_bpe(p / "vocab.json", p / "merges.txt", shown), source)
         found = sorted(x.name for x in p.iterdir())[:10]
         raise TokenizerError(
-            f"tokenizer folder {source!r} has neither tokenizer.json nor vocab.json + merges.txt "
+            f"{shown} is a folder with neither tokenizer.json nor vocab.json + merges.txt "
             f"(found: {', '.join(found) or 'nothing'}); fix: point at a folder written by "
             f"tools/train_tokenizer.py or a Hugging Face GPT-2 tokenizer folder, or use \"gpt2\"")
-    raise TokenizerError(
-        f"tokenizer {source!r} does not exist; expected \"gpt2\" (bundled), a tokenizer.json file, "
-        f"or a folder with tokenizer.json or vocab.json + merges.txt")
+    raise TokenizerError(f"{shown} does not exist; fix: give {TOKENIZER_CHOICES}")
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLike,

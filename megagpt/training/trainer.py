@@ -192,7 +192,7 @@ class Trainer:
         self.micro_batches = t.grad_accumulation_steps
         self.global_batch = t.batch_size * t.grad_accumulation_steps * state.dp_world_size
         self.run_dir = Path(cfg.run_dir)
-        self.save_dir = Path(cfg.checkpoint.save_dir or self.run_dir / "checkpoints")
+        self.save_dir = Path(cfg.save_dir)
         seed_everything(t.seed, state.tp_rank, state.pp_rank, self.device)
         self.deepspeed = bool(cfg.parallel.deepspeed_config)
         if self.deepspeed:
@@ -239,7 +239,7 @@ class Trainer:
         m, d, t = self.cfg.model, self.cfg.data, self.cfg.training
         if d.mock:
             return build_mock_datasets(m.seq_length, m.vocab_size, num_samples, t.seed)
-        tokenizer = load_tokenizer(d.tokenizer_path)
+        tokenizer = load_tokenizer(d.tokenizer_path, "data.tokenizer_path")
         if tokenizer.vocab_size > m.vocab_size:
             raise DatasetBuildError(f"data.tokenizer_path={d.tokenizer_path} has {tokenizer.vocab_size} "
                              f"tokens but model.vocab_size={m.vocab_size}; fix: set "
@@ -586,9 +586,6 @@ class Trainer:
                        "max_steps")
     OPTIMIZER_FIELDS = ("weight_decay", "adam_beta1", "adam_beta2", "adam_eps")
 
-    DATA_ORDER_FIELDS = (("training", "seed"), ("data", "train_data_path"), ("data", "split"),
-                         ("data", "mock"), ("data", "format"), ("data", "sft_packing"))
-
     def _warn_setting_changes(self, meta: dict, path) -> None:
         """Log the settings that differ from the checkpoint's run and what that does: the
         learning-rate schedule's and the optimizer's apply from the resume on (allowed:
@@ -617,10 +614,7 @@ class Trainer:
             self.log(f"warning: resuming {path} with other optimizer settings ("
                      f"{', '.join(changed(self.OPTIMIZER_FIELDS))}); they apply from step "
                      f"{meta.get('step')} on")
-        data = [f"{section}.{k} {config[section][k]} -> {getattr(getattr(self.cfg, section), k)}"
-                for section, k in self.DATA_ORDER_FIELDS
-                if k in config.get(section, {})
-                and config[section][k] != getattr(getattr(self.cfg, section), k)]
+        data = data_order_changes(config, self.cfg)
         if all(k in saved for k in ("max_steps", "batch_size", "grad_accumulation_steps")) \
                 and "dp" in meta.get("parallel", {}) and "step" in meta:
             samples = saved["max_steps"] * saved["batch_size"] * saved["grad_accumulation_steps"] \
@@ -695,12 +689,13 @@ class Trainer:
         if not held or start >= read_meta(held[-1])["step"]:
             return
         how = f"continues from {path}" if path is not None else "starts fresh"
+        where = ("checkpoint.save_dir" if self.cfg.checkpoint.save_dir else
+                 "checkpoint.save_dir (or logging.run_dir or --name, under which it is by default)")
         raise CheckpointError(
             f"checkpoint.save_dir={self.save_dir} already holds checkpoints up to "
             f"{held[-1].name}, and this run {how} at step {start} "
             f"(checkpoint.load={self.cfg.checkpoint.load}): its saves would replace them; fix: "
-            f"choose a new checkpoint.save_dir (or logging.run_dir), or set checkpoint.load=auto "
-            f"to continue the run saved there")
+            f"choose a new {where}, or set checkpoint.load=auto to continue the run saved there")
 
     def _load_pretrained(self, source: str) -> None:
         full = pretrained_state(source, self.cfg.model)
@@ -708,6 +703,36 @@ class Trainer:
             for chunk in self.engine.chunks:
                 load_full_state_dict(chunk, full)
         self.log(f"initialised the weights from {source}")
+
+
+DATA_ORDER_FIELDS = (("training", "seed"), ("data", "train_data_path"), ("data", "mock"),
+                     ("data", "format"), ("data", "sft_packing"))
+
+
+def data_order_changes(saved: dict, cfg: Config) -> list[str]:
+    """The settings the training samples' order is built from that differ between a saved
+    run's config (`saved`, meta.json's) and `cfg`: `DATA_ORDER_FIELDS`; `data.split` while
+    validation is carved out of the training data (no `data.val_data_path`), and whether it is
+    (the training split then takes its share of each dataset, else the whole); the tokenizer,
+    which fine-tuning applies while loading. One "field old -> new" line each."""
+    d = cfg.data
+    fields = list(DATA_ORDER_FIELDS)
+    saved_data = saved.get("data", {})
+    carved_then, carved_now = not saved_data.get("val_data_path"), not d.val_data_path
+    if carved_then and carved_now:
+        fields.append(("data", "split"))
+    if d.format == "sft" and saved_data.get("format") == "sft":
+        fields.append(("data", "tokenizer_path"))
+    changes = [f"{section}.{k} {saved[section][k]} -> {getattr(getattr(cfg, section), k)}"
+               for section, k in fields
+               if k in saved.get(section, {})
+               and saved[section][k] != getattr(getattr(cfg, section), k)]
+    if "val_data_path" in saved_data and carved_then != carved_now:
+        share = ("its share of data.split of each dataset" if carved_now
+                 else "whole datasets, no longer their share of data.split")
+        changes.append(f"data.val_data_path {saved_data['val_data_path']} -> {d.val_data_path} "
+                       f"(training now takes {share})")
+    return changes
 
 
 def run_banner(cfg: Config, state: ParallelState) -> str:

@@ -20,7 +20,7 @@ from megagpt.testing import run_distributed, sigterm_when_ready, tiny_config
 from megagpt.training.checkpoint import load_checkpoint
 from megagpt.training.optim import lr_at
 from megagpt.training.trainer import (WORKERS_SHIELDED, Trainer, TrainingAborted,
-                                     end_daemonic_children, loader_worker_options, output_problems,
+                                     data_order_changes, end_daemonic_children, loader_worker_options, output_problems,
                                      shield_worker_from_stray_sigterm, start_loader)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +117,29 @@ def test_a_resume_with_other_data_settings_says_so(tmp_path):
                for m in changed), changed
 
 
+def test_the_data_order_settings_follow_what_the_training_split_is_built_from():
+    """data.split matters only while validation is carved out of the training data, and whether
+    it is changes the training split (its share of each dataset, or the whole): a resume that
+    set data.val_data_path trained on other samples without a word."""
+    cfg = tiny_config(data__split="90,10,0")
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    assert data_order_changes(saved, cfg) == []
+    with_val = tiny_config(data__split="90,10,0", data__val_data_path=["runs/data/v"])
+    assert data_order_changes(saved, with_val) == [
+        "data.val_data_path [] -> ['runs/data/v'] (training now takes whole datasets, no longer "
+        "their share of data.split)"]
+    saved_with_val = json.loads(json.dumps(with_val.to_dict()))
+    other_split = tiny_config(data__split="80,20,0", data__val_data_path=["runs/data/v"])
+    assert data_order_changes(saved_with_val, other_split) == []     # split unused: no warning
+    assert data_order_changes(saved, tiny_config(data__split="80,20,0")) == [
+        "data.split 90,10,0 -> 80,20,0"]
+    sft = dict(training__mode="finetune", data__format="sft", data__mock=False,
+               data__train_data_path=["runs/data/chat.jsonl"])
+    saved_sft = json.loads(json.dumps(tiny_config(**sft, data__tokenizer_path="gpt2").to_dict()))
+    assert data_order_changes(saved_sft, tiny_config(**sft, data__tokenizer_path="tok")) == [
+        "data.tokenizer_path gpt2 -> tok"]
+
+
 def test_a_resume_with_a_smaller_global_batch_has_the_samples_to_finish(tmp_path):
     """The training set holds the samples consumed plus the steps to go at the resumed run's
     global batch: 6 steps of 8, then 4 more of 2, need 56 (max_steps x global batch, 20, ran
@@ -210,9 +233,18 @@ def test_a_fresh_run_does_not_replace_another_runs_checkpoints(tmp_path):
                                                rf"checkpoints up to step_0000004, and this run "
                                                rf".* at step [02] \(checkpoint.load={load}\): its "
                                                rf"saves would replace them; fix: choose a new "
-                                               rf"checkpoint.save_dir"):
+                                               rf"checkpoint.save_dir, or set checkpoint.load="
+                                               rf"auto"):
             run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__load=load))
     assert sorted(p.name for p in ckpt.iterdir()) == before
+    # the save dir by default is under the run dir: a new run dir (or name) is a fix there too
+    run_distributed(_start, 1, str(tmp_path / "d"), 2, dict(checkpoint__save_dir=None))
+    with pytest.raises(RuntimeError, match=r"fix: choose a new checkpoint.save_dir \(or "
+                                           r"logging.run_dir or --name, under which it is by "
+                                           r"default\), or set checkpoint.load=auto"):
+        run_distributed(_start, 1, str(tmp_path / "d"), 2,
+                        dict(checkpoint__save_dir=None, checkpoint__load="none"))
+    assert (tmp_path / "d" / "checkpoints" / "step_0000002").is_dir()
     back = run_distributed(_start, 1, str(tmp_path), 3,
                            dict(checkpoint__load=str(ckpt / "step_0000002")))[0]
     assert any("resumed from" in m and "step_0000002 at step 2" in m for m in back), back
@@ -891,7 +923,7 @@ ONE_PROCESS = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/
     (["--data.train_data_path=[\"runs/nowhere/shakespeare_text_document.bin\"]"],
      "error: data.train_data_path: indexed dataset 'runs/nowhere/shakespeare_text_document.bin': "),
     (["--data.tokenizer_path=runs/nowhere/tokenizer"],
-     "error: tokenizer 'runs/nowhere/tokenizer' does not exist"),
+     "error: data.tokenizer_path 'runs/nowhere/tokenizer' does not exist; fix: give \"gpt2\""),
     (["--checkpoint.pretrained=runs/nowhere/gpt2", "--data.mock=true"],
      "error: checkpoint.pretrained=runs/nowhere/gpt2 does not exist; fix: point it at a "
      "checkpoint of ours of this architecture: train it first"),

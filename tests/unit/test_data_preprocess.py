@@ -121,7 +121,7 @@ def test_several_keys_stay_aligned(tmp_path, gpt2):
                                      r"fix: check its permissions"),
     ("all_bad", PreprocessError, "(?s)has no usable document for --json-keys text;.*malformed JSON: 2"),
     ("unwritable_output", PreprocessError, "--output-prefix .*cannot create the folder"),
-    ("bad_tokenizer", TokenizerError, "tokenizer '.*no_such_tok' does not exist"),
+    ("bad_tokenizer", TokenizerError, "--tokenizer '.*no_such_tok' does not exist; fix: give"),
     ("damaged_gzip", InputError, "--input '.*in.jsonl.gz': cannot read past line .*gzip -t"),
     ("corrupt_gzip", InputError, "--input '.*in.jsonl.gz': cannot read past line .*gzip -t"),
     ("disk_full", PreprocessError, "--output-prefix .*cannot write .*No space left.*free space"),
@@ -311,5 +311,5 @@ def test_command_line_errors_exit_2(tmp_path, capsys):
     assert "error: --input" in capsys.readouterr().err
     src = write_lines(tmp_path / "in.jsonl", [{"text": "hello"}])
     assert main(["--input", str(src), "--output-prefix", str(tmp_path / "x"), "--tokenizer", "nope"]) == 2
-    assert "error: tokenizer 'nope' does not exist" in capsys.readouterr().err
+    assert "error: --tokenizer 'nope' does not exist; fix: give" in capsys.readouterr().err
     assert files(tmp_path) == ["in.jsonl"]

@@ -150,8 +150,8 @@ def test_megagpt_fast_bpe_0_keeps_tokenizers():
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("missing", "does not exist; expected \"gpt2\""),
-    ("empty_folder", "has neither tokenizer.json nor vocab.json + merges.txt"),
+    ("missing", "does not exist; fix: give \"gpt2\" (bundled)"),
+    ("empty_folder", "is a folder with neither tokenizer.json nor vocab.json + merges.txt"),
     ("vocab_only_file", "is a file but not a tokenizer.json"),
     ("broken_json", "is not a valid tokenizers tokenizer.json"),
     ("broken_merges", "cannot read vocab.json + merges.txt"),
@@ -179,6 +179,10 @@ def test_load_errors_name_the_path(tmp_path, gpt2, case, expected):
         load_tokenizer(path)
     assert expected in str(e.value)
     assert str(path) in str(e.value)
+    if case != "no_eod":    # a command line names its flag, every one but the last with a fix
+        with pytest.raises(TokenizerError) as e:
+            load_tokenizer(path, "--tokenizer")
+        assert str(e.value).startswith(f"--tokenizer {str(path)!r}") and "; fix: " in str(e.value)
 
 
 CORPUS = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer",
