@@ -10,6 +10,7 @@ import datetime
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from megagpt.data.tokenizer import TokenizerError
 from megagpt.kernels import BackendUnavailable
 from megagpt.parallel.state import destroy_parallel, initialize_parallel
 from megagpt.testing import free_port
-from megagpt.training.checkpoint import CheckpointError
+from megagpt.training.checkpoint import CheckpointError, find_latest
 from megagpt.training.ds_engine import DeepSpeedError
 from megagpt.training.metrics import WandbError
 from megagpt.training.trainer import (AnotherRankFailed, Trainer, TrainingAborted, output_problems,
@@ -46,6 +47,16 @@ def print_once(message: str) -> None:
         print(message, file=sys.stderr)
     else:
         time.sleep(5)
+
+
+def kept_checkpoint(cfg) -> str:
+    """What a run stopped now leaves to resume from, and how."""
+    latest = find_latest(Path(cfg.save_dir))
+    if latest is None:
+        return f"no checkpoint in {cfg.save_dir} yet"
+    how = ("the same command resumes from it" if cfg.checkpoint.load == "auto" else
+           f"to resume from it, set checkpoint.load=auto (it is {cfg.checkpoint.load})")
+    return f"the last checkpoint is {latest}; {how}"
 
 
 def init_distributed(cfg) -> torch.device:
@@ -109,9 +120,9 @@ def main(argv=None) -> int:
         return 1           # rank 0 has printed why
     except KeyboardInterrupt:   # Ctrl-C reaches every rank: rank 0 speaks for all
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"interrupted (Ctrl-C): stopped without saving; the same command resumes from "
-                  f"the last checkpoint in {cfg.save_dir}; to stop with a checkpoint, "
-                  f"send SIGTERM instead (kill -TERM, scancel)", file=sys.stderr, flush=True)
+            print(f"interrupted (Ctrl-C): stopped without saving; {kept_checkpoint(cfg)}; to stop "
+                  f"with a checkpoint, send SIGTERM instead (kill -TERM, scancel)",
+                  file=sys.stderr, flush=True)
         return 130
     except USER_ERRORS as e:
         rank = int(os.environ.get("RANK", "0"))

@@ -142,8 +142,9 @@ def _architecture_problems(fields: dict) -> list[str]:
         load_config(raw=raw)
     except ConfigError as e:
         hf_name = {ours: theirs for theirs, ours in HF_TO_MODEL.items()}
-        return [re.sub(r"model\.(\w+)", lambda m: hf_name.get(m[1], m[0]), p)
-                for p in e.problems if p.startswith("model.")]
+        hf_name["dropout"] = "resid_pdrop/embd_pdrop/attn_pdrop"
+        ours = re.compile(r"(?:model\.)?\b(" + "|".join(hf_name) + r")\b")
+        return [ours.sub(lambda m: hf_name[m[1]], p) for p in e.problems if p.startswith("model.")]
     return []
 
 

@@ -21,6 +21,9 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, ROOT)
+from megagpt.cli import run_main  # noqa: E402
+
 BIN = os.path.dirname(sys.executable)
 RUN_DIR = "runs/tiny_model"
 
@@ -80,4 +83,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noqa: E402
                             load_config, split_config_args)
+from megagpt.cli import run_main  # noqa: E402
 from megagpt.estimate import parse_memory, report  # noqa: E402
 
 
@@ -53,4 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

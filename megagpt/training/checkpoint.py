@@ -583,7 +583,7 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
         meta: the checkpoint's meta.json (`read_meta` or `load_checkpoint` gives it).
         model_cfg: this run's model config (a ModelConfig or its dict).
         parallel_sizes: this run's {tp, pp, dp, vp}, and `zero_stage` (default 0) and
-            `engine` ("native", the default, or "deepspeed").
+            `engine` ("native", the default, or "deepspeed"; with it, `precision`).
         where: the checkpoint's path, for the messages.
         with_optimizer: False when only the model is loaded (fine-tuning from the weights): the
             data-parallel size and zero_stage are then free.
@@ -642,13 +642,24 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
                     f"--input {where} --output NEW_DIR --to megagpt`) and set "
                     f"checkpoint.load=NEW_DIR, which resumes its step with a fresh optimizer "
                     f"state")
+    saved_precision = meta["config"].get("training", {}).get("precision")
+    precision = parallel_sizes.get("precision")
+    if (with_optimizer and saved_engine == engine == "deepspeed"
+            and None not in (saved_precision, precision) and saved_precision != precision):
+        problems.append(f"checkpoint was trained through DeepSpeed in {saved_precision}, this run "
+                        f"in {precision}: DeepSpeed keeps each precision's optimizer state in "
+                        f"files of their own; fix: training.precision={saved_precision} to "
+                        f"resume, or {weights_only}")
     if with_optimizer and saved_engine == engine == "deepspeed" and saved_zero != zero:
         # the stage is the DeepSpeed file's unless parallel.zero_stage overrides it
+        shipped = (f"configs/deepspeed/zero{saved_zero}.json, or " if saved_zero else "")
+        override = (f" and parallel.zero_stage 0 or {saved_zero}" if saved_zero else
+                    " and parallel.zero_stage 0")
         problems.append(f"checkpoint was saved at DeepSpeed ZeRO stage {saved_zero}, this run's "
                         f"DeepSpeed config has stage {zero}: the optimizer state is not "
                         f"interchangeable; fix: resume with a DeepSpeed file of stage {saved_zero} "
-                        f"(configs/deepspeed/zero{saved_zero}.json, or zero_optimization.stage="
-                        f"{saved_zero}) and parallel.zero_stage 0 or {saved_zero}, or {weights_only}")
+                        f"({shipped}zero_optimization.stage={saved_zero}){override}, or "
+                        f"{weights_only}")
     elif with_optimizer and saved_engine == engine and saved_zero != zero:
         form = "sharded over" if saved_zero else "whole on each of"
         problems.append(f"checkpoint has parallel.zero_stage={saved_zero}, the config says "
@@ -659,8 +670,10 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
         saved_world = saved_par["tp"] * saved_par["pp"] * saved_par["dp"]
         why = ("its optimizer state is sharded over its data-parallel ranks" if saved_par["dp"] > 1
                else f"this run shards the optimizer state over {parallel_sizes['dp']} ranks")
+        stage = (f"DeepSpeed ZeRO stage {zero}" if engine == "deepspeed" else
+                 f"parallel.zero_stage={zero}")
         problems.append(f"checkpoint has data-parallel size {saved_par['dp']}, this run has "
-                        f"{parallel_sizes['dp']} with parallel.zero_stage={zero}: {why}; fix: "
+                        f"{parallel_sizes['dp']} with {stage}: {why}; fix: "
                         f"resume with world size {saved_world}, or {weights_only}")
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)

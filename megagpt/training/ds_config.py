@@ -137,6 +137,13 @@ def merge_deepspeed_config(ds: dict, cfg, dp: int) -> tuple[dict, list[str]]:
                         f"native path (no parallel.deepspeed_config) for data parallelism without "
                         f"ZeRO")
 
+    if isinstance(zero, dict) and zero.get("compute_grad_norm") is False:
+        # at ZeRO 1-2 in fp32 the norm is DeepSpeed's only check of the gradients
+        problems.append(f"parallel.deepspeed_config={name} sets zero_optimization."
+                        f"compute_grad_norm=false, but every step's gradients are checked "
+                        f"through their norm (a non-finite one skips the step) and the norm is "
+                        f"logged; fix: remove compute_grad_norm from {name}")
+
     # optimizer and learning rate
     _merge_optimizer(merged, t, name, problems, fill)
     if merged.get("scheduler"):

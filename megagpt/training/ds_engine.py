@@ -338,6 +338,7 @@ class DeepSpeedEngine:
         if loaded is None:
             raise ckpt.CheckpointError(f"{path}: DeepSpeed found no checkpoint in {path / DS_TAG}")
         set_hyperparameters(ds.optimizer, self.cfg.training)  # the saved ones came with the state
+        keep_skipping_at_min_scale(ds.optimizer)             # and the saved loss scaler
         source = self.state.rank if self.state.rank < meta["world_size"] else 0
         extra = ckpt._read_verified(path, ckpt.optim_file(source), meta, True)
         rng = ckpt._read_verified(path, ckpt.rng_file(source), meta, True)

@@ -166,11 +166,19 @@ def output_problems(cfg) -> list[str]:
 
 
 def _wandb_missing(cfg) -> str | None:
-    """What to do when logging.wandb_project is set where wandb is not installed."""
-    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+    """What to do when logging.wandb_project is set where wandb is not installed, or does not
+    import (a broken install: a conflicting protobuf, say)."""
+    if not cfg.logging.wandb_project:
+        return None
+    fix = "pip install wandb (or pip install -e '.[wandb]'), or logging.wandb_project=null"
+    if importlib.util.find_spec("wandb") is None:
         return (f"logging.wandb_project={cfg.logging.wandb_project}: the wandb package is not "
-                f"installed; fix: pip install wandb (or pip install -e '.[wandb]'), or "
-                f"logging.wandb_project=null")
+                f"installed; fix: {fix}")
+    try:
+        import wandb  # noqa: F401
+    except Exception as e:   # anything its own imports raise
+        return (f"logging.wandb_project={cfg.logging.wandb_project}: the wandb package is "
+                f"installed but does not import ({type(e).__name__}: {e}); fix: repair it ({fix})")
     return None
 
 
@@ -489,7 +497,8 @@ class Trainer:
         par = self.cfg.parallel
         if self.deepspeed:
             return {"tp": 1, "pp": 1, "dp": self.state.dp_world_size, "vp": 1,
-                    "zero_stage": self.engine.zero_stage, "engine": "deepspeed"}
+                    "zero_stage": self.engine.zero_stage, "engine": "deepspeed",
+                    "precision": self.cfg.training.precision}
         return {"tp": self.state.tp_world_size, "pp": self.state.pp_world_size,
                 "dp": self.state.dp_world_size, "vp": par.virtual_pipeline_size,
                 "zero_stage": par.zero_stage}

@@ -216,6 +216,22 @@ def test_a_checkpoint_of_the_other_engine_is_refused_with_the_fix():
                                               r"weights-only checkpoint"):
         check_compatible(meta, tiny_config().model, {**meta["parallel"], "zero_stage": 3},
                          where="ck")
+    stage_0 = {**meta, "parallel": {**meta["parallel"], "zero_stage": 0}}
+    with pytest.raises(CheckpointError, match=r"a DeepSpeed file of stage 0 \(zero_optimization."
+                                              r"stage=0\) and parallel.zero_stage 0, or convert"):
+        check_compatible(stage_0, tiny_config().model, meta["parallel"], where="ck")
+    with pytest.raises(CheckpointError, match=r"data-parallel size 2, this run has 4 with DeepSpeed "
+                                              r"ZeRO stage 2: its optimizer state is sharded"):
+        check_compatible(meta, tiny_config().model, {**meta["parallel"], "dp": 4}, where="ck")
+    # another precision: DeepSpeed looks for the other precision's files (a FileNotFoundError
+    # traceback before); a CPU run of bf16 was trained as fp32 until DeepSpeed's bf16 ran there
+    fp32 = {**meta, "config": {**meta["config"], "training": {"precision": "fp32"}}}
+    with pytest.raises(CheckpointError, match=r"trained through DeepSpeed in fp32, this run in "
+                                              r"bf16: .* fix: training.precision=fp32 to resume, "
+                                              r"or convert it"):
+        check_compatible(fp32, tiny_config().model, {**meta["parallel"], "precision": "bf16"},
+                         where="ck")
+    check_compatible(fp32, tiny_config().model, {**meta["parallel"], "precision": "fp32"})
 
 
 # ---- training on 2 gloo processes -------------------------------------------------------------
@@ -309,9 +325,9 @@ def test_resume_on_the_deepspeed_path_continues_exactly(tmp_path, stage):
         assert torch.equal(value, resumed[name][:len(value)]), name
 
 
-def _nan_at_step_2(rank, world, run_dir, ds, zero):
+def _nan_at_step_2(rank, world, run_dir, ds, zero, **overrides):
     from megagpt.training.trainer import Trainer
-    cfg = run_config(Path(run_dir), 4, ds, parallel__zero_stage=zero)
+    cfg = run_config(Path(run_dir), 4, ds, parallel__zero_stage=zero, **overrides)
     ps = state.initialize_parallel(1, 1)
     trainer = Trainer(cfg, ps, log=lambda *a: None)
     model = trainer.engine.chunks[0]
@@ -432,27 +448,36 @@ def test_torchrun_pretrain_gpt_trains_through_deepspeed_and_resumes(tmp_path):
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("ds, precision", [
-    ({"zero_optimization": {"stage": 0}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
-     "bf16"),
-    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "fp32")],
-    ids=["zero0-torch-autocast", "zero2-without-its-norm"])
-def test_a_step_deepspeed_reports_no_norm_for_is_not_skipped(tmp_path, native, ds, precision):
+def test_zero0_under_torch_autocast_gets_its_norm_and_check_here(tmp_path, native):
     """DeepSpeed reports no gradient norm for ZeRO-0 under torch_autocast (torch's AdamW steps
-    unwrapped) nor with `compute_grad_norm: false`: every applied update was logged as a skipped
-    non-finite step, the schedule stood still and the run aborted at max_skipped_steps."""
+    unwrapped, as in fp32): every applied update was logged as a skipped non-finite step, the
+    schedule stood still and the run aborted at max_skipped_steps."""
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps(ds))
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0},
+                                "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
     run_distributed(_train, 2, str(tmp_path), STEPS, str(path), timeout=300,
-                    training__precision=precision, training__grad_clip=0.0)
+                    training__precision="bf16")
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records if "loss" in r] == [0] * STEPS
     norms = [r["grad_norm"] for r in records if "loss" in r]
-    if ds["zero_optimization"]["stage"] == 0:      # computed here, as for ZeRO-0 in fp32
-        assert all(math.isfinite(n) and n > 0 for n in norms), norms
-    else:                                          # asked not to compute it: logged as null
-        assert norms == [None] * STEPS
+    assert all(math.isfinite(n) and n > 0 for n in norms), norms
     assert losses(tmp_path) == pytest.approx(native[0], rel=1e-2)   # trained, as native did
+    out = run_distributed(_nan_at_step_2, 2, str(tmp_path / "nan"), str(path), 0, timeout=300,
+                          training__precision="bf16")
+    skipped, before, after = out[0]
+    assert [o[0] for o in out] == [1, 1]                    # and a non-finite step is skipped
+    assert all(torch.equal(value, after[name]) for name, value in before.items())
+
+
+def test_deepspeed_without_its_gradient_norm_is_refused(tmp_path):
+    """`compute_grad_norm: false` leaves ZeRO 1-2 in fp32 without any check of the gradients:
+    a NaN step was applied and logged as fine (and with clipping on, DeepSpeed itself raised)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}))
+    with pytest.raises(ConfigError, match=r"sets zero_optimization.compute_grad_norm=false, but "
+                                          r"every step's gradients are checked through their norm "
+                                          r".* fix: remove compute_grad_norm"):
+        tiny_config(dp=2, parallel__deepspeed_config=str(path))
 
 
 def test_deepspeeds_fp16_scaler_skips_at_its_minimum_instead_of_raising(monkeypatch):
@@ -473,6 +498,24 @@ def test_deepspeeds_fp16_scaler_skips_at_its_minimum_instead_of_raising(monkeypa
     scaler.update_scale(True)
     assert scaler.cur_scale == 1.0
     keep_skipping_at_min_scale(SimpleNamespace())          # bf16, ZeRO-0: nothing to change
+
+
+def _scaler_settings_applied(rank, world, run_dir, ds):
+    import megagpt.training.ds_engine as ds_engine
+    applied, real = [], ds_engine.keep_skipping_at_min_scale
+    ds_engine.keep_skipping_at_min_scale = lambda optimizer: (applied.append(1), real(optimizer))
+    _train(rank, world, run_dir, STEPS // 2, ds, max_steps=STEPS)     # saves at STEPS // 2
+    started = len(applied)
+    _train(rank, world, run_dir, STEPS, ds)                           # resumes it
+    return started, len(applied) - started
+
+
+@needs_deepspeed
+def test_the_min_scale_setting_is_applied_at_start_and_again_after_a_resume(tmp_path):
+    """A resume replaces DeepSpeed's loss scaler with the saved one, which raises at its minimum
+    again (a checkpoint from before the setting, or DeepSpeed's default pickled with it)."""
+    out = run_distributed(_scaler_settings_applied, 2, str(tmp_path), ds_file("zero2"), timeout=300)
+    assert out == [(1, 2), (1, 2)]
 
 
 def test_an_fp16_skip_is_exempt_only_while_deepspeeds_scale_can_back_off():

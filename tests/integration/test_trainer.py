@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -711,6 +712,21 @@ def test_wandb_without_the_package_is_refused_on_every_rank(tmp_path, monkeypatc
     assert any("the wandb package is not installed" in p for p in output_problems(cfg))
 
 
+def test_wandb_that_does_not_import_is_refused_with_the_error(tmp_path, monkeypatch):
+    """An installed wandb whose import fails (a broken install) was a traceback after the
+    banner; it is refused before the run, as a missing one is."""
+    shim = tmp_path / "shim" / "wandb"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('cannot import name x from protobuf')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "shim"))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    cfg = run_config(tmp_path, 2, logging__wandb_project="p")
+    with pytest.raises(ValueError, match=r"logging.wandb_project=p: the wandb package is installed "
+                                         r"but does not import \(ImportError: cannot import name x "
+                                         r"from protobuf\); fix: repair it"):
+        Trainer(cfg, None)
+
+
 def test_max_skipped_steps_zero_never_aborts(tmp_path):
     out = run_distributed(_nan_steps, 2, str(tmp_path), {2, 3, 4, 5}, 0)
     assert [o[0] for o in out] == ["done", "done"] and out[0][3] == 4, out
@@ -907,9 +923,25 @@ def test_ctrl_c_stops_without_a_traceback(tmp_path):
     output = sigterm_when_ready(proc, lambda: metrics.exists() and metrics.read_text().count("\n") >= 2,
                                 to_group=True, wait=120, signum=signal.SIGINT)
     assert proc.returncode == 130, output
-    assert (f"interrupted (Ctrl-C): stopped without saving; the same command resumes from the last "
-            f"checkpoint in {tmp_path / 'checkpoints'}; to stop with a checkpoint, send SIGTERM") in output
+    assert (f"interrupted (Ctrl-C): stopped without saving; no checkpoint in "
+            f"{tmp_path / 'checkpoints'} yet; to stop with a checkpoint, send SIGTERM") in output
     assert "Traceback" not in output, output
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from_and_how():
+    from pretrain_gpt import kept_checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_config(logging__run_dir=tmp)               # save dir by default in the run dir
+        assert kept_checkpoint(cfg) == f"no checkpoint in {tmp}/checkpoints yet"
+        step = Path(tmp) / "checkpoints" / "step_0000004"
+        step.mkdir(parents=True)
+        (step / "model.pt").write_text("x")
+        (step / "meta.json").write_text(json.dumps({"step": 4, "files": {"model.pt": "sha"}}))
+        (step.parent / "latest").write_text("step_0000004\n")
+        assert kept_checkpoint(cfg) == f"the last checkpoint is {step}; the same command resumes from it"
+        cfg.checkpoint.load = "none"
+        assert kept_checkpoint(cfg) == (f"the last checkpoint is {step}; to resume from it, set "
+                                        f"checkpoint.load=auto (it is none)")
 
 
 ONE_PROCESS = [sys.executable, "pretrain_gpt.py", "--config", "configs/training/tiny_model.json",

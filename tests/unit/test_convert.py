@@ -329,7 +329,11 @@ BAD_INPUTS = {
     # traceback, before; checked as the validator checks a model section, in config.json's names
     "heads not dividing the width": (lambda root, full: _folder(root / "heads", {"config.json": json.dumps(
         dict(hf_config_dict(M), n_head=5))}),
-        "{} is a GPT-2 this model cannot express:\n  - n_embd=32: must be divisible by n_head=5"),
+        "{} is a GPT-2 this model cannot express:\n  - n_embd=32: must be divisible by n_head=5; "
+        "fix: choose n_head among 1, 2, 4"),
+    "dropout out of range": (lambda root, full: _folder(root / "drop", {"config.json": json.dumps(
+        dict(hf_config_dict(M), resid_pdrop=1.5, embd_pdrop=1.5, attn_pdrop=1.5))}),
+        "  - resid_pdrop/embd_pdrop/attn_pdrop=1.5: must be in [0, 1)"),
     "null positions": (lambda root, full: _folder(root / "nopos", {"config.json": json.dumps(
         dict(hf_config_dict(M), n_positions=None))}),
         "{} is a GPT-2 this model cannot express:\n  - n_positions=null: must be an integer"),
