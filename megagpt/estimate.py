@@ -336,17 +336,20 @@ def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
                 at_loss = logits + max(kept_by_loss, output_grad)
             earlier_losses = (losses - 1) * (norm_in_out + kept_by_loss)
             peak_extras.append(earlier_losses + norm_in_out + at_loss)
+        # a block's backward holds the gradient it received and, at the GeLU's backward, the
+        # MLP's two ffn-wide input gradients; at fc2's, one of them and fc2's weight gradient
+        # before its bucket takes it
+        ffn_shard, received = m.ffn_size // tp, act * sbh / sp_div
+        mlp_grads = max(2 * act * sb * ffn_shard, act * sb * ffn_shard + grad_b * h * ffn_shard)
         if pp_rank < pp - 1 or par.virtual_pipeline_size > 1:
             # a stage that is not the last (or holds a model chunk that is not: interleaved)
-            # peaks in the backward of its last block, holding
-            # every micro-batch in flight and the gradient received from the next stage: at the
-            # GeLU's backward, the MLP's two ffn-wide input gradients; at fc2's, one of them and
-            # fc2's weight gradient before its bucket takes it
-            ffn_shard, received = m.ffn_size // tp, act * sbh / sp_div
-            peak_extras.append(received + max(2 * act * sb * ffn_shard,
-                                              act * sb * ffn_shard + grad_b * h * ffn_shard))
-        if recompute == "full":                                # one block, recomputed
-            peak_extras.append(activation_bytes_per_layer(m, b, tp, sp, "none", kept))
+            # peaks in the backward of its last block, holding every micro-batch in flight
+            peak_extras.append(received + mlp_grads)
+        if recompute == "full":
+            # one block recomputed, in its backward: all it keeps without recompute, and that
+            # working set, less the GeLU's output, which fc2's backward has freed by then
+            peak_extras.append(activation_bytes_per_layer(m, b, tp, sp, "none", kept) + received
+                               + mlp_grads - act * sb * ffn_shard)
         elif recompute == "selective" and kept.attention == "eager":
             peak_extras.append(attention_score_bytes(m, b, tp, kept))
         return micro_batches * per_mb + max(peak_extras)
