@@ -731,6 +731,9 @@ def _check_attention_backend(cfg: Config, head_dim: int, p: list[str]) -> None:
                      "kernels.attention=auto or sdpa")
 
 
+MAX_PARAMETERS = 10 ** 14   # 50x the largest models trained (about 2e12): beyond it, a typo
+
+
 def validate(cfg: Config) -> list[str]:
     """Every cross-field rule; returns the problems (empty when the config is valid)."""
     p: list[str] = []
@@ -806,6 +809,20 @@ def validate(cfg: Config) -> list[str]:
                  f"={decay}); fix: shorten the warm-up, or lengthen the run")
 
     if ok:
+        sizes = [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+                 ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
+                 ("model.seq_length", m.seq_length), ("model.ffn_hidden_size", m.ffn_hidden_size)]
+        for where, value in sizes:
+            if value is not None and value >= 2 ** 31:
+                p.append(f"{where}={value}: must be below 2**31 (token ids and tensor sizes are "
+                         f"32-bit in the data format and the kernels); fix: check the value")
+        if all(value is None or value < 2 ** 31 for _, value in sizes):
+            from megagpt.estimate import count_parameters
+            n = count_parameters(m)
+            if n > MAX_PARAMETERS:
+                p.append(f"model: {n:.3g} parameters (vocab_size {m.vocab_size}, d_model "
+                         f"{m.d_model}, n_layers {m.n_layers}, ffn {m.ffn_size}, seq_length "
+                         f"{m.seq_length}), more than {MAX_PARAMETERS:.0e}; fix: check the sizes")
         if m.d_model % m.n_heads:
             p.append(f"model.d_model={m.d_model}: must be divisible by model.n_heads={m.n_heads}; "
                      f"fix: choose n_heads among {_divisors(m.d_model)}")

@@ -492,6 +492,19 @@ def test_problems_with_overrides_name_the_command_line_too():
     assert info.value.source == f"{TINY} with its command-line overrides"
 
 
+def test_absurd_sizes_are_refused_before_anything_is_built():
+    """A vocabulary of 1e20 or a width of 1e16 crashed the validator inside torch (a storage
+    size overflow while counting parameters on the meta device)."""
+    problems = problems_of(tiny_raw(), ["--model.vocab_size=100000000000000000000"])
+    assert problems == ["model.vocab_size=100000000000000000000: must be below 2**31 (token ids "
+                        "and tensor sizes are 32-bit in the data format and the kernels); fix: "
+                        "check the value"]
+    problems = problems_of(tiny_raw(), ["--model.d_model=4000000", "--model.n_heads=4"])
+    assert len(problems) == 1 and problems[0].startswith("model: 7.68e+14 parameters")
+    load_config(TINY, ["--model.d_model=4096", "--model.n_heads=32",
+                       "--model.estimated_parameters=null"], raw=tiny_raw())
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="is not of the form --section.field=value"):
         load_config(TINY, ["training.max_steps=3"])
