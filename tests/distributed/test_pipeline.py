@@ -72,8 +72,11 @@ def test_a_stage_that_never_sends_is_an_error_not_a_hang():
 def _peer_dies(rank, world):
     p2p = P2P(pp_rank=rank, pp_size=2, prev_rank=1 - rank, next_rank=1 - rank, shape=(4, 2, 8),
               dtype=torch.float32, device=torch.device("cpu"), timeout_s=5)
-    if rank == 0:
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 0:   # once rank 1 is past joining the group (dying sooner failed its join instead)
+        store.wait(["rank 1 joined"])
         os._exit(1)
+    store.set("rank 1 joined", "1")
     try:
         p2p.exchange(recv_prev=True)
     except RuntimeError as e:
