@@ -276,11 +276,11 @@ def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
     if given:
         return load_tokenizer(given, "--tokenizer")
     try:
-        return load_tokenizer(source.tokenizer_path)
+        return load_tokenizer(source.tokenizer_path, "data.tokenizer_path")
     except TokenizerError as e:
-        raise TokenizerError(f"the tokenizer recorded with {source.path} (its data.tokenizer_path "
-                             f"{source.tokenizer_path!r}, read from {Path.cwd()}) does not load: "
-                             f"{e}; fix: pass --tokenizer PATH") from e
+        reason = str(e).split("; fix: ")[0]     # the fix here is another tokenizer
+        raise TokenizerError(f"the tokenizer recorded with {source.path} does not load (read from "
+                             f"{Path.cwd()}): {reason}; fix: pass --tokenizer PATH") from e
 
 
 def single_process_model(m: ModelConfig, full_state: dict[str, torch.Tensor]) -> GPTStage:

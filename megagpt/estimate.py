@@ -235,7 +235,10 @@ def activation_bytes_per_layer(m: ModelConfig, micro_batch: int, tp: int, sequen
     elif kept.attention == "math" or recompute != "selective":
         scores = attention_score_bytes(m, micro_batch, tp, kept)
     if sequence_parallel:
-        return (replicated + sharded) / tp + scores
+        # the norm inputs and the masks are split, but the QKV and fc1 inputs are the gathered
+        # sequence, which the column-parallel layers' matmul keeps whole for its backward
+        gathered = 2 * act * sbh
+        return (replicated - gathered + sharded) / tp + gathered + scores
     return replicated + sharded / tp + scores
 
 
@@ -341,18 +344,28 @@ def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
         # before its bucket takes it
         ffn_shard, received = m.ffn_size // tp, act * sbh / sp_div
         mlp_grads = max(2 * act * sb * ffn_shard, act * sb * ffn_shard + grad_b * h * ffn_shard)
+        kept_outputs = 0.0
         if pp_rank < pp - 1 or par.virtual_pipeline_size > 1:
             # a stage that is not the last (or holds a model chunk that is not: interleaved)
             # peaks in the backward of its last block, holding every micro-batch in flight
             peak_extras.append(received + mlp_grads)
+        if par.virtual_pipeline_size > 1:
+            # the interleaved schedule keeps each chunk's output until that chunk's backward
+            # (measured: 1F1B's peak shows no such term)
+            kept_outputs = micro_batches * par.virtual_pipeline_size * act * sbh / sp_div
         if recompute == "full":
             # one block recomputed, in its backward: all it keeps without recompute, and that
             # working set, less the GeLU's output, which fc2's backward has freed by then
             peak_extras.append(activation_bytes_per_layer(m, b, tp, sp, "none", kept) + received
                                + mlp_grads - act * sb * ffn_shard)
         elif recompute == "selective" and kept.attention == "eager":
-            peak_extras.append(attention_score_bytes(m, b, tp, kept))
-        return micro_batches * per_mb + max(peak_extras)
+            # the recomputed scores, and in their backward the gradients of the probabilities
+            # and of the scores, once the block's MLP backward has freed the GeLU's input and
+            # output
+            peak_extras.append(attention_score_bytes(m, b, tp, kept)
+                               + max(0.0, 2 * act * m.n_heads * s * s * b / tp
+                                     - (kept.gelu_input + act) * sb * ffn_shard))
+        return micro_batches * per_mb + kept_outputs + max(peak_extras)
 
     def temporaries(pp_rank: int) -> float:
         largest = largest_parameter(m, tp, pp, pp_rank) / (dp if zero >= 1 else 1)

@@ -699,7 +699,9 @@ class Trainer:
             return
         how = f"continues from {path}" if path is not None else "starts fresh"
         where = ("checkpoint.save_dir" if self.cfg.checkpoint.save_dir else
-                 "checkpoint.save_dir (or logging.run_dir or --name, under which it is by default)")
+                 "checkpoint.save_dir (or logging.run_dir, under which it is by default)"
+                 if self.cfg.logging.run_dir else
+                 "checkpoint.save_dir (or --name, the run dir runs/<name> holding it by default)")
         raise CheckpointError(
             f"checkpoint.save_dir={self.save_dir} already holds checkpoints up to "
             f"{held[-1].name}, and this run {how} at step {start} "

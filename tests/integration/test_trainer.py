@@ -241,8 +241,8 @@ def test_a_fresh_run_does_not_replace_another_runs_checkpoints(tmp_path):
     # the save dir by default is under the run dir: a new run dir (or name) is a fix there too
     run_distributed(_start, 1, str(tmp_path / "d"), 2, dict(checkpoint__save_dir=None))
     with pytest.raises(RuntimeError, match=r"fix: choose a new checkpoint.save_dir \(or "
-                                           r"logging.run_dir or --name, under which it is by "
-                                           r"default\), or set checkpoint.load=auto"):
+                                           r"logging.run_dir, under which it is by default\), "
+                                           r"or set checkpoint.load=auto"):
         run_distributed(_start, 1, str(tmp_path / "d"), 2,
                         dict(checkpoint__save_dir=None, checkpoint__load="none"))
     assert (tmp_path / "d" / "checkpoints" / "step_0000002").is_dir()

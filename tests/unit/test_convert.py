@@ -610,11 +610,11 @@ def test_a_recorded_tokenizer_path_that_does_not_load_says_where_it_came_from(ou
     from megagpt.data.tokenizer import TokenizerError
     source = dc.replace(load_source(ours / "tp2pp2"), tokenizer_path="runs/tok")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(TokenizerError, match=f"the tokenizer recorded with {source.path} \\(its "
-                                             f"data.tokenizer_path 'runs/tok', read from "
-                                             f"{tmp_path}\\) does not load: .*; fix: pass "
-                                             f"--tokenizer PATH"):
+    with pytest.raises(TokenizerError) as info:
         source_tokenizer(source, None)
+    assert str(info.value) == (f"the tokenizer recorded with {source.path} does not load (read "
+                               f"from {tmp_path}): data.tokenizer_path 'runs/tok' does not "
+                               f"exist; fix: pass --tokenizer PATH")      # one fix, the flag's
     assert source_tokenizer(source, "gpt2").vocab_size == 50257
 
 
