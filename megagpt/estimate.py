@@ -235,10 +235,7 @@ def activation_bytes_per_layer(m: ModelConfig, micro_batch: int, tp: int, sequen
     elif kept.attention == "math" or recompute != "selective":
         scores = attention_score_bytes(m, micro_batch, tp, kept)
     if sequence_parallel:
-        # the norm inputs and the masks are split, but the QKV and fc1 inputs are the gathered
-        # sequence, which the column-parallel layers' matmul keeps whole for its backward
-        gathered = 2 * act * sbh
-        return (replicated - gathered + sharded) / tp + gathered + scores
+        return (replicated + sharded) / tp + scores
     return replicated + sharded / tp + scores
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megagpt.parallel.mappings import (copy_to_tp_region, gather_from_sequence_parallel_region,
+from megagpt.parallel.mappings import (copy_to_tp_region, linear_over_gathered_sequence,
                                        reduce_from_tp_region,
                                        reduce_scatter_to_sequence_parallel_region)
 
@@ -46,7 +46,8 @@ def mark_sharded(param: nn.Parameter, dim: int, stride: int = 1) -> nn.Parameter
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by rows (output features) across the tensor-parallel group.
 
-    Input [s, b, in] replicated (or [s/tp, b, in] under sequence parallelism, all-gathered here);
+    Input [s, b, in] replicated (or [s/tp, b, in] under sequence parallelism, all-gathered here,
+    and only this rank's part kept for the backward, which gathers it again, as Megatron does);
     output [s, b, out/tp], this rank's features. `stride` keeps fused blocks (QKV) together.
     """
 
@@ -59,11 +60,10 @@ class ColumnParallelLinear(nn.Module):
         self.bias = mark_sharded(nn.Parameter(torch.zeros(local)), 0, stride) if bias else None
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.tp_group)
-        else:
-            x = copy_to_tp_region(x, self.tp_group)
-        return F.linear(x, self.weight, self.bias if add_bias else None)
+        bias = self.bias if add_bias else None
+        if self.sequence_parallel:   # keeps this rank's part of the sequence for the backward
+            return linear_over_gathered_sequence(x, self.weight, bias, self.tp_group)
+        return F.linear(copy_to_tp_region(x, self.tp_group), self.weight, bias)
 
 
 class RowParallelLinear(nn.Module):

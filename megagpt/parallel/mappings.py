@@ -11,6 +11,7 @@ Each function is a forward collective paired with its adjoint in the backward:
 | scatter_to_sequence_parallel      | keep my slice of dim 0     | all-gather dim 0         |
 | gather_from_sequence_parallel     | all-gather dim 0           | reduce-scatter dim 0     |
 | reduce_scatter_to_sequence_parallel | reduce-scatter dim 0     | all-gather dim 0         |
+| linear_over_gathered_sequence     | all-gather dim 0, linear   | all-gather dim 0 again, reduce-scatter dim 0 |
 
 Activations are laid out [seq, batch, hidden], so sequence parallelism splits dim 0 and the
 collectives work on contiguous memory. `group=None` or a group of one rank makes each an identity,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 # torch 2.13 names these two `*_single` and deprecates the old names (a FutureWarning from every
@@ -155,6 +157,28 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return _gather_dim0(grad, ctx.group), None
 
 
+class _LinearOverGatheredSequence(torch.autograd.Function):
+    """F.linear of the sequence all-gathered from the tensor-parallel group that keeps only this
+    rank's part of the input for the backward, which gathers it again for the weight's gradient
+    (Megatron's way): a gather followed by F.linear would keep the whole sequence."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(_gather_dim0(x, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_input = _reduce_scatter_dim0(grad.matmul(weight), ctx.group)
+        full = _gather_dim0(x, ctx.group)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_2d.t().matmul(full.reshape(-1, full.shape[-1]))
+        grad_bias = grad_2d.sum(0) if ctx.has_bias else None
+        return grad_input, grad_weight, grad_bias, None
+
+
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward; all-reduce the gradient (input of a column-parallel layer)."""
     return x if _size(group) == 1 else _CopyToTP.apply(x, group)
@@ -183,6 +207,15 @@ def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
 def gather_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """[s/tp, b, h] -> [s, b, h]; reduce-scatter the gradient (the consumer is tensor-parallel)."""
     return x if _size(group) == 1 else _GatherFromSP.apply(x, group)
+
+
+def linear_over_gathered_sequence(x: torch.Tensor, weight: torch.Tensor,
+                                  bias: torch.Tensor | None, group) -> torch.Tensor:
+    """F.linear(gather_from_sequence_parallel_region(x), weight, bias), [s/tp, b, in] ->
+    [s, b, out], keeping [s/tp, b, in] rather than [s, b, in] for the backward."""
+    if _size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _LinearOverGatheredSequence.apply(x, weight, bias, group)
 
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:

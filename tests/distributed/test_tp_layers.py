@@ -42,6 +42,28 @@ def _mlp_and_embedding(rank, world, sequence_parallel):
                 ref=(w1, b1, w2, b2, table, ids, x.detach()))
 
 
+def _saved_by_column_parallel(rank, world, add_bias):
+    ps = state.initialize_parallel(world, 1)
+    fc1 = ColumnParallelLinear(6, 12, tp_group=ps.tp_group, sequence_parallel=True)
+    x = torch.randn(4, 3, 6, requires_grad=True)               # this rank's part of s = 8
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        y = fc1(x, add_bias=add_bias)
+    y.sum().backward()
+    return y.shape, sorted(saved), fc1.bias.grad is None
+
+
+@pytest.mark.parametrize("add_bias", [True, False])
+def test_sequence_parallel_column_layer_keeps_only_its_part_of_the_input(add_bias):
+    """The gathered [s, b, h] input was kept for the backward, tp times this rank's part; it
+    is gathered again there instead, as Megatron does (its activation count assumes it)."""
+    for y_shape, saved, no_bias_grad in run_distributed(_saved_by_column_parallel, 2, add_bias):
+        assert y_shape == (8, 3, 6)
+        assert saved == [(4, 3, 6), (6, 6)]                    # x's part and the weight shard
+        assert no_bias_grad == (not add_bias)
+
+
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_column_row_and_embedding_equal_one_process(sequence_parallel):
     world = 2

@@ -140,12 +140,8 @@ def test_activation_formula_matches_the_paper():
     assert eager == s * b * h * (34 + 5 * a * s / h)
     tp4 = activation_bytes_per_layer(m, b, 4, False, "none", kept)
     assert tp4 == pytest.approx(s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)))
-    # the paper's sequence parallelism divides all 34 by t: its column-parallel layers keep
-    # their split input and gather it again in the backward; ours keep the gathered input of
-    # QKV and fc1 (2 x 2 bytes of the 34) whole, as measured on the CPU (a tp 4 + SP run read
-    # 1.22 of the paper's count)
     tp4_sp_selective = activation_bytes_per_layer(m, b, 4, True, "selective", kept)
-    assert tp4_sp_selective == pytest.approx(s * b * h * (30 / 4 + 4))
+    assert tp4_sp_selective == pytest.approx(s * b * h * 34 / 4)
 
 
 def test_activations_are_all_16_bit_under_bf16_and_32_bit_under_fp32():
