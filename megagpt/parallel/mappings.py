@@ -171,6 +171,7 @@ class _LinearOverGatheredSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)     # under autocast the output (and its gradient) is 16-bit
         grad_input = _reduce_scatter_dim0(grad.matmul(weight), ctx.group)
         full = _gather_dim0(x, ctx.group)
         grad_2d = grad.reshape(-1, grad.shape[-1])

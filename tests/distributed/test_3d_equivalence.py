@@ -91,6 +91,12 @@ def test_accumulation_equals_one_large_batch():
     check_layout(micro=8)     # one micro-batch of 8 against the reference's 4 of 2
 
 
+def test_sequence_parallel_with_full_recompute_and_data_parallel_buckets():
+    """The sequence-parallel QKV and fc1 gather their input again in the backward, which full
+    recompute runs inside the checkpointed block, while the buckets take the gradients."""
+    check_layout(tp=2, dp=2, parallel__sequence_parallel=True, training__recompute="full")
+
+
 # ---- bf16: 16-bit parameters and activations, float32 masters and gradient buckets ----------
 
 BF16 = {"training__precision": "bf16"}

@@ -54,6 +54,23 @@ def _saved_by_column_parallel(rank, world, add_bias):
     return y.shape, sorted(saved), fc1.bias.grad is None
 
 
+def _under_autocast(rank, world):
+    ps = state.initialize_parallel(world, 1)
+    fc1 = ColumnParallelLinear(6, 12, tp_group=ps.tp_group, sequence_parallel=True)
+    x = torch.randn(4, 3, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fc1(x)
+    y.float().sum().backward()
+    return y.dtype, x.grad.dtype, fc1.weight.grad.dtype, fc1.bias.grad.dtype
+
+
+def test_sequence_parallel_column_layer_under_autocast():
+    """Autocast makes the output and its gradient 16-bit over float32 weights: the backward
+    multiplied a bf16 gradient by the float32 weight and failed."""
+    for dtypes in run_distributed(_under_autocast, 2):
+        assert dtypes == (torch.bfloat16, torch.float32, torch.float32, torch.float32)
+
+
 @pytest.mark.parametrize("add_bias", [True, False])
 def test_sequence_parallel_column_layer_keeps_only_its_part_of_the_input(add_bias):
     """The gathered [s, b, h] input was kept for the backward, tp times this rank's part; it
