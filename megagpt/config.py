@@ -812,11 +812,12 @@ def validate(cfg: Config) -> list[str]:
         sizes = [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
                  ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
                  ("model.seq_length", m.seq_length), ("model.ffn_hidden_size", m.ffn_hidden_size)]
-        for where, value in sizes:
-            if value is not None and value >= 2 ** 31:
-                p.append(f"{where}={value}: must be below 2**31 (token ids and tensor sizes are "
-                         f"32-bit in the data format and the kernels); fix: check the value")
-        if all(value is None or value < 2 ** 31 for _, value in sizes):
+        too_large = [(where, value) for where, value in sizes
+                     if value is not None and value >= 2 ** 31]
+        p.extend(f"{where}={value}: must be below 2**31 (token ids and tensor sizes are 32-bit "
+                 f"in the data format and the kernels); fix: check the value"
+                 for where, value in too_large)
+        if not too_large:
             from megagpt.estimate import count_parameters
             n = count_parameters(m)
             if n > MAX_PARAMETERS:

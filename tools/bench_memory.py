@@ -31,9 +31,8 @@ fresh process so nothing of another run is counted or subtracted.
 - On the CPU: every allocation and free of torch's CPU allocator, recorded by `torch.profiler`
   (profile_memory=True) and summed in order; the highest running sum is the peak (a block
   allocated before the profiler started is in neither sum, even if freed during the steps). With
-  several processes each measures its own; gloo's collectives copy whole buckets where NCCL works
-  in place, which the estimate (for GPUs' NCCL) does not count. The profiler records the
-  frees of the profiled thread only: a tensor whose last reference another thread drops (gloo's
+  several processes each measures its own. The profiler records the frees of the profiled
+  thread only: a tensor whose last reference another thread drops (gloo's
   threads complete the collectives and release their buffers) stays in the sum, more of them
   with every step. So at the end the bytes the sum still holds are compared with what the
   tensors Python can reach hold; the difference, "unseen", bounds the error: the true peak is
