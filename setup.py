@@ -8,7 +8,7 @@ import sys
 from setuptools import find_packages, setup
 
 install_requires = [
-    "torch>=2.4",
+    "torch>=2.7",            # torch.autograd.backward from a GradientEdge (pipeline.py)
     "numpy",
     "tokenizers>=0.15.1",
     "tiktoken>=0.13",   # linear in a piece's length from 0.13 (quadratic before)

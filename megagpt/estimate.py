@@ -341,15 +341,10 @@ def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
         # before its bucket takes it
         ffn_shard, received = m.ffn_size // tp, act * sbh / sp_div
         mlp_grads = max(2 * act * sb * ffn_shard, act * sb * ffn_shard + grad_b * h * ffn_shard)
-        kept_outputs = 0.0
         if pp_rank < pp - 1 or par.virtual_pipeline_size > 1:
             # a stage that is not the last (or holds a model chunk that is not: interleaved)
             # peaks in the backward of its last block, holding every micro-batch in flight
             peak_extras.append(received + mlp_grads)
-        if par.virtual_pipeline_size > 1:
-            # the interleaved schedule keeps each chunk's output until that chunk's backward
-            # (measured: 1F1B's peak shows no such term)
-            kept_outputs = micro_batches * par.virtual_pipeline_size * act * sbh / sp_div
         if recompute == "full":
             # one block recomputed, in its backward: all it keeps without recompute, and that
             # working set, less the GeLU's output, which fc2's backward has freed by then
@@ -362,7 +357,7 @@ def estimate_memory(cfg: Config, device: str = "cuda") -> MemoryEstimate:
             peak_extras.append(attention_score_bytes(m, b, tp, kept)
                                + max(0.0, 2 * act * m.n_heads * s * s * b / tp
                                      - (kept.gelu_input + act) * sb * ffn_shard))
-        return micro_batches * per_mb + kept_outputs + max(peak_extras)
+        return micro_batches * per_mb + max(peak_extras)
 
     def temporaries(pp_rank: int) -> float:
         largest = largest_parameter(m, tp, pp, pp_rank) / (dp if zero >= 1 else 1)

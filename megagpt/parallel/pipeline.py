@@ -16,6 +16,11 @@ the last stage, the (loss_sum, n_tokens) of every micro-batch. The last stage ba
 the fp16 loss scale, so the gradients are those of the global mean loss and data-parallel
 replicas sum them.
 
+Once a stage has sent its output, it keeps only the output's place in the autograd graph (a
+`GradientEdge`), not its data: the residual add that ends a chunk needs none of it to
+back-propagate, so a stage holds one [s, b, h] less per micro-batch in flight (Megatron frees the
+same tensor with `deallocate_output_tensor`).
+
 Point-to-point: stages exchange [s, b, h] tensors (or [s/tp, b, h] under sequence parallelism)
 of one known shape and dtype, so nothing but the data travels. Sends and receives of one step are
 posted together with `batch_isend_irecv`. On the CPU (gloo) they are waited on with a timeout: a
@@ -117,8 +122,14 @@ def _forward_step(st: ScheduleState, chunk_id: int, input_tensor):
     return loss_sum * st.loss_scale
 
 
+def _graph_end(output: torch.Tensor) -> torch.autograd.graph.GradientEdge:
+    """Where `output` enters the autograd graph; backward from it needs no data of `output`."""
+    return torch.autograd.graph.get_gradient_edge(output)
+
+
 def _backward_step(st: ScheduleState, chunk_id: int, input_tensor, output, output_grad):
-    """Back-propagate one micro-batch of one chunk; returns the gradient for its input."""
+    """Back-propagate one micro-batch of one chunk from its output (the loss on the last stage,
+    else the `_graph_end` of the sent output); returns the gradient for its input."""
     if st.backwards[chunk_id] == len(st.microbatches) - 1 and st.before_last_backward:
         st.before_last_backward[chunk_id]()
     st.backwards[chunk_id] += 1
@@ -178,12 +189,15 @@ def forward_backward_1f1b(chunks, microbatches, *, p2p: P2P, loss_scale=1.0, for
             out = _forward_step(st, 0, x)
             if not last:
                 p2p.exchange(send_next=out)
-            saved.append((x, out))
+            if not forward_only:
+                saved.append((x, out if last else _graph_end(out)))
+            del out
         x = recv_forward() if steady else None
         for i in range(steady):
             out = _forward_step(st, 0, x)
             grad_out = None if last else p2p.exchange(send_next=out, recv_next=True)[1]
-            saved.append((x, out))
+            saved.append((x, out if last else _graph_end(out)))
+            del out
             x0, out0 = saved.pop(0)
             grad_in = _backward_step(st, 0, x0, out0, grad_out)
             if i == steady - 1:
@@ -237,11 +251,17 @@ def forward_backward_interleaved(chunks, microbatches, *, p2p: P2P, loss_scale=1
         return first_rank and c == 0
 
     def forward(c):
+        """Run chunk c's next micro-batch; returns the output to send (None after the loss)."""
         if is_first_virtual(c) and len(inputs[c]) == len(outputs[c]):
             inputs[c].append(None)              # the first stage reads tokens, not a tensor
         out = _forward_step(st, c, inputs[c][-1])
-        outputs[c].append(out)
-        return out
+        if forward_only:                        # evaluation keeps nothing for a backward
+            inputs[c].pop()
+        elif is_last_virtual(c):
+            outputs[c].append(out)
+        else:
+            outputs[c].append(_graph_end(out))
+        return None if is_last_virtual(c) else out
 
     def backward(c):
         if is_last_virtual(c) and not output_grads[c]:
@@ -252,23 +272,22 @@ def forward_backward_interleaved(chunks, microbatches, *, p2p: P2P, loss_scale=1
         inputs[0].append(None if first_rank else p2p.exchange(recv_prev=True)[0])
         for k in range(warmup):
             c = chunk_of(k, True)
-            out = forward(c)
+            send = forward(c)
             next_c = chunk_of(k + 1, True)
             recv_prev = not (first_rank and next_c == 0) and k != total - 1
-            send = None if is_last_virtual(c) else out
             if k == warmup - 1 and not forward_only and warmup != total:
                 x, g = p2p.exchange(send_next=send, recv_prev=recv_prev, recv_next=not last_rank)
                 output_grads[vp - 1].append(g)
             else:
                 x, _ = p2p.exchange(send_next=send, recv_prev=recv_prev)
+            del send
             inputs[next_c].append(x)
         for k in range(steady):
             fk, bk = k + warmup, k
             fc = chunk_of(fk, True)
-            out = forward(fc)
+            send_out = forward(fc)
             bc = chunk_of(bk, False)
             grad_in = backward(bc)
-            send_out = None if is_last_virtual(fc) else out
             send_grad = None if is_first_virtual(bc) else grad_in
             if first_rank:
                 next_fc = chunk_of(fk - (pp - 1), True)
@@ -286,6 +305,7 @@ def forward_backward_interleaved(chunks, microbatches, *, p2p: P2P, loss_scale=1
                 recv_prev = False
             x, g = p2p.exchange(send_next=send_out, send_prev=send_grad, recv_prev=recv_prev,
                                 recv_next=recv_next)
+            del send_out
             if recv_prev:
                 inputs[next_fc].append(x)
             if recv_next:

@@ -2,6 +2,7 @@
 import datetime
 import os
 import time
+import weakref
 
 import pytest
 import torch
@@ -46,6 +47,47 @@ def _count_alive(rank, world, vp):
 def test_1f1b_keeps_at_most_pp_minus_rank_microbatches_alive(pp):
     results = run_distributed(_count_alive, pp, 1)
     assert [peak for peak, _ in results] == [pp - r for r in range(pp)]
+
+
+def _outputs_alive_at_backward(rank, world, vp, recompute):
+    """For every backward of a chunk that sends its output: how many of this rank's sent outputs
+    are still alive then (weak references to them)."""
+    cfg = tiny_config(pp=world, vp=vp, micro=1, training__recompute=recompute)
+    ps = state.initialize_parallel(1, world)
+    seed_everything(1, 0, ps.pp_rank)
+    engine = Engine(cfg, ps, p2p_timeout_s=60)
+    sent, alive = [], []
+    forward, backward = pipeline._forward_step, pipeline._backward_step
+
+    def recording_forward(st, chunk_id, x):
+        out = forward(st, chunk_id, x)
+        if out.dim() > 0:                       # not the loss
+            sent.append(weakref.ref(out))
+        return out
+
+    def recording_backward(st, chunk_id, x, out, grad):
+        if grad is not None:
+            alive.append(sum(ref() is not None for ref in sent))
+        return backward(st, chunk_id, x, out, grad)
+
+    pipeline._forward_step, pipeline._backward_step = recording_forward, recording_backward
+    loss = engine.train_step(split_microbatches(fixed_batches(1)[0], 0, 1, 1), 1e-3).loss
+    return alive, len(sent), loss
+
+
+@pytest.mark.parametrize("vp,recompute", [(1, "none"), (2, "full")])
+def test_a_sent_output_is_freed_before_its_backward(vp, recompute):
+    """A stage keeps only the graph of an output it has sent (Megatron frees the same tensor): at
+    each backward, none of its sent outputs is alive, except, in the interleaved steady state, the
+    one forwarded just before and sent together with this backward's gradient."""
+    results = run_distributed(_outputs_alive_at_backward, 2, vp, recompute)
+    allowed = 0 if vp == 1 else 1
+    for rank, (alive, n_sent, _) in enumerate(results):
+        # 8 micro-batches; every chunk but the last virtual stage's sends its output
+        assert n_sent == len(alive) == (8 * vp if rank == 0 else 8 * (vp - 1))
+        assert max(alive, default=0) <= allowed
+    reference = run_distributed(_outputs_alive_at_backward, 1, 1, recompute)[0][2]
+    assert results[1][2] == pytest.approx(reference, rel=1e-5)
 
 
 def _never_sends(rank, world):
