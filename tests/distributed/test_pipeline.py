@@ -90,6 +90,34 @@ def test_a_sent_output_is_freed_before_its_backward(vp, recompute):
     assert results[1][2] == pytest.approx(reference, rel=1e-5)
 
 
+def _evaluate(rank, world, vp):
+    """eval_step's loss, its forwards, and the most of their outputs alive at a forward."""
+    cfg = tiny_config(pp=world, vp=vp, micro=1)
+    ps = state.initialize_parallel(1, world)
+    seed_everything(1, 0, ps.pp_rank)
+    engine = Engine(cfg, ps, p2p_timeout_s=60)
+    made, alive, forward = [], [], pipeline._forward_step
+
+    def recording_forward(st, chunk_id, x):
+        alive.append(sum(ref() is not None for ref in made))
+        out = forward(st, chunk_id, x)
+        made.append(weakref.ref(out))
+        return out
+
+    pipeline._forward_step = recording_forward
+    loss = engine.eval_step(split_microbatches(fixed_batches(1)[0], 0, 1, 1))
+    return loss, len(made), max(alive)
+
+
+@pytest.mark.parametrize("pp,vp", [(2, 1), (2, 2)])
+def test_evaluation_matches_one_process_and_keeps_no_output(pp, vp):
+    """Evaluation runs every forward first and keeps no output for a backward (it kept them all)."""
+    reference = run_distributed(_evaluate, 1, 1)[0][0]
+    for loss, made, alive in run_distributed(_evaluate, pp, vp):
+        assert loss == pytest.approx(reference, rel=1e-6)
+        assert made == 8 * vp and alive == 0       # 8 micro-batches, vp chunks each
+
+
 def _never_sends(rank, world):
     p2p = P2P(pp_rank=rank, pp_size=2, prev_rank=1 - rank, next_rank=1 - rank, shape=(4, 2, 8),
               dtype=torch.float32, device=torch.device("cpu"), timeout_s=2)
