@@ -32,6 +32,7 @@ from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noq
                             load_config)
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
+from megagpt.provenance import provenance  # noqa: E402
 from megagpt.testing import free_port  # noqa: E402
 from megagpt.training.trainer import Trainer  # noqa: E402
 
@@ -113,7 +114,7 @@ def main() -> int:
     print(f"  training waits {waits:.3f} s (the copy, then completing in a later step) instead of "
           f"{result['foreground']['median']:.3f} s per save with checkpoint.async_save")
     if args.json:
-        write_json(args.json, result)
+        write_json(args.json, {**result, "provenance": provenance()})
         print(f"wrote {args.json}")
     return 0
 

@@ -38,6 +38,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
+from megagpt.provenance import provenance  # noqa: E402
 
 KERNEL_MODULES = ("bias_gelu", "cross_entropy", "dispatch", "flash_attention", "layer_norm",
                   "softmax")
@@ -250,7 +251,8 @@ def main(argv=None):
     rows = run(args.calls, args.rounds)
     rows.append(run_model(max(1, args.calls // 20), args.rounds))
     report = {"torch": torch.__version__, "triton": triton.__version__, "calls": args.calls,
-              "rounds": args.rounds, "unit": "microseconds a call, host only", "results": rows}
+              "rounds": args.rounds, "unit": "microseconds a call, host only", "results": rows,
+              "provenance": provenance()}
     write_json(json_path, report)
     print(_format_table(rows))
     print(f"\nhost time a call (kernels not run; Triton's launcher and CUDA's launch cost not "

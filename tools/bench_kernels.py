@@ -49,6 +49,7 @@ from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention,  # noqa:
                              flash_attention_qkvpacked, layer_norm, scaled_masked_softmax)
 from megagpt.kernels._utils import KERNELS_INTERPRETED, autotune_choices  # noqa: E402
 from megagpt.kernels.dispatch import flash_attn_attention  # noqa: E402
+from megagpt.provenance import provenance  # noqa: E402
 
 TOKENS = 16384
 VOCAB = 50257
@@ -434,12 +435,8 @@ def run(args, json_path) -> dict:
     report = {"device": torch.cuda.get_device_name() if on_gpu else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
               "timed": on_gpu, "quick": args.quick, "reps": args.reps, "complete": False,
-              "results": []}
-    try:
-        import triton
-        report["triton"] = triton.__version__
-    except ImportError:
-        report["triton"] = None
+              "results": [], "provenance": provenance()}
+    report["triton"] = report["provenance"]["triton"]
     if on_gpu:
         report["copy_bandwidth_gbs"] = copy_bandwidth_gbs(args.reps)
     for case in cases:

@@ -69,6 +69,7 @@ from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noq
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.estimate import MiB, estimate_memory  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
+from megagpt.provenance import provenance  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
 from megagpt.testing import free_port, run_distributed  # noqa: E402
 from megagpt.training.engine import Engine  # noqa: E402
@@ -291,7 +292,8 @@ def main() -> int:
               f"{row['measured_over_estimate']:.3f}", flush=True)
         if args.json:
             # after each config, so a cut-off run keeps its rows
-            write_json(args.json, {"device": rows[0]["device"], "steps": args.steps, "rows": rows})
+            write_json(args.json, {"device": rows[0]["device"], "steps": args.steps, "rows": rows,
+                                    "provenance": provenance()})
     if rows:
         print(f"\n{rows[0]['device']}, {args.steps} steps a config, tensor memory from before the "
               f"model is built to the end of the last step")

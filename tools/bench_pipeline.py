@@ -25,6 +25,7 @@ from megagpt.config import load_config  # noqa: E402
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.parallel import state  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
+from megagpt.provenance import provenance  # noqa: E402
 from megagpt.testing import run_distributed  # noqa: E402
 from megagpt.training.engine import Engine  # noqa: E402
 
@@ -113,7 +114,7 @@ def main() -> None:
                   " ".join(f"{x:>8.3f}" for x in idle) + f" {mean:>7.3f}", flush=True)
             rows.append({"schedule": name, "pp": args.pp, "vp": vp, "microbatches": m,
                          "formula": formula, "idle_per_stage": idle, "idle_mean": mean})
-    write_json(args.json, {"cpus": os.cpu_count(), "rows": rows})
+    write_json(args.json, {"cpus": os.cpu_count(), "rows": rows, "provenance": provenance()})
     print(f"wrote {args.json}")
 
 

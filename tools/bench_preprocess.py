@@ -184,6 +184,7 @@ def main(argv=None) -> int:
         parser.error(f"--input {args.input}: not a file; fix: a .jsonl or .jsonl.gz file")
     sys.path.insert(0, str(REPO))
     from megagpt.fsutil import output_file_problem, write_json
+    from megagpt.provenance import provenance
     if output_file_problem(args.output):
         parser.error(f"--output {args.output}: {output_file_problem(args.output)}; fix: another "
                      f"path")
@@ -223,7 +224,8 @@ def main(argv=None) -> int:
         print(f"{row['scale']:>5} {row['method']:>15} {row['tokens']:>11,} {row['seconds_median']:>10.2f} "
               f"{row['tokens_per_s_median']:>11,} {row['peak_mb_median']:>8.0f} {speedup:>7.2f}x")
     config = {k: v for k, v in vars(args).items() if k not in ("run", "prefix")}
-    write_json(args.output, {"config": config, "cpus": os.cpu_count(), "results": rows})
+    write_json(args.output, {"config": config, "cpus": os.cpu_count(), "results": rows,
+                             "provenance": provenance()})
     print(f"wrote {args.output}")
     return 0
 

@@ -37,6 +37,7 @@ from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.hf import hf_config_dict, to_hf  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
+from megagpt.provenance import provenance  # noqa: E402
 from megagpt.testing import free_port  # noqa: E402
 from megagpt.training.engine import Engine  # noqa: E402
 from megagpt.training.metrics import flops_per_token, peak_flops, throughput  # noqa: E402
@@ -151,6 +152,9 @@ def main() -> int:
     args, overrides = parser.parse_known_args()
     if output_file_problem(args.json):
         parser.error(f"--json {args.json}: {output_file_problem(args.json)}; fix: another path")
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        parser.error("TRITON_INTERPRET is set: the Triton interpreter's speed says nothing about "
+                     "the kernels', and it is never timed; fix: unset TRITON_INTERPRET")
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and "
                      f"{args.warmup}")
@@ -163,6 +167,10 @@ def main() -> int:
         print(f"{args.config}: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and cfg.training.cuda_graphs:
+        print(f"{args.config}: training.cuda_graphs=true needs a CUDA device and this machine has "
+              f"none; fix: --training.cuda_graphs=false", file=sys.stderr)
+        return 2
     if device.type == "cpu" and cfg.training.precision != "fp32":
         cfg.training.precision = "fp32"
     dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
@@ -186,7 +194,8 @@ def main() -> int:
         for i in range(args.warmup + args.steps):
             batch = mock_microbatches(cfg, generator)
             took = []
-            for name, step in sides.items():          # alternate the sides every step
+            # the sides alternate, and so does which of them goes first
+            for name, step in list(sides.items())[::1 if i % 2 == 0 else -1]:
                 if device.type == "cuda":
                     # Subtract what the other side holds: the peer's tensors, or everything but them.
                     peer_held = peer.held_bytes() if peer else 0
@@ -240,6 +249,8 @@ def report(args, cfg, device_name, tokens, rows, estimate, graph_pool) -> None:
     result = {"config": cfg.source, "device": device_name, "precision": cfg.training.precision,
               "tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup, "rows": rows}
     result["memory_estimate_gib"] = estimate
+    result["settings"] = cfg.to_dict()              # every field, with the overrides applied
+    result["provenance"] = provenance()
     if graph_pool:
         result["cuda_graph_pool_unallocated_gib"] = graph_pool / GiB
         print(f"megagpt peak includes {graph_pool / GiB:.2f} GiB of the CUDA graphs' private pool "

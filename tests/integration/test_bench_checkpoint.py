@@ -18,6 +18,7 @@ def test_bench_checkpoint_reports_both_ways(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["repeats"] == 1 and report["checkpoint_bytes"] > 0
+    assert "tools/bench_checkpoint.py" in report["provenance"]["command"]
     for way in ("foreground", "background_blocks", "background_writes", "background_completes"):
         assert report[way]["min"] <= report[way]["median"] <= report[way]["max"]
     assert "training waits" in result.stdout

@@ -21,6 +21,7 @@ def test_bench_memory_prints_the_estimate_beside_the_measured_peak(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["steps"] == 2 and len(report["rows"]) == 1
+    assert "tools/bench_memory.py" in report["provenance"]["command"]
     row = report["rows"][0]
     assert row["config"].endswith("tiny_model.json")
     assert "--model.seq_length=16" in row["overrides"]

@@ -1,6 +1,7 @@
 """Every benchmark tool checks its --json path before measuring (a folder there failed with a
 traceback after the whole run and left a .tmp file beside it), and bench_pipeline refuses
 arguments that leave nothing to measure."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,16 @@ def test_bench_preprocess_refuses_bad_arguments_before_measuring(args, message):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
+
+
+def test_bench_pipeline_writes_its_rows_and_provenance(tmp_path):
+    out = tmp_path / "pipeline.json"
+    result = subprocess.run([sys.executable, "tools/bench_pipeline.py", "--pp", "2", "--vp", "1",
+                             "--microbatches", "2", "--steps", "1", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    row, = report["rows"]
+    assert (row["schedule"], row["pp"], row["microbatches"]) == ("1F1B", 2, 2)
+    assert len(row["idle_per_stage"]) == 2 and row["formula"] == pytest.approx(1 / 3)
+    assert "tools/bench_pipeline.py --pp 2" in report["provenance"]["command"]

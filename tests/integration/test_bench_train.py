@@ -1,5 +1,6 @@
 """tools/bench_train.py runs both sides and writes its JSON (a smoke run: no timing is checked)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,15 @@ def test_bench_train_smoke(tmp_path):
     assert report["megagpt_over_peer_step_time"] > 0
     assert "megagpt step time / peer step time" in result.stdout
     assert "step 1/2 (warm-up): megagpt " in result.stdout          # each step as it ends
-    assert "step 2/2 (timed): megagpt " in result.stdout and ", hf_eager " in result.stdout
+    assert "step 2/2 (timed): hf_eager " in result.stdout and ", megagpt " in result.stdout
+    # what tells two files apart: the command, the settings in effect, the machine and versions
+    assert report["settings"]["model"]["n_layers"] == 2
+    assert report["settings"]["kernels"]["attention"] == "auto"
+    assert report["settings"]["training"]["cuda_graphs"] is False
+    prov = report["provenance"]
+    assert "tools/bench_train.py" in prov["command"] and "--model.n_layers=2" in prov["command"]
+    assert prov["date"].startswith("20") and prov["torch"] and prov["cpus"] >= 1
+    assert prov["cpu"] and prov["host"] and prov["commit"]
 
 
 def test_without_transformers_and_with_a_failing_profiler_our_figures_are_written(tmp_path):
@@ -58,6 +67,18 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     result = run("--config", "configs/training/tiny_model.json", "--steps", "0")
     assert result.returncode == 2 and "--steps must be at least 1" in result.stderr
+    result = run("--config", "configs/training/tiny_model.json", "--training.cuda_graphs=true")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "training.cuda_graphs=true needs a CUDA device" in result.stderr
+    assert "fix: --training.cuda_graphs=false" in result.stderr
+
+
+def test_the_triton_interpreter_is_never_timed():
+    result = subprocess.run([sys.executable, "tools/bench_train.py", "--config",
+                             "configs/training/tiny_model.json"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "TRITON_INTERPRET is set" in result.stderr and "fix: unset TRITON_INTERPRET" in result.stderr
 
 
 def test_graph_pool_bytes_count_only_the_private_pools_free_blocks():

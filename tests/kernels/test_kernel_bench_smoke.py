@@ -32,6 +32,7 @@ def test_smoke_pass_writes_every_case(tmp_path, capsys):
     assert "the Triton kernels under the interpreter" in shown   # tests/kernels sets it
     report = json.loads(out.read_text())
     assert report["timed"] is False and report["complete"] is True
+    assert report["provenance"]["triton_interpret"] == "1"
     rows = report["results"]
     assert {r["op"] for r in rows} == {"attention", "attention_in_model", "layer_norm",
                                        "scaled_masked_softmax", "bias_gelu", "cross_entropy",

@@ -30,6 +30,7 @@ def test_every_op_is_timed_with_its_launch_count(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ours / eager" in result.stdout
     report = json.loads(out.read_text())
+    assert report["provenance"]["triton"] == report["triton"]
     rows = {(r["op"], r["pass"]): r for r in report["results"]}
     model = rows.pop(("model (12 blocks, embedding, loss)", "fwd+bwd"))
     assert set(rows) == {(op, p) for op in LAUNCHES for p in ("fwd", "fwd+bwd")}
