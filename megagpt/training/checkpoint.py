@@ -16,14 +16,19 @@ A checkpoint is one folder, `<save_dir>/step_<NNNNNNN>/` (the step zero-padded t
                               checkpoint files); listed in `files` by path, hashed by rank 0
 
 Saving is atomic. Every rank writes its files into `step_<N>.tmp/` and records each file's hash
-beside it; after a barrier, rank 0 checks that every expected file is there, writes meta.json,
+beside it; once every rank has reported success, rank 0 checks that every expected file is there, writes meta.json,
 renames the folder to `step_<N>/` (the atomic step; a `step_<N>/` saved before, by a run
 that resumed from an earlier step, is swapped with the new one in one renameat2 exchange on
 Linux, so that the step is never missing), replaces `<save_dir>/latest` (a one-line
 file naming the folder) with write-then-`os.replace`, removes stale `*.tmp` folders and prunes the
 earlier steps to `keep_last` complete checkpoints (later steps, left by a run this one resumed
-before, are kept); a last barrier lets every rank continue. A process killed at any
-point leaves either the previous checkpoint as the newest complete one, or the new one complete.
+before, are kept); every rank then learns whether rank 0 succeeded. The ranks agree at each of
+these points through an all-reduce (`all_min`), not a barrier: a rank that fails to create the
+folder, write its files or finalize raises a CheckpointError naming its cause, and every other
+rank raises one saying which rank failed, instead of waiting for it in a barrier. Once the new
+step is `latest`, failing to remove a stale folder or prune an old step is a warning, not a
+failed save. A process killed at any point leaves either the previous checkpoint as the newest
+complete one, or the new one complete.
 
 `start_checkpoint_save` is the same save in the background (`checkpoint.async_save`): the state
 is copied to host memory, a thread writes this rank's files, and `PendingSave.complete` (a
@@ -37,12 +42,14 @@ numbers, strings, lists, tuples and dicts (optimizer and model state dicts are).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -155,8 +162,9 @@ def _check_save_args(step: int, meta: dict, keep_last: int, ranks: dict) -> Rank
 
 def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int, pp_rank: int,
                     dp_rank: int, model_state, optim_state, rng_state, meta: dict,
-                    keep_last: int, barrier: Callable[[], None],
-                    write_extra: Callable[[Path], None] | None = None) -> Path:
+                    keep_last: int, all_min: Callable[[int], int],
+                    write_extra: Callable[[Path], None] | None = None,
+                    warn: Callable[[str], None] | None = None) -> Path:
     """Write this rank's part of the checkpoint of `step`; collective over every rank.
 
     Args:
@@ -175,37 +183,65 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
         keep_last: complete checkpoints kept after this one is written (0 keeps all). The one just
             written is always kept; the others are the highest steps before it. Steps after it
             (a run resumed from an earlier checkpoint leaves the later ones of its first
-            attempt) are never pruned: they are another run's.
-        barrier: a zero-argument callable synchronising every rank (`torch.distributed.barrier`,
-            or `lambda: None` for one process).
+            attempt) are never pruned: they are another run's. A step folder that is a link is
+            pruned by removing the link; what it points to is left.
+        all_min: the minimum of an integer over every rank (an all-reduce of MIN; `lambda v: v`
+            for one process). The ranks agree through it after each stage of the save (the
+            folder created, every rank's files written, rank 0's rename and `latest`), so a
+            failure on any rank raises on every rank: a CheckpointError, the failing rank's
+            naming its cause, the others' saying which rank failed.
         write_extra: called on every rank with the temporary folder, before this rank's own
             files are written: an engine that saves its own files (DeepSpeed's
             `save_checkpoint`, a collective) writes them there. Every file it leaves, at any
             depth, is hashed and listed in meta.json like the others, so it is part of the
             atomic rename, the completeness check and pruning.
+        warn: told (on rank 0) of what went wrong after the checkpoint became `latest`: removing
+            leftover `*.tmp` folders or pruning old steps. The save stands; the default prints
+            to stderr.
 
     Returns the final folder `<save_dir>/step_<NNNNNNN>`.
     """
     layout = _check_save_args(step, meta, keep_last, dict(rank=rank, tp_rank=tp_rank,
                                                           pp_rank=pp_rank, dp_rank=dp_rank))
-    final = Path(save_dir) / step_dir_name(step)
-    fix = (f"fix: free space in checkpoint.save_dir={save_dir} or choose another (the previous "
-           f"checkpoint is still `latest`)")
+    save_dir = Path(save_dir)
+    tmp = _prepare_tmp(save_dir, step, rank, all_min)
+    error = None
     try:
-        tmp = _prepare_tmp(Path(save_dir), step, rank, barrier)
         if write_extra is not None:
             write_extra(tmp)
         _write_rank_files(tmp, rank, tp_rank, pp_rank, dp_rank, model_state, optim_state,
                           rng_state)
     except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
-        cause = next((c for c in (e, e.__cause__, e.__context__) if isinstance(c, OSError)), e)
-        raise CheckpointError(f"saving {final}: this rank's files were not written "
-                              f"({getattr(cause, 'strerror', None) or cause}); {fix}") from e
-    try:
-        return _end_save(Path(save_dir), step, tmp, rank, meta, layout, keep_last, barrier)
-    except OSError as e:                   # rank 0's meta.json, rename and `latest`
-        raise CheckpointError(f"saving {final}: it could not be completed "
-                              f"({e.strerror or e}); {fix}") from e
+        error = _save_error(save_dir, step, "this rank's files were not written", e)
+    _agree(all_min, error, save_dir, step, "another rank's files were not written")
+    return _end_save(save_dir, step, tmp, rank, meta, layout, keep_last, all_min, warn)
+
+
+def _save_error(save_dir: Path, step: int, what: str, e: BaseException) -> CheckpointError:
+    """A CheckpointError for a save that failed with `e`, with the fix its cause calls for."""
+    if isinstance(e, CheckpointError):
+        return e
+    cause = next((c for c in (e, e.__cause__, e.__context__) if isinstance(c, OSError)), e)
+    if getattr(cause, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"fix: make checkpoint.save_dir={save_dir} writable, or choose another"
+    else:   # a full disk, also as torch.save reports it (a RuntimeError without an errno)
+        fix = f"fix: free space in checkpoint.save_dir={save_dir} or choose another"
+    error = CheckpointError(f"saving {save_dir / step_dir_name(step)}: {what} "
+                            f"({getattr(cause, 'strerror', None) or cause}); {fix} (the previous "
+                            f"checkpoint is still `latest`)")
+    error.__cause__ = e
+    return error
+
+
+def _agree(all_min: Callable[[int], int], error: CheckpointError | None, save_dir: Path,
+           step: int, others: str) -> None:
+    """Collective: raise on every rank when any rank has an error (its own, or `others`)."""
+    if all_min(0 if error else 1):
+        return
+    if error is not None:
+        raise error
+    raise CheckpointError(f"saving {save_dir / step_dir_name(step)}: {others} (its own message "
+                          f"says why); the previous checkpoint is still `latest`")
 
 
 @dataclasses.dataclass
@@ -230,19 +266,21 @@ class PendingSave:
         A rank that failed raises its error, the others a CheckpointError saying a rank failed;
         the folder stays `step_<N>.tmp/`, removed by the next save."""
         self.thread.join()
-        if not all_min(0 if self.errors else 1):
-            if self.errors:
-                raise CheckpointError(f"saving {self.final} in the background: this rank's "
-                                      f"files were not written ({self.errors[0]})") from self.errors[0]
-            raise CheckpointError(f"saving {self.final} in the background: another rank's files "
-                                  f"were not written (its own message says why)")
+        error = None
+        if self.errors:
+            error = _save_error(self.final.parent, self.step,
+                                "this rank's files were not written in the background",
+                                self.errors[0])
+        _agree(all_min, error, self.final.parent, self.step,
+               "another rank's files were not written in the background")
         return self.end()
 
 
 def start_checkpoint_save(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
                           pp_rank: int, dp_rank: int, model_state, optim_state, rng_state,
-                          meta: dict, keep_last: int, barrier: Callable[[], None],
-                          reuse: tuple | None = None) -> PendingSave:
+                          meta: dict, keep_last: int, all_min: Callable[[int], int],
+                          reuse: tuple | None = None,
+                          warn: Callable[[str], None] | None = None) -> PendingSave:
     """`save_checkpoint` in the background: collective (every rank calls it at the same step).
 
     The states are copied to host memory before this returns, so training may change the
@@ -256,7 +294,7 @@ def start_checkpoint_save(save_dir: str | Path, step: int, *, rank: int, tp_rank
                                                           pp_rank=pp_rank, dp_rank=dp_rank))
     save_dir = Path(save_dir)
     states = _host_copy((model_state if dp_rank == 0 else None, optim_state, rng_state), reuse)
-    tmp = _prepare_tmp(save_dir, step, rank, barrier)
+    tmp = _prepare_tmp(save_dir, step, rank, all_min)
     errors: list = []
 
     def write():
@@ -269,7 +307,7 @@ def start_checkpoint_save(save_dir: str | Path, step: int, *, rank: int, tp_rank
     thread.start()
     return PendingSave(step, save_dir / step_dir_name(step), thread, errors,
                        lambda: _end_save(save_dir, step, tmp, rank, meta, layout, keep_last,
-                                         barrier), states)
+                                         all_min, warn), states)
 
 
 def _host_copy(obj, into=None):
@@ -290,16 +328,29 @@ def _host_copy(obj, into=None):
     return obj
 
 
-def _prepare_tmp(save_dir: Path, step: int, rank: int, barrier: Callable[[], None]) -> Path:
-    """Rank 0 creates an empty `step_<N>.tmp/`; every rank returns it after a barrier."""
+def _prepare_tmp(save_dir: Path, step: int, rank: int, all_min: Callable[[int], int]) -> Path:
+    """Collective: rank 0 creates an empty `step_<N>.tmp/`; every rank returns it, or raises
+    when rank 0 could not create it."""
     tmp = save_dir / f"{step_dir_name(step)}.tmp"
+    error = None
     if rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists() or tmp.is_symlink():
+                _remove_folder(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            error = _save_error(save_dir, step, f"its folder {tmp} could not be created", e)
+    _agree(all_min, error, save_dir, step, "rank 0 could not create its folder")
     return tmp
+
+
+def _remove_folder(path: Path) -> None:
+    """Remove a step folder: a link itself (never what it points to), else the whole tree."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def _write_rank_files(tmp: Path, rank: int, tp_rank: int, pp_rank: int, dp_rank: int,
@@ -311,17 +362,23 @@ def _write_rank_files(tmp: Path, rank: int, tp_rank: int, pp_rank: int, dp_rank:
 
 
 def _end_save(save_dir: Path, step: int, tmp: Path, rank: int, meta: dict, layout: RankLayout,
-              keep_last: int, barrier: Callable[[], None]) -> Path:
-    """After every rank wrote its files: rank 0 finalizes; every rank returns the folder."""
-    barrier()
+              keep_last: int, all_min: Callable[[int], int],
+              warn: Callable[[str], None] | None) -> Path:
+    """Collective, after every rank wrote its files: rank 0 finalizes; every rank returns the
+    folder, or raises when rank 0 could not make it `latest`."""
+    error = None
     if rank == 0:
-        _finalize(save_dir, step, tmp, meta, layout, keep_last)
-    barrier()
+        try:
+            _finalize(save_dir, step, tmp, meta, layout, keep_last, warn)
+        except (OSError, CheckpointError) as e:     # meta.json, the rename, `latest`
+            error = _save_error(save_dir, step, "it could not be completed", e)
+    _agree(all_min, error, save_dir, step, "rank 0 could not complete it")
     return save_dir / step_dir_name(step)
 
 
 def write_checkpoint_offline(save_dir: str | Path, step: int,
-                             model_states: dict[tuple[int, int], dict], meta: dict) -> Path:
+                             model_states: dict[tuple[int, int], dict], meta: dict,
+                             warn: Callable[[str], None] | None = None) -> Path:
     """Write a whole weights-only checkpoint of a tp x pp layout (dp = 1) from one process.
 
     The folder is the one `save_checkpoint` writes for that world (tp x pp ranks), saved the
@@ -336,6 +393,7 @@ def write_checkpoint_offline(save_dir: str | Path, step: int,
         model_states: {(tp_rank, pp_rank): {"chunk<c>": state_dict}} for every rank of the layout
             (`megagpt.model.reshard.shard_full_state` gives it).
         meta: as for `save_checkpoint`, with `parallel` = {tp, pp, dp: 1, vp}.
+        warn: as for `save_checkpoint` (a leftover `*.tmp` folder that could not be removed).
 
     Returns the final folder `<save_dir>/step_<NNNNNNN>`.
     """
@@ -352,27 +410,28 @@ def write_checkpoint_offline(save_dir: str | Path, step: int,
     save_dir = Path(save_dir)
     tmp = save_dir / f"{step_dir_name(step)}.tmp"
     save_dir.mkdir(parents=True, exist_ok=True)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if tmp.exists() or tmp.is_symlink():
+        _remove_folder(tmp)
     tmp.mkdir()
     for (tp_rank, pp_rank), state in model_states.items():
         _write_hashed(tmp / model_file(tp_rank, pp_rank), state)
     for rank in range(layout.world_size):
         _write_hashed(tmp / optim_file(rank), {})
         _write_hashed(tmp / rng_file(rank), {})
-    _finalize(save_dir, step, tmp, meta, layout, keep_last=0)
+    _finalize(save_dir, step, tmp, meta, layout, 0, warn)
     return save_dir / step_dir_name(step)
 
 
 def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayout,
-              keep_last: int) -> None:
-    """Rank 0: meta.json, the rename, `latest`, stale-folder cleanup and pruning."""
+              keep_last: int, warn: Callable[[str], None] | None) -> None:
+    """Rank 0: meta.json, the rename, `latest`, stale-folder cleanup and pruning. What fails
+    once the checkpoint is `latest` (cleanup, pruning) is told to `warn`: the save stands."""
     files, sizes = {}, {}
     for fname in expected_files(layout.tp, layout.pp, layout.world_size):
         hash_path = tmp / (fname + HASH_SUFFIX)
         if not (tmp / fname).is_file() or not hash_path.is_file():
             raise CheckpointError(f"saving {tmp}: {fname} was not written (every rank writes its "
-                                  f"files before the barrier; did a rank fail or save elsewhere?)")
+                                  f"files before rank 0 finalizes; did a rank save elsewhere?)")
         files[fname] = hash_path.read_text(encoding="utf-8").strip()
         sizes[fname] = (tmp / fname).stat().st_size
         hash_path.unlink()
@@ -394,14 +453,22 @@ def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayo
         tmp.rename(final)
     fsync_dir(save_dir)
     _write_atomic_text(save_dir / LATEST_FILE, final.name + "\n")
-    for stale in save_dir.glob("*.tmp"):
-        if stale.is_dir():
-            shutil.rmtree(stale)
+    stale = [p for p in save_dir.glob("*.tmp") if p.is_dir()]
     if keep_last:   # among the earlier steps: a later one is another run's (this run resumed
         # from before it) and stays; `latest` names this one
         others = [p for p in complete_checkpoints(save_dir) if p.name < final.name]
-        for old in others[:max(0, len(others) - (keep_last - 1))]:
-            shutil.rmtree(old)
+        stale += others[:max(0, len(others) - (keep_last - 1))]
+    for old in stale:
+        try:
+            _remove_folder(old)
+        except OSError as e:
+            (warn or _warn_stderr)(f"{final} is saved and `latest`, but {old} could not be "
+                                   f"removed ({e.strerror or e}); remove it by hand to free "
+                                   f"its space")
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

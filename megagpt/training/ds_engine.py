@@ -311,7 +311,7 @@ class DeepSpeedEngine:
         return out
 
     def save(self, save_dir: str | Path, step: int, *, meta: dict, extra_state: dict,
-             rng_state: dict, keep_last: int, barrier) -> Path:
+             rng_state: dict, keep_last: int, all_min, warn=None) -> Path:
         """Write the checkpoint of `step` (collective): ckpt.save_checkpoint's folder with
         DeepSpeed's files in `deepspeed/` and the full fp32 weights in model_tp0_pp0.pt."""
         ds, s = self._engine(), self.state
@@ -324,8 +324,8 @@ class DeepSpeedEngine:
         return ckpt.save_checkpoint(save_dir, step, rank=s.rank, tp_rank=0, pp_rank=0,
                                     dp_rank=s.dp_rank, model_state=model_state,
                                     optim_state=extra_state, rng_state=rng_state, meta=meta,
-                                    keep_last=keep_last, barrier=barrier,
-                                    write_extra=write_deepspeed)
+                                    keep_last=keep_last, all_min=all_min,
+                                    write_extra=write_deepspeed, warn=warn)
 
     def load(self, path: str | Path) -> tuple[dict, dict]:
         """Restore DeepSpeed's state from step folder `path` after checking every file's SHA-256

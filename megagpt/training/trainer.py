@@ -487,9 +487,8 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return int(flag.item())
 
-    def _barrier(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+    def _warn(self, message: str) -> None:
+        self.log(f"warning: {message}")
 
     # ---- checkpoints --------------------------------------------------------------------
 
@@ -527,7 +526,8 @@ class Trainer:
             args = dict(rank=s.rank, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank,
                         model_state=model_state, optim_state=optim_state,
                         rng_state=capture_rng_state(get_rng_tracker().get_states()), meta=meta,
-                        keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier)
+                        keep_last=self.cfg.checkpoint.keep_last, all_min=self._all_min,
+                        warn=self._warn)
             if background:
                 self.pending = start_checkpoint_save(self.save_dir, self.step, **args,
                                                      reuse=self._host_states)
@@ -550,7 +550,7 @@ class Trainer:
     def _resume(self) -> None:
         """Continue from checkpoint.load's checkpoint, or start from checkpoint.pretrained's weights."""
         path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir,
-                                 warn=lambda message: self.log(f"warning: {message}"))
+                                 warn=self._warn)
         # a step folder of the save dir (the link itself, if it is one) continues its run
         if path is not None and path.absolute().parent.resolve() == self.save_dir.resolve():
             latest = find_latest(self.save_dir)
@@ -653,7 +653,8 @@ class Trainer:
                                              "skipped_total": self.skipped_total,
                                              "consecutive_skips": self.consecutive_skips},
                                 rng_state=capture_rng_state(get_rng_tracker().get_states()),
-                                keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier)
+                                keep_last=self.cfg.checkpoint.keep_last, all_min=self._all_min,
+                                warn=self._warn)
         self.saved_step = self.step
         self.log(f"saved checkpoint {path}")
         return path

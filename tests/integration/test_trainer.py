@@ -386,12 +386,68 @@ def _failing_background_save(rank, world, run_dir):
 
 
 def test_a_failed_background_save_stops_every_rank_and_names_the_error(tmp_path):
-    with pytest.raises(RuntimeError, match=r"(?s)CheckpointError: saving .*step_0000003 in the "
-                                           r"background: (this rank's files were not written "
-                                           r"\(\[Errno 28\] No space left on device\)|another "
-                                           r"rank's files were not written)"):
+    with pytest.raises(RuntimeError, match=r"(?s)CheckpointError: saving .*step_0000003: "
+                                           r"(this rank's files were not written in the "
+                                           r"background \(No space left on device\); fix: free "
+                                           r"space|another rank's files were not written in the "
+                                           r"background)"):
         run_distributed(_failing_background_save, 2, str(tmp_path))
     assert not (tmp_path / "ckpt" / "step_0000003").exists()
+
+
+def _one_rank_fails(rank, world, run_dir, stage, background):
+    """Rank 1 fails to write its files, or rank 0 to create the folder or to finalize; returns
+    each rank's message (it was a gloo traceback on the others, or a wait in a barrier)."""
+    import errno
+
+    import megagpt.training.checkpoint as checkpoint
+    write, write_text, mkdir = checkpoint._write_rank_files, checkpoint._write_atomic_text, Path.mkdir
+
+    def disk_full(tmp, *args):
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(tmp, *args)
+
+    def meta_fails(path, text):
+        if path.name == "meta.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_text(path, text)
+
+    def read_only(self, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        mkdir(self, *args, **kwargs)
+
+    if stage == "write":
+        checkpoint._write_rank_files = disk_full
+    elif stage == "finalize":
+        checkpoint._write_atomic_text = meta_fails
+    else:
+        Path.mkdir = read_only
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        _start(rank, world, run_dir, 2, dict(dp=2, checkpoint__save_interval=1,
+                                             checkpoint__async_save=background))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("stage, background", [("write", False), ("finalize", False),
+                                               ("create", True), ("finalize", True)])
+def test_a_save_that_fails_on_one_rank_is_a_message_on_every_rank(tmp_path, stage, background):
+    own, other = run_distributed(_one_rank_fails, 2, str(tmp_path), stage, background)
+    if stage == "write":
+        own, other = other, own
+    step = tmp_path / "ckpt" / "step_0000001"
+    expected = {"write": ("this rank's files were not written (No space left on device); fix: "
+                          "free space", "another rank's files were not written"),
+                "finalize": ("it could not be completed (No space left on device); fix: free "
+                             "space", "rank 0 could not complete it"),
+                "create": (f"its folder {step}.tmp could not be created (Read-only file "
+                           f"system); fix: make checkpoint.save_dir=", "rank 0 could not create "
+                                                                       "its folder")}[stage]
+    assert own.startswith(f"saving {step}: {expected[0]}"), own
+    assert other.startswith(f"saving {step}: {expected[1]} (its own message says why)"), other
+    assert "the previous checkpoint is still `latest`" in own + other
+    assert not step.exists()
 
 
 def _failing_foreground_save(rank, world, run_dir):

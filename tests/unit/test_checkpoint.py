@@ -1,9 +1,11 @@
 """Checkpoint layout, atomic saving, pruning, verified loading, compatibility and RNG state."""
+import errno
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,8 +19,8 @@ import megagpt
 from megagpt.testing import run_distributed
 from megagpt.training import checkpoint as ckpt
 from megagpt.training.checkpoint import (CheckpointError, capture_rng_state, check_compatible,
-                                         find_latest, load_checkpoint, resolve_load_path,
-                                         restore_rng_state, save_checkpoint)
+                                         find_latest, is_complete, load_checkpoint,
+                                         resolve_load_path, restore_rng_state, save_checkpoint)
 
 MODEL = dict(vocab_size=100, d_model=16, n_heads=2, n_layers=4, seq_length=8,
              ffn_hidden_size=None, make_vocab_size_divisible_by=128)
@@ -35,7 +37,7 @@ def save_one(save_dir, step, keep_last=3, **kw):
     args = dict(rank=0, tp_rank=0, pp_rank=0, dp_rank=0, meta=make_meta(step),
                 model_state={"w": torch.full((2, 2), float(step))},
                 optim_state={"optimizer": {"step": step}, "scaler": {}},
-                rng_state=capture_rng_state({}), keep_last=keep_last, barrier=lambda: None)
+                rng_state=capture_rng_state({}), keep_last=keep_last, all_min=lambda ok: ok)
     args.update(kw)
     return save_checkpoint(save_dir, step, **args)
 
@@ -68,6 +70,12 @@ def test_folder_layout_and_meta(tmp_path):
     assert set(rng) == {"python", "numpy", "torch", "cuda", "tracker"}
 
 
+def all_min(value: int) -> int:
+    flag = torch.tensor([value])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return int(flag)
+
+
 def _save_on_two_ranks(rank, world_size, save_dir, tp):
     parallel = dict(tp=tp, pp=1, dp=world_size // tp, vp=1)
     tp_rank, dp_rank = rank % tp, rank // tp
@@ -75,7 +83,7 @@ def _save_on_two_ranks(rank, world_size, save_dir, tp):
                     model_state={"rank": torch.tensor(rank)},
                     optim_state={"rank": torch.tensor(rank)},
                     rng_state=capture_rng_state({}), meta=make_meta(7, parallel),
-                    keep_last=2, barrier=dist.barrier)
+                    keep_last=2, all_min=all_min)
     path = Path(save_dir) / "step_0000007"
     _, model, optim, _ = load_checkpoint(path, tp_rank=tp_rank, pp_rank=0, dp_rank=dp_rank)
     mine = (model["rank"].item(), optim["rank"].item())
@@ -113,11 +121,12 @@ def _save_then_die(save_dir):
     save_one(save_dir, 3)
     calls = []
 
-    def barrier():   # the second barrier comes after every file is written, before the rename
+    def all_min(ok):   # the second agreement comes after every file is written, before the rename
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
-    save_one(save_dir, 5, barrier=barrier)
+        return ok
+    save_one(save_dir, 5, all_min=all_min)
 
 
 def test_process_killed_after_writing_resumes_from_previous(tmp_path):
@@ -171,6 +180,39 @@ def test_saving_a_step_again_replaces_it_and_never_leaves_none(tmp_path, monkeyp
     assert steps_in(tmp_path) == ["latest", "step_0000004"]
     model = load_checkpoint(tmp_path / "step_0000004", tp_rank=0, pp_rank=0, dp_rank=0)[1]
     assert float(model["w"][0, 0]) == 44.0
+
+
+def test_a_linked_step_is_pruned_by_removing_the_link(tmp_path):
+    """Pruning a step folder that is a link failed the save (rmtree refuses links) after the
+    new step was already `latest`; the link goes, what it points to stays."""
+    ckpt, elsewhere = tmp_path / "ckpt", tmp_path / "archive"
+    save_one(ckpt, 2)
+    save_one(ckpt, 4)
+    elsewhere.mkdir()
+    shutil.move(ckpt / "step_0000004", elsewhere / "step_0000004")
+    (ckpt / "step_0000004").symlink_to(elsewhere / "step_0000004")
+    said = []
+    save_one(ckpt, 6, keep_last=1, warn=said.append)
+    assert steps_in(ckpt) == ["latest", "step_0000006"] and said == []
+    assert (elsewhere / "step_0000004" / "meta.json").is_file()
+
+
+def test_a_step_that_cannot_be_pruned_is_a_warning_and_the_save_stands(tmp_path, monkeypatch):
+    save_one(tmp_path, 2)
+    (tmp_path / "step_0000003.tmp").mkdir()            # a save that did not finish
+    remove = ckpt._remove_folder
+
+    def busy(path):
+        if path.name == "step_0000002":
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        remove(path)
+    monkeypatch.setattr(ckpt, "_remove_folder", busy)
+    said = []
+    path = save_one(tmp_path, 4, keep_last=1, warn=said.append)
+    assert (tmp_path / "latest").read_text() == "step_0000004\n" and is_complete(path)
+    assert said == [f"{path} is saved and `latest`, but {tmp_path / 'step_0000002'} could not be "
+                    f"removed (Directory not empty); remove it by hand to free its space"]
+    assert steps_in(tmp_path) == ["latest", "step_0000002", "step_0000004"]
 
 
 def test_latest_naming_a_missing_or_incomplete_folder_falls_back(tmp_path):
