@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megagpt.fsutil import dataset_exists
+
 REQUIRED = object()  # sentinel default: the field must be present in the file
 
 ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "sdpa", "eager")
@@ -351,8 +353,10 @@ def apply_overrides(raw: dict, overrides: dict[str, str], problems: list[str]) -
                 if _base_type(ftype) is str and not isinstance(parsed, str) and parsed is not None:
                     parsed = value
                 if _base_type(ftype) is list and isinstance(parsed, str) and len(value.split()) > 1 \
-                        and not value.lstrip().startswith("["):
-                    parsed = value.split()   # Megatron's --data-path form: "0.5 runs/a 0.5 runs/b"
+                        and not value.lstrip().startswith("[") and not dataset_exists(value):
+                    # Megatron's --data-path form, "0.5 runs/a 0.5 runs/b", unless the value is
+                    # one dataset or file (a folder name with a space)
+                    parsed = value.split()
                 if _base_type(ftype) is list and isinstance(parsed, str) and value.lstrip().startswith("["):
                     problems.append(f"--{key}={value}: not a JSON list (a path in it needs quotes); "
                                     f"fix: --{key}='[0.5, \"runs/data/a\", 0.5, \"runs/data/b\"]' "
@@ -894,9 +898,13 @@ def validate(cfg: Config) -> list[str]:
                              ("data.test_data_path", d.test_data_path)]:
             if paths is not None:
                 try:
-                    parse_data_path(paths, where)
+                    weighted = any(w is not None for w, _ in parse_data_path(paths, where))
                 except DataPathError as e:
                     p.append(str(e))
+                    continue
+                if weighted and d.format == "sft":
+                    p.append(f"{where}: blend weights are not supported for fine-tuning data "
+                             f"(data.format=sft); fix: list the jsonl files without weights")
         if d.train_data_path == []:
             p.append("data.train_data_path=[]: needs at least one dataset prefix; fix: run "
                      "tools/preprocess_data.py and name its output prefix, or set data.mock=true")

@@ -212,3 +212,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
     with write_file_atomically(path, "w") as f:
         json.dump(obj, f, indent=2)
 
+
+def dataset_exists(prefix: str) -> bool:
+    """A dataset (`prefix`.idx or .bin) or a file of that name exists."""
+    return any(os.path.exists(prefix + suffix) for suffix in ("", ".idx", ".bin"))

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megagpt.fsutil import dataset_exists
+
 
 class DataPathError(ValueError):
     """A data path list that is neither prefixes nor weight/prefix pairs."""
@@ -48,6 +50,11 @@ def parse_data_path(paths, where: str = "data path") -> list[tuple[float | None,
         if not all(isinstance(p, str) and p for p in paths):
             raise DataPathError(f"{where}={paths!r}: must be dataset prefixes or [weight, prefix, "
                                 f"weight, prefix, ...] pairs")
+        stray = [p for p in paths if _as_weight(p) is not None and not dataset_exists(p)]
+        if stray:
+            raise DataPathError(f"{where}={paths!r}: {stray[0]!r} is a number among prefixes; a "
+                                f"blend gives a weight before every prefix or before none; fix: "
+                                f"[weight, prefix, weight, prefix, ...] or only prefixes")
         return [(None, p) for p in paths]
     if len(paths) % 2:
         raise DataPathError(f"{where}={paths!r}: a blend is [weight, prefix, weight, prefix, ...] "

@@ -142,7 +142,7 @@ def load_sft_examples(paths, tokenizer: Tokenizer, where: str = "data.train_data
             raise DatasetBuildError(f"{where}: blend weights are not supported for fine-tuning "
                                     f"data; fix: list the jsonl files without weights")
         with jsonl.open_input(path, where) as stream:
-            for line_no, raw in jsonl.iter_lines(stream):
+            for line_no, raw in jsonl.iter_lines(stream, where):
                 obj, reason = jsonl.parse_line(raw)
                 turns = None
                 if obj is not None:

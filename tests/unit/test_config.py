@@ -576,6 +576,27 @@ def test_megatrons_space_separated_data_path_form_is_a_list():
     assert cfg.data.train_data_path == ["runs/one"]
 
 
+def test_a_weighted_blend_of_fine_tuning_data_is_refused_before_training():
+    """Every run refused it when it built the data; the validator passed it."""
+    problems = problems_of(tiny_raw(), ["--data.mock=false", "--data.format=sft",
+                                        "--training.mode=finetune",
+                                        '--data.train_data_path=[0.5, "a.jsonl", 0.5, "b.jsonl"]'])
+    assert any("data.train_data_path: blend weights are not supported for fine-tuning data "
+               "(data.format=sft); fix: list the jsonl files without weights" in p
+               for p in problems), problems
+
+
+@pytest.mark.parametrize("name", ["corpus_text_document.idx", "chat.jsonl"])
+def test_a_path_with_a_space_is_one_path_not_megatrons_form(tmp_path, name):
+    """It became two prefixes, and the error named a path the user never wrote."""
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    (folder / name).write_text("")
+    value = str(folder / name.removesuffix(".idx"))
+    cfg = load_config(TINY, [f"--data.train_data_path={value}"], raw=tiny_raw())
+    assert cfg.data.train_data_path == [value]
+
+
 @pytest.mark.parametrize("value, message", [
     ('[true, "a"]', "data.train_data_path=[True, 'a']: must be dataset prefixes or [weight, prefix"),
     ('["inf", "a"]', "data.train_data_path: blend pair ('inf', 'a') must be a positive weight"),
@@ -583,6 +604,8 @@ def test_megatrons_space_separated_data_path_form_is_a_list():
     ('[0.5, "a", 0.5]', "a blend is [weight, prefix, weight, prefix, ...] but it has an odd number"),
     ("[0.5,a]", "--data.train_data_path=[0.5,a]: not a JSON list (a path in it needs quotes)"),
     ("0.5 runs/a 0.5", "a blend is [weight, prefix, weight, prefix, ...] but it has an odd number"),
+    ('["runs/a", "0.5", "runs/b"]', "'0.5' is a number among prefixes; a blend gives a weight "
+                                     "before every prefix or before none"),
 ])
 def test_a_data_path_the_datasets_would_refuse_is_refused_before_training(value, message):
     """The validator reads data paths with the datasets' own parser: these passed it before and

@@ -101,6 +101,19 @@ def test_bad_lines_are_counted_and_skipped(tmp_path, tok):
         load_sft_examples([str(tmp_path / "missing.jsonl")], tok)
 
 
+def test_a_damaged_gzip_file_is_named_by_its_setting(tmp_path, tok):
+    """It was reported against --input, a flag of preprocess_data, not of the trainer."""
+    import gzip
+    lines = b"".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() + b"\n"
+                     for i in range(2000))
+    whole = gzip.compress(lines)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"^data.val_data_path '.*cut.jsonl.gz': cannot read past "
+                                         r"line \d+"):
+        load_sft_examples([str(cut)], tok, "data.val_data_path")
+
+
 def stream(ex, order):
     tokens = np.concatenate([ex.tokens[ex.offsets[e]:ex.offsets[e + 1]] for e in order])
     mask = np.concatenate([ex.loss_mask[ex.offsets[e]:ex.offsets[e + 1]] for e in order])
