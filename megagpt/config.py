@@ -87,8 +87,9 @@ class TrainingConfig:
     seed: int = _field(1234)
     log_interval: int = _field(10, doc="steps between console lines and metrics records")
     eval_interval: int = _field(1000, doc="steps between validation passes; 0 turns them off")
-    eval_iters: int = _field(10, doc="global batches per validation pass (each "
-                                     "grad_accumulation_steps micro-batches a replica)")
+    eval_iters: int = _field(10, doc="global batches per validation pass and of the end-of-run "
+                                     "test evaluation (each grad_accumulation_steps "
+                                     "micro-batches a replica)")
     recompute: str = _field("none", choices=("none", "selective", "full"))
     cuda_graphs: bool = _field(False, doc="replay each block's forward and backward as CUDA graphs "
                                           "(one GPU per model replica, dropout 0)")

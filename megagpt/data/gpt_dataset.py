@@ -261,14 +261,19 @@ def _open(prefix: str, opened: dict, where: str) -> IndexedDataset:
 
 def _build_split(blend: list[tuple[float | None, str]], part: int | None, split: str,
                  seq_length: int, num_samples: int, seed: int, cache_dir, name: str,
-                 opened: dict, vocab_size: int | None, where: str) -> torch.utils.data.Dataset | None:
-    """One split's dataset (blended when several prefixes), or None when it needs no sample."""
+                 opened: dict, vocab_size: int | None, where: str,
+                 optional: bool = False) -> torch.utils.data.Dataset | None:
+    """One split's dataset (blended when several prefixes), or None when it needs no sample.
+    `optional`: a prefix whose part of the split has no document is left out (None when every
+    one is), instead of an error."""
     if not num_samples or not blend:
         return None
     parts = []
     for weight, prefix in blend:
         ds = _open(prefix, opened, where)
         start, stop = (0, len(ds)) if part is None else split_ranges(split, len(ds))[part]
+        if stop <= start and optional:
+            continue
         if stop <= start:
             raise DatasetBuildError(
                 f"data.split={split!r} leaves the {name} split of {prefix!r} no documents (it has "
@@ -277,6 +282,8 @@ def _build_split(blend: list[tuple[float | None, str]], part: int | None, split:
         if weight is None:  # unweighted list: blend in proportion to tokens
             weight = float(ds.sizes[start:stop].sum(dtype=np.int64))
         parts.append((weight, ds, documents))
+    if not parts:
+        return None
     if len(parts) == 1:
         _, ds, documents = parts[0]
         return GPTDataset(ds, documents, seq_length, num_samples, seed, cache_dir, name, vocab_size)
@@ -301,7 +308,8 @@ def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
         val_data_path: `data.val_data_path`; empty: validation (and test) documents are carved out
             of each training prefix by `split`. Otherwise the training prefixes are used whole.
         test_data_path: `data.test_data_path`; empty: the test part of `split` when
-            val_data_path is empty, else no test set.
+            val_data_path is empty (a prefix whose test part has no document is left out of it,
+            and the test set is None when every one's is empty), else no test set.
         split: `data.split`, train,valid,test document weights such as "969,30,1".
         seq_length: `model.seq_length`; every item is (seq_length,).
         num_samples: (train, valid, test) samples needed, e.g. max_steps * global batch for
@@ -335,5 +343,6 @@ def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
                             **common)
     test_blend, test_part = (test, None) if test else ((train, 2) if carve else ([], None))
     test_ds = _build_split(test_blend, test_part, num_samples=num_samples[2], name="test",
-                           where=f"data.{'test' if test else 'train'}_data_path", **common)
+                           where=f"data.{'test' if test else 'train'}_data_path",
+                           optional=test_part is not None, **common)
     return train_ds, valid_ds, test_ds

@@ -236,7 +236,8 @@ def build_sft_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
         train_data_path: `data.train_data_path`: jsonl file(s) of examples.
         val_data_path: `data.val_data_path`; empty: validation and test examples are carved out
             of the training examples by `split` (contiguous ranges, in file order).
-        test_data_path: `data.test_data_path`; empty: the test part of `split` (or none).
+        test_data_path: `data.test_data_path`; empty: the test part of `split` (None when it
+            holds no example).
         split: `data.split`, train,valid,test example weights such as "90,10,0".
         tokenizer: a Tokenizer or a `data.tokenizer_path`.
         seq_length: `model.seq_length`.
@@ -255,11 +256,12 @@ def build_sft_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
     else:
         ranges = split_ranges(split, len(train))
         parts = [train.subset(*r) if r[1] > r[0] else None for r in ranges]
+    carved_test = True
     if parse_data_path(test_data_path, "data.test_data_path"):
-        parts[2] = load_sft_examples(test_data_path, tok, "data.test_data_path")
+        parts[2], carved_test = load_sft_examples(test_data_path, tok, "data.test_data_path"), False
     out = []
     for name, part, n in zip(("train", "valid", "test"), parts, num_samples):
-        if not n:
+        if not n or (name == "test" and carved_test and (part is None or not len(part))):
             out.append(None)
             continue
         if part is None or not len(part):

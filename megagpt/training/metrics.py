@@ -155,6 +155,11 @@ class StepTimer:
         return elapsed / steps, tokens / elapsed
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf past what a float holds (null in metrics.jsonl, as NaN is)."""
+    return math.inf if loss > 709 else math.exp(loss)
+
+
 def _plain(value):
     """A JSON value for a record field: tensors and numpy scalars to numbers, NaN/inf to null."""
     if isinstance(value, torch.Tensor):

@@ -37,7 +37,9 @@ import torch.distributed as dist
 from megagpt import __version__
 from megagpt.config import Config, ModelConfig
 from megagpt.convert import ConversionError, load_source
-from megagpt.data.gpt_dataset import INDEX_VERSION, DatasetBuildError, build_gpt_datasets
+from megagpt.data.blend import parse_data_path
+from megagpt.data.gpt_dataset import (INDEX_VERSION, DatasetBuildError, build_gpt_datasets,
+                                      parse_split)
 from megagpt.data.mock import build_mock_datasets
 from megagpt.data.sampler import MegatronPretrainingSampler
 from megagpt.data.sft_dataset import build_sft_datasets
@@ -54,8 +56,8 @@ from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, CheckpointError,
                                          start_checkpoint_save)
 from megagpt.training.engine import Engine
 from megagpt.training.metrics import (MetricsWriter, StepTimer, WandbError, flops_per_token,
-                                      format_console_line, memory_gb, peak_flops, start_wandb,
-                                      throughput)
+                                      format_console_line, memory_gb, peak_flops, perplexity,
+                                      start_wandb, throughput)
 from megagpt.training.optim import lr_at, set_hyperparameters
 
 
@@ -214,7 +216,7 @@ class Trainer:
         self.pending = None           # a background save (checkpoint.async_save)
         self._host_states = None      # the last one's host copy, reused by the next
         self._resume()
-        self.train_ds, self.valid_ds = self._datasets()
+        self.train_ds, self.valid_ds, self.test_ds = self._datasets()
 
     # ---- data ---------------------------------------------------------------------------
 
@@ -224,7 +226,8 @@ class Trainer:
         t = self.cfg.training
         self.train_samples = self._train_samples(self.step, self.consumed_samples)
         num_samples = (self.train_samples,
-                       t.eval_iters * self.global_batch if t.eval_interval else 0, 0)
+                       t.eval_iters * self.global_batch if t.eval_interval else 0,
+                       t.eval_iters * self.global_batch if self._has_test_data() else 0)
         failure = datasets = None
         for builds in (self.is_rank0, not self.is_rank0):
             if builds:
@@ -236,7 +239,22 @@ class Trainer:
                 if failure is not None:
                     raise failure
                 raise AnotherRankFailed("another rank could not build the datasets")
-        return datasets[0], datasets[1]
+        if num_samples[2] and datasets[2] is None:
+            self.log(f"no test evaluation: data.split={self.cfg.data.split!r} leaves the test "
+                     f"split without a document (fine-tuning: an example); fix: a larger test "
+                     f"share, or data.test_data_path")
+        return datasets
+
+    def _has_test_data(self) -> bool:
+        """data.test_data_path is set, or a test share of data.split is carved out of the
+        training data: the run ends with an evaluation on it, as Megatron's does."""
+        d = self.cfg.data
+        if d.mock or not self.cfg.training.eval_iters:
+            return False
+        if parse_data_path(d.test_data_path, "data.test_data_path"):
+            return True
+        return not parse_data_path(d.val_data_path, "data.val_data_path") and \
+            parse_split(d.split)[2] > 0
 
     def _train_samples(self, step: int, consumed: int) -> int:
         """The training samples a run at `step` with `consumed` samples behind it goes through
@@ -391,17 +409,13 @@ class Trainer:
                     self._console(format_console_line(last, t.max_steps), bar)
                 if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == end):
                     with timer.paused():
-                        val_loss = self.evaluate()
-                    record = {"step": self.step, "val_loss": val_loss,
-                              "val_ppl": math.exp(min(val_loss, 50.0))}
-                    writer.write(record)
-                    last.update(record)
-                    self._console(f"step {self.step}: validation loss {val_loss:.4f}, perplexity "
-                                  f"{record['val_ppl']:.2f}", bar)
+                        last.update(self._evaluate_and_record("val", writer, bar))
                 save_every = self.cfg.checkpoint.save_interval
                 if self.step == end or (save_every and self.step % save_every == 0):
                     with timer.paused():   # the last one in the foreground
                         self.save(background=self.cfg.checkpoint.async_save and self.step < end)
+                if self.step == t.max_steps and self.test_ds is not None:
+                    last.update(self._evaluate_and_record("test", writer, bar))
             failed = False
         finally:
             if self.pending is not None:   # an error stopped the run: no collective to finish it
@@ -441,17 +455,29 @@ class Trainer:
         else:
             self.log(line)
 
+    def _evaluate_and_record(self, split: str, writer, bar) -> dict:
+        """Evaluate on the validation ("val") or test ("test") data; write and show the record."""
+        loss = self.evaluate(self.valid_ds if split == "val" else self.test_ds)
+        record = {"step": self.step, f"{split}_loss": loss, f"{split}_ppl": perplexity(loss)}
+        writer.write(record)
+        name = "validation" if split == "val" else "test"
+        self._console(f"step {self.step}: {name} loss {loss:.4f}, perplexity "
+                      f"{record[f'{split}_ppl']:.2f}", bar)
+        return record
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss over the same training.eval_iters steps' worth of validation
-        samples each time, so values are comparable across the run and across a resume: the
-        mean over every token counted in the loss (batches with more such tokens, as fine-tuning
-        batches can have, weigh more), as the training loss is."""
-        if self.valid_ds is None:
+    def evaluate(self, dataset=None) -> float:
+        """Mean loss on `dataset` (default: the validation data) over the same
+        training.eval_iters steps' worth of its samples each time, so values are comparable
+        across the run and across a resume: the mean over every token counted in the loss
+        (batches with more such tokens, as fine-tuning batches can have, weigh more), as the
+        training loss is."""
+        dataset = self.valid_ds if dataset is None else dataset
+        if dataset is None:
             raise ValueError("training.eval_interval is set but there is no validation data; "
                              "fix: set data.val_data_path, give data.split a validation weight, "
                              "or set training.eval_interval=0")
-        batches = self._batches(self.valid_ds, 0)
+        batches = self._batches(dataset, 0)
         total, tokens = 0.0, 0
         for _ in range(self.cfg.training.eval_iters):
             batch = next(batches)

@@ -2,6 +2,7 @@
 import functools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -17,7 +18,7 @@ import torch
 
 from megagpt.model.gpt import gather_full_state_dict
 from megagpt.parallel import state
-from megagpt.testing import run_distributed, sigterm_when_ready, tiny_config
+from megagpt.testing import TINY_VOCAB, run_distributed, sigterm_when_ready, tiny_config
 from megagpt.training.checkpoint import load_checkpoint
 from megagpt.training.optim import lr_at
 from megagpt.training.trainer import (WORKERS_SHIELDED, Trainer, TrainingAborted,
@@ -1184,3 +1185,48 @@ def test_pretrained_weights_of_another_architecture_are_refused(tmp_path):
                                            r"says 4.*fix: give the config the checkpoint's "
                                            r"architecture"):
         run_distributed(_from_hf_folder, 1, str(tmp_path / "run"), str(tmp_path / "hf"))
+
+
+def _test_evaluation(rank, world, run_dir, until, data):
+    """Train on indexed data; returns the metrics records, what was said, and the test loss
+    computed again from the test dataset."""
+    from megagpt.data.indexed import write_documents
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, TINY_VOCAB, (40,), generator=g).tolist() for _ in range(30)]
+    prefix = str(write_documents(Path(run_dir) / "d", docs).prefix)
+    cfg = run_config(Path(run_dir), 4, data__mock=False, data__train_data_path=[prefix],
+                     model__vocab_size=50257,
+                     data__cache_dir=str(Path(run_dir) / "cache"), training__eval_iters=2,
+                     **{f"data__{k}": (v if v != "PREFIX" else [prefix]) for k, v in data.items()})
+    said = []
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=said.append)
+    trainer.train(until=until)
+    again = trainer.evaluate(trainer.test_ds) if trainer.test_ds is not None else None
+    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return records, said, again
+
+
+@pytest.mark.parametrize("data, tested", [
+    (dict(split="6,2,2", val_data_path=[]), True),       # carved out of the training data
+    (dict(split="1,0,0", val_data_path=[], test_data_path="PREFIX"), True),
+    (dict(split="8,2,0", val_data_path=[]), False),      # no test share
+    (dict(split="98,1,1", val_data_path=[]), False),     # a share of no document: said
+])
+def test_a_finished_run_ends_with_a_test_evaluation_as_megatrons_does(tmp_path, data, tested):
+    """data.test_data_path was never read, nor the test share of data.split."""
+    records, said, again = run_distributed(_test_evaluation, 1, str(tmp_path), None, data)[0]
+    tests = [r for r in records if "test_loss" in r]
+    if not tested:
+        assert tests == [] and again is None
+        assert any(m.startswith("no test evaluation: data.split='98,1,1' leaves the test split")
+                   for m in said) == (data["split"] == "98,1,1")
+        return
+    assert tests == [{"step": 4, "test_loss": again, "test_ppl": pytest.approx(math.exp(again))}]
+    assert records[-1] is not None and "test_loss" in records[-1]       # after the last step's
+    assert any(m.startswith(f"step 4: test loss {again:.4f}, perplexity ") for m in said)
+
+
+def test_a_run_stopped_before_its_last_step_is_not_tested(tmp_path):
+    records, _, _ = run_distributed(_test_evaluation, 1, str(tmp_path), 2,
+                                    dict(split="6,2,2", val_data_path=[]))[0]
+    assert [r for r in records if "test_loss" in r] == []

@@ -183,8 +183,11 @@ def test_bundled_example_builds_with_the_finetuning_config(tok):
     assert len(train.examples) + len(valid.examples) == len(EXAMPLE.read_text().splitlines())
     item = train[0]
     assert item["tokens"].shape == (64,) and 0 < item["loss_mask"].sum() < 64
-    with pytest.raises(DatasetBuildError, match=r"data.split='90,10,0' leaves the test split no example"):
-        build_sft_datasets([str(EXAMPLE)], split="90,10,0", tokenizer=tok, seq_length=64, num_samples=(1, 1, 1))
+    with pytest.raises(DatasetBuildError, match=r"data.split='100,0,0' leaves the valid split no example"):
+        build_sft_datasets([str(EXAMPLE)], split="100,0,0", tokenizer=tok, seq_length=64, num_samples=(1, 1, 0))
+    # a test share without an example is no test set (the trainer says so), as for indexed data
+    assert build_sft_datasets([str(EXAMPLE)], split="90,10,0", tokenizer=tok, seq_length=64,
+                              num_samples=(1, 1, 1))[2] is None
 
 
 def test_separate_validation_file(tmp_path, tok):
