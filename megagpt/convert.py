@@ -71,6 +71,7 @@ class Source:
     tokenizer_path: str                 # the tokenizer to use unless one is given
     train_samples: int | None = None    # the training set's size of the run (its meta.json)
     data_index_version: int | None = None   # how the run's sample order was built (meta.json)
+    skipped_total: int = 0              # steps the run skipped (the lr schedule did not advance)
 
     def describe(self) -> str:
         if self.kind == "hf":
@@ -266,7 +267,7 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
     return Source("megagpt", where, model_config_of(meta), full, config, meta["step"],
                   meta["consumed_samples"], (p["tp"], p["pp"], p["vp"]),
                   config["data"]["tokenizer_path"], meta.get("train_samples"),
-                  meta.get("data_index_version", 1))
+                  meta.get("data_index_version", 1), meta.get("skipped_total", 0))
 
 
 def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
@@ -344,7 +345,7 @@ def write_megagpt(source: Source, save_dir: Path, tp: int, pp: int, vp: int) -> 
     meta = {"config": converted_config(source, tp, pp, vp),
             "consumed_samples": source.consumed_samples,
             "parallel": {"tp": tp, "pp": pp, "dp": 1, "vp": vp, "zero_stage": 0},
-            "converted_from": str(source.path)}
+            "converted_from": str(source.path), "skipped_total": source.skipped_total}
     if source.train_samples is not None:        # the data order the run was on
         meta["train_samples"] = source.train_samples
     if source.data_index_version is not None:

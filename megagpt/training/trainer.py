@@ -542,10 +542,7 @@ class Trainer:
         optim_state = {"optimizer": e.optimizer.state_dict(), "scaler": e.scaler.state_dict(),
                        "optimizer_layout": e.optimizer_layout, "skipped_total": self.skipped_total,
                        "consecutive_skips": self.consecutive_skips}
-        meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
-                "train_samples": self.train_samples, "data_index_version": INDEX_VERSION,
-                "parallel": self._parallel_sizes(),
-                "megagpt_version": __version__}
+        meta = self._meta()
         # the float32 weights, also when training in 16 bits; written by data-parallel rank 0
         with e.master_weights(first_replica_reads=True):
             model_state = {f"chunk{c}": chunk.state_dict() for c, chunk in enumerate(e.chunks)}
@@ -603,6 +600,7 @@ class Trainer:
                 chunk.load_state_dict(model_state[f"chunk{c}"])
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         if weights_only:
+            self.skipped_total = meta.get("skipped_total", 0)    # the schedule's position
             self.log(f"resumed the weights of {path} (a converted checkpoint) at step {self.step}; "
                      f"optimizer state starts fresh")
             return
@@ -669,12 +667,16 @@ class Trainer:
                      f"{meta.get('consumed_samples')} samples consumed the run may see again "
                      f"samples the saved run trained on and miss others")
 
-    def _save_deepspeed(self) -> Path:
-        meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
+    def _meta(self) -> dict:
+        """meta.json's fields of this run's checkpoint (the skipped steps too: a weights-only
+        copy made from it keeps the learning-rate schedule where it was)."""
+        return {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
                 "train_samples": self.train_samples, "data_index_version": INDEX_VERSION,
-                "parallel": self._parallel_sizes(),
+                "parallel": self._parallel_sizes(), "skipped_total": self.skipped_total,
                 "megagpt_version": __version__}
-        path = self.engine.save(self.save_dir, self.step, meta=meta,
+
+    def _save_deepspeed(self) -> Path:
+        path = self.engine.save(self.save_dir, self.step, meta=self._meta(),
                                 extra_state={"engine": "deepspeed",
                                              "skipped_total": self.skipped_total,
                                              "consecutive_skips": self.consecutive_skips},
@@ -701,6 +703,7 @@ class Trainer:
         self._warn_setting_changes(meta, path)
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         if weights_only:
+            self.skipped_total = meta.get("skipped_total", 0)
             _, model_state, _, _ = load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0)
             with torch.no_grad():
                 e.chunks[0].load_state_dict(model_state["chunk0"])

@@ -1230,3 +1230,24 @@ def test_a_run_stopped_before_its_last_step_is_not_tested(tmp_path):
     records, _, _ = run_distributed(_test_evaluation, 1, str(tmp_path), 2,
                                     dict(split="6,2,2", val_data_path=[]))[0]
     assert [r for r in records if "test_loss" in r] == []
+
+
+def _skips_survive_conversion(rank, world, run_dir):
+    from megagpt.convert import convert
+    run_dir = Path(run_dir)
+    trainer = Trainer(run_config(run_dir / "a", 6), state.initialize_parallel(1, 1),
+                      log=lambda *a: None)
+    trainer.train(until=2)
+    trainer.skipped_total = 1          # as after a step with no token in the loss
+    source = trainer.save()
+    convert(source, run_dir / "converted", "megagpt", tp=1, pp=1, log=lambda line: None)
+    state.destroy_parallel()
+    resumed = Trainer(run_config(run_dir / "b", 6, checkpoint__load=str(run_dir / "converted")),
+                      state.initialize_parallel(1, 1), log=lambda *a: None)
+    return trainer.skipped_total, resumed.step, resumed.skipped_total
+
+
+def test_a_weights_only_copy_keeps_the_learning_rate_schedule_where_it_was(tmp_path):
+    """The skipped steps, which do not advance the schedule, were lost: the copy's run took the
+    learning rate of a later step."""
+    assert run_distributed(_skips_survive_conversion, 1, str(tmp_path))[0] == (1, 2, 1)
