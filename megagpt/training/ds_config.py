@@ -19,7 +19,10 @@ the file sets must agree with ours:
                                            (DeepSpeed's fused Adam)
 
 The learning rate follows our schedule (`training.lr_schedule`), set on the optimizer every step,
-so a `scheduler` section is refused. Everything else in the file (ZeRO buckets, offload,
+so a `scheduler` section is refused; so are settings that would make the run other than the
+config describes or unchecked: optimizer.params our AdamW has no setting for (`amsgrad`, ...),
+`bias_correction: false`, an enabled `amp` section, `bf16.check_grad_overflow: false` and
+`zero_optimization.compute_grad_norm: false`. Everything else in the file (ZeRO buckets, offload,
 communication settings, ...) goes to DeepSpeed unchanged.
 
 Pure Python (no torch, no deepspeed): `megagpt.config` calls `deepspeed_config_problems` while
@@ -34,6 +37,9 @@ from pathlib import Path
 
 AUTO = "auto"
 DS_OPTIMIZERS = ("adamw", "adam")
+# the optimizer.params keys our AdamW settings cover (max_grad_norm is refused: training.grad_clip)
+ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode",
+                "bias_correction", "max_grad_norm")
 FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1}
 AUTOCAST_DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "torch.bfloat16": "bf16",
@@ -111,6 +117,17 @@ def merge_deepspeed_config(ds: dict, cfg, dp: int) -> tuple[dict, list[str]]:
 
     # precision
     _merge_precision(merged, t.precision, name, problems)
+
+    if isinstance(merged.get("amp"), dict) and merged["amp"].get("enabled") is True:
+        problems.append(f"parallel.deepspeed_config={name} enables amp (apex AMP), but the "
+                        f"precision is training.precision={t.precision}, which fills bf16/fp16; "
+                        f"fix: remove the amp section from {name}")
+    if isinstance(merged.get("bf16"), dict) and merged["bf16"].get("check_grad_overflow") is False:
+        # without it DeepSpeed's bf16 ZeRO optimizer applies a step whose gradient norm is NaN
+        problems.append(f"parallel.deepspeed_config={name} sets bf16.check_grad_overflow=false, "
+                        f"so a step with non-finite gradients would be applied (the run's weights "
+                        f"become NaN) where ours skips it; fix: remove check_grad_overflow from "
+                        f"{name}")
 
     # ZeRO stage: parallel.zero_stage=0 (the default) takes the file's stage
     zero = merged.setdefault("zero_optimization", {})
@@ -232,6 +249,15 @@ def _merge_optimizer(merged: dict, t, name: str, problems: list[str], fill) -> N
         problems.append(f"parallel.deepspeed_config={name} sets optimizer.params.max_grad_norm; "
                         f"fix: remove it (the gradient clipping is training.grad_clip, DeepSpeed's "
                         f"gradient_clipping)")
+    if params.get("bias_correction", True) is not True:
+        problems.append(f"parallel.deepspeed_config={name} sets optimizer.params.bias_correction="
+                        f"{_show(params['bias_correction'])}, but training.optimizer="
+                        f"{t.optimizer} is AdamW with bias correction (as the native path); fix: "
+                        f"remove bias_correction from {name}")
+    for key in sorted(set(params) - set(ADAMW_PARAMS)):
+        problems.append(f"parallel.deepspeed_config={name} sets optimizer.params.{key}="
+                        f"{_show(params[key])}, which training.* has no setting for (the run would "
+                        f"not be the AdamW the config describes); fix: remove it from {name}")
     if not _given(params, "torch_adam"):
         params["torch_adam"] = t.optimizer != "apex"
 

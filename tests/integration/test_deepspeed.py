@@ -135,6 +135,18 @@ CONTRADICTIONS = [
     # a bare true reached deepspeed.initialize: a TypeError traceback
     ({"bf16": True}, ": bf16=true must be an object (DeepSpeed reads bf16.enabled); fix:"),
     ({"optimizer": {"type": "AdamW", "params": 1}}, ": optimizer.params must be an object"),
+    # passed through unchecked: a run that was not the AdamW or the precision the config says,
+    # and with bf16.check_grad_overflow=false a NaN step was applied (the weights became NaN)
+    # while the log said it was skipped
+    ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}},
+     "sets optimizer.params.amsgrad=true, which training.* has no setting for"),
+    ({"optimizer": {"type": "AdamW", "params": {"bias_correction": False}}},
+     "sets optimizer.params.bias_correction=false, but training.optimizer=adamw is AdamW with "
+     "bias correction"),
+    ({"amp": {"enabled": True}}, "enables amp (apex AMP), but the precision is "
+                                 "training.precision=fp32"),
+    ({"bf16": {"enabled": "auto", "check_grad_overflow": False}},
+     "sets bf16.check_grad_overflow=false, so a step with non-finite gradients would be applied"),
 ]
 
 
