@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megagpt.cli import run_main  # noqa: E402
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention,  # noqa: E402
                              flash_attention_qkvpacked, layer_norm, scaled_masked_softmax)
@@ -507,4 +508,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

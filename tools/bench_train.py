@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megagpt.cli import run_main  # noqa: E402
 from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noqa: E402
                             load_config)
 from megagpt.estimate import GiB, estimate_memory  # noqa: E402
@@ -271,4 +272,4 @@ def report(args, cfg, device_name, tokens, rows, estimate, graph_pool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -37,3 +37,30 @@ def test_every_program_taking_a_config_explains_overrides_in_its_help(program):
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     assert "Any config field can be overridden after the config: --section.field=VALUE" in text
+
+
+@pytest.mark.parametrize("program", sorted(p.name for p in (ROOT / "tools").glob("*.py")))
+def test_every_tool_ends_through_run_main(program):
+    """The bench tools ended a Ctrl-C with Python's traceback; the others with one line."""
+    text = (ROOT / "tools" / program).read_text()
+    main_block = text.split('if __name__ == "__main__":', 1)[1]
+    assert "run_main(main)" in main_block, program
+
+
+def test_ctrl_c_in_a_bench_tool_is_one_line(tmp_path):
+    import os
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "tools/bench_memory.py", "--config",
+                             "configs/training/tiny_model.json", "--steps", "50",
+                             "--json", str(tmp_path / "m.json")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()
+        if "single process" in line:                 # measuring
+            break
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().endswith("bench_memory.py: interrupted (Ctrl-C)") and "Traceback" not in err
