@@ -216,3 +216,47 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def dataset_exists(prefix: str) -> bool:
     """A dataset (`prefix`.idx or .bin) or a file of that name exists."""
     return any(os.path.exists(prefix + suffix) for suffix in ("", ".idx", ".bin"))
+
+
+class FolderLock:
+    """An exclusive advisory lock (`flock`) on `<folder>/.lock`, recording its holder (host, pid,
+    start) in the file. The kernel releases it when the holder's process ends, however it ends.
+
+    `take()` returns None once held, or what the holder recorded while another process holds it.
+    On a file system without locks (`flock` unsupported) it holds nothing and returns None:
+    `held` says which."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / ".lock"
+        self.fd: int | None = None
+        self.held = False
+
+    def take(self) -> str | None:
+        import fcntl
+        import socket
+        import time
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError:                    # not a folder, not writable: the first save says so
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                os.close(fd)
+                return holder or "a process that has not written its name yet"
+            os.close(fd)                   # ENOLCK, EOPNOTSUPP, ...: no locks here
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode(), 0)
+        self.fd, self.held = fd, True
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)              # closing drops the lock; the file stays
+            self.fd, self.held = None, False

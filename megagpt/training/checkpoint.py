@@ -192,7 +192,8 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
             naming its cause, the others' saying which rank failed.
         write_extra: called on every rank with the temporary folder, before this rank's own
             files are written: an engine that saves its own files (DeepSpeed's
-            `save_checkpoint`, a collective) writes them there. Every file it leaves, at any
+            `save_checkpoint`, a collective) writes them there. Its failure raises at once on
+            that rank (the others then fail in the engine's own collective). Every file it leaves, at any
             depth, is hashed and listed in meta.json like the others, so it is part of the
             atomic rename, the completeness check and pruning.
         warn: told (on rank 0) of what went wrong after the checkpoint became `latest`: removing
@@ -205,13 +206,17 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
                                                           pp_rank=pp_rank, dp_rank=dp_rank))
     save_dir = Path(save_dir)
     tmp = _prepare_tmp(save_dir, step, rank, all_min)
+    if write_extra is not None:
+        try:
+            write_extra(tmp)
+        except Exception as e:   # raised at once: the engine's own collective is broken already,
+            # and the other ranks, waiting in it, fail there instead of in our agreement
+            raise _save_error(save_dir, step, "the engine's files were not written", e) from e
     error = None
     try:
-        if write_extra is not None:
-            write_extra(tmp)
         _write_rank_files(tmp, rank, tp_rank, pp_rank, dp_rank, model_state, optim_state,
                           rng_state)
-    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
+    except Exception as e:     # a full disk (torch.save reports it as a RuntimeError), ...
         error = _save_error(save_dir, step, "this rank's files were not written", e)
     _agree(all_min, error, save_dir, step, "another rank's files were not written")
     return _end_save(save_dir, step, tmp, rank, meta, layout, keep_last, all_min, warn)
@@ -444,6 +449,8 @@ def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayo
                      timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), files=files, file_sizes=sizes)
     _write_atomic_text(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
     final = save_dir / step_dir_name(step)
+    if final.is_symlink() and not final.exists():     # a link to nothing: the rename fails on it
+        final.unlink()
     if not final.exists():
         tmp.rename(final)
     elif not exchange_paths(tmp, final):   # a checkpoint of this step from an earlier attempt
@@ -453,18 +460,23 @@ def _finalize(save_dir: Path, step: int, tmp: Path, meta: dict, layout: RankLayo
         tmp.rename(final)
     fsync_dir(save_dir)
     _write_atomic_text(save_dir / LATEST_FILE, final.name + "\n")
-    stale = [p for p in save_dir.glob("*.tmp") if p.is_dir()]
-    if keep_last:   # among the earlier steps: a later one is another run's (this run resumed
-        # from before it) and stays; `latest` names this one
-        others = [p for p in complete_checkpoints(save_dir) if p.name < final.name]
-        stale += others[:max(0, len(others) - (keep_last - 1))]
+    warn = warn or _warn_stderr
+    try:
+        stale = [p for p in save_dir.glob("*.tmp") if p.is_dir()]
+        if keep_last:   # among the earlier steps: a later one is another run's (this run
+            # resumed from before it) and stays; `latest` names this one
+            others = [p for p in complete_checkpoints(save_dir) if p.name < final.name]
+            stale += others[:max(0, len(others) - (keep_last - 1))]
+    except OSError as e:
+        warn(f"{final} is saved and `latest`, but {save_dir} could not be listed to remove "
+             f"stale folders and prune old steps ({e.strerror or e})")
+        return
     for old in stale:
         try:
             _remove_folder(old)
         except OSError as e:
-            (warn or _warn_stderr)(f"{final} is saved and `latest`, but {old} could not be "
-                                   f"removed ({e.strerror or e}); remove it by hand to free "
-                                   f"its space")
+            warn(f"{final} is saved and `latest`, but {old} could not be removed "
+                 f"({e.strerror or e}); remove it by hand to free its space")
 
 
 def _warn_stderr(message: str) -> None:

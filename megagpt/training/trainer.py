@@ -44,7 +44,7 @@ from megagpt.data.mock import build_mock_datasets
 from megagpt.data.sampler import MegatronPretrainingSampler
 from megagpt.data.sft_dataset import build_sft_datasets
 from megagpt.data.tokenizer import load_tokenizer
-from megagpt.fsutil import why_not_a_folder
+from megagpt.fsutil import FolderLock, why_not_a_folder
 from megagpt.model.gpt import load_full_state_dict
 from megagpt.parallel.random import get_rng_tracker, seed_everything
 from megagpt.parallel.state import ParallelState
@@ -59,6 +59,9 @@ from megagpt.training.metrics import (MetricsWriter, StepTimer, WandbError, flop
                                       format_console_line, memory_gb, peak_flops, perplexity,
                                       start_wandb, throughput)
 from megagpt.training.optim import lr_at, set_hyperparameters
+
+
+SAVE_DIR_LOCK_WAIT_S = 120.0   # how long a run waits for another run's lock on its save dir
 
 
 class TrainingAborted(RuntimeError):
@@ -311,7 +314,40 @@ class Trainer:
     def train(self, until: int | None = None) -> dict:
         """Run to training.max_steps, or to step `until` when given (the learning-rate schedule
         still follows max_steps), or to a SIGTERM; saves a checkpoint at the end. Returns the
-        last metrics record."""
+        last metrics record. checkpoint.save_dir is locked meanwhile (`_lock_save_dir`)."""
+        lock = self._lock_save_dir()
+        try:
+            return self._train(until)
+        finally:
+            lock.release()
+
+    def _lock_save_dir(self) -> FolderLock:
+        """Rank 0 locks checkpoint.save_dir for this run: two runs saving into one folder (a job
+        submitted twice) overwrite each other's checkpoints and `latest`. A held lock is waited
+        for up to SAVE_DIR_LOCK_WAIT_S (a requeued job's predecessor may still be ending), then
+        refused on every rank."""
+        lock, holder = FolderLock(self.save_dir), None
+        if self.is_rank0:
+            deadline, said = time.monotonic() + SAVE_DIR_LOCK_WAIT_S, False
+            while (holder := lock.take()) is not None and time.monotonic() < deadline:
+                if not said:
+                    self.log(f"checkpoint.save_dir={self.save_dir} is locked by another run "
+                             f"({holder}); waiting up to {SAVE_DIR_LOCK_WAIT_S:.0f} s for it to end")
+                    said = True
+                time.sleep(min(5.0, SAVE_DIR_LOCK_WAIT_S))
+        if not self._all_min(0 if holder else 1):
+            if holder is not None:
+                raise CheckpointError(
+                    f"checkpoint.save_dir={self.save_dir} is in use by another run ({holder}): "
+                    f"two runs saving into one folder overwrite each other's checkpoints; fix: "
+                    f"stop that run, or give this one another checkpoint.save_dir (or --name)")
+            raise AnotherRankFailed("rank 0 could not lock checkpoint.save_dir")
+        if self.is_rank0 and not lock.held:
+            self.log(f"note: checkpoint.save_dir={self.save_dir} cannot be locked (no file locks "
+                     f"there): nothing stops another run from saving into it meanwhile")
+        return lock
+
+    def _train(self, until: int | None) -> dict:
         t = self.cfg.training
         end = t.max_steps if until is None else min(until, t.max_steps)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -414,8 +450,9 @@ class Trainer:
                 if self.step == end or (save_every and self.step % save_every == 0):
                     with timer.paused():   # the last one in the foreground
                         self.save(background=self.cfg.checkpoint.async_save and self.step < end)
-                if self.step == t.max_steps and self.test_ds is not None:
-                    last.update(self._evaluate_and_record("test", writer, bar))
+            if self.step == t.max_steps and self.test_ds is not None:
+                # also when a finished run is launched again: its test may not have run
+                last.update(self._evaluate_and_record("test", writer, bar))
             failed = False
         finally:
             if self.pending is not None:   # an error stopped the run: no collective to finish it

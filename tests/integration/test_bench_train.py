@@ -29,7 +29,7 @@ def test_bench_train_smoke(tmp_path):
     prov = report["provenance"]
     assert "tools/bench_train.py" in prov["command"] and "--model.n_layers=2" in prov["command"]
     assert prov["date"].startswith("20") and prov["torch"] and prov["cpus"] >= 1
-    assert prov["cpu"] and prov["host"] and prov["commit"]
+    assert prov["cpu"] and prov["host"] and "commit" in prov
 
 
 def test_without_transformers_and_with_a_failing_profiler_our_figures_are_written(tmp_path):

@@ -331,7 +331,8 @@ def test_resume_on_the_deepspeed_path_continues_exactly(tmp_path, stage):
     # keep_last 3 of steps 3 and 6, `latest`, and the weights readable as any checkpoint of ours
     save_dir = tmp_path / "b" / "ckpt"
     assert (save_dir / "latest").read_text().strip() == "step_0000006"
-    assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step_0000003", "step_0000006"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [".lock", "latest", "step_0000003",
+                                                          "step_0000006"]   # .lock: the run's
     source = load_source(str(save_dir))
     for name, value in source.full_state.items():   # unpadded, as every full state of ours
         assert torch.equal(value, resumed[name][:len(value)]), name

@@ -19,7 +19,7 @@ import torch
 from megagpt.model.gpt import gather_full_state_dict
 from megagpt.parallel import state
 from megagpt.testing import TINY_VOCAB, run_distributed, sigterm_when_ready, tiny_config
-from megagpt.training.checkpoint import load_checkpoint
+from megagpt.training.checkpoint import CheckpointError, load_checkpoint
 from megagpt.training.optim import lr_at
 from megagpt.training.trainer import (WORKERS_SHIELDED, Trainer, TrainingAborted,
                                      data_order_changes, end_daemonic_children, loader_worker_options, output_problems,
@@ -1226,6 +1226,21 @@ def test_a_finished_run_ends_with_a_test_evaluation_as_megatrons_does(tmp_path, 
     assert any(m.startswith(f"step 4: test loss {again:.4f}, perplexity ") for m in said)
 
 
+def _relaunched_finished_run(rank, world, run_dir):
+    """A finished run launched again: nothing to train, but it is tested (its first launch may
+    have stopped during the test)."""
+    _test_evaluation(rank, world, run_dir, None, dict(split="6,2,2", val_data_path=[]))
+    state.destroy_parallel()
+    return _test_evaluation(rank, world, run_dir, None, dict(split="6,2,2", val_data_path=[]))
+
+
+def test_a_finished_run_launched_again_is_tested_again(tmp_path):
+    records, said, again = run_distributed(_relaunched_finished_run, 1, str(tmp_path))[0]
+    assert any(m.startswith("nothing to train: the run resumed at step 4") for m in said)
+    assert [r for r in records if "test_loss" in r] == [
+        {"step": 4, "test_loss": again, "test_ppl": pytest.approx(math.exp(again))}] * 2
+
+
 def test_a_run_stopped_before_its_last_step_is_not_tested(tmp_path):
     records, _, _ = run_distributed(_test_evaluation, 1, str(tmp_path), 2,
                                     dict(split="6,2,2", val_data_path=[]))[0]
@@ -1251,3 +1266,36 @@ def test_a_weights_only_copy_keeps_the_learning_rate_schedule_where_it_was(tmp_p
     """The skipped steps, which do not advance the schedule, were lost: the copy's run took the
     learning rate of a later step."""
     assert run_distributed(_skips_survive_conversion, 1, str(tmp_path))[0] == (1, 2, 1)
+
+
+def _train_into_a_locked_save_dir(rank, world, run_dir, wait):
+    from megagpt.training import trainer as trainer_module
+    trainer_module.SAVE_DIR_LOCK_WAIT_S = wait
+    said = []
+    trainer = Trainer(run_config(Path(run_dir), 2), state.initialize_parallel(1, 1),
+                      log=said.append)
+    try:
+        trainer.train()
+    except CheckpointError as e:
+        return str(e), said
+    return None, said
+
+
+def test_a_second_run_into_one_save_dir_waits_then_is_refused(tmp_path):
+    """A job submitted twice: both runs wrote step folders and `latest` into one save dir."""
+    from megagpt.fsutil import FolderLock
+    lock = FolderLock(tmp_path / "ckpt")
+    assert lock.take() is None
+    try:
+        error, said = run_distributed(_train_into_a_locked_save_dir, 1, str(tmp_path), 1.0)[0]
+    finally:
+        lock.release()
+    assert error.startswith(f"checkpoint.save_dir={tmp_path / 'ckpt'} is in use by another run "
+                            f"(pid {os.getpid()} on host "), error
+    assert "fix: stop that run, or give this one another checkpoint.save_dir" in error
+    assert any("is locked by another run" in m and "waiting up to 1 s" in m for m in said), said
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".lock"]
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # once the other run has ended, it trains
+    error, _ = run_distributed(_train_into_a_locked_save_dir, 1, str(tmp_path), 1.0)[0]
+    assert error is None and (tmp_path / "ckpt" / "latest").is_file()

@@ -105,6 +105,39 @@ def test_two_processes_both_write(tmp_path, tp, models, expected):
     assert steps_in(tmp_path) == ["latest", "step_0000007"]
 
 
+def _engine_save_fails_on_rank_1(rank, world_size, save_dir):
+    def write_extra(tmp):             # an engine's own save, collective as DeepSpeed's is
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        dist.barrier()
+    try:
+        save_checkpoint(save_dir, 7, rank=rank, tp_rank=0, pp_rank=0, dp_rank=rank,
+                        model_state={}, optim_state={}, rng_state=capture_rng_state({}),
+                        meta=make_meta(7, dict(tp=1, pp=1, dp=2, vp=1)), keep_last=2,
+                        all_min=all_min, write_extra=write_extra)
+    except CheckpointError as e:
+        return str(e)
+
+
+def test_an_engine_save_that_fails_on_one_rank_is_an_error_on_every_rank(tmp_path):
+    """The failing rank waited in our agreement while the others waited in the engine's own
+    collective: every rank hung until the process group's timeout."""
+    start = time.monotonic()
+    messages = run_distributed(_engine_save_fails_on_rank_1, 2, str(tmp_path), timeout=120)
+    assert time.monotonic() - start < 60
+    step = tmp_path / "step_0000007"
+    assert messages[1].startswith(f"saving {step}: the engine's files were not written (No space "
+                                  f"left on device); fix: free space"), messages
+    assert messages[0].startswith(f"saving {step}: the engine's files were not written ("), messages
+    assert not step.exists()
+
+
+def test_a_link_to_nothing_where_the_step_goes_is_replaced(tmp_path):
+    (tmp_path / "step_0000004").symlink_to(tmp_path / "nowhere")
+    path = save_one(tmp_path, 4)
+    assert is_complete(path) and not path.is_symlink()
+
+
 def test_leftover_tmp_is_ignored_and_cleaned_by_the_next_save(tmp_path):
     save_one(tmp_path, 3)
     leftover = tmp_path / "step_0000005.tmp"

@@ -168,3 +168,32 @@ def test_a_sigterm_while_the_preprocess_workers_fork_stops_the_tool(tmp_path):
     assert result.returncode == 143, result.stdout + result.stderr
     assert "finished" not in result.stdout and "Exception ignored" not in result.stderr
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def _try_lock(folder, results):
+    lock = fsutil.FolderLock(folder)
+    results.put((lock.take(), lock.held))
+
+
+def test_a_folder_lock_is_held_by_one_process_until_it_lets_go(tmp_path):
+    lock = fsutil.FolderLock(tmp_path / "ckpt")          # the folder is created
+    assert lock.take() is None and lock.held
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_try_lock, args=(tmp_path / "ckpt", results))
+    child.start()
+    holder, held = results.get(timeout=60)
+    child.join(timeout=60)
+    assert not held and holder.startswith(f"pid {os.getpid()} on host ")
+    lock.release()
+    child = ctx.Process(target=_try_lock, args=(tmp_path / "ckpt", results))
+    child.start()
+    assert results.get(timeout=60) == (None, True)
+    child.join(timeout=60)
+    assert (tmp_path / "ckpt" / ".lock").is_file()        # the file stays; the lock does not
+
+
+def test_a_folder_that_cannot_hold_a_lock_is_not_locked(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    lock = fsutil.FolderLock(tmp_path / "afile")
+    assert lock.take() is None and not lock.held
