@@ -191,7 +191,11 @@ def multiprocessor_count(device_index: int) -> int:
 
 
 def interpreter_requested() -> bool:
-    """True when ``TRITON_INTERPRET`` is set now to a value triton reads as on (1/true/on/yes)."""
+    """True when ``TRITON_INTERPRET`` is set now to a value Triton reads as on: Triton's own
+    reading where it has one (`triton.knobs`, which takes "y" too), else 1/true/on/yes."""
+    knobs = getattr(triton, "knobs", None) if HAS_TRITON else None
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 

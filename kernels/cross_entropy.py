@@ -469,7 +469,9 @@ def cross_entropy_shard_grad(logits, target, vocab_start, lse, grad_row=None, ig
     _check_logits_target(logits, target)
     _check_integer("ignore_index", ignore_index)
     others = {"lse": lse} if grad_row is None else {"lse": lse, "grad_row": grad_row}
-    check_same_device(logits=logits, **others)
+    for name, t in others.items():
+        check_float(name, t)
+    check_same_device(logits=logits, **others, **({} if out is None else {"out": out}))
     if lse.shape != target.shape:
         raise ValueError(f"lse has shape {tuple(lse.shape)}; it must match target's "
                          f"{tuple(target.shape)}")

@@ -11,9 +11,10 @@ Ops and their backends (the first is the config default):
 ``TRITON_INTERPRET=1``), else torch: SDPA for attention, the plain-torch reference for the rest.
 ``triton`` where the kernels cannot run, and ``flash_attn`` or ``apex`` when the package does not
 import or the device is not CUDA, are errors that say what to install or choose instead.
-``eager`` is `flash_attention_reference`; ``torch`` is each op's `<op>_reference` after the
-same checks of its arguments as the Triton function (`<op>_torch`), so a bad input is the same
-clear error whichever backend runs.
+``eager`` is `flash_attention_reference`; ``torch`` is each op's `<op>_reference`. Every backend
+runs the same checks of its arguments as the Triton function first (`<op>_torch`, and the
+attention backends' `check_qkv`: any head_dim but the Triton kernels'), so a bad input is the
+same clear error whichever backend runs.
 
 Every backend of an op has the op's signature:
     attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0),
@@ -38,7 +39,8 @@ class BackendUnavailable(RuntimeError):
     device); the message names the setting and what to install or choose instead."""
 from .bias_gelu import bias_gelu, bias_gelu_torch
 from .cross_entropy import cross_entropy, cross_entropy_torch
-from .flash_attention import flash_attention, flash_attention_reference
+from .flash_attention import check_qkv, flash_attention, flash_attention_reference
+from .layer_norm import _check_inputs as check_layer_norm_inputs
 from .layer_norm import layer_norm, layer_norm_torch
 from .softmax import scaled_masked_softmax, scaled_masked_softmax_torch
 
@@ -53,6 +55,7 @@ BACKENDS = {
 
 def sdpa_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0):
     """torch.nn.functional.scaled_dot_product_attention on (batch, heads, seq, head_dim)."""
+    check_qkv(q, k, v)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
                                                             is_causal=causal, scale=softmax_scale)
 
@@ -61,6 +64,7 @@ def flash_attn_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0
     """The flash-attn package's flash_attn_func, which wants (batch, seq, heads, head_dim)."""
     from flash_attn import flash_attn_func
 
+    check_qkv(q, k, v)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q has dtype {q.dtype}; the flash_attn backend supports float16 and "
                         "bfloat16 only; choose kernels.attention=triton or sdpa for float32")
@@ -69,16 +73,23 @@ def flash_attn_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0
     return out.transpose(1, 2)
 
 
+def eager_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0):
+    """The `eager` backend: `flash_attention_reference` after `check_qkv`."""
+    check_qkv(q, k, v)
+    return flash_attention_reference(q, k, v, causal, softmax_scale, dropout_p)
+
+
 def apex_layer_norm(x, weight, bias, eps=1e-5):
     """NVIDIA apex's fused layer norm (FusedLayerNorm's function) over the last dimension."""
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine
 
+    check_layer_norm_inputs(x, weight, bias)
     return fused_layer_norm_affine(x, weight, bias, (x.shape[-1],), eps)
 
 
 _IMPLEMENTATIONS = {
     "attention": {"triton": flash_attention, "flash_attn": flash_attn_attention,
-                  "sdpa": sdpa_attention, "eager": flash_attention_reference},
+                  "sdpa": sdpa_attention, "eager": eager_attention},
     "layernorm": {"triton": layer_norm, "torch": layer_norm_torch, "apex": apex_layer_norm},
     "softmax": {"triton": scaled_masked_softmax, "torch": scaled_masked_softmax_torch},
     "bias_gelu": {"triton": bias_gelu, "torch": bias_gelu_torch},
@@ -86,16 +97,25 @@ _IMPLEMENTATIONS = {
 }
 
 
-def _require_package(module: str, backend: str, op: str, device: torch.device, install: str):
-    """Raise unless ``module`` imports and ``device`` is CUDA, naming what to do instead."""
+def _require_package(needs: tuple[str, ...], backend: str, op: str, device: torch.device,
+                     install: str):
+    """Raise unless every one of ``needs`` (a module, or "module:attribute") imports and
+    ``device`` is CUDA, naming what to do instead. The attribute or a compiled module is asked
+    for too: flash-attn and apex import without their CUDA extensions and fail at the first
+    call."""
     others = ", ".join(b for b in BACKENDS[op] if b != backend     # those that can run there
                        and (b != "triton" or triton_runs_on(device))
                        and (device.type == "cuda" or b not in ("flash_attn", "apex")))
-    try:
-        importlib.import_module(module)
-    except ImportError as err:
-        raise BackendUnavailable(f"kernels.{op}={backend} needs `{module}`, which does not import "
-                           f"({err}); {install}, or choose one of: {others}") from err
+    for need in needs:
+        module, _, attribute = need.partition(":")
+        try:
+            found = importlib.import_module(module)
+            if attribute:
+                getattr(found, attribute)
+        except (ImportError, AttributeError) as err:
+            raise BackendUnavailable(f"kernels.{op}={backend} needs `{need.replace(':', '.')}`, "
+                                     f"which does not import ({err}); {install}, or choose one "
+                                     f"of: {others}") from err
     if device.type != "cuda":
         raise BackendUnavailable(f"kernels.{op}={backend} runs on CUDA devices only, not {device}; "
                            f"choose one of: {others}")
@@ -132,11 +152,12 @@ def resolve_backend(op: str, choice: str = "auto", device="cpu") -> str:
     if choice == "triton":
         _require_triton(op, device)
     elif choice == "flash_attn":
-        _require_package("flash_attn", choice, op, device,
-                         "install it on a CUDA machine with `pip install flash-attn "
-                         "--no-build-isolation`")
+        _require_package(("flash_attn:flash_attn_func",), choice, op, device,
+                         "install flash-attn 2 with its CUDA extension on a CUDA machine "
+                         "(`pip install flash-attn --no-build-isolation`)")
     elif choice == "apex":
-        _require_package("apex.normalization.fused_layer_norm", choice, op, device,
+        _require_package(("apex.normalization.fused_layer_norm", "fused_layer_norm_cuda"),
+                         choice, op, device,
                          "build NVIDIA apex from source with its CUDA extensions")
     return choice
 

@@ -531,6 +531,13 @@ class FlashAttentionQKVPackedFunction(torch.autograd.Function):
 
 
 def _check_inputs(q, k, v):
+    check_qkv(q, k, v)
+    _check_head_dim("q", q.shape[-1])
+
+
+def check_qkv(q, k, v):
+    """What every attention backend needs of q, k and v: 4-D (batch, heads, seq, head_dim), one
+    shape, one floating dtype, one device (any head_dim: that limit is the Triton kernels')."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         if t.dim() != 4:
@@ -543,7 +550,6 @@ def _check_inputs(q, k, v):
                              "q, k and v must have the same (batch, heads, seq, head_dim)")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; use one dtype")
-    _check_head_dim("q", q.shape[-1])
 
 
 def _check_head_dim(name: str, head_dim: int):

@@ -65,10 +65,11 @@ def _count_launch(self, *args, grid, warmup, **kwargs):
 
 def _prepare():
     """Import the kernels built for a GPU and make their launches counters (see the docstring)."""
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+    os.environ["MEGAGPT_AUTOTUNE"] = "0"            # read when megagpt.kernels is imported
+    from megagpt.kernels._utils import interpreter_requested
+    if interpreter_requested():
         raise SystemExit("bench_host_overhead: unset TRITON_INTERPRET; this tool times the host "
                          "code of the kernels built for a GPU, with their launches stubbed")
-    os.environ["MEGAGPT_AUTOTUNE"] = "0"
     try:
         import triton.runtime.jit
     except ImportError:

@@ -36,6 +36,7 @@ from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noq
 from megagpt.estimate import GiB, estimate_memory  # noqa: E402
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.hf import hf_config_dict, to_hf  # noqa: E402
+from megagpt.kernels._utils import interpreter_requested  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
 from megagpt.provenance import provenance  # noqa: E402
@@ -153,7 +154,7 @@ def main() -> int:
     args, overrides = parser.parse_known_args()
     if output_file_problem(args.json):
         parser.error(f"--json {args.json}: {output_file_problem(args.json)}; fix: another path")
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+    if interpreter_requested():
         parser.error("TRITON_INTERPRET is set: the Triton interpreter's speed says nothing about "
                      "the kernels', and it is never timed; fix: unset TRITON_INTERPRET")
     if args.steps < 1 or args.warmup < 0:

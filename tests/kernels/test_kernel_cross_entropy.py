@@ -285,6 +285,15 @@ def test_shard_grad_bad_input(device):
     with pytest.raises(ValueError, match="out must be a contiguous tensor"):
         cross_entropy_shard_grad(logits, target, 0, torch.zeros(4, device=device),
                                  out=torch.empty(4, 10, device=device).half())
+    # a float64 lse failed inside torch's scatter; an integer lse or grad_row went through
+    with pytest.raises(TypeError, match="lse has dtype torch.float64"):
+        cross_entropy_shard_grad(logits, target, 0, torch.zeros(4, device=device).double())
+    with pytest.raises(TypeError, match="grad_row has dtype torch.int64"):
+        cross_entropy_shard_grad(logits, target, 0, torch.zeros(4, device=device),
+                                 torch.ones(4, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match="logits is on .* but out is on meta"):
+        cross_entropy_shard_grad(logits, target, 0, torch.zeros(4, device=device),
+                                 out=torch.empty(4, 10, device="meta"))
 
 
 def test_second_backward_of_an_inplace_backward_is_an_error(device):

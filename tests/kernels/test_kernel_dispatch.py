@@ -57,6 +57,15 @@ def test_public_functions_run_the_reference_without_the_interpreter(monkeypatch)
     torch.testing.assert_close(layer_norm(x, w, b), layer_norm_reference(x, w, b))
 
 
+@pytest.mark.parametrize("value,on", [("1", True), ("y", True), ("TRUE", True), ("0", False),
+                                      ("off", False)])
+def test_the_interpreter_variable_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """"y" turned Triton's interpreter on, but not ours: the kernels were interpreted while
+    `auto` chose torch and `triton` was refused as needing TRITON_INTERPRET=1."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _utils.interpreter_requested() is on
+
+
 def test_interpreter_requested_after_import_is_an_error(monkeypatch):
     monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -75,9 +84,9 @@ def test_unknown_op_or_choice():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors where flash-attn and "
                                                       "apex cannot run")
 @pytest.mark.parametrize("op,choice,message", [
-    ("attention", "flash_attn", r"needs `flash_attn`, which does not import .*pip install "
-                                r"flash-attn --no-build-isolation.*choose one of: auto, triton, "
-                                r"sdpa, eager"),
+    ("attention", "flash_attn", r"needs `flash_attn.flash_attn_func`, which does not import .*"
+                                r"pip install flash-attn --no-build-isolation.*choose one of: "
+                                r"auto, triton, sdpa, eager"),
     ("layernorm", "apex", r"needs `apex.normalization.fused_layer_norm`, which does not import "
                           r".*build NVIDIA apex.*choose one of: auto, triton, torch"),
 ])
@@ -86,6 +95,28 @@ def test_optional_packages_say_what_to_do(op, choice, message, monkeypatch):
         get_op(op, choice, "cpu")
     monkeypatch.delenv("TRITON_INTERPRET")    # where triton cannot run either, it is not offered
     with pytest.raises(RuntimeError, match=message.replace("triton, ", "")):
+        get_op(op, choice, "cpu")
+
+
+@pytest.mark.parametrize("op,choice,modules,message", [
+    ("attention", "flash_attn", {"flash_attn": types.ModuleType("flash_attn")},
+     r"needs `flash_attn.flash_attn_func`, which does not import \(module 'flash_attn' has no "
+     r"attribute 'flash_attn_func'\)"),
+    ("layernorm", "apex", {"apex": types.ModuleType("apex"),
+                           "apex.normalization": types.ModuleType("apex.normalization"),
+                           "apex.normalization.fused_layer_norm":
+                               types.ModuleType("apex.normalization.fused_layer_norm"),
+                           "fused_layer_norm_cuda": None},
+     r"needs `fused_layer_norm_cuda`, which does not import .*build NVIDIA apex from source with "
+     r"its CUDA extensions"),
+])
+def test_a_package_installed_without_its_cuda_extension_is_refused_at_build(
+        op, choice, modules, message, monkeypatch):
+    """flash-attn 2 imports without its compiled module (and 1.x has no flash_attn_func), apex
+    without fused_layer_norm_cuda: both passed the check and failed at the first forward."""
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    with pytest.raises(RuntimeError, match=message):
         get_op(op, choice, "cpu")
 
 
@@ -117,6 +148,20 @@ def test_a_bad_input_is_the_same_error_on_every_backend(op, call, error, backend
     args, kwargs = call
     with pytest.raises((TypeError, ValueError), match=error):
         get_op(op, backend, "cpu")(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "eager"])
+@pytest.mark.parametrize("k_shape,dtype,error", [
+    ((2, 1, 17, 32), torch.float32, r"k has shape \(2, 1, 17, 32\) but q has \(2, 2, 17, 32\)"),
+    ((2, 2, 9, 32), torch.float32, r"k has shape \(2, 2, 9, 32\) but q has \(2, 2, 17, 32\)"),
+    ((2, 2, 17, 32), torch.float64, "q has dtype torch.float64"),
+])
+def test_a_bad_attention_input_is_the_same_error_on_every_backend(backend, k_shape, dtype, error):
+    """sdpa and eager broadcast one k head over two, and computed in float64."""
+    q = torch.randn(2, 2, 17, 32, dtype=dtype)
+    k = torch.randn(*k_shape, dtype=dtype)
+    with pytest.raises((TypeError, ValueError), match=error):
+        get_op("attention", backend, "cpu")(q, k, k.clone())
 
 
 def test_attention_backends_agree(device):
@@ -204,6 +249,7 @@ def test_apex_backend_calls_fused_layer_norm_affine(monkeypatch, device):
 
     _fake_module(monkeypatch, "apex.normalization.fused_layer_norm",
                  fused_layer_norm_affine=fused_layer_norm_affine)
+    _fake_module(monkeypatch, "fused_layer_norm_cuda")       # its compiled extension
     fn = get_op("layernorm", "apex", "cuda")
     x, w, b = torch.randn(4, 24, device=device), torch.randn(24, device=device), torch.randn(
         24, device=device)
