@@ -281,6 +281,76 @@ def split_config_args(config_args: list[str], overrides: list[str]) -> tuple[lis
             overrides + [a for a in config_args if a.startswith("--")])
 
 
+# Megatron-LM's arguments and what they are here (configs/README.md, "From Megatron-LM's
+# arguments", shows this table; a Megatron argument given as an override is answered from it)
+MEGATRON_ARGUMENTS = {
+    "num-layers": "model.n_layers",
+    "hidden-size": "model.d_model",
+    "num-attention-heads": "model.n_heads",
+    "seq-length": "model.seq_length",
+    "max-position-embeddings": "model.seq_length (the learned positions are the context)",
+    "ffn-hidden-size": "model.ffn_hidden_size",
+    "hidden-dropout": "model.dropout (one probability for embeddings, residuals and attention)",
+    "attention-dropout": "model.dropout (one probability for embeddings, residuals and "
+                         "attention)",
+    "layernorm-epsilon": "model.layernorm_eps",
+    "init-method-std": "model.init_std",
+    "make-vocab-size-divisible-by": "model.make_vocab_size_divisible_by",
+    "micro-batch-size": "training.batch_size",
+    "global-batch-size": "training.grad_accumulation_steps = global / (micro-batch x "
+                         "data-parallel size); training.global_batch_size checks it",
+    "train-iters": "training.max_steps",
+    "lr": "training.learning_rate",
+    "min-lr": "training.min_lr",
+    "lr-decay-style": "training.lr_schedule (cosine, linear or constant)",
+    "lr-warmup-iters": "training.warmup_steps",
+    "lr-decay-iters": "training.lr_decay_steps",
+    "weight-decay": "training.weight_decay",
+    "adam-beta1": "training.adam_beta1",
+    "adam-beta2": "training.adam_beta2",
+    "adam-eps": "training.adam_eps",
+    "clip-grad": "training.grad_clip",
+    "bf16": "training.precision=bf16",
+    "fp16": "training.precision=fp16",
+    "seed": "training.seed",
+    "log-interval": "training.log_interval",
+    "eval-interval": "training.eval_interval",
+    "eval-iters": "training.eval_iters",
+    "recompute-activations": "training.recompute=selective",
+    "recompute-granularity": "training.recompute (full or selective; full recomputes every "
+                             "block)",
+    "exit-duration-in-mins": "training.exit_duration_minutes",
+    "data-path": "data.train_data_path (with data.val_data_path=[] to carve data.split out of "
+                 "it)",
+    "split": "data.split",
+    "train-data-path": "data.train_data_path",
+    "valid-data-path": "data.val_data_path",
+    "test-data-path": "data.test_data_path",
+    "data-cache-path": "data.cache_dir",
+    "num-workers": "data.num_workers",
+    "mock-data": "data.mock=true",
+    "vocab-file": "data.tokenizer_path (a folder with vocab.json and merges.txt, or gpt2)",
+    "merge-file": "data.tokenizer_path (a folder with vocab.json and merges.txt, or gpt2)",
+    "tensor-model-parallel-size": "parallel.tensor_parallel_size",
+    "pipeline-model-parallel-size": "parallel.pipeline_parallel_size",
+    "num-layers-per-virtual-pipeline-stage": "parallel.virtual_pipeline_size = n_layers / "
+                                             "(pipeline size x that number)",
+    "sequence-parallel": "parallel.sequence_parallel=true",
+    "use-distributed-optimizer": "parallel.zero_stage=1",
+    "ddp-bucket-size": "parallel.bucket_size_mb (in MB of float32: elements x 4 / 2**20)",
+    "deepspeed-config": "parallel.deepspeed_config",
+    "use-flash-attn": "kernels.attention=flash_attn",
+    "save": "checkpoint.save_dir",
+    "load": "checkpoint.load",
+    "save-interval": "checkpoint.save_interval",
+    "async-save": "checkpoint.async_save=true",
+    "pretrained-checkpoint": "checkpoint.pretrained",
+    "tensorboard-dir": "logging.tensorboard=true (events under logging.run_dir)",
+    "wandb-project": "logging.wandb_project",
+    "wandb-exp-name": "name",
+}
+
+
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """`--section.field=value` or `--section.field value` pairs into {"section.field": "value"}."""
     out, i = {}, 0
@@ -289,9 +359,13 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
         top_level = [f for f in _field_names(Config) if _dataclass_of(_hints(Config)[f]) is None]
         if not arg.startswith("--") or ("." not in arg.split("=", 1)[0]
                                         and arg[2:].split("=", 1)[0] not in top_level):
+            megatron = MEGATRON_ARGUMENTS.get(arg[2:].split("=", 1)[0].replace("_", "-"))
+            hint = (f"; Megatron-LM's {arg.split('=', 1)[0]} is {megatron} here (configs/README.md,"
+                    f" \"From Megatron-LM's arguments\")" if arg.startswith("--") and megatron
+                    else "")
             raise ConfigError([f"override {arg!r} is not of the form --section.field=value "
                                f"(e.g. --training.max_steps=100) or one of "
-                               f"{', '.join(f'--{f}=VALUE' for f in top_level)}"])
+                               f"{', '.join(f'--{f}=VALUE' for f in top_level)}{hint}"])
         key = arg[2:]
         if "=" in key:
             key, value = key.split("=", 1)

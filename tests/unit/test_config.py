@@ -1,4 +1,5 @@
 """The config tree: shipped configs, overrides, and a clear message for every bad input."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -612,3 +613,32 @@ def test_a_data_path_the_datasets_would_refuse_is_refused_before_training(value,
     failed when the data was built (or, not being JSON, became one prefix named "[0.5,a]")."""
     problems = problems_of(tiny_raw(), ["--data.mock=false", f"--data.train_data_path={value}"])
     assert any(message in p for p in problems), problems
+
+
+def test_megatrons_arguments_map_to_fields_that_exist_and_the_readme_shows_them():
+    from megagpt.config import MEGATRON_ARGUMENTS, Config, SECTIONS
+    for flag, ours in MEGATRON_ARGUMENTS.items():
+        target = ours.split()[0].split("=")[0]
+        if target == "name":
+            continue
+        section, field_name = target.split(".")
+        assert field_name in {f.name for f in dataclasses.fields(SECTIONS[section])}, (flag, ours)
+    assert "name" in {f.name for f in dataclasses.fields(Config)}
+    readme = (Path(__file__).resolve().parents[2] / "configs" / "README.md").read_text()
+    table = readme.split("## From Megatron-LM's arguments", 1)[1].split("\n## ", 1)[0]
+    rows = dict(line[3:].split("` | ", 1) for line in table.splitlines() if line.startswith("| `--"))
+    assert {k.removeprefix("--"): v.removesuffix(" |") for k, v in rows.items()} == \
+        MEGATRON_ARGUMENTS
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--tensor-model-parallel-size", "Megatron-LM's --tensor-model-parallel-size is "
+                                     "parallel.tensor_parallel_size here"),
+    ("--micro-batch-size=4", "Megatron-LM's --micro-batch-size is training.batch_size here"),
+    ("--use_distributed_optimizer", "Megatron-LM's --use_distributed_optimizer is "
+                                    "parallel.zero_stage=1 here"),
+])
+def test_a_megatron_argument_given_as_an_override_says_where_it_goes(arg, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, [arg, "2"], raw=tiny_raw())
+    assert expected in str(info.value)
