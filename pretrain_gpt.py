@@ -28,6 +28,7 @@ from megagpt.testing import free_port
 from megagpt.training.checkpoint import CheckpointError, find_latest
 from megagpt.training.ds_engine import DeepSpeedError
 from megagpt.training.metrics import WandbError
+from megagpt.training.precision import gpu_problems
 from megagpt.training.trainer import (AnotherRankFailed, Trainer, TrainingAborted, output_problems,
                                       run_banner)
 
@@ -100,6 +101,13 @@ def main(argv=None) -> int:
     if problems:
         print_once(f"error: {ConfigError(problems)}")
         return 1
+    if torch.cuda.is_available():     # what this machine's GPU lacks, before joining the group
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        problems = gpu_problems(cfg, torch.cuda.get_device_capability(local),
+                                torch.cuda.get_device_name(local))
+        if problems:
+            print_once(f"error: {ConfigError(problems)}")
+            return 1
     device = init_distributed(cfg)
     # DeepSpeed's CPU accelerator has its bf16 mode (and refuses fp16, saying so); the native
     # engine runs fp32 on a CPU

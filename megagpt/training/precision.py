@@ -28,6 +28,25 @@ def _check_precision(precision: str) -> None:
                          f"{', '.join(PRECISIONS)}")
 
 
+def gpu_problems(cfg, capability: tuple[int, int], name: str) -> list[str]:
+    """What this config asks of the GPU that a GPU of compute `capability` (major, minor) named
+    `name` lacks: bf16 arithmetic and flash-attn 2 need Ampere (8.0) or newer. Torch emulates
+    bf16 on older GPUs, slowly, and Triton does not compile it there: the run would crash in its
+    first kernel or crawl."""
+    problems = []
+    if capability < (8, 0):
+        found = f"this GPU ({name}) has compute capability {capability[0]}.{capability[1]}"
+        if cfg.training.precision == "bf16":
+            problems.append(f"training.precision=bf16 needs a GPU of compute capability 8.0 or "
+                            f"newer (A100, H100, RTX 30xx and later); {found}; fix: "
+                            f"training.precision=fp16 (with dynamic loss scaling, as Megatron "
+                            f"trains on V100s)")
+        if cfg.kernels.attention == "flash_attn":
+            problems.append(f"kernels.attention=flash_attn: flash-attn 2 needs compute capability "
+                            f"8.0 or newer; {found}; fix: kernels.attention=sdpa")
+    return problems
+
+
 def param_dtype(precision: str) -> torch.dtype:
     """The model's parameter dtype for `training.precision`: float32, bfloat16 or float16."""
     _check_precision(precision)

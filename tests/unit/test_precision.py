@@ -112,3 +112,20 @@ def test_bad_scaler_arguments(kw, message):
     with pytest.raises(ValueError, match=message):
         DynamicLossScaler(**kw)
 
+
+
+def test_what_a_gpu_before_ampere_lacks_is_refused_before_the_run():
+    """A T4 or V100: Triton does not compile bf16 there (the first kernel failed) and torch
+    emulates it; flash-attn 2 does not run there."""
+    from megagpt.testing import tiny_config
+    from megagpt.training.precision import gpu_problems
+    cfg = tiny_config(training__precision="bf16", kernels__attention="flash_attn")
+    problems = gpu_problems(cfg, (7, 5), "Tesla T4")
+    assert problems == [
+        "training.precision=bf16 needs a GPU of compute capability 8.0 or newer (A100, H100, RTX "
+        "30xx and later); this GPU (Tesla T4) has compute capability 7.5; fix: "
+        "training.precision=fp16 (with dynamic loss scaling, as Megatron trains on V100s)",
+        "kernels.attention=flash_attn: flash-attn 2 needs compute capability 8.0 or newer; this "
+        "GPU (Tesla T4) has compute capability 7.5; fix: kernels.attention=sdpa"]
+    assert gpu_problems(cfg, (8, 0), "A100") == []
+    assert gpu_problems(tiny_config(training__precision="fp16"), (7, 0), "V100") == []
