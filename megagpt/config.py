@@ -288,12 +288,15 @@ MEGATRON_ARGUMENTS = {
     "hidden-size": "model.d_model",
     "num-attention-heads": "model.n_heads",
     "seq-length": "model.seq_length",
-    "max-position-embeddings": "model.seq_length (the learned positions are the context)",
+    "max-position-embeddings": "model.seq_length of the model (the learned positions; a "
+                               "training config's own model.seq_length may be shorter)",
     "ffn-hidden-size": "model.ffn_hidden_size",
     "hidden-dropout": "model.dropout (one probability for embeddings, residuals and attention)",
     "attention-dropout": "model.dropout (one probability for embeddings, residuals and "
                          "attention)",
     "layernorm-epsilon": "model.layernorm_eps",
+    "norm-epsilon": "model.layernorm_eps",
+    "vocab-size": "model.vocab_size",
     "init-method-std": "model.init_std",
     "make-vocab-size-divisible-by": "model.make_vocab_size_divisible_by",
     "micro-batch-size": "training.batch_size",
@@ -319,6 +322,12 @@ MEGATRON_ARGUMENTS = {
     "recompute-activations": "training.recompute=selective",
     "recompute-granularity": "training.recompute (full or selective; full recomputes every "
                              "block)",
+    "recompute-method": "training.recompute=full is --recompute-method uniform "
+                        "--recompute-num-layers 1 (block, or more layers a group, are not here)",
+    "recompute-num-layers": "training.recompute=full is --recompute-method uniform "
+                            "--recompute-num-layers 1 (block, or more layers a group, are not "
+                            "here)",
+    "enable-cuda-graph": "training.cuda_graphs=true",
     "exit-duration-in-mins": "training.exit_duration_minutes",
     "data-path": "data.train_data_path (with data.val_data_path=[] to carve data.split out of "
                  "it)",
@@ -329,19 +338,34 @@ MEGATRON_ARGUMENTS = {
     "data-cache-path": "data.cache_dir",
     "num-workers": "data.num_workers",
     "mock-data": "data.mock=true",
-    "vocab-file": "data.tokenizer_path (a folder with vocab.json and merges.txt, or gpt2)",
-    "merge-file": "data.tokenizer_path (a folder with vocab.json and merges.txt, or gpt2)",
+    "vocab-file": "data.tokenizer_path: the folder of the vocab and merges files (Megatron's "
+                  "gpt2-vocab.json and gpt2-merges.txt are GPT-2's: data.tokenizer_path=gpt2)",
+    "merge-file": "data.tokenizer_path: the folder of the vocab and merges files (Megatron's "
+                  "gpt2-vocab.json and gpt2-merges.txt are GPT-2's: data.tokenizer_path=gpt2)",
+    "tokenizer-type": "data.tokenizer_path (GPT2BPETokenizer: gpt2)",
+    "tokenizer-model": "data.tokenizer_path (a tokenizer.json, or its folder)",
     "tensor-model-parallel-size": "parallel.tensor_parallel_size",
     "pipeline-model-parallel-size": "parallel.pipeline_parallel_size",
     "num-layers-per-virtual-pipeline-stage": "parallel.virtual_pipeline_size = n_layers / "
                                              "(pipeline size x that number)",
+    "num-virtual-stages-per-pipeline-rank": "parallel.virtual_pipeline_size",
     "sequence-parallel": "parallel.sequence_parallel=true",
     "use-distributed-optimizer": "parallel.zero_stage=1",
     "ddp-bucket-size": "parallel.bucket_size_mb (in MB of float32: elements x 4 / 2**20)",
-    "deepspeed-config": "parallel.deepspeed_config",
+    "deepspeed": "parallel.deepspeed_config=FILE (Megatron-DeepSpeed's --deepspeed "
+                 "--deepspeed_config FILE)",
+    "deepspeed-config": "parallel.deepspeed_config (Megatron-DeepSpeed's --deepspeed_config)",
     "use-flash-attn": "kernels.attention=flash_attn",
+    "attention-backend": "kernels.attention (auto: auto; flash: flash_attn or triton; fused: "
+                         "sdpa; unfused or local: eager)",
+    "no-masked-softmax-fusion": "kernels.softmax=torch",
+    "no-bias-gelu-fusion": "kernels.bias_gelu=torch",
     "save": "checkpoint.save_dir",
-    "load": "checkpoint.load",
+    "load": "checkpoint.load: leave it auto when it is --save's folder (it resumes, and starts "
+            "fresh when there is nothing to resume, as Megatron's); another folder must hold a "
+            "checkpoint",
+    "finetune": "checkpoint.pretrained=FOLDER (--load FOLDER --finetune: its weights, step 0, "
+                "a fresh optimizer)",
     "save-interval": "checkpoint.save_interval",
     "async-save": "checkpoint.async_save=true",
     "pretrained-checkpoint": "checkpoint.pretrained",
@@ -353,28 +377,38 @@ MEGATRON_ARGUMENTS = {
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """`--section.field=value` or `--section.field value` pairs into {"section.field": "value"}."""
-    out, i = {}, 0
+    out, i, problems = {}, 0, []
+    top_level = [f for f in _field_names(Config) if _dataclass_of(_hints(Config)[f]) is None]
     while i < len(args):
         arg = args[i]
-        top_level = [f for f in _field_names(Config) if _dataclass_of(_hints(Config)[f]) is None]
         if not arg.startswith("--") or ("." not in arg.split("=", 1)[0]
                                         and arg[2:].split("=", 1)[0] not in top_level):
             megatron = MEGATRON_ARGUMENTS.get(arg[2:].split("=", 1)[0].replace("_", "-"))
-            hint = (f"; Megatron-LM's {arg.split('=', 1)[0]} is {megatron} here (configs/README.md,"
-                    f" \"From Megatron-LM's arguments\")" if arg.startswith("--") and megatron
-                    else "")
-            raise ConfigError([f"override {arg!r} is not of the form --section.field=value "
-                               f"(e.g. --training.max_steps=100) or one of "
-                               f"{', '.join(f'--{f}=VALUE' for f in top_level)}{hint}"])
+            if arg.startswith("--") and megatron:
+                problems.append(f"{arg.split('=', 1)[0]} is Megatron-LM's argument; here it is "
+                                f"{megatron} (configs/README.md, \"From Megatron-LM's "
+                                f"arguments\")")
+            else:
+                problems.append(f"override {arg!r} is not of the form --section.field=value "
+                                f"(e.g. --training.max_steps=100) or one of "
+                                f"{', '.join(f'--{f}=VALUE' for f in top_level)}")
+            # every one is reported: skip this one's value, if it has one
+            i += 2 if (arg.startswith("--") and "=" not in arg and i + 1 < len(args)
+                       and not args[i + 1].startswith("--")) else 1
+            continue
         key = arg[2:]
         if "=" in key:
             key, value = key.split("=", 1)
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             value, i = args[i + 1], i + 1
         else:
-            raise ConfigError([f"override --{key} has no value; write --{key}=VALUE"])
+            problems.append(f"override --{key} has no value; write --{key}=VALUE")
+            i += 1
+            continue
         out[key] = value
         i += 1
+    if problems:
+        raise ConfigError(problems)
     return out
 
 

@@ -206,7 +206,6 @@ def generate(model: GPTStage, prompts: list[list[int]], *, max_new_tokens: int,
 
 def _generate(model, prompts, max_new_tokens, eod_id, sampling, generator, use_cache, on_token,
               vocab_limit):
-    m = model.cfg
     device = model.word_embedding_weight().device
     rows, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens

@@ -19,7 +19,6 @@ a replay allocates nothing in the allocator's view, so the pool's blocks that we
 capture ended (the blocks' intermediates, reused on every replay) are not in the allocated peak.
 """
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -214,15 +214,25 @@ def load_tokenizer(path: str | os.PathLike, name: str = "tokenizer") -> Tokenize
                          source)
     p = Path(path).expanduser()
     if p.is_file():
-        if p.suffix != ".json" or p.name == "vocab.json":
+        if p.name.endswith("vocab.json"):      # a BPE vocabulary (Megatron's --vocab-file)
+            raise TokenizerError(f"{shown} is a BPE vocabulary, which needs its merges file; "
+                                 f"fix: give the folder holding both (vocab.json + merges.txt, "
+                                 f"or Megatron's gpt2-vocab.json + gpt2-merges.txt), or \"gpt2\" "
+                                 f"for GPT-2's own")
+        if p.suffix != ".json":
             raise TokenizerError(f"{shown} is a file but not a tokenizer.json; fix: give "
                                  f"{TOKENIZER_CHOICES}")
         return Tokenizer(_from_json(p, shown), source)
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
             return Tokenizer(_from_json(p / "tokenizer.json", shown), source)
+        # vocab.json + merges.txt (Hugging Face), or one <name>-vocab.json + <name>-merges.txt
+        # (Megatron's gpt2-vocab.json, gpt2-merges.txt)
+        vocabs, merges = sorted(p.glob("*vocab.json")), sorted(p.glob("*merges.txt"))
         if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-            return Tokenizer(_byte_level_bpe(p / "vocab.json", p / "merges.txt", shown), source)
+            vocabs, merges = [p / "vocab.json"], [p / "merges.txt"]
+        if len(vocabs) == 1 and len(merges) == 1:
+            return Tokenizer(_byte_level_bpe(vocabs[0], merges[0], shown), source)
         found = sorted(x.name for x in p.iterdir())[:10]
         raise TokenizerError(
             f"{shown} is a folder with neither tokenizer.json nor vocab.json + merges.txt "

@@ -832,8 +832,8 @@ def pretrained_state(source: str, m: ModelConfig) -> dict[str, torch.Tensor]:
         where = (f"a Hugging Face GPT-2 folder (config.json + model.safetensors, e.g. from "
                  f"`huggingface-cli download {hub} --local-dir {source}` on a machine with "
                  f"internet)" if hub else
-                 f"a checkpoint of ours of this architecture: train it first (`make demo` writes "
-                 f"the tiny model's to runs/tiny_model/checkpoints)")
+                 "a checkpoint of ours of this architecture: train it first (`make demo` writes "
+                 "the tiny model's to runs/tiny_model/checkpoints)")
         raise ConversionError(
             f"checkpoint.pretrained={source} does not exist; fix: point it at {where}, or set "
             f"checkpoint.pretrained=null to start from random weights")

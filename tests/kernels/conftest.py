@@ -8,16 +8,16 @@ restores the variable (re-importing the kernels later breaks Triton's interprete
 ``_triton_mode`` fixture here sets it again for each kernel test only, so tests in other folders
 keep the plain-torch path and its speed.
 """
-import os
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+import megagpt.kernels._utils as _kernel_utils   # tests/conftest.py has imported it first
+
+ON_GPU = torch.cuda.is_available() and not _kernel_utils.interpreter_requested()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 if not ON_GPU:
-    import megagpt.kernels._utils as _kernel_utils
 
     if not _kernel_utils.KERNELS_INTERPRETED:
         raise RuntimeError("megagpt.kernels was imported with compiled kernels on a machine "

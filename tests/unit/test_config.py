@@ -618,7 +618,7 @@ def test_a_data_path_the_datasets_would_refuse_is_refused_before_training(value,
 def test_megatrons_arguments_map_to_fields_that_exist_and_the_readme_shows_them():
     from megagpt.config import MEGATRON_ARGUMENTS, Config, SECTIONS
     for flag, ours in MEGATRON_ARGUMENTS.items():
-        target = ours.split()[0].split("=")[0]
+        target = ours.split()[0].split("=")[0].rstrip(":")
         if target == "name":
             continue
         section, field_name = target.split(".")
@@ -632,13 +632,24 @@ def test_megatrons_arguments_map_to_fields_that_exist_and_the_readme_shows_them(
 
 
 @pytest.mark.parametrize("arg, expected", [
-    ("--tensor-model-parallel-size", "Megatron-LM's --tensor-model-parallel-size is "
-                                     "parallel.tensor_parallel_size here"),
-    ("--micro-batch-size=4", "Megatron-LM's --micro-batch-size is training.batch_size here"),
-    ("--use_distributed_optimizer", "Megatron-LM's --use_distributed_optimizer is "
-                                    "parallel.zero_stage=1 here"),
+    ("--tensor-model-parallel-size", "--tensor-model-parallel-size is Megatron-LM's argument; "
+                                     "here it is parallel.tensor_parallel_size"),
+    ("--micro-batch-size=4", "--micro-batch-size is Megatron-LM's argument; here it is "
+                             "training.batch_size"),
+    ("--use_distributed_optimizer", "--use_distributed_optimizer is Megatron-LM's argument; here "
+                                    "it is parallel.zero_stage=1"),
 ])
 def test_a_megatron_argument_given_as_an_override_says_where_it_goes(arg, expected):
     with pytest.raises(ConfigError) as info:
         load_config(TINY, [arg, "2"], raw=tiny_raw())
     assert expected in str(info.value)
+
+
+def test_every_bad_override_is_reported_at_once():
+    """A pasted Megatron command took one run per argument to learn them."""
+    with pytest.raises(ConfigError) as info:
+        parse_overrides(["--num-layers", "4", "--hidden-size=256", "--training.max_steps=5",
+                         "--bf16", "--lr", "3e-4", "oops", "--training.seed"])
+    assert [p.split(";")[0].split(" is ")[0] for p in info.value.problems] == [
+        "--num-layers", "--hidden-size", "--bf16", "--lr",
+        "override 'oops'", "override --training.seed has no value"]

@@ -152,7 +152,9 @@ def test_megagpt_fast_bpe_0_keeps_tokenizers():
 @pytest.mark.parametrize("case, expected", [
     ("missing", "does not exist; fix: give \"gpt2\" (bundled)"),
     ("empty_folder", "is a folder with neither tokenizer.json nor vocab.json + merges.txt"),
-    ("vocab_only_file", "is a file but not a tokenizer.json"),
+    ("vocab_only_file", "is a BPE vocabulary, which needs its merges file; fix: give the folder"),
+    ("megatron_vocab_file", "is a BPE vocabulary, which needs its merges file"),   # it was parsed
+    ("text_file", "is a file but not a tokenizer.json"),                         # as a tokenizer
     ("broken_json", "is not a valid tokenizers tokenizer.json"),
     ("broken_merges", "cannot read vocab.json + merges.txt"),
     ("no_eod", "has no end-of-document token"),
@@ -164,6 +166,12 @@ def test_load_errors_name_the_path(tmp_path, gpt2, case, expected):
     elif case == "vocab_only_file":
         path = tmp_path / "vocab.json"
         shutil.copy(GPT2_DIR / "vocab.json", path)
+    elif case == "megatron_vocab_file":
+        path = tmp_path / "gpt2-vocab.json"
+        shutil.copy(GPT2_DIR / "vocab.json", path)
+    elif case == "text_file":
+        path = tmp_path / "merges.txt"
+        shutil.copy(GPT2_DIR / "merges.txt", path)
     elif case == "broken_json":
         path = tmp_path / "tokenizer.json"
         path.write_text("{not json")
@@ -183,6 +191,14 @@ def test_load_errors_name_the_path(tmp_path, gpt2, case, expected):
         with pytest.raises(TokenizerError) as e:
             load_tokenizer(path, "--tokenizer")
         assert str(e.value).startswith(f"--tokenizer {str(path)!r}") and "; fix: " in str(e.value)
+
+
+def test_a_folder_of_megatrons_gpt2_vocab_and_merges_files_loads(tmp_path):
+    """Megatron's --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt, in one folder."""
+    shutil.copy(GPT2_DIR / "vocab.json", tmp_path / "gpt2-vocab.json")
+    shutil.copy(GPT2_DIR / "merges.txt", tmp_path / "gpt2-merges.txt")
+    text = "ROMEO: But soft, what light through yonder window breaks?"
+    assert load_tokenizer(tmp_path).encode(text) == load_tokenizer("gpt2").encode(text)
 
 
 CORPUS = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer",
