@@ -50,6 +50,36 @@ def print_once(message: str) -> None:
         time.sleep(5)
 
 
+ERROR_KEY = "megagpt/error/rank0"
+
+
+def report_error(message: str, wait_s: float = 5.0) -> None:
+    """Print a user error raised after the process group started, once for every rank that hit
+    the same one: rank 0 prints it and posts it in the group's store; another rank prints its own
+    unless it is word for word rank 0's (waiting up to `wait_s` for rank 0's to arrive; without
+    it, as for a failure of this rank alone, it prints)."""
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    except (RuntimeError, ValueError):
+        store = None
+    if rank == 0:
+        if store is not None:
+            try:
+                store.set(ERROR_KEY, message)
+            except RuntimeError:
+                pass
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return
+    try:
+        store.wait([ERROR_KEY], datetime.timedelta(seconds=wait_s))
+        if store.get(ERROR_KEY).decode() == message:
+            return                           # rank 0 has said it
+    except (AttributeError, RuntimeError):   # no store, no word from rank 0 in time, or it ended
+        pass
+    print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+
+
 def kept_checkpoint(cfg) -> str:
     """What a run stopped now leaves to resume from, and how."""
     latest = find_latest(Path(cfg.save_dir))
@@ -133,10 +163,9 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         return 130
     except USER_ERRORS as e:
-        rank = int(os.environ.get("RANK", "0"))
         cause = e.__cause__    # the library error underneath, unless the message quotes it
         cause = f" ({type(cause).__name__}: {cause})" if cause and str(cause) not in str(e) else ""
-        print(f"error{f' (rank {rank})' if rank else ''}: {e}{cause}", file=sys.stderr, flush=True)
+        report_error(f"{e}{cause}")
         return 1
     finally:
         destroy_parallel()

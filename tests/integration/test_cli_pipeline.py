@@ -87,3 +87,24 @@ def test_a_world_size_mismatch_under_torchrun_is_printed_once_with_a_fix_that_fi
              "--nproc_per_node 4 ... or --parallel.world_size=2 with tensor x pipeline parallel "
              "sizes whose product divides 2 (now 2 x 2)")
     assert result.stderr.count(error) == 1, result.stderr[-3000:]
+
+
+def test_an_error_every_rank_hits_is_printed_once(tmp_path):
+    """Every rank printed the same resume error (8 lines on one node of 8 GPUs)."""
+    def run(*extra):
+        cmd = [str(TORCHRUN), "--nproc_per_node", "2", "pretrain_gpt.py",
+               "--config", "configs/training/tiny_model.json", "--parallel.world_size=2",
+               "--parallel.tensor_parallel_size=1", "--parallel.pipeline_parallel_size=1",
+               "--data.mock=true", "--data.num_workers=0", "--model.d_model=64",
+               "--model.estimated_parameters=null", "--training.max_steps=1",
+               "--training.warmup_steps=1", "--training.eval_interval=0",
+               f"--logging.run_dir={tmp_path}", f"--checkpoint.save_dir={tmp_path / 'ckpt'}",
+               *extra]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    first = run("--model.n_layers=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run("--model.n_layers=4", "--training.max_steps=2")   # another architecture
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: "), again.stderr[-3000:]
+    assert "does not fit this config" in errors[0] and "model.n_layers" in again.stderr

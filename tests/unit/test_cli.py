@@ -64,3 +64,40 @@ def test_ctrl_c_in_a_bench_tool_is_one_line(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().endswith("bench_memory.py: interrupted (Ctrl-C)") and "Traceback" not in err
+
+
+class _Store:
+    def __init__(self, posted=None):
+        self.posted = {} if posted is None else {"megagpt/error/rank0": posted.encode()}
+
+    def set(self, key, value):
+        self.posted[key] = value.encode()
+
+    def wait(self, keys, timeout):
+        if not all(k in self.posted for k in keys):
+            raise RuntimeError("Wait timeout")
+
+    def get(self, key):
+        return self.posted[key]
+
+
+@pytest.mark.parametrize("rank, posted, printed", [
+    ("0", None, "error: no checkpoint fits\n"),                 # rank 0 prints, and posts it
+    ("1", "no checkpoint fits", ""),                           # the same as rank 0's: said
+    ("1", "another rank failed", "error (rank 1): no checkpoint fits\n"),   # its own
+    ("1", None, "error (rank 1): no checkpoint fits\n"),        # rank 0 said nothing in time
+])
+def test_a_rank_prints_its_error_unless_rank_0_said_the_same(monkeypatch, capsys, rank, posted,
+                                                              printed):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pretrain_gpt", ROOT / "pretrain_gpt.py")
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    store = _Store(posted)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(program.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(program.dist.distributed_c10d, "_get_default_store", lambda: store)
+    program.report_error("no checkpoint fits", wait_s=0.1)
+    assert capsys.readouterr().err == printed
+    if rank == "0":
+        assert store.posted == {"megagpt/error/rank0": b"no checkpoint fits"}
