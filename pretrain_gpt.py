@@ -50,34 +50,52 @@ def print_once(message: str) -> None:
         time.sleep(5)
 
 
-ERROR_KEY = "megagpt/error/rank0"
+ERROR_KEY, ACKS_KEY = "megagpt/error/rank0", "megagpt/error/heard"
 
 
-def report_error(message: str, wait_s: float = 5.0) -> None:
-    """Print a user error raised after the process group started, once for every rank that hit
-    the same one: rank 0 prints it and posts it in the group's store; another rank prints its own
-    unless it is word for word rank 0's (waiting up to `wait_s` for rank 0's to arrive; without
-    it, as for a failure of this rank alone, it prints)."""
-    rank = int(os.environ.get("RANK", "0"))
+def _store():
+    """The process group's key-value store (hosted by rank 0's process), or None."""
     try:
-        store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
     except (RuntimeError, ValueError):
-        store = None
+        return None
+
+
+def report_error(message: str | None, wait_s: float = 5.0) -> None:
+    """Print a user error raised after the process group started, once for every rank that hit
+    the same one. Rank 0 prints its message (None: it has none of its own, as when another rank
+    failed first) and posts it in the group's store, then waits up to `wait_s` for every other
+    rank to have read it, so that torchrun, which stops every rank once one exits, stops none
+    before it has spoken. Another rank prints its own message unless it is word for word rank
+    0's; without word from rank 0 within `wait_s` (a failure of this rank alone), it prints."""
+    rank, store = int(os.environ.get("RANK", "0")), _store()
     if rank == 0:
-        if store is not None:
-            try:
-                store.set(ERROR_KEY, message)
-            except RuntimeError:
-                pass
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        if store is None or dist.get_world_size() == 1:
+            return
+        try:
+            store.set(ERROR_KEY, message or "")
+            deadline = time.monotonic() + wait_s
+            while (int(store.add(ACKS_KEY, 0)) < dist.get_world_size() - 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+        except RuntimeError:
+            pass
         return
+    said = None
     try:
         store.wait([ERROR_KEY], datetime.timedelta(seconds=wait_s))
-        if store.get(ERROR_KEY).decode() == message:
-            return                           # rank 0 has said it
+        said = store.get(ERROR_KEY).decode()
     except (AttributeError, RuntimeError):   # no store, no word from rank 0 in time, or it ended
         pass
-    print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+    if message is not None and message != said:
+        print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+    if said is not None:                     # printed first: rank 0 may end once all have read
+        try:
+            store.add(ACKS_KEY, 1)
+        except RuntimeError:
+            pass
 
 
 def kept_checkpoint(cfg) -> str:
@@ -131,13 +149,6 @@ def main(argv=None) -> int:
     if problems:
         print_once(f"error: {ConfigError(problems)}")
         return 1
-    if torch.cuda.is_available():     # what this machine's GPU lacks, before joining the group
-        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        problems = gpu_problems(cfg, torch.cuda.get_device_capability(local),
-                                torch.cuda.get_device_name(local))
-        if problems:
-            print_once(f"error: {ConfigError(problems)}")
-            return 1
     device = init_distributed(cfg)
     # DeepSpeed's CPU accelerator has its bf16 mode (and refuses fp16, saying so); the native
     # engine runs fp32 on a CPU
@@ -149,13 +160,19 @@ def main(argv=None) -> int:
         print("note: training.cuda_graphs=true needs CUDA; a CPU run launches the blocks as usual")
         cfg.training.cuda_graphs = False
     try:
+        if device.type == "cuda":   # what this rank's GPU lacks (GPUs may differ between ranks)
+            problems = gpu_problems(cfg, torch.cuda.get_device_capability(device),
+                                    torch.cuda.get_device_name(device))
+            if problems:
+                raise ConfigError(problems)
         state = initialize_parallel(cfg.parallel.tensor_parallel_size,
                                     cfg.parallel.pipeline_parallel_size)
         if state.rank == 0:
             print(run_banner(cfg, state))
         Trainer(cfg, state, device).train()
-    except AnotherRankFailed:
-        return 1           # rank 0 has printed why
+    except AnotherRankFailed:      # the failing rank prints why; this one waits for it to
+        report_error(None)        # (rank 0), or for word from rank 0, without a word of its own
+        return 1
     except KeyboardInterrupt:   # Ctrl-C reaches every rank: rank 0 speaks for all
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"interrupted (Ctrl-C): stopped without saving; {kept_checkpoint(cfg)}; to stop "

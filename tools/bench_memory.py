@@ -71,6 +71,7 @@ from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.estimate import MiB, estimate_memory  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
 from megagpt.provenance import provenance  # noqa: E402
+from megagpt.training.precision import gpu_problems  # noqa: E402
 from megagpt.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
 from megagpt.testing import free_port, run_distributed  # noqa: E402
 from megagpt.training.engine import Engine  # noqa: E402
@@ -269,6 +270,12 @@ def main() -> int:
             print(f"{path}: parallel.deepspeed_config={cfg.parallel.deepspeed_config}: "
                   f"--as-configured measures the native engine only; fix: leave this config out, "
                   f"or run it without --as-configured (one process, no DeepSpeed)", file=sys.stderr)
+            failed.append(path)
+            continue
+        lacks = [] if on_cpu else gpu_problems(cfg, torch.cuda.get_device_capability(),
+                                               torch.cuda.get_device_name())
+        if lacks:
+            print(f"{path}: {'; '.join(lacks)}", file=sys.stderr)
             failed.append(path)
             continue
         shrink = shrink_overrides(cfg, sizes)

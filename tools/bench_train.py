@@ -43,7 +43,7 @@ from megagpt.testing import free_port  # noqa: E402
 from megagpt.training.engine import Engine  # noqa: E402
 from megagpt.training.metrics import flops_per_token, peak_flops, throughput  # noqa: E402
 from megagpt.training.optim import build_optimizer  # noqa: E402
-from megagpt.training.precision import autocast_context  # noqa: E402
+from megagpt.training.precision import autocast_context, gpu_problems  # noqa: E402
 
 
 class HFPeer:
@@ -168,6 +168,11 @@ def main() -> int:
         print(f"{args.config}: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lacks = [] if device.type == "cpu" else gpu_problems(
+        cfg, torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))
+    if lacks:
+        print(f"{args.config}: {'; '.join(lacks)}", file=sys.stderr)
+        return 2
     if device.type == "cpu" and cfg.training.cuda_graphs:
         print(f"{args.config}: training.cuda_graphs=true needs a CUDA device and this machine has "
               f"none; fix: --training.cuda_graphs=false", file=sys.stderr)

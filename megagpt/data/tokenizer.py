@@ -228,11 +228,17 @@ def load_tokenizer(path: str | os.PathLike, name: str = "tokenizer") -> Tokenize
             return Tokenizer(_from_json(p / "tokenizer.json", shown), source)
         # vocab.json + merges.txt (Hugging Face), or one <name>-vocab.json + <name>-merges.txt
         # (Megatron's gpt2-vocab.json, gpt2-merges.txt)
-        vocabs, merges = sorted(p.glob("*vocab.json")), sorted(p.glob("*merges.txt"))
+        vocabs, merges = ([x for x in sorted(p.glob(pattern)) if not x.name.startswith(".")]
+                          for pattern in ("*vocab.json", "*merges.txt"))
         if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
             vocabs, merges = [p / "vocab.json"], [p / "merges.txt"]
         if len(vocabs) == 1 and len(merges) == 1:
             return Tokenizer(_byte_level_bpe(vocabs[0], merges[0], shown), source)
+        if vocabs and merges:
+            raise TokenizerError(
+                f"{shown} holds more than one vocabulary or merges file "
+                f"({', '.join(x.name for x in vocabs + merges)}): which pair is the tokenizer is "
+                f"not clear; fix: point at a folder with one pair")
         found = sorted(x.name for x in p.iterdir())[:10]
         raise TokenizerError(
             f"{shown} is a folder with neither tokenizer.json nor vocab.json + merges.txt "

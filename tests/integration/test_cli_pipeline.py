@@ -91,8 +91,8 @@ def test_a_world_size_mismatch_under_torchrun_is_printed_once_with_a_fix_that_fi
 
 def test_an_error_every_rank_hits_is_printed_once(tmp_path):
     """Every rank printed the same resume error (8 lines on one node of 8 GPUs)."""
-    def run(*extra):
-        cmd = [str(TORCHRUN), "--nproc_per_node", "2", "pretrain_gpt.py",
+    def run(*extra, program="pretrain_gpt.py"):
+        cmd = [str(TORCHRUN), "--nproc_per_node", "2", program,
                "--config", "configs/training/tiny_model.json", "--parallel.world_size=2",
                "--parallel.tensor_parallel_size=1", "--parallel.pipeline_parallel_size=1",
                "--data.mock=true", "--data.num_workers=0", "--model.d_model=64",
@@ -108,3 +108,24 @@ def test_an_error_every_rank_hits_is_printed_once(tmp_path):
     errors = [line for line in again.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: "), again.stderr[-3000:]
     assert "does not fit this config" in errors[0] and "model.n_layers" in again.stderr
+    # an error of one rank alone is printed by it (rank 0, told by AnotherRankFailed, waits for
+    # it: without that, torchrun stopped rank 1 before it spoke)
+    wrapper = tmp_path / "rank1_fails.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import megagpt.training.trainer as trainer\n"
+        "from megagpt.data.gpt_dataset import DatasetBuildError\n"
+        "build = trainer.build_mock_datasets\n"
+        "def fails_on_rank_1(*args, **kwargs):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise DatasetBuildError('rank 1 cannot read its data; fix: mount it')\n"
+        "    return build(*args, **kwargs)\n"
+        "trainer.build_mock_datasets = fails_on_rank_1\n"
+        "import pretrain_gpt\n"
+        "sys.exit(pretrain_gpt.main())\n")
+    alone = run("--model.n_layers=2", "--checkpoint.load=none",
+                f"--checkpoint.save_dir={tmp_path / 'other'}", program=str(wrapper))
+    errors = [line for line in alone.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error (rank 1): rank 1 cannot read its data; fix: mount it"], \
+        alone.stderr[-3000:]

@@ -197,8 +197,14 @@ def test_a_folder_of_megatrons_gpt2_vocab_and_merges_files_loads(tmp_path):
     """Megatron's --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt, in one folder."""
     shutil.copy(GPT2_DIR / "vocab.json", tmp_path / "gpt2-vocab.json")
     shutil.copy(GPT2_DIR / "merges.txt", tmp_path / "gpt2-merges.txt")
+    (tmp_path / "._gpt2-vocab.json").write_bytes(b"\x00\x05")     # macOS metadata: ignored
     text = "ROMEO: But soft, what light through yonder window breaks?"
     assert load_tokenizer(tmp_path).encode(text) == load_tokenizer("gpt2").encode(text)
+    shutil.copy(GPT2_DIR / "vocab.json", tmp_path / "other-vocab.json")
+    with pytest.raises(TokenizerError, match=r"holds more than one vocabulary or merges file "
+                                             r"\(gpt2-vocab.json, other-vocab.json, "
+                                             r"gpt2-merges.txt\).*fix: point at a folder with one"):
+        load_tokenizer(tmp_path)
 
 
 CORPUS = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer",
