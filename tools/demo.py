@@ -4,7 +4,8 @@
 1. validate every shipped training config (exact parameter counts, memory per GPU);
 2. preprocess the bundled Shakespeare corpus into Megatron's .bin/.idx with the GPT-2 tokenizer;
 3. train the tiny model as 4 gloo processes, tensor parallel 2 x pipeline parallel 2, showing
-   the loss falling and the validation perplexity, and leaving a checkpoint;
+   the loss falling, the validation perplexity and the final test loss, and leaving a
+   checkpoint;
 4. sample a short text from that checkpoint (merged to one process) with tools/generate.py.
 
 Each step prints the command it runs, so a reader can run it again by hand. A previous run's
@@ -53,6 +54,10 @@ def summarise() -> None:
           f"{train[-1]['loss']:.3f} (step {train[-1]['step']})")
     for r in evals:
         print(f"validation at step {r['step']}: loss {r['val_loss']:.3f}, perplexity {r['val_ppl']:.1f}")
+    for r in records:
+        if "test_loss" in r:
+            print(f"test (held-out documents) at step {r['step']}: loss {r['test_loss']:.3f}, "
+                  f"perplexity {r['test_ppl']:.1f}")
     latest = open(os.path.join(ROOT, RUN_DIR, "checkpoints", "latest")).read().strip()
     print(f"checkpoint: {RUN_DIR}/checkpoints/{latest}; metrics: {RUN_DIR}/metrics.jsonl")
 
