@@ -219,12 +219,14 @@ def dataset_exists(prefix: str) -> bool:
 
 
 class FolderLock:
-    """An exclusive advisory lock (`flock`) on `<folder>/.lock`, recording its holder (host, pid,
-    start) in the file. The kernel releases it when the holder's process ends, however it ends.
+    """An exclusive advisory lock on `<folder>/.lock`, recording its holder (host, pid, start) in
+    the file. The kernel releases it when the holder's process ends, however it ends.
+
+    A POSIX record lock (`fcntl.lockf`), not `flock`: it belongs to the process, so the children
+    it forks (data-loader workers) do not hold it on, and NFS carries it between machines.
 
     `take()` returns None once held, or what the holder recorded while another process holds it.
-    On a file system without locks (`flock` unsupported) it holds nothing and returns None:
-    `held` says which."""
+    On a file system without locks it holds nothing and returns None: `held` says which."""
 
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / ".lock"
@@ -242,7 +244,7 @@ class FolderLock:
         except OSError:                    # not a folder, not writable: the first save says so
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()

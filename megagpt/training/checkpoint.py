@@ -25,8 +25,8 @@ earlier steps to `keep_last` complete checkpoints (later steps, left by a run th
 before, are kept); every rank then learns whether rank 0 succeeded. The ranks agree at each of
 these points through an all-reduce (`all_min`), not a barrier: a rank that fails to create the
 folder, write its files or finalize raises a CheckpointError naming its cause, and every other
-rank raises one saying which rank failed, instead of waiting for it in a barrier. Once the new
-step is `latest`, failing to remove a stale folder or prune an old step is a warning, not a
+rank raises one saying that another rank failed, instead of waiting for it in a barrier. Once
+the new step is `latest`, failing to remove a stale folder or prune an old step is a warning, not a
 failed save. A process killed at any point leaves either the previous checkpoint as the newest
 complete one, or the new one complete.
 
@@ -189,7 +189,7 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
             for one process). The ranks agree through it after each stage of the save (the
             folder created, every rank's files written, rank 0's rename and `latest`), so a
             failure on any rank raises on every rank: a CheckpointError, the failing rank's
-            naming its cause, the others' saying which rank failed.
+            naming its cause, the others' saying that another rank failed.
         write_extra: called on every rank with the temporary folder, before this rank's own
             files are written: an engine that saves its own files (DeepSpeed's
             `save_checkpoint`, a collective) writes them there. Its failure raises at once on

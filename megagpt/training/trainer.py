@@ -218,6 +218,10 @@ class Trainer:
         self.saved_step = None        # the step last written to the save dir, if any
         self.pending = None           # a background save (checkpoint.async_save)
         self._host_states = None      # the last one's host copy, reused by the next
+        # a run still saving into the save dir (a requeued job's predecessor ending) is waited
+        # for before choosing the checkpoint to resume, so this run resumes from its last save;
+        # train() holds the lock itself
+        self._lock_save_dir(note_unlocked=False).release()
         self._resume()
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
 
@@ -321,11 +325,11 @@ class Trainer:
         finally:
             lock.release()
 
-    def _lock_save_dir(self) -> FolderLock:
+    def _lock_save_dir(self, note_unlocked: bool = True) -> FolderLock:
         """Rank 0 locks checkpoint.save_dir for this run: two runs saving into one folder (a job
         submitted twice) overwrite each other's checkpoints and `latest`. A held lock is waited
         for up to SAVE_DIR_LOCK_WAIT_S (a requeued job's predecessor may still be ending), then
-        refused on every rank."""
+        refused on every rank. Called before resuming (to wait, then let go) and by train()."""
         lock, holder = FolderLock(self.save_dir), None
         if self.is_rank0:
             deadline, said = time.monotonic() + SAVE_DIR_LOCK_WAIT_S, False
@@ -342,7 +346,7 @@ class Trainer:
                     f"two runs saving into one folder overwrite each other's checkpoints; fix: "
                     f"stop that run, or give this one another checkpoint.save_dir (or --name)")
             raise AnotherRankFailed("rank 0 could not lock checkpoint.save_dir")
-        if self.is_rank0 and not lock.held:
+        if self.is_rank0 and not lock.held and note_unlocked:
             self.log(f"note: checkpoint.save_dir={self.save_dir} cannot be locked (no file locks "
                      f"there): nothing stops another run from saving into it meanwhile")
         return lock

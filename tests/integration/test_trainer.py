@@ -1272,10 +1272,9 @@ def _train_into_a_locked_save_dir(rank, world, run_dir, wait):
     from megagpt.training import trainer as trainer_module
     trainer_module.SAVE_DIR_LOCK_WAIT_S = wait
     said = []
-    trainer = Trainer(run_config(Path(run_dir), 2), state.initialize_parallel(1, 1),
-                      log=said.append)
     try:
-        trainer.train()
+        Trainer(run_config(Path(run_dir), 2), state.initialize_parallel(1, 1),
+                log=said.append).train()
     except CheckpointError as e:
         return str(e), said
     return None, said
@@ -1299,3 +1298,44 @@ def test_a_second_run_into_one_save_dir_waits_then_is_refused(tmp_path):
     # once the other run has ended, it trains
     error, _ = run_distributed(_train_into_a_locked_save_dir, 1, str(tmp_path), 1.0)[0]
     assert error is None and (tmp_path / "ckpt" / "latest").is_file()
+
+
+def _resume_after_a_predecessor(rank, world, run_dir):
+    from megagpt.training import trainer as trainer_module
+    trainer_module.SAVE_DIR_LOCK_WAIT_S = 60.0
+    said = []
+    trainer = Trainer(run_config(Path(run_dir), 6, checkpoint__save_interval=2,
+                                 checkpoint__keep_last=0),
+                      state.initialize_parallel(1, 1), log=said.append)
+    return trainer.step, said
+
+
+def test_a_requeued_run_resumes_from_its_predecessors_last_save(tmp_path):
+    """The lock was taken only when training started: a run that waited for its predecessor had
+    already chosen the checkpoint to resume, an older one, and its saves replaced the newer."""
+    import threading
+
+    from megagpt.fsutil import FolderLock
+    run_distributed(_train, 1, str(tmp_path), 4, dict(checkpoint__save_interval=2,
+                                                      checkpoint__keep_last=0))
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest").read_text() == "step_0000004\n"
+    shutil.move(ckpt / "step_0000004", tmp_path / "step_0000004")     # not saved yet
+    (ckpt / "latest").write_text("step_0000002\n")
+    lock = FolderLock(ckpt)
+    assert lock.take() is None
+
+    def predecessor_ends():               # it saves step 4, then ends
+        time.sleep(3)
+        shutil.move(tmp_path / "step_0000004", ckpt / "step_0000004")
+        (ckpt / "latest").write_text("step_0000004\n")
+        lock.release()
+    ending = threading.Thread(target=predecessor_ends)
+    ending.start()
+    try:
+        step, said = run_distributed(_resume_after_a_predecessor, 1, str(tmp_path))[0]
+    finally:
+        ending.join()
+    assert step == 4, said
+    assert any("is locked by another run" in m for m in said), said
+
