@@ -16,8 +16,8 @@ A checkpoint is one folder, `<save_dir>/step_<NNNNNNN>/` (the step zero-padded t
                               checkpoint files); listed in `files` by path, hashed by rank 0
 
 Saving is atomic. Every rank writes its files into `step_<N>.tmp/` and records each file's hash
-beside it; once every rank has reported success, rank 0 checks that every expected file is there, writes meta.json,
-renames the folder to `step_<N>/` (the atomic step; a `step_<N>/` saved before, by a run
+beside it; once every rank has reported success, rank 0 checks that every expected file is
+there, writes meta.json, renames the folder to `step_<N>/` (the atomic step; a `step_<N>/` saved before, by a run
 that resumed from an earlier step, is swapped with the new one in one renameat2 exchange on
 Linux, so that the step is never missing), replaces `<save_dir>/latest` (a one-line
 file naming the folder) with write-then-`os.replace`, removes stale `*.tmp` folders and prunes the
@@ -193,9 +193,9 @@ def save_checkpoint(save_dir: str | Path, step: int, *, rank: int, tp_rank: int,
         write_extra: called on every rank with the temporary folder, before this rank's own
             files are written: an engine that saves its own files (DeepSpeed's
             `save_checkpoint`, a collective) writes them there. Its failure raises at once on
-            that rank (the others then fail in the engine's own collective). Every file it leaves, at any
-            depth, is hashed and listed in meta.json like the others, so it is part of the
-            atomic rename, the completeness check and pruning.
+            that rank (the others then fail in the engine's own collective). Every file it
+            leaves, at any depth, is hashed and listed in meta.json like the others, so it is
+            part of the atomic rename, the completeness check and pruning.
         warn: told (on rank 0) of what went wrong after the checkpoint became `latest`: removing
             leftover `*.tmp` folders or pruning old steps. The save stands; the default prints
             to stderr.
