@@ -71,6 +71,21 @@ def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
+def epoch_plan(tokens_per_epoch: int, seq_length: int,
+               num_samples: int | None) -> tuple[int, bool]:
+    """(epochs, whether the last is shuffled on its own) for `num_samples` samples of documents
+    holding `tokens_per_epoch` tokens: with the documents and the seed, all the sample order of
+    `build_sample_index` depends on. Megatron's rule: the last epoch is served on its own when
+    less than 80% of it is used (every document of the full epochs then comes before it);
+    otherwise all epochs mix."""
+    if num_samples is None or tokens_per_epoch <= 0:
+        return 1, False
+    num_epochs = max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
+    per_epoch = (tokens_per_epoch - 1) // seq_length
+    sans_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
+    return num_epochs, num_epochs > 1 and num_samples - sans_final < int(0.80 * per_epoch)
+
+
 def build_sample_index(sizes: np.ndarray, documents: np.ndarray, seq_length: int,
                        num_samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Megatron's (doc_idx, sample_idx, shuffle_idx) for `documents`, vectorised.
@@ -89,19 +104,11 @@ def build_sample_index(sizes: np.ndarray, documents: np.ndarray, seq_length: int
     tokens_per_epoch = int(lengths_per_doc.sum())
     if tokens_per_epoch == 0:
         raise DatasetBuildError(f"the {len(documents)} documents selected hold no token")
-    if num_samples is None:
-        num_epochs = 1
-    else:
-        num_epochs = max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
+    num_epochs, separate_final = epoch_plan(tokens_per_epoch, seq_length, num_samples)
     if (num_epochs * tokens_per_epoch - 1) // seq_length < 1:
         raise DatasetBuildError(f"the {len(documents)} documents hold {tokens_per_epoch} tokens, "
                                 f"fewer than one sample of seq_length + 1 = {seq_length + 1}")
-    # Megatron's rule: the last epoch is served on its own when less than 80% of it is used (so
-    # every document of the full epochs comes before it); otherwise all epochs mix
-    per_epoch = (tokens_per_epoch - 1) // seq_length
     sans_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
-    separate_final = (num_epochs > 1 and num_samples is not None
-                      and num_samples - sans_final < int(0.80 * per_epoch))
     rng = np.random.RandomState(seed)   # Megatron's generator and draws: the same samples
     doc_dtype = np.int32 if len(sizes) < 2**31 else np.int64
 
@@ -229,8 +236,17 @@ class GPTDataset(torch.utils.data.Dataset):
         self.seq_length = seq_length
         self.vocab_size = vocab_size
         self.name = name
+        self.num_samples = num_samples
+        self.tokens_per_epoch = int(np.asarray(indexed.sizes)[np.asarray(documents)].sum(
+            dtype=np.int64))
         self.doc_idx, self.sample_idx, self.shuffle_idx = cached_sample_index(
             indexed, np.asarray(documents), seq_length, num_samples, seed, cache_dir, name)
+
+    def same_order(self, num_samples: int | None) -> bool:
+        """Whether this dataset, built for `num_samples` samples instead, would serve its
+        samples in the same order (up to the shorter of the two): the same epoch plan."""
+        return (epoch_plan(self.tokens_per_epoch, self.seq_length, num_samples)
+                == epoch_plan(self.tokens_per_epoch, self.seq_length, self.num_samples))
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)

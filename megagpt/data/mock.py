@@ -31,6 +31,10 @@ class MockGPTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def same_order(self, num_samples: int) -> bool:
+        """Item i depends on the seed and i alone: any count serves the same order."""
+        return True
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"index {i} out of range for {self.num_samples} mock samples")

@@ -41,7 +41,8 @@ import torch
 
 from megagpt.data import jsonl
 from megagpt.data.blend import parse_data_path
-from megagpt.data.gpt_dataset import DatasetBuildError, build_sample_index, gather_sample, make_item, split_ranges
+from megagpt.data.gpt_dataset import (DatasetBuildError, build_sample_index, epoch_plan, gather_sample,
+                                     make_item, split_ranges)
 from megagpt.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.seq_length = seq_length
         self.packing = packing
         self.pad_id = pad_id
+        self.num_samples = num_samples
         self.skipped = examples.skipped
         if packing:
             self.doc_idx, self.sample_idx, self.order = build_sample_index(
@@ -200,6 +202,16 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.order)
+
+    def same_order(self, num_samples: int | None) -> bool:
+        """Whether built for `num_samples` samples instead, this dataset would serve the same
+        samples in the same order (up to the shorter of the two). Padded: always (each epoch's
+        permutation is drawn after the last); packed: the same epoch plan."""
+        if not self.packing:
+            return True
+        tokens = int(self.examples.lengths.sum())
+        return (epoch_plan(tokens, self.seq_length, num_samples)
+                == epoch_plan(tokens, self.seq_length, self.num_samples))
 
     def _slice(self, array: np.ndarray):
         offsets = self.examples.offsets

@@ -222,8 +222,11 @@ class Trainer:
         # for before choosing the checkpoint to resume, so this run resumes from its last save;
         # train() holds the lock itself
         self._lock_save_dir(note_unlocked=False).release()
+        self._resumed = None          # (path, consumed, its sample count, data changes)
         self._resume()
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
+        if self._resumed is not None and self.is_rank0:
+            self._warn_data_order()
 
     # ---- data ---------------------------------------------------------------------------
 
@@ -391,8 +394,9 @@ class Trainer:
         failed = True                      # until the loop ends normally
         try:
             batches = self._batches(self.train_ds, self.consumed_samples)
+            first_step = self.step
             while self.step < end:
-                stop, written = self._agree_at_step()
+                stop, written = self._agree_at_step(trained=self.step > first_step)
                 if written or stop:   # a background save every rank has written, or a stop
                     with timer.paused():
                         self.complete_pending_save()
@@ -412,6 +416,7 @@ class Trainer:
                 # every token processed, masked from the loss or not; none for a step skipped
                 # before its forward (no token counted in the loss)
                 timer.step(tokens_per_step if result.tokens or not result.skipped else 0)
+                aborting = False               # max_skipped_steps faults in a row
                 if result.skipped and not result.tokens:   # not a fault: no streak, no abort
                     self.skipped_total += 1
                     self.log(f"step {self.step}: no token of the global batch counts in the loss "
@@ -427,18 +432,13 @@ class Trainer:
                     self.consecutive_skips += 1
                     self.log(f"step {self.step}: non-finite loss or gradient (loss {result.loss}); "
                              f"update skipped ({self.consecutive_skips} in a row)")
-                    if t.max_skipped_steps and self.consecutive_skips >= t.max_skipped_steps:
-                        self.complete_pending_save()      # every rank stops here: keep it
-                        raise TrainingAborted(
-                            f"{self.consecutive_skips} consecutive steps had a non-finite loss or "
-                            f"gradient (training.max_skipped_steps={t.max_skipped_steps}); "
-                            f"stopping. Lower training.learning_rate, check the data, or resume "
-                            f"from an earlier checkpoint")
+                    aborting = bool(t.max_skipped_steps
+                                    and self.consecutive_skips >= t.max_skipped_steps)
                 else:
                     self.consecutive_skips = 0
                 if bar is not None:
                     bar.update(1)
-                if self.step % t.log_interval == 0 or self.step == end:
+                if self.step % t.log_interval == 0 or self.step == end or aborting:
                     _, tokens_per_s = timer.lap()
                     tflops, mfu = throughput(tokens_per_s, flops, self.state.layout.world_size, peak)
                     last = {"step": self.step, "loss": result.loss,
@@ -447,6 +447,13 @@ class Trainer:
                             "mem_gb": self._peak_memory_gb(), "skipped": self.skipped_total}
                     writer.write(last)
                     self._console(format_console_line(last, t.max_steps), bar)
+                if aborting:                   # its record written: every rank stops here
+                    self.complete_pending_save()
+                    raise TrainingAborted(
+                        f"{self.consecutive_skips} consecutive steps had a non-finite loss or "
+                        f"gradient (training.max_skipped_steps={t.max_skipped_steps}); "
+                        f"stopping. Lower training.learning_rate, check the data, or resume "
+                        f"from an earlier checkpoint")
                 if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == end):
                     with timer.paused():
                         last.update(self._evaluate_and_record("val", writer, bar))
@@ -534,13 +541,16 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         self._stop_requested = True
 
-    def _agree_at_step(self) -> tuple[str | None, bool]:
+    def _agree_at_step(self, trained: bool) -> tuple[str | None, bool]:
         """One collective a step, the same on every rank: (why to stop, if any rank has received
-        SIGTERM or any rank's clock has passed training.exit_duration_minutes, else None; every
-        rank has written its files of the background save in progress)."""
+        SIGTERM or, once this launch has `trained` a step, any rank's clock has passed
+        training.exit_duration_minutes, else None; every rank has written its files of the
+        background save in progress). Every launch makes a step, as Megatron's: one whose
+        start-up alone took longer than the limit would otherwise stop at once, time after time."""
         writing = self.pending is not None and not self.pending.written()
         limit = self.cfg.training.exit_duration_minutes
-        out_of_time = limit is not None and time.monotonic() - self.started >= 60 * limit
+        out_of_time = trained and limit is not None and \
+            time.monotonic() - self.started >= 60 * limit
         flags = torch.tensor([float(self._stop_requested), float(writing), float(out_of_time)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -681,32 +691,79 @@ class Trainer:
                      f"to start a {now.mode} run from its weights instead, set "
                      f"checkpoint.pretrained={path} and a new checkpoint.save_dir")
         if changed(self.SCHEDULE_FIELDS):
-            self.log(f"warning: resuming {path} with another learning-rate schedule ("
-                     f"{', '.join(changed(self.SCHEDULE_FIELDS))}); the rate at step "
-                     f"{meta.get('step')} changes from the saved run's")
+            jump = self._first_rate_change(saved, meta.get("step", 0),
+                                           meta.get("skipped_total", 0))
+            if jump is not None:
+                self.log(f"warning: resuming {path} with another learning-rate schedule ("
+                         f"{', '.join(changed(self.SCHEDULE_FIELDS))}); {jump}")
         if changed(self.OPTIMIZER_FIELDS):
             self.log(f"warning: resuming {path} with other optimizer settings ("
                      f"{', '.join(changed(self.OPTIMIZER_FIELDS))}); they apply from step "
                      f"{meta.get('step')} on")
-        data = data_order_changes(config, self.cfg)
-        if all(k in saved for k in ("max_steps", "batch_size", "grad_accumulation_steps")) \
-                and "dp" in meta.get("parallel", {}) and "step" in meta:
-            samples = saved["max_steps"] * saved["batch_size"] * saved["grad_accumulation_steps"] \
+        saved_batch = None
+        if all(k in saved for k in ("batch_size", "grad_accumulation_steps")) \
+                and "dp" in meta.get("parallel", {}):
+            saved_batch = saved["batch_size"] * saved["grad_accumulation_steps"] \
                 * meta["parallel"]["dp"]
-            samples = meta.get("train_samples", samples)   # a resumed run's own count
-            count = self._train_samples(meta["step"], meta.get("consumed_samples", 0))
-            if samples != count:
-                data.append(f"training samples (consumed + steps to go x global batch) "
-                            f"{samples} -> {count}")
+            if saved_batch != self.global_batch:
+                self.log(f"warning: {self._global_batch_change(path, saved, meta['parallel']['dp'])}")
+        data = data_order_changes(config, self.cfg)
         saved_version = meta.get("data_index_version", 1)   # 1: checkpoints before it was kept
         if saved_version != INDEX_VERSION and not self.cfg.data.mock:
             data.append(f"the samples' order itself (data index version {saved_version} -> "
                         f"{INDEX_VERSION}: Megatron-core's order since 2026-11-29)")
+        samples = meta.get("train_samples")   # absent before it was kept: the saved run's count
+        if samples is None and saved_batch is not None and "max_steps" in saved:
+            samples = saved["max_steps"] * saved_batch
+        self._resumed = (path, meta.get("consumed_samples"), samples, data)
+
+    def _first_rate_change(self, saved: dict, step: int, skipped: int) -> str | None:
+        """Where the rates of the steps from `step` to max_steps first differ from those the
+        saved run's schedule settings would give, or None when none does (raising max_steps
+        with lr_decay_steps set, say)."""
+        now = self.cfg.training
+        try:
+            then = dataclasses.replace(now, **{k: saved[k] for k in self.SCHEDULE_FIELDS
+                                                if k in saved})
+            for k in range(step - skipped, now.max_steps - skipped):   # the updates to make
+                rates = lr_at(k, then), lr_at(k, now)
+                if not math.isclose(*rates, rel_tol=1e-9, abs_tol=0.0):
+                    return (f"the rate departs from the saved run's schedule at step "
+                            f"{k + skipped + 1}: {rates[0]:.4g} -> {rates[1]:.4g}")
+        except (TypeError, ValueError):     # the saved settings do not make a schedule here
+            return f"the rates from step {step + 1} on follow this run's schedule"
+        return None
+
+    def _global_batch_change(self, path, saved: dict, saved_dp: int) -> str:
+        t, dp = self.cfg.training, self.state.dp_world_size
+        before = saved["batch_size"] * saved["grad_accumulation_steps"] * saved_dp
+        fix = (f"to keep it, set training.grad_accumulation_steps="
+               f"{before // (t.batch_size * dp)}" if before % (t.batch_size * dp) == 0 else
+               f"to keep it, choose training.batch_size and grad_accumulation_steps whose product "
+               f"times the data-parallel size {dp} is {before}")
+        return (f"resuming {path} with another global batch: {before} -> {self.global_batch} "
+                f"sequences a step (training.batch_size x grad_accumulation_steps x data-parallel "
+                f"size: {saved['batch_size']} x {saved['grad_accumulation_steps']} x "
+                f"{saved_dp} -> {t.batch_size} x {t.grad_accumulation_steps} x "
+                f"{dp}); the steps from here on take the new one, at the same learning rates; "
+                f"{fix}")
+
+    def _warn_data_order(self) -> None:
+        """After a resume, once the datasets are built: warn when the training samples not yet
+        consumed come in another order than the saved run's (its data settings differ, or its
+        sample count does in a way that changes the order: the epochs of a dataset, or how its
+        last epoch is shuffled)."""
+        path, consumed, samples, data = self._resumed
+        if samples is not None and samples != self.train_samples and self.train_ds is not None \
+                and not self.train_ds.same_order(samples):
+            data.append(f"training samples {samples} -> {self.train_samples} (consumed + steps "
+                        f"to go x global batch), which changes a dataset's epochs or how its "
+                        f"last epoch is shuffled")
         if data:
             self.log(f"warning: resuming {path} with other data settings ({', '.join(data)}); "
                      f"the training samples' order is built from them, so after the "
-                     f"{meta.get('consumed_samples')} samples consumed the run may see again "
-                     f"samples the saved run trained on and miss others")
+                     f"{consumed} samples consumed the run may see again samples the saved run "
+                     f"trained on and miss others")
 
     def _meta(self) -> dict:
         """meta.json's fields of this run's checkpoint (the skipped steps too: a weights-only

@@ -94,8 +94,21 @@ def test_a_resume_with_another_schedule_says_so(tmp_path):
     same = run_distributed(_resume_messages, 1, str(tmp_path), 6, 3)[0]
     assert not any("another learning-rate schedule" in m for m in same)
     longer = run_distributed(_resume_messages, 1, str(tmp_path), 9, 4)[0]
+    schedule = run_config(tmp_path, 6).training
+    was, now = lr_at(3, schedule), lr_at(3, run_config(tmp_path, 9).training)
     assert any("warning: resuming" in m and "another learning-rate schedule "
-               "(training.max_steps 6 -> 9)" in m for m in longer), longer
+               f"(training.max_steps 6 -> 9); the rate departs from the saved run's schedule at "
+               f"step 4: {was:.4g} -> {now:.4g}" in m for m in longer), longer
+
+
+def test_raising_max_steps_with_the_decay_steps_set_keeps_the_schedule(tmp_path):
+    """Megatron's way to extend a run, its decay steps fixed: the rates to come are the saved
+    run's, so there is nothing to warn of (it was told the rate changed)."""
+    fixed = dict(training__lr_decay_steps=6)
+    run_distributed(_resume_with, 1, str(tmp_path), 6, 6, fixed)
+    longer = run_distributed(_resume_with, 1, str(tmp_path), 9, 9, fixed)[0]
+    assert any("resumed from" in m for m in longer), longer
+    assert not any("warning" in m for m in longer), longer
 
 
 def _resume_with(rank, world, run_dir, max_steps, until, overrides):
@@ -112,11 +125,35 @@ def test_a_resume_with_other_data_settings_says_so(tmp_path):
     same = run_distributed(_resume_with, 1, str(tmp_path), 6, 3, {})[0]
     assert not any("other data settings" in m for m in same), same
     changed = run_distributed(_resume_with, 1, str(tmp_path), 9, 4, dict(training__seed=7))[0]
-    assert any("warning: resuming" in m and "other data settings (training.seed 11 -> 7, "
-               "training samples (consumed + steps to go x global batch) 48 -> 72); the "
+    assert any("warning: resuming" in m and "other data settings (training.seed 11 -> 7); the "
                "training samples' "
                "order is built from them, so after the 24 samples consumed" in m
                for m in changed), changed
+
+
+def _resume_on_indexed_data(rank, world, run_dir, max_steps, until):
+    """The tiny model on 30 documents of 40 tokens (28 of them for training: 69 samples of 16
+    an epoch; global batch 8): the order of the samples depends on their count."""
+    from megagpt.data.indexed import write_documents
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, TINY_VOCAB, (40,), generator=g).tolist() for _ in range(30)]
+    prefix = str(write_documents(Path(run_dir) / "d", docs).prefix)
+    return _resume_with(rank, world, run_dir, max_steps, until, dict(
+        data__mock=False, data__train_data_path=[prefix], model__vocab_size=50257,
+        data__split="95,5,0", data__cache_dir=str(Path(run_dir) / "cache")))
+
+
+def test_a_resume_is_told_of_a_new_sample_order_only_when_the_count_changes_it(tmp_path):
+    """Raising max_steps reorders the samples to come only when a dataset's epochs, or how its
+    last epoch is shuffled, change (it warned at every change of the count)."""
+    run_distributed(_resume_on_indexed_data, 1, str(tmp_path), 10, 2)    # 80 samples: 2 epochs
+    same = run_distributed(_resume_on_indexed_data, 1, str(tmp_path), 12, 4)[0]   # 96: still
+    assert any("resumed from" in m for m in same), same
+    assert not any("other data settings" in m for m in same), same
+    more = run_distributed(_resume_on_indexed_data, 1, str(tmp_path), 30, 6)[0]   # 240: 4
+    assert any("other data settings (training samples 96 -> 240 (consumed + steps to go x "
+               "global batch), which changes a dataset's epochs or how its last epoch is "
+               "shuffled)" in m for m in more), more
 
 
 def test_the_data_order_settings_follow_what_the_training_split_is_built_from():
@@ -149,8 +186,11 @@ def test_a_resume_with_a_smaller_global_batch_has_the_samples_to_finish(tmp_path
     run_distributed(_resume_with, 1, str(tmp_path), 6, 6, {})
     messages = run_distributed(_resume_with, 1, str(tmp_path), 10, 8,
                                dict(training__grad_accumulation_steps=1))[0]
-    assert any("training samples (consumed + steps to go x global batch) 48 -> 56" in m
-               for m in messages), messages
+    assert ("warning: resuming " + str(tmp_path / "ckpt" / "step_0000006") + " with another "
+            "global batch: 8 -> 2 sequences a step (training.batch_size x grad_accumulation_steps "
+            "x data-parallel size: 2 x 4 x 1 -> 2 x 1 x 1); the steps from here on take the new "
+            "one, at the same learning rates; to keep it, set "
+            "training.grad_accumulation_steps=4") in messages, messages
     again = run_distributed(_resume_with, 1, str(tmp_path), 10, 10,    # the same settings again
                             dict(training__grad_accumulation_steps=1))[0]
     assert not any("other data settings" in m for m in again), again
@@ -201,6 +241,8 @@ def test_a_checkpoint_of_nothing_trained_gives_no_setting_warnings(tmp_path):
         if version is not None:
             meta["data_index_version"] = version
         trainer._warn_setting_changes(meta, "old")
+        trainer.train_samples, trainer.train_ds = 48, None     # as the datasets built
+        trainer._warn_data_order()
         assert any(f"the samples' order itself (data index version {version or 1} -> 2" in m
                    for m in messages) == warned, messages
 
@@ -318,6 +360,27 @@ def test_exit_duration_saves_and_stops_every_rank_at_the_same_step(tmp_path):
     (messages, step), _ = run_distributed(_out_of_time_at, 2, str(tmp_path), 0, overrides)
     assert any("resumed from" in m and "at step 3" in m for m in messages), messages
     assert step == 8
+
+
+def _late_from_the_start(rank, world, run_dir):
+    """A launch whose start-up alone took longer than training.exit_duration_minutes."""
+    messages = []
+    cfg = run_config(Path(run_dir), 8, training__exit_duration_minutes=30,
+                     checkpoint__save_interval=0)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append)
+    trainer.started -= 3600.0
+    trainer.train()
+    return messages, trainer.step
+
+
+def test_every_launch_trains_a_step_before_its_time_limit_stops_it(tmp_path):
+    """As Megatron's: a launch whose limit passed before its first step trains that step, then
+    saves and stops; launched again (a requeue), it gets on by a step, not nowhere."""
+    for step in (1, 2):
+        messages, trained = run_distributed(_late_from_the_start, 1, str(tmp_path))[0]
+        assert trained == step
+        assert f"training.exit_duration_minutes=30 has passed: saving step {step} and stopping" \
+            in messages
 
 
 def _saved_states(run_dir, step, world):
@@ -653,10 +716,17 @@ def test_the_count_of_skips_in_a_row_survives_a_resume(tmp_path):
 
 
 def test_repeated_non_finite_steps_abort_with_a_message(tmp_path):
-    out = run_distributed(_nan_steps, 2, str(tmp_path), {2, 3, 4, 5}, 3)
+    """The step that aborts is recorded (in metrics.jsonl and the console) before the run
+    stops, whatever the log interval."""
+    out = run_distributed(_nan_steps, 2, str(tmp_path), {2, 3, 4, 5}, 3, None,
+                          training__log_interval=4)
     status, message, step, skipped = out[0]
     assert status == "aborted" and step == 5 and skipped == 3
     assert "3 consecutive steps had a non-finite loss or gradient (training.max_skipped_steps=3)" in message
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["grad_norm"], r["skipped"]) for r in records if "skipped" in r][-1] == \
+        (5, None, 3)                              # the poisoned gradient's norm: not finite
+    assert [r["step"] for r in records if "skipped" in r] == [4, 5]
 
 
 def _fp16_from_scale(rank, world, run_dir, initial_scale, min_scale):

@@ -325,6 +325,33 @@ def test_blended_builder_realises_the_weights(tmp_path):
     assert np.allclose(unweighted.weights, [0.5, 0.5])  # equal token counts
 
 
+def _first_samples(ds, n):
+    return [ds[i]["tokens"].tolist() for i in range(n)]
+
+
+def test_same_order_says_whether_another_sample_count_keeps_the_order(corpus, tmp_path):
+    """A resume that changes the training samples' count (max_steps, the global batch) keeps
+    their order unless a dataset's epochs, or how its last epoch is shuffled, change: same_order
+    answers that without building the other index, and agrees with building it. The corpus's
+    70 training documents make 65 samples of 16 an epoch."""
+    prefix, _ = corpus
+    def train(n, cache):
+        return build_gpt_datasets(prefix, split="70,30,0", seq_length=16, num_samples=(n, 0, 0),
+                                  seed=4, cache_dir=tmp_path / cache)[0]
+    ds = train(100, "a")          # 2 epochs, the second on its own (100 - 64 < 80% of 65)
+    for n, kept in [(100, True), (70, True), (80, True), (60, False), (120, False), (138, False),
+                    (300, False)]:
+        assert ds.same_order(n) is kept, n
+        other = train(n, f"n{n}")
+        common = min(n, 100)
+        assert (_first_samples(other, common) == _first_samples(ds, common)) is kept, n
+    blend = build_gpt_datasets(["0.6", prefix, "0.4", prefix], split="70,30,0", seq_length=16,
+                               num_samples=(150, 0, 0), seed=4, cache_dir=tmp_path / "b")[0]
+    assert isinstance(blend, BlendedDataset)
+    assert blend.same_order(150) and not blend.same_order(400)
+    assert MockGPTDataset(10, 8, 50).same_order(1000)
+
+
 def test_ids_beyond_the_model_vocabulary_are_refused_when_read(tmp_path):
     # Tokenized with a 300-id vocabulary, trained with 256: refused by name, on every path to it.
     low = write_documents(tmp_path / "low", [np.arange(40) % 256] * 4).prefix

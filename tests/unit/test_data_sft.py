@@ -134,6 +134,26 @@ def test_packed_windows_keep_the_mask_on_its_tokens(tok):
     assert len(ds) >= 40
 
 
+def test_same_order_of_fine_tuning_samples(tok):
+    """Padded samples keep their order for any count (each epoch's permutation follows the
+    last); packed ones as long as the epochs do (as pretraining's)."""
+    ex = tokenize_examples([[("user", f"Question {i}?"), ("assistant", f"Answer {i}.")]
+                            for i in range(30)], tok)
+    def order(n, packing):
+        return SFTDataset(ex, seq_length=16, num_samples=n, packing=packing, seed=2,
+                          pad_id=tok.eod_id)
+    padded = order(40, False)
+    assert padded.same_order(100)
+    assert order(100, False).order[:len(padded)].tolist() == padded.order.tolist()
+    packed = order(40, True)
+    epoch = len(order(None, True))
+    for n in (41, epoch * 3):
+        kept = [packed[i]["tokens"].tolist() for i in range(40)] == \
+            [order(n, True)[i]["tokens"].tolist() for i in range(40)]
+        assert packed.same_order(n) is kept, n
+    assert not packed.same_order(epoch * 3)
+
+
 def test_padded_examples_mask_padding_and_count_truncation(tok):
     examples = [[("user", "Hi?"), ("assistant", "Hello there.")],
                 [("user", "Long?"), ("assistant", "word " * 40)]]
