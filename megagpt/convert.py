@@ -226,8 +226,15 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path / "model.safetensors"))
     if (path / "model.safetensors.index.json").is_file():
         index = json.loads((path / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        shards = sorted(set(index["weight_map"].values()))
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            raise ConversionError(f"{path} is missing {len(missing)} of the {len(shards)} weight "
+                                  f"files model.safetensors.index.json lists ({', '.join(missing[:3])}"
+                                  f"{', ...' if len(missing) > 3 else ''}); fix: copy or download "
+                                  f"them too")
         state = {}
-        for name in sorted(set(index["weight_map"].values())):
+        for name in shards:
             state.update(load_file(str(path / name)))
         return state
     if (path / "pytorch_model.bin").is_file():
@@ -273,15 +280,25 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
 def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
     """The tokenizer `--tokenizer` gives, else the source's own; when the source's own (a path
     its training config recorded, maybe relative to another folder) does not load, the message
-    says where the path came from and how to give another."""
+    says where the path came from and how to give another. One with more ids than the model's
+    vocabulary is refused (a ConversionError naming where it came from): it is not the one the
+    model was trained with, whose text it would garble."""
     if given:
-        return load_tokenizer(given, "--tokenizer")
-    try:
-        return load_tokenizer(source.tokenizer_path, "data.tokenizer_path")
-    except TokenizerError as e:
-        reason = str(e).split("; fix: ")[0]     # the fix here is another tokenizer
-        raise TokenizerError(f"the tokenizer recorded with {source.path} does not load (read from "
-                             f"{Path.cwd()}): {reason}; fix: pass --tokenizer PATH") from e
+        tok = load_tokenizer(given, "--tokenizer")
+    else:
+        try:
+            tok = load_tokenizer(source.tokenizer_path, "data.tokenizer_path")
+        except TokenizerError as e:
+            reason = str(e).split("; fix: ")[0]     # the fix here is another tokenizer
+            raise TokenizerError(f"the tokenizer recorded with {source.path} does not load (read "
+                                 f"from {Path.cwd()}): {reason}; fix: pass --tokenizer PATH") from e
+    if tok.vocab_size > source.model.vocab_size:
+        where = (f"--tokenizer {given}" if given else
+                 f"the tokenizer recorded with {source.path} ({source.tokenizer_path})")
+        raise ConversionError(f"{where} has {tok.vocab_size} ids but the model's vocabulary is "
+                              f"{source.model.vocab_size} (model.vocab_size); fix: pass the "
+                              f"tokenizer the model was trained with (--tokenizer PATH)")
+    return tok
 
 
 def single_process_model(m: ModelConfig, full_state: dict[str, torch.Tensor]) -> GPTStage:
@@ -448,7 +465,14 @@ class ConversionResult:
     notes: list[str]
 
 
-def _check_output(output: Path) -> None:
+def _check_output(output: Path, input_path: Path) -> None:
+    source, target = input_path.resolve(), output.resolve()
+    if target == source or source in target.parents:
+        where = "is" if target == source else "is inside"
+        raise ConversionError(f"--output {output} {where} --input {input_path}: the source "
+                              f"would hold the output (a step folder's is removed with it when "
+                              f"training prunes old checkpoints); fix: choose a path outside it, "
+                              f"such as {source.parent / (target.name + '_converted')}")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConversionError(f"--output {output} already exists and is not an empty folder; fix: "
                               f"choose a new path, or remove it first")
@@ -487,7 +511,7 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
         raise ConversionError("--tokenizer applies to --to hf only; a checkpoint of ours names its "
                               "tokenizer in its config (data.tokenizer_path)")
     output = Path(output)
-    _check_output(output)
+    _check_output(output, Path(input_path))
     source = load_source(input_path)
     if source.kind == "hf" and to == "hf":
         raise ConversionError(f"--input {source.path} is already a Hugging Face folder; fix: "
@@ -509,11 +533,6 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
                          f"layout")
     else:
         tok = source_tokenizer(source, tokenizer)
-        if tok.vocab_size > source.model.vocab_size:
-            raise ConversionError(f"--tokenizer {tok.source} has {tok.vocab_size} ids but the "
-                                  f"model's vocabulary is {source.model.vocab_size} "
-                                  f"(model.vocab_size); fix: pass the tokenizer the model was "
-                                  f"trained with")
     try:
         with replace_folder_atomically(output) as tmp:
             if to == "megagpt":
@@ -530,14 +549,36 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
     return ConversionResult(output, difference, notes)
 
 
+def weight_mismatches(source: Source, to: str, written: Path) -> list[str]:
+    """The names of the source's weights the written output does not hold bit for bit (read
+    back in our names), or holds without the source having them. The logits see the positions of
+    `verification_ids` only; this sees every weight."""
+    if to == "hf":
+        back = from_hf(_read_hf_weights(written), source.model)
+    else:
+        back = full_state_from_checkpoint(written)[1]
+    return sorted(name for name in set(source.full_state) | set(back)
+                  if name not in back or name not in source.full_state
+                  or back[name].dtype != source.full_state[name].dtype
+                  or not torch.equal(back[name], source.full_state[name]))
+
+
 def _verify(source: Source, to: str, written: Path, log: Callable[[str], None]) -> float:
-    """--verify: the largest logit difference between the source and what was written."""
+    """--verify: every weight written as the source's, and the largest logit difference
+    between the source and what was written within VERIFY_TOLERANCE."""
     try:
+        mismatches = weight_mismatches(source, to, written)
         difference = logit_difference(source, to, written)
     except OSError as e:            # transformers reports every load problem as an OSError
         raise ConversionError(f"--verify: the written output does not load ({e}); the output "
                               f"was not written") from e
-    log(f"verify: largest logit difference {difference:.3g} (tolerance {VERIFY_TOLERANCE})")
+    if mismatches:
+        raise ConversionError(f"--verify: {len(mismatches)} weight(s) of the written output differ "
+                              f"from the source's ({', '.join(mismatches[:3])}"
+                              f"{', ...' if len(mismatches) > 3 else ''}); the output was not "
+                              f"written")
+    log(f"verify: every weight equal to the source's; largest logit difference "
+        f"{difference:.3g} (tolerance {VERIFY_TOLERANCE})")
     if not difference <= VERIFY_TOLERANCE:
         raise ConversionError(f"--verify: the largest logit difference {difference:.3g} "
                               f"exceeds {VERIFY_TOLERANCE}; the output was not written")

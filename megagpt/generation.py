@@ -1,6 +1,8 @@
 """Text generation with a single-process model: sampling, a key-value cache, batched prompts.
 
-    model = single_process_model(model_cfg, full_state)          # megagpt.convert
+    source = load_source("runs/tiny_model/checkpoints")          # megagpt.convert
+    model = single_process_model(source.model, source.full_state)
+    tok = source_tokenizer(source, None)
     tokens = generate(model, [tok.encode("ROMEO:")], max_new_tokens=40, eod_id=tok.eod_id,
                       sampling=Sampling(temperature=0.8, top_k=40), generator=seeded(1))
 
@@ -22,6 +24,7 @@ padding are never candidates.
 from __future__ import annotations
 
 import math
+import numbers
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,10 +120,30 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def as_token_lists(prompts):
+    """A (batch, length) tensor of ids, or a list of 1-d tensors, as token-id lists; anything
+    else as given (check_request judges it)."""
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        return prompts.tolist()
+    if isinstance(prompts, (list, tuple)) and prompts and all(
+            isinstance(p, torch.Tensor) and p.dim() == 1 for p in prompts):
+        return [p.tolist() for p in prompts]
+    return prompts
+
+
 def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int,
                   seq_length: int, name: str = "max_new_tokens") -> None:
     """Refuse prompts the model cannot continue, with a ValueError naming the value and the fix;
     `name` is max_new_tokens's name in the messages (a command line's flag)."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and all(isinstance(t, numbers.Integral)
+                                                 and not isinstance(t, bool) for t in p)
+            for p in prompts):
+        raise ValueError(f"generate: prompts must be token-id lists, one a prompt, such as "
+                         f"[tok.encode(text)] (or a (batch, length) tensor of ids, or a list of "
+                         f"1-d ones), got {type(prompts).__name__}"
+                         + (f" of {type(prompts[0]).__name__}" if isinstance(prompts, (list, tuple))
+                            and prompts else ""))
     if not prompts:
         raise ValueError("generate: no prompts given; fix: pass at least one prompt")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -163,7 +186,8 @@ def generate(model: GPTStage, prompts: list[list[int]], *, max_new_tokens: int,
 
     Args:
         model: a whole single-process model (`GPTStage` holding every layer, tp = pp = 1).
-        prompts: token ids of each prompt, of any lengths (left-padded into one batch).
+        prompts: token ids of each prompt, of any lengths (left-padded into one batch): lists
+            of ints, 1-d tensors, or a (batch, length) tensor.
         max_new_tokens: tokens generated per row at most; the longest prompt plus this, less
             one (the last new token is never read), must fit the model's context
             (`model.seq_length`).
@@ -191,6 +215,7 @@ def generate(model: GPTStage, prompts: list[list[int]], *, max_new_tokens: int,
                          f"{spec.pre_process}, output {spec.post_process}, tensor-parallel "
                          f"group {model.tp_group}); fix: build the whole model in one process "
                          f"(`convert.single_process_model`, as tools/generate.py does)")
+    prompts = as_token_lists(prompts)
     check_request(prompts, max_new_tokens, m.vocab_size, m.seq_length)
     if vocab_limit is not None and not 0 < vocab_limit <= m.vocab_size:
         raise ValueError(f"vocab_limit={vocab_limit}: must be in 1..{m.vocab_size} (the model's "

@@ -273,9 +273,11 @@ class GPTStage(nn.Module):
       positions (b, s): position ids of the tokens (default 0..s-1); cache: a `KVCache` that
       receives this call's keys and values and supplies the earlier ones (inference).
       Not the last stage: returns hidden (s, b, h) (or (s/tp, b, h) under sequence parallelism).
-      Last stage with labels: returns (loss_sum, n_tokens), the float32 sum of per-token losses
-      times loss_mask (1 where a token counts, 0 where not; other values weight it) and the
-      mask's sum, so callers can normalise over micro-batches and data-parallel ranks.
+      Last stage with labels (b, s), labels[b, j] the token after x[b, j] (already shifted, unlike
+      Hugging Face's; -100 leaves a token out): returns (loss_sum, n_tokens), the float32 sum of
+      per-token losses times loss_mask (1 where a token counts, 0 where not; other values
+      weight it) and the mask's sum, so callers can normalise over micro-batches and
+      data-parallel ranks.
       Last stage without labels: this rank's vocabulary slice of the logits, (b, s, V_padded / tp).
     """
 
@@ -331,9 +333,19 @@ class GPTStage(nn.Module):
         return self.loss(logits, labels, loss_mask)
 
     def loss(self, logits, labels, loss_mask):
-        """(loss_sum, n_tokens) from logits (s, b, V/tp) and labels / loss_mask (b, s)."""
+        """(loss_sum, n_tokens) from logits (s, b, V/tp) and labels / loss_mask (b, s). A label
+        of IGNORE_INDEX (-100, Hugging Face's) leaves its token out, as a loss_mask of 0 does."""
+        shape = (logits.shape[1], logits.shape[0])
+        for name, given in (("labels", labels), ("loss_mask", loss_mask)):
+            if given is not None and tuple(given.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(given.shape)} but the tokens are "
+                                 f"{shape} (batch, sequence); labels[b, j] is the token after "
+                                 f"x[b, j]: model(ids[:, :-1], labels=ids[:, 1:])")
         target = labels.t()
         mask = torch.ones_like(target, dtype=torch.float32) if loss_mask is None else loss_mask.t().float()
+        ignored = target == IGNORE_INDEX
+        mask, target = mask.masked_fill(ignored, 0.0), target.masked_fill(ignored, 0)
+        check_labels(target, mask, self.cfg.vocab_size)
         if group_size(self.tp_group) == 1 and self.ops.cross_entropy_backend == "triton":
             target = target.masked_fill(mask == 0, -100)         # rows masked out are not read
             flat = logits.reshape(-1, logits.shape[-1])        # the padded vocabulary, no copy
@@ -345,6 +357,23 @@ class GPTStage(nn.Module):
         losses = vocab_parallel_cross_entropy(logits, target, self.cfg.vocab_size, self.tp_group,
                                               fused=self.ops.cross_entropy_backend == "triton")
         return (losses * mask).sum(), mask.sum()
+
+
+IGNORE_INDEX = -100     # a label left out of the loss (Hugging Face's and torch's convention)
+
+
+def check_labels(target: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
+    """Every label a token counts with (mask not 0) must be a class of the vocabulary: on the CPU
+    a ValueError naming it; on a GPU a device-side assert (no synchronisation), as torch's own
+    cross-entropy makes. A label outside would otherwise add its log-sum-exp to the loss (the
+    vocab-parallel loss finds it on no rank) or infinity (a padding column)."""
+    valid = (mask == 0) | ((target >= 0) & (target < vocab_size))
+    if target.device.type != "cpu":
+        torch._assert_async(valid.all(), f"labels outside [0, model.vocab_size={vocab_size})")
+    elif not bool(valid.all()):
+        raise ValueError(f"labels hold {int(target[~valid][0])}, outside [0, model.vocab_size="
+                         f"{vocab_size}); a label is the id of the next token, or "
+                         f"{IGNORE_INDEX} to leave its token out of the loss")
 
 
 def build_stage(cfg: Config, *, tp_group=None, pp_rank: int = 0, vp_chunk: int = 0,

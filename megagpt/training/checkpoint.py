@@ -490,6 +490,10 @@ def read_meta(path: str | Path) -> dict:
     """meta.json of a step folder; a CheckpointError naming the folder when absent or unreadable."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
+        if (Path(path) / LATEST_FILE).is_file() or any(Path(path).glob("step_*")):
+            raise CheckpointError(f"{path} is a save dir, not one of its checkpoints; fix: give "
+                                  f"a step folder of it ({Path(path) / 'step_NNNNNNN'}), or read "
+                                  f"its latest with megagpt.convert.load_source")
         raise CheckpointError(f"{path} is not a complete checkpoint: it has no {META_FILE} (a save "
                               f"that did not finish, or not a step_NNNNNNN folder)")
     try:

@@ -499,3 +499,17 @@ def test_a_host_copy_shares_nothing_with_the_state_and_reuses_an_earlier_copy():
     second = _host_copy(state, first)
     assert second["w"] is first["w"] and torch.equal(second["w"], state["w"])
     assert second["groups"][0]["m"].shape == (5,) and second["step"] == 7
+
+
+def test_a_save_dir_given_for_a_step_folder_is_named_as_one(tmp_path):
+    """Reading a save dir where a step folder belongs said "not a complete checkpoint ... a save
+    that did not finish"; it says what the folder is and what to give instead."""
+    from megagpt.model.reshard import full_state_from_checkpoint
+
+    (tmp_path / "step_0000002").mkdir()
+    (tmp_path / "latest").write_text("step_0000002\n")
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a save dir, not one of its "
+                                              rf"checkpoints; fix: give a step folder of it "
+                                              rf"\({tmp_path}/step_NNNNNNN\), or read its latest "
+                                              rf"with megagpt.convert.load_source"):
+        full_state_from_checkpoint(tmp_path)

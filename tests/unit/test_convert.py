@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from megagpt.config import load_config
-from megagpt.convert import ConversionError, Source, convert, converted_config, our_logits
+from megagpt.convert import (ConversionError, Source, convert, converted_config, load_source,
+                             our_logits)
 from megagpt.data.tokenizer import GPT2_DIR, load_tokenizer
 from megagpt.hf import hf_config_dict
 from megagpt.model.gpt import build_stage, gather_full_state_dict
@@ -139,7 +140,38 @@ def test_verify_reports_the_largest_logit_difference(tmp_path, ours):
     lines = []
     result = convert(ours / "tp2pp2", tmp_path / "hf", "hf", verify=True, log=lines.append)
     assert 0 <= result.max_logit_difference <= 1e-4
-    assert any(line.startswith("verify: largest logit difference") for line in lines)
+    assert any(line.startswith("verify: every weight equal to the source's; largest logit "
+                               "difference") for line in lines)
+
+
+@pytest.mark.parametrize("to", ["hf", "megagpt"])
+def test_verify_finds_a_weight_the_logits_do_not_see(tmp_path, ours, monkeypatch, to):
+    """A change of a weight the logits of the verification batch barely see (its positions are
+    the first 16: an export that zeroed the position embeddings past them passed) is found:
+    the weights, read back, are compared too."""
+    import megagpt.convert as conversion
+
+    if to == "hf":
+        export = conversion.to_hf
+
+        def broken(state, m):
+            out = export(state, m)
+            out["transformer.wpe.weight"][-1] += 1e-6
+            return out
+        monkeypatch.setattr(conversion, "to_hf", broken)
+    else:
+        shard = conversion.shard_full_state
+
+        def broken(full, *args, **kwargs):
+            full = dict(full, **{"embedding.wpe.weight": full["embedding.wpe.weight"].clone()})
+            full["embedding.wpe.weight"][-1] += 1e-6
+            return shard(full, *args, **kwargs)
+        monkeypatch.setattr(conversion, "shard_full_state", broken)
+    with pytest.raises(ConversionError, match=r"--verify: 1 weight\(s\) of the written output "
+                                              r"differ from the source's \(embedding.wpe.weight\); "
+                                              r"the output was not written"):
+        quiet(ours / "tp1pp1", tmp_path / "out", to, verify=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_verification_writes_nothing(tmp_path, ours, monkeypatch):
@@ -176,6 +208,45 @@ def test_hf_to_ours_to_hf_gives_identical_tensors(tmp_path, hf_folder):
     assert original.keys() == back.keys()
     for k, v in original.items():
         assert torch.equal(back[k], v), k
+
+
+def test_the_python_block_of_models_md_runs_as_written(hf_folder, capsys):
+    """docs/models.md shows how to load a model from Python: that block, on a Hugging Face
+    folder instead of runs/tiny_model/checkpoints."""
+    text = (ROOT / "docs" / "models.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"runs/tiny_model/checkpoints"' in block
+    exec(block.replace('"runs/tiny_model/checkpoints"', repr(str(hf_folder))), {})
+    text_out, loss = capsys.readouterr().out.splitlines()[-2:]
+    assert 0 < float(loss) < 20
+
+
+def test_an_output_inside_the_input_is_refused(tmp_path, ours):
+    """It was written there: inside a step folder, pruning the step removes it too."""
+    step = ours / "tp1pp1" / "step_0000005"
+    for source, output in [(ours / "tp1pp1", ours / "tp1pp1" / "conv"), (step, step / "hf"),
+                           (step, step)]:
+        with pytest.raises(ConversionError, match=rf"--output {output} is( inside)? --input "
+                                                  rf"{source}: the source would hold the output"):
+            quiet(source, output, "hf")
+        assert not (output / "config.json").exists()
+
+
+def test_a_sharded_hf_folder_converts_and_a_missing_shard_is_named(tmp_path, hf_folder):
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf_folder, local_files_only=True)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    whole, parts = load_source(hf_folder), load_source(tmp_path / "sharded")
+    assert whole.full_state.keys() == parts.full_state.keys()
+    assert all(torch.equal(v, parts.full_state[k]) for k, v in whole.full_state.items())
+    (tmp_path / "sharded" / shards[1]).unlink()
+    with pytest.raises(ConversionError, match=rf"{tmp_path / 'sharded'} is missing 1 of the "
+                                              rf"{len(shards)} weight files "
+                                              rf"model.safetensors.index.json lists "
+                                              rf"\({shards[1]}\); fix: copy or download them too"):
+        load_source(tmp_path / "sharded")
 
 
 def test_hf_pytorch_model_bin_converts_too(tmp_path, hf_folder):
@@ -536,7 +607,8 @@ def test_options_that_do_not_apply_are_refused(tmp_path, ours, args, message):
         quiet(ours / "tp1pp1", tmp_path / "out", **args)
 
 
-def test_hf_to_hf_and_a_tokenizer_larger_than_the_vocabulary_are_refused(tmp_path, hf_folder, full):
+def test_hf_to_hf_and_a_tokenizer_larger_than_the_vocabulary_are_refused(tmp_path, hf_folder, full,
+                                                                         capsys):
     with pytest.raises(ConversionError, match="is already a Hugging Face folder; fix: --to megagpt"):
         quiet(hf_folder, tmp_path / "out", "hf")
     small = CFG.to_dict()
@@ -545,10 +617,20 @@ def test_hf_to_hf_and_a_tokenizer_larger_than_the_vocabulary_are_refused(tmp_pat
     small_full = dict(full, **{"embedding.wte.weight": full["embedding.wte.weight"][:1001]})
     m = load_config(raw=small).model
     write_checkpoint_offline(tmp_path / "small", 1, shard_full_state(small_full, m, 1, 1), meta)
+    recorded = (f"the tokenizer recorded with {tmp_path / 'small' / 'step_0000001'} \\(gpt2\\) "
+                f"has 50257 ids but the model's vocabulary is 1001 \\(model.vocab_size\\); fix: "
+                f"pass the tokenizer the model was trained with")
+    with pytest.raises(ConversionError, match=recorded):
+        quiet(tmp_path / "small", tmp_path / "out", "hf")
     with pytest.raises(ConversionError, match="--tokenizer gpt2 has 50257 ids but the model's "
                                               "vocabulary is 1001"):
-        quiet(tmp_path / "small", tmp_path / "out", "hf")
+        convert(tmp_path / "small", tmp_path / "out", "hf", tokenizer="gpt2", log=lambda _: None)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    # generate garbled such a model's text (its ids read as GPT-2's): refused the same way
+    capsys.readouterr()
+    assert tool("generate").main(["--checkpoint", str(tmp_path / "small"), "--prompt", "a",
+                                  "--greedy", "--max-new-tokens", "2"]) == 1
+    assert "generate: error: the tokenizer recorded with" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +641,8 @@ def test_convert_tool_exit_status_and_output(tmp_path, ours, capsys):
     assert main(["--input", str(ours / "tp2pp2"), "--output", str(tmp_path / "a"), "--to",
                  "megagpt", "--tensor-parallel-size", "1", "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "verify: largest logit difference 0 (tolerance 0.001)" in out
+    assert "verify: every weight equal to the source's; largest logit difference 0 " \
+        "(tolerance 0.001)" in out
     assert "note: weights only" in out and f"done: {tmp_path / 'a'}" in out
     assert main(["--input", str(ours / "tp2pp2"), "--output", str(tmp_path / "b"), "--to",
                  "megagpt", "--tensor-parallel-size", "3"]) == 1
@@ -606,7 +689,7 @@ def test_generate_tool_with_a_smaller_tokenizer_says_so_and_chooses_only_its_ids
 def test_a_recorded_tokenizer_path_that_does_not_load_says_where_it_came_from(ours, monkeypatch,
                                                                              tmp_path):
     import dataclasses as dc
-    from megagpt.convert import load_source, source_tokenizer
+    from megagpt.convert import source_tokenizer
     from megagpt.data.tokenizer import TokenizerError
     source = dc.replace(load_source(ours / "tp2pp2"), tokenizer_path="runs/tok")
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,6 @@
 """Generation: the key-value cache, left-padded batches, sampling, stopping, streaming."""
+import re
+
 import pytest
 import torch
 
@@ -192,10 +194,22 @@ def test_ids_past_a_smaller_tokenizers_vocabulary_are_never_chosen(model):
                      "model's context of 32 (model.seq_length); fix: max_new_tokens <= 33 - the "
                      "prompt's tokens"),
     ([[1]], 0, "max_new_tokens=0: must be an integer >= 1"),
+    ([1, 2, 3], 4, "prompts must be token-id lists, one a prompt, such as [tok.encode(text)] "
+                   "(or a (batch, length) tensor of ids, or a list of 1-d ones), got list of int"),
+    ("ROMEO:", 4, "prompts must be token-id lists, one a prompt, such as [tok.encode(text)] "
+                  "(or a (batch, length) tensor of ids, or a list of 1-d ones), got str"),
+    (torch.tensor([1, 2]), 4, "got Tensor"),
 ])
 def test_requests_the_model_cannot_serve_are_refused(model, prompts, max_new, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         generate(model, prompts, max_new_tokens=max_new)
+
+
+def test_prompts_may_be_tensors(model):
+    lists = [[5, 6, 7], [8, 9, 10]]
+    expected = generate(model, lists, max_new_tokens=3)
+    assert generate(model, torch.tensor(lists), max_new_tokens=3) == expected
+    assert generate(model, [torch.tensor(p) for p in lists], max_new_tokens=3) == expected
 
 
 def test_the_whole_context_is_usable_and_the_model_keeps_its_mode(model):

@@ -55,6 +55,42 @@ def test_logits_and_loss_equal_gpt2(attention):
     torch.testing.assert_close(loss_sum / n, ref_loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cross_entropy", ["torch", "triton"])
+def test_labels_of_minus_100_are_left_out_and_others_outside_the_vocabulary_refused(cross_entropy):
+    """Hugging Face's ignore label, -100, leaves its token out on every loss path, as a
+    loss_mask of 0 does (the torch path added its log-sum-exp and counted it); any other label
+    outside the vocabulary, or labels and masks of the wrong shape, are refused by name."""
+    m = small_model_config()
+    ours = ours_from(hf_model(m), m)
+    ours.ops.cross_entropy_backend = cross_entropy
+    ids = torch.randint(0, m.vocab_size, (2, 10))
+    labels = torch.randint(0, m.vocab_size, (2, 10))
+    mask = torch.ones(2, 10)
+    mask[0, 3] = mask[1, 7] = 0
+    with torch.no_grad():
+        expected = ours(ids, labels, mask)
+        ignored = labels.clone()
+        ignored[0, 3] = ignored[1, 7] = -100
+        got = ours(ids, ignored)
+        assert got[1].item() == 18
+        torch.testing.assert_close(got, expected)
+        for bad in (m.vocab_size, 1020, -1):        # 1020: a padding column (1024 at tp 1)
+            wrong = labels.clone()
+            wrong[1, 2] = bad
+            with pytest.raises(ValueError, match=rf"labels hold {bad}, outside \[0, "
+                                                 rf"model.vocab_size=1001\); a label is the id"):
+                ours(ids, wrong)
+        wrong[1, 2] = 5000
+        mask[1, 2] = 0                               # a label left out is not read
+        torch.testing.assert_close(ours(ids, wrong, mask)[1], torch.tensor(17.0))
+        with pytest.raises(ValueError, match=r"labels has shape \(2, 11\) but the tokens are "
+                                             r"\(2, 10\) \(batch, sequence\); labels\[b, j\] is "
+                                             r"the token after x\[b, j\]"):
+            ours(ids, torch.randint(0, m.vocab_size, (2, 11)))
+        with pytest.raises(ValueError, match=r"loss_mask has shape \(2, 9\)"):
+            ours(ids, labels, torch.ones(2, 9))
+
+
 def test_loss_mask_counts_only_masked_tokens():
     m = small_model_config()
     ours = ours_from(hf_model(m), m)
