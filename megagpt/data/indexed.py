@@ -87,8 +87,10 @@ class IndexedDataset:
                 hint = (f"; fix: drop the {suffix}: {self.prefix[:-len(suffix)]!r} names both "
                         f"files" if suffix in (".bin", ".idx") else
                         "; fix: run tools/preprocess_data.py first, or correct the path")
+                where = "" if Path(self.prefix).is_absolute() else \
+                    f" (a relative path is read from the current directory, {os.getcwd()})"
                 raise IndexedDatasetError(
-                    f"indexed dataset {self.prefix!r}: {path} does not exist; a dataset prefix P "
+                    f"indexed dataset {self.prefix!r}: {path} does not exist{where}; a dataset prefix P "
                     f"names P.bin and P.idx (tools/preprocess_data.py writes "
                     f"<output-prefix>_text_document.bin/.idx, so P ends in _text_document){hint}")
         self.dtype, num_sequences, num_docs = self._read_header(idx)

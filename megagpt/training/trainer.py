@@ -891,8 +891,8 @@ def pretrained_state(source: str, m: ModelConfig) -> dict[str, torch.Tensor]:
     if not Path(source).exists():
         hub = GPT2_SIZES.get((m.vocab_size, m.d_model, m.n_layers, m.n_heads))
         where = (f"a Hugging Face GPT-2 folder (config.json + model.safetensors, e.g. from "
-                 f"`huggingface-cli download {hub} --local-dir {source}` on a machine with "
-                 f"internet)" if hub else
+                 f"`hf download {hub} config.json model.safetensors --local-dir {source}` on a "
+                 f"machine with internet; huggingface_hub before 1.0: `huggingface-cli download`)" if hub else
                  "a checkpoint of ours of this architecture: train it first (`make demo` writes "
                  "the tiny model's to runs/tiny_model/checkpoints)")
         raise ConversionError(

@@ -15,3 +15,15 @@ def test_help_and_unknown_options_do_not_run_the_demo():
                              timeout=60)
     assert refused.returncode == 2 and "unrecognized arguments: --bogus" in refused.stderr
     assert "Validate the shipped configs" not in shown.stdout + refused.stdout
+
+
+def test_the_demo_validates_every_shipped_training_config_and_only_those():
+    """It validated every file in configs/training/, where configs/README.md tells users to add
+    their own: one of theirs, invalid, stopped the demo."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "tools" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    tracked = subprocess.run(["git", "ls-files", "configs/training/*.json"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(Path(p).stem for p in tracked) == sorted(demo.SHIPPED_CONFIGS)

@@ -1105,8 +1105,8 @@ def test_a_missing_pretrained_folder_of_a_gpt2_size_names_its_download():
     from megagpt.convert import ConversionError
     from megagpt.training.trainer import pretrained_state
     model = load_config(ROOT / "configs" / "training" / "base_model.json").model
-    with pytest.raises(ConversionError, match="`huggingface-cli download gpt2-medium --local-dir "
-                                              "runs/nowhere`"):
+    with pytest.raises(ConversionError, match="`hf download gpt2-medium config.json "
+                                              "model.safetensors --local-dir runs/nowhere`"):
         pretrained_state("runs/nowhere", model)
 
 

@@ -28,6 +28,18 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_output_into_a_closed_pipe_ends_quietly_with_status_141():
+    """`validate_config.py ... | head -1` printed a BrokenPipeError traceback and exited 1, which
+    the tool's exit statuses give an invalid config."""
+    result = subprocess.run(
+        ["bash", "-c", f"{sys.executable} tools/validate_config.py --config "
+                       f"configs/training/*.json | true; echo status ${{PIPESTATUS[0]}}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "status 141", result
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, \
+        result.stderr
+
+
 @pytest.mark.parametrize("program", ["pretrain_gpt.py", "tools/validate_config.py",
                                      "tools/bench_memory.py", "tools/bench_train.py",
                                      "tools/bench_checkpoint.py"])

@@ -230,3 +230,13 @@ def test_merge_tool(tmp_path, capsys):
     # an output folder that does not exist yet is created
     assert main(["--inputs", str(tmp_path / "a"), "--output-prefix", str(tmp_path / "new" / "m")]) == 0
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["m.bin", "m.idx"]
+
+
+def test_a_missing_relative_prefix_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """Paths in a config are read from the current directory; a run started elsewhere was told
+    only that runs/data/... does not exist."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IndexedDatasetError, match=rf"runs/data/x_text_document\.idx does not "
+                                                  rf"exist \(a relative path is read from the "
+                                                  rf"current directory, {tmp_path}\)"):
+        IndexedDataset("runs/data/x_text_document")
