@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from megagpt.data.blend import BlendedDataset, blending_indices, parse_data_path
-from megagpt.data.indexed import IndexedDataset, IndexedDatasetError
+from megagpt.data.indexed import IndexedDataset, IndexedDatasetError, meta_path, read_meta
 from megagpt.fsutil import write_file_atomically
 
 INDEX_VERSION = 2  # bump when the index arrays' construction changes (2: Megatron's exact draws)
@@ -266,19 +266,29 @@ class GPTDataset(torch.utils.data.Dataset):
         return make_item(tokens)
 
 
-def _open(prefix: str, opened: dict, where: str) -> IndexedDataset:
+def _open(prefix: str, opened: dict, where: str, tokenizer=None) -> IndexedDataset:
+    """The dataset at `prefix` (opened once); refused when its record (`P.meta.json`) names
+    another tokenizer than `tokenizer`'s (when given)."""
     if prefix not in opened:
         try:
             opened[prefix] = IndexedDataset(prefix)
         except IndexedDatasetError as e:
             raise DatasetBuildError(f"{where}: {e}") from e
+        record = read_meta(prefix) if tokenizer is not None else None
+        if record is not None and record.get("vocab_sha256") not in (None, tokenizer.fingerprint):
+            raise DatasetBuildError(
+                f"{where}: {prefix!r} holds the ids of the tokenizer {record.get('tokenizer')} "
+                f"({record.get('vocab_size')} ids, as {meta_path(prefix)} records), but "
+                f"data.tokenizer_path={tokenizer.source} is another ({tokenizer.vocab_size} ids); "
+                f"fix: set data.tokenizer_path to the tokenizer the data was made with, or "
+                f"preprocess the data again with data.tokenizer_path's")
     return opened[prefix]
 
 
 def _build_split(blend: list[tuple[float | None, str]], part: int | None, split: str,
                  seq_length: int, num_samples: int, seed: int, cache_dir, name: str,
                  opened: dict, vocab_size: int | None, where: str,
-                 optional: bool = False) -> torch.utils.data.Dataset | None:
+                 optional: bool = False, tokenizer=None) -> torch.utils.data.Dataset | None:
     """One split's dataset (blended when several prefixes), or None when it needs no sample.
     `optional`: a prefix whose part of the split has no document is left out (None when every
     one is), instead of an error."""
@@ -286,7 +296,7 @@ def _build_split(blend: list[tuple[float | None, str]], part: int | None, split:
         return None
     parts = []
     for weight, prefix in blend:
-        ds = _open(prefix, opened, where)
+        ds = _open(prefix, opened, where, tokenizer)
         start, stop = (0, len(ds)) if part is None else split_ranges(split, len(ds))[part]
         if stop <= start and optional:
             continue
@@ -315,7 +325,7 @@ def _build_split(blend: list[tuple[float | None, str]], part: int | None, split:
 def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
                        split: str = "969,30,1", seq_length: int, num_samples: tuple[int, int, int],
                        seed: int = 1234, cache_dir: str | os.PathLike | None = None,
-                       vocab_size: int | None = None):
+                       vocab_size: int | None = None, tokenizer=None):
     """Train, validation and test datasets for pretraining (each None when it needs no sample).
 
     Args:
@@ -333,6 +343,8 @@ def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
         seed: `training.seed`; same seed, same sample order.
         cache_dir: `data.cache_dir`; None caches the index arrays next to each dataset.
         vocab_size: `model.vocab_size`; a sample holding a larger id is refused when read.
+        tokenizer: `data.tokenizer_path`'s `Tokenizer`; a dataset whose record (`P.meta.json`,
+            written by tools/preprocess_data.py) names another is refused. None: not checked.
     Returns:
         (train, valid, test): datasets whose items are dicts of `tokens` and `labels` (int64) and
         `loss_mask` (float32, all ones), each (seq_length,); len() >= the requested samples.
@@ -350,7 +362,7 @@ def build_gpt_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
         parse_split(split)
     opened: dict[str, IndexedDataset] = {}
     common = dict(split=split, seq_length=seq_length, seed=seed, cache_dir=cache_dir, opened=opened,
-                  vocab_size=vocab_size)
+                  vocab_size=vocab_size, tokenizer=tokenizer)
     carve = not valid
     train_ds = _build_split(train, 0 if carve else None, num_samples=num_samples[0], name="train",
                             where="data.train_data_path", **common)

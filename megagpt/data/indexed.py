@@ -10,9 +10,15 @@ A dataset is a prefix `P` naming two files (DESIGN.md, "Indexed dataset"):
 both files and the document indices, and says which file is wrong. `IndexedDatasetWriter` streams
 sequences to temporary files (memory stays flat however many) and renames both files into place
 only when complete. `merge_datasets` concatenates several prefixes into one.
+
+Ours beside Megatron's format: `P.meta.json`, which the tools that write a dataset add, records
+the tokenizer the ids come from (its source, size, end-of-document id and a SHA-256 of its
+vocabulary, `Tokenizer.fingerprint`); training refuses a dataset whose record names another
+tokenizer than `data.tokenizer_path`. A dataset without one (Megatron's own) is read as before.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megagpt.fsutil import fsync_dir, fsync_file, why_not_a_folder
+from megagpt.fsutil import fsync_dir, fsync_file, why_not_a_folder, write_json
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -47,6 +53,26 @@ def bin_path(prefix: str | os.PathLike) -> Path:
 
 def idx_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(prefix)}.idx")
+
+
+def meta_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.meta.json")
+
+
+def read_meta(prefix: str | os.PathLike) -> dict | None:
+    """The dataset's record of how it was made (`P.meta.json`), or None when there is none or it
+    does not read as a JSON object (no record: nothing is checked against it)."""
+    try:
+        meta = json.loads(meta_path(prefix).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What `P.meta.json` records of the tokenizer a dataset's ids come from."""
+    return {"tokenizer": tokenizer.source, "vocab_size": tokenizer.vocab_size,
+            "eod_id": tokenizer.eod_id, "vocab_sha256": tokenizer.fingerprint}
 
 
 def dataset_exists(prefix: str | os.PathLike) -> bool:
@@ -192,10 +218,13 @@ class IndexedDatasetWriter:
     Args:
         prefix: writes `prefix.bin` and `prefix.idx`.
         dtype: token dtype (see `best_dtype`).
+        meta: written as `prefix.meta.json` once both are in place (None: no record; a record
+            of a dataset replaced at the prefix is removed first, so none describes other ids).
     """
 
-    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type):
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type, meta: dict | None = None):
         self.prefix = os.fspath(prefix)
+        self.meta = meta
         self.dtype = np.dtype(dtype)
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype {self.dtype} has no code in the index format; use one of "
@@ -292,12 +321,16 @@ class IndexedDatasetWriter:
             fsync_file(out)
 
     def commit(self) -> None:
-        """Rename the files `write_index` finished into place (replacing a dataset there)."""
+        """Rename the files `write_index` finished into place (replacing a dataset there), then
+        write the record."""
+        meta_path(self.prefix).unlink(missing_ok=True)
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(self._tmp_idx, idx_path(self.prefix))
         fsync_dir(idx_path(self.prefix).parent)
         for p in (self._tmp_sizes, self._tmp_docs):
             p.unlink()
+        if self.meta is not None:
+            write_json(meta_path(self.prefix), self.meta)
 
     def abort(self) -> None:
         """Close and remove every temporary file."""
@@ -340,6 +373,16 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
             raise IndexedDatasetError(
                 f"cannot merge {ds.prefix!r} (dtype {ds.dtype}) with {datasets[0].prefix!r} "
                 f"(dtype {dtype}); fix: merge datasets written with the same tokenizer")
+    records = [read_meta(ds.prefix) for ds in datasets]
+    tokenizers = {r.get("vocab_sha256") for r in records if r is not None}
+    if len(tokenizers) > 1:
+        named = "; ".join(f"{ds.prefix!r}: {r.get('tokenizer')}" for ds, r in zip(datasets, records)
+                          if r is not None)
+        raise IndexedDatasetError(f"cannot merge datasets made with different tokenizers ({named}); "
+                                  f"fix: preprocess them all with one tokenizer")
+    # the record carries over when every input has one (of the one tokenizer)
+    meta = ({k: records[0][k] for k in ("tokenizer", "vocab_size", "eod_id", "vocab_sha256")
+             if k in records[0]} if tokenizers and None not in records else None)
     out = os.fspath(output_prefix)
     if out.endswith(("/", os.sep)) or Path(out).is_dir():
         raise ValueError(f"--output-prefix {out!r} names a folder, so the files would be named "
@@ -354,7 +397,7 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
     check_replaceable(out, "--output-prefix")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with IndexedDatasetWriter(out, dtype) as writer:
+        with IndexedDatasetWriter(out, dtype, meta) as writer:
             for ds in datasets:
                 writer.add_dataset(ds)
             writer.finalize()

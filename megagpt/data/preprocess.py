@@ -32,7 +32,7 @@ from tqdm import tqdm
 from megagpt import fsutil
 from megagpt.data import jsonl
 from megagpt.data.indexed import (IndexedDatasetWriter, best_dtype, bin_path, check_replaceable,
-                                  idx_path)
+                                  idx_path, tokenizer_record)
 from megagpt.data.tokenizer import load_tokenizer
 
 
@@ -70,7 +70,7 @@ class PreprocessSummary:
                  f"{self.input_bytes / 1e6:,.1f} MB  output: {self.output_bytes / 1e6:,.1f} MB  "
                  f"time: {self.seconds:.1f} s  {self.mb_per_s:,.2f} MB/s  "
                  f"{self.tokens_per_s:,.0f} tokens/s"]
-        lines += [f"wrote {p}.bin and {p}.idx" for p in self.outputs]
+        lines += [f"wrote {p}.bin, {p}.idx and {p}.meta.json" for p in self.outputs]
         if self.skipped.total:
             lines.append(f"skipped {self.skipped.total:,} line(s):")
             lines += self.skipped.lines()
@@ -306,9 +306,11 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
         try:
             with fsutil.stop_signals_deferred():   # the first task forks every worker
                 pool.submit(int)
-            for p in prefixes:
+            for p, key in zip(prefixes, keys):
                 try:
-                    writers.append(IndexedDatasetWriter(p, dtype))
+                    writers.append(IndexedDatasetWriter(p, dtype, dict(
+                        tokenizer_record(tok), json_key=key, append_eod=append_eod,
+                        made_by="tools/preprocess_data.py")))
                 except OSError as e:
                     raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r}: cannot "
                                           f"write {p}.bin ({e.strerror}); fix: choose a writable "

@@ -14,6 +14,7 @@ byte-level BPE and writes a folder that this loader and Hugging Face `AutoTokeni
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -73,6 +74,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (GPT-2: 50257)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of the vocabulary (every id's token, added ones included): two tokenizers
+        with the same one map text to the same ids in practice, wherever they were loaded
+        from (the bundled gpt2, Megatron's gpt2-vocab.json, a tokenizer.json)."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        tokens = sorted(vocab.items(), key=lambda item: item[1])
+        return hashlib.sha256(json.dumps(tokens, ensure_ascii=False).encode()).hexdigest()
 
     def __reduce__(self):
         # A pickled `tokenizers.Tokenizer` forgets `encode_special_tokens`: rebuild through

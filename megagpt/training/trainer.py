@@ -286,7 +286,8 @@ class Trainer:
                                       num_samples=num_samples, packing=d.sft_packing, seed=t.seed)
         return build_gpt_datasets(d.train_data_path, d.val_data_path, d.test_data_path,
                                   split=d.split, seq_length=m.seq_length, num_samples=num_samples,
-                                  seed=t.seed, cache_dir=d.cache_dir, vocab_size=m.vocab_size)
+                                  seed=t.seed, cache_dir=d.cache_dir, vocab_size=m.vocab_size,
+                                  tokenizer=tokenizer)
 
     def _batches(self, dataset, consumed: int):
         """This rank's micro-batches from sample `consumed` on, grouped into steps of m micro-batches."""

@@ -1,5 +1,6 @@
 """GPT samples: Megatron's index arrays (checked against a port of its loop), epochs, splits,
 caching, blending proportions, and the builder the trainer calls."""
+import functools
 import os
 
 import numpy as np
@@ -350,6 +351,31 @@ def test_same_order_says_whether_another_sample_count_keeps_the_order(corpus, tm
     assert isinstance(blend, BlendedDataset)
     assert blend.same_order(150) and not blend.same_order(400)
     assert MockGPTDataset(10, 8, 50).same_order(1000)
+
+
+def test_data_made_with_another_tokenizer_is_refused_by_name(tmp_path):
+    """Ids of one tokenizer read as another's train on garbled text without a word when both
+    have as many ids; the record preprocess_data.py writes beside the data (P.meta.json) names
+    the tokenizer, and the one in data.tokenizer_path must be it."""
+    from megagpt.data.indexed import IndexedDatasetWriter, tokenizer_record
+    from megagpt.data.tokenizer import load_tokenizer
+    gpt2 = load_tokenizer("gpt2")
+    other = dict(tokenizer_record(gpt2), tokenizer="runs/tok", vocab_sha256="0" * 64)
+    for name, record in (("mine", tokenizer_record(gpt2)), ("theirs", other), ("megatron", None)):
+        with IndexedDatasetWriter(tmp_path / name, np.uint16, record) as w:
+            for _ in range(10):
+                w.add_document(np.arange(30))
+            w.finalize()
+    build = functools.partial(build_gpt_datasets, split="1,0,0", seq_length=8,
+                              num_samples=(10, 0, 0), cache_dir=tmp_path / "k", tokenizer=gpt2)
+    assert build([str(tmp_path / "mine"), str(tmp_path / "megatron")])[0] is not None
+    with pytest.raises(DatasetBuildError, match=rf"data.train_data_path: '{tmp_path}/theirs' "
+                                                rf"holds the ids of the tokenizer runs/tok \(50257 "
+                                                rf"ids, as {tmp_path}/theirs.meta.json records\), "
+                                                rf"but data.tokenizer_path=gpt2 is another \(50257 "
+                                                rf"ids\); fix: set data.tokenizer_path to the "
+                                                rf"tokenizer the data was made with"):
+        build([str(tmp_path / "mine"), str(tmp_path / "theirs")])
 
 
 def test_ids_beyond_the_model_vocabulary_are_refused_when_read(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megagpt.data.indexed import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, best_dtype,
-                                  merge_datasets, write_documents)
+                                  bin_path, merge_datasets, write_documents)
 
 MERGE_TOOL = Path(__file__).resolve().parents[2] / "tools" / "merge_datasets.py"
 
@@ -181,6 +181,34 @@ def test_merge_keeps_documents_and_order(tmp_path):
     assert merged.doc_idx.tolist() == [0, 1, 2, 4]
     assert merged.pointers.tolist() == [0, 4, 6, 8]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.idx", "b.bin", "b.idx", "m.bin", "m.idx"]
+
+
+def test_the_tokenizer_record_is_kept_by_a_merge_and_mixed_tokenizers_are_refused(tmp_path):
+    """P.meta.json names the tokenizer a dataset's ids come from: a merge of datasets of one
+    tokenizer keeps it, of several is refused (their ids mean different text), and a dataset
+    written over one with a record loses it unless it brings its own."""
+    from megagpt.data.indexed import meta_path, read_meta
+    gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257, "eod_id": 50256, "vocab_sha256": "g"}
+    other = dict(gpt2, tokenizer="runs/tok", vocab_sha256="o")
+
+    def written(name, record):
+        with IndexedDatasetWriter(tmp_path / name, np.uint16, record) as w:
+            w.add_document(np.array([1, 2, 3]))
+            w.finalize()
+        return str(tmp_path / name)
+    a, b, c, plain = written("a", dict(gpt2, json_key="text")), written("b", gpt2), \
+        written("c", other), written("plain", None)
+    assert read_meta(merge_datasets([a, b], tmp_path / "ab").prefix) == gpt2
+    assert read_meta(merge_datasets([a, plain], tmp_path / "ap").prefix) is None
+    with pytest.raises(IndexedDatasetError, match=r"cannot merge datasets made with different "
+                                                  r"tokenizers \('.*/a': gpt2; '.*/c': runs/tok\); "
+                                                  r"fix: preprocess them all with one tokenizer"):
+        merge_datasets([a, c], tmp_path / "ac")
+    assert not bin_path(tmp_path / "ac").exists()
+    written("a", None)                                  # another dataset at a's prefix
+    assert not meta_path(a).exists()
+    meta_path(plain).write_text("not json")             # a damaged record checks nothing
+    assert read_meta(plain) is None
 
 
 def test_merge_refusals(tmp_path):

@@ -50,8 +50,13 @@ def test_writes_megatron_named_pair_with_eod(tmp_path, gpt2):
         assert ds[i].tolist() == gpt2.encode(text) + [gpt2.eod_id]
     assert summary.tokens == ds.num_tokens and summary.skipped.total == 0
     assert summary.input_bytes == src.stat().st_size
-    assert files(tmp_path / "out") == ["c_text_document.bin", "c_text_document.idx"]
+    assert files(tmp_path / "out") == ["c_text_document.bin", "c_text_document.idx",
+                                       "c_text_document.meta.json"]
     assert "documents: 40" in summary.format() and "skipped 0 lines" in summary.format()
+    record = json.loads((tmp_path / "out" / "c_text_document.meta.json").read_text())
+    assert record == {"tokenizer": gpt2.source, "vocab_size": 50257, "eod_id": 50256,
+                      "vocab_sha256": gpt2.fingerprint, "json_key": "text", "append_eod": True,
+                      "made_by": "tools/preprocess_data.py"}
 
 
 def test_a_literal_end_of_document_string_is_text(tmp_path, gpt2):
@@ -233,7 +238,7 @@ def test_a_dataset_already_there_survives_a_failed_run(tmp_path, monkeypatch):
     with pytest.raises(PreprocessError, match="--output-prefix .*cannot write the index"):
         preprocess_jsonl(other, tmp_path / "o", json_keys=["title", "text"], progress=False)
     after = {name: (tmp_path / name).read_bytes() for name in files(tmp_path) if name.startswith("o_")}
-    assert after == before and len(before) == 4
+    assert after == before and len(before) == 6      # .bin, .idx and .meta.json of each key
 
 
 def test_byte_order_mark_and_lone_surrogate_escapes(tmp_path, gpt2):
