@@ -13,7 +13,8 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     (which validate_config.py gives an invalid config)."""
     try:
         status = main()
-        sys.stdout.flush()           # what is still buffered meets the closed pipe here
+        if sys.stdout is not None:   # None when the program started with stdout closed
+            sys.stdout.flush()       # what is still buffered meets the closed pipe here
     except KeyboardInterrupt:
         print(f"{Path(sys.argv[0]).name}: interrupted (Ctrl-C)", file=sys.stderr)
         status = 130

@@ -467,7 +467,7 @@ class ConversionResult:
 
 def _check_output(output: Path, input_path: Path) -> None:
     source, target = input_path.resolve(), output.resolve()
-    if target == source or source in target.parents:
+    if source.exists() and (target == source or source in target.parents):
         where = "is" if target == source else "is inside"
         raise ConversionError(f"--output {output} {where} --input {input_path}: the source "
                               f"would hold the output (a step folder's is removed with it when "

@@ -131,19 +131,34 @@ def as_token_lists(prompts):
     return prompts
 
 
+def _prompts_problem(prompts) -> str | None:
+    """What is wrong with the form of `prompts` (naming the first bad part), or None."""
+    if isinstance(prompts, torch.Tensor):
+        return f"got a {prompts.dim()}-d tensor of {prompts.dtype}"
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        return f"got {type(prompts).__name__}"
+    for r, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            return f"prompt {r} is a {prompt.dim()}-d tensor of {prompt.dtype}"
+        if not isinstance(prompt, (list, tuple)):
+            return f"prompt {r} is {type(prompt).__name__}, not a list of ids"
+        for t in prompt:
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                kind = (f"a tensor of {t.dtype}" if isinstance(t, torch.Tensor)
+                        else type(t).__name__)
+                return f"prompt {r} holds {t!r}, {kind}, not an int"
+    return None
+
+
 def check_request(prompts: list[list[int]], max_new_tokens: int, vocab_size: int,
                   seq_length: int, name: str = "max_new_tokens") -> None:
     """Refuse prompts the model cannot continue, with a ValueError naming the value and the fix;
     `name` is max_new_tokens's name in the messages (a command line's flag)."""
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not all(
-            isinstance(p, (list, tuple)) and all(isinstance(t, numbers.Integral)
-                                                 and not isinstance(t, bool) for t in p)
-            for p in prompts):
+    problem = _prompts_problem(prompts)
+    if problem:
         raise ValueError(f"generate: prompts must be token-id lists, one a prompt, such as "
-                         f"[tok.encode(text)] (or a (batch, length) tensor of ids, or a list of "
-                         f"1-d ones), got {type(prompts).__name__}"
-                         + (f" of {type(prompts[0]).__name__}" if isinstance(prompts, (list, tuple))
-                            and prompts else ""))
+                         f"[tok.encode(text)] (or a (batch, length) integer tensor, or a list of "
+                         f"1-d ones); {problem}")
     if not prompts:
         raise ValueError("generate: no prompts given; fix: pass at least one prompt")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -344,8 +344,11 @@ class GPTStage(nn.Module):
         target = labels.t()
         mask = torch.ones_like(target, dtype=torch.float32) if loss_mask is None else loss_mask.t().float()
         ignored = target == IGNORE_INDEX
-        mask, target = mask.masked_fill(ignored, 0.0), target.masked_fill(ignored, 0)
+        mask = mask.masked_fill(ignored, 0.0)
         check_labels(target, mask, self.cfg.vocab_size)
+        # a label left out is never read: one in the padding columns would make its row's loss
+        # inf, and inf x 0 NaN
+        target = target.masked_fill(mask == 0, 0)
         if group_size(self.tp_group) == 1 and self.ops.cross_entropy_backend == "triton":
             target = target.masked_fill(mask == 0, -100)         # rows masked out are not read
             flat = logits.reshape(-1, logits.shape[-1])        # the padded vocabulary, no copy
@@ -360,6 +363,13 @@ class GPTStage(nn.Module):
 
 
 IGNORE_INDEX = -100     # a label left out of the loss (Hugging Face's and torch's convention)
+
+
+def loss_tokens(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> float:
+    """The tokens a micro-batch counts in its loss, as `GPTStage.loss` counts them: the sum of
+    its loss_mask (ones when None) over the labels that are not IGNORE_INDEX."""
+    kept = labels != IGNORE_INDEX
+    return float(kept.sum() if loss_mask is None else loss_mask.masked_fill(~kept, 0).sum())
 
 
 def check_labels(target: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import Config, ConfigError, read_json
-from megagpt.model.gpt import build_stage
+from megagpt.model.gpt import build_stage, loss_tokens
 from megagpt.parallel.state import ParallelState
 from megagpt.training import checkpoint as ckpt
 from megagpt.training.ds_config import merge_deepspeed_config, resolve_deepspeed_path
@@ -205,8 +205,7 @@ class DeepSpeedEngine:
         """The loss tokens of the global batch (their summed loss-mask weights); call it on the
         CPU micro-batches, before `_to_device` (as `Engine` does), so counting them is no device
         sync."""
-        local = sum(float(mb["loss_mask"].sum()) if mb.get("loss_mask") is not None
-                    else mb["labels"].numel() for mb in microbatches)
+        local = sum(loss_tokens(mb["labels"], mb.get("loss_mask")) for mb in microbatches)
         return self._dp_sum(local)
 
     @staticmethod

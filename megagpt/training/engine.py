@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import Config
-from megagpt.model.gpt import build_stage
+from megagpt.model.gpt import build_stage, loss_tokens
 from megagpt.parallel.data_parallel import DataParallel, global_grad_norm, scale_grads
 from megagpt.parallel.pipeline import P2P, get_forward_backward_func
 from megagpt.parallel.state import ParallelState
@@ -112,8 +112,7 @@ class Engine:
     def global_tokens(self, microbatches: list[dict]) -> float:
         """The tokens counted in the loss of a step's micro-batches (the sum of their loss-mask
         weights), summed over replicas (a collective over the data-parallel group)."""
-        local = sum(float(mb["loss_mask"].sum()) if mb.get("loss_mask") is not None
-                    else mb["labels"].numel() for mb in microbatches)
+        local = sum(loss_tokens(mb["labels"], mb.get("loss_mask")) for mb in microbatches)
         count = torch.tensor([local], dtype=torch.float64)
         if self.state.dp_world_size > 1:
             dist.all_reduce(count, group=self.state.dp_group)

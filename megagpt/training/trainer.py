@@ -738,10 +738,18 @@ class Trainer:
     def _global_batch_change(self, path, saved: dict, saved_dp: int) -> str:
         t, dp = self.cfg.training, self.state.dp_world_size
         before = saved["batch_size"] * saved["grad_accumulation_steps"] * saved_dp
-        fix = (f"to keep it, set training.grad_accumulation_steps="
-               f"{before // (t.batch_size * dp)}" if before % (t.batch_size * dp) == 0 else
-               f"to keep it, choose training.batch_size and grad_accumulation_steps whose product "
-               f"times the data-parallel size {dp} is {before}")
+        pp = self.cfg.parallel.pipeline_parallel_size
+        multiple = pp if self.cfg.parallel.virtual_pipeline_size > 1 else 1   # interleaved
+        splits = [(b, before // (b * dp)) for b in range(1, before // dp + 1)
+                  if before % (b * dp) == 0 and (before // (b * dp)) % multiple == 0]
+        if not splits:
+            fix = (f"no micro-batch size and count keep it at data-parallel size {dp}"
+                   + (f" (the interleaved schedule needs a multiple of {pp} micro-batches)"
+                      if multiple > 1 else ""))
+        else:
+            size, count = min(splits, key=lambda s: abs(s[0] - t.batch_size))
+            fix = "to keep it, set " + (f"training.batch_size={size} and " if size != t.batch_size
+                                        else "") + f"training.grad_accumulation_steps={count}"
         return (f"resuming {path} with another global batch: {before} -> {self.global_batch} "
                 f"sequences a step (training.batch_size x grad_accumulation_steps x data-parallel "
                 f"size: {saved['batch_size']} x {saved['grad_accumulation_steps']} x "

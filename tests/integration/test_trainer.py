@@ -131,6 +131,26 @@ def test_a_resume_with_other_data_settings_says_so(tmp_path):
                for m in changed), changed
 
 
+@pytest.mark.parametrize("micro, saved, fix", [
+    (1, (1, 8, 1), "to keep it, set training.grad_accumulation_steps=4"),
+    (2, (1, 12, 1), "to keep it, set training.batch_size=1 and training.grad_accumulation_steps=6"),
+    (1, (1, 2, 1), "no micro-batch size and count keep it at data-parallel size 2 (the interleaved "
+                   "schedule needs a multiple of 2 micro-batches)"),
+])
+def test_the_global_batch_warning_suggests_a_split_the_layout_accepts(micro, saved, fix):
+    """Under the interleaved schedule the micro-batches must be a multiple of pp: the warning
+    suggested a grad_accumulation_steps that validation then refused."""
+    import types
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = tiny_config(pp=2, vp=2, dp=2, micro=micro)
+    trainer.state = types.SimpleNamespace(dp_world_size=2)
+    trainer.global_batch = 8
+    batch_size, accumulation, dp = saved
+    message = trainer._global_batch_change(
+        "ckpt", {"batch_size": batch_size, "grad_accumulation_steps": accumulation}, dp)
+    assert message.endswith(fix), message
+
+
 def _resume_on_indexed_data(rank, world, run_dir, max_steps, until):
     """The tiny model on 30 documents of 40 tokens (28 of them for training: 69 samples of 16
     an epoch; global batch 8): the order of the samples depends on their count."""
@@ -652,6 +672,35 @@ def test_optimizer_state_for_other_pieces_is_refused(tmp_path):
                                            r"this run's optimizer steps \d+, and they differ first "
                                            r"at position \d+: .*--to megagpt"):
         run_distributed(_resume_with_buckets, 2, str(tmp_path), 7, 0.02)
+
+
+def _ignored_label_losses(rank, world):
+    """The engine's loss of one batch with half its tokens left out by loss_mask 0, by labels
+    of -100, and by both; then a batch of only -100 labels trained."""
+    from megagpt.testing import fixed_batches, split_microbatches
+    from megagpt.training.engine import Engine
+    cfg = tiny_config(model__vocab_size=1001)
+    engine = Engine(cfg, state.initialize_parallel(1, 1), "cpu")
+    batch = split_microbatches(fixed_batches(1)[0], 0, 1, 2)
+    masked = [dict(mb, loss_mask=torch.ones_like(mb["loss_mask"]).index_fill(1, torch.arange(8), 0))
+              for mb in batch]
+    ignored = [dict(mb, labels=mb["labels"].index_fill(1, torch.arange(8), -100),
+                    loss_mask=torch.ones_like(mb["loss_mask"])) for mb in batch]
+    no_mask = [{k: v for k, v in mb.items() if k != "loss_mask"} for mb in ignored]
+    # masked out and pointing at a padding column (1001..1023): never read, not NaN
+    padding = [dict(mb, labels=mb["labels"].index_fill(1, torch.arange(8), 1020)) for mb in masked]
+    losses = [engine.eval_step(b) for b in (masked, ignored, no_mask, padding)]
+    all_ignored = [dict(mb, labels=torch.full_like(mb["labels"], -100)) for mb in batch]
+    return losses, engine.train_step(all_ignored, 1e-3)
+
+
+def test_labels_of_minus_100_count_as_masked_tokens_in_the_step(tmp_path):
+    """The engine divided the loss by a token count that included the -100 labels (half the
+    loss here), and trained a step of only -100 labels; a masked label in the vocabulary's
+    padding made the loss NaN on the torch path."""
+    losses, step = run_distributed(_ignored_label_losses, 1)[0]
+    assert math.isfinite(losses[0]) and losses == [losses[0]] * 4, losses
+    assert step.skipped and step.tokens == 0
 
 
 def _nan_steps(rank, world, run_dir, bad_steps, max_skipped, until=None, **overrides):

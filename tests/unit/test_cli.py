@@ -38,6 +38,10 @@ def test_output_into_a_closed_pipe_ends_quietly_with_status_141():
     assert result.stdout.strip() == "status 141", result
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, \
         result.stderr
+    closed = subprocess.run(["bash", "-c", f"{sys.executable} tools/validate_config.py --config "
+                                           f"configs/training/tiny_model.json >&-"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr   # no stdout
 
 
 @pytest.mark.parametrize("program", ["pretrain_gpt.py", "tools/validate_config.py",

@@ -221,6 +221,11 @@ def test_the_python_block_of_models_md_runs_as_written(hf_folder, capsys):
     assert 0 < float(loss) < 20
 
 
+def test_a_missing_input_is_named_before_its_output(tmp_path):
+    with pytest.raises(ConversionError, match=r"--input .*nope does not exist"):
+        quiet(tmp_path / "nope", tmp_path / "nope", "hf")
+
+
 def test_an_output_inside_the_input_is_refused(tmp_path, ours):
     """It was written there: inside a step folder, pruning the step removes it too."""
     step = ours / "tp1pp1" / "step_0000005"

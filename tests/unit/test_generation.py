@@ -194,11 +194,13 @@ def test_ids_past_a_smaller_tokenizers_vocabulary_are_never_chosen(model):
                      "model's context of 32 (model.seq_length); fix: max_new_tokens <= 33 - the "
                      "prompt's tokens"),
     ([[1]], 0, "max_new_tokens=0: must be an integer >= 1"),
-    ([1, 2, 3], 4, "prompts must be token-id lists, one a prompt, such as [tok.encode(text)] "
-                   "(or a (batch, length) tensor of ids, or a list of 1-d ones), got list of int"),
-    ("ROMEO:", 4, "prompts must be token-id lists, one a prompt, such as [tok.encode(text)] "
-                  "(or a (batch, length) tensor of ids, or a list of 1-d ones), got str"),
-    (torch.tensor([1, 2]), 4, "got Tensor"),
+    ([1, 2, 3], 4, "prompts must be token-id lists, one a prompt, such as [tok.encode(text)] (or "
+                   "a (batch, length) integer tensor, or a list of 1-d ones); prompt 0 is int, "
+                   "not a list of ids"),
+    ("ROMEO:", 4, "; got str"),
+    (torch.tensor([1, 2]), 4, "; got a 1-d tensor of torch.int64"),
+    (torch.tensor([[1.0, 2.0]]), 4, "; prompt 0 holds 1.0, float, not an int"),
+    ([list(torch.tensor([1, 2]))], 4, "; prompt 0 holds tensor(1), a tensor of torch.int64, not an int"),
 ])
 def test_requests_the_model_cannot_serve_are_refused(model, prompts, max_new, message):
     with pytest.raises(ValueError, match=re.escape(message)):
