@@ -85,6 +85,8 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        if group_size(self.tp_group) == 1:   # nothing to sum: the bias in the product's launch
+            return F.linear(x, self.weight, self.bias if add_bias else None)
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.tp_group)

@@ -53,7 +53,7 @@ from megagpt.model.gpt import build_stage, loss_tokens
 from megagpt.parallel.state import ParallelState
 from megagpt.training import checkpoint as ckpt
 from megagpt.training.ds_config import merge_deepspeed_config, resolve_deepspeed_path
-from megagpt.training.engine import StepResult
+from megagpt.training.engine import StepResult, sum_losses
 from megagpt.training.optim import param_groups, set_hyperparameters, set_lr
 
 DS_TAG = "deepspeed"           # DeepSpeed's folder inside a step folder
@@ -208,16 +208,6 @@ class DeepSpeedEngine:
         local = sum(loss_tokens(mb["labels"], mb.get("loss_mask")) for mb in microbatches)
         return self._dp_sum(local)
 
-    @staticmethod
-    def _sum_losses(loss_sums: list[torch.Tensor]) -> float:
-        """The micro-batches' loss sums, kept as tensors while they run, summed on the host with
-        one device sync: the same float64 left-to-right sum of each value as adding them one by
-        one with float(loss_sum) after every micro-batch."""
-        if not loss_sums:
-            return 0.0
-        values = torch.cat([x.detach().reshape(-1) for x in loss_sums]).double().tolist()
-        return sum(values)
-
     def train_step(self, microbatches: list[dict], lr: float) -> StepResult:
         """One optimizer step over this rank's `gradient_accumulation_steps` micro-batches."""
         ds = self._engine()
@@ -244,7 +234,7 @@ class DeepSpeedEngine:
                         ds.step()
                     continue
             ds.step()
-        loss = self._dp_sum(self._sum_losses(loss_sums)) / tokens
+        loss = self._dp_sum(sum_losses(loss_sums)) / tokens
         norm = own_norm if own_norm is not None else ds.get_global_grad_norm()
         norm = None if norm is None else float(norm)     # None: DeepSpeed computed none
         skipped = (not ds.was_step_applied() or not math.isfinite(loss)
@@ -289,7 +279,7 @@ class DeepSpeedEngine:
         microbatches = self._to_device(microbatches)
         loss_sums = [ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))[0]
                      for mb in microbatches]
-        return self._dp_sum(self._sum_losses(loss_sums)) / tokens if tokens else math.nan
+        return self._dp_sum(sum_losses(loss_sums)) / tokens if tokens else math.nan
 
     # ---- weights and checkpoints --------------------------------------------------------
 

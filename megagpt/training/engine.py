@@ -43,6 +43,15 @@ class StepResult:
     overflow: bool = False   # skipped for fp16 gradients the loss scaler can still scale down
 
 
+def sum_losses(loss_sums: list[torch.Tensor]) -> float:
+    """The micro-batches' loss sums, kept as tensors while they run, summed on the host with one
+    device sync: the same float64 left-to-right sum of each value as adding them one by one
+    with float(loss_sum) after every micro-batch."""
+    if not loss_sums:
+        return 0.0
+    return sum(torch.cat([x.detach().reshape(-1) for x in loss_sums]).double().tolist())
+
+
 class Engine:
     """This rank's model chunks, their gradient reduction, the optimizer and the loss scaler."""
 
@@ -122,7 +131,7 @@ class Engine:
         """Sum of the last stage's loss sums over micro-batches and replicas / tokens, on every rank."""
         total = torch.zeros(1, dtype=torch.float64)
         if self.state.is_last_stage:
-            total += sum(float(loss_sum) for loss_sum, _ in losses)
+            total += sum_losses([loss_sum for loss_sum, _ in losses])
             if self.state.dp_world_size > 1:
                 dist.all_reduce(total, group=self.state.dp_group)
         if self.state.pp_world_size > 1:
@@ -130,7 +139,10 @@ class Engine:
         return total.item() / tokens if tokens else math.nan
 
     def _to_device(self, microbatches):
-        return [{k: v.to(self.device) for k, v in mb.items()} for mb in microbatches]
+        """The micro-batches on the device; from pinned memory (the trainer's loader pins on
+        CUDA) without waiting for the copies: the stream orders them before their use."""
+        return [{k: v.to(self.device, non_blocking=v.is_pinned()) for k, v in mb.items()}
+                for mb in microbatches]
 
     def train_step(self, microbatches: list[dict], lr: float) -> StepResult:
         """One optimizer step over this rank's micro-batches (dicts of tokens, labels, loss_mask).

@@ -301,6 +301,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
             persistent_workers=False, **loader_worker_options(self.cfg.data.num_workers),
+            pin_memory=self.device.type == "cuda",      # copied to the GPU without a wait
             generator=torch.Generator().manual_seed(self.cfg.training.seed))
         step = []
         try:

@@ -373,26 +373,27 @@ def test_a_non_finite_gradient_skips_the_step_on_every_rank(tmp_path, zero):
 
 
 def test_the_loss_sums_are_added_once_as_float_did_one_by_one():
-    """DeepSpeedEngine keeps each micro-batch's loss sum as a tensor and converts them together:
-    the sum is exactly the float64 left-to-right sum of float(loss_sum) per micro-batch."""
-    from megagpt.training.ds_engine import DeepSpeedEngine
+    """The engines keep each micro-batch's loss sum as a tensor and convert them together: the
+    sum is exactly the float64 left-to-right sum of float(loss_sum) per micro-batch."""
+    from megagpt.training.engine import sum_losses
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
         sums = [(torch.rand((), generator=g) * 10 ** k).to(dtype) for k in range(-3, 6)] * 3
-        assert DeepSpeedEngine._sum_losses(sums) == sum(float(x) for x in sums)
-    assert DeepSpeedEngine._sum_losses([]) == 0.0
+        assert sum_losses(sums) == sum(float(x) for x in sums)
+    assert sum_losses([]) == 0.0
 
 
 def _host_syncs_of_a_step(rank, world, ds):
     """Which micro-batches the token count sees, and what the loss sums are when they are added."""
     from megagpt.testing import split_microbatches
+    import megagpt.training.ds_engine as ds_engine
     from megagpt.training.ds_engine import DeepSpeedEngine
     cfg = tiny_config(dp=2, steps=2, parallel__deepspeed_config=ds)
     ps = state.initialize_parallel(1, 1)
     engine = DeepSpeedEngine(cfg, ps)
     engine.start()
     counted, added = [], []
-    global_tokens, sum_losses = engine.global_tokens, engine._sum_losses
+    global_tokens, sum_losses = engine.global_tokens, ds_engine.sum_losses
 
     def spy_tokens(microbatches):
         counted.append(all(any(mb is own for own in given) for mb in microbatches))
@@ -404,7 +405,7 @@ def _host_syncs_of_a_step(rank, world, ds):
                       value == sum(float(x) for x in loss_sums)))
         return value
 
-    engine.global_tokens, engine._sum_losses = spy_tokens, spy_sum
+    engine.global_tokens, ds_engine.sum_losses = spy_tokens, spy_sum
     batch = torch.randint(0, cfg.model.vocab_size, (8, cfg.model.seq_length + 1),
                           generator=torch.Generator().manual_seed(rank))
     given = split_microbatches(batch, ps.dp_rank, 2, cfg.training.batch_size)
