@@ -8,6 +8,7 @@ config names the prefix runs/data/corpus_text_document. The work is done by
 megagpt.data.preprocess.preprocess_jsonl; see docs/data.md.
 """
 import argparse
+import os
 import sys
 
 from megagpt.cli import run_main
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     clean_up_on_sigterm()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus and args.workers > cpus:
+        print(f"note: --workers {args.workers} is more than the {cpus} CPUs this process may use; "
+              f"the extra workers add memory, not speed (--workers {cpus})", file=sys.stderr)
     try:
         summary = preprocess_jsonl(args.input, args.output_prefix, tokenizer=args.tokenizer,
                                    json_keys=args.json_keys, append_eod=args.append_eod,

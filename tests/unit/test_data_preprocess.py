@@ -273,6 +273,12 @@ def test_command_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "documents: 2" in ok.stdout and "malformed JSON: 1 (line 2)" in ok.stdout
     assert np.array_equal(IndexedDataset(tmp_path / "d" / "c_text_document")[1], [6894, 50256])
+    cpus = len(os.sched_getaffinity(0))
+    many = run_tool("--input", str(src), "--output-prefix", "d/m", "--workers", str(cpus + 1),
+                    cwd=tmp_path)
+    assert many.returncode == 0 and (f"note: --workers {cpus + 1} is more than the {cpus} CPUs "
+                                     f"this process may use") in many.stderr, many.stderr
+    assert cpus < 2 or "note:" not in ok.stderr       # --workers 2 fits
 
 
 
