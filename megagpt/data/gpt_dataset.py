@@ -276,12 +276,16 @@ def _open(prefix: str, opened: dict, where: str, tokenizer=None) -> IndexedDatas
             raise DatasetBuildError(f"{where}: {e}") from e
         record = read_meta(prefix) if tokenizer is not None else None
         if record is not None and record.get("vocab_sha256") not in (None, tokenizer.fingerprint):
+            changed = (f" ({tokenizer.source} has changed since the data was made)"
+                       if record.get("tokenizer") == tokenizer.source else "")
             raise DatasetBuildError(
                 f"{where}: {prefix!r} holds the ids of the tokenizer {record.get('tokenizer')} "
-                f"({record.get('vocab_size')} ids, as {meta_path(prefix)} records), but "
-                f"data.tokenizer_path={tokenizer.source} is another ({tokenizer.vocab_size} ids); "
-                f"fix: set data.tokenizer_path to the tokenizer the data was made with, or "
-                f"preprocess the data again with data.tokenizer_path's")
+                f"({record.get('vocab_size')} ids, fingerprint {record['vocab_sha256'][:12]}, as "
+                f"{meta_path(prefix)} records), but data.tokenizer_path={tokenizer.source} is "
+                f"another ({tokenizer.vocab_size} ids, fingerprint {tokenizer.fingerprint[:12]})"
+                f"{changed}; fix: set data.tokenizer_path to the tokenizer the data was made "
+                f"with, or preprocess the data again with data.tokenizer_path's (or, if you know "
+                f"the two give the same ids, remove the record)")
     return opened[prefix]
 
 

@@ -12,13 +12,15 @@ sequences to temporary files (memory stays flat however many) and renames both f
 only when complete. `merge_datasets` concatenates several prefixes into one.
 
 Ours beside Megatron's format: `P.meta.json`, which the tools that write a dataset add, records
-the tokenizer the ids come from (its source, size, end-of-document id and a SHA-256 of its
-vocabulary, `Tokenizer.fingerprint`); training refuses a dataset whose record names another
-tokenizer than `data.tokenizer_path`. A dataset without one (Megatron's own) is read as before.
+the tokenizer the ids come from (its source, size, end-of-document id and
+`Tokenizer.fingerprint`) and the pair's sizes; training refuses a dataset whose record names
+another tokenizer than `data.tokenizer_path`. A dataset without one (Megatron's own), or whose
+record describes other files (written over by a tool that keeps none), is read as before.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
@@ -28,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from megagpt.fsutil import fsync_dir, fsync_file, why_not_a_folder, write_json
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -60,13 +64,32 @@ def meta_path(prefix: str | os.PathLike) -> Path:
 
 
 def read_meta(prefix: str | os.PathLike) -> dict | None:
-    """The dataset's record of how it was made (`P.meta.json`), or None when there is none or it
-    does not read as a JSON object (no record: nothing is checked against it)."""
+    """The dataset's record of how it was made (`P.meta.json`), or None when there is none, it
+    does not read as a JSON object, or it describes other files than the pair there now (a
+    warning says so): no record, nothing is checked against it."""
     try:
         meta = json.loads(meta_path(prefix).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return meta if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    try:
+        current = pair_identity(prefix)
+    except OSError:
+        return None
+    if any(meta.get(k) != v for k, v in current.items()):
+        log.warning("%s describes other files than %s.bin/.idx now hold (written over by a tool "
+                    "that keeps no record); it is ignored: remove it", meta_path(prefix),
+                    os.fspath(prefix))
+        return None
+    return meta
+
+
+def pair_identity(prefix: str | os.PathLike) -> dict:
+    """What a record keeps of the pair it describes, to be told from another pair written over
+    it by a tool that writes no record (Megatron's, a copy): the files' sizes."""
+    return {"bin_bytes": bin_path(prefix).stat().st_size,
+            "idx_bytes": idx_path(prefix).stat().st_size}
 
 
 def tokenizer_record(tokenizer) -> dict:
@@ -329,8 +352,8 @@ class IndexedDatasetWriter:
         fsync_dir(idx_path(self.prefix).parent)
         for p in (self._tmp_sizes, self._tmp_docs):
             p.unlink()
-        if self.meta is not None:
-            write_json(meta_path(self.prefix), self.meta)
+        if self.meta is not None:     # with what identifies this pair: a record outliving it
+            write_json(meta_path(self.prefix), dict(self.meta, **pair_identity(self.prefix)))
 
     def abort(self) -> None:
         """Close and remove every temporary file."""
@@ -410,7 +433,7 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
 def check_replaceable(prefix: str | os.PathLike, flag: str) -> None:
     """Refuse an output prefix whose .bin or .idx exists as something other than a file (a
     folder): renaming the new file over it fails only after the whole write."""
-    for path in (bin_path(prefix), idx_path(prefix)):
+    for path in (bin_path(prefix), idx_path(prefix), meta_path(prefix)):
         if path.exists() and not path.is_file():
             raise ValueError(f"{flag} {os.fspath(prefix)!r}: {path} exists and is not a file; "
                              f"fix: remove it or choose another prefix")

@@ -42,6 +42,15 @@ class TokenizerError(ValueError):
     """A tokenizer path that does not load; the message names the path and what was expected."""
 
 
+def _without_offsets(part):
+    """A tokenizers component's JSON without `trim_offsets`, which changes offsets, not ids."""
+    if isinstance(part, dict):
+        return {k: _without_offsets(v) for k, v in part.items() if k != "trim_offsets"}
+    if isinstance(part, list):
+        return [_without_offsets(v) for v in part]
+    return part
+
+
 class Tokenizer:
     """A loaded tokenizer: raw token ids in and out, no special tokens added by encoding.
 
@@ -77,12 +86,22 @@ class Tokenizer:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """SHA-256 of the vocabulary (every id's token, added ones included): two tokenizers
-        with the same one map text to the same ids in practice, wherever they were loaded
-        from (the bundled gpt2, Megatron's gpt2-vocab.json, a tokenizer.json)."""
+        """SHA-256 of what decides the ids text gets: every id's token (added ones included),
+        the model's kind, merges and options, the normalizer and the pre-tokenizer (not the
+        offsets-only `trim_offsets`), so the same tokenizer loaded another way (the bundled
+        gpt2, Megatron's gpt2-vocab.json + gpt2-merges.txt, a tokenizer.json) has the same one,
+        and one that splits or normalises text otherwise has another."""
         vocab = self.backend.get_vocab(with_added_tokens=True)
-        tokens = sorted(vocab.items(), key=lambda item: item[1])
-        return hashlib.sha256(json.dumps(tokens, ensure_ascii=False).encode()).hexdigest()
+        spec = json.loads(self.backend.to_str())
+        model = {k: None if v == "" else v            # "" and None: no prefix or suffix
+                 for k, v in (spec.get("model") or {}).items() if k != "vocab"}
+        model["merges"] = [m if isinstance(m, str) else " ".join(m)
+                           for m in model.get("merges") or []]
+        decisive = {"vocab": sorted(vocab.items(), key=lambda item: item[1]), "model": model,
+                    "normalizer": spec.get("normalizer"),
+                    "pre_tokenizer": _without_offsets(spec.get("pre_tokenizer"))}
+        return hashlib.sha256(json.dumps(decisive, ensure_ascii=False, sort_keys=True)
+                              .encode()).hexdigest()
 
     def __reduce__(self):
         # A pickled `tokenizers.Tokenizer` forgets `encode_special_tokens`: rebuild through

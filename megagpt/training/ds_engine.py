@@ -53,7 +53,7 @@ from megagpt.model.gpt import build_stage, loss_tokens
 from megagpt.parallel.state import ParallelState
 from megagpt.training import checkpoint as ckpt
 from megagpt.training.ds_config import merge_deepspeed_config, resolve_deepspeed_path
-from megagpt.training.engine import StepResult, sum_losses
+from megagpt.training.engine import StepResult, sum_losses, to_device
 from megagpt.training.optim import param_groups, set_hyperparameters, set_lr
 
 DS_TAG = "deepspeed"           # DeepSpeed's folder inside a step folder
@@ -193,7 +193,7 @@ class DeepSpeedEngine:
     # ---- steps --------------------------------------------------------------------------
 
     def _to_device(self, microbatches):
-        return [{k: v.to(self.device) for k, v in mb.items()} for mb in microbatches]
+        return to_device(microbatches, self.device)
 
     def _dp_sum(self, value: float) -> float:
         total = torch.tensor([value], dtype=torch.float64)

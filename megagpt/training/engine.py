@@ -52,6 +52,13 @@ def sum_losses(loss_sums: list[torch.Tensor]) -> float:
     return sum(torch.cat([x.detach().reshape(-1) for x in loss_sums]).double().tolist())
 
 
+def to_device(microbatches: list[dict], device: torch.device) -> list[dict]:
+    """The micro-batches on `device`; from pinned memory (the trainer's loader pins on CUDA)
+    without waiting for the copies: the stream orders them before their use."""
+    return [{k: v.to(device, non_blocking=v.is_pinned()) for k, v in mb.items()}
+            for mb in microbatches]
+
+
 class Engine:
     """This rank's model chunks, their gradient reduction, the optimizer and the loss scaler."""
 
@@ -139,10 +146,7 @@ class Engine:
         return total.item() / tokens if tokens else math.nan
 
     def _to_device(self, microbatches):
-        """The micro-batches on the device; from pinned memory (the trainer's loader pins on
-        CUDA) without waiting for the copies: the stream orders them before their use."""
-        return [{k: v.to(self.device, non_blocking=v.is_pinned()) for k, v in mb.items()}
-                for mb in microbatches]
+        return to_device(microbatches, self.device)
 
     def train_step(self, microbatches: list[dict], lr: float) -> StepResult:
         """One optimizer step over this rank's micro-batches (dicts of tokens, labels, loss_mask).

@@ -371,10 +371,12 @@ def test_data_made_with_another_tokenizer_is_refused_by_name(tmp_path):
     assert build([str(tmp_path / "mine"), str(tmp_path / "megatron")])[0] is not None
     with pytest.raises(DatasetBuildError, match=rf"data.train_data_path: '{tmp_path}/theirs' "
                                                 rf"holds the ids of the tokenizer runs/tok \(50257 "
-                                                rf"ids, as {tmp_path}/theirs.meta.json records\), "
-                                                rf"but data.tokenizer_path=gpt2 is another \(50257 "
-                                                rf"ids\); fix: set data.tokenizer_path to the "
-                                                rf"tokenizer the data was made with"):
+                                                rf"ids, fingerprint 000000000000, as "
+                                                rf"{tmp_path}/theirs.meta.json records\), but "
+                                                rf"data.tokenizer_path=gpt2 is another \(50257 "
+                                                rf"ids, fingerprint {gpt2.fingerprint[:12]}\); fix: "
+                                                rf"set data.tokenizer_path to the tokenizer the "
+                                                rf"data was made with"):
         build([str(tmp_path / "mine"), str(tmp_path / "theirs")])
 
 

@@ -198,7 +198,9 @@ def test_the_tokenizer_record_is_kept_by_a_merge_and_mixed_tokenizers_are_refuse
         return str(tmp_path / name)
     a, b, c, plain = written("a", dict(gpt2, json_key="text")), written("b", gpt2), \
         written("c", other), written("plain", None)
-    assert read_meta(merge_datasets([a, b], tmp_path / "ab").prefix) == gpt2
+    merged = merge_datasets([a, b], tmp_path / "ab").prefix
+    assert read_meta(merged) == dict(gpt2, bin_bytes=bin_path(merged).stat().st_size,
+                                     idx_bytes=(tmp_path / "ab.idx").stat().st_size)
     assert read_meta(merge_datasets([a, plain], tmp_path / "ap").prefix) is None
     with pytest.raises(IndexedDatasetError, match=r"cannot merge datasets made with different "
                                                   r"tokenizers \('.*/a': gpt2; '.*/c': runs/tok\); "
@@ -209,6 +211,29 @@ def test_the_tokenizer_record_is_kept_by_a_merge_and_mixed_tokenizers_are_refuse
     assert not meta_path(a).exists()
     meta_path(plain).write_text("not json")             # a damaged record checks nothing
     assert read_meta(plain) is None
+
+
+def test_a_record_outlived_by_its_files_is_ignored(tmp_path, caplog):
+    """Megatron's preprocess (or a copy) writing another pair over a recorded one leaves the
+    record behind: it describes other files, and is ignored with a warning (it was believed, so
+    the right tokenizer was refused and a wrong one accepted)."""
+    from megagpt.data.indexed import meta_path, read_meta
+    with IndexedDatasetWriter(tmp_path / "a", np.uint16, {"tokenizer": "gpt2"}) as w:
+        w.add_document(np.array([1, 2, 3]))
+        w.finalize()
+    assert read_meta(tmp_path / "a")["tokenizer"] == "gpt2"
+    other = write_documents(tmp_path / "b", [[4, 5, 6, 7]])
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"a{suffix}").write_bytes((tmp_path / f"b{suffix}").read_bytes())
+    assert read_meta(tmp_path / "a") is None and len(other) == 1
+    assert f"{meta_path(tmp_path / 'a')} describes other files than" in caplog.text
+
+
+def test_a_folder_where_the_record_goes_is_refused_before_the_work(tmp_path):
+    (tmp_path / "d.meta.json").mkdir()
+    with pytest.raises(ValueError, match=r"--output-prefix '.*d': .*d\.meta\.json exists and is "
+                                         r"not a file"):
+        merge_datasets([write_documents(tmp_path / "a", [[1]]).prefix], tmp_path / "d")
 
 
 def test_merge_refusals(tmp_path):

@@ -303,3 +303,30 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_the_fingerprint_is_the_tokenizers_wherever_it_was_loaded_from(tmp_path, gpt2):
+    """A dataset's record names its tokenizer by fingerprint (docs/data.md): the same tokenizer
+    loaded another way has the same one, and one that gives other ids has another, even with
+    the same vocabulary (a prefix space, a lowercasing normalizer)."""
+    from megagpt.convert import write_hf_tokenizer
+    megatron = tmp_path / "megatron"
+    megatron.mkdir()
+    shutil.copy(GPT2_DIR / "vocab.json", megatron / "gpt2-vocab.json")
+    shutil.copy(GPT2_DIR / "merges.txt", megatron / "gpt2-merges.txt")
+    (tmp_path / "exported").mkdir()
+    write_hf_tokenizer(gpt2, tmp_path / "exported", 1024)
+    for route in (megatron, tmp_path / "exported", tmp_path / "exported" / "tokenizer.json"):
+        assert load_tokenizer(route).fingerprint == gpt2.fingerprint, route
+    spec = json.loads(gpt2.backend.to_str())
+    for name, change in (("prefix", ("pre_tokenizer", dict(spec["pre_tokenizer"],
+                                                            add_prefix_space=True))),
+                         ("lower", ("normalizer", {"type": "Lowercase"}))):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(dict(spec, **dict([change]))))
+        other = load_tokenizer(path)
+        assert other.vocab_size == gpt2.vocab_size and other.fingerprint != gpt2.fingerprint
+        assert other.encode("Hello World") != gpt2.encode("Hello World")
+    trained = train_bpe_tokenizer(CORPUS, vocab_size=300, output_dir=tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok" / "tokenizer.json").fingerprint == trained.fingerprint
+    assert trained.fingerprint != gpt2.fingerprint
