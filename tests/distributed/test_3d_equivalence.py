@@ -87,6 +87,14 @@ def test_zero1_with_tensor_pipeline_and_sequence_parallel():
     check_layout(tp=2, pp=2, dp=2, zero=1, parallel__sequence_parallel=True)
 
 
+@pytest.mark.slow
+def test_every_feature_of_the_layout_at_once():
+    """Interleaving with tensor, sequence and data parallelism, ZeRO-1 and full recompute, one
+    sequence a micro-batch (4 a replica: a multiple of pp, as interleaving needs)."""
+    check_layout(tp=2, pp=2, dp=2, vp=2, zero=1, micro=1, parallel__sequence_parallel=True,
+                 training__recompute="full")
+
+
 def test_accumulation_equals_one_large_batch():
     check_layout(micro=8)     # one micro-batch of 8 against the reference's 4 of 2
 
@@ -135,6 +143,29 @@ def test_bf16_layouts_track_one_process(layout):
     ref = reference_bf16()
     world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
     outs = run_distributed(_train, world, dict(BF16, **layout), timeout=300)
+    params = {}
+    for out in outs:
+        torch.testing.assert_close(torch.tensor(out["losses"]), torch.tensor(ref["losses"]),
+                                   rtol=1e-4, atol=0)
+        params.update(out["params"])
+    lr = 3e-3
+    for k, v in ref["params"].items():
+        torch.testing.assert_close(params[k], v, rtol=0, atol=STEPS * lr, msg=k)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_fp16():
+    return run_distributed(_train, 1, {"training__precision": "fp16"})[0]
+
+
+@pytest.mark.slow
+def test_fp16_in_a_pipeline_with_zero1_tracks_one_process():
+    """fp16 (16-bit weights, dynamic loss scaling) was tested on one process only: a pipeline
+    with interleaving and ZeRO-1 over two replicas trains as one process does, to fp16's
+    rounding (11 bits: tighter than bf16's)."""
+    ref = reference_fp16()
+    outs = run_distributed(_train, 4, {"training__precision": "fp16", "pp": 2, "vp": 2, "dp": 2,
+                                       "zero": 1, "micro": 1}, timeout=300)
     params = {}
     for out in outs:
         torch.testing.assert_close(torch.tensor(out["losses"]), torch.tensor(ref["losses"]),
