@@ -128,9 +128,11 @@ class BlendedDataset(torch.utils.data.Dataset):
         """Whether the blend built for `num_samples` samples instead would serve the same
         samples in the same order (up to the shorter of the two): the same choice of dataset
         for each, and each dataset, built for its share, in its same order."""
-        dataset_index, _ = blending_indices(self.weights, num_samples)
-        common = min(len(dataset_index), len(self.dataset_index))
-        if not np.array_equal(dataset_index[:common], self.dataset_index[:common]):
-            return False
+        if num_samples <= len(self.dataset_index):    # the order's prefix (blending_indices
+            dataset_index = self.dataset_index[:num_samples]   # is prefix-stable): no rebuild
+        else:
+            dataset_index, _ = blending_indices(self.weights, num_samples)
+            if not np.array_equal(dataset_index[:len(self.dataset_index)], self.dataset_index):
+                return False
         needed = np.bincount(dataset_index, minlength=len(self.datasets))
         return all(ds.same_order(max(int(n), 1)) for ds, n in zip(self.datasets, needed))

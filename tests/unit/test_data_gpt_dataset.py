@@ -202,6 +202,17 @@ def test_blend_stays_within_one_sample_of_the_weights(weights):
         assert np.array_equal(sample_index[dataset_index == i], np.arange(np.sum(dataset_index == i)))
 
 
+def test_the_blend_of_fewer_samples_is_a_prefix_of_the_blend_of_more():
+    """What BlendedDataset.same_order relies on: a blend's order does not depend on its size."""
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        weights = rng.random(int(rng.integers(2, 6))) + 0.01
+        n = int(rng.integers(1, 2000))
+        more = int(n + rng.integers(1, 2000))
+        fewer, longer = blending_indices(weights, n), blending_indices(weights, more)
+        assert np.array_equal(fewer[0], longer[0][:n]) and np.array_equal(fewer[1], longer[1][:n])
+
+
 def test_blend_no_worse_than_megatron_for_five_datasets():
     weights = [0.05, 0.15, 0.2, 0.25, 0.35]
     ours = max_deviation(blending_indices(weights, 3000)[0], weights)
