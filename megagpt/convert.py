@@ -229,10 +229,10 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         shards = sorted(set(index["weight_map"].values()))
         missing = [name for name in shards if not (path / name).is_file()]
         if missing:
+            listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
             raise ConversionError(f"{path} is missing {len(missing)} of the {len(shards)} weight "
-                                  f"files model.safetensors.index.json lists ({', '.join(missing[:3])}"
-                                  f"{', ...' if len(missing) > 3 else ''}); fix: copy or download "
-                                  f"them too")
+                                  f"files model.safetensors.index.json lists ({listed}); fix: "
+                                  f"copy or download them too")
         state = {}
         for name in shards:
             state.update(load_file(str(path / name)))

@@ -139,8 +139,8 @@ class IndexedDataset:
                 where = "" if Path(self.prefix).is_absolute() else \
                     f" (a relative path is read from the current directory, {os.getcwd()})"
                 raise IndexedDatasetError(
-                    f"indexed dataset {self.prefix!r}: {path} does not exist{where}; a dataset prefix P "
-                    f"names P.bin and P.idx (tools/preprocess_data.py writes "
+                    f"indexed dataset {self.prefix!r}: {path} does not exist{where}; a dataset "
+                    f"prefix P names P.bin and P.idx (tools/preprocess_data.py writes "
                     f"<output-prefix>_text_document.bin/.idx, so P ends in _text_document){hint}")
         self.dtype, num_sequences, num_docs = self._read_header(idx)
         expected = HEADER_SIZE + num_sequences * (4 + 8) + num_docs * 8
@@ -399,10 +399,10 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
     records = [read_meta(ds.prefix) for ds in datasets]
     tokenizers = {r.get("vocab_sha256") for r in records if r is not None}
     if len(tokenizers) > 1:
-        named = "; ".join(f"{ds.prefix!r}: {r.get('tokenizer')}" for ds, r in zip(datasets, records)
-                          if r is not None)
-        raise IndexedDatasetError(f"cannot merge datasets made with different tokenizers ({named}); "
-                                  f"fix: preprocess them all with one tokenizer")
+        named = "; ".join(f"{ds.prefix!r}: {r.get('tokenizer')}"
+                          for ds, r in zip(datasets, records) if r is not None)
+        raise IndexedDatasetError(f"cannot merge datasets made with different tokenizers "
+                                  f"({named}); fix: preprocess them all with one tokenizer")
     # the record carries over when every input has one (of the one tokenizer)
     meta = ({k: records[0][k] for k in ("tokenizer", "vocab_size", "eod_id", "vocab_sha256")
              if k in records[0]} if tokenizers and None not in records else None)

@@ -41,8 +41,8 @@ import torch
 
 from megagpt.data import jsonl
 from megagpt.data.blend import parse_data_path
-from megagpt.data.gpt_dataset import (DatasetBuildError, build_sample_index, epoch_plan, gather_sample,
-                                     make_item, split_ranges)
+from megagpt.data.gpt_dataset import (DatasetBuildError, build_sample_index, epoch_plan,
+                                     gather_sample, make_item, split_ranges)
 from megagpt.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -708,7 +708,8 @@ class Trainer:
             saved_batch = saved["batch_size"] * saved["grad_accumulation_steps"] \
                 * meta["parallel"]["dp"]
             if saved_batch != self.global_batch:
-                self.log(f"warning: {self._global_batch_change(path, saved, meta['parallel']['dp'])}")
+                change = self._global_batch_change(path, saved, meta["parallel"]["dp"])
+                self.log(f"warning: {change}")
         data = data_order_changes(config, self.cfg)
         saved_version = meta.get("data_index_version", 1)   # 1: checkpoints before it was kept
         if saved_version != INDEX_VERSION and not self.cfg.data.mock:
@@ -902,7 +903,8 @@ def pretrained_state(source: str, m: ModelConfig) -> dict[str, torch.Tensor]:
         hub = GPT2_SIZES.get((m.vocab_size, m.d_model, m.n_layers, m.n_heads))
         where = (f"a Hugging Face GPT-2 folder (config.json + model.safetensors, e.g. from "
                  f"`hf download {hub} config.json model.safetensors --local-dir {source}` on a "
-                 f"machine with internet; huggingface_hub before 1.0: `huggingface-cli download`)" if hub else
+                 f"machine with internet; huggingface_hub before 1.0: `huggingface-cli "
+                 f"download`)" if hub else
                  "a checkpoint of ours of this architecture: train it first (`make demo` writes "
                  "the tiny model's to runs/tiny_model/checkpoints)")
         raise ConversionError(

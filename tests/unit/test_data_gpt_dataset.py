@@ -385,9 +385,9 @@ def test_data_made_with_another_tokenizer_is_refused_by_name(tmp_path):
                                                 rf"ids, fingerprint 000000000000, as "
                                                 rf"{tmp_path}/theirs.meta.json records\), but "
                                                 rf"data.tokenizer_path=gpt2 is another \(50257 "
-                                                rf"ids, fingerprint {gpt2.fingerprint[:12]}\); fix: "
-                                                rf"set data.tokenizer_path to the tokenizer the "
-                                                rf"data was made with"):
+                                                rf"ids, fingerprint {gpt2.fingerprint[:12]}\); "
+                                                rf"fix: set data.tokenizer_path to the tokenizer "
+                                                rf"the data was made with"):
         build([str(tmp_path / "mine"), str(tmp_path / "theirs")])
 
 

@@ -200,7 +200,8 @@ def test_ids_past_a_smaller_tokenizers_vocabulary_are_never_chosen(model):
     ("ROMEO:", 4, "; got str"),
     (torch.tensor([1, 2]), 4, "; got a 1-d tensor of torch.int64"),
     (torch.tensor([[1.0, 2.0]]), 4, "; prompt 0 holds 1.0, float, not an int"),
-    ([list(torch.tensor([1, 2]))], 4, "; prompt 0 holds tensor(1), a tensor of torch.int64, not an int"),
+    ([list(torch.tensor([1, 2]))], 4,
+     "; prompt 0 holds tensor(1), a tensor of torch.int64, not an int"),
 ])
 def test_requests_the_model_cannot_serve_are_refused(model, prompts, max_new, message):
     with pytest.raises(ValueError, match=re.escape(message)):
