@@ -72,6 +72,8 @@ class Source:
     train_samples: int | None = None    # the training set's size of the run (its meta.json)
     data_index_version: int | None = None   # how the run's sample order was built (meta.json)
     skipped_total: int = 0              # steps the run skipped (the lr schedule did not advance)
+    tokenizer_fingerprint: str | None = None   # the run's tokenizer's (meta.json), when recorded
+    tokenizer_known: bool = True        # False: a Hugging Face folder without tokenizer files
 
     def describe(self) -> str:
         if self.kind == "hf":
@@ -267,14 +269,17 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
             (where / "vocab.json").is_file() and (where / "merges.txt").is_file())
         tokenizer_path = str(where.resolve()) if has_tokenizer else "gpt2"   # from any folder
         return Source("hf", where, m, full, config_from_hf(m, where, tokenizer_path), 0, 0,
-                      (1, 1, 1), tokenizer_path)
+                      (1, 1, 1), tokenizer_path, tokenizer_known=has_tokenizer)
     meta, full = full_state_from_checkpoint(where)
     p = meta["parallel"]
     config = meta["config"]
     return Source("megagpt", where, model_config_of(meta), full, config, meta["step"],
                   meta["consumed_samples"], (p["tp"], p["pp"], p["vp"]),
                   config["data"]["tokenizer_path"], meta.get("train_samples"),
-                  meta.get("data_index_version", 1), meta.get("skipped_total", 0))
+                  meta.get("data_index_version", 1), meta.get("skipped_total", 0),
+                  meta.get("tokenizer_fingerprint"),
+                  # a run on mock data used no tokenizer, whatever its config names
+                  tokenizer_known=not config["data"].get("mock", False))
 
 
 def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
@@ -299,6 +304,26 @@ def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
                               f"{source.model.vocab_size} (model.vocab_size); fix: pass the "
                               f"tokenizer the model was trained with (--tokenizer PATH)")
     return tok
+
+
+def tokenizer_mismatch(source: Source, tokenizer: Tokenizer, field: str) -> str | None:
+    """Why `tokenizer` (the one `field` names) is not the one `source` was trained with, or None
+    when it is or that cannot be known (a Hugging Face folder without tokenizer files, a
+    recorded path that does not load from here and no recorded fingerprint)."""
+    if not source.tokenizer_known:
+        return None
+    theirs = source.tokenizer_fingerprint
+    if theirs is None:
+        try:
+            theirs = load_tokenizer(source.tokenizer_path).fingerprint
+        except TokenizerError:
+            return None
+    if theirs == tokenizer.fingerprint:
+        return None
+    return (f"{source.path} was trained with the tokenizer {source.tokenizer_path} (fingerprint "
+            f"{theirs[:12]}), but {field}={tokenizer.source} is another (fingerprint "
+            f"{tokenizer.fingerprint[:12]}): its ids would mean other text to the weights; fix: "
+            f"set {field}={source.tokenizer_path}")
 
 
 def single_process_model(m: ModelConfig, full_state: dict[str, torch.Tensor]) -> GPTStage:
@@ -367,6 +392,8 @@ def write_megagpt(source: Source, save_dir: Path, tp: int, pp: int, vp: int) -> 
         meta["train_samples"] = source.train_samples
     if source.data_index_version is not None:
         meta["data_index_version"] = source.data_index_version
+    if source.tokenizer_fingerprint is not None:
+        meta["tokenizer_fingerprint"] = source.tokenizer_fingerprint
     states = shard_full_state(source.full_state, source.model, tp, pp, vp)
     return write_checkpoint_offline(save_dir, source.step, states, meta)
 

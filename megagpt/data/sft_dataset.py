@@ -43,6 +43,7 @@ from megagpt.data import jsonl
 from megagpt.data.blend import parse_data_path
 from megagpt.data.gpt_dataset import (DatasetBuildError, build_sample_index, epoch_plan,
                                      gather_sample, make_item, split_ranges)
+from megagpt.data.indexed import dataset_exists
 from megagpt.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,12 @@ def load_sft_examples(paths, tokenizer: Tokenizer, where: str = "data.train_data
         if weight is not None:
             raise DatasetBuildError(f"{where}: blend weights are not supported for fine-tuning "
                                     f"data; fix: list the jsonl files without weights")
+        prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+        if dataset_exists(prefix):
+            raise DatasetBuildError(f"{where}={path!r} is a Megatron indexed dataset (pretraining "
+                                    f"data), and data.format=sft reads jsonl of prompt/response "
+                                    f"or messages; fix: give the fine-tuning jsonl, or "
+                                    f"data.format=indexed with training.mode=pretrain")
         with jsonl.open_input(path, where) as stream:
             for line_no, raw in jsonl.iter_lines(stream, where):
                 obj, reason = jsonl.parse_line(raw)
@@ -283,6 +290,13 @@ def build_sft_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
                                     f"example of {len(train)}, set data.val_data_path, or "
                                     f"training.eval_interval=0 to train without validation")
         out.append(SFTDataset(part, num_samples=n, **common))
+        if out[-1].lost_response == len(part):      # no token would count: nothing to learn
+            raise DatasetBuildError(
+                f"fine-tuning data ({name} split): every one of its {len(part)} examples is longer "
+                f"than model.seq_length + 1 = {seq_length + 1} tokens and loses every response "
+                f"token when cut to it, so no step would count a token; fix: raise "
+                f"model.seq_length, shorten the prompts, or data.sft_packing=true (a long example "
+                f"then goes on in the next window)")
         if out[-1].truncated:
             log.warning("fine-tuning data (%s split): %d of %d examples are longer than "
                         "model.seq_length + 1 = %d tokens and are cut to it, %d of them losing "

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from megagpt import __version__
 from megagpt.config import Config, ModelConfig
-from megagpt.convert import ConversionError, load_source
+from megagpt.convert import ConversionError, load_source, tokenizer_mismatch
 from megagpt.data.blend import parse_data_path
 from megagpt.data.gpt_dataset import (INDEX_VERSION, DatasetBuildError, build_gpt_datasets,
                                       parse_split)
@@ -223,6 +223,7 @@ class Trainer:
         # train() holds the lock itself
         self._lock_save_dir(note_unlocked=False).release()
         self._resumed = None          # (path, consumed, its sample count, data changes)
+        self.tokenizer_fingerprint = None     # data.tokenizer_path's, once loaded (meta.json)
         self._resume()
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
         if self._resumed is not None and self.is_rank0:
@@ -276,6 +277,7 @@ class Trainer:
         if d.mock:
             return build_mock_datasets(m.seq_length, m.vocab_size, num_samples, t.seed)
         tokenizer = load_tokenizer(d.tokenizer_path, "data.tokenizer_path")
+        self.tokenizer_fingerprint = tokenizer.fingerprint
         if tokenizer.vocab_size > m.vocab_size:
             raise DatasetBuildError(f"data.tokenizer_path={d.tokenizer_path} has {tokenizer.vocab_size} "
                              f"tokens but model.vocab_size={m.vocab_size}; fix: set "
@@ -779,10 +781,13 @@ class Trainer:
     def _meta(self) -> dict:
         """meta.json's fields of this run's checkpoint (the skipped steps too: a weights-only
         copy made from it keeps the learning-rate schedule where it was)."""
-        return {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
+        meta = {"config": self.cfg.to_dict(), "consumed_samples": self.consumed_samples,
                 "train_samples": self.train_samples, "data_index_version": INDEX_VERSION,
                 "parallel": self._parallel_sizes(), "skipped_total": self.skipped_total,
                 "megagpt_version": __version__}
+        if self.tokenizer_fingerprint is not None:   # checkpoint.pretrained checks it
+            meta["tokenizer_fingerprint"] = self.tokenizer_fingerprint
+        return meta
 
     def _save_deepspeed(self) -> Path:
         path = self.engine.save(self.save_dir, self.step, meta=self._meta(),
@@ -848,7 +853,8 @@ class Trainer:
             f"choose a new {where}, or set checkpoint.load=auto to continue the run saved there")
 
     def _load_pretrained(self, source: str) -> None:
-        full = pretrained_state(source, self.cfg.model)
+        full = pretrained_state(source, self.cfg.model,
+                                None if self.cfg.data.mock else self.cfg.data.tokenizer_path)
         with self.engine.master_weights():
             for chunk in self.engine.chunks:
                 load_full_state_dict(chunk, full)
@@ -896,9 +902,12 @@ GPT2_SIZES = {(50257, 768, 12, 12): "gpt2", (50257, 1024, 24, 16): "gpt2-medium"
               (50257, 1280, 36, 20): "gpt2-large", (50257, 1600, 48, 25): "gpt2-xl"}
 
 
-def pretrained_state(source: str, m: ModelConfig) -> dict[str, torch.Tensor]:
+def pretrained_state(source: str, m: ModelConfig,
+                     tokenizer_path: str | None = None) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint of ours (any layout) or a Hugging Face GPT-2 folder,
-    checked against the architecture `m`; for `checkpoint.pretrained`."""
+    checked against the architecture `m` and, when given, the tokenizer of `tokenizer_path`
+    (data.tokenizer_path: the one the source was trained with, when that can be known); for
+    `checkpoint.pretrained`."""
     if not Path(source).exists():
         hub = GPT2_SIZES.get((m.vocab_size, m.d_model, m.n_layers, m.n_heads))
         where = (f"a Hugging Face GPT-2 folder (config.json + model.safetensors, e.g. from "
@@ -911,6 +920,11 @@ def pretrained_state(source: str, m: ModelConfig) -> dict[str, torch.Tensor]:
             f"checkpoint.pretrained={source} does not exist; fix: point it at {where}, or set "
             f"checkpoint.pretrained=null to start from random weights")
     src = load_source(source, "checkpoint.pretrained")
+    if tokenizer_path is not None:      # first: another vocabulary's size is its symptom
+        mismatch = tokenizer_mismatch(src, load_tokenizer(tokenizer_path, "data.tokenizer_path"),
+                                      "data.tokenizer_path")
+        if mismatch:
+            raise CheckpointError(f"checkpoint.pretrained: {mismatch}")
     saved = dataclasses.asdict(src.model)
     if saved["seq_length"] >= m.seq_length:        # a model may use fewer learned positions
         saved["seq_length"] = m.seq_length

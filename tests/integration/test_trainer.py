@@ -174,6 +174,10 @@ def test_a_resume_is_told_of_a_new_sample_order_only_when_the_count_changes_it(t
     assert any("other data settings (training samples 96 -> 240 (consumed + steps to go x "
                "global batch), which changes a dataset's epochs or how its last epoch is "
                "shuffled)" in m for m in more), more
+    # the checkpoint records its tokenizer, which checkpoint.pretrained is checked against
+    from megagpt.data.tokenizer import load_tokenizer
+    meta = json.loads((tmp_path / "ckpt" / "step_0000006" / "meta.json").read_text())
+    assert meta["tokenizer_fingerprint"] == load_tokenizer("gpt2").fingerprint
 
 
 def test_the_data_order_settings_follow_what_the_training_split_is_built_from():
@@ -1304,6 +1308,50 @@ def test_pretrained_weights_of_another_architecture_are_refused(tmp_path):
                                            r"says 4.*fix: give the config the checkpoint's "
                                            r"architecture"):
         run_distributed(_from_hf_folder, 1, str(tmp_path / "run"), str(tmp_path / "hf"))
+
+
+def test_pretrained_weights_of_another_tokenizer_are_refused(tmp_path):
+    """checkpoint.pretrained trained with one tokenizer and fine-tuned with another trained on
+    ids that meant other text, without a word (with another vocabulary size the messages sent
+    the user between model.vocab_size and the tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    from megagpt.convert import convert, write_hf_tokenizer
+    from megagpt.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from megagpt.hf import hf_config_dict
+    from megagpt.model.reshard import shard_full_state
+    from megagpt.training.checkpoint import write_checkpoint_offline
+    from megagpt.training.trainer import pretrained_state
+    m = tiny_config().model
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(m)))
+    model.save_pretrained(tmp_path / "bare")                      # no tokenizer files
+    model.save_pretrained(tmp_path / "hf")
+    own = train_bpe_tokenizer(["some text to learn from, " * 20], vocab_size=300,
+                              output_dir=tmp_path / "tok")
+    write_hf_tokenizer(own, tmp_path / "hf", m.seq_length)
+    hf = str(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=rf"checkpoint.pretrained: {hf} was trained with the "
+                                              rf"tokenizer {hf} \(fingerprint {own.fingerprint[:12]}"
+                                              rf"\), but data.tokenizer_path=gpt2 is another "
+                                              rf".*; fix: set data.tokenizer_path={hf}"):
+        pretrained_state(hf, m, "gpt2")
+    assert pretrained_state(hf, m, str(tmp_path / "tok")).keys()  # the same tokenizer: accepted
+    assert pretrained_state(str(tmp_path / "bare"), m, "gpt2").keys()   # unknown: not checked
+    # a converted copy keeps its source's tokenizer path; a run's checkpoint records the
+    # fingerprint of the tokenizer it trained with, which decides
+    convert(hf, tmp_path / "ours", "megagpt", log=lambda line: None)
+    with pytest.raises(CheckpointError, match=rf"ours/step_0000000 was trained with the tokenizer "
+                                              rf"{hf} "):
+        pretrained_state(str(tmp_path / "ours"), m, "gpt2")
+    config = tiny_config(data__mock=False, data__train_data_path=["runs/data/x"]).to_dict()
+    gpt2 = load_tokenizer("gpt2")
+    meta = {"config": config, "consumed_samples": 0, "tokenizer_fingerprint": gpt2.fingerprint,
+            "parallel": {"tp": 1, "pp": 1, "dp": 1, "vp": 1}}
+    full = pretrained_state(str(tmp_path / "bare"), m)
+    write_checkpoint_offline(tmp_path / "run", 3, shard_full_state(full, m, 1, 1), meta)
+    assert pretrained_state(str(tmp_path / "run"), m, "gpt2").keys()
+    with pytest.raises(CheckpointError, match=r"run/step_0000003 was trained with the tokenizer "
+                                              r"gpt2 "):
+        pretrained_state(str(tmp_path / "run"), m, str(tmp_path / "tok"))
 
 
 def _test_evaluation(rank, world, run_dir, until, data):

@@ -189,6 +189,27 @@ def test_cut_examples_are_reported_with_those_that_lose_their_response(tmp_path,
         build_sft_datasets([str(path)], [], [], split="1,0,0", tokenizer=tok, seq_length=24,
                            num_samples=(3, 0, 0), packing=True, seed=0)
     assert "are cut" not in caplog.text                        # packed: they go on
+    # every example losing its response: no step would count a token (the run trained nothing,
+    # its losses NaN, and ended with status 0)
+    lost = write(tmp_path / "lost.jsonl", [{"prompt": "Long? " * 40, "response": "Lost."}] * 3)
+    with pytest.raises(DatasetBuildError, match=r"fine-tuning data \(train split\): every one of "
+                                                r"its 3 examples is longer than model.seq_length "
+                                                r"\+ 1 = 25 tokens and loses every response token"):
+        build_sft_datasets([str(lost)], [], [], split="1,0,0", tokenizer=tok, seq_length=24,
+                           num_samples=(3, 0, 0), packing=False, seed=0)
+
+
+def test_an_indexed_dataset_given_as_fine_tuning_data_is_named_as_one(tmp_path, tok):
+    """It said the prefix 'does not exist' (its .bin was read as jsonl when given)."""
+    from megagpt.data.indexed import write_documents
+    prefix = str(write_documents(tmp_path / "d_text_document", [[1, 2, 3]]).prefix)
+    for given in (prefix, prefix + ".bin"):
+        with pytest.raises(DatasetBuildError, match=r"data.train_data_path='.*d_text_document"
+                                                    r"(\.bin)?' is a Megatron indexed dataset "
+                                                    r"\(pretraining data\), and data.format=sft "
+                                                    r"reads jsonl"):
+            build_sft_datasets([given], [], [], split="1,0,0", tokenizer=tok, seq_length=24,
+                               num_samples=(3, 0, 0), packing=False, seed=0)
 
 
 def test_bundled_example_builds_with_the_finetuning_config(tok):
