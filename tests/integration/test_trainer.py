@@ -1330,9 +1330,10 @@ def test_pretrained_weights_of_another_tokenizer_are_refused(tmp_path):
     write_hf_tokenizer(own, tmp_path / "hf", m.seq_length)
     hf = str(tmp_path / "hf")
     with pytest.raises(CheckpointError, match=rf"checkpoint.pretrained: {hf} was trained with the "
-                                              rf"tokenizer {hf} \(fingerprint {own.fingerprint[:12]}"
-                                              rf"\), but data.tokenizer_path=gpt2 is another "
-                                              rf".*; fix: set data.tokenizer_path={hf}"):
+                                              rf"tokenizer {hf} \(fingerprint "
+                                              rf"{own.fingerprint[:12]}\), but "
+                                              rf"data.tokenizer_path=gpt2 is another .*; fix: set "
+                                              rf"data.tokenizer_path={hf}"):
         pretrained_state(hf, m, "gpt2")
     assert pretrained_state(hf, m, str(tmp_path / "tok")).keys()  # the same tokenizer: accepted
     assert pretrained_state(str(tmp_path / "bare"), m, "gpt2").keys()   # unknown: not checked
