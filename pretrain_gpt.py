@@ -23,6 +23,7 @@ from megagpt.data.indexed import IndexedDatasetError
 from megagpt.data.jsonl import InputError
 from megagpt.data.tokenizer import TokenizerError
 from megagpt.kernels import BackendUnavailable
+from megagpt.parallel.pipeline import PipelineNeighbourError
 from megagpt.parallel.state import destroy_parallel, initialize_parallel
 from megagpt.testing import free_port
 from megagpt.training.checkpoint import CheckpointError, find_latest
@@ -35,16 +36,18 @@ from megagpt.training.trainer import (AnotherRankFailed, Trainer, TrainingAborte
 # What a user's input or run can raise after the config loads: each message names the setting
 # and the fix, so it is printed as it is, without a traceback.
 USER_ERRORS = (BackendUnavailable, CheckpointError, ConfigError, ConversionError, DataPathError,
-               DatasetBuildError, DeepSpeedError, IndexedDatasetError, InputError, TokenizerError,
-               TrainingAborted, WandbError)
+               DatasetBuildError, DeepSpeedError, IndexedDatasetError, InputError,
+               PipelineNeighbourError, TokenizerError, TrainingAborted, WandbError)
 
 
 def print_once(message: str) -> None:
-    """Print to stderr on torchrun's rank 0 only (or without torchrun): before the process group
-    exists, every rank finds the same config problem and would print it. The other ranks wait a
-    moment first, to exit after rank 0: torchrun stops every rank as soon as one fails, and a rank
-    0 stopped before printing would leave the run failed without a word."""
-    if os.environ.get("RANK", "0") == "0":
+    """Print to stderr on each node's first rank only (LOCAL_RANK 0, or without torchrun):
+    before the process group exists, every rank finds the same config problem and would print
+    it, and a node whose ranks fail alone must still say why (the others wait for it to join).
+    The other ranks wait a moment first, to exit after it: torchrun stops every rank of a node
+    as soon as one fails, and one stopped before printing would leave the node failed without a
+    word."""
+    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
         print(message, file=sys.stderr)
     else:
         time.sleep(5)
@@ -118,8 +121,18 @@ def init_distributed(cfg) -> torch.device:
                  f"--parallel.world_size={world} with tensor x pipeline parallel sizes whose "
                  f"product divides {world} (now {par.tensor_parallel_size} x "
                  f"{par.pipeline_parallel_size})")
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            launch = (f"start it through torchrun (srun torchrun ..., as docs/distributed.md "
+                      f"shows: SLURM_NTASKS={os.environ['SLURM_NTASKS']} tasks were started, "
+                      f"each without torchrun's variables)")
+        elif per_node < world:           # several nodes: the product of both torchrun counts
+            launch = (f"torchrun --nnodes N --nproc_per_node M with N x M = {par.world_size} "
+                      f"(now {world // per_node} x {per_node})")
+        else:
+            launch = f"torchrun --nproc_per_node {par.world_size} ..."
         print_once(f"error: parallel.world_size={par.world_size} but {world} processes were "
-                   f"started; fix: torchrun --nproc_per_node {par.world_size} ... or {other}")
+                   f"started; fix: {launch}, or {other}")
         sys.exit(1)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -131,7 +144,8 @@ def init_distributed(cfg) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=world,
-                            timeout=datetime.timedelta(minutes=30))
+                            timeout=datetime.timedelta(
+                                minutes=cfg.parallel.distributed_timeout_minutes))
     return device
 
 

@@ -136,6 +136,8 @@ class ParallelConfig:
     zero_stage: int = _field(0, doc="0 or 1 natively (1 shards optimizer state); 0-3 with DeepSpeed")
     deepspeed_config: str | None = _field(None, doc="a DeepSpeed JSON; training then runs through DeepSpeed")
     bucket_size_mb: float = _field(25.0, doc="gradient all-reduce bucket size")
+    distributed_timeout_minutes: float = _field(
+        30.0, doc="how long a collective waits for every rank before the run fails")
 
     @property
     def data_parallel_size(self) -> int:
@@ -352,6 +354,7 @@ MEGATRON_ARGUMENTS = {
     "sequence-parallel": "parallel.sequence_parallel=true",
     "use-distributed-optimizer": "parallel.zero_stage=1",
     "ddp-bucket-size": "parallel.bucket_size_mb (in MB of float32: elements x 4 / 2**20)",
+    "distributed-timeout-minutes": "parallel.distributed_timeout_minutes",
     "deepspeed": "parallel.deepspeed_config=FILE (Megatron-DeepSpeed's --deepspeed "
                  "--deepspeed_config FILE)",
     "deepspeed-config": "parallel.deepspeed_config (Megatron-DeepSpeed's --deepspeed_config)",
@@ -889,6 +892,7 @@ def validate(cfg: Config) -> list[str]:
                  f"needs at least one batch; fix: training.eval_iters=10, or "
                  f"training.eval_interval=0 to turn validation off")
     positive("parallel.bucket_size_mb", par.bucket_size_mb)
+    positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes)
     positive("training.adam_eps", t.adam_eps)
     positive("training.lr_decay_steps", t.lr_decay_steps, optional=True)
     positive("training.exit_duration_minutes", t.exit_duration_minutes, optional=True)

@@ -35,10 +35,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+class PipelineNeighbourError(RuntimeError):
+    """A neighbouring pipeline stage died or stopped sending (gloo's timed exchange)."""
 
 
 @dataclass
@@ -77,15 +82,21 @@ class P2P:
                 if self.device.type == "cuda":
                     work.wait()
                     continue
+                started = time.monotonic()
                 try:
                     work.wait(datetime.timedelta(seconds=self.timeout_s))
                 except RuntimeError as e:
                     peers = ([f"activations from rank {self.prev_rank}"] if recv_prev else []) + \
                             ([f"gradients from rank {self.next_rank}"] if recv_next else [])
-                    raise RuntimeError(
-                        f"pipeline rank {dist.get_rank()}: no {' and '.join(peers) or 'acknowledgement'} "
-                        f"within {self.timeout_s:.0f} s; the neighbouring stage died or stopped "
-                        f"sending (see its log). ({e})") from e
+                    waited = time.monotonic() - started
+                    how = (f"within {self.timeout_s:.0f} s; the neighbouring stage stopped sending"
+                           if waited >= 0.9 * self.timeout_s else
+                           f"after {waited:.0f} s: the neighbouring stage closed the connection "
+                           f"(it died)")
+                    raise PipelineNeighbourError(
+                        f"pipeline rank {dist.get_rank()}: no "
+                        f"{' and '.join(peers) or 'acknowledgement'} {how}; see its log "
+                        f"({e})") from e
         if from_prev is not None and self.requires_grad:
             from_prev.requires_grad_()
         return from_prev, from_next

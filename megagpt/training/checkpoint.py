@@ -49,6 +49,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -335,7 +336,8 @@ def _host_copy(obj, into=None):
 
 def _prepare_tmp(save_dir: Path, step: int, rank: int, all_min: Callable[[int], int]) -> Path:
     """Collective: rank 0 creates an empty `step_<N>.tmp/`; every rank returns it, or raises
-    when rank 0 could not create it."""
+    when rank 0 could not create it or a rank does not see it (a save dir not shared by every
+    node)."""
     tmp = save_dir / f"{step_dir_name(step)}.tmp"
     error = None
     if rank == 0:
@@ -347,6 +349,14 @@ def _prepare_tmp(save_dir: Path, step: int, rank: int, all_min: Callable[[int], 
         except OSError as e:
             error = _save_error(save_dir, step, f"its folder {tmp} could not be created", e)
     _agree(all_min, error, save_dir, step, "rank 0 could not create its folder")
+    if rank != 0 and not tmp.is_dir():
+        error = CheckpointError(
+            f"saving {save_dir / step_dir_name(step)}: rank {rank} (host "
+            f"{socket.gethostname()}) does not see the folder {tmp} rank 0 created: "
+            f"checkpoint.save_dir must be one folder every node shares; fix: put it on a file "
+            f"system mounted on every node, at the same path (the previous checkpoint is still "
+            f"`latest`)")
+    _agree(all_min, error, save_dir, step, "a rank does not see the folder rank 0 created")
     return tmp
 
 

@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -625,10 +626,38 @@ class Trainer:
         self.saved_step, self._host_states = pending.step, pending.states
         self.log(f"saved checkpoint {path}")
 
+    def _agree_on_resume(self) -> Path | None:
+        """checkpoint.load's checkpoint, the same step on every rank: each rank reads `latest`
+        (or the path) in its own view of the file system, and one that sees another save dir
+        (not shared by every node, or a stale cache of it) would resume another step silently."""
+        failure = path = None
+        try:
+            path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir, warn=self._warn)
+            step = read_meta(path)["step"] if path is not None else -1
+        except CheckpointError as e:
+            failure, step = e, -1
+        # one all-reduce: every rank found one, and the smallest and largest step chosen
+        agreed = torch.tensor([0 if failure else 1, step, -step], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if failure is not None:
+            raise failure
+        if not agreed[0]:
+            raise AnotherRankFailed("another rank could not find the checkpoint to resume")
+        low, high = int(agreed[1]), -int(agreed[2])
+        if low != high:
+            def named(s):
+                return "none (a fresh start)" if s < 0 else f"step {s}"
+            raise CheckpointError(
+                f"the ranks would resume different checkpoints from checkpoint.save_dir="
+                f"{self.save_dir}: from {named(low)} to {named(high)} (rank {self.state.rank} on "
+                f"host {socket.gethostname()}: {named(step)}); it must be one folder every node "
+                f"shares; fix: put it on a file system mounted on every node, at the same path")
+        return path
+
     def _resume(self) -> None:
         """Continue from checkpoint.load's checkpoint, or start from checkpoint.pretrained's weights."""
-        path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir,
-                                 warn=self._warn)
+        path = self._agree_on_resume()
         # a step folder of the save dir (the link itself, if it is one) continues its run
         if path is not None and path.absolute().parent.resolve() == self.save_dir.resolve():
             latest = find_latest(self.save_dir)

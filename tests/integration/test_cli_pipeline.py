@@ -84,7 +84,7 @@ def test_a_world_size_mismatch_under_torchrun_is_printed_once_with_a_fix_that_fi
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     error = ("error: parallel.world_size=4 but 2 processes were started; fix: torchrun "
-             "--nproc_per_node 4 ... or --parallel.world_size=2 with tensor x pipeline parallel "
+             "--nproc_per_node 4 ..., or --parallel.world_size=2 with tensor x pipeline parallel "
              "sizes whose product divides 2 (now 2 x 2)")
     assert result.stderr.count(error) == 1, result.stderr[-3000:]
 

@@ -154,9 +154,9 @@ def _save_then_die(save_dir):
     save_one(save_dir, 3)
     calls = []
 
-    def all_min(ok):   # the second agreement comes after every file is written, before the rename
-        calls.append(1)
-        if len(calls) == 2:
+    def all_min(ok):   # the third agreement comes after every file is written, before the rename
+        calls.append(1)   # (the first two: rank 0 made the folder, and every rank sees it)
+        if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGKILL)
         return ok
     save_one(save_dir, 5, all_min=all_min)

@@ -118,3 +118,36 @@ def test_an_error_is_printed_once_by_the_ranks_that_share_it(messages, printed):
     that was waiting for it)."""
     from megagpt.testing import run_distributed
     assert run_distributed(_report, len(messages), messages, 1.0) == printed
+
+
+def _pretrain_gpt():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pretrain_gpt", ROOT / "pretrain_gpt.py")
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    return program
+
+
+@pytest.mark.parametrize("env, fix", [
+    # two nodes of 2: the fix is the product of torchrun's two counts (it said --nproc_per_node 8)
+    (dict(WORLD_SIZE="4", LOCAL_WORLD_SIZE="2", RANK="2", LOCAL_RANK="0"),
+     "fix: torchrun --nnodes N --nproc_per_node M with N x M = 8 (now 2 x 2), or "),
+    # srun without torchrun: every task alone ("1 processes were started")
+    (dict(SLURM_NTASKS="4"), "fix: start it through torchrun (srun torchrun ..., as "
+                             "docs/distributed.md shows: SLURM_NTASKS=4 tasks were started"),
+])
+def test_a_world_size_mismatch_names_the_launch_that_fits(monkeypatch, capsys, env, fix):
+    from megagpt.config import load_config
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    program = _pretrain_gpt()
+    monkeypatch.setattr(program.time, "sleep", lambda s: None)
+    cfg = load_config(ROOT / "configs" / "training" / "tiny_model.json",
+                      ["--parallel.world_size=8", "--parallel.tensor_parallel_size=2",
+                       "--parallel.pipeline_parallel_size=2"])
+    with pytest.raises(SystemExit):
+        program.init_distributed(cfg)
+    err = capsys.readouterr().err     # printed on each node's first rank (LOCAL_RANK 0)
+    assert fix in err, err
