@@ -101,6 +101,18 @@ def report_error(message: str | None, wait_s: float = 5.0) -> None:
             pass
 
 
+def tensor_parallel_across_nodes(cfg, per_node: int) -> str | None:
+    """Why tensor-parallel groups would span nodes (ranks are consecutive in a group, and
+    torchrun numbers a node's processes consecutively), or None."""
+    tp = cfg.parallel.tensor_parallel_size
+    if per_node % tp == 0:
+        return None
+    return (f"parallel.tensor_parallel_size={tp} does not divide the {per_node} processes a node "
+            f"runs: tensor-parallel groups span nodes, and the all-reduces of every layer cross "
+            f"the network; fix: a tensor-parallel size that divides --nproc_per_node (use "
+            f"pipeline parallelism across nodes)")
+
+
 def kept_checkpoint(cfg) -> str:
     """What a run stopped now leaves to resume from, and how."""
     latest = find_latest(Path(cfg.save_dir))
@@ -183,6 +195,10 @@ def main(argv=None) -> int:
                                     cfg.parallel.pipeline_parallel_size)
         if state.rank == 0:
             print(run_banner(cfg, state))
+            warning = tensor_parallel_across_nodes(
+                cfg, int(os.environ.get("LOCAL_WORLD_SIZE", state.layout.world_size)))
+            if warning:
+                print(f"warning: {warning}")
         Trainer(cfg, state, device).train()
     except AnotherRankFailed:      # the failing rank prints why; this one waits for it to
         report_error(None)        # (rank 0), or for word from rank 0, without a word of its own

@@ -151,3 +151,13 @@ def test_a_world_size_mismatch_names_the_launch_that_fits(monkeypatch, capsys, e
         program.init_distributed(cfg)
     err = capsys.readouterr().err     # printed on each node's first rank (LOCAL_RANK 0)
     assert fix in err, err
+
+
+def test_tensor_parallel_groups_across_nodes_are_warned_of():
+    from megagpt.config import load_config
+    program = _pretrain_gpt()
+    cfg = load_config(ROOT / "configs" / "training" / "tiny_model.json")   # tp 2
+    assert program.tensor_parallel_across_nodes(cfg, 4) is None
+    assert program.tensor_parallel_across_nodes(cfg, 3).startswith(
+        "parallel.tensor_parallel_size=2 does not divide the 3 processes a node runs: "
+        "tensor-parallel groups span nodes")
