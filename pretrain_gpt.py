@@ -41,13 +41,15 @@ USER_ERRORS = (BackendUnavailable, CheckpointError, ConfigError, ConversionError
 
 
 def print_once(message: str) -> None:
-    """Print to stderr on each node's first rank only (LOCAL_RANK 0, or without torchrun):
+    """Print to stderr on each node's first rank only (LOCAL_RANK 0, SLURM_LOCALID 0 under srun
+    without torchrun, or one process):
     before the process group exists, every rank finds the same config problem and would print
     it, and a node whose ranks fail alone must still say why (the others wait for it to join).
     The other ranks wait a moment first, to exit after it: torchrun stops every rank of a node
     as soon as one fails, and one stopped before printing would leave the node failed without a
     word."""
-    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", os.environ.get("RANK")))
+    if local in (None, "0"):
         print(message, file=sys.stderr)
     else:
         time.sleep(5)
@@ -135,10 +137,11 @@ def init_distributed(cfg) -> torch.device:
                  f"{par.pipeline_parallel_size})")
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-            launch = (f"start it through torchrun (srun torchrun ..., as docs/distributed.md "
-                      f"shows: SLURM_NTASKS={os.environ['SLURM_NTASKS']} tasks were started, "
-                      f"each without torchrun's variables)")
-        elif per_node < world:           # several nodes: the product of both torchrun counts
+            print_once(f"error: {os.environ['SLURM_NTASKS']} tasks were started without torchrun "
+                       f"(srun python ...), each a run of its own; fix: start them through "
+                       f"torchrun, srun torchrun ... as docs/distributed.md shows")
+            sys.exit(1)
+        if per_node < world:             # several nodes: the product of both torchrun counts
             launch = (f"torchrun --nnodes N --nproc_per_node M with N x M = {par.world_size} "
                       f"(now {world // per_node} x {per_node})")
         else:

@@ -892,7 +892,12 @@ def validate(cfg: Config) -> list[str]:
                  f"needs at least one batch; fix: training.eval_iters=10, or "
                  f"training.eval_interval=0 to turn validation off")
     positive("parallel.bucket_size_mb", par.bucket_size_mb)
-    positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes)
+    if positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes) and \
+            par.distributed_timeout_minutes < 3:
+        p.append(f"parallel.distributed_timeout_minutes={par.distributed_timeout_minutes}: must "
+                 f"be at least 3 (rank 0 alone waits up to 2 minutes for another run's save-dir "
+                 f"lock, and builds the data's index caches, while the other ranks wait in a "
+                 f"collective); fix: set it to 3 or more")
     positive("training.adam_eps", t.adam_eps)
     positive("training.lr_decay_steps", t.lr_decay_steps, optional=True)
     positive("training.exit_duration_minutes", t.exit_duration_minutes, optional=True)

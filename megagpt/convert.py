@@ -279,7 +279,8 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
                   meta.get("data_index_version", 1), meta.get("skipped_total", 0),
                   meta.get("tokenizer_fingerprint"),
                   # a run on mock data used no tokenizer, whatever its config names
-                  tokenizer_known=not config["data"].get("mock", False))
+                  tokenizer_known=meta.get("tokenizer_known", True)
+                  and not config["data"].get("mock", False))
 
 
 def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
@@ -312,14 +313,15 @@ def tokenizer_mismatch(source: Source, tokenizer: Tokenizer, field: str) -> str 
     recorded path that does not load from here and no recorded fingerprint)."""
     if not source.tokenizer_known:
         return None
-    theirs = source.tokenizer_fingerprint
-    if theirs is None:
-        try:
-            theirs = load_tokenizer(source.tokenizer_path).fingerprint
-        except TokenizerError:
-            return None
-    if theirs == tokenizer.fingerprint:
+    try:
+        original = load_tokenizer(source.tokenizer_path)
+    except TokenizerError:
+        original = None
+    theirs = source.tokenizer_fingerprint or (original.fingerprint if original else None)
+    if theirs is None or theirs == tokenizer.fingerprint:
         return None
+    if original is not None and original.fingerprint == theirs and tokenizer.extends(original):
+        return None         # the same ids for every token it had, more tokens after them
     return (f"{source.path} was trained with the tokenizer {source.tokenizer_path} (fingerprint "
             f"{theirs[:12]}), but {field}={tokenizer.source} is another (fingerprint "
             f"{tokenizer.fingerprint[:12]}): its ids would mean other text to the weights; fix: "
@@ -392,8 +394,16 @@ def write_megagpt(source: Source, save_dir: Path, tp: int, pp: int, vp: int) -> 
         meta["train_samples"] = source.train_samples
     if source.data_index_version is not None:
         meta["data_index_version"] = source.data_index_version
-    if source.tokenizer_fingerprint is not None:
-        meta["tokenizer_fingerprint"] = source.tokenizer_fingerprint
+    fingerprint = source.tokenizer_fingerprint
+    if fingerprint is None and source.tokenizer_known:   # its path may not outlive the copy
+        try:
+            fingerprint = load_tokenizer(source.tokenizer_path).fingerprint
+        except TokenizerError:
+            pass
+    if fingerprint is not None:
+        meta["tokenizer_fingerprint"] = fingerprint
+    if not source.tokenizer_known:     # a Hugging Face folder without tokenizer files
+        meta["tokenizer_known"] = False
     states = shard_full_state(source.full_state, source.model, tp, pp, vp)
     return write_checkpoint_offline(save_dir, source.step, states, meta)
 

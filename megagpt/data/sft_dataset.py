@@ -290,13 +290,15 @@ def build_sft_datasets(train_data_path, val_data_path=(), test_data_path=(), *,
                                     f"example of {len(train)}, set data.val_data_path, or "
                                     f"training.eval_interval=0 to train without validation")
         out.append(SFTDataset(part, num_samples=n, **common))
-        if out[-1].lost_response == len(part):      # no token would count: nothing to learn
-            raise DatasetBuildError(
-                f"fine-tuning data ({name} split): every one of its {len(part)} examples is longer "
-                f"than model.seq_length + 1 = {seq_length + 1} tokens and loses every response "
-                f"token when cut to it, so no step would count a token; fix: raise "
-                f"model.seq_length, shorten the prompts, or data.sft_packing=true (a long example "
-                f"then goes on in the next window)")
+        if out[-1].lost_response == len(part):      # no token would count
+            lost = (f"fine-tuning data ({name} split): every one of its {len(part)} examples is "
+                    f"longer than model.seq_length + 1 = {seq_length + 1} tokens and loses every "
+                    f"response token when cut to it, so ")
+            fix = ("fix: raise model.seq_length, shorten the prompts, or data.sft_packing=true (a "
+                   "long example then goes on in the next window)")
+            if name == "train":              # nothing to learn: refused
+                raise DatasetBuildError(f"{lost}no step would count a token; {fix}")
+            log.warning("%sits evaluation counts no token (its loss is NaN); %s", lost, fix)
         if out[-1].truncated:
             log.warning("fine-tuning data (%s split): %d of %d examples are longer than "
                         "model.seq_length + 1 = %d tokens and are cut to it, %d of them losing "

@@ -92,16 +92,29 @@ class Tokenizer:
         gpt2, Megatron's gpt2-vocab.json + gpt2-merges.txt, a tokenizer.json) has the same one,
         and one that splits or normalises text otherwise has another."""
         vocab = self.backend.get_vocab(with_added_tokens=True)
+        decisive = dict(self._splitting(), vocab=sorted(vocab.items(), key=lambda item: item[1]))
+        return hashlib.sha256(json.dumps(decisive, ensure_ascii=False, sort_keys=True)
+                              .encode()).hexdigest()
+
+    def _splitting(self) -> dict:
+        """What decides how text is split into tokens, besides the vocabulary: the model's kind,
+        merges and options, the normalizer, the pre-tokenizer."""
         spec = json.loads(self.backend.to_str())
         model = {k: None if v == "" else v            # "" and None: no prefix or suffix
                  for k, v in (spec.get("model") or {}).items() if k != "vocab"}
         model["merges"] = [m if isinstance(m, str) else " ".join(m)
                            for m in model.get("merges") or []]
-        decisive = {"vocab": sorted(vocab.items(), key=lambda item: item[1]), "model": model,
-                    "normalizer": spec.get("normalizer"),
-                    "pre_tokenizer": _without_offsets(spec.get("pre_tokenizer"))}
-        return hashlib.sha256(json.dumps(decisive, ensure_ascii=False, sort_keys=True)
-                              .encode()).hexdigest()
+        return {"model": model, "normalizer": spec.get("normalizer"),
+                "pre_tokenizer": _without_offsets(spec.get("pre_tokenizer"))}
+
+    def extends(self, other: Tokenizer) -> bool:
+        """Whether this tokenizer is `other` with tokens added after its own (special tokens
+        for a chat template, say): it splits text as `other` does, and each of other's tokens
+        has the same id here."""
+        mine = self.backend.get_vocab(with_added_tokens=True)
+        theirs = other.backend.get_vocab(with_added_tokens=True)
+        return (self._splitting() == other._splitting()
+                and all(mine.get(token) == i for token, i in theirs.items()))
 
     def __reduce__(self):
         # A pickled `tokenizers.Tokenizer` forgets `encode_special_tokens`: rebuild through

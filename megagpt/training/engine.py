@@ -63,7 +63,7 @@ class Engine:
     """This rank's model chunks, their gradient reduction, the optimizer and the loss scaler."""
 
     def __init__(self, cfg: Config, state: ParallelState, device: torch.device | str = "cpu",
-                 p2p_timeout_s: float = 300.0):
+                 p2p_timeout_s: float | None = None):
         self.cfg, self.state, self.device = cfg, state, torch.device(device)
         par = cfg.parallel
         dtype = param_dtype(cfg.training.precision)
@@ -83,7 +83,8 @@ class Engine:
                        prev_rank=state.pp_ranks[(state.pp_rank - 1) % pp],
                        next_rank=state.pp_ranks[(state.pp_rank + 1) % pp],
                        shape=(seq, cfg.training.batch_size, m.d_model), dtype=dtype,
-                       device=self.device, timeout_s=p2p_timeout_s)
+                       device=self.device,   # gloo's timed exchange: 300 s, or the collectives'
+                       timeout_s=p2p_timeout_s or min(300.0, 60 * par.distributed_timeout_minutes))
         named = [np for w in self.wrappers for np in w.optimizer_params()]
         self.optimizer = build_optimizer(named, cfg.training, self.device)
         # what the optimizer steps, in its order: checkpoints keep it beside the state

@@ -1363,6 +1363,14 @@ def test_pretrained_weights_of_another_tokenizer_are_refused(tmp_path):
         pretrained_state(hf, m, "gpt2")
     assert pretrained_state(hf, m, str(tmp_path / "tok")).keys()  # the same tokenizer: accepted
     assert pretrained_state(str(tmp_path / "bare"), m, "gpt2").keys()   # unknown: not checked
+    convert(str(tmp_path / "bare"), tmp_path / "bare_ours", "megagpt", log=lambda line: None)
+    assert pretrained_state(str(tmp_path / "bare_ours"), m, str(tmp_path / "tok")).keys()  # still
+    # a tokenizer that only adds tokens after the source's gives the same ids to their text
+    extended = tmp_path / "extended.json"
+    backend = own.backend
+    backend.add_special_tokens(["<|user|>", "<|assistant|>"])
+    backend.save(str(extended))
+    assert pretrained_state(hf, m, str(extended)).keys()
     # a converted copy keeps its source's tokenizer path; a run's checkpoint records the
     # fingerprint of the tokenizer it trained with, which decides
     convert(hf, tmp_path / "ours", "megagpt", log=lambda line: None)

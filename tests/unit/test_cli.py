@@ -132,13 +132,16 @@ def _pretrain_gpt():
     # two nodes of 2: the fix is the product of torchrun's two counts (it said --nproc_per_node 8)
     (dict(WORLD_SIZE="4", LOCAL_WORLD_SIZE="2", RANK="2", LOCAL_RANK="0"),
      "fix: torchrun --nnodes N --nproc_per_node M with N x M = 8 (now 2 x 2), or "),
-    # srun without torchrun: every task alone ("1 processes were started")
-    (dict(SLURM_NTASKS="4"), "fix: start it through torchrun (srun torchrun ..., as "
-                             "docs/distributed.md shows: SLURM_NTASKS=4 tasks were started"),
+    # srun without torchrun: every task alone ("1 processes were started", and a fix of
+    # --parallel.world_size=1 that would start 4 runs into one save dir)
+    (dict(SLURM_NTASKS="4", SLURM_LOCALID="0"),
+     "error: 4 tasks were started without torchrun (srun python ...), each a run of its own; fix: "
+     "start them through torchrun, srun torchrun ... as docs/distributed.md shows\n"),
 ])
 def test_a_world_size_mismatch_names_the_launch_that_fits(monkeypatch, capsys, env, fix):
     from megagpt.config import load_config
-    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS"):
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS",
+                 "SLURM_LOCALID"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -653,3 +653,13 @@ def test_every_bad_override_is_reported_at_once():
     assert [p.split(";")[0].split(" is ")[0] for p in info.value.problems] == [
         "--num-layers", "--hidden-size", "--bf16", "--lr",
         "override 'oops'", "override --training.seed has no value"]
+
+
+def test_a_collective_timeout_shorter_than_rank_0s_waits_is_refused():
+    """Rank 0 alone waits up to 2 minutes for another run's save-dir lock while the others sit
+    in a collective: a shorter timeout failed them with a gloo traceback."""
+    from megagpt.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"parallel.distributed_timeout_minutes=0.25: must be at "
+                                          r"least 3 \(rank 0 alone waits up to 2 minutes"):
+        load_config(ROOT / "configs" / "training" / "tiny_model.json",
+                    ["--parallel.distributed_timeout_minutes=0.25"])

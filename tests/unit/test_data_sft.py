@@ -197,6 +197,14 @@ def test_cut_examples_are_reported_with_those_that_lose_their_response(tmp_path,
                                                 r"\+ 1 = 25 tokens and loses every response token"):
         build_sft_datasets([str(lost)], [], [], split="1,0,0", tokenizer=tok, seq_length=24,
                            num_samples=(3, 0, 0), packing=False, seed=0)
+    # a held-out split of only such examples: its evaluation counts nothing, said, not refused
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megagpt"):
+        train, valid, _ = build_sft_datasets([str(path)], [str(lost)], [], split="1,0,0",
+                                             tokenizer=tok, seq_length=24, num_samples=(3, 2, 0),
+                                             packing=False, seed=0)
+    assert "fine-tuning data (valid split): every one of its 3 examples" in caplog.text
+    assert "its evaluation counts no token" in caplog.text and len(valid) >= 2
 
 
 def test_an_indexed_dataset_given_as_fine_tuning_data_is_named_as_one(tmp_path, tok):
