@@ -223,6 +223,7 @@ class Trainer:
         # for before choosing the checkpoint to resume, so this run resumes from its last save;
         # train() holds the lock itself
         self._lock_save_dir(note_unlocked=False).release()
+        self._check_save_dir_shared()
         self._resumed = None          # (path, consumed, its sample count, data changes)
         self.tokenizer_fingerprint = None     # data.tokenizer_path's, once loaded (meta.json)
         self._resume()
@@ -625,6 +626,37 @@ class Trainer:
         path = pending.complete(self._all_min)
         self.saved_step, self._host_states = pending.step, pending.states
         self.log(f"saved checkpoint {path}")
+
+    def _check_save_dir_shared(self) -> None:
+        """Every rank sees the save dir rank 0 writes: rank 0 leaves a marker there, the others
+        look for it. Ranks on nodes that do not share the folder would otherwise train until
+        the first save fails (or, with a checkpoint there, resume different steps)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        token = torch.zeros(1, dtype=torch.int64)
+        if self.is_rank0:
+            try:
+                self.save_dir.mkdir(parents=True, exist_ok=True)
+                token[0] = int.from_bytes(os.urandom(6), "big") + 1
+                (self.save_dir / f".shared-{int(token[0])}").touch()
+            except OSError:        # not writable: the first save says so, with its fix
+                token[0] = 0
+        dist.all_reduce(token, op=dist.ReduceOp.MAX)
+        marker = self.save_dir / f".shared-{int(token[0])}"
+        seen = not token[0] or marker.exists()
+        try:
+            if self._all_min(1 if seen else 0):
+                return
+        finally:
+            if self.is_rank0 and token[0]:
+                marker.unlink(missing_ok=True)
+        if not seen:
+            raise CheckpointError(
+                f"checkpoint.save_dir={self.save_dir}: rank {self.state.rank} (host "
+                f"{socket.gethostname()}) does not see the folder rank 0 writes; it must be one "
+                f"folder every node shares; fix: put it on a file system mounted on every node, "
+                f"at the same path")
+        raise AnotherRankFailed("another rank does not see checkpoint.save_dir")
 
     def _agree_on_resume(self) -> Path | None:
         """checkpoint.load's checkpoint, the same step on every rank: each rank reads `latest`

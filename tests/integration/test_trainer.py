@@ -386,30 +386,40 @@ def test_exit_duration_saves_and_stops_every_rank_at_the_same_step(tmp_path):
     assert step == 8
 
 
-def _on_separate_save_dirs(rank, world, run_dir, steps):
+def _on_separate_save_dirs(rank, world, run_dir, steps, startup_check=True):
     """Two ranks whose checkpoint.save_dir are different folders, as on nodes that do not
-    share the file system it is on; what each raised."""
+    share the file system it is on (`startup_check=False`: as if the start-up check had seen a
+    marker, a stale view); what each raised."""
+    from megagpt.training.trainer import AnotherRankFailed
     cfg = run_config(Path(run_dir), steps, dp=2, checkpoint__save_interval=2)
     if rank == 1:
         cfg.checkpoint.save_dir = str(Path(run_dir) / "node1")
+    if not startup_check:
+        Trainer._check_save_dir_shared = lambda self: None
     try:
         Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None).train()
-    except CheckpointError as e:
-        return str(e)
+    except (CheckpointError, AnotherRankFailed) as e:
+        return f"{type(e).__name__}: {e}"
     return None
 
 
 def test_a_save_dir_not_shared_by_every_rank_is_refused(tmp_path):
     """Each rank read `latest` in its own folder: on nodes without a shared file system the
-    ranks resumed different steps without a word, and a save failed with 'free space'."""
-    first = run_distributed(_on_separate_save_dirs, 2, str(tmp_path), 4)
-    assert all("does not see the folder" in e or "a rank does not see" in e for e in first), first
-    assert "rank 1 (host " in first[1] and "checkpoint.save_dir must be one folder every " \
-        "node shares; fix: put it on a file system mounted on every node" in first[1], first[1]
-    run_distributed(_train, 2, str(tmp_path), 2, dict(dp=2))         # a checkpoint on rank 0's
-    second = run_distributed(_on_separate_save_dirs, 2, str(tmp_path), 4)
+    ranks resumed different steps without a word, or trained until a save failed with 'free
+    space'. Refused at the start; the resume and the save check too, for a stale view."""
+    first = run_distributed(_on_separate_save_dirs, 2, str(tmp_path / "a"), 4)
+    assert first[0].startswith("AnotherRankFailed"), first
+    assert f"checkpoint.save_dir={tmp_path / 'a' / 'node1'}: rank 1 (host " in first[1] and \
+        "does not see the folder rank 0 writes; it must be one folder every node shares; fix: " \
+        "put it on a file system mounted on every node" in first[1], first[1]
+    saving = run_distributed(_on_separate_save_dirs, 2, str(tmp_path / "b"), 4, False)
+    assert "a rank does not see the folder rank 0 created" in saving[0], saving
+    assert "rank 1 (host " in saving[1] and "does not see the folder" in saving[1] and \
+        "checkpoint.save_dir must be one folder every node shares" in saving[1], saving[1]
+    run_distributed(_train, 2, str(tmp_path / "c"), 2, dict(dp=2))   # a checkpoint on rank 0's
+    resuming = run_distributed(_on_separate_save_dirs, 2, str(tmp_path / "c"), 4, False)
     assert all("the ranks would resume different checkpoints from checkpoint.save_dir=" in e
-               and "from none (a fresh start) to step 2" in e for e in second), second
+               and "from none (a fresh start) to step 2" in e for e in resuming), resuming
 
 
 def _late_from_the_start(rank, world, run_dir):
