@@ -140,9 +140,14 @@ def test_bf16_layouts_track_one_process(layout):
     """bf16 rounds differently when a matmul is split (tp) or the tied embedding's two gradients
     are summed in float32 rather than in bf16 (pp): losses agree to 1e-4, and the float32
     masters to a few Adam steps' worth of learning rate."""
-    ref = reference_bf16()
-    world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
-    outs = run_distributed(_train, world, dict(BF16, **layout), timeout=300)
+    check_16bit_layout(reference_bf16(), dict(BF16, **layout))
+
+
+def check_16bit_layout(ref, cfg_kwargs):
+    """16-bit layouts against one 16-bit process: losses to 1e-4, the float32 masters to a few
+    Adam steps' worth of learning rate."""
+    world = cfg_kwargs.get("tp", 1) * cfg_kwargs.get("pp", 1) * cfg_kwargs.get("dp", 1)
+    outs = run_distributed(_train, world, cfg_kwargs, timeout=300)
     params = {}
     for out in outs:
         torch.testing.assert_close(torch.tensor(out["losses"]), torch.tensor(ref["losses"]),
@@ -163,17 +168,8 @@ def test_fp16_in_a_pipeline_with_zero1_tracks_one_process():
     """fp16 (16-bit weights, dynamic loss scaling) was tested on one process only: a pipeline
     with interleaving and ZeRO-1 over two replicas trains as one process does, to fp16's
     rounding (11 bits: tighter than bf16's)."""
-    ref = reference_fp16()
-    outs = run_distributed(_train, 4, {"training__precision": "fp16", "pp": 2, "vp": 2, "dp": 2,
-                                       "zero": 1, "micro": 1}, timeout=300)
-    params = {}
-    for out in outs:
-        torch.testing.assert_close(torch.tensor(out["losses"]), torch.tensor(ref["losses"]),
-                                   rtol=1e-4, atol=0)
-        params.update(out["params"])
-    lr = 3e-3
-    for k, v in ref["params"].items():
-        torch.testing.assert_close(params[k], v, rtol=0, atol=STEPS * lr, msg=k)
+    check_16bit_layout(reference_fp16(), {"training__precision": "fp16", "pp": 2, "vp": 2,
+                                          "dp": 2, "zero": 1, "micro": 1})
 
 
 def _train_with_mask_weight(rank, world, weight, dp):
