@@ -42,9 +42,9 @@ USER_ERRORS = (BackendUnavailable, CheckpointError, ConfigError, ConversionError
 
 def print_once(message: str) -> None:
     """Print to stderr on each node's first rank only (LOCAL_RANK 0, SLURM_LOCALID 0 under srun
-    without torchrun, or one process):
-    before the process group exists, every rank finds the same config problem and would print
-    it, and a node whose ranks fail alone must still say why (the others wait for it to join).
+    without torchrun, or one process): before the process group exists, every rank finds the
+    same config problem and would print it, and a node whose ranks fail alone must still say
+    why (the others wait for it to join).
     The other ranks wait a moment first, to exit after it: torchrun stops every rank of a node
     as soon as one fails, and one stopped before printing would leave the node failed without a
     word."""

@@ -334,6 +334,11 @@ def _host_copy(obj, into=None):
     return obj
 
 
+# what a rank that does not see rank 0's save dir is told (several nodes, no shared folder)
+SHARED_SAVE_DIR_FIX = ("must be one folder every node shares; fix: put it on a file system "
+                       "mounted on every node, at the same path")
+
+
 def _prepare_tmp(save_dir: Path, step: int, rank: int, all_min: Callable[[int], int]) -> Path:
     """Collective: rank 0 creates an empty `step_<N>.tmp/`; every rank returns it, or raises
     when rank 0 could not create it or a rank does not see it (a save dir not shared by every
@@ -353,8 +358,7 @@ def _prepare_tmp(save_dir: Path, step: int, rank: int, all_min: Callable[[int], 
         error = CheckpointError(
             f"saving {save_dir / step_dir_name(step)}: rank {rank} (host "
             f"{socket.gethostname()}) does not see the folder {tmp} rank 0 created: "
-            f"checkpoint.save_dir must be one folder every node shares; fix: put it on a file "
-            f"system mounted on every node, at the same path (the previous checkpoint is still "
+            f"checkpoint.save_dir {SHARED_SAVE_DIR_FIX} (the previous checkpoint is still "
             f"`latest`)")
     _agree(all_min, error, save_dir, step, "a rank does not see the folder rank 0 created")
     return tmp

@@ -49,8 +49,8 @@ from megagpt.fsutil import FolderLock, why_not_a_folder
 from megagpt.model.gpt import load_full_state_dict
 from megagpt.parallel.random import get_rng_tracker, seed_everything
 from megagpt.parallel.state import ParallelState
-from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, CheckpointError,
-                                         capture_rng_state, check_compatible,
+from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, SHARED_SAVE_DIR_FIX,
+                                         CheckpointError, capture_rng_state, check_compatible,
                                          check_optimizer_layout, complete_checkpoints,
                                          find_latest, load_checkpoint, read_meta,
                                          resolve_load_path, restore_rng_state, save_checkpoint,
@@ -653,9 +653,8 @@ class Trainer:
         if not seen:
             raise CheckpointError(
                 f"checkpoint.save_dir={self.save_dir}: rank {self.state.rank} (host "
-                f"{socket.gethostname()}) does not see the folder rank 0 writes; it must be one "
-                f"folder every node shares; fix: put it on a file system mounted on every node, "
-                f"at the same path")
+                f"{socket.gethostname()}) does not see the folder rank 0 writes; it "
+                f"{SHARED_SAVE_DIR_FIX}")
         raise AnotherRankFailed("another rank does not see checkpoint.save_dir")
 
     def _agree_on_resume(self) -> Path | None:
@@ -683,8 +682,7 @@ class Trainer:
             raise CheckpointError(
                 f"the ranks would resume different checkpoints from checkpoint.save_dir="
                 f"{self.save_dir}: from {named(low)} to {named(high)} (rank {self.state.rank} on "
-                f"host {socket.gethostname()}: {named(step)}); it must be one folder every node "
-                f"shares; fix: put it on a file system mounted on every node, at the same path")
+                f"host {socket.gethostname()}: {named(step)}); it {SHARED_SAVE_DIR_FIX}")
         return path
 
     def _resume(self) -> None:
