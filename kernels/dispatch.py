@@ -17,9 +17,11 @@ attention backends' `check_qkv`: any head_dim but the Triton kernels'), so a bad
 same clear error whichever backend runs.
 
 Every backend of an op has the op's signature:
-    attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0),
+    attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, document_ids=None),
               q/k/v (batch, heads, seq, head_dim); dropout_p drops attention probabilities
-              (from torch's default generator on q's device: every backend draws there)
+              (from torch's default generator on q's device: every backend draws there);
+              document_ids (batch, seq) keeps each document's tokens to themselves (not
+              flash_attn: megagpt does not call its variable-length form)
     layernorm(x, weight, bias, eps=1e-5)
     softmax(x, scale=1.0, causal=False)
     bias_gelu(x, bias)
@@ -39,7 +41,8 @@ class BackendUnavailable(RuntimeError):
     device); the message names the setting and what to install or choose instead."""
 from .bias_gelu import bias_gelu, bias_gelu_torch
 from .cross_entropy import cross_entropy, cross_entropy_torch
-from .flash_attention import check_qkv, flash_attention, flash_attention_reference
+from .flash_attention import (check_document_ids, check_qkv, document_mask, flash_attention,
+                              flash_attention_reference)
 from .layer_norm import _check_inputs as check_layer_norm_inputs
 from .layer_norm import layer_norm, layer_norm_torch
 from .softmax import scaled_masked_softmax, scaled_masked_softmax_torch
@@ -53,18 +56,29 @@ BACKENDS = {
 }
 
 
-def sdpa_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0):
-    """torch.nn.functional.scaled_dot_product_attention on (batch, heads, seq, head_dim)."""
+def sdpa_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, document_ids=None):
+    """torch.nn.functional.scaled_dot_product_attention on (batch, heads, seq, head_dim). With
+    document_ids it takes a (batch, 1, seq, seq) mask, which rules out SDPA's flash backend."""
     check_qkv(q, k, v)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
-                                                            is_causal=causal, scale=softmax_scale)
+    if document_ids is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
+    check_document_ids(document_ids, q.shape[0], q.shape[2], q.device)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=document_mask(document_ids, causal), dropout_p=dropout_p,
+        scale=softmax_scale)
 
 
-def flash_attn_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0):
+def flash_attn_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0,
+                         document_ids=None):
     """The flash-attn package's flash_attn_func, which wants (batch, seq, heads, head_dim)."""
     from flash_attn import flash_attn_func
 
     check_qkv(q, k, v)
+    if document_ids is not None:
+        raise ValueError("document_ids: the flash_attn backend takes no document masks (they "
+                         "need flash-attn's variable-length form, which megagpt does not call); "
+                         "choose kernels.attention=triton or sdpa")
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q has dtype {q.dtype}; the flash_attn backend supports float16 and "
                         "bfloat16 only; choose kernels.attention=triton or sdpa for float32")
@@ -73,10 +87,13 @@ def flash_attn_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0
     return out.transpose(1, 2)
 
 
-def eager_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0):
+def eager_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, document_ids=None):
     """The `eager` backend: `flash_attention_reference` after `check_qkv`."""
     check_qkv(q, k, v)
-    return flash_attention_reference(q, k, v, causal, softmax_scale, dropout_p)
+    if document_ids is not None:
+        check_document_ids(document_ids, q.shape[0], q.shape[2], q.device)
+    return flash_attention_reference(q, k, v, causal, softmax_scale, dropout_p,
+                                     document_ids=document_ids)
 
 
 def apex_layer_norm(x, weight, bias, eps=1e-5):

@@ -31,9 +31,19 @@ mask in plain torch, and `flash_attention_reference(..., seed=s)` uses it: the k
 reference drop the same probabilities for one seed. Without a seed, one is drawn from torch's
 default generator on the inputs' device (so `torch.manual_seed` and the model's tensor-parallel
 RNG stream decide the masks, and a CUDA graph draws a new one on every replay).
+Document masks (``document_ids``, Megatron's reset_attention_mask): a packed window of several
+documents gives each token its document's id, (batch, seq) integers that never decrease along a
+row; query i then attends key j only when their ids are equal (and j <= i when causal), so each
+document attends only to itself. The launcher converts the ids once to a contiguous int32
+(batch, seq) tensor; every kernel (forward, dK/dV, dQ) reads the ids of its rows and columns
+(program_id(0) // heads is the batch row) and masks every block, the unmasked ("full") ones too;
+in the forward a row may see no key of a whole block (its running max stays -inf), which adds
+nothing. The document mask skips no blocks beyond the causal ones. Every query sees at least
+itself, so no row is empty; dropout draws the same masks with and without documents.
+`check_document_ids` is the ids' input check, for every attention backend.
 
 Launch settings: each kernel's blocks, warps and pipeline stages are autotuned on a GPU per
-sequence length, head dim, mask, dropout and dtype (`_GPU_CONFIGS`).
+sequence length, head dim, mask, dropout, documents and dtype (`_GPU_CONFIGS`).
 """
 import math
 
@@ -87,6 +97,20 @@ def _keep_mask(rows, cols, seq_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _document_ids(doc_ptr, idx, seq_len):
+    """The document ids of positions `idx`; those past the sequence end read the last one's, so
+    a query row past the end is never empty (no NaN), and the sequence masks (or the stores)
+    keep such rows and columns out of every result as without documents."""
+    return tl.load(doc_ptr + tl.minimum(idx, seq_len - 1))
+
+
+@triton.jit
+def _document_offset(n_heads, seq_len):
+    """Where this program's batch row starts in the (batch, seq) int32 document ids."""
+    return (tl.program_id(0) // n_heads).to(tl.int64) * seq_len
+
+
+@triton.jit
 def _tile(idx, stride, HEAD_DIM: tl.constexpr):
     """Offsets of rows `idx` (seq positions) x head_dim of a tensor whose seq stride is `stride`,
     in int64: a packed tensor's seq stride times its length can pass 2**31."""
@@ -113,12 +137,13 @@ def _load_kv(k_ptr, v_ptr, cols, stride_s, seq_len, MASK: tl.constexpr, UPCAST: 
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len, qk_scale,
-               seed, threshold, MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
+def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, doc_ptr, row_docs, stride_s, rows, lo, hi,
+               seq_len, qk_scale, seed, threshold, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+               UPCAST: tl.constexpr, DROPOUT: tl.constexpr, DOCUMENTS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Fold the key/value blocks [lo, hi) into the running (acc, max, sum) of the query block.
-    With dropout the sum counts every probability and acc only the kept ones (unscaled)."""
+    With dropout the sum counts every probability and acc only the kept ones (unscaled). With
+    documents a row may see no key of a block (its max stays -inf): it adds nothing."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -126,9 +151,16 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len, 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASK:
             s = tl.where(_keep_mask(rows, cols, seq_len, CAUSAL), s, float("-inf"))
+        if DOCUMENTS:
+            col_docs = _document_ids(doc_ptr, cols, seq_len)
+            s = tl.where(row_docs[:, None] == col_docs[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        if DOCUMENTS:  # exp2(-inf - -inf) is NaN: a row without keys so far subtracts 0
+            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_exp = m_new
+        p = tl.exp2(s - m_exp[:, None])
+        alpha = tl.exp2(m_i - m_exp)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, rows, start_n, threshold, BLOCK_N), p, 0.0)
@@ -163,9 +195,10 @@ def _head_offset(n_heads, stride_b, stride_h):
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, SEED, seq_len, n_heads, sm_scale, threshold, dropout_scale,
-                     stride_b, stride_h, stride_s, o_stride_b, o_stride_h, o_stride_s,
-                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
+def _attn_fwd_kernel(Q, K, V, O, LSE, SEED, DOCS, seq_len, n_heads, sm_scale, threshold,
+                     dropout_scale, stride_b, stride_h, stride_s, o_stride_b, o_stride_h,
+                     o_stride_s, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                     DROPOUT: tl.constexpr, DOCUMENTS: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):
     start_m = _query_block_start(CAUSAL, BLOCK_M)
@@ -180,18 +213,24 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEED, seq_len, n_heads, sm_scale, threshol
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * LOG2E
     seed = _load_seed(SEED, DROPOUT)
+    doc_ptr = DOCS + _document_offset(n_heads, seq_len)
+    row_docs = tl.zeros([BLOCK_M], tl.int32)
+    if DOCUMENTS:
+        row_docs = _document_ids(doc_ptr, rows, seq_len)
     if CAUSAL:  # blocks left of the diagonal need no mask; the diagonal ones do
         full_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
     else:  # only the last, partial block needs the sequence mask
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, stride_s, rows, 0, full_end,
-                               seq_len, qk_scale, seed, threshold, False, CAUSAL, UPCAST, DROPOUT,
-                               DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, stride_s, rows, full_end,
-                               masked_end, seq_len, qk_scale, seed, threshold, True, CAUSAL, UPCAST,
-                               DROPOUT, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, doc_ptr, row_docs, stride_s,
+                               rows, 0, full_end, seq_len, qk_scale, seed, threshold, False,
+                               CAUSAL, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION, BLOCK_N,
+                               HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, doc_ptr, row_docs, stride_s,
+                               rows, full_end, masked_end, seq_len, qk_scale, seed, threshold,
+                               True, CAUSAL, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION, BLOCK_N,
+                               HEAD_DIM)
     acc = acc / l_i[:, None]
     if DROPOUT:
         acc = acc * dropout_scale
@@ -218,11 +257,11 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, seq_len, n_heads, o_stride_b, o_stride_
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_s, do_stride_s,
-                    start_n, cols, lo, hi, seq_len, qk_scale, seed, threshold,
-                    dropout_scale, MASK: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HEAD_DIM: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr, col_docs,
+                    stride_s, do_stride_s, start_n, cols, lo, hi, seq_len, qk_scale, seed,
+                    threshold, dropout_scale, MASK: tl.constexpr, UPCAST: tl.constexpr,
+                    DROPOUT: tl.constexpr, DOCUMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Accumulate the key block's dK, dV over the query blocks [lo, hi).
 
     Query rows past the sequence load as zeros (q, dO, lse, delta), so they add nothing. With
@@ -244,6 +283,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_s, d
         p_t = tl.exp2(s_t - lse2[None, :])
         if MASK:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        if DOCUMENTS:
+            row_docs = _document_ids(doc_ptr, rows, seq_len)
+            p_t = tl.where(col_docs[:, None] == row_docs[None, :], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep_t = tl.trans(_dropout_keep(seed, rows, start_n, threshold, BLOCK_N))
@@ -258,12 +300,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_s, d
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEED, seq_len, n_heads, sm_scale,
-                          threshold, dropout_scale,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEED, DOCS, seq_len, n_heads,
+                          sm_scale, threshold, dropout_scale,
                           stride_b, stride_h, stride_s, do_stride_b, do_stride_h, do_stride_s,
                           g_stride_b, g_stride_h, g_stride_s,
                           CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          DOCUMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          HEAD_DIM: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(1) * BLOCK_N
     base = _head_offset(n_heads, stride_b, stride_h)
@@ -280,29 +323,36 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEED, seq_len, n_head
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * LOG2E
     seed = _load_seed(SEED, DROPOUT)
+    doc_ptr = DOCS + _document_offset(n_heads, seq_len)
+    col_docs = tl.zeros([BLOCK_N], tl.int32)
+    if DOCUMENTS:
+        col_docs = _document_ids(doc_ptr, cols, seq_len)
     if CAUSAL:  # queries on the diagonal need the mask, those below it do not
         masked_end = tl.minimum(start_n + BLOCK_N, seq_len)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + do_base, LSE + row_base,
-                                 DELTA + row_base, stride_s, do_stride_s, start_n, cols, start_n,
-                                 masked_end, seq_len, qk_scale, seed, threshold, dropout_scale,
-                                 True, UPCAST, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                 DELTA + row_base, doc_ptr, col_docs, stride_s, do_stride_s,
+                                 start_n, cols, start_n, masked_end, seq_len, qk_scale, seed,
+                                 threshold, dropout_scale, True, UPCAST, DROPOUT, DOCUMENTS,
+                                 DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM)
         full_start = start_n + BLOCK_N
     else:
         full_start = 0
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + do_base, LSE + row_base,
-                             DELTA + row_base, stride_s, do_stride_s, start_n, cols, full_start,
-                             seq_len, seq_len, qk_scale, seed, threshold, dropout_scale, False,
-                             UPCAST, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM)
+                             DELTA + row_base, doc_ptr, col_docs, stride_s, do_stride_s, start_n,
+                             cols, full_start, seq_len, seq_len, qk_scale, seed, threshold,
+                             dropout_scale, False, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION,
+                             BLOCK_M, BLOCK_N, HEAD_DIM)
     g_offsets = _head_offset(n_heads, g_stride_b, g_stride_h) + _tile(cols, g_stride_s, HEAD_DIM)
     tl.store(DK + g_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols[:, None] < seq_len)
     tl.store(DV + g_offsets, dv.to(DV.dtype.element_ty), mask=cols[:, None] < seq_len)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, stride_s, rows, lo, hi, seq_len,
-                  qk_scale, seed, threshold, dropout_scale, MASK: tl.constexpr,
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, doc_ptr, row_docs, stride_s, rows, lo, hi,
+                  seq_len, qk_scale, seed, threshold, dropout_scale, MASK: tl.constexpr,
                   CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  DOCUMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
     """Accumulate the query block's dQ over the key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -312,6 +362,9 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, stride_s, rows, lo, hi, 
         p = tl.exp2(s - lse2[:, None])
         if MASK:
             p = tl.where(_keep_mask(rows, cols, seq_len, CAUSAL), p, 0.0)
+        if DOCUMENTS:
+            col_docs = _document_ids(doc_ptr, cols, seq_len)
+            p = tl.where(row_docs[:, None] == col_docs[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed, rows, start_n, threshold, BLOCK_N),
@@ -322,11 +375,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, stride_s, rows, lo, hi, 
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEED, seq_len, n_heads, sm_scale, threshold,
-                        dropout_scale, stride_b, stride_h, stride_s, do_stride_b, do_stride_h,
-                        do_stride_s, g_stride_b, g_stride_h, g_stride_s,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEED, DOCS, seq_len, n_heads, sm_scale,
+                        threshold, dropout_scale, stride_b, stride_h, stride_s, do_stride_b,
+                        do_stride_h, do_stride_s, g_stride_b, g_stride_h, g_stride_s,
                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        DOCUMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        HEAD_DIM: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = _query_block_start(CAUSAL, BLOCK_M)
     base = _head_offset(n_heads, stride_b, stride_h)
@@ -345,18 +399,23 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEED, seq_len, n_heads, sm_
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * LOG2E
     seed = _load_seed(SEED, DROPOUT)
+    doc_ptr = DOCS + _document_offset(n_heads, seq_len)
+    row_docs = tl.zeros([BLOCK_M], tl.int32)
+    if DOCUMENTS:
+        row_docs = _document_ids(doc_ptr, rows, seq_len)
     if CAUSAL:
         full_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
     else:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, stride_s, rows, 0, full_end,
-                       seq_len, qk_scale, seed, threshold, dropout_scale, False, CAUSAL, UPCAST,
-                       DROPOUT, DOT_PRECISION, BLOCK_N, HEAD_DIM)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, stride_s, rows, full_end,
-                       masked_end, seq_len, qk_scale, seed, threshold, dropout_scale, True, CAUSAL,
-                       UPCAST, DROPOUT, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, doc_ptr, row_docs, stride_s,
+                       rows, 0, full_end, seq_len, qk_scale, seed, threshold, dropout_scale, False,
+                       CAUSAL, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, doc_ptr, row_docs, stride_s,
+                       rows, full_end, masked_end, seq_len, qk_scale, seed, threshold,
+                       dropout_scale, True, CAUSAL, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION,
+                       BLOCK_N, HEAD_DIM)
     tl.store(DQ + _head_offset(n_heads, g_stride_b, g_stride_h) + _tile(rows, g_stride_s, HEAD_DIM),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_seq[:, None])
 
@@ -392,7 +451,7 @@ _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 _TUNED = {
     name: {precision: Autotuned(
         _KERNELS[name], configs, _INTERPRETER_CONFIGS[name],
-        key=["seq_len", "HEAD_DIM", "CAUSAL", "DROPOUT"],
+        key=["seq_len", "HEAD_DIM", "CAUSAL", "DROPOUT", "DOCUMENTS"],
         prune_configs_by={"early_config_prune": drop_blocks_longer_than("seq_len",
                                                                         _GRID_BLOCK[name])})
         for precision, configs in by_precision.items()}
@@ -448,19 +507,30 @@ def _dropout_args(dropout_p: float, seed, placeholder: torch.Tensor):
     return (seed, threshold, DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold)), True
 
 
-def _flash_attention_forward(q, k, v, causal, sm_scale, o, dropout_p, seed):
-    """Write the attention of q, k, v (one layout) into o (any layout); return the log-sum-exp."""
+def _kernel_document_ids(document_ids):
+    """The ids as the kernels read them, once a call: a contiguous int32 (batch, seq) tensor
+    (None stays None)."""
+    if document_ids is None:
+        return None
+    return document_ids.to(torch.int32).contiguous()
+
+
+def _flash_attention_forward(q, k, v, causal, sm_scale, o, dropout_p, seed, docs):
+    """Write the attention of q, k, v (one layout) into o (any layout); return the log-sum-exp.
+    ``docs``: None or the int32 (batch, seq) document ids of `_kernel_document_ids`."""
     batch, heads, seq_len, head_dim = q.shape
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
     (seed, threshold, dropout_scale), dropout = _dropout_args(dropout_p, seed, q)
     _TUNED["fwd"][_precision(q.dtype)][
         lambda meta: (batch * heads, cdiv(seq_len, meta["BLOCK_M"]))](
-        q, k, v, o, lse, seed, seq_len, heads, sm_scale, threshold, dropout_scale, *_strides(q),
-        *_strides(o), CAUSAL=causal, DROPOUT=dropout, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
+        q, k, v, o, lse, seed, q if docs is None else docs, seq_len, heads, sm_scale, threshold,
+        dropout_scale, *_strides(q), *_strides(o), CAUSAL=causal, DROPOUT=dropout,
+        DOCUMENTS=docs is not None, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
     return lse
 
 
-def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, seed, dq, dk, dv):
+def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, seed, docs, dq,
+                              dk, dv):
     """Write the gradients into dq, dk, dv (one layout among them; q, k, v share another)."""
     batch, heads, seq_len, head_dim = q.shape
     if do.stride(-1) != 1:
@@ -471,36 +541,38 @@ def _flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, 
     precision = _precision(q.dtype)
     (seed, threshold, dropout_scale), dropout = _dropout_args(dropout_p, seed, q)
     scalars = (seq_len, heads, sm_scale, threshold, dropout_scale, *_strides(q), *_strides(do))
-    options = dict(CAUSAL=causal, DROPOUT=dropout, HEAD_DIM=head_dim, **_DOT_OPTIONS[q.dtype])
+    options = dict(CAUSAL=causal, DROPOUT=dropout, DOCUMENTS=docs is not None, HEAD_DIM=head_dim,
+                   **_DOT_OPTIONS[q.dtype])
+    docs = q if docs is None else docs  # without documents q stands for the (unread) pointer
     _TUNED["dkdv"][precision][
         lambda meta: (batch * heads, cdiv(seq_len, meta["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, seed, *scalars, *_strides(dk), **options)
+        q, k, v, do, lse, delta, dk, dv, seed, docs, *scalars, *_strides(dk), **options)
     _TUNED["dq"][precision][
         lambda meta: (batch * heads, cdiv(seq_len, meta["BLOCK_M"]))](
-        q, k, v, do, lse, delta, dq, seed, *scalars, *_strides(dq), **options)
+        q, k, v, do, lse, delta, dq, seed, docs, *scalars, *_strides(dq), **options)
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd for the Triton kernels on q, k, v; saves them, O, the log-sum-exp and the
-    dropout seed (a one-element tensor, or None without dropout)."""
+    """Autograd for the Triton kernels on q, k, v; saves them, O, the log-sum-exp, the dropout
+    seed (a one-element tensor, or None without dropout) and the int32 document ids (or None)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, dropout_p, seed):
+    def forward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, docs):
         if not _one_layout(q, k, v):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = _empty_in_layout(q)
-        lse = _flash_attention_forward(q, k, v, causal, sm_scale, o, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse, seed)
+        lse = _flash_attention_forward(q, k, v, causal, sm_scale, o, dropout_p, seed, docs)
+        ctx.save_for_backward(q, k, v, o, lse, seed, docs)
         ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, seed = ctx.saved_tensors
+        q, k, v, o, lse, seed, docs = ctx.saved_tensors
         dq, dk, dv = (_empty_in_layout(q) for _ in range(3))
         _flash_attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p,
-                                  seed, dq, dk, dv)
-        return dq, dk, dv, None, None, None, None
+                                  seed, docs, dq, dk, dv)
+        return dq, dk, dv, None, None, None, None, None
 
 
 class FlashAttentionQKVPackedFunction(torch.autograd.Function):
@@ -508,26 +580,26 @@ class FlashAttentionQKVPackedFunction(torch.autograd.Function):
     are read where they lie and the gradient is written into one tensor of qkv's layout."""
 
     @staticmethod
-    def forward(ctx, qkv, causal, sm_scale, dropout_p, seed):
+    def forward(ctx, qkv, causal, sm_scale, dropout_p, seed, docs):
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))             # (b, h, s, d) views
         o = _empty_in_layout(qkv[:, :, 0])                               # (b, s, h, d)
         lse = _flash_attention_forward(q, k, v, causal, sm_scale, o.transpose(1, 2), dropout_p,
-                                       seed)
-        ctx.save_for_backward(qkv, o, lse, seed)
+                                       seed, docs)
+        ctx.save_for_backward(qkv, o, lse, seed, docs)
         ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qkv, o, lse, seed = ctx.saved_tensors
+        qkv, o, lse, seed, docs = ctx.saved_tensors
         dqkv = _empty_in_layout(qkv)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         dq, dk, dv = (t.transpose(1, 2) for t in dqkv.unbind(2))
         _flash_attention_backward(do.transpose(1, 2), q, k, v, o.transpose(1, 2), lse, ctx.causal,
-                                  ctx.sm_scale, ctx.dropout_p, seed, dq, dk, dv)
-        return dqkv, None, None, None, None
+                                  ctx.sm_scale, ctx.dropout_p, seed, docs, dq, dk, dv)
+        return dqkv, None, None, None, None, None
 
 
 def _check_inputs(q, k, v):
@@ -550,6 +622,36 @@ def check_qkv(q, k, v):
                              "q, k and v must have the same (batch, heads, seq, head_dim)")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; use one dtype")
+
+
+def check_document_ids(document_ids, batch: int, seq: int, device) -> None:
+    """What every attention backend needs of ``document_ids`` (not None): a (batch, seq) tensor
+    of an integer dtype on ``device`` (q's), for q's batch and seq. Plain torch, no Triton, and
+    no look at the values (that would wait for the device): that they never decrease along a row
+    is the caller's promise."""
+    if not isinstance(document_ids, torch.Tensor):
+        raise TypeError(f"document_ids must be a torch.Tensor of shape (batch, seq) = "
+                        f"({batch}, {seq}), got {type(document_ids).__name__}")
+    if document_ids.is_floating_point() or document_ids.is_complex() or \
+            document_ids.dtype == torch.bool:
+        raise TypeError(f"document_ids has dtype {document_ids.dtype}; it must have an integer "
+                        "dtype (e.g. torch.int64 or torch.int32)")
+    if tuple(document_ids.shape) != (batch, seq):
+        raise ValueError(f"document_ids has shape {tuple(document_ids.shape)} but q's "
+                         f"(batch, seq) is ({batch}, {seq}); document_ids must be (batch, seq)")
+    if document_ids.device != torch.device(device):
+        raise ValueError(f"document_ids is on {document_ids.device} but q is on {device}; put "
+                         f"document_ids on {device}")
+
+
+def document_mask(document_ids: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """(batch, 1, seq, seq) bool from (batch, seq) document ids: True where query i may attend
+    key j, i.e. both are of one document (and j <= i when causal)."""
+    mask = document_ids[:, None, :, None] == document_ids[:, None, None, :]
+    if causal:
+        seq = document_ids.shape[1]
+        mask = mask & torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    return mask
 
 
 def _check_head_dim(name: str, head_dim: int):
@@ -655,18 +757,22 @@ def dropout_keep_mask(seed, batch_heads: int, seq_len: int, dropout_p: float, de
 
 
 def flash_attention_reference(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0,
-                              seed=None):
+                              seed=None, document_ids=None):
     """Plain-torch attention, softmax in float32: softmax(q k^T * scale, causal mask) v.
 
     With ``dropout_p > 0`` the probabilities are dropped: with ``seed``, exactly those the
     Triton kernels drop for that seed (`dropout_keep_mask`); without one, by torch's
-    ``F.dropout`` (torch's generator, other masks)."""
+    ``F.dropout`` (torch's generator, other masks). With ``document_ids`` ((batch, seq)
+    integers, see `flash_attention`) query i also sees key j only when both ids are equal."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, S, S)
     if causal:
         seq = q.shape[-2]
         above = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(above, float("-inf"))
+    if document_ids is not None:
+        check_document_ids(document_ids, q.shape[0], q.shape[-2], q.device)
+        scores = scores.masked_fill(~document_mask(document_ids), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0 and seed is None:
         probs = torch.nn.functional.dropout(probs, dropout_p)
@@ -677,7 +783,8 @@ def flash_attention_reference(q, k, v, causal=True, softmax_scale=None, dropout_
     return torch.matmul(probs, v.float()).to(q.dtype)
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None,
+                    document_ids=None):
     """Scaled dot-product attention with the Triton flash-attention kernels.
 
     Args:
@@ -692,6 +799,12 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
         seed: the dropout masks' seed: an int or a one-element int64 tensor on q's device (read
             by the kernels there, so a CUDA graph can replay with new values); None draws one
             from torch's default generator on q's device.
+        document_ids: None, or a (batch, seq) tensor of any integer dtype on q's device, the
+            document of each token of a packed window (e.g. 0, 0, 0, 1, 1, 2, ...): query i then
+            sees key j only when both are of one document (and j <= i when causal). The ids must
+            not decrease along a row (not checked: that would wait for the device) and must fit
+            in int32 (the kernels compare them as int32). The masks of a dropout seed stay the
+            same with and without documents.
     Returns:
         (batch, heads, seq, head_dim), q's dtype, laid out in q's memory order. Runs
         `flash_attention_reference` where the
@@ -701,13 +814,17 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     dropout_p = _check_dropout_p(dropout_p)
     _check_seed(seed)
+    if document_ids is not None:
+        check_document_ids(document_ids, q.shape[0], q.shape[2], q.device)
     if q.numel() == 0 or not triton_runs_on(q.device):
-        return flash_attention_reference(q, k, v, causal, scale, dropout_p, seed)
+        return flash_attention_reference(q, k, v, causal, scale, dropout_p, seed, document_ids)
     return FlashAttentionFunction.apply(q, k, v, bool(causal), scale,
-                                        *_dropout_seed(dropout_p, seed, q.device))
+                                        *_dropout_seed(dropout_p, seed, q.device),
+                                        _kernel_document_ids(document_ids))
 
 
-def flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None, dropout_p=0.0, seed=None):
+def flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None, dropout_p=0.0, seed=None,
+                              document_ids=None):
     """`flash_attention` on q, k and v packed in one tensor, as a fused QKV projection gives them.
 
     Args:
@@ -716,6 +833,8 @@ def flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None, dropout_p=0.
             read it in place, and the gradient comes back in one tensor of the same layout, so
             neither direction copies q, k, v apart or back together.
         causal, softmax_scale, dropout_p, seed: as in `flash_attention`.
+        document_ids: None, or the (batch, seq) document ids of the tokens, as in
+            `flash_attention`.
     Returns:
         (batch, seq, heads, head_dim), laid out in qkv's order of batch and seq (for a
         seq-major qkv, the output transposed to (seq, batch, ...) is contiguous).
@@ -724,8 +843,12 @@ def flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None, dropout_p=0.
     scale = 1.0 / math.sqrt(qkv.shape[-1]) if softmax_scale is None else float(softmax_scale)
     dropout_p = _check_dropout_p(dropout_p)
     _check_seed(seed)
+    if document_ids is not None:
+        check_document_ids(document_ids, qkv.shape[0], qkv.shape[1], qkv.device)
     if qkv.numel() == 0 or not triton_runs_on(qkv.device):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-        return flash_attention_reference(q, k, v, causal, scale, dropout_p, seed).transpose(1, 2)
+        return flash_attention_reference(q, k, v, causal, scale, dropout_p, seed,
+                                         document_ids).transpose(1, 2)
     return FlashAttentionQKVPackedFunction.apply(qkv, bool(causal), scale,
-                                                 *_dropout_seed(dropout_p, seed, qkv.device))
+                                                 *_dropout_seed(dropout_p, seed, qkv.device),
+                                                 _kernel_document_ids(document_ids))

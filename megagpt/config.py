@@ -122,6 +122,13 @@ class DataConfig:
     mock: bool = _field(False, doc="random tokens instead of a dataset (benchmarks, tests)")
     num_workers: int = _field(2, doc="data-loader worker processes")
     sft_packing: bool = _field(True, doc="fine-tuning: pack examples into full windows (else pad)")
+    reset_attention_mask: bool = _field(False, doc="a token attends only to the tokens of its "
+                                        "own document in the window (an end-of-document token "
+                                        "ends one)")
+    reset_position_ids: bool = _field(False, doc="positions count from 0 at each document's "
+                                      "first token")
+    eod_mask_loss: bool = _field(False, doc="no loss on the prediction made at an "
+                                 "end-of-document token (the next document's first token)")
     cache_dir: str | None = _field(None, doc="where index arrays are cached; default next to the data")
     preprocessing: PreprocessingConfig | None = _field(None)
 
@@ -340,6 +347,9 @@ MEGATRON_ARGUMENTS = {
     "data-cache-path": "data.cache_dir",
     "num-workers": "data.num_workers",
     "mock-data": "data.mock=true",
+    "reset-attention-mask": "data.reset_attention_mask=true",
+    "reset-position-ids": "data.reset_position_ids=true",
+    "eod-mask-loss": "data.eod_mask_loss=true",
     "vocab-file": "data.tokenizer_path: the folder of the vocab and merges files (Megatron's "
                   "gpt2-vocab.json and gpt2-merges.txt are GPT-2's: data.tokenizer_path=gpt2)",
     "merge-file": "data.tokenizer_path: the folder of the vocab and merges files (Megatron's "
@@ -845,6 +855,10 @@ def _check_attention_backend(cfg: Config, head_dim: int, p: list[str]) -> None:
             p.append("kernels.attention=flash_attn: flash-attn runs float16/bfloat16 only, but "
                      "training.precision=fp32; fix: training.precision=bf16, or "
                      "kernels.attention=auto or sdpa")
+        if cfg.data.reset_attention_mask:
+            p.append("kernels.attention=flash_attn: not with data.reset_attention_mask=true "
+                     "(document masks need flash-attn's variable-length form, which megagpt does "
+                     "not call); fix: kernels.attention=auto, triton or sdpa")
 
 
 MAX_PARAMETERS = 10 ** 14   # 50x the largest models trained (about 2e12): beyond it, a typo
@@ -992,13 +1006,16 @@ def validate(cfg: Config) -> list[str]:
                      "pipeline_parallel_size=1", ok_layout and par.pipeline_parallel_size > 1),
                     ("training.recompute=full", "recompute none or selective", t.recompute == "full"),
                     (f"parallel.deepspeed_config={par.deepspeed_config}", "no deepspeed_config",
-                     par.deepspeed_config is not None)]
+                     par.deepspeed_config is not None),
+                    ("data.reset_attention_mask=true", "reset_attention_mask=false",
+                     d.reset_attention_mask)]
         for setting, fix, blocks in blockers:
             if blocks:
                 p.append(f"training.cuda_graphs=true: not with {setting} (graphs replay fixed "
-                         f"kernels on fixed buffers: no fresh dropout masks, no pipeline's "
-                         f"micro-batches in flight, no recompute or DeepSpeed wrapping, tensor "
-                         f"parallelism untested); fix: {fix}, or cuda_graphs=false")
+                         f"kernels on fixed buffers: no fresh dropout or document masks, no "
+                         f"pipeline's micro-batches in flight, no recompute or DeepSpeed "
+                         f"wrapping, tensor parallelism untested); fix: {fix}, or "
+                         f"cuda_graphs=false")
     if cfg.checkpoint.async_save and par.deepspeed_config is not None:
         p.append(f"checkpoint.async_save=true: not with parallel.deepspeed_config="
                  f"{par.deepspeed_config} (DeepSpeed writes its own checkpoint files, in the "

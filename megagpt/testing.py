@@ -125,6 +125,7 @@ def _run_once(fn, world_size: int, args, kwargs, timeout: float) -> list:
 
 
 TINY_VOCAB, TINY_SEQ, TINY_GLOBAL_BATCH = 1001, 16, 8
+TINY_EOD = 7         # the end-of-document id of fixed_batches(documents=True)
 
 
 def sigterm_when_ready(proc, ready, *, to_group: bool, wait: float = 60.0,
@@ -167,14 +168,27 @@ def tiny_config(tp=1, pp=1, dp=1, vp=1, zero=0, micro=2, steps=5, **overrides):
     return load_config(raw=raw)
 
 
-def fixed_batches(steps=5, seed=5) -> torch.Tensor:
-    """The same global batches for every layout: (steps, global batch, seq + 1) token ids."""
+def fixed_batches(steps=5, seed=5, documents: bool = False) -> torch.Tensor:
+    """The same global batches for every layout: (steps, global batch, seq + 1) token ids;
+    `documents`: about one token in four is the end-of-document id TINY_EOD."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, TINY_VOCAB, (steps, TINY_GLOBAL_BATCH, TINY_SEQ + 1), generator=g)
+    tokens = torch.randint(0, TINY_VOCAB, (steps, TINY_GLOBAL_BATCH, TINY_SEQ + 1), generator=g)
+    if documents:
+        tokens[torch.rand(tokens.shape, generator=g) < 0.25] = TINY_EOD
+    return tokens
 
 
-def split_microbatches(tokens: torch.Tensor, dp_rank: int, dp: int, micro: int) -> list[dict]:
-    """This data-parallel rank's slice of a global batch, as micro-batches of `micro` sequences."""
+def split_microbatches(tokens: torch.Tensor, dp_rank: int, dp: int, micro: int,
+                       documents: bool = False) -> list[dict]:
+    """This data-parallel rank's slice of a global batch, as micro-batches of `micro` sequences;
+    `documents`: with the document ids and positions of TINY_EOD's documents, as the loader
+    adds them under data.reset_attention_mask and reset_position_ids."""
+    from megagpt.data.documents import document_ids, document_positions
+
     mine = tokens.chunk(dp)[dp_rank]
-    return [{"tokens": mb[:, :-1], "labels": mb[:, 1:], "loss_mask": torch.ones(mb.shape[0], mb.shape[1] - 1)}
-            for mb in mine.split(micro)]
+    mbs = [{"tokens": mb[:, :-1], "labels": mb[:, 1:],
+            "loss_mask": torch.ones(mb.shape[0], mb.shape[1] - 1)} for mb in mine.split(micro)]
+    for mb in mbs if documents else ():
+        mb["document_ids"] = document_ids(mb["tokens"], TINY_EOD)
+        mb["position_ids"] = document_positions(mb["document_ids"])
+    return mbs

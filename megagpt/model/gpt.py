@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megagpt.config import Config, KernelsConfig, ModelConfig
-from megagpt.kernels import flash_attention_qkvpacked
+from megagpt.kernels import check_document_ids, flash_attention_qkvpacked
 from megagpt.kernels.dispatch import get_op, resolve_backend
-from megagpt.kernels.flash_attention import SUPPORTED_HEAD_DIMS
+from megagpt.kernels.flash_attention import SUPPORTED_HEAD_DIMS, document_mask
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megagpt.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                      VocabParallelEmbedding, group_rank, group_size)
@@ -174,35 +174,41 @@ class Attention(nn.Module):
         sharded, so each rank needs its own masks)."""
         return get_rng_tracker().fork() if p > 0 else contextlib.nullcontext()
 
-    def core(self, q, k, v):
-        """Causal attention on this rank's heads, (b, nh, s, hd) -> (b, nh, s, hd)."""
+    def core(self, q, k, v, document_ids=None):
+        """Causal attention on this rank's heads, (b, nh, s, hd) -> (b, nh, s, hd); with
+        document_ids (b, s), only within each document."""
         p = self.dropout_p if self.training else 0.0
         if self.ops.attention_backend == "eager":
             scores = q @ k.transpose(-2, -1)                                    # (b, nh, s, s)
+            if document_ids is not None:
+                check_document_ids(document_ids, q.shape[0], q.shape[2], q.device)
+                scores = scores.masked_fill(~document_mask(document_ids), float("-inf"))
             probs = self.ops.softmax(scores, scale=1.0 / math.sqrt(self.head_dim), causal=True)
             if p > 0:
                 with self.dropout_stream(p):
                     probs = F.dropout(probs, p, True)
             return probs @ v
         with self.dropout_stream(p):
-            return self.ops.attention(q, k, v, causal=True, dropout_p=p)
+            return self.ops.attention(q, k, v, causal=True, dropout_p=p, document_ids=document_ids)
 
-    def forward(self, x, cache: KVCache | None = None):       # x (s, b, h) or (s/tp, b, h)
-        qkv = self.qkv(x)                                       # (s, b, 3 * nh_local * hd)
+    def forward(self, x, cache: KVCache | None = None, document_ids=None):
+        qkv = self.qkv(x)             # x (s, b, h) or (s/tp, b, h) -> (s, b, 3 * nh_local * hd)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, 3, self.n_local_heads, self.head_dim)
         if cache is None and self.ops.attention_qkvpacked is not None:
             p = self.dropout_p if self.training else 0.0
             with self.dropout_stream(p):                                        # (b, s, nh, hd)
-                y = self.ops.attention_qkvpacked(qkv.transpose(0, 1), causal=True, dropout_p=p)
+                y = self.ops.attention_qkvpacked(qkv.transpose(0, 1), causal=True, dropout_p=p,
+                                                 document_ids=document_ids)
             return self.proj(y.transpose(0, 1).reshape(s, b, self.n_local_heads * self.head_dim))
         q, k, v = qkv.permute(2, 1, 3, 0, 4)
         if cache is not None:                                   # (b, nh, s, hd) each
             y = cache.attend(self, q, k, v)
         elif self.recompute and self.training:
-            y = checkpoint(self.core, q, k, v, use_reentrant=False, context_fn=recompute_contexts)
+            y = checkpoint(self.core, q, k, v, document_ids, use_reentrant=False,
+                           context_fn=recompute_contexts)
         else:
-            y = self.core(q, k, v)
+            y = self.core(q, k, v, document_ids)
         y = y.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.head_dim)
         return self.proj(y)
 
@@ -231,8 +237,8 @@ class Block(nn.Module):
         self.drop1 = Dropout(m.dropout, sharded_residual)
         self.drop2 = Dropout(m.dropout, sharded_residual)
 
-    def forward(self, x, cache: KVCache | None = None):
-        x = x + self.drop1(self.attn(self.ln1(x), cache))
+    def forward(self, x, cache: KVCache | None = None, document_ids=None):
+        x = x + self.drop1(self.attn(self.ln1(x), cache, document_ids))
         return x + self.drop2(self.mlp(self.ln2(x)))
 
 
@@ -270,8 +276,11 @@ class GPTStage(nn.Module):
 
     forward(x, labels=None, loss_mask=None, *, positions=None, cache=None):
       first stage: x = token ids (b, s); later stages: x = hidden (s, b, h) from the previous one.
-      positions (b, s): position ids of the tokens (default 0..s-1); cache: a `KVCache` that
-      receives this call's keys and values and supplies the earlier ones (inference).
+      positions (b, s): position ids of the tokens (default 0..s-1); document_ids (b, s): the
+      document of each token, non-decreasing along a row (`megagpt.data.documents`): a token
+      attends only to the earlier tokens of its own document (default: to every earlier
+      token); cache: a `KVCache` that receives this call's keys and values and supplies the
+      earlier ones (inference).
       Not the last stage: returns hidden (s, b, h) (or (s/tp, b, h) under sequence parallelism).
       Last stage with labels (b, s), labels[b, j] the token after x[b, j] (already shifted, unlike
       Hugging Face's; -100 leaves a token out): returns (loss_sum, n_tokens), the float32 sum of
@@ -308,12 +317,16 @@ class GPTStage(nn.Module):
     def word_embedding_weight(self) -> nn.Parameter:
         return self.embedding.wte.weight if self.spec.pre_process else self.output_weight
 
-    def forward(self, x, labels=None, loss_mask=None, *, positions=None, cache=None):
+    def forward(self, x, labels=None, loss_mask=None, *, positions=None, document_ids=None,
+                cache=None):
         if self.spec.pre_process:
             x = self.embedding(x, positions)                        # (s, b, h)
         for block in self.layers.values():
             if self.recompute == "full" and self.training:
-                x = checkpoint(block, x, use_reentrant=False, context_fn=recompute_contexts)
+                x = checkpoint(block, x, None, document_ids, use_reentrant=False,
+                               context_fn=recompute_contexts)
+            elif document_ids is not None:
+                x = block(x, None, document_ids)
             elif cache is None:
                 x = block(x)             # tensors only: a block may be a replayed CUDA graph
             else:

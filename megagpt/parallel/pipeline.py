@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megagpt.data.documents import document_inputs
+
 
 class PipelineNeighbourError(RuntimeError):
     """A neighbouring pipeline stage died or stopped sending (gloo's timed exchange)."""
@@ -126,9 +128,10 @@ def _forward_step(st: ScheduleState, chunk_id: int, input_tensor):
     mb = st.microbatches[st.forwards[chunk_id]]
     st.forwards[chunk_id] += 1
     x = mb["tokens"] if chunk.spec.pre_process else input_tensor
+    documents = document_inputs(mb)
     if not chunk.spec.post_process:
-        return chunk(x)
-    loss_sum, n_tokens = chunk(x, mb["labels"], mb.get("loss_mask"))
+        return chunk(x, **documents)
+    loss_sum, n_tokens = chunk(x, mb["labels"], mb.get("loss_mask"), **documents)
     st.losses.append((loss_sum.detach(), n_tokens.detach()))
     return loss_sum * st.loss_scale
 

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import Config, ConfigError, read_json
+from megagpt.data.documents import document_inputs
 from megagpt.model.gpt import build_stage, loss_tokens
 from megagpt.parallel.state import ParallelState
 from megagpt.training import checkpoint as ckpt
@@ -224,7 +225,8 @@ class DeepSpeedEngine:
         set_lr(ds.optimizer, lr)
         loss_sums, own_norm = [], None
         for i, mb in enumerate(microbatches):
-            loss_sum, _ = ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))
+            loss_sum, _ = ds(mb["tokens"], mb["labels"], mb.get("loss_mask"),
+                             **document_inputs(mb))
             loss_sums.append(loss_sum.detach())         # no sync per micro-batch
             ds.backward(loss_sum * factor)
             if i == self.gas - 1 and self.own_check:
@@ -277,7 +279,7 @@ class DeepSpeedEngine:
         ds.eval()
         tokens = self.global_tokens(microbatches)     # before the copy: no device sync
         microbatches = self._to_device(microbatches)
-        loss_sums = [ds(mb["tokens"], mb["labels"], mb.get("loss_mask"))[0]
+        loss_sums = [ds(mb["tokens"], mb["labels"], mb.get("loss_mask"), **document_inputs(mb))[0]
                      for mb in microbatches]
         return self._dp_sum(sum_losses(loss_sums)) / tokens if tokens else math.nan
 

@@ -39,6 +39,7 @@ from megagpt import __version__
 from megagpt.config import Config, ModelConfig
 from megagpt.convert import ConversionError, load_source, tokenizer_mismatch
 from megagpt.data.blend import parse_data_path
+from megagpt.data.documents import document_collate
 from megagpt.data.gpt_dataset import (INDEX_VERSION, DatasetBuildError, build_gpt_datasets,
                                       parse_split)
 from megagpt.data.mock import build_mock_datasets
@@ -226,6 +227,7 @@ class Trainer:
         self._check_save_dir_shared()
         self._resumed = None          # (path, consumed, its sample count, data changes)
         self.tokenizer_fingerprint = None     # data.tokenizer_path's, once loaded (meta.json)
+        self.eod_id = None                    # its end-of-document id, once loaded
         self._resume()
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
         if self._resumed is not None and self.is_rank0:
@@ -277,9 +279,11 @@ class Trainer:
     def _build_datasets(self, num_samples):
         m, d, t = self.cfg.model, self.cfg.data, self.cfg.training
         if d.mock:
+            if document_collate(d, 0) is not None:      # the end-of-document id it needs
+                self.eod_id = load_tokenizer(d.tokenizer_path, "data.tokenizer_path").eod_id
             return build_mock_datasets(m.seq_length, m.vocab_size, num_samples, t.seed)
         tokenizer = load_tokenizer(d.tokenizer_path, "data.tokenizer_path")
-        self.tokenizer_fingerprint = tokenizer.fingerprint
+        self.tokenizer_fingerprint, self.eod_id = tokenizer.fingerprint, tokenizer.eod_id
         if tokenizer.vocab_size > m.vocab_size:
             raise DatasetBuildError(f"data.tokenizer_path={d.tokenizer_path} has {tokenizer.vocab_size} "
                              f"tokens but model.vocab_size={m.vocab_size}; fix: set "
@@ -306,6 +310,7 @@ class Trainer:
             dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
             persistent_workers=False, **loader_worker_options(self.cfg.data.num_workers),
             pin_memory=self.device.type == "cuda",      # copied to the GPU without a wait
+            collate_fn=document_collate(self.cfg.data, self.eod_id),
             generator=torch.Generator().manual_seed(self.cfg.training.seed))
         step = []
         try:

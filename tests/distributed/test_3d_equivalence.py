@@ -19,14 +19,17 @@ def _train(rank, world, cfg_kwargs):
     # no deprecated collective (torch 2.13 renamed the all-gather and reduce-scatter into tensors)
     warnings.filterwarnings("error", message=r".*torch\.distributed\..* is deprecated",
                             category=FutureWarning)
+    cfg_kwargs = dict(cfg_kwargs)
+    documents = cfg_kwargs.pop("documents", False)
     cfg = tiny_config(**cfg_kwargs)
     par = cfg.parallel
     ps = state.initialize_parallel(par.tensor_parallel_size, par.pipeline_parallel_size)
     seed_everything(cfg.training.seed, ps.tp_rank, ps.pp_rank)
     engine = Engine(cfg, ps, p2p_timeout_s=60)
     losses, norms = [], []
-    for step, tokens in enumerate(fixed_batches(STEPS)):
-        mbs = split_microbatches(tokens, ps.dp_rank, ps.dp_world_size, cfg.training.batch_size)
+    for step, tokens in enumerate(fixed_batches(STEPS, documents=documents)):
+        mbs = split_microbatches(tokens, ps.dp_rank, ps.dp_world_size, cfg.training.batch_size,
+                                 documents)
         result = engine.train_step(mbs, lr_at(step, cfg.training))
         losses.append(result.loss)
         norms.append(result.grad_norm)
@@ -43,10 +46,15 @@ def reference():
     return run_distributed(_train, 1, {})[0]
 
 
+@functools.lru_cache(maxsize=None)
+def reference_documents():
+    return run_distributed(_train, 1, {"documents": True})[0]
+
+
 def check_layout(**cfg_kwargs):
     world = cfg_kwargs.get("tp", 1) * cfg_kwargs.get("pp", 1) * cfg_kwargs.get("dp", 1)
     outs = run_distributed(_train, world, cfg_kwargs, timeout=300)
-    ref = reference()
+    ref = reference_documents() if cfg_kwargs.get("documents") else reference()
     params = {}
     for out in outs:
         torch.testing.assert_close(torch.tensor(out["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
@@ -93,6 +101,26 @@ def test_every_feature_of_the_layout_at_once():
     sequence a micro-batch (4 a replica: a multiple of pp, as interleaving needs)."""
     check_layout(tp=2, pp=2, dp=2, vp=2, zero=1, micro=1, parallel__sequence_parallel=True,
                  training__recompute="full")
+
+
+def test_document_masks_and_positions_change_the_training():
+    """Windows of several documents (data.reset_attention_mask and reset_position_ids) train
+    another model than the same tokens as one sequence: the masks reach every layer."""
+    ref, documents = reference(), reference_documents()
+    assert documents["losses"][0] != pytest.approx(ref["losses"][0], rel=1e-3)
+    assert documents["losses"][-1] < documents["losses"][0]
+
+
+@pytest.mark.parametrize("layout", [
+    dict(tp=2, parallel__sequence_parallel=True, training__recompute="selective"),
+    pytest.param(dict(pp=2, vp=2, dp=2, training__recompute="full"), marks=pytest.mark.slow),
+    pytest.param(dict(tp=2, pp=2, dp=2, zero=1, parallel__sequence_parallel=True),
+                 marks=pytest.mark.slow)],
+    ids=["tp2-sp-selective", "pp2-vp2-dp2-full", "tp2-pp2-dp2"])
+def test_document_masks_in_every_layout(layout):
+    """Every stage of a pipeline and every tensor-parallel rank gets the micro-batch's document
+    ids (the pipeline sends only hidden states; the masks come from the micro-batch)."""
+    check_layout(documents=True, **layout)
 
 
 def test_accumulation_equals_one_large_batch():

@@ -552,3 +552,22 @@ def test_an_fp16_skip_is_exempt_only_while_deepspeeds_scale_can_back_off():
     assert scale_can_back_off(fp16_optimizer)
     assert not scale_can_back_off(SimpleNamespace())
 
+
+
+# packed fine-tuning whose examples are kept apart (a window holds several of them)
+SFT_DOCUMENTS = dict(model__vocab_size=50257, model__seq_length=128, training__mode="finetune",
+                     data__mock=False, data__format="sft", data__split="90,10,0",
+                     data__train_data_path=[str(ROOT / "megagpt/data/assets/sft_example.jsonl")],
+                     data__reset_attention_mask=True, data__reset_position_ids=True)
+
+
+@needs_deepspeed
+def test_document_masks_and_positions_reach_the_deepspeed_model(tmp_path):
+    steps = 3
+    run_distributed(_train, 2, str(tmp_path / "native"), steps, **SFT_DOCUMENTS)
+    run_distributed(_train, 2, str(tmp_path / "ds"), steps, ds_file("zero1"), **SFT_DOCUMENTS)
+    plain = {k: v for k, v in SFT_DOCUMENTS.items() if not k.startswith("data__reset")}
+    run_distributed(_train, 2, str(tmp_path / "plain"), steps, ds_file("zero1"), **plain)
+    ours = losses(tmp_path / "ds")
+    assert ours == pytest.approx(losses(tmp_path / "native"), rel=LOSS_RTOL, abs=0)
+    assert ours[0] != pytest.approx(losses(tmp_path / "plain")[0], rel=1e-4)

@@ -1551,3 +1551,31 @@ def test_a_requeued_run_resumes_from_its_predecessors_last_save(tmp_path):
     assert step == 4, said
     assert any("is locked by another run" in m for m in said), said
 
+
+
+def _document_batches(rank, world, run_dir):
+    cfg = run_config(Path(run_dir), 2, model__vocab_size=50257, model__seq_length=128,
+                     training__mode="finetune", data__mock=False, data__format="sft",
+                     data__train_data_path=[SFT_DATA], data__split="90,10,0",
+                     data__reset_attention_mask=True, data__reset_position_ids=True,
+                     data__eod_mask_loss=True)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
+    step = next(trainer._batches(trainer.train_ds, 0))
+    trainer.train()
+    return dict(step=step, eod=trainer.eod_id, last=losses(run_dir)[-1])
+
+
+def test_the_loader_marks_each_windows_documents_for_the_model(tmp_path):
+    """Packed fine-tuning with data.reset_attention_mask, reset_position_ids and eod_mask_loss:
+    every micro-batch carries the ids and positions of its examples, the end-of-document
+    predictions are out of the loss, and the run trains."""
+    from megagpt.data.documents import document_ids, document_positions
+
+    out = run_distributed(_document_batches, 1, str(tmp_path))[0]
+    for mb in out["step"]:
+        tokens, eod = mb["tokens"], out["eod"]
+        assert torch.equal(mb["document_ids"], document_ids(tokens, eod))
+        assert torch.equal(mb["position_ids"], document_positions(mb["document_ids"]))
+        assert not mb["loss_mask"][tokens == eod].any()
+        assert (mb["document_ids"][:, -1] > 0).all()      # several examples a window
+    assert math.isfinite(out["last"][1])

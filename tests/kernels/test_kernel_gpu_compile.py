@@ -58,16 +58,17 @@ def _compile_configs(tuned, signature, constexprs):
                  config.num_stages)
 
 
-def _attention(fa, dtype, head_dim, causal, dropout=False):
+def _attention(fa, dtype, head_dim, causal, dropout=False, documents=False):
     p = PTR[dtype]
-    constexprs = dict(CAUSAL=causal, DROPOUT=dropout, HEAD_DIM=head_dim, **fa._DOT_OPTIONS[dtype])
+    constexprs = dict(CAUSAL=causal, DROPOUT=dropout, DOCUMENTS=documents, HEAD_DIM=head_dim,
+                      **fa._DOT_OPTIONS[dtype])
 
     def strides(*prefixes):
         return {f"{prefix}stride_{dim}": "i32" for prefix in prefixes for dim in "bhs"}
 
-    # without dropout the launcher passes q as the (unread) seed pointer
-    sizes = dict(SEED="*i64" if dropout else p, seq_len="i32", n_heads="i32", sm_scale="fp32",
-                 threshold="i32", dropout_scale="fp32")
+    # without dropout (documents) the launcher passes q as the (unread) seed (ids) pointer
+    sizes = dict(SEED="*i64" if dropout else p, DOCS="*i32" if documents else p, seq_len="i32",
+                 n_heads="i32", sm_scale="fp32", threshold="i32", dropout_scale="fp32")
     for name, signature in (
         ("fwd", dict(Q=p, K=p, V=p, O=p, LSE="*fp32", **sizes, **strides("", "o_"))),
         ("dkdv", dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p, **sizes,
@@ -91,11 +92,11 @@ def main():
     fa, ln, sm, bg, ce = (module(n) for n in ("flash_attention", "layer_norm", "softmax",
                                               "bias_gelu", "cross_entropy"))
     bf16 = PTR[torch.bfloat16]
-    for dtype, head_dim, causal, dropout in ((torch.bfloat16, 64, True, False),
-                                             (torch.bfloat16, 128, False, False),
-                                             (torch.float32, 64, True, False),
-                                             (torch.bfloat16, 64, True, True)):
-        _attention(fa, dtype, head_dim, causal, dropout)
+    for dtype, head_dim, causal, dropout, documents in (
+            (torch.bfloat16, 64, True, False, False), (torch.bfloat16, 128, False, False, False),
+            (torch.float32, 64, True, False, False), (torch.bfloat16, 64, True, True, False),
+            (torch.bfloat16, 64, True, False, True), (torch.bfloat16, 128, False, True, True)):
+        _attention(fa, dtype, head_dim, causal, dropout, documents)
     for width in (768, 8192, 65536):  # several rows a program; one row; the longest row
         block_n = triton.next_power_of_2(width)
         _compile_configs(ln._fwd_kernel(block_n),
