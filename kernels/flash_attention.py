@@ -38,9 +38,13 @@ document attends only to itself. The launcher converts the ids once to a contigu
 (batch, seq) tensor; every kernel (forward, dK/dV, dQ) reads the ids of its rows and columns
 (program_id(0) // heads is the batch row) and masks every block, the unmasked ("full") ones too;
 in the forward a row may see no key of a whole block (its running max stays -inf), which adds
-nothing. The document mask skips no blocks beyond the causal ones. Every query sees at least
-itself, so no row is empty; dropout draws the same masks with and without documents.
-`check_document_ids` is the ids' input check, for every attention backend.
+nothing. Under the causal mask the kernels also skip the blocks no document reaches: the forward
+and dQ start at the key block holding the start of their first row's document, and dK/dV stops
+after the query block holding the end of its last key's document (found by counting blocks by
+their first or last ids, many blocks a load), so a window of short documents costs about what
+they cost apart (non-causal attention skips nothing more). Every query sees at least itself, so
+no row is empty; dropout draws the same masks with and without documents. `check_document_ids`
+is the ids' input check, for every attention backend.
 
 Launch settings: each kernel's blocks, warps and pipeline stages are autotuned on a GPU per
 sequence length, head dim, mask, dropout, documents and dtype (`_GPU_CONFIGS`).
@@ -57,6 +61,8 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 # cannot multiply a constexpr by a tensor). The kernels use exp2: scores are scaled by 1 / ln 2.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Document masks: the blocks a program skips are counted this many blocks at a time.
+SEARCH_BLOCKS = tl.constexpr(64)
 # Dropout compares 16-bit random numbers with round(dropout_p * DROPOUT_LEVELS).
 DROPOUT_LEVELS = 1 << 16
 # Philox4x32's constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011),
@@ -102,6 +108,36 @@ def _document_ids(doc_ptr, idx, seq_len):
     a query row past the end is never empty (no NaN), and the sequence masks (or the stores)
     keep such rows and columns out of every result as without documents."""
     return tl.load(doc_ptr + tl.minimum(idx, seq_len - 1))
+
+
+@triton.jit
+def _first_key_block(doc_ptr, start_m, BLOCK_N: tl.constexpr):
+    """Causal forward and dQ with documents: the first key block the query block at `start_m`
+    needs. The key blocks before it end before its first row's document: their last ids are
+    smaller (ids never decrease), counted SEARCH_BLOCKS blocks at a time in one parallel load
+    each (no chain of dependent loads)."""
+    target = tl.load(doc_ptr + start_m)
+    before = start_m * 0
+    for chunk in range(0, start_m, SEARCH_BLOCKS * BLOCK_N):
+        last = chunk + tl.arange(0, SEARCH_BLOCKS) * BLOCK_N + BLOCK_N - 1
+        ids = tl.load(doc_ptr + last, mask=last < start_m, other=0)
+        before += tl.sum(((ids < target) & (last < start_m)).to(tl.int32), 0)
+    return before * BLOCK_N
+
+
+@triton.jit
+def _query_end(doc_ptr, start_n, last_key, seq_len, BLOCK_M: tl.constexpr):
+    """Causal dK/dV with documents: where the query blocks that can see the key block at
+    `start_n` (last key `last_key`) end: those from start_n on whose first row is of the last
+    key's document or an earlier one (a prefix: ids never decrease), counted as in
+    `_first_key_block`."""
+    target = tl.load(doc_ptr + last_key)
+    needed = start_n * 0
+    for chunk in range(start_n, seq_len, SEARCH_BLOCKS * BLOCK_M):
+        first = chunk + tl.arange(0, SEARCH_BLOCKS) * BLOCK_M
+        ids = tl.load(doc_ptr + first, mask=first < seq_len, other=0)
+        needed += tl.sum(((ids <= target) & (first < seq_len)).to(tl.int32), 0)
+    return tl.minimum(start_n + needed * BLOCK_M, seq_len)
 
 
 @triton.jit
@@ -217,14 +253,17 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEED, DOCS, seq_len, n_heads, sm_scale, th
     row_docs = tl.zeros([BLOCK_M], tl.int32)
     if DOCUMENTS:
         row_docs = _document_ids(doc_ptr, rows, seq_len)
+    first = 0           # the first key block; with documents, none before their first row's
     if CAUSAL:  # blocks left of the diagonal need no mask; the diagonal ones do
+        if DOCUMENTS:
+            first = _first_key_block(doc_ptr, start_m, BLOCK_N)
         full_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
     else:  # only the last, partial block needs the sequence mask
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, doc_ptr, row_docs, stride_s,
-                               rows, 0, full_end, seq_len, qk_scale, seed, threshold, False,
+                               rows, first, full_end, seq_len, qk_scale, seed, threshold, False,
                                CAUSAL, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION, BLOCK_N,
                                HEAD_DIM)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + base, V + base, doc_ptr, row_docs, stride_s,
@@ -335,11 +374,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEED, DOCS, seq_len, 
                                  threshold, dropout_scale, True, UPCAST, DROPOUT, DOCUMENTS,
                                  DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM)
         full_start = start_n + BLOCK_N
+        query_end = seq_len
+        if DOCUMENTS:  # no query after the end of the block's last key's document sees it
+            query_end = _query_end(doc_ptr, start_n, masked_end - 1, seq_len, BLOCK_M)
     else:
         full_start = 0
+        query_end = seq_len
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q + base, DO + do_base, LSE + row_base,
                              DELTA + row_base, doc_ptr, col_docs, stride_s, do_stride_s, start_n,
-                             cols, full_start, seq_len, seq_len, qk_scale, seed, threshold,
+                             cols, full_start, query_end, seq_len, qk_scale, seed, threshold,
                              dropout_scale, False, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION,
                              BLOCK_M, BLOCK_N, HEAD_DIM)
     g_offsets = _head_offset(n_heads, g_stride_b, g_stride_h) + _tile(cols, g_stride_s, HEAD_DIM)
@@ -403,15 +446,19 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEED, DOCS, seq_len, n_head
     row_docs = tl.zeros([BLOCK_M], tl.int32)
     if DOCUMENTS:
         row_docs = _document_ids(doc_ptr, rows, seq_len)
+    first = 0
     if CAUSAL:
+        if DOCUMENTS:
+            first = _first_key_block(doc_ptr, start_m, BLOCK_N)
         full_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
     else:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, doc_ptr, row_docs, stride_s,
-                       rows, 0, full_end, seq_len, qk_scale, seed, threshold, dropout_scale, False,
-                       CAUSAL, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION, BLOCK_N, HEAD_DIM)
+                       rows, first, full_end, seq_len, qk_scale, seed, threshold, dropout_scale,
+                       False, CAUSAL, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION, BLOCK_N,
+                       HEAD_DIM)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K + base, V + base, doc_ptr, row_docs, stride_s,
                        rows, full_end, masked_end, seq_len, qk_scale, seed, threshold,
                        dropout_scale, True, CAUSAL, UPCAST, DROPOUT, DOCUMENTS, DOT_PRECISION,

@@ -3,30 +3,33 @@
 
     python tools/bench_kernels.py [--quick] [--json PATH] [--reps N]
 
-On a CUDA GPU, in bfloat16 at the Small (d 768, 12 heads, seq 1024), Base (d 1024, 16 heads,
-seq 1024) and Large (d 2048, 16 heads, seq 2048) configs' shapes with 16k tokens a step, and for
+On a CUDA GPU, in bfloat16 at the Small (d 768, 12 heads, seq 1024), Base (d 1024, 16 heads, seq
+1024) and Large (d 2048, 16 heads, seq 2048) configs' shapes with 16k tokens a step, and for
 causal attention at 1k-8k tokens a sequence (batch x seq = 16k; 16 heads of 128 and 32 of 64):
 each op forward and forward+backward, against PyTorch (SDPA with its flash backend for
 attention, eager ops for the rest) and flash-attn; and attention as the model runs it at the
 configs' shapes, from the fused QKV projection's output to the output projection's input
 (`flash_attention_qkvpacked`, reading q, k, v in place, against SDPA on the model's permuted
 views with its output laid out again); and attention with dropout 0.1 on the probabilities at
-the configs' shapes (ours regenerating its masks from a seed, SDPA's flash backend and flash-attn
-with theirs: the outputs differ by their masks, so no difference is reported). It reports the median ms over --reps runs
-after warm-up (the sides alternate run by run; small inputs rotate among three copies so the L2
-cache does not serve them), a call timed as a user makes it (host code included) and its device
-work alone (the call captured in a CUDA graph and replayed: at the Small config's shapes an
+the configs' shapes (ours regenerating its masks from a seed, SDPA's flash backend and
+flash-attn with theirs: the outputs differ by their masks, so no difference is reported); and
+attention within the documents of packed 4k windows (documents of 1-512 tokens; ours skipping
+the blocks no document reaches, SDPA with the boolean mask the model's sdpa backend builds;
+TFLOP/s of the documents' own attention). It reports the median ms over --reps runs after
+warm-up (the sides alternate run by run; small inputs rotate among three copies so the L2 cache
+does not serve them), a call timed as a user makes it (host code included) and its device work
+alone (the call captured in a CUDA graph and replayed: at the Small config's shapes an
 element-wise kernel is faster than its host code, so only this timing shows its bandwidth),
-TFLOP/s for attention (4·B·H·S²·D forward, halved when causal;
-forward+backward 3.5× that) or effective GB/s for the rest (the bytes the op must read and write;
-also as a fraction of the card's measured copy bandwidth), the speedup over PyTorch, the largest
-output difference from PyTorch; cross_entropy both on logits as wide as the vocabulary and on
-logits padded to a multiple of 128 as the model's (F.cross_entropy on their slice), and its peak
-memory beside F.cross_entropy (and with inplace_backward=True, as the model calls it); and the
-launch config Triton's autotuner chose for each kernel and key. The autotuner times its configs
-at the first call of each new shape, which the warm-up runs absorb: the timed runs only launch.
-It prints a table and writes JSON (--json, default $OUT/bench_kernels.json when $OUT is set,
-else runs/bench_kernels.json).
+TFLOP/s for attention (4·B·H·S²·D forward, halved when causal; forward+backward 3.5× that) or
+effective GB/s for the rest (the bytes the op must read and write; also as a fraction of the
+card's measured copy bandwidth), the speedup over PyTorch, the largest output difference from
+PyTorch; cross_entropy both on logits as wide as the vocabulary and on logits padded to a
+multiple of 128 as the model's (F.cross_entropy on their slice), and its peak memory beside
+F.cross_entropy (and with inplace_backward=True, as the model calls it); and the launch config
+Triton's autotuner chose for each kernel and key. The autotuner times its configs at the first
+call of each new shape, which the warm-up runs absorb: the timed runs only launch. It prints a
+table and writes JSON (--json, default $OUT/bench_kernels.json when $OUT is set, else
+runs/bench_kernels.json).
 
 On a CPU it runs a smoke pass: every case at tiny shapes, each side forward and forward+backward
 once, and the output differences; no timings (they need a GPU; the Triton interpreter, should
@@ -49,7 +52,7 @@ from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.kernels import (bias_gelu, cross_entropy, flash_attention,  # noqa: E402
                              flash_attention_qkvpacked, layer_norm, scaled_masked_softmax)
 from megagpt.kernels._utils import KERNELS_INTERPRETED, autotune_choices  # noqa: E402
-from megagpt.kernels.dispatch import flash_attn_attention  # noqa: E402
+from megagpt.kernels.dispatch import flash_attn_attention, sdpa_attention  # noqa: E402
 from megagpt.provenance import provenance  # noqa: E402
 
 TOKENS = 16384
@@ -206,6 +209,38 @@ def cross_entropy_case(tokens, vocab, device, dtype, width=None) -> Case:
                 "GB/s", {"fwd": tokens * vocab * size, "fwd+bwd": 3 * tokens * vocab * size})
 
 
+def _document_ids(batch, seq, mean_length, device):
+    """(batch, seq) ids of packed documents whose lengths are drawn uniformly from
+    [1, 2 x mean_length] (a fixed draw), and each row's document lengths."""
+    g = torch.Generator().manual_seed(0)
+    ids, lengths = torch.empty(batch, seq, dtype=torch.int32), []
+    for row in range(batch):
+        start, doc, row_lengths = 0, 0, []
+        while start < seq:
+            n = min(seq - start, int(torch.randint(1, 2 * mean_length + 1, (1,), generator=g)))
+            ids[row, start:start + n] = doc
+            row_lengths.append(n)
+            start, doc = start + n, doc + 1
+        lengths.append(row_lengths)
+    return ids.to(device), lengths
+
+
+def attention_documents_case(name, batch, heads, seq, head_dim, device, dtype, on_gpu,
+                             mean_length) -> Case:
+    """Causal attention within the documents of packed windows (data.reset_attention_mask):
+    ours skips the blocks no document reaches; SDPA takes the boolean mask, as the model's sdpa
+    backend does. TFLOP/s count the documents' own attention, not the whole window's."""
+    ids, lengths = _document_ids(batch, seq, mean_length, device)
+    sides = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True, document_ids=ids),
+             "torch": lambda q, k, v: sdpa_attention(q, k, v, causal=True, document_ids=ids)}
+    flops = sum(4 * heads * n * n * head_dim * 0.5 for row in lengths for n in row)
+    return Case("attention_documents", name,
+                f"B{batch} H{heads} S{seq} D{head_dim} causal, documents of 1-{2 * mean_length}",
+                lambda: [_leaf(batch, heads, seq, head_dim, device=device, dtype=dtype)
+                         for _ in range(3)],
+                sides, "TFLOP/s", {"fwd": flops, "fwd+bwd": 3.5 * flops})
+
+
 def build_cases(quick, device, dtype, on_gpu) -> List[Case]:
     tokens, vocab = (TOKENS, VOCAB) if on_gpu else (SMOKE["tokens"], SMOKE["vocab"])
     configs = CONFIGS if on_gpu else SMOKE["configs"]
@@ -232,6 +267,9 @@ def build_cases(quick, device, dtype, on_gpu) -> List[Case]:
     for name, (d_model, n_heads, seq) in configs.items():
         cases.append(attention_case(name, tokens // seq, n_heads, seq, d_model // n_heads, device,
                                     dtype, on_gpu, dropout_p=0.1))
+    for heads, head_dim, seq in long_attention[:1] if quick else long_attention[1:2]:
+        cases.append(attention_documents_case("long", max(1, tokens // seq), heads, seq, head_dim,
+                                              device, dtype, on_gpu, max(1, seq // 16)))
     return cases
 
 

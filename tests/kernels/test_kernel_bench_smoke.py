@@ -36,7 +36,7 @@ def test_smoke_pass_writes_every_case(tmp_path, capsys):
     rows = report["results"]
     assert {r["op"] for r in rows} == {"attention", "attention_in_model", "layer_norm",
                                        "scaled_masked_softmax", "bias_gelu", "cross_entropy",
-                                       "attention_dropout"}
+                                       "attention_dropout", "attention_documents"}
     assert {(r["pass"], r["side"]) for r in rows} == {
         (p, s) for p in ("fwd", "fwd+bwd") for s in ("triton", "torch")}
     for row in rows:

@@ -243,6 +243,40 @@ def test_check_document_ids_accepts_every_integer_dtype(device):
         check_document_ids(torch.zeros(2, 8, dtype=dtype, device=device), 2, 8, device)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")   # the first document's rows
+def test_causal_kernels_skip_the_blocks_no_document_reaches(device):
+    """Two documents of 128 tokens (a block boundary for every block size the kernels use): the
+    second one's queries never compute the first one's key blocks, nor the first one's keys the
+    second one's query blocks. Each block they skip holds NaN, which any computed block would
+    spread (0 x NaN), so finite results equal to the documents alone show the skipping."""
+    seq, half = 256, 128
+    ids = torch.tensor([[0] * half + [1] * half], device=device)
+    q, k, v = (torch.randn(1, 2, seq, 32, device=device) for _ in range(3))
+    grad = torch.randn(1, 2, seq, 32, device=device)
+
+    def attend(q, k, v, grad, **kwargs):
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = flash_attention(q, k, v, True, **kwargs)
+        out.backward(grad)
+        return out.detach(), q.grad, k.grad, v.grad
+
+    second = slice(half, seq)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, :half] = v_nan[:, :, :half] = float("nan")      # the first document's keys
+    out, dq, _, _ = attend(q, k_nan, v_nan, grad, document_ids=ids)
+    alone = attend(q[:, :, second], k[:, :, second], v[:, :, second], grad[:, :, second])
+    torch.testing.assert_close(out[:, :, second], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq[:, :, second], alone[1], rtol=1e-5, atol=1e-5)
+
+    first = slice(0, half)
+    q_nan, grad_nan = q.clone(), grad.clone()
+    q_nan[:, :, half:] = grad_nan[:, :, half:] = float("nan")   # the second document's queries
+    _, _, dk, dv = attend(q_nan, k, v, grad_nan, document_ids=ids)
+    alone = attend(q[:, :, first], k[:, :, first], v[:, :, first], grad[:, :, first])
+    torch.testing.assert_close(dk[:, :, first], alone[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dv[:, :, first], alone[3], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["triton", "sdpa"])
 def test_the_model_gives_a_document_in_a_window_what_it_gets_alone(device, backend):
     """The model's attention (Triton: packed, reading the fused projection) keeps each document
