@@ -161,7 +161,10 @@ class KeptBytes:
     gelu_input: the bias-GeLU's input (float32 in the torch reference);
     fused_loss: the Triton cross-entropy (keeps the logits and writes their gradient over them)
         rather than the torch one (a float32 working copy of the logits);
-    triton: some op runs a Triton kernel (tuned on its first launch).
+    triton: some op runs a Triton kernel (tuned on its first launch);
+    document_mask: the (b, 1, s, s) document mask a layer keeps under data.reset_attention_mask
+        (0: none; SDPA keeps it in the activations' dtype, eager attention as a bool; the
+        Triton kernels keep only the (b, s) ids).
     """
     act: int
     attention: str
@@ -174,6 +177,7 @@ class KeptBytes:
     gelu_input: int
     fused_loss: bool
     triton: bool
+    document_mask: int = 0
 
 
 def kept_bytes(cfg: Config, device: str = "cuda") -> KeptBytes:
@@ -209,7 +213,9 @@ def kept_bytes(cfg: Config, device: str = "cuda") -> KeptBytes:
                      probs=probs, dropout_mask=1 if cuda else act, score_mask=1 if cuda else probs,
                      gelu_input=4 if backend(k.bias_gelu) == "torch" else act,
                      fused_loss=backend(k.cross_entropy) == "triton",
-                     triton=cuda and (attention == "triton" or "triton" in others))
+                     triton=cuda and (attention == "triton" or "triton" in others),
+                     document_mask=({"sdpa": act, "eager": 1}.get(attention, 0)
+                                    if cfg.data.reset_attention_mask else 0))
 
 
 def activation_bytes_per_layer(m: ModelConfig, micro_batch: int, tp: int, sequence_parallel: bool,
@@ -219,8 +225,10 @@ def activation_bytes_per_layer(m: ModelConfig, micro_batch: int, tp: int, sequen
     Korthikanti et al.: s*b*h*(34 + 5*a*s/h) bytes in 16-bit with dropout and eager attention
     (the paper's count, masks of 1 byte); tensor parallelism divides 24 of the 34 (the 10 left are
     the layer-norm inputs, the QKV and fc1 inputs and the dropout masks) unless sequence
-    parallelism divides them too. What each attention kernel adds is in `KeptBytes`; full
-    recompute keeps only the block's input. Without dropout no masks or dropped copies are kept.
+    parallelism divides them too. What each attention kernel adds is in `KeptBytes` (with
+    data.reset_attention_mask, SDPA's and eager attention's (b, 1, s, s) document mask, whole on
+    every tensor-parallel rank); full recompute keeps only the block's input. Without dropout no
+    masks or dropped copies are kept.
     """
     s, b, h, a, f = m.seq_length, micro_batch, m.d_model, m.n_heads, m.ffn_size
     act, sb, sbh = kept.act, s * b, s * b * h
@@ -234,6 +242,8 @@ def activation_bytes_per_layer(m: ModelConfig, micro_batch: int, tp: int, sequen
         sharded += 4 * a * sb + (act * sbh if kept.attention_output_copy else 0)
     elif kept.attention == "math" or recompute != "selective":
         scores = attention_score_bytes(m, micro_batch, tp, kept)
+    if kept.attention != "eager" or recompute != "selective":   # (selective recomputes eager's)
+        scores += kept.document_mask * b * s * s     # one per micro-batch row, not per head
     if sequence_parallel:
         return (replicated + sharded) / tp + scores
     return replicated + sharded / tp + scores

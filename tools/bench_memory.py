@@ -67,6 +67,7 @@ import torch.distributed as dist  # noqa: E402
 from megagpt.cli import run_main  # noqa: E402
 from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noqa: E402
                             load_config, split_config_args)
+from megagpt.data.mock import mock_microbatches  # noqa: E402
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.estimate import MiB, estimate_memory  # noqa: E402
 from megagpt.parallel.random import seed_everything  # noqa: E402
@@ -97,13 +98,6 @@ def shrink_overrides(cfg, sizes: dict) -> list[str]:
         if getattr(getattr(cfg, section), name) > limit:
             out.append(f"--{key}={limit}")
     return out
-
-
-def mock_microbatches(cfg, generator) -> list[dict]:
-    t, m = cfg.training, cfg.model
-    return [{"tokens": torch.randint(0, m.vocab_size, (t.batch_size, m.seq_length), generator=generator),
-             "labels": torch.randint(0, m.vocab_size, (t.batch_size, m.seq_length), generator=generator)}
-            for _ in range(t.grad_accumulation_steps)]
 
 
 def reachable_tensor_bytes() -> int:

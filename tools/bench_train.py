@@ -9,7 +9,10 @@ alternating step by step, the same model as Hugging Face `GPT2LMHeadModel` in pl
 eager with the same batch, micro-batches, optimizer (AdamW, fused on CUDA), precision (autocast)
 and clipping. After the warm-up it reports, per side, the median step time and its spread,
 tokens/s, TFLOP/s per GPU and MFU (DESIGN.md's convention), peak memory on a GPU, and the ratio
-of the two step times: on a CPU that is the framework's overhead, on a GPU the speed-up.
+of the two step times: on a CPU that is the framework's overhead, on a GPU the speed-up. With
+the document settings (`data.reset_attention_mask` and its kin) the mock windows hold documents
+and ours trains on them; the peer then gets the positions but no document masks (Hugging
+Face's eager GPT-2 takes none), so under `reset_attention_mask` it is skipped.
 
 Memory check: on a GPU each side's peak is the most allocated during its own steps less what the
 other side holds between steps (the peer's parameters, gradients and optimizer state, counted
@@ -32,6 +35,7 @@ import torch.distributed as dist  # noqa: E402
 from megagpt.cli import run_main  # noqa: E402
 from megagpt.config import (OVERRIDES_HELP, ConfigError, ConfigFileError,  # noqa: E402
                             load_config)
+from megagpt.data.mock import mock_microbatches  # noqa: E402
 from megagpt.estimate import GiB, estimate_memory  # noqa: E402
 from megagpt.fsutil import output_file_problem, write_json  # noqa: E402
 from megagpt.hf import hf_config_dict, to_hf  # noqa: E402
@@ -67,7 +71,9 @@ class HFPeer:
         self.optimizer.zero_grad(set_to_none=True)
         for mb in microbatches:
             with autocast_context(self.cfg.training.precision, self.device.type):
-                logits = self.model(mb["tokens"].to(self.device)).logits
+                positions = mb.get("position_ids")      # data.reset_position_ids
+                logits = self.model(mb["tokens"].to(self.device), position_ids=None
+                                    if positions is None else positions.to(self.device)).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
                                                      mb["labels"].to(self.device).flatten())
             (loss / len(microbatches)).backward()
@@ -82,13 +88,6 @@ class HFPeer:
         tensors += [v for st in self.optimizer.state.values() for v in st.values()
                     if torch.is_tensor(v) and v.device.type == "cuda"]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def mock_microbatches(cfg, generator):
-    t, m = cfg.training, cfg.model
-    return [{"tokens": torch.randint(0, m.vocab_size, (t.batch_size, m.seq_length), generator=generator),
-             "labels": torch.randint(0, m.vocab_size, (t.batch_size, m.seq_length), generator=generator)}
-            for _ in range(t.grad_accumulation_steps)]
 
 
 def timed(step, device):
@@ -186,7 +185,10 @@ def main() -> int:
         seed_everything(cfg.training.seed, device=device)
         engine = Engine(cfg, state, device)
         peer = None
-        if not args.no_peer:
+        if not args.no_peer and cfg.data.reset_attention_mask:
+            print("peer skipped: data.reset_attention_mask=true, and Hugging Face's GPT-2 in eager "
+                  "mode takes no document masks (it would do other work); timing ours alone")
+        elif not args.no_peer:
             try:
                 peer = HFPeer(cfg, engine, device)
             except ImportError as e:      # our figures still count

@@ -42,7 +42,7 @@ from megagpt.data.blend import parse_data_path
 from megagpt.data.documents import document_collate
 from megagpt.data.gpt_dataset import (INDEX_VERSION, DatasetBuildError, build_gpt_datasets,
                                       parse_split)
-from megagpt.data.mock import build_mock_datasets
+from megagpt.data.mock import build_mock_datasets, mock_eod_id
 from megagpt.data.sampler import MegatronPretrainingSampler
 from megagpt.data.sft_dataset import build_sft_datasets
 from megagpt.data.tokenizer import load_tokenizer
@@ -279,9 +279,11 @@ class Trainer:
     def _build_datasets(self, num_samples):
         m, d, t = self.cfg.model, self.cfg.data, self.cfg.training
         if d.mock:
-            if document_collate(d, 0) is not None:      # the end-of-document id it needs
-                self.eod_id = load_tokenizer(d.tokenizer_path, "data.tokenizer_path").eod_id
-            return build_mock_datasets(m.seq_length, m.vocab_size, num_samples, t.seed)
+            if document_collate(d, 0) is not None:      # windows of documents, with their ids
+                self.eod_id = mock_eod_id(
+                    load_tokenizer(d.tokenizer_path, "data.tokenizer_path").eod_id, m.vocab_size)
+            return build_mock_datasets(m.seq_length, m.vocab_size, num_samples, t.seed,
+                                       self.eod_id)
         tokenizer = load_tokenizer(d.tokenizer_path, "data.tokenizer_path")
         self.tokenizer_fingerprint, self.eod_id = tokenizer.fingerprint, tokenizer.eod_id
         if tokenizer.vocab_size > m.vocab_size:
@@ -737,6 +739,7 @@ class Trainer:
     SCHEDULE_FIELDS = ("learning_rate", "min_lr", "lr_schedule", "warmup_steps", "lr_decay_steps",
                        "max_steps")
     OPTIMIZER_FIELDS = ("weight_decay", "adam_beta1", "adam_beta2", "adam_eps")
+    DOCUMENT_FIELDS = ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")
 
     def _warn_setting_changes(self, meta: dict, path) -> None:
         """Log the settings that differ from the checkpoint's run and what that does: the
@@ -768,6 +771,14 @@ class Trainer:
             self.log(f"warning: resuming {path} with other optimizer settings ("
                      f"{', '.join(changed(self.OPTIMIZER_FIELDS))}); they apply from step "
                      f"{meta.get('step')} on")
+        saved_data = config.get("data", {})    # the fields' default before they existed: false
+        documents = [f"data.{k} {str(saved_data.get(k, False)).lower()} -> "
+                     f"{str(getattr(self.cfg.data, k)).lower()}" for k in self.DOCUMENT_FIELDS
+                     if saved_data.get(k, False) != getattr(self.cfg.data, k)]
+        if documents:
+            self.log(f"warning: resuming {path} with other document settings ("
+                     f"{', '.join(documents)}); from step {meta.get('step')} on, what a token "
+                     f"attends to, its position or what counts in the loss change")
         saved_batch = None
         if all(k in saved for k in ("batch_size", "grad_accumulation_steps")) \
                 and "dp" in meta.get("parallel", {}):

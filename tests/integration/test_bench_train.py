@@ -116,3 +116,18 @@ def test_device_busy_counts_each_kernel_once():
               SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=30.0,
                               is_user_annotation=False)]
     assert device_busy_us(events) == 100.0
+
+
+def test_document_masks_are_timed_on_ours_alone(tmp_path):
+    """The mock windows hold documents under data.reset_attention_mask; Hugging Face's eager
+    GPT-2 takes no document masks, so the peer, which would do other work, is skipped."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "tools/bench_train.py", "--config", "configs/training/tiny_model.json",
+         "--steps", "1", "--warmup", "0", "--json", str(out), "--model.n_layers=1",
+         "--model.seq_length=32", "--training.grad_accumulation_steps=1",
+         "--data.reset_attention_mask=true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peer skipped: data.reset_attention_mask=true" in result.stdout
+    assert [r["side"] for r in json.loads(out.read_text())["rows"]] == ["megagpt"]

@@ -1579,3 +1579,34 @@ def test_the_loader_marks_each_windows_documents_for_the_model(tmp_path):
         assert not mb["loss_mask"][tokens == eod].any()
         assert (mb["document_ids"][:, -1] > 0).all()      # several examples a window
     assert math.isfinite(out["last"][1])
+
+
+def _mock_documents_then_resume(rank, world, run_dir, steps, overrides):
+    messages = []
+    cfg = run_config(Path(run_dir), 4, **overrides)
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append)
+    step = next(trainer._batches(trainer.train_ds, 0))
+    trainer.train(until=steps)
+    return messages, step, trainer.eod_id
+
+
+def test_mock_windows_hold_documents_and_a_resume_names_changed_document_settings(tmp_path):
+    """Mock data with document settings: windows of documents ending with the end-of-document
+    id (the vocabulary's last one here, GPT-2's 50256 lying beyond it), so the settings act; a
+    resume with other document settings is told what changes."""
+    from megagpt.data.documents import document_ids
+
+    on = dict(data__reset_attention_mask=True, data__reset_position_ids=True)
+    messages, step, eod = run_distributed(_mock_documents_then_resume, 1, str(tmp_path), 2,
+                                          on)[0]
+    assert eod == TINY_VOCAB - 1
+    for mb in step:
+        assert torch.equal(mb["document_ids"], document_ids(mb["tokens"], eod))
+        assert (mb["document_ids"][:, -1] > 0).all() and (mb["position_ids"][:, 0] == 0).all()
+    assert not any("document settings" in m for m in messages)
+    messages = run_distributed(_mock_documents_then_resume, 1, str(tmp_path), 3,
+                               dict(data__eod_mask_loss=True))[0][0]
+    assert any("with other document settings (data.reset_attention_mask true -> false, "
+               "data.reset_position_ids true -> false, data.eod_mask_loss false -> true); from "
+               "step 2 on, what a token attends to, its position or what counts in the loss "
+               "change" in m for m in messages), messages

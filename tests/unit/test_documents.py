@@ -158,3 +158,47 @@ def test_megatrons_arguments_are_answered(argument):
     field = argument[2:].replace("-", "_")
     with pytest.raises(ConfigError, match=f"here it is data.{field}=true"):
         parse_overrides([argument])
+
+
+def test_mock_documents_end_with_the_end_of_document_id():
+    from megagpt.data.mock import MockGPTDataset, mock_eod_id
+
+    data = MockGPTDataset(20, 64, 100, seed=3, eod_id=99)
+    for i in range(20):
+        tokens = torch.cat([data[i]["tokens"], data[i]["labels"][-1:]])
+        ends = (tokens == 99).nonzero().flatten()
+        assert len(ends) >= 2 and torch.diff(torch.cat([torch.tensor([-1]), ends])).max() <= 32
+        assert torch.equal(data[i]["tokens"], MockGPTDataset(20, 64, 100, 3, 99)[i]["tokens"])
+    assert mock_eod_id(50256, 50257) == 50256 and mock_eod_id(50256, 1000) == 999
+    with pytest.raises(ValueError, match="eod_id=100 must be a token id below vocab_size=100"):
+        MockGPTDataset(2, 8, 100, eod_id=100)
+
+
+def test_the_benchmarks_mock_batches_carry_documents_when_asked():
+    from megagpt.data.mock import mock_microbatches
+
+    g = torch.Generator().manual_seed(0)
+    plain = mock_microbatches(tiny_config(), g)
+    assert set(plain[0]) == {"tokens", "labels"} and len(plain) == 4
+    cfg = tiny_config(data__reset_attention_mask=True, data__eod_mask_loss=True)
+    batches = mock_microbatches(cfg, g)
+    assert len(batches) == 4
+    for mb in batches:
+        eod = TINY_VOCAB - 1                  # GPT-2's end-of-document id is beyond the vocabulary
+        assert torch.equal(mb["document_ids"], document_ids(mb["tokens"], eod))
+        assert mb["tokens"].shape == (2, 16) and not mb["loss_mask"][mb["tokens"] == eod].any()
+
+
+def test_the_memory_estimate_counts_the_document_mask_sdpa_and_eager_keep():
+    from megagpt.estimate import activation_bytes_per_layer, kept_bytes
+
+    def per_layer(attention, documents, recompute="none"):
+        cfg = tiny_config(kernels__attention=attention, data__reset_attention_mask=documents,
+                          model__n_heads=1)                     # head_dim 32 for Triton
+        kept = kept_bytes(cfg, "cuda")
+        return activation_bytes_per_layer(cfg.model, 2, 1, False, recompute, kept)
+    b, s = 2, 16
+    assert per_layer("sdpa", True) - per_layer("sdpa", False) == 4 * b * s * s   # fp32 mask
+    assert per_layer("eager", True) - per_layer("eager", False) == b * s * s     # bool
+    assert per_layer("eager", True, "selective") == per_layer("eager", False, "selective")
+    assert per_layer("triton", True) == per_layer("triton", False)
