@@ -40,6 +40,11 @@ def _case_id(value):
     return str(value).replace("torch.", "")
 
 
+def _inputs(batch, heads, seq, head_dim, dtype, device):
+    return [torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype,
+                        requires_grad=True) for _ in range(3)]
+
+
 def _document_ids(batch, seq, device, dtype=torch.int64):
     """(batch, seq) ids of the documents of SPLITS[seq], each row its own split; the ids start
     anywhere (negative ones too) and grow by uneven steps, as only their equality matters."""
@@ -51,11 +56,6 @@ def _document_ids(batch, seq, device, dtype=torch.int64):
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-def _inputs(batch, heads, seq, head_dim, dtype, device):
-    return [torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype,
-                        requires_grad=True) for _ in range(3)]
-
-
 def _check_case(compare, device, batch, heads, seq, head_dim, causal, dtype,
                 ids_dtype=torch.int64):
     docs = _document_ids(batch, seq, device, ids_dtype)
@@ -64,14 +64,9 @@ def _check_case(compare, device, batch, heads, seq, head_dim, causal, dtype,
             _inputs(batch, heads, seq, head_dim, dtype, device), dtype, "qkv", atol32=1e-4)
 
 
-@pytest.mark.parametrize("batch,heads,seq,head_dim,causal,dtype", FAST_CASES, ids=_case_id)
+@pytest.mark.parametrize("batch,heads,seq,head_dim,causal,dtype", FAST_CASES + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES], ids=_case_id)
 def test_matches_reference(compare, device, batch, heads, seq, head_dim, causal, dtype):
-    _check_case(compare, device, batch, heads, seq, head_dim, causal, dtype)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("batch,heads,seq,head_dim,causal,dtype", SLOW_CASES, ids=_case_id)
-def test_matches_reference_more_shapes(compare, device, batch, heads, seq, head_dim, causal, dtype):
     _check_case(compare, device, batch, heads, seq, head_dim, causal, dtype)
 
 
