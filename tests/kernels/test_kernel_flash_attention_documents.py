@@ -9,6 +9,7 @@ from megagpt.kernels import (check_document_ids, flash_attention, flash_attentio
                              flash_attention_reference)
 
 F32, F16 = torch.float32, torch.float16
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU")
 
 # The document lengths of each batch row, by sequence length. The interpreter's blocks are 64
 # query rows by 32 keys (forward, dQ) and 32 by 64 (dK/dV): documents of length 1, documents
@@ -18,7 +19,14 @@ SPLITS = {
     17: [[5, 1, 11], [17], [1, 15, 1]],
     100: [[3, 40, 1, 56], [64, 36], [1, 1, 97, 1]],
     257: [[1, 1, 63, 64, 100, 28], [31, 2, 200, 24], [257]],
+    300: [[63, 1, 64, 1, 127, 44], [128, 129, 43], [1, 255, 2, 42]],   # at the GPU's blocks
+    1000: [[1, 500, 499], [1000], [250, 250, 250, 250]],
+    2100: [[2049, 51], [5, 2043, 52]],     # more than 64 blocks of 32 before a document starts
 }
+# The (BLOCK_M, BLOCK_N) of the forward, dK/dV and dQ kernels that a GPU's autotuner may choose
+# in float16/bfloat16 (_GPU_CONFIGS; float32's are the interpreter's own).
+GPU_BLOCKS = [((128, 64), (32, 128), (128, 32)), ((128, 128), (64, 128), (128, 64)),
+              ((64, 64), (32, 128), (128, 64))]
 
 # (batch, heads, seq, head_dim, causal, dtype): every seq, head_dim, mask and dtype at least once.
 FAST_CASES = [
@@ -68,6 +76,40 @@ def _check_case(compare, device, batch, heads, seq, head_dim, causal, dtype,
     pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES], ids=_case_id)
 def test_matches_reference(compare, device, batch, heads, seq, head_dim, causal, dtype):
     _check_case(compare, device, batch, heads, seq, head_dim, causal, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's blocks set by hand")
+@pytest.mark.parametrize("blocks", GPU_BLOCKS, ids=str)
+def test_the_block_sizes_a_gpu_may_choose(compare, device, monkeypatch, blocks):
+    """The skipped blocks' bounds at the GPU's block sizes: documents starting and ending at, just
+    before and just after their edges, causal and not, float32 and float16."""
+    import importlib
+
+    import triton
+
+    fa = importlib.import_module("megagpt.kernels.flash_attention")   # the module, not the function
+
+    for name, (block_m, block_n) in zip(("fwd", "dkdv", "dq"), blocks):
+        for tuned in fa._TUNED[name].values():
+            config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})
+            monkeypatch.setattr(tuned.tuner, "configs", [config])
+            monkeypatch.setattr(tuned, "chosen", {})
+    for causal, dtype in ((True, F32), (True, F16), (False, F32)):
+        _check_case(compare, device, 3, 1, 300, 32, causal, dtype)
+    assert fa._TUNED["fwd"]["float32"].tuner.best_config.kwargs["BLOCK_M"] == blocks[0][0]
+
+
+@pytest.mark.slow
+def test_more_blocks_before_a_document_than_one_count_takes(compare, device):
+    """Bounds counted over more than one load of 64 blocks (sequence 2100, blocks of 32)."""
+    _check_case(compare, device, 2, 1, 2100, 32, True, F32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bf16_on_gpu(compare, head_dim):
+    _check_case(compare, "cuda", 3, 4, 1000, head_dim, True, torch.bfloat16)
 
 
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int16, torch.uint8], ids=str)
