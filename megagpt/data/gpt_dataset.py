@@ -266,16 +266,26 @@ class GPTDataset(torch.utils.data.Dataset):
         return make_item(tokens)
 
 
+def _extends_record(tokenizer, record: dict) -> bool:
+    """Whether `tokenizer` is the one `record` (a `P.meta.json`) names with tokens added after
+    its ids (a padding or chat token, say): the data's ids mean the same to it."""
+    size = record.get("vocab_size")
+    return isinstance(size, int) and 0 < size < tokenizer.vocab_size \
+        and tokenizer.prefix_fingerprint(size) == record["vocab_sha256"]
+
+
 def _open(prefix: str, opened: dict, where: str, tokenizer=None) -> IndexedDataset:
     """The dataset at `prefix` (opened once); refused when its record (`P.meta.json`) names
-    another tokenizer than `tokenizer`'s (when given)."""
+    another tokenizer than `tokenizer`'s (when given), unless `tokenizer` is that one with
+    tokens added after its ids."""
     if prefix not in opened:
         try:
             opened[prefix] = IndexedDataset(prefix)
         except IndexedDatasetError as e:
             raise DatasetBuildError(f"{where}: {e}") from e
         record = read_meta(prefix) if tokenizer is not None else None
-        if record is not None and record.get("vocab_sha256") not in (None, tokenizer.fingerprint):
+        if record is not None and record.get("vocab_sha256") not in (None, tokenizer.fingerprint) \
+                and not _extends_record(tokenizer, record):
             changed = (f" ({tokenizer.source} has changed since the data was made)"
                        if record.get("tokenizer") == tokenizer.source else "")
             raise DatasetBuildError(

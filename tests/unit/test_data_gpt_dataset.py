@@ -391,6 +391,40 @@ def test_data_made_with_another_tokenizer_is_refused_by_name(tmp_path):
         build([str(tmp_path / "mine"), str(tmp_path / "theirs")])
 
 
+def test_a_tokenizer_that_only_adds_tokens_reads_the_data_of_its_base(tmp_path):
+    """GPT-2 with a padding token added after its ids gives GPT-2's data the same meaning: its
+    record's fingerprint and size tell it without the vocabulary. The other way round (data of
+    the larger tokenizer, trained with GPT-2) and a base that splits text otherwise are
+    refused."""
+    import tokenizers
+
+    from megagpt.data.indexed import IndexedDatasetWriter, tokenizer_record
+    from megagpt.data.tokenizer import Tokenizer, load_tokenizer
+    gpt2 = load_tokenizer("gpt2")
+
+    def added(spec: str, source: str) -> Tokenizer:
+        backend = tokenizers.Tokenizer.from_str(spec)
+        backend.add_special_tokens(["<|pad|>"])
+        return Tokenizer(backend, source)
+    padded = added(gpt2.backend.to_str(), "padded")
+    lowercase = tokenizers.Tokenizer.from_str(gpt2.backend.to_str())
+    lowercase.normalizer = tokenizers.normalizers.Lowercase()
+    lowercase_padded = added(lowercase.to_str(), "lowercase-padded")
+    for name, tok in (("gpt2", gpt2), ("padded", padded)):
+        with IndexedDatasetWriter(tmp_path / name, np.uint16, tokenizer_record(tok)) as w:
+            for _ in range(10):
+                w.add_document(np.arange(30))
+            w.finalize()
+    build = functools.partial(build_gpt_datasets, split="1,0,0", seq_length=8,
+                              num_samples=(10, 0, 0), cache_dir=tmp_path / "k")
+    assert padded.vocab_size == gpt2.vocab_size + 1
+    assert build(str(tmp_path / "gpt2"), tokenizer=padded)[0] is not None
+    with pytest.raises(DatasetBuildError, match="holds the ids of the tokenizer padded"):
+        build(str(tmp_path / "padded"), tokenizer=gpt2)
+    with pytest.raises(DatasetBuildError, match="holds the ids of the tokenizer gpt2"):
+        build(str(tmp_path / "gpt2"), tokenizer=lowercase_padded)
+
+
 def test_ids_beyond_the_model_vocabulary_are_refused_when_read(tmp_path):
     # Tokenized with a 300-id vocabulary, trained with 256: refused by name, on every path to it.
     low = write_documents(tmp_path / "low", [np.arange(40) % 256] * 4).prefix
