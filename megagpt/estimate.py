@@ -183,8 +183,11 @@ class KeptBytes:
 def kept_bytes(cfg: Config, device: str = "cuda") -> KeptBytes:
     """What the model keeps for its backward on `device` ("cuda" or "cpu") under
     `training.precision` and `kernels`, resolved as megagpt/kernels/dispatch.py does: `auto` is
-    Triton on CUDA (SDPA for attention with dropout, whose Triton path is not timed yet; the two
-    keep the same) and torch on the CPU (SDPA for attention)."""
+    Triton on CUDA (SDPA for attention with dropout, whose Triton path is not timed yet, or a
+    head size the Triton kernels lack; the two keep the same but for a document mask) and torch
+    on the CPU (SDPA for attention)."""
+    from megagpt.kernels.flash_attention import SUPPORTED_HEAD_DIMS
+
     if device not in DEVICES:
         raise ValueError(f"device={device!r}: must be one of {', '.join(DEVICES)}")
     k, cuda = cfg.kernels, device == "cuda"
@@ -194,8 +197,10 @@ def kept_bytes(cfg: Config, device: str = "cuda") -> KeptBytes:
         return choice if choice != "auto" else ("triton" if cuda else "torch")
 
     attention = k.attention
-    if attention == "auto":
-        attention = "triton" if cuda and cfg.model.dropout == 0 else "sdpa"
+    if attention == "auto":      # as the model's Ops: SDPA with dropout or another head size
+        head_dim = cfg.model.d_model // cfg.model.n_heads
+        attention = ("triton" if cuda and cfg.model.dropout == 0
+                     and head_dim in SUPPORTED_HEAD_DIMS else "sdpa")
     if attention == "eager":
         kind = "eager"
     elif attention == "sdpa" and not cuda and cfg.model.dropout > 0:
@@ -214,8 +219,8 @@ def kept_bytes(cfg: Config, device: str = "cuda") -> KeptBytes:
                      gelu_input=4 if backend(k.bias_gelu) == "torch" else act,
                      fused_loss=backend(k.cross_entropy) == "triton",
                      triton=cuda and (attention == "triton" or "triton" in others),
-                     document_mask=({"sdpa": act, "eager": 1}.get(attention, 0)
-                                    if cfg.data.reset_attention_mask else 0))
+                     document_mask=({"sdpa": act, "eager": 1}.get(attention, 0)   # (math: none)
+                                    if cfg.data.reset_attention_mask and not math_path else 0))
 
 
 def activation_bytes_per_layer(m: ModelConfig, micro_batch: int, tp: int, sequence_parallel: bool,

@@ -16,8 +16,9 @@ token after it begins the next, as Megatron's `get_ltor_masks_and_position_ids` 
   label is the next document's first token, which nothing before it predicts).
 
 Fine-tuning examples end with `<|endoftext|>`, so these apply to packed fine-tuning data as they
-do to pretraining data made with `--append-eod`. Data without end-of-document tokens is one
-document per window.
+do to pretraining data made with `--append-eod`. In data without end-of-document tokens the
+documents run together and nothing here tells them apart (the trainer warns when a dataset's
+record says it was made so).
 """
 from __future__ import annotations
 

@@ -268,9 +268,11 @@ class GPTDataset(torch.utils.data.Dataset):
 
 def _extends_record(tokenizer, record: dict) -> bool:
     """Whether `tokenizer` is the one `record` (a `P.meta.json`) names with tokens added after
-    its ids (a padding or chat token, say): the data's ids mean the same to it."""
+    its ids (a padding or chat token, say) and the same end-of-document id: the data's ids
+    mean the same to it, its documents end where they did."""
     size = record.get("vocab_size")
     return isinstance(size, int) and 0 < size < tokenizer.vocab_size \
+        and record.get("eod_id", tokenizer.eod_id) == tokenizer.eod_id \
         and tokenizer.prefix_fingerprint(size) == record["vocab_sha256"]
 
 

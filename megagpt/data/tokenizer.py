@@ -91,15 +91,18 @@ class Tokenizer:
         offsets-only `trim_offsets`), so the same tokenizer loaded another way (the bundled
         gpt2, Megatron's gpt2-vocab.json + gpt2-merges.txt, a tokenizer.json) has the same one,
         and one that splits or normalises text otherwise has another."""
-        return self.prefix_fingerprint(self.vocab_size)
+        return self._fingerprint_of(self.backend.get_vocab(with_added_tokens=True).items())
 
     def prefix_fingerprint(self, size: int) -> str:
         """The `fingerprint` of this tokenizer cut to its ids below `size`: another tokenizer's
         `fingerprint` when this one is that one with tokens added after its `size` ids (see
         `extends`), so a record of the other's fingerprint and size tells it without its
         vocabulary."""
-        vocab = [item for item in self.backend.get_vocab(with_added_tokens=True).items()
-                 if item[1] < size]
+        return self._fingerprint_of(item for item in self.backend.get_vocab(
+            with_added_tokens=True).items() if item[1] < size)
+
+    def _fingerprint_of(self, vocab) -> str:
+        """SHA-256 of (token, id) pairs `vocab` with what splits text (`_splitting`)."""
         decisive = dict(self._splitting(), vocab=sorted(vocab, key=lambda item: item[1]))
         return hashlib.sha256(json.dumps(decisive, ensure_ascii=False, sort_keys=True)
                               .encode()).hexdigest()

@@ -319,6 +319,9 @@ class GPTStage(nn.Module):
 
     def forward(self, x, labels=None, loss_mask=None, *, positions=None, document_ids=None,
                 cache=None):
+        if cache is not None and document_ids is not None:
+            raise ValueError("document_ids: not with cache= (generation attends within one "
+                             "prompt a row); pass one of the two")
         if self.spec.pre_process:
             x = self.embedding(x, positions)                        # (s, b, h)
         for block in self.layers.values():

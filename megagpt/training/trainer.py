@@ -40,6 +40,7 @@ from megagpt.config import Config, ModelConfig
 from megagpt.convert import ConversionError, load_source, tokenizer_mismatch
 from megagpt.data.blend import parse_data_path
 from megagpt.data.documents import document_collate
+from megagpt.data.indexed import read_meta as read_dataset_meta
 from megagpt.data.gpt_dataset import (INDEX_VERSION, DatasetBuildError, build_gpt_datasets,
                                       parse_split)
 from megagpt.data.mock import build_mock_datasets, mock_eod_id
@@ -232,8 +233,28 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = self._datasets()
         if self._resumed is not None and self.is_rank0:
             self._warn_data_order()
+        if self.is_rank0:
+            self._warn_documents_without_ends()
 
     # ---- data ---------------------------------------------------------------------------
+
+    def _warn_documents_without_ends(self) -> None:
+        """Under the document settings, name the indexed datasets whose record says they were
+        made without end-of-document tokens (`--append-eod` off): their documents run together
+        in a window and the settings cannot tell them apart."""
+        d = self.cfg.data
+        if d.mock or d.format != "indexed" or document_collate(d, 0) is None:
+            return
+        prefixes = {prefix for where in ("train_data_path", "val_data_path", "test_data_path")
+                    for _, prefix in parse_data_path(getattr(d, where), f"data.{where}")}
+        for prefix in sorted(prefixes):
+            record = read_dataset_meta(prefix)
+            if record is not None and record.get("append_eod") is False:
+                self.log(f"warning: {prefix} was made without end-of-document tokens (its "
+                         f"record: append_eod false), so data.reset_attention_mask, "
+                         f"reset_position_ids and eod_mask_loss find no document in it: its "
+                         f"documents run together in a window; fix: preprocess it again with "
+                         f"--append-eod")
 
     def _datasets(self):
         """Build the datasets on rank 0 first (it writes the index caches), then on the rest. A

@@ -1610,3 +1610,33 @@ def test_mock_windows_hold_documents_and_a_resume_names_changed_document_setting
                "data.reset_position_ids true -> false, data.eod_mask_loss false -> true); from "
                "step 2 on, what a token attends to, its position or what counts in the loss "
                "change" in m for m in messages), messages
+
+
+def _documents_without_ends(rank, world, run_dir):
+    import numpy as np
+
+    from megagpt.data.indexed import IndexedDatasetWriter, tokenizer_record
+    from megagpt.data.tokenizer import load_tokenizer
+
+    messages, prefixes = [], {}
+    for append_eod in (False, True):
+        prefix = Path(run_dir) / f"data_{append_eod}"
+        record = dict(tokenizer_record(load_tokenizer("gpt2")), append_eod=append_eod)
+        with IndexedDatasetWriter(prefix, np.uint16, record) as w:
+            for _ in range(20):
+                w.add_document(np.arange(1, 40))
+            w.finalize()
+        prefixes[append_eod] = str(prefix)
+    cfg = run_config(Path(run_dir), 2, model__vocab_size=50257, data__mock=False,
+                     data__train_data_path=[prefixes[False], prefixes[True]],
+                     data__split="1,0,0", data__reset_attention_mask=True)
+    Trainer(cfg, state.initialize_parallel(1, 1), log=messages.append)
+    return messages, prefixes
+
+
+def test_document_settings_on_data_made_without_document_ends_are_warned(tmp_path):
+    messages, prefixes = run_distributed(_documents_without_ends, 1, str(tmp_path))[0]
+    warned = [m for m in messages if "made without end-of-document tokens" in m]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {prefixes[False]} was made "), \
+        messages
+    assert "fix: preprocess it again with --append-eod" in warned[0]

@@ -1,6 +1,7 @@
 """GPT samples: Megatron's index arrays (checked against a port of its loop), epochs, splits,
 caching, blending proportions, and the builder the trainer calls."""
 import functools
+import json
 import os
 
 import numpy as np
@@ -423,6 +424,36 @@ def test_a_tokenizer_that_only_adds_tokens_reads_the_data_of_its_base(tmp_path):
         build(str(tmp_path / "padded"), tokenizer=gpt2)
     with pytest.raises(DatasetBuildError, match="holds the ids of the tokenizer gpt2"):
         build(str(tmp_path / "gpt2"), tokenizer=lowercase_padded)
+    # a base whose end-of-document token is "</s>", extended with "<|endoftext|>", which then
+    # ends documents instead: the data's document ends would go unseen by the document masks
+    spec = json.loads(gpt2.backend.to_str())
+    spec["added_tokens"][0]["content"] = "</s>"
+    spec["model"]["vocab"]["</s>"] = spec["model"]["vocab"].pop("<|endoftext|>")
+    base = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), "base")
+    other_end = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), "other-end")
+    other_end.backend.add_special_tokens(["<|endoftext|>"])
+    other_end = Tokenizer(other_end.backend, "other-end")
+    assert (base.eod_id, other_end.eod_id) == (50256, 50257)
+    assert other_end.prefix_fingerprint(base.vocab_size) == base.fingerprint
+    with IndexedDatasetWriter(tmp_path / "base", np.uint16, tokenizer_record(base)) as w:
+        w.add_document(np.arange(30))
+        w.finalize()
+    with pytest.raises(DatasetBuildError, match="holds the ids of the tokenizer base"):
+        build(str(tmp_path / "base"), tokenizer=other_end)
+
+
+def test_the_fingerprint_hashes_every_id_of_a_vocabulary_with_gaps():
+    import tokenizers
+
+    from megagpt.data.tokenizer import Tokenizer
+
+    def word_level(extra):
+        vocab = {f"w{i}": i for i in range(10)} | {"<|endoftext|>": 20} | extra
+        backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+        return Tokenizer(backend, "words")
+    plain, more = word_level({}), word_level({"zzz": 30})
+    assert plain.vocab_size == 11 and plain.fingerprint != more.fingerprint
+    assert plain.fingerprint != plain.prefix_fingerprint(11)      # the end-of-document id counts
 
 
 def test_ids_beyond_the_model_vocabulary_are_refused_when_read(tmp_path):

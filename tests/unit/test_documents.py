@@ -202,3 +202,29 @@ def test_the_memory_estimate_counts_the_document_mask_sdpa_and_eager_keep():
     assert per_layer("eager", True) - per_layer("eager", False) == b * s * s     # bool
     assert per_layer("eager", True, "selective") == per_layer("eager", False, "selective")
     assert per_layer("triton", True) == per_layer("triton", False)
+
+
+def test_the_estimate_resolves_auto_attention_as_the_model_does():
+    """auto is SDPA for a head size the Triton kernels lack (80 here), which keeps the mask;
+    SDPA's CPU path with dropout (math) keeps none."""
+    from megagpt.estimate import kept_bytes
+    from megagpt.model.gpt import Ops
+
+    cfg = tiny_config(data__reset_attention_mask=True, kernels__attention="auto",
+                      model__d_model=160, model__n_heads=2)
+    assert Ops(cfg.kernels, "cuda", 0.0, 80).attention_backend == "sdpa"
+    assert kept_bytes(cfg, "cuda").document_mask == 4
+    with_dropout = tiny_config(data__reset_attention_mask=True, kernels__attention="sdpa",
+                               model__dropout=0.1)
+    assert kept_bytes(with_dropout, "cpu").attention == "math"
+    assert kept_bytes(with_dropout, "cpu").document_mask == 0
+
+
+def test_generation_with_document_ids_is_refused():
+    from megagpt.model.gpt import KVCache
+
+    model = _model("sdpa")
+    window = torch.cat(_documents())[None]
+    cache = KVCache(torch.ones(1, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="document_ids: not with cache="):
+        model(window, cache=cache, document_ids=document_ids(window, EOD))
