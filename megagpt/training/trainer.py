@@ -693,7 +693,7 @@ class Trainer:
         try:
             path = resolve_load_path(self.cfg.checkpoint.load, self.save_dir, warn=self._warn)
             step = read_meta(path)["step"] if path is not None else -1
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:     # an unreadable save dir on one node too
             failure, step = e, -1
         # one all-reduce: every rank found one, and the smallest and largest step chosen
         agreed = torch.tensor([0 if failure else 1, step, -step], dtype=torch.int64)
@@ -735,8 +735,16 @@ class Trainer:
         check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
                          with_optimizer=not weights_only)   # before loading: a clear refusal
         self._warn_setting_changes(meta, path)
-        meta, model_state, optim_state, rng_state = load_checkpoint(
-            path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)
+        failure = None
+        try:       # this rank's files: a rank that cannot read them (a file missing or damaged
+            meta, model_state, optim_state, rng_state = load_checkpoint(    # on its node) stops
+                path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)  # every rank
+        except (CheckpointError, OSError) as e:
+            failure = e
+        if not self._all_min(0 if failure else 1):
+            if failure is not None:
+                raise failure
+            raise AnotherRankFailed(f"another rank could not read its part of {path}")
         with torch.no_grad(), e.master_weights():
             for c, chunk in enumerate(e.chunks):
                 chunk.load_state_dict(model_state[f"chunk{c}"])

@@ -1640,3 +1640,24 @@ def test_document_settings_on_data_made_without_document_ends_are_warned(tmp_pat
     assert len(warned) == 1 and warned[0].startswith(f"warning: {prefixes[False]} was made "), \
         messages
     assert "fix: preprocess it again with --append-eod" in warned[0]
+
+
+def _resume_with_a_damaged_file(rank, world, run_dir):
+    cfg = run_config(Path(run_dir), 4, dp=2)
+    try:
+        Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return "built", ""
+
+
+def test_a_rank_that_cannot_read_its_checkpoint_files_stops_every_rank(tmp_path):
+    """One rank's file damaged (or missing on its node): that rank names it, the others stop at
+    once (not at the first collective's timeout, half an hour later)."""
+    run_distributed(_train, 2, str(tmp_path), 2, dict(dp=2), 4)
+    step = tmp_path / "ckpt" / "step_0000002"
+    damaged = step / "optim_rank00001.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"damaged!")
+    out = run_distributed(_resume_with_a_damaged_file, 2, str(tmp_path), timeout=60)
+    assert out[1][0] == "CheckpointError" and "optim_rank00001.pt is corrupt" in out[1][1]
+    assert out[0] == ("AnotherRankFailed", f"another rank could not read its part of {step}")
