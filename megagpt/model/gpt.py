@@ -274,7 +274,7 @@ class Embedding(nn.Module):
 class GPTStage(nn.Module):
     """Blocks [first_layer, last_layer) of GPT, with the embedding and/or the head at the ends.
 
-    forward(x, labels=None, loss_mask=None, *, positions=None, cache=None):
+    forward(x, labels=None, loss_mask=None, *, positions=None, document_ids=None, cache=None):
       first stage: x = token ids (b, s); later stages: x = hidden (s, b, h) from the previous one.
       positions (b, s): position ids of the tokens (default 0..s-1); document_ids (b, s): the
       document of each token, non-decreasing along a row (`megagpt.data.documents`): a token

@@ -40,9 +40,9 @@ from megagpt.config import Config, ModelConfig
 from megagpt.convert import ConversionError, load_source, tokenizer_mismatch
 from megagpt.data.blend import parse_data_path
 from megagpt.data.documents import document_collate
-from megagpt.data.indexed import read_meta as read_dataset_meta
 from megagpt.data.gpt_dataset import (INDEX_VERSION, DatasetBuildError, build_gpt_datasets,
                                       parse_split)
+from megagpt.data.indexed import read_meta as read_dataset_meta
 from megagpt.data.mock import build_mock_datasets, mock_eod_id
 from megagpt.data.sampler import MegatronPretrainingSampler
 from megagpt.data.sft_dataset import build_sft_datasets
@@ -735,10 +735,12 @@ class Trainer:
         check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
                          with_optimizer=not weights_only)   # before loading: a clear refusal
         self._warn_setting_changes(meta, path)
+        # this rank's files: a rank that cannot read them (missing or damaged on its node)
+        # stops every rank at once, not only itself
         failure = None
-        try:       # this rank's files: a rank that cannot read them (a file missing or damaged
-            meta, model_state, optim_state, rng_state = load_checkpoint(    # on its node) stops
-                path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)  # every rank
+        try:
+            meta, model_state, optim_state, rng_state = load_checkpoint(
+                path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)
         except (CheckpointError, OSError) as e:
             failure = e
         if not self._all_min(0 if failure else 1):
