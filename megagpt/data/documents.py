@@ -30,7 +30,7 @@ def document_ids(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
     """(b, s) int32: the index of each token's document in its row, from the input tokens
     (b, s); an end-of-document token belongs to the document it ends."""
     is_eod = (tokens == eod_id).to(torch.int32)
-    return (torch.cumsum(is_eod, dim=1, dtype=torch.int32) - is_eod).to(torch.int32)
+    return torch.cumsum(is_eod, dim=1, dtype=torch.int32) - is_eod
 
 
 def document_positions(documents: torch.Tensor) -> torch.Tensor:
@@ -69,9 +69,14 @@ class DocumentCollate:
         return batch
 
 
+def asks_for_documents(data) -> bool:
+    """Whether `data` (a DataConfig) sets any of the three document settings."""
+    return data.reset_attention_mask or data.reset_position_ids or data.eod_mask_loss
+
+
 def document_collate(data, eod_id: int) -> DocumentCollate | None:
     """The collate function `data` (a DataConfig) asks for, or None (the default collation)."""
-    if not (data.reset_attention_mask or data.reset_position_ids or data.eod_mask_loss):
+    if not asks_for_documents(data):
         return None
     return DocumentCollate(eod_id, reset_attention_mask=data.reset_attention_mask,
                            reset_position_ids=data.reset_position_ids,

@@ -74,12 +74,12 @@ def mock_microbatches(cfg, generator: torch.Generator) -> list[dict]:
     `bench_memory.py`): batch_size x seq_length each, grad_accumulation_steps of them. Under
     data.reset_attention_mask, reset_position_ids or eod_mask_loss, windows of mock documents
     (MockGPTDataset's) with what the trainer's loader adds for them."""
-    from megagpt.data.documents import document_collate
+    from megagpt.data.documents import asks_for_documents, document_collate
     from megagpt.data.tokenizer import load_tokenizer
 
     t, m = cfg.training, cfg.model
     shape = (t.batch_size, m.seq_length)
-    if document_collate(cfg.data, 0) is None:
+    if not asks_for_documents(cfg.data):
         return [{"tokens": torch.randint(0, m.vocab_size, shape, generator=generator),
                  "labels": torch.randint(0, m.vocab_size, shape, generator=generator)}
                 for _ in range(t.grad_accumulation_steps)]

@@ -39,7 +39,7 @@ from megagpt import __version__
 from megagpt.config import Config, ModelConfig
 from megagpt.convert import ConversionError, load_source, tokenizer_mismatch
 from megagpt.data.blend import parse_data_path
-from megagpt.data.documents import document_collate
+from megagpt.data.documents import asks_for_documents, document_collate
 from megagpt.data.gpt_dataset import (INDEX_VERSION, DatasetBuildError, build_gpt_datasets,
                                       parse_split)
 from megagpt.data.indexed import read_meta as read_dataset_meta
@@ -243,7 +243,7 @@ class Trainer:
         made without end-of-document tokens (`--append-eod` off): their documents run together
         in a window and the settings cannot tell them apart."""
         d = self.cfg.data
-        if d.mock or d.format != "indexed" or document_collate(d, 0) is None:
+        if d.mock or d.format != "indexed" or not asks_for_documents(d):
             return
         prefixes = {prefix for where in ("train_data_path", "val_data_path", "test_data_path")
                     for _, prefix in parse_data_path(getattr(d, where), f"data.{where}")}
@@ -300,7 +300,7 @@ class Trainer:
     def _build_datasets(self, num_samples):
         m, d, t = self.cfg.model, self.cfg.data, self.cfg.training
         if d.mock:
-            if document_collate(d, 0) is not None:      # windows of documents, with their ids
+            if asks_for_documents(d):      # windows of documents, with their ids
                 self.eod_id = mock_eod_id(
                     load_tokenizer(d.tokenizer_path, "data.tokenizer_path").eod_id, m.vocab_size)
             return build_mock_datasets(m.seq_length, m.vocab_size, num_samples, t.seed,
