@@ -20,8 +20,7 @@ Every backend of an op has the op's signature:
     attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, document_ids=None),
               q/k/v (batch, heads, seq, head_dim); dropout_p drops attention probabilities
               (from torch's default generator on q's device: every backend draws there);
-              document_ids (batch, seq) keeps each document's tokens to themselves (not
-              flash_attn: megagpt does not call its variable-length form)
+              document_ids (batch, seq) keeps each document's tokens to themselves
     layernorm(x, weight, bias, eps=1e-5)
     softmax(x, scale=1.0, causal=False)
     bias_gelu(x, bias)
@@ -71,20 +70,54 @@ def sdpa_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, docu
 
 def flash_attn_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0,
                          document_ids=None):
-    """The flash-attn package's flash_attn_func, which wants (batch, seq, heads, head_dim)."""
-    from flash_attn import flash_attn_func
-
+    """The flash-attn package's flash_attn_func, which wants (batch, seq, heads, head_dim);
+    with document_ids its flash_attn_varlen_func, each document a sequence of its own."""
     check_qkv(q, k, v)
-    if document_ids is not None:
-        raise ValueError("document_ids: the flash_attn backend takes no document masks (they "
-                         "need flash-attn's variable-length form, which megagpt does not call); "
-                         "choose kernels.attention=triton or sdpa")
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q has dtype {q.dtype}; the flash_attn backend supports float16 and "
                         "bfloat16 only; choose kernels.attention=triton or sdpa for float32")
+    if document_ids is not None:
+        return _flash_attn_documents(q, k, v, causal, softmax_scale, dropout_p, document_ids)
+    from flash_attn import flash_attn_func
+
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                           dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal)
     return out.transpose(1, 2)
+
+
+_VARLEN = [None, None]    # the last document ids seen, and their (cu_seqlens, longest)
+
+
+def _document_lengths(document_ids):
+    """(cu_seqlens, longest) of the documents of (batch, seq) ids, rows flattened one after
+    another: int32 offsets of each document's first token and the end, and the longest one's
+    length. Reading them waits for the device, so they are kept for the ids object last seen:
+    every layer of a micro-batch gets the same one, and pays nothing after the first."""
+    if _VARLEN[0] is not document_ids:
+        batch, seq = document_ids.shape
+        starts = torch.ones(batch, seq, dtype=torch.bool, device=document_ids.device)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        first = starts.flatten().nonzero().flatten()
+        cu_seqlens = torch.cat([first, first.new_tensor([batch * seq])]).to(torch.int32)
+        _VARLEN[:] = document_ids, (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    return _VARLEN[1]
+
+
+def _flash_attn_documents(q, k, v, causal, softmax_scale, dropout_p, document_ids):
+    """flash-attn's flash_attn_varlen_func on (batch, heads, seq, head_dim) q, k, v whose
+    tokens belong to the documents of `document_ids`: each document attends within itself."""
+    from flash_attn import flash_attn_varlen_func
+
+    batch, heads, seq, head_dim = q.shape
+    check_document_ids(document_ids, batch, seq, q.device)
+    cu_seqlens, longest = _document_lengths(document_ids)
+
+    def tokens(t):                                    # (batch * seq, heads, head_dim)
+        return t.transpose(1, 2).reshape(batch * seq, heads, head_dim)
+    out = flash_attn_varlen_func(tokens(q), tokens(k), tokens(v), cu_seqlens, cu_seqlens,
+                                 longest, longest, dropout_p=dropout_p,
+                                 softmax_scale=softmax_scale, causal=causal)
+    return out.view(batch, seq, heads, head_dim).transpose(1, 2)
 
 
 def eager_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, document_ids=None):

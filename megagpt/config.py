@@ -855,10 +855,6 @@ def _check_attention_backend(cfg: Config, head_dim: int, p: list[str]) -> None:
             p.append("kernels.attention=flash_attn: flash-attn runs float16/bfloat16 only, but "
                      "training.precision=fp32; fix: training.precision=bf16, or "
                      "kernels.attention=auto or sdpa")
-        if cfg.data.reset_attention_mask:
-            p.append("kernels.attention=flash_attn: not with data.reset_attention_mask=true "
-                     "(document masks need flash-attn's variable-length form, which megagpt does "
-                     "not call); fix: kernels.attention=auto, triton or sdpa")
 
 
 MAX_PARAMETERS = 10 ** 14   # 50x the largest models trained (about 2e12): beyond it, a typo

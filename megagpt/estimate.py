@@ -164,7 +164,7 @@ class KeptBytes:
     triton: some op runs a Triton kernel (tuned on its first launch);
     document_mask: the (b, 1, s, s) document mask a layer keeps under data.reset_attention_mask
         (0: none; SDPA keeps it in the activations' dtype, eager attention as a bool; the
-        Triton kernels keep only the (b, s) ids).
+        Triton kernels keep only the (b, s) ids, flash-attn the documents' offsets).
     """
     act: int
     attention: str

@@ -243,6 +243,40 @@ def test_flash_attn_backend_transposes_to_its_layout(monkeypatch, device):
         fn(q.float(), k.float(), v.float())
 
 
+def test_flash_attn_backend_gives_each_document_a_sequence_of_its_own(monkeypatch, device):
+    """With document_ids the backend calls flash_attn_varlen_func on the tokens of every row,
+    flattened, each document one sequence (cu_seqlens): a stand-in computing attention
+    sequence by sequence must give the reference's masked result, gradients included, and
+    the offsets are read once for the ids every layer of a micro-batch shares."""
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False):
+        assert q.dim() == 3 and cu_q is cu_k and cu_q.dtype == torch.int32 and max_q == max_k
+        calls.append((cu_q.tolist(), max_q))
+        pieces = [flash_attention_reference(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)),
+                                            causal, softmax_scale)[0].transpose(0, 1)
+                  for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(pieces)
+
+    _fake_module(monkeypatch, "flash_attn", flash_attn_func=None,
+                 flash_attn_varlen_func=flash_attn_varlen_func)
+    fn = get_op("attention", "flash_attn", "cuda")
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 5, 6]], device=device)
+    q, k, v = (torch.randn(2, 3, 9, 32, device=device).half().requires_grad_() for _ in range(3))
+    out = fn(q, k, v, causal=True, softmax_scale=0.3, document_ids=ids)
+    want = flash_attention_reference(q, k, v, True, 0.3, document_ids=ids)
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    for got, expected in zip(grads, torch.autograd.grad(want.float().sum(), (q, k, v))):
+        torch.testing.assert_close(got, expected)
+    fn(q, k, v, causal=True, document_ids=ids)              # the same ids: no new offsets
+    assert [c[0] for c in calls] == [[0, 3, 5, 9, 17, 18]] * 2 and calls[0][1] == 8
+    assert importlib.import_module("megagpt.kernels.dispatch")._VARLEN[0] is ids
+    with pytest.raises(ValueError, match=r"document_ids has shape \(2, 8\)"):
+        fn(q, k, v, document_ids=ids[:, :8])
+
+
 def test_apex_backend_calls_fused_layer_norm_affine(monkeypatch, device):
     def fused_layer_norm_affine(x, weight, bias, normalized_shape, eps):
         return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
