@@ -268,11 +268,10 @@ class GPTDataset(torch.utils.data.Dataset):
 
 def _extends_record(tokenizer, record: dict) -> bool:
     """Whether `tokenizer` is the one `record` (a `P.meta.json`) names with tokens added after
-    its ids (a padding or chat token, say) and the same end-of-document id: the data's ids
-    mean the same to it, its documents end where they did."""
-    size = record.get("vocab_size")
-    return isinstance(size, int) and 0 < size < tokenizer.vocab_size \
-        and record.get("eod_id", tokenizer.eod_id) == tokenizer.eod_id \
+    its ids (a padding or chat token, say): the data's ids mean the same to it. (Records before
+    `ids_below` was kept give the vocabulary's size, the same but for ids with gaps.)"""
+    size = record.get("ids_below", record.get("vocab_size"))
+    return isinstance(size, int) and size > 0 \
         and tokenizer.prefix_fingerprint(size) == record["vocab_sha256"]
 
 
@@ -286,18 +285,29 @@ def _open(prefix: str, opened: dict, where: str, tokenizer=None) -> IndexedDatas
         except IndexedDatasetError as e:
             raise DatasetBuildError(f"{where}: {e}") from e
         record = read_meta(prefix) if tokenizer is not None else None
-        if record is not None and record.get("vocab_sha256") not in (None, tokenizer.fingerprint) \
-                and not _extends_record(tokenizer, record):
-            changed = (f" ({tokenizer.source} has changed since the data was made)"
-                       if record.get("tokenizer") == tokenizer.source else "")
+        if record is None or record.get("vocab_sha256") in (None, tokenizer.fingerprint):
+            return opened[prefix]
+        if _extends_record(tokenizer, record):
+            if record.get("eod_id", tokenizer.eod_id) == tokenizer.eod_id:
+                return opened[prefix]
             raise DatasetBuildError(
-                f"{where}: {prefix!r} holds the ids of the tokenizer {record.get('tokenizer')} "
-                f"({record.get('vocab_size')} ids, fingerprint {record['vocab_sha256'][:12]}, as "
-                f"{meta_path(prefix)} records), but data.tokenizer_path={tokenizer.source} is "
-                f"another ({tokenizer.vocab_size} ids, fingerprint {tokenizer.fingerprint[:12]})"
-                f"{changed}; fix: set data.tokenizer_path to the tokenizer the data was made "
-                f"with, or preprocess the data again with data.tokenizer_path's (or, if you know "
-                f"the two give the same ids, remove the record)")
+                f"{where}: {prefix!r} was made with the tokenizer {record.get('tokenizer')}, "
+                f"whose documents end with id {record['eod_id']} (as {meta_path(prefix)} "
+                f"records); data.tokenizer_path={tokenizer.source} gives its ids the same "
+                f"meaning but ends documents with id {tokenizer.eod_id}, so the data's "
+                f"document ends would go unseen (data.reset_attention_mask and its kin look "
+                f"for the tokenizer's); fix: set data.tokenizer_path to the tokenizer the data "
+                f"was made with, or preprocess the data again with data.tokenizer_path's")
+        changed = (f" ({tokenizer.source} has changed since the data was made)"
+                   if record.get("tokenizer") == tokenizer.source else "")
+        raise DatasetBuildError(
+            f"{where}: {prefix!r} holds the ids of the tokenizer {record.get('tokenizer')} "
+            f"({record.get('vocab_size')} ids, fingerprint {record['vocab_sha256'][:12]}, as "
+            f"{meta_path(prefix)} records), but data.tokenizer_path={tokenizer.source} is "
+            f"another ({tokenizer.vocab_size} ids, fingerprint {tokenizer.fingerprint[:12]})"
+            f"{changed}; fix: set data.tokenizer_path to the tokenizer the data was made "
+            f"with, or preprocess the data again with data.tokenizer_path's (or, if you know "
+            f"the two give the same ids, remove the record)")
     return opened[prefix]
 
 

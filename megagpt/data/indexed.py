@@ -92,10 +92,16 @@ def pair_identity(prefix: str | os.PathLike) -> dict:
             "idx_bytes": idx_path(prefix).stat().st_size}
 
 
+# `tokenizer_record`'s keys, which a merged dataset's record carries over
+TOKENIZER_RECORD_FIELDS = ("tokenizer", "vocab_size", "ids_below", "eod_id", "vocab_sha256")
+
+
 def tokenizer_record(tokenizer) -> dict:
-    """What `P.meta.json` records of the tokenizer a dataset's ids come from."""
+    """What `P.meta.json` records of the tokenizer a dataset's ids come from
+    (TOKENIZER_RECORD_FIELDS)."""
     return {"tokenizer": tokenizer.source, "vocab_size": tokenizer.vocab_size,
-            "eod_id": tokenizer.eod_id, "vocab_sha256": tokenizer.fingerprint}
+            "ids_below": tokenizer.ids_below, "eod_id": tokenizer.eod_id,
+            "vocab_sha256": tokenizer.fingerprint}
 
 
 def dataset_exists(prefix: str | os.PathLike) -> bool:
@@ -404,8 +410,8 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
         raise IndexedDatasetError(f"cannot merge datasets made with different tokenizers "
                                   f"({named}); fix: preprocess them all with one tokenizer")
     # the record carries over when every input has one (of the one tokenizer)
-    meta = ({k: records[0][k] for k in ("tokenizer", "vocab_size", "eod_id", "vocab_sha256")
-             if k in records[0]} if tokenizers and None not in records else None)
+    meta = ({k: records[0][k] for k in TOKENIZER_RECORD_FIELDS if k in records[0]}
+            if tokenizers and None not in records else None)
     out = os.fspath(output_prefix)
     if out.endswith(("/", os.sep)) or Path(out).is_dir():
         raise ValueError(f"--output-prefix {out!r} names a folder, so the files would be named "

@@ -84,6 +84,11 @@ class Tokenizer:
         """Number of ids, added tokens included (GPT-2: 50257)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def ids_below(self) -> int:
+        """One more than the largest id (`vocab_size` unless the ids leave gaps)."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """SHA-256 of what decides the ids text gets: every id's token (added ones included),
@@ -95,9 +100,9 @@ class Tokenizer:
 
     def prefix_fingerprint(self, size: int) -> str:
         """The `fingerprint` of this tokenizer cut to its ids below `size`: another tokenizer's
-        `fingerprint` when this one is that one with tokens added after its `size` ids (see
-        `extends`), so a record of the other's fingerprint and size tells it without its
-        vocabulary."""
+        `fingerprint` when this one is that one with tokens added after its ids (see `extends`;
+        `size` its `ids_below`), so a record of the other's fingerprint and `ids_below` tells it
+        without its vocabulary."""
         return self._fingerprint_of(item for item in self.backend.get_vocab(
             with_added_tokens=True).items() if item[1] < size)
 

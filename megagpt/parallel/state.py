@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -211,3 +212,28 @@ def get_data_parallel_world_size() -> int:
 
 def get_embedding_group():
     return get_state().embedding_group
+
+
+class AnotherRankFailed(RuntimeError):
+    """Raised on the other ranks when one failed at something every rank does (it says why)."""
+
+
+def run_agreed(fn, what: str, errors: tuple[type[BaseException], ...]):
+    """fn() on every rank, every rank stopping together when one fails with one of `errors`
+    (a file missing or damaged on its node, say): after one all-reduce over the world, the rank
+    that failed raises its error and the others raise AnotherRankFailed("another rank could not
+    {what}"), instead of waiting in their next collective until its timeout. Returns fn()'s
+    result where every rank succeeded. Without a process group, fn() alone."""
+    failure = result = None
+    try:
+        result = fn()
+    except errors as e:
+        failure = e
+    flag = torch.tensor([0 if failure is not None else 1], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if failure is not None:
+        raise failure
+    if not flag.item():
+        raise AnotherRankFailed(f"another rank could not {what}")
+    return result

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from megagpt.config import Config, ConfigError, read_json
 from megagpt.data.documents import document_inputs
 from megagpt.model.gpt import build_stage, loss_tokens
-from megagpt.parallel.state import ParallelState
+from megagpt.parallel.state import ParallelState, run_agreed
 from megagpt.training import checkpoint as ckpt
 from megagpt.training.ds_config import merge_deepspeed_config, resolve_deepspeed_path
 from megagpt.training.engine import StepResult, sum_losses, to_device
@@ -331,9 +331,10 @@ class DeepSpeedEngine:
         set_hyperparameters(ds.optimizer, self.cfg.training)  # the saved ones came with the state
         keep_skipping_at_min_scale(ds.optimizer)             # and the saved loss scaler
         source = self.state.rank if self.state.rank < meta["world_size"] else 0
-        extra = ckpt._read_verified(path, ckpt.optim_file(source), meta, True)
-        rng = ckpt._read_verified(path, ckpt.rng_file(source), meta, True)
-        return extra, rng
+        return run_agreed(       # a rank that cannot read its own files stops every rank
+            lambda: (ckpt._read_verified(path, ckpt.optim_file(source), meta, True),
+                     ckpt._read_verified(path, ckpt.rng_file(source), meta, True)),
+            f"read its part of {path}", (ckpt.CheckpointError, OSError))
 
     def _verify_engine_files(self, path: Path, meta: dict) -> None:
         ours = set(ckpt.expected_files(1, 1, meta["world_size"]))

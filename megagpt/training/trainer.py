@@ -50,7 +50,7 @@ from megagpt.data.tokenizer import load_tokenizer
 from megagpt.fsutil import FolderLock, why_not_a_folder
 from megagpt.model.gpt import load_full_state_dict
 from megagpt.parallel.random import get_rng_tracker, seed_everything
-from megagpt.parallel.state import ParallelState
+from megagpt.parallel.state import AnotherRankFailed, ParallelState, run_agreed
 from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, SHARED_SAVE_DIR_FIX,
                                          CheckpointError, capture_rng_state, check_compatible,
                                          check_optimizer_layout, complete_checkpoints,
@@ -69,10 +69,6 @@ SAVE_DIR_LOCK_WAIT_S = 120.0   # how long a run waits for another run's lock on 
 
 class TrainingAborted(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class AnotherRankFailed(RuntimeError):
-    """Raised on the other ranks when rank 0 failed at something it does first (it says why)."""
 
 
 # Linux: loader workers take SIGTERM on a thread of their own (macOS has no sigwaitinfo)
@@ -735,18 +731,9 @@ class Trainer:
         check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
                          with_optimizer=not weights_only)   # before loading: a clear refusal
         self._warn_setting_changes(meta, path)
-        # this rank's files: a rank that cannot read them (missing or damaged on its node)
-        # stops every rank at once, not only itself
-        failure = None
-        try:
-            meta, model_state, optim_state, rng_state = load_checkpoint(
-                path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)
-        except (CheckpointError, OSError) as e:
-            failure = e
-        if not self._all_min(0 if failure else 1):
-            if failure is not None:
-                raise failure
-            raise AnotherRankFailed(f"another rank could not read its part of {path}")
+        meta, model_state, optim_state, rng_state = self._read_agreed(
+            lambda: load_checkpoint(path, tp_rank=s.tp_rank, pp_rank=s.pp_rank,
+                                    dp_rank=s.dp_rank), f"read its part of {path}")
         with torch.no_grad(), e.master_weights():
             for c, chunk in enumerate(e.chunks):
                 chunk.load_state_dict(model_state[f"chunk{c}"])
@@ -924,7 +911,9 @@ class Trainer:
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         if weights_only:
             self.skipped_total = meta.get("skipped_total", 0)
-            _, model_state, _, _ = load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0)
+            _, model_state, _, _ = self._read_agreed(
+                lambda: load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0),
+                f"read its part of {path}")
             with torch.no_grad():
                 e.chunks[0].load_state_dict(model_state["chunk0"])
             e.start()
@@ -958,9 +947,17 @@ class Trainer:
             f"(checkpoint.load={self.cfg.checkpoint.load}): its saves would replace them; fix: "
             f"choose a new {where}, or set checkpoint.load=auto to continue the run saved there")
 
+    @staticmethod
+    def _read_agreed(read, what: str):
+        """read(), on every rank, stopping every rank at once when one cannot (a file missing
+        or damaged on its node), not at the first collective's timeout (`run_agreed`)."""
+        return run_agreed(read, what, (CheckpointError, ConversionError, OSError))
+
     def _load_pretrained(self, source: str) -> None:
-        full = pretrained_state(source, self.cfg.model,
-                                None if self.cfg.data.mock else self.cfg.data.tokenizer_path)
+        full = self._read_agreed(
+            lambda: pretrained_state(source, self.cfg.model,
+                                     None if self.cfg.data.mock else self.cfg.data.tokenizer_path),
+            f"read checkpoint.pretrained={source}")
         with self.engine.master_weights():
             for chunk in self.engine.chunks:
                 load_full_state_dict(chunk, full)

@@ -571,3 +571,26 @@ def test_document_masks_and_positions_reach_the_deepspeed_model(tmp_path):
     ours = losses(tmp_path / "ds")
     assert ours == pytest.approx(losses(tmp_path / "native"), rel=LOSS_RTOL, abs=0)
     assert ours[0] != pytest.approx(losses(tmp_path / "plain")[0], rel=1e-4)
+
+
+def _resume_damaged(rank, world, run_dir):
+    from megagpt.training.trainer import Trainer
+    try:
+        Trainer(run_config(Path(run_dir), 4, ds_file("zero2")), state.initialize_parallel(1, 1),
+                log=lambda *a: None)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return "built", ""
+
+
+@needs_deepspeed
+def test_a_rank_that_cannot_read_its_files_stops_every_rank_on_deepspeed(tmp_path):
+    """Our files beside DeepSpeed's (the loop's state, the random streams): one rank's damaged
+    file stops it with the file named and the other at once, told why."""
+    run_distributed(_train, 2, str(tmp_path), 2, ds_file("zero2"), 4)
+    step = tmp_path / "ckpt" / "step_0000002"
+    damaged = step / "optim_rank00001.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"damaged!")
+    out = run_distributed(_resume_damaged, 2, str(tmp_path), timeout=120)
+    assert out[1][0] == "CheckpointError" and "optim_rank00001.pt is corrupt" in out[1][1]
+    assert out[0] == ("AnotherRankFailed", f"another rank could not read its part of {step}")

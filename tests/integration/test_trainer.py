@@ -1661,3 +1661,31 @@ def test_a_rank_that_cannot_read_its_checkpoint_files_stops_every_rank(tmp_path)
     out = run_distributed(_resume_with_a_damaged_file, 2, str(tmp_path), timeout=60)
     assert out[1][0] == "CheckpointError" and "optim_rank00001.pt is corrupt" in out[1][1]
     assert out[0] == ("AnotherRankFailed", f"another rank could not read its part of {step}")
+
+
+def _pretrained_missing_on_rank_1(rank, world, run_dir):
+    import megagpt.training.trainer as trainer_module
+
+    source = str(Path(run_dir) / "ckpt")
+    if rank == 1:                          # the checkpoint is missing on this rank's node
+        def missing(*args, **kwargs):
+            raise OSError(f"[Errno 2] No such file or directory: '{source}'")
+        trainer_module.pretrained_state = missing
+    cfg = run_config(Path(run_dir) / "new", 4, dp=2, checkpoint__pretrained=source)
+    try:
+        Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
+    except Exception as e:
+        if rank == 1:
+            time.sleep(10)                 # as a slow node would: the other must not wait on it
+        return type(e).__name__, str(e)
+    return "built", ""
+
+
+def test_a_rank_that_cannot_read_the_pretrained_weights_stops_every_rank(tmp_path):
+    run_distributed(_train, 2, str(tmp_path), 2, dict(dp=2), 4)
+    start = time.monotonic()
+    out = run_distributed(_pretrained_missing_on_rank_1, 2, str(tmp_path), timeout=60)
+    assert out[1][0] == "OSError"
+    assert out[0] == ("AnotherRankFailed", "another rank could not read "
+                      f"checkpoint.pretrained={tmp_path / 'ckpt'}")
+    assert time.monotonic() - start < 60

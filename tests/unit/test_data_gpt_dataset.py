@@ -438,13 +438,17 @@ def test_a_tokenizer_that_only_adds_tokens_reads_the_data_of_its_base(tmp_path):
     with IndexedDatasetWriter(tmp_path / "base", np.uint16, tokenizer_record(base)) as w:
         w.add_document(np.arange(30))
         w.finalize()
-    with pytest.raises(DatasetBuildError, match="holds the ids of the tokenizer base"):
+    with pytest.raises(DatasetBuildError, match=rf"'{tmp_path}/base' was made with the tokenizer "
+                                                rf"base, whose documents end with id 50256 .*"
+                                                rf"ends documents with id 50257"):
         build(str(tmp_path / "base"), tokenizer=other_end)
 
 
 def test_the_fingerprint_hashes_every_id_of_a_vocabulary_with_gaps():
     import tokenizers
 
+    from megagpt.data import gpt_dataset
+    from megagpt.data.indexed import tokenizer_record
     from megagpt.data.tokenizer import Tokenizer
 
     def word_level(extra):
@@ -454,6 +458,10 @@ def test_the_fingerprint_hashes_every_id_of_a_vocabulary_with_gaps():
     plain, more = word_level({}), word_level({"zzz": 30})
     assert plain.vocab_size == 11 and plain.fingerprint != more.fingerprint
     assert plain.fingerprint != plain.prefix_fingerprint(11)      # the end-of-document id counts
+    # `more` only adds a token after plain's ids: the record's id bound, not its size, tells it
+    assert plain.ids_below == 21 and tokenizer_record(plain)["ids_below"] == 21
+    assert gpt_dataset._extends_record(more, tokenizer_record(plain))
+    assert not gpt_dataset._extends_record(plain, tokenizer_record(more))
 
 
 def test_ids_beyond_the_model_vocabulary_are_refused_when_read(tmp_path):

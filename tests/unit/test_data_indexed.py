@@ -188,7 +188,8 @@ def test_the_tokenizer_record_is_kept_by_a_merge_and_mixed_tokenizers_are_refuse
     tokenizer keeps it, of several is refused (their ids mean different text), and a dataset
     written over one with a record loses it unless it brings its own."""
     from megagpt.data.indexed import meta_path, read_meta
-    gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257, "eod_id": 50256, "vocab_sha256": "g"}
+    gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257, "ids_below": 50257, "eod_id": 50256,
+            "vocab_sha256": "g"}
     other = dict(gpt2, tokenizer="runs/tok", vocab_sha256="o")
 
     def written(name, record):

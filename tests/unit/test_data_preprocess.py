@@ -55,9 +55,9 @@ def test_writes_megatron_named_pair_with_eod(tmp_path, gpt2):
     assert "documents: 40" in summary.format() and "skipped 0 lines" in summary.format()
     record = json.loads((tmp_path / "out" / "c_text_document.meta.json").read_text())
     prefix = tmp_path / "out" / "c_text_document"
-    assert record == {"tokenizer": gpt2.source, "vocab_size": 50257, "eod_id": 50256,
-                      "vocab_sha256": gpt2.fingerprint, "json_key": "text", "append_eod": True,
-                      "made_by": "tools/preprocess_data.py",
+    assert record == {"tokenizer": gpt2.source, "vocab_size": 50257, "ids_below": 50257,
+                      "eod_id": 50256, "vocab_sha256": gpt2.fingerprint, "json_key": "text",
+                      "append_eod": True, "made_by": "tools/preprocess_data.py",
                       "bin_bytes": os.path.getsize(f"{prefix}.bin"),
                       "idx_bytes": os.path.getsize(f"{prefix}.idx")}
 
