@@ -192,3 +192,17 @@ def split_microbatches(tokens: torch.Tensor, dp_rank: int, dp: int, micro: int,
         mb["document_ids"] = document_ids(mb["tokens"], TINY_EOD)
         mb["position_ids"] = document_positions(mb["document_ids"])
     return mbs
+
+
+def check_a_damaged_file_stops_every_rank(run_dir, start, timeout: float = 60.0) -> None:
+    """Damage data-parallel rank 1's optimizer file in run_dir's checkpoint of step 2, then run
+    `start(rank, world, run_dir)` (a trainer's start, returning (error kind, message) or
+    ("built", "")) on 2 ranks: rank 1 names the damaged file, rank 0 stops at once, told why."""
+    from pathlib import Path
+
+    step = Path(run_dir) / "ckpt" / "step_0000002"
+    damaged = step / "optim_rank00001.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"damaged!")
+    out = run_distributed(start, 2, str(run_dir), timeout=timeout)
+    assert out[1][0] == "CheckpointError" and "optim_rank00001.pt is corrupt" in out[1][1], out
+    assert out[0] == ("AnotherRankFailed", f"another rank could not read its part of {step}"), out
