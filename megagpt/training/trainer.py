@@ -726,30 +726,39 @@ class Trainer:
                 self._load_pretrained(self.cfg.checkpoint.pretrained)
             return
         s, e = self.state, self.engine
-        meta = read_meta(path)
+        meta = self._compatible_agreed(path)
         weights_only = meta.get("weights_only", False)
-        check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
-                         with_optimizer=not weights_only)   # before loading: a clear refusal
         self._warn_setting_changes(meta, path)
+
+        def read():
+            part = load_checkpoint(path, tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank)
+            if not weights_only:
+                zero_with_tp = s.tp_world_size > 1 and any(w.zero for w in e.wrappers)
+                check_optimizer_layout(part[2].get("optimizer_layout"), e.optimizer_layout,
+                                       sharded_by_tp_layout=zero_with_tp, where=path)
+            return part
         meta, model_state, optim_state, rng_state = self._read_agreed(
-            lambda: load_checkpoint(path, tp_rank=s.tp_rank, pp_rank=s.pp_rank,
-                                    dp_rank=s.dp_rank), f"read its part of {path}")
-        with torch.no_grad(), e.master_weights():
+            read, f"read its part of {path}")
+
+        def load_weights():
             for c, chunk in enumerate(e.chunks):
                 chunk.load_state_dict(model_state[f"chunk{c}"])
+        with torch.no_grad(), e.master_weights():       # every replica enters: no agreement inside
+            self._load_agreed(load_weights, f"load its weights from {path}")
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         if weights_only:
             self.skipped_total = meta.get("skipped_total", 0)    # the schedule's position
             self.log(f"resumed the weights of {path} (a converted checkpoint) at step {self.step}; "
                      f"optimizer state starts fresh")
             return
-        zero_with_tp = s.tp_world_size > 1 and any(w.zero for w in e.wrappers)
-        check_optimizer_layout(optim_state.get("optimizer_layout"), e.optimizer_layout,
-                               sharded_by_tp_layout=zero_with_tp, where=path)
-        e.optimizer.load_state_dict(optim_state["optimizer"])
+
+        def load_state():
+            e.optimizer.load_state_dict(optim_state["optimizer"])
+            e.scaler.load_state_dict(optim_state["scaler"])
+            return restore_rng_state(rng_state)
+        rng = self._load_agreed(load_state, f"load its optimizer state from {path}")
         set_hyperparameters(e.optimizer, self.cfg.training)   # the saved ones came with the state
-        e.scaler.load_state_dict(optim_state["scaler"])
-        get_rng_tracker().set_states(restore_rng_state(rng_state))
+        get_rng_tracker().set_states(rng)
         self.skipped_total = optim_state.get("skipped_total", 0)
         self.consecutive_skips = optim_state.get("consecutive_skips", 0)
         self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)")
@@ -903,10 +912,8 @@ class Trainer:
                 self._load_pretrained(self.cfg.checkpoint.pretrained)
             e.start()
             return
-        meta = read_meta(path)
+        meta = self._compatible_agreed(path)      # before deepspeed.initialize, a collective
         weights_only = meta.get("weights_only", False)
-        check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
-                         with_optimizer=not weights_only)
         self._warn_setting_changes(meta, path)
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         if weights_only:
@@ -915,7 +922,8 @@ class Trainer:
                 lambda: load_checkpoint(path, tp_rank=0, pp_rank=0, dp_rank=0),
                 f"read its part of {path}")
             with torch.no_grad():
-                e.chunks[0].load_state_dict(model_state["chunk0"])
+                self._load_agreed(lambda: e.chunks[0].load_state_dict(model_state["chunk0"]),
+                                  f"load its weights from {path}")
             e.start()
             self.log(f"resumed the weights of {path} (a converted checkpoint) at step {self.step}; "
                      f"optimizer state starts fresh")
@@ -952,6 +960,22 @@ class Trainer:
         """read(), on every rank, stopping every rank at once when one cannot (a file missing
         or damaged on its node), not at the first collective's timeout (`run_agreed`)."""
         return run_agreed(read, what, (CheckpointError, ConversionError, OSError))
+
+    @staticmethod
+    def _load_agreed(load, what: str):
+        """load() (states read into the model, optimizer or RNG), stopping every rank together
+        when one cannot (a state that does not fit, from a node's stale copy of a checkpoint)."""
+        return run_agreed(load, what, (RuntimeError, ValueError, KeyError))
+
+    def _compatible_agreed(self, path: Path) -> dict:
+        """meta.json of `path`, checked against this run on every rank (`check_compatible`), every
+        rank stopping when one's copy does not fit or cannot be read."""
+        def check():
+            meta = read_meta(path)
+            check_compatible(meta, self.cfg.model, self._parallel_sizes(), where=path,
+                             with_optimizer=not meta.get("weights_only", False))
+            return meta
+        return self._read_agreed(check, f"use {path}")
 
     def _load_pretrained(self, source: str) -> None:
         full = self._read_agreed(

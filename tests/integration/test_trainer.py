@@ -1659,6 +1659,50 @@ def test_a_rank_that_cannot_read_its_checkpoint_files_stops_every_rank(tmp_path)
     check_a_damaged_file_stops_every_rank(tmp_path, _resume_with_a_damaged_file)
 
 
+def _resume_from_a_copy_that_does_not_fit(rank, world, run_dir, stale):
+    """Rank 1's view of the checkpoint is another run's (a node's stale copy, say) in one part:
+    its meta.json (a wider model), its model weights (a wrong shape) or its optimizer state."""
+    import megagpt.training.trainer as trainer_module
+
+    if rank == 1:
+        read_meta, load_checkpoint = trainer_module.read_meta, trainer_module.load_checkpoint
+
+        def other_meta(path):
+            meta = read_meta(path)
+            meta["config"]["model"]["d_model"] *= 2
+            return meta
+
+        def other_states(*args, **kwargs):
+            meta, model, optim, rng = load_checkpoint(*args, **kwargs)
+            if stale == "weights":
+                name = next(iter(model["chunk0"]))
+                model["chunk0"][name] = model["chunk0"][name][:1]
+            else:
+                optim["optimizer"]["param_groups"] = optim["optimizer"]["param_groups"][:1]
+            return meta, model, optim, rng
+        if stale == "meta":
+            trainer_module.read_meta = other_meta
+        else:
+            trainer_module.load_checkpoint = other_states
+    return _resume_with_a_damaged_file(rank, world, run_dir)
+
+
+@pytest.mark.slow
+def test_a_rank_whose_checkpoint_does_not_fit_stops_every_rank(tmp_path):
+    """A state readable on every rank that fits this run on one rank only: that rank says why,
+    the others stop at once with it, at each stage of the resume."""
+    run_distributed(_train, 2, str(tmp_path), 2, dict(dp=2), 4)
+    step = tmp_path / "ckpt" / "step_0000002"
+    expected = {"meta": ("CheckpointError", "does not fit this config", f"use {step}"),
+                "weights": ("RuntimeError", "size mismatch", f"load its weights from {step}"),
+                "optimizer": ("ValueError", "parameter group",
+                              f"load its optimizer state from {step}")}
+    for stale, (kind, message, what) in expected.items():
+        out = run_distributed(_resume_from_a_copy_that_does_not_fit, 2, str(tmp_path), stale)
+        assert out[1][0] == kind and message in out[1][1], (stale, out)
+        assert out[0] == ("AnotherRankFailed", f"another rank could not {what}"), (stale, out)
+
+
 def _pretrained_missing_on_rank_1(rank, world, run_dir):
     import megagpt.training.trainer as trainer_module
 
