@@ -11,6 +11,10 @@ in the order given. A row stops at the end-of-document token or after --max-new-
 --greedy, tokens are sampled (temperature 1, no top-k or top-p cut unless given) with --seed.
 The sampling and the key-value cache live in megagpt/generation.py.
 
+--chat, for a model fine-tuned on the chat template (configs/dataset/finetuning.json): each
+--prompt is a user's message (after --system's, when given), sent as training encodes examples
+(megagpt.data.sft_dataset.chat_prompt_ids), and the completion is the assistant's answer.
+
 Exit status: 0 done, 1 a checkpoint, tokenizer or prompt that cannot be used, 2 a bad argument
 (sampling settings and the seed included).
 """
@@ -23,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megagpt.cli import run_main  # noqa: E402
 from megagpt.convert import (ConversionError, load_source, single_process_model,  # noqa: E402
                              source_tokenizer)
+from megagpt.data.sft_dataset import chat_prompt_ids, render  # noqa: E402
 from megagpt.data.tokenizer import TokenizerError  # noqa: E402
 from megagpt.generation import (Sampling, StreamDecoder, check_request, generate,  # noqa: E402
                                 seeded)
@@ -51,6 +56,16 @@ def sampling_of(args, parser) -> Sampling:
     return sampling
 
 
+def chat_turns(text: str, system: str | None) -> list[tuple[str, str]]:
+    """--chat's conversation: --system's message (when given), then the prompt as the user's."""
+    return ([("system", system)] if system is not None else []) + [("user", text)]
+
+
+def chat_text(text: str, system: str | None) -> str:
+    """What --chat sends, as text (printed before the answer)."""
+    return render(chat_turns(text, system)) + "Assistant:"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
@@ -64,13 +79,21 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--tokenizer", help="default: the checkpoint's (data.tokenizer_path, or "
                         "the Hugging Face folder's files), else the bundled GPT-2")
+    parser.add_argument("--chat", action="store_true",
+                        help="each prompt is a user's message to a model fine-tuned on the chat "
+                             "template; the completion is its answer")
+    parser.add_argument("--system", help="with --chat: a system message before each prompt")
     args = parser.parse_args(argv)
     sampling = sampling_of(args, parser)
+    if args.system is not None and not args.chat:
+        parser.error("--system is a message of the chat template: add --chat")
     try:
         source = load_source(args.checkpoint, "--checkpoint")
         tokenizer = source_tokenizer(source, args.tokenizer)
         model = single_process_model(source.model, source.full_state)
-        prompts = [tokenizer.encode(text, allow_special=True) for text in args.prompt]
+        texts = [chat_text(text, args.system) if args.chat else text for text in args.prompt]
+        prompts = [chat_prompt_ids(chat_turns(text, args.system), tokenizer) if args.chat
+                   else tokenizer.encode(text, allow_special=True) for text in args.prompt]
         check_request(prompts, args.max_new_tokens, source.model.vocab_size, source.model.seq_length,
                       "--max-new-tokens")
         vocab_limit = min(tokenizer.vocab_size, source.model.vocab_size)
@@ -80,7 +103,7 @@ def main(argv=None) -> int:
                   f"on have no text and are never chosen", file=sys.stderr)
         stream = StreamDecoder(tokenizer.decode) if len(prompts) == 1 else None
         if stream is not None:
-            print(args.prompt[0], end="", flush=True)
+            print(texts[0], end="", flush=True)
 
         def show(row: int, token: int) -> None:
             if token != tokenizer.eod_id:
@@ -96,7 +119,7 @@ def main(argv=None) -> int:
     if stream is not None:
         print(stream.flush())
         return 0
-    for i, (text, new) in enumerate(zip(args.prompt, results)):
+    for i, (text, new) in enumerate(zip(texts, results)):
         new = [t for t in new if t != tokenizer.eod_id]
         print(f"--- [{i}] ---\n{text}{tokenizer.decode(new)}")
     return 0

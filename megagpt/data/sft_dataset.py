@@ -13,9 +13,12 @@ written `System`, `User`, `Assistant`, and the example ends with `<|endoftext|>`
     <|endoftext|>
 
 The loss mask is 1 on the tokens of every assistant turn's `" <content>\\n"` and on the final
-`<|endoftext|>` (so the model learns to stop), 0 elsewhere. At inference, prompt with
-`"User: <question>\\nAssistant:"` and stop at `<|endoftext|>`. Each piece is encoded on its own,
-so a turn's tokens do not depend on its neighbours.
+`<|endoftext|>` (so the model learns to stop), 0 elsewhere. Each piece is encoded on its own,
+so a turn's tokens do not depend on its neighbours. At inference, prompt with `chat_prompt_ids`
+(`tools/generate.py --chat`): the turns and `"Assistant:"`, encoded piece by piece as training
+encodes them; then stop at `<|endoftext|>`. The text `"User: <question>\\nAssistant:"` encoded
+in one piece gives the same tokens only when no turn's content ends in whitespace (a BPE
+merges the whitespace at the end of a piece, `"\\n\\n"` one token, but splits it before a word).
 
 Two layouts, both giving the pretraining item dict (`tokens`, `labels`, `loss_mask`):
 - packed: examples, repeated for as many epochs as needed and shuffled as pretraining's
@@ -88,7 +91,7 @@ def example_turns(obj: dict) -> tuple[list[tuple[str, str]] | None, str | None]:
 
 def render(turns: list[tuple[str, str]]) -> str:
     """The template's text of an example (without the final <|endoftext|>)."""
-    return "".join(f"{ROLE_NAMES[role]}: {content}\n" for role, content in turns)
+    return "".join(template_pieces(turns))
 
 
 @dataclass
@@ -112,13 +115,31 @@ class SFTExamples:
                            self.offsets[start:stop + 1] - lo, self.skipped)
 
 
+def template_pieces(turns: list[tuple[str, str]]) -> list[str]:
+    """The template's text of turns in the pieces encoded one by one: `"<Role>:"` and
+    `" <content>\\n"` a turn."""
+    return [piece for role, content in turns
+            for piece in (f"{ROLE_NAMES[role]}:", f" {content}\n")]
+
+
+def chat_prompt_ids(turns: list[tuple[str, str]], tokenizer: Tokenizer) -> list[int]:
+    """The ids that prompt a fine-tuned model for its next answer after `turns` ((role, content),
+    roles system/user/assistant): the turns and `"Assistant:"`, each piece encoded on its own as
+    `tokenize_examples` encodes training examples."""
+    bad = [role for role, _ in turns if role not in ROLE_NAMES]
+    if bad:
+        raise ValueError(f"chat_prompt_ids: unknown role {bad[0]!r}; the roles are "
+                         f"{', '.join(ROLE_NAMES)}")
+    pieces = template_pieces(turns) + [f"{ROLE_NAMES['assistant']}:"]
+    return [i for ids in tokenizer.encode_batch(pieces) for i in ids]
+
+
 def tokenize_examples(examples: list[list[tuple[str, str]]], tokenizer: Tokenizer) -> SFTExamples:
     """Encode examples with the template (one encode_batch over every piece)."""
     pieces, masks, counts = [], [], []
     for turns in examples:
-        for role, content in turns:
-            pieces += [f"{ROLE_NAMES[role]}:", f" {content}\n"]
-            masks += [0, int(role == "assistant")]
+        pieces += template_pieces(turns)
+        masks += [m for role, _ in turns for m in (0, int(role == "assistant"))]
         counts.append(2 * len(turns))
     encoded = tokenizer.encode_batch(pieces)
     eod = tokenizer.eod_id

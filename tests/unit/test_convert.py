@@ -738,6 +738,34 @@ def test_generate_tool_reads_a_special_string_in_a_prompt_as_its_id(ours, capsys
     assert "the longest prompt has 1 tokens" in capsys.readouterr().err
 
 
+def test_generate_tool_chat_sends_the_prompt_as_fine_tuning_encodes_it(ours, capsys,
+                                                                      monkeypatch):
+    from megagpt.data.sft_dataset import tokenize_examples
+    module, sent = tool("generate"), []
+
+    def generate(model, prompts, **kwargs):
+        sent.extend(prompts)
+        return [[] for _ in prompts]
+    monkeypatch.setattr(module, "generate", generate)
+    monkeypatch.setattr(module, "check_request", lambda *args: None)   # a context of 16 tokens
+    question = "Fix this:\n\nprint(x)\n"
+    assert module.main(["--checkpoint", str(ours / "tp1pp1"), "--chat", "--system", "Be brief.",
+                        "--prompt", question, "--prompt", "Who?"]) == 0
+    out = capsys.readouterr().out
+    assert f"--- [0] ---\nSystem: Be brief.\nUser: {question}\nAssistant:" in out
+    tok = load_tokenizer("gpt2")
+    example = tokenize_examples([[("system", "Be brief."), ("user", question),
+                                  ("assistant", "Done.")]], tok)
+    done = tok.encode_batch([" Done.\n"])[0]
+    assert sent[0] == example.tokens[:-len(done) - 1].tolist()   # up to the answer
+    assert sent[0] != tok.encode(f"System: Be brief.\nUser: {question}\nAssistant:")
+    assert sent[1] == tok.encode("System: Be brief.\nUser: Who?\nAssistant:")
+    with pytest.raises(SystemExit) as info:
+        module.main(["--checkpoint", str(ours / "tp1pp1"), "--system", "x", "--prompt", "y"])
+    assert info.value.code == 2
+    assert "--system is a message of the chat template: add --chat" in capsys.readouterr().err
+
+
 def test_generate_tool_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert tool("generate").main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     assert f"generate: error: --checkpoint {tmp_path / 'nope'} does not exist" in capsys.readouterr().err

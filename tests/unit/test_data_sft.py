@@ -244,3 +244,18 @@ def test_separate_validation_file(tmp_path, tok):
     train, valid, _ = build_sft_datasets([str(EXAMPLE)], [str(val)], tokenizer=tok, seq_length=32,
                                          num_samples=(4, 2, 0), packing=False)
     assert len(train.examples) == len(EXAMPLE.read_text().splitlines()) and len(valid.examples) == 1
+
+
+@pytest.mark.parametrize("content", ["Who wrote Hamlet?", "Fix this:\n\nprint(x)\n",
+                                     "trailing spaces  ", "\n starts with a newline"])
+def test_a_chat_prompt_is_what_training_saw_before_the_answer(content):
+    """chat_prompt_ids: the turns and "Assistant:" encoded piece by piece, the tokens training
+    saw before an answer, whatever whitespace a turn ends with."""
+    from megagpt.data.sft_dataset import chat_prompt_ids
+    tok = load_tokenizer("gpt2")
+    turns = [("system", "Be brief."), ("user", content)]
+    example = tokenize_examples([turns + [("assistant", "Yes.")]], tok)
+    answer = len(tok.encode_batch([" Yes.\n"])[0]) + 1
+    assert chat_prompt_ids(turns, tok) == example.tokens[:-answer].tolist()
+    with pytest.raises(ValueError, match="unknown role 'bot'; the roles are system, user"):
+        chat_prompt_ids([("bot", "x")], tok)
