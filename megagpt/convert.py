@@ -288,9 +288,13 @@ def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
     its training config recorded, maybe relative to another folder) does not load, the message
     says where the path came from and how to give another. One with more ids than the model's
     vocabulary is refused (a ConversionError naming where it came from): it is not the one the
-    model was trained with, whose text it would garble."""
+    model was trained with, whose text it would garble; so is a given one that is known not to
+    be (`tokenizer_mismatch`)."""
     if given:
         tok = load_tokenizer(given, "--tokenizer")
+        mismatch = tokenizer_mismatch(source, tok, "--tokenizer")
+        if mismatch:
+            raise ConversionError(mismatch)
     else:
         try:
             tok = load_tokenizer(source.tokenizer_path, "data.tokenizer_path")
@@ -300,7 +304,10 @@ def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
                                  f"from {Path.cwd()}): {reason}; fix: pass --tokenizer PATH") from e
     if tok.vocab_size > source.model.vocab_size:
         where = (f"--tokenizer {given}" if given else
-                 f"the tokenizer recorded with {source.path} ({source.tokenizer_path})")
+                 f"the tokenizer recorded with {source.path} ({source.tokenizer_path})"
+                 if source.tokenizer_known else
+                 f"the tokenizer {source.tokenizer_path}, taken by default ({source.path} "
+                 f"records none it was trained with),")
         raise ConversionError(f"{where} has {tok.vocab_size} ids but the model's vocabulary is "
                               f"{source.model.vocab_size} (model.vocab_size); fix: pass the "
                               f"tokenizer the model was trained with (--tokenizer PATH)")

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -622,9 +623,9 @@ def test_hf_to_hf_and_a_tokenizer_larger_than_the_vocabulary_are_refused(tmp_pat
     small_full = dict(full, **{"embedding.wte.weight": full["embedding.wte.weight"][:1001]})
     m = load_config(raw=small).model
     write_checkpoint_offline(tmp_path / "small", 1, shard_full_state(small_full, m, 1, 1), meta)
-    recorded = (f"the tokenizer recorded with {tmp_path / 'small' / 'step_0000001'} \\(gpt2\\) "
-                f"has 50257 ids but the model's vocabulary is 1001 \\(model.vocab_size\\); fix: "
-                f"pass the tokenizer the model was trained with")
+    recorded = (f"the tokenizer gpt2, taken by default \\({tmp_path / 'small' / 'step_0000001'} "
+                f"records none it was trained with\\), has 50257 ids but the model's vocabulary is "
+                f"1001 \\(model.vocab_size\\); fix: pass the tokenizer the model was trained with")
     with pytest.raises(ConversionError, match=recorded):
         quiet(tmp_path / "small", tmp_path / "out", "hf")
     with pytest.raises(ConversionError, match="--tokenizer gpt2 has 50257 ids but the model's "
@@ -635,7 +636,7 @@ def test_hf_to_hf_and_a_tokenizer_larger_than_the_vocabulary_are_refused(tmp_pat
     capsys.readouterr()
     assert tool("generate").main(["--checkpoint", str(tmp_path / "small"), "--prompt", "a",
                                   "--greedy", "--max-new-tokens", "2"]) == 1
-    assert "generate: error: the tokenizer recorded with" in capsys.readouterr().err
+    assert "generate: error: the tokenizer gpt2, taken by default" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,6 +690,34 @@ def test_generate_tool_with_a_smaller_tokenizer_says_so_and_chooses_only_its_ids
     new = [small.encode(text.rstrip("\n"))[len(small.encode(p)):]
            for text, p in zip(texts, ["ROMEO:", "soft"])]
     assert all(new), out.out          # every row printed text of its own
+
+
+def test_a_tokenizer_given_that_is_not_the_one_trained_with_is_refused(tmp_path, full, capsys):
+    """--tokenizer of generate.py and convert_checkpoint.py --to hf: one whose fingerprint is not
+    the recorded one would read the prompt as other ids and write other text: refused as
+    checkpoint.pretrained refuses it; the one trained with (as a copy elsewhere) is taken."""
+    from megagpt.data.tokenizer import train_bpe_tokenizer
+    text = ["ROMEO: but soft, what light through yonder window breaks"] * 20
+    trained = train_bpe_tokenizer(text, vocab_size=300, output_dir=tmp_path / "tok")
+    train_bpe_tokenizer([t.upper() for t in text], vocab_size=300, output_dir=tmp_path / "other")
+    shutil.copytree(tmp_path / "tok", tmp_path / "copy")
+    cfg = CFG.to_dict()
+    cfg["data"].update(mock=False, tokenizer_path=str(tmp_path / "tok"))
+    meta = {"config": cfg, "consumed_samples": 40, "tokenizer_fingerprint": trained.fingerprint,
+            "parallel": {"tp": 1, "pp": 1, "dp": 1, "vp": 1}}
+    write_checkpoint_offline(tmp_path / "run", 5, shard_full_state(full, M, 1, 1), meta)
+    step = tmp_path / "run" / "step_0000005"
+    refusal = (f"{step} was trained with the tokenizer {tmp_path / 'tok'} (fingerprint "
+               f"{trained.fingerprint[:12]}), but --tokenizer={tmp_path / 'other'} is another")
+    main = tool("generate").main
+    argv = ["--checkpoint", str(tmp_path / "run"), "--prompt", "ROMEO:", "--greedy",
+            "--max-new-tokens", "2", "--tokenizer"]
+    assert main([*argv, str(tmp_path / "other")]) == 1
+    assert refusal in capsys.readouterr().err
+    with pytest.raises(ConversionError, match=re.escape(refusal)):
+        convert(tmp_path / "run", tmp_path / "hf", "hf", tokenizer=str(tmp_path / "other"),
+                log=lambda _: None)
+    assert main([*argv, str(tmp_path / "copy")]) == 0
 
 
 def test_a_recorded_tokenizer_path_that_does_not_load_says_where_it_came_from(ours, monkeypatch,
