@@ -22,6 +22,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,15 +125,18 @@ def stop_signals_deferred() -> Iterator[None]:
     """Inside, SIGTERM and SIGINT are only noted; on leaving, the handlers in place before are
     restored and each noted signal is delivered to them again. For work that must not be cut
     mid-way: forking worker processes, where an exception raised inside fork's own hooks is
-    swallowed ("Exception ignored in ...": the tool would run on to the end) and a pool cut
-    while starting can hang at its shutdown. A process forked inside inherits the noting
-    handlers: it calls `stop_signals_restored_in_child` first. Off the main thread, where
+    swallowed ("Exception ignored in ...": the tool would run on to the end), and a process
+    pool's own code, where an exception raised between taking a lock and releasing it leaves
+    the lock taken and the pool hung; long work inside checks `stop_if_noted` where it may
+    stop. A signal ignored when it starts stays ignored. A process forked inside inherits the
+    noting handlers: it calls `stop_signals_restored_in_child` first. Off the main thread, where
     Python cannot set handlers (and signals are not delivered), it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _noted.clear()
-    _deferred_from.update({s: signal.signal(s, _note) for s in _STOP_SIGNALS})
+    _deferred_from.update({s: signal.signal(s, _note) for s in _STOP_SIGNALS
+                           if signal.getsignal(s) is not signal.SIG_IGN})   # ignored stays so
     try:
         yield
     finally:
@@ -140,6 +144,18 @@ def stop_signals_deferred() -> Iterator[None]:
             signal.signal(s, handler)
         _deferred_from.clear()
         _raise_noted()
+
+
+class StopNoted(BaseException):
+    """Raised by `stop_if_noted` inside `stop_signals_deferred` once a stop signal has arrived:
+    the work unwinds from a point of its choosing, and on leaving the deferral the signal is
+    delivered, its handler's exception (SystemExit, KeyboardInterrupt) taking this one's place."""
+
+
+def stop_if_noted() -> None:
+    """Inside `stop_signals_deferred`: raise `StopNoted` if a stop signal has arrived."""
+    if _noted:
+        raise StopNoted(_noted[0])
 
 
 def stop_signals_restored_in_child() -> None:
@@ -150,6 +166,19 @@ def stop_signals_restored_in_child() -> None:
         signal.signal(s, handler)
     _deferred_from.clear()
     _raise_noted()
+
+
+def exit_with_parent(interval: float = 1.0) -> None:
+    """In a worker process: end it (exit status 1) within `interval` seconds of its parent's
+    end, however the parent ended. A parent killed with SIGKILL cannot stop its workers, and a
+    worker blocked on a pipe nobody reads would otherwise live on, an orphan holding its core."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @contextmanager

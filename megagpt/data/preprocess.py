@@ -88,10 +88,14 @@ _WORKER: dict = {}
 def _init_worker(tokenizer_path: str, json_keys: tuple[str, ...], append_eod: bool,
                  dtype: str) -> None:
     # A terminal's Ctrl-C reaches the whole group: the parent stops the pool, the workers ignore
-    # it. A stop signal while starting ends the worker without a traceback; the parent reports
-    # it (a broken pool, when the signal reached only this worker).
+    # it. SIGTERM ends a worker at once, without unwinding: a SystemExit raised inside the pool's
+    # queue code could leave the queue's lock taken, and the other workers and the pool's
+    # shutdown would wait for it forever. The parent reports a worker's end (a broken pool),
+    # when the signal reached only this worker.
     try:
+        fsutil.exit_with_parent()                       # a parent killed outright leaves none
         fsutil.stop_signals_restored_in_child()         # forked while stop signals were deferred
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the count
         tok = load_tokenizer(tokenizer_path)
@@ -226,6 +230,7 @@ def _encode_in_order(stream, pool, writers: list[IndexedDatasetWriter], summary:
             try:
                 encoded, skips = result.result()
             except BrokenProcessPool as e:   # multiprocessing.Pool would wait for it forever
+                fsutil.stop_if_noted()       # ended by the signal that stops this run too
                 raise PreprocessError(f"--input {summary.input!r}: an encoding worker process "
                                       f"died (killed, or out of memory) after "
                                       f"{summary.documents:,} documents; fix: fewer --workers, "
@@ -247,11 +252,42 @@ def _encode_in_order(stream, pool, writers: list[IndexedDatasetWriter], summary:
 
         # a damaged gzip stream or an unreadable file raises InputError from jsonl.iter_lines
         for first, lines, size in _chunks(stream, chunk_bytes):
+            fsutil.stop_if_noted()
             pending.append((size, pool.submit(encode_chunk, first, lines)))
             if len(pending) >= max_in_flight:
                 write_oldest()
         while pending:
+            fsutil.stop_if_noted()
             write_oldest()
+
+
+def _open_writer(prefix: str, dtype: np.dtype, meta: dict,
+                 output_prefix: str | os.PathLike) -> IndexedDatasetWriter:
+    try:
+        return IndexedDatasetWriter(prefix, dtype, meta)
+    except OSError as e:
+        raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r}: cannot write "
+                              f"{prefix}.bin ({e.strerror}); fix: choose a writable "
+                              f"location") from e
+
+
+def _complete(writers: list[IndexedDatasetWriter], summary: PreprocessSummary,
+              keys: tuple[str, ...], output_prefix: str | os.PathLike) -> None:
+    """Write every key's index, then put every key's pair in place: a dataset already there is
+    replaced only when all the new ones are complete."""
+    if summary.documents == 0:
+        skipped = "\n".join(summary.skipped.lines())
+        raise PreprocessError(f"--input {summary.input!r} has no usable document for --json-keys "
+                              f"{' '.join(keys)}; skipped lines:\n{skipped}")
+    try:
+        for writer in writers:
+            writer.write_index()
+    except OSError as e:
+        raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r}: cannot write the "
+                              f"index ({e.strerror or e}); fix: free space or choose another "
+                              f"location") from e
+    for writer in writers:
+        writer.commit()
 
 
 def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.PathLike,
@@ -301,41 +337,27 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
         writers: list[IndexedDatasetWriter] = []
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                           else "spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(os.fspath(tokenizer), keys, append_eod, dtype.str))
-        try:
-            with fsutil.stop_signals_deferred():   # the first task forks every worker
-                pool.submit(int)
-            for p, key in zip(prefixes, keys):
-                try:
-                    writers.append(IndexedDatasetWriter(p, dtype, dict(
+        # A stop signal (Ctrl-C, SIGTERM) is only noted while the pool runs, and acted on between
+        # chunks: raised inside the pool's own code (forking the workers, submitting, waiting
+        # for a result), it could leave one of the pool's locks taken and the run hung.
+        with fsutil.stop_signals_deferred():
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(os.fspath(tokenizer), keys, append_eod, dtype.str))
+            try:
+                pool.submit(int)           # the first task forks every worker
+                for p, key in zip(prefixes, keys):
+                    writers.append(_open_writer(p, dtype, dict(
                         tokenizer_record(tok), json_key=key, append_eod=append_eod,
-                        made_by="tools/preprocess_data.py")))
-                except OSError as e:
-                    raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r}: cannot "
-                                          f"write {p}.bin ({e.strerror}); fix: choose a writable "
-                                          f"location") from e
-            _encode_in_order(stream, pool, writers, summary, chunk_bytes, 2 * workers + 2, progress,
-                             os.fspath(output_prefix))
-            if summary.documents == 0:
-                skipped = "\n".join(summary.skipped.lines())
-                raise PreprocessError(f"--input {os.fspath(input_path)!r} has no usable document "
-                                      f"for --json-keys {' '.join(keys)}; skipped lines:\n{skipped}")
-            try:   # every key's index first: a dataset already there is replaced only when
-                for writer in writers:   # all the new ones are complete
-                    writer.write_index()
-            except OSError as e:
-                raise PreprocessError(f"--output-prefix {os.fspath(output_prefix)!r}: cannot "
-                                      f"write the index ({e.strerror or e}); fix: free space or "
-                                      f"choose another location") from e
-            for writer in writers:
-                writer.commit()
-        except BaseException:
-            for writer in writers:
-                writer.abort()
-            raise
-        finally:   # on an error, chunks not started are dropped and the running ones end
-            pool.shutdown(wait=True, cancel_futures=True)
+                        made_by="tools/preprocess_data.py"), output_prefix))
+                _encode_in_order(stream, pool, writers, summary, chunk_bytes, 2 * workers + 2,
+                                 progress, os.fspath(output_prefix))
+                _complete(writers, summary, keys, output_prefix)
+            except BaseException:
+                for writer in writers:
+                    writer.abort()
+                raise
+            finally:   # on an error, chunks not started are dropped and the running ones end
+                pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - start
     summary.output_bytes = sum(bin_path(p).stat().st_size + idx_path(p).stat().st_size
                                for p in prefixes)

@@ -109,6 +109,32 @@ def test_a_deferred_signal_reaches_the_handler_that_was_in_place():
         signal.signal(signal.SIGINT, previous_int)
 
 
+def test_work_inside_a_deferral_stops_where_it_checks():
+    """stop_if_noted: the work stops at its next check after the signal, and the signal's own
+    exception (SIGTERM's SystemExit(143)) is what leaves the deferral; an ignored one is not
+    noted."""
+    previous = signal.getsignal(signal.SIGTERM)
+    fsutil.clean_up_on_sigterm()
+    done = []
+    try:
+        with pytest.raises(SystemExit) as info:
+            with fsutil.stop_signals_deferred():
+                for i in range(3):
+                    fsutil.stop_if_noted()
+                    done.append(i)
+                    if i == 1:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(0.05)
+        assert done == [0, 1] and info.value.code == 143
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with fsutil.stop_signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            fsutil.stop_if_noted()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_deferring_off_the_main_thread_changes_nothing():
     errors = []
 
@@ -197,3 +223,38 @@ def test_a_folder_that_cannot_hold_a_lock_is_not_locked(tmp_path):
     (tmp_path / "afile").write_text("x")
     lock = fsutil.FolderLock(tmp_path / "afile")
     assert lock.take() is None and not lock.held
+
+
+def _ended(pid: int) -> bool:
+    """Whether process pid has ended (gone, or a zombie its new parent has not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _parent_of_a_worker(conn):
+    worker = os.fork()
+    if worker == 0:
+        fsutil.exit_with_parent(interval=0.05)
+        conn.send(os.getpid())
+        time.sleep(60)          # a worker that would never end by itself
+        os._exit(0)
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_ends_when_its_parent_is_killed_outright():
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    parent = ctx.Process(target=_parent_of_a_worker, args=(send,))
+    parent.start()
+    assert receive.poll(30)
+    worker = receive.recv()
+    assert not _ended(worker)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.join()
+    deadline = time.monotonic() + 10
+    while not _ended(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _ended(worker)
