@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from megagpt.config import (HF_TO_MODEL, ConfigError, KernelsConfig, ModelConfig,
+from megagpt.config import (HF_DROPOUTS, HF_TO_MODEL, ConfigError, KernelsConfig, ModelConfig,
                             layout_problems, load_config, model_fields_from_hf, read_json)
 from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_to
 from megagpt.fsutil import give_default_mode, replace_folder_atomically, why_not_a_folder
@@ -164,6 +164,9 @@ def read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         kind = f"a {hf['model_type']!r} model" if "model_type" in hf else "no model_type"
         raise ConversionError(f"{path} config.json names {kind}; only GPT-2 (model_type "
                               f"\"gpt2\") converts")
+    drops = {k: hf[k] for k in HF_DROPOUTS if k in hf}
+    if len(set(drops.values())) > 1:   # changes neither the weights nor inference: one of them
+        hf = {**hf, **dict.fromkeys(drops, drops.get("resid_pdrop", next(iter(drops.values()))))}
     problems: list[str] = []
     where = str(path / "config.json")
     fields = model_fields_from_hf(hf, where, problems)
@@ -396,7 +399,8 @@ def write_megagpt(source: Source, save_dir: Path, tp: int, pp: int, vp: int) -> 
     meta = {"config": converted_config(source, tp, pp, vp),
             "consumed_samples": source.consumed_samples,
             "parallel": {"tp": tp, "pp": pp, "dp": 1, "vp": vp, "zero_stage": 0},
-            "converted_from": str(source.path), "skipped_total": source.skipped_total}
+            "converted_from": str(Path(source.path).absolute()),   # meaningful from anywhere
+            "skipped_total": source.skipped_total}
     if source.train_samples is not None:        # the data order the run was on
         meta["train_samples"] = source.train_samples
     if source.data_index_version is not None:

@@ -211,6 +211,25 @@ def test_hf_to_ours_to_hf_gives_identical_tensors(tmp_path, hf_folder):
         assert torch.equal(back[k], v), k
 
 
+def test_an_hf_gpt2_with_different_dropouts_converts_with_its_residual_one(tmp_path, hf_folder,
+                                                                           monkeypatch):
+    """Dropout changes neither the weights nor inference: a config.json whose three dropout
+    probabilities differ (which transformers loads) converts, model.dropout = resid_pdrop. The
+    source given as a relative path is recorded whole."""
+    folder = tmp_path / "drops"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(attn_pdrop=0.0, resid_pdrop=0.1, embd_pdrop=0.2)
+    (folder / "config.json").write_text(json.dumps(config))
+    source = load_source(folder)
+    assert source.model.dropout == 0.1
+    assert source.full_state.keys() == load_source(hf_folder).full_state.keys()
+    monkeypatch.chdir(tmp_path)
+    quiet("drops", tmp_path / "ours", "megagpt", verify=True)
+    meta = json.loads((tmp_path / "ours" / "step_0000000" / "meta.json").read_text())
+    assert meta["converted_from"] == str(folder)
+
+
 def test_the_python_block_of_models_md_runs_as_written(hf_folder, capsys):
     """docs/models.md shows how to load a model from Python: that block, on a Hugging Face
     folder instead of runs/tiny_model/checkpoints."""
