@@ -17,6 +17,8 @@ a port of that loop.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -117,6 +119,14 @@ class BlendedDataset(torch.utils.data.Dataset):
         for i, (ds, n) in enumerate(zip(datasets, needed)):
             if n > len(ds):
                 raise ValueError(f"the blend takes {n} samples from dataset {i}, which has {len(ds)}")
+
+    @property
+    def data_digest(self) -> str | None:
+        """The datasets' `data_digest`s, together (None when one has none)."""
+        digests = [getattr(ds, "data_digest", None) for ds in self.datasets]
+        if None in digests:
+            return None
+        return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.dataset_index)

@@ -138,6 +138,16 @@ def build_sample_index(sizes: np.ndarray, documents: np.ndarray, seq_length: int
     return doc_idx, sample_idx, shuffle_idx
 
 
+def content_digest(*arrays: np.ndarray) -> str:
+    """16 hex digits of SHA-256 over the arrays' bytes: a dataset's `data_digest`, which a
+    checkpoint records so that a resume on other data (files made again with other documents,
+    the same paths and settings) is told the samples' order changed."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_sample_index(indexed: IndexedDataset, documents: np.ndarray, seq_length: int,
                         num_samples: int | None, seed: int, cache_dir: str | os.PathLike | None,
                         name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -237,8 +247,9 @@ class GPTDataset(torch.utils.data.Dataset):
         self.vocab_size = vocab_size
         self.name = name
         self.num_samples = num_samples
-        self.tokens_per_epoch = int(np.asarray(indexed.sizes)[np.asarray(documents)].sum(
-            dtype=np.int64))
+        lengths = np.asarray(indexed.sizes)[np.asarray(documents)]
+        self.tokens_per_epoch = int(lengths.sum(dtype=np.int64))
+        self.data_digest = content_digest(lengths.astype(np.int64))   # what a resume compares
         self.doc_idx, self.sample_idx, self.shuffle_idx = cached_sample_index(
             indexed, np.asarray(documents), seq_length, num_samples, seed, cache_dir, name)
 

@@ -44,8 +44,8 @@ import torch
 
 from megagpt.data import jsonl
 from megagpt.data.blend import parse_data_path
-from megagpt.data.gpt_dataset import (DatasetBuildError, build_sample_index, epoch_plan,
-                                     gather_sample, make_item, split_ranges)
+from megagpt.data.gpt_dataset import (DatasetBuildError, build_sample_index, content_digest,
+                                     epoch_plan, gather_sample, make_item, split_ranges)
 from megagpt.data.indexed import dataset_exists
 from megagpt.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -213,6 +213,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.pad_id = pad_id
         self.num_samples = num_samples
         self.skipped = examples.skipped
+        self.data_digest = content_digest(examples.tokens, examples.offsets)
         if packing:
             self.doc_idx, self.sample_idx, self.order = build_sample_index(
                 examples.lengths, np.arange(len(examples)), seq_length, num_samples, seed)

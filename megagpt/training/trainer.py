@@ -222,7 +222,7 @@ class Trainer:
         # train() holds the lock itself
         self._lock_save_dir(note_unlocked=False).release()
         self._check_save_dir_shared()
-        self._resumed = None          # (path, consumed, its sample count, data changes)
+        self._resumed = None          # (path, consumed, its sample count, data changes, digest)
         self.tokenizer_fingerprint = None     # data.tokenizer_path's, once loaded (meta.json)
         self.eod_id = None                    # its end-of-document id, once loaded
         self._resume()
@@ -822,7 +822,8 @@ class Trainer:
         samples = meta.get("train_samples")   # absent before it was kept: the saved run's count
         if samples is None and saved_batch is not None and "max_steps" in saved:
             samples = saved["max_steps"] * saved_batch
-        self._resumed = (path, meta.get("consumed_samples"), samples, data)
+        self._resumed = (path, meta.get("consumed_samples"), samples, data,
+                         meta.get("train_data_digest"))
 
     def _first_rate_change(self, saved: dict, step: int, skipped: int) -> str | None:
         """Where the rates of the steps from `step` to max_steps first differ from those the
@@ -868,12 +869,20 @@ class Trainer:
         consumed come in another order than the saved run's (its data settings differ, or its
         sample count does in a way that changes the order: the epochs of a dataset, or how its
         last epoch is shuffled)."""
-        path, consumed, samples, data = self._resumed
+        path, consumed, samples, data, digest = self._resumed
         if samples is not None and samples != self.train_samples and self.train_ds is not None \
                 and not self.train_ds.same_order(samples):
             data.append(f"training samples {samples} -> {self.train_samples} (consumed + steps "
                         f"to go x global batch), which changes a dataset's epochs or how its "
                         f"last epoch is shuffled")
+        now = self._train_data_digest()
+        if digest is not None and now is not None and digest != now and not any(
+                change.startswith(DATA_CONTENT_FIELDS) for change in data):
+            what = ("the examples' tokens" if self.cfg.data.format == "sft"
+                    else "the documents' count or lengths")
+            data.append(f"the training data itself ({what} differ from the saved run's: the "
+                        f"files at data.train_data_path were made again or replaced; digest "
+                        f"{digest} -> {now})")
         if data:
             self.log(f"warning: resuming {path} with other data settings ({', '.join(data)}); "
                      f"the training samples' order is built from them, so after the "
@@ -889,7 +898,14 @@ class Trainer:
                 "megagpt_version": __version__}
         if self.tokenizer_fingerprint is not None:   # checkpoint.pretrained checks it
             meta["tokenizer_fingerprint"] = self.tokenizer_fingerprint
+        if self._train_data_digest() is not None:     # a resume on other data is told
+            meta["train_data_digest"] = self._train_data_digest()
         return meta
+
+    def _train_data_digest(self) -> str | None:
+        """The training dataset's `data_digest` (its documents' lengths, or a fine-tuning set's
+        tokens), or None (mock data, or a rank without the data)."""
+        return getattr(getattr(self, "train_ds", None), "data_digest", None)
 
     def _save_deepspeed(self) -> Path:
         path = self.engine.save(self.save_dir, self.step, meta=self._meta(),
@@ -990,6 +1006,9 @@ class Trainer:
 
 DATA_ORDER_FIELDS = (("training", "seed"), ("data", "train_data_path"), ("data", "mock"),
                      ("data", "format"), ("data", "sft_packing"))
+# changes that explain other training data by themselves (no digest line beside them)
+DATA_CONTENT_FIELDS = ("data.train_data_path", "data.mock", "data.format", "data.split",
+                       "data.val_data_path", "data.tokenizer_path")
 
 
 def data_order_changes(saved: dict, cfg: Config) -> list[str]:

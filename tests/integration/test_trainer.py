@@ -152,12 +152,14 @@ def test_the_global_batch_warning_suggests_a_split_the_layout_accepts(micro, sav
     assert message.endswith(fix), message
 
 
-def _resume_on_indexed_data(rank, world, run_dir, max_steps, until):
+def _resume_on_indexed_data(rank, world, run_dir, max_steps, until, last_length=40):
     """The tiny model on 30 documents of 40 tokens (28 of them for training: 69 samples of 16
-    an epoch; global batch 8): the order of the samples depends on their count."""
+    an epoch; global batch 8): the order of the samples depends on their count. `last_length`:
+    the first document's length (the data made again, otherwise)."""
     from megagpt.data.indexed import write_documents
     g = torch.Generator().manual_seed(3)
     docs = [torch.randint(0, TINY_VOCAB, (40,), generator=g).tolist() for _ in range(30)]
+    docs[0] = docs[0][:last_length]
     prefix = str(write_documents(Path(run_dir) / "d", docs).prefix)
     return _resume_with(rank, world, run_dir, max_steps, until, dict(
         data__mock=False, data__train_data_path=[prefix], model__vocab_size=50257,
@@ -179,6 +181,13 @@ def test_a_resume_is_told_of_a_new_sample_order_only_when_the_count_changes_it(t
     from megagpt.data.tokenizer import load_tokenizer
     meta = json.loads((tmp_path / "ckpt" / "step_0000006" / "meta.json").read_text())
     assert meta["tokenizer_fingerprint"] == load_tokenizer("gpt2").fingerprint
+    # the same paths and settings, the data made again with a document 1 token shorter
+    other = run_distributed(_resume_on_indexed_data, 1, str(tmp_path), 30, 8, 39)[0]
+    changed = [m for m in other if "other data settings" in m]
+    assert len(changed) == 1 and (f"other data settings (the training data itself (the "
+                                  f"documents' count or lengths differ from the saved run's: "
+                                  f"the files at data.train_data_path were made again or "
+                                  f"replaced; digest {meta['train_data_digest']} -> ") in changed[0]
 
 
 def test_the_data_order_settings_follow_what_the_training_split_is_built_from():

@@ -293,6 +293,27 @@ def test_index_cache_is_hashed_atomic_and_reused(corpus, tmp_path):
     assert {p.stat().st_mode & 0o777 for p in cache.iterdir()} == {0o666 & ~mask}
 
 
+def test_the_data_digest_follows_the_documents_lengths_and_the_blend(tmp_path):
+    """What a checkpoint records of its training data: the same for the same documents (any
+    seed or sample count), another when a document's length or the split's documents differ;
+    a blend's, from its datasets'."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 100, n).tolist() for n in (30, 41, 17, 25)]
+    a = IndexedDataset(write_documents(tmp_path / "a", docs).prefix)
+    b = IndexedDataset(write_documents(tmp_path / "b", docs[:3] + [docs[3][:-1]]).prefix)
+    digest = GPTDataset(a, np.arange(4), 8, 10, seed=1, cache_dir=tmp_path).data_digest
+    assert GPTDataset(a, np.arange(4), 8, 30, seed=2, cache_dir=tmp_path).data_digest == digest
+    assert GPTDataset(b, np.arange(4), 8, 10, seed=1, cache_dir=tmp_path).data_digest != digest
+    assert GPTDataset(a, np.arange(3), 8, 10, seed=1, cache_dir=tmp_path).data_digest != digest
+    parts = [GPTDataset(x, np.arange(4), 8, 10, seed=1, cache_dir=tmp_path) for x in (a, b)]
+    index, sample = blending_indices([0.5, 0.5], 10)
+    blend = BlendedDataset(parts, [0.5, 0.5], index, sample).data_digest
+    parts.reverse()
+    assert BlendedDataset(parts, [0.5, 0.5], index, sample).data_digest != blend
+    mock = MockGPTDataset(10, 8, 100, seed=1)
+    assert BlendedDataset([parts[0], mock], [0.5, 0.5], index, sample).data_digest is None
+
+
 def test_default_cache_next_to_data_and_unwritable_cache(corpus, tmp_path):
     prefix, _ = corpus
     build_gpt_datasets(prefix, split="1,0,0", seq_length=8, num_samples=(5, 0, 0))

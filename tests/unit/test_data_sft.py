@@ -259,3 +259,15 @@ def test_a_chat_prompt_is_what_training_saw_before_the_answer(content):
     assert chat_prompt_ids(turns, tok) == example.tokens[:-answer].tolist()
     with pytest.raises(ValueError, match="unknown role 'bot'; the roles are system, user"):
         chat_prompt_ids([("bot", "x")], tok)
+
+
+def test_the_data_digest_follows_the_examples_tokens():
+    """What a checkpoint records of its training data: equal for the same examples, another
+    for an example changed (a resume on it is told)."""
+    tok = load_tokenizer("gpt2")
+    turns = [[("user", "Who wrote Hamlet?"), ("assistant", "Shakespeare.")],
+             [("user", "When?"), ("assistant", "Around 1600.")]]
+    changed = [turns[0], [("user", "When?"), ("assistant", "Around 1601.")]]
+    digests = [SFTDataset(tokenize_examples(t, tok), 16, None, True, 1, tok.eod_id).data_digest
+               for t in (turns, turns, changed)]
+    assert digests[0] == digests[1] != digests[2] and len(digests[0]) == 16
