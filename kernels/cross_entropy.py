@@ -212,10 +212,10 @@ class CrossEntropyFunction(torch.autograd.Function):
             weight = weight.reshape(-1).float().contiguous()
         if reduction == "sum":
             n_valid = torch.ones((), device=logits.device, dtype=torch.float32)
-        elif weight is None:
-            n_valid = (target != ignore_index).sum(dtype=torch.float32)
+        elif weight is None:     # compared as int64, as the kernel compares: a narrower
+            n_valid = (target.long() != ignore_index).sum(dtype=torch.float32)   # type wraps it
         else:
-            n_valid = weight.masked_fill(target.reshape(-1) == ignore_index, 0.0).sum()
+            n_valid = weight.masked_fill(target.reshape(-1).long() == ignore_index, 0.0).sum()
         loss_rows = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
         lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
         _fwd_kernel[(n_rows,)](logits, target, lse if weight is None else weight, loss_rows, lse,
@@ -280,6 +280,7 @@ def _check_target_range(target, ignore_index, n_classes):
     """On the CPU (where it costs no synchronisation) reject targets outside the vocabulary."""
     if target.device.type != "cpu":
         return
+    target = target.long()      # a narrower type would wrap ignore_index and n_classes
     valid = target[target != ignore_index]
     if valid.numel() and (valid.min() < 0 or valid.max() >= n_classes):
         raise ValueError(f"target holds class {int(valid.min())}..{int(valid.max())} but there "
@@ -444,7 +445,7 @@ def cross_entropy_shard_grad_reference(logits, target, vocab_start, lse, grad_ro
     onehot.scatter_(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1),
                     in_shard.unsqueeze(-1).float())
     scale = torch.ones_like(lse) if grad_row is None else grad_row.float()
-    scale = torch.where(target == ignore_index, torch.zeros_like(scale), scale)
+    scale = torch.where(target.long() == ignore_index, torch.zeros_like(scale), scale)
     return ((grad - onehot) * scale.unsqueeze(-1)).to(logits.dtype)
 
 

@@ -40,8 +40,8 @@ class BackendUnavailable(RuntimeError):
     device); the message names the setting and what to install or choose instead."""
 from .bias_gelu import bias_gelu, bias_gelu_torch
 from .cross_entropy import cross_entropy, cross_entropy_torch
-from .flash_attention import (check_document_ids, check_qkv, document_mask, flash_attention,
-                              flash_attention_reference)
+from .flash_attention import (check_document_ids, check_dropout_p, check_qkv, document_mask,
+                              flash_attention, flash_attention_reference)
 from .layer_norm import _check_inputs as check_layer_norm_inputs
 from .layer_norm import layer_norm, layer_norm_torch
 from .softmax import scaled_masked_softmax, scaled_masked_softmax_torch
@@ -59,6 +59,7 @@ def sdpa_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, docu
     """torch.nn.functional.scaled_dot_product_attention on (batch, heads, seq, head_dim). With
     document_ids it takes a (batch, 1, seq, seq) mask, which rules out SDPA's flash backend."""
     check_qkv(q, k, v)
+    dropout_p = check_dropout_p(dropout_p)
     if document_ids is None:
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
@@ -73,6 +74,7 @@ def flash_attn_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0
     """The flash-attn package's flash_attn_func, which wants (batch, seq, heads, head_dim);
     with document_ids its flash_attn_varlen_func, each document a sequence of its own."""
     check_qkv(q, k, v)
+    dropout_p = check_dropout_p(dropout_p)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q has dtype {q.dtype}; the flash_attn backend supports float16 and "
                         "bfloat16 only; choose kernels.attention=triton or sdpa for float32")
@@ -121,8 +123,9 @@ def _flash_attn_documents(q, k, v, causal, softmax_scale, dropout_p, document_id
 
 
 def eager_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, document_ids=None):
-    """The `eager` backend: `flash_attention_reference` after `check_qkv`."""
+    """The `eager` backend: `flash_attention_reference` after `check_qkv` and `check_dropout_p`."""
     check_qkv(q, k, v)
+    dropout_p = check_dropout_p(dropout_p)
     if document_ids is not None:
         check_document_ids(document_ids, q.shape[0], q.shape[2], q.device)
     return flash_attention_reference(q, k, v, causal, softmax_scale, dropout_p,

@@ -715,7 +715,7 @@ def _check_packed(qkv):
     _check_head_dim("qkv", qkv.shape[-1])
 
 
-def _check_dropout_p(dropout_p) -> float:
+def check_dropout_p(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or \
             not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p!r}: must be a number in [0, 1)")
@@ -783,7 +783,7 @@ def dropout_keep_mask(seed, batch_heads: int, seq_len: int, dropout_p: float, de
         the probability is kept; scale, what the kept ones are multiplied by (1 / the keep
         probability of the rounded rate).
     """
-    dropout_p = _check_dropout_p(dropout_p)
+    dropout_p = check_dropout_p(dropout_p)
     _check_seed(seed)
     if _dropout_threshold(dropout_p) == 0:
         return torch.ones(batch_heads, seq_len, seq_len, dtype=torch.bool, device=device), 1.0
@@ -859,7 +859,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     """
     _check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    dropout_p = _check_dropout_p(dropout_p)
+    dropout_p = check_dropout_p(dropout_p)
     _check_seed(seed)
     if document_ids is not None:
         check_document_ids(document_ids, q.shape[0], q.shape[2], q.device)
@@ -888,7 +888,7 @@ def flash_attention_qkvpacked(qkv, causal=True, softmax_scale=None, dropout_p=0.
     """
     _check_packed(qkv)
     scale = 1.0 / math.sqrt(qkv.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    dropout_p = _check_dropout_p(dropout_p)
+    dropout_p = check_dropout_p(dropout_p)
     _check_seed(seed)
     if document_ids is not None:
         check_document_ids(document_ids, qkv.shape[0], qkv.shape[1], qkv.device)

@@ -6,6 +6,7 @@ import torch
 from megagpt.kernels import (cross_entropy, cross_entropy_reference, cross_entropy_shard_grad,
                              cross_entropy_shard_grad_reference, cross_entropy_shard_stats,
                              cross_entropy_shard_stats_reference)
+from megagpt.kernels.cross_entropy import cross_entropy_torch
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU")
@@ -43,6 +44,32 @@ def test_other_ignore_index_and_int32_target(compare, device):
     target = target.int()
     compare(lambda x: cross_entropy(x, target, 7), lambda x: cross_entropy_reference(x, target, 7),
             [logits], F32, ["logits"])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16], ids=str)
+def test_narrow_integer_targets(compare, device, dtype):
+    """Targets of a type narrower than int32 (a byte-level model's uint8): the ignored rows are
+    counted, and the range checked, in int64. Compared in the target's own type, -100 wrapped
+    to 156 in uint8 (class 156's rows were left out of the mean) and 256 classes to 0 (every
+    target out of range)."""
+    top = {torch.uint8: 255, torch.int8: 127, torch.int16: 300}[dtype]
+    vocab = top + 1
+    logits = (torch.randn(12, vocab, device=device) * 2).requires_grad_()
+    target = torch.randint(0, vocab, (12,), device=device)
+    target[:3] = torch.tensor([156 % vocab, top, 0])
+    if dtype != torch.uint8:
+        target[5] = -100
+    target = target.to(dtype)
+    compare(lambda x: cross_entropy(x, target), lambda x: cross_entropy_reference(x, target),
+            [logits], F32, ["logits"])
+    for backend in (cross_entropy, cross_entropy_torch):
+        backend(logits.detach(), target)              # in range: no error
+    if dtype != torch.uint8:
+        lse = torch.logsumexp(logits.detach(), -1)
+        grad = cross_entropy_shard_grad(logits.detach(), target, 0, lse)
+        assert torch.all(grad[5] == 0)
+        want = cross_entropy_shard_grad_reference(logits.detach(), target, 0, lse)
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
 
 
 def test_all_rows_ignored_gives_nan_and_zero_grad(device):

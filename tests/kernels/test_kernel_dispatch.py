@@ -164,6 +164,15 @@ def test_a_bad_attention_input_is_the_same_error_on_every_backend(backend, k_sha
         get_op("attention", backend, "cpu")(q, k, k.clone())
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "eager"])
+@pytest.mark.parametrize("dropout_p", [1.0, -0.1, True])
+def test_a_bad_dropout_p_is_the_same_error_on_every_backend(backend, dropout_p):
+    """sdpa and eager returned zeros for dropout_p=1 and applied none below 0."""
+    q = torch.randn(1, 2, 9, 32)
+    with pytest.raises(ValueError, match=rf"dropout_p={dropout_p!r}: must be a number in \[0, 1\)"):
+        get_op("attention", backend, "cpu")(q, q.clone(), q.clone(), dropout_p=dropout_p)
+
+
 def test_attention_backends_agree(device):
     q, k, v = (torch.randn(2, 2, 21, 32, device=device) for _ in range(3))
     expected = flash_attention_reference(q, k, v, causal=True, softmax_scale=0.2)
