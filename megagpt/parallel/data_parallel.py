@@ -381,7 +381,12 @@ def global_grad_norm(wrappers: list[DataParallel], tp_rank: int, norm_group=None
     grads = [g for w in wrappers for g in w.norm_grads(tp_rank)]
     # on this rank's device even when it counts nothing, so every rank reduces on one backend
     device = wrappers[0].buckets[0].grad_buffer.device
-    if grads:   # a few fused kernels over all of them (foreach), not two a gradient
+    if grads and device.type == "cpu":
+        # the CPU's float32 norms sum millions of squares one after another (1.8e-4 off on a
+        # 6.4M-element gradient, so the logged norm differed from layout to layout): float64
+        total = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+        total = total.square().sum().to(torch.float32)
+    elif grads:   # a few fused kernels over all of them (foreach), not two a gradient
         total = torch.stack(torch._foreach_norm(grads)).to(device, torch.float32).square().sum()
     else:
         total = torch.zeros((), dtype=torch.float32, device=device)
