@@ -11,7 +11,7 @@ from megagpt.config import KernelsConfig, ModelConfig
 from megagpt.model.gpt import GPTStage, StageSpec, init_weights
 from megagpt.parallel import state
 from megagpt.parallel.layers import reduce_sequence_parallel_grads
-from megagpt.parallel.random import seed_everything, unshard
+from megagpt.parallel.random import get_rng_tracker, seed_everything, unshard
 from megagpt.testing import run_distributed
 
 KERNELS = KernelsConfig(attention="eager", layernorm="torch", softmax="torch", bias_gelu="torch",
@@ -116,6 +116,28 @@ def test_dropout_is_deterministic_for_a_seed_under_tp_and_sp():
     assert first[0]["losses"] != other_seed[0]["losses"]
     no_dropout = run_distributed(_run, 2, sequence_parallel=True)
     assert first[0]["losses"] != no_dropout[0]["losses"]
+
+
+def test_dropout_agrees_where_tensor_parallel_ranks_hold_the_same_activations():
+    """Megatron's rule, without sequence parallelism: the residual stream and the embedding are
+    replicated on every tensor-parallel rank, so their dropout masks must be the same (else
+    the ranks' copies drift apart: the replicated parameters' own gradients, before any
+    all-reduce, differ); a rank's attention heads are its own, so their masks come from a
+    stream seeded per rank. Either rule broken left every other tensor-parallel test passing."""
+    out = run_distributed(_run, 2, dropout=0.2)
+    replicated = [k for k in out[0]["grads"] if "ln" in k or k.endswith(("proj.bias", "fc2.bias"))
+                  or k == "embedding.wpe.weight"]
+    assert len(replicated) == 15
+    for k in replicated:
+        assert torch.equal(out[0]["grads"][k], out[1]["grads"][k]), k
+    draws = []
+    for tp_rank in (0, 1):
+        seed_everything(7, tp_rank)
+        with get_rng_tracker().fork():
+            heads = torch.rand(8)
+        draws.append((torch.rand(8), heads))
+    assert torch.equal(draws[0][0], draws[1][0])        # the default stream: replicated
+    assert not torch.equal(draws[0][1], draws[1][1])    # the tensor-parallel one: per rank
 
 
 @pytest.mark.parametrize("recompute, attention", [
