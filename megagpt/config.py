@@ -751,11 +751,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
     if raw is None:
         raw = read_json(path)
     raw = json.loads(json.dumps(raw))
-    kind = _other_kind_of_file(raw)
-    if kind:
+    other = _other_kind_of_file(raw)
+    if other:
+        kind, field = other
         raise ConfigError([f"{path or 'the config'} is {kind}, not a training config; fix: --config takes a "
                            f"training config (configs/training/*.json), which names such a file "
-                           f"in its model.config_file or data.config_file"], str(path))
+                           f"in its {field}"], str(path))
     problems: list[str] = []
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
@@ -781,14 +782,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
     return cfg
 
 
-def _other_kind_of_file(raw: dict) -> str | None:
-    """What a config-like file other than a training config is, or None."""
+def _other_kind_of_file(raw: dict) -> tuple[str, str] | None:
+    """What a config-like file other than a training config is, and the training config's field
+    that names such a file; or None."""
     if "model" in raw or "training" in raw:
         return None
     if "n_embd" in raw or "model_type" in raw:
-        return "a model architecture file (Hugging Face GPT-2 config)"
+        return "a model architecture file (Hugging Face GPT-2 config)", "model.config_file"
     if "train_data_path" in raw or "format" in raw:
-        return "a dataset file"
+        return "a dataset file", "data.config_file"
+    if "zero_optimization" in raw or "train_batch_size" in raw \
+            or "train_micro_batch_size_per_gpu" in raw:
+        return "a DeepSpeed config", "parallel.deepspeed_config"
     return None
 
 
@@ -831,7 +836,8 @@ def layout_problems(m: ModelConfig, tp: int, pp: int, vp: int, sequence_parallel
                  f"fix: set {short['vp']}=1 or raise {short['pp']}")
     if sequence_parallel and tp > 1 and m.seq_length % tp:
         p.append(f"{n['sp']}=true: model.seq_length={m.seq_length} must be divisible by "
-                 f"{n['tp']}={tp}")
+                 f"{n['tp']}={tp}; fix: a model.seq_length divisible by {tp} (e.g. "
+                 f"{m.seq_length + tp - m.seq_length % tp}), or {short['sp']}=false")
     return p
 
 
@@ -975,9 +981,11 @@ def validate(cfg: Config) -> list[str]:
                          f"{t.grad_accumulation_steps} x {dp} = {gbs}; fix: set it to {gbs} or "
                          f"change grad_accumulation_steps")
             if vp > 1 and t.grad_accumulation_steps % pp:
+                more = t.grad_accumulation_steps + pp - t.grad_accumulation_steps % pp
                 p.append(f"training.grad_accumulation_steps={t.grad_accumulation_steps}: the "
                          f"interleaved schedule needs the number of micro-batches to be a multiple "
-                         f"of parallel.pipeline_parallel_size={pp}")
+                         f"of parallel.pipeline_parallel_size={pp}; fix: "
+                         f"grad_accumulation_steps={more}, or virtual_pipeline_size=1")
         if par.deepspeed_config is None and known(par.zero_stage) and par.zero_stage not in (0, 1):
             p.append(f"parallel.zero_stage={par.zero_stage}: the native path supports 0 or 1; "
                      f"fix: use 0 or 1, or set parallel.deepspeed_config for ZeRO-2/3")
@@ -1021,7 +1029,8 @@ def validate(cfg: Config) -> list[str]:
                  f"fix: data.config_file=configs/dataset/finetuning.json (format sft) or "
                  f"training.mode=pretrain")
     if d.format == "sft" and t.mode != "finetune":
-        p.append(f"data.format=sft: fine-tuning data needs training.mode=finetune, got {t.mode}")
+        p.append(f"data.format=sft: fine-tuning data needs training.mode=finetune, got "
+                 f"{t.mode}; fix: training.mode=finetune")
     if d.mock is False:
         from megagpt.data.blend import DataPathError, parse_data_path   # the datasets' reading
         for where, paths in [("data.train_data_path", d.train_data_path),

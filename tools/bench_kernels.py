@@ -519,6 +519,8 @@ def main(argv=None):
                              "is set, else runs/bench_kernels.json)")
     parser.add_argument("--reps", type=int, default=10, help="timed runs of each side")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be at least 1, got {args.reps}")
     out_dir = os.environ.get("OUT")
     json_path = args.json or os.path.join(out_dir or "runs", "bench_kernels.json")
     if output_file_problem(json_path):

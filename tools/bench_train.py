@@ -4,7 +4,8 @@
     python tools/bench_train.py --config configs/training/small_model.json [--steps 10]
         [--warmup 3] [--no-peer] [--json PATH] [--section.field=value ...]
 
-Trains the config's model on mock data (`data.mock`) with one process (tp = pp = dp = 1) and,
+Trains the config's model on mock data (`data.mock`) with one process (tp = pp = dp = 1, the
+native engine: a DeepSpeed config's file is left out) and,
 alternating step by step, the same model as Hugging Face `GPT2LMHeadModel` in plain PyTorch
 eager with the same batch, micro-batches, optimizer (AdamW, fused on CUDA), precision (autocast)
 and clipping. After the warm-up it reports, per side, the median step time and its spread,
@@ -158,9 +159,12 @@ def main() -> int:
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and "
                      f"{args.warmup}")
+    # one process of the native engine: a config's DeepSpeed file is dropped, as bench_memory's
+    # one-process runs drop it (else the estimate beside the peak would be DeepSpeed's)
     overrides += ["--data.mock=true", "--parallel.world_size=1", "--parallel.tensor_parallel_size=1",
                   "--parallel.pipeline_parallel_size=1", "--parallel.virtual_pipeline_size=1",
-                  "--parallel.zero_stage=0", "--parallel.sequence_parallel=false"]
+                  "--parallel.zero_stage=0", "--parallel.sequence_parallel=false",
+                  "--parallel.deepspeed_config=null"]
     try:
         cfg = load_config(args.config, overrides)
     except (ConfigError, ConfigFileError) as e:

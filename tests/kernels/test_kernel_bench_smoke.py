@@ -20,6 +20,15 @@ def _load_bench():
     return bench
 
 
+@pytest.mark.parametrize("reps", ["0", "-3"])
+def test_fewer_than_one_rep_is_refused(reps, capsys):
+    """--reps 0 reached statistics.median([]) on a GPU, a traceback after the warm-ups."""
+    with pytest.raises(SystemExit) as info:
+        _load_bench().main(["--reps", reps])
+    assert info.value.code == 2
+    assert f"--reps must be at least 1, got {reps}" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark times; "
                                                       "tools/gpu_check.sh runs it")

@@ -193,13 +193,16 @@ def test_a_field_in_the_wrong_section_is_sent_to_its_own():
             "section: checkpoint.save_interval") in problems
 
 
-@pytest.mark.parametrize("path, kind", [("configs/models/gpt_tiny.json", "a model architecture file"),
-                                        ("configs/dataset/pretraining.json", "a dataset file")])
-def test_an_architecture_or_dataset_file_given_as_the_config_says_so(path, kind):
+@pytest.mark.parametrize("path, kind, field", [
+    ("configs/models/gpt_tiny.json", "a model architecture file", "model.config_file"),
+    ("configs/dataset/pretraining.json", "a dataset file", "data.config_file"),
+    ("configs/deepspeed/zero1.json", "a DeepSpeed config", "parallel.deepspeed_config")])
+def test_an_architecture_dataset_or_deepspeed_file_given_as_the_config_says_so(path, kind, field):
     with pytest.raises(ConfigError) as info:
         load_config(ROOT / path)
     (problem,) = info.value.problems
     assert problem.startswith(f"{ROOT / path} is {kind}") and "fix: --config takes a training config" in problem
+    assert problem.endswith(f"which names such a file in its {field}")
 
 
 def test_bad_choice_lists_the_valid_ones():
@@ -663,3 +666,18 @@ def test_a_collective_timeout_shorter_than_rank_0s_waits_is_refused():
                                           r"least 3 \(rank 0 alone waits up to 2 minutes"):
         load_config(ROOT / "configs" / "training" / "tiny_model.json",
                     ["--parallel.distributed_timeout_minutes=0.25"])
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["--model.seq_length=127", "--parallel.sequence_parallel=true"],
+     "parallel.sequence_parallel=true: model.seq_length=127 must be divisible by "
+     "parallel.tensor_parallel_size=2; fix: a model.seq_length divisible by 2 (e.g. 128), or "
+     "sequence_parallel=false"),
+    (["--parallel.virtual_pipeline_size=2", "--training.grad_accumulation_steps=3"],
+     "training.grad_accumulation_steps=3: the interleaved schedule needs the number of "
+     "micro-batches to be a multiple of parallel.pipeline_parallel_size=2; fix: "
+     "grad_accumulation_steps=4, or virtual_pipeline_size=1"),
+    (["--data.format=sft"], "data.format=sft: fine-tuning data needs training.mode=finetune, got "
+                            "pretrain; fix: training.mode=finetune")])
+def test_layout_and_mode_refusals_give_a_fix(overrides, problem):
+    assert problem in problems_of(tiny_raw(), overrides)
