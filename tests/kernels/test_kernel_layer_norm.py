@@ -36,6 +36,17 @@ def test_eps(compare, device):
             _inputs((7, 64), F32, F32, device), F32, ["x", "weight", "bias"])
 
 
+def test_eps_with_parameters_in_another_dtype(compare, device):
+    """16-bit x with float32 weight and bias (the torch backend under mixed precision) takes
+    its own path in the reference: eps reaches it too."""
+    x, w, b = _inputs((7, 64), F16, F32, device)
+    want = torch.nn.functional.layer_norm(x.float(), (64,), w, b, eps=0.5).to(F16)
+    torch.testing.assert_close(layer_norm_reference(x, w, b, eps=0.5), want)
+    compare(lambda x, w, b: layer_norm(x, w, b, eps=0.5),
+            lambda x, w, b: layer_norm_reference(x, w, b, eps=0.5), [x, w, b], F16,
+            ["x", "weight", "bias"])
+
+
 def test_non_contiguous_x(device):
     x = torch.randn(64, 24, device=device).t()  # (24, 64), transposed
     weight, bias = torch.randn(64, device=device), torch.randn(64, device=device)

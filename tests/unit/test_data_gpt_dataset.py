@@ -357,6 +357,10 @@ def test_blended_builder_realises_the_weights(tmp_path):
     unweighted, _, _ = build_gpt_datasets([a, b], split="1,0,0", seq_length=10, num_samples=(100, 0, 0),
                                           cache_dir=tmp_path / "k")
     assert np.allclose(unweighted.weights, [0.5, 0.5])  # equal token counts
+    short = write_documents(tmp_path / "s", [np.full(10, 3)] * 20).prefix   # as many documents
+    by_tokens, _, _ = build_gpt_datasets([a, short], split="1,0,0", seq_length=10,
+                                         num_samples=(100, 0, 0), cache_dir=tmp_path / "k")
+    assert np.allclose(by_tokens.weights, [5 / 6, 1 / 6])  # tokens, not documents, as Megatron
 
 
 def _first_samples(ds, n):
@@ -489,6 +493,7 @@ def test_ids_beyond_the_model_vocabulary_are_refused_when_read(tmp_path):
     # Tokenized with a 300-id vocabulary, trained with 256: refused by name, on every path to it.
     low = write_documents(tmp_path / "low", [np.arange(40) % 256] * 4).prefix
     high = write_documents(tmp_path / "high", [np.arange(40) % 256] * 3 + [np.full(40, 299)]).prefix
+    edge = write_documents(tmp_path / "edge", [np.arange(40) % 256] * 3 + [np.full(40, 256)]).prefix
     common = dict(split="1,0,0", seq_length=8, num_samples=(20, 0, 0), cache_dir=tmp_path / "k",
                   vocab_size=256)
     train, _, _ = build_gpt_datasets(low, **common)
@@ -498,6 +503,9 @@ def test_ids_beyond_the_model_vocabulary_are_refused_when_read(tmp_path):
         with pytest.raises(DatasetBuildError, match=r"train sample \d+ of '.*high' holds token id "
                            r"299, but model.vocab_size=256: .*fix: preprocess it with"):
             [train[i] for i in range(len(train))]
+    train, _, _ = build_gpt_datasets(edge, **common)            # the first id past the last
+    with pytest.raises(DatasetBuildError, match=r"holds token id 256, but model.vocab_size=256"):
+        [train[i] for i in range(len(train))]
     unchecked, _, _ = build_gpt_datasets(high, **{**common, "vocab_size": None})
     assert max(int(unchecked[i]["labels"].max()) for i in range(len(unchecked))) == 299
 

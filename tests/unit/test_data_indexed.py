@@ -183,6 +183,25 @@ def test_merge_keeps_documents_and_order(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.idx", "b.bin", "b.idx", "m.bin", "m.idx"]
 
 
+def test_indexes_written_in_several_chunks_equal_one_chunks(tmp_path, monkeypatch):
+    """The writer and the merge stream sizes, pointers and document indices COPY_CHUNK
+    (4,194,304) elements at a time: a corpus of more documents than that (most real ones) goes
+    through the later chunks, which only a small chunk reaches in a test."""
+    import megagpt.data.indexed as indexed
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 500, n) for n in rng.integers(1, 9, 10)]
+    whole = [write_documents(tmp_path / f"whole_{k}", docs[k::2]) for k in (0, 1)]
+    whole.append(merge_datasets([d.prefix for d in whole], tmp_path / "whole_m"))
+    monkeypatch.setattr(indexed, "COPY_CHUNK", 3)
+    chunked = [write_documents(tmp_path / f"chunked_{k}", docs[k::2]) for k in (0, 1)]
+    chunked.append(merge_datasets([d.prefix for d in chunked], tmp_path / "chunked_m"))
+    for a, b in zip(whole, chunked):
+        assert Path(f"{a.prefix}.idx").read_bytes() == Path(f"{b.prefix}.idx").read_bytes()
+        assert [b[i].tolist() for i in range(len(b))] == [a[i].tolist() for i in range(len(a))]
+    assert [chunked[2][i].tolist() for i in range(10)] == [d.tolist() for d in docs[0::2]
+                                                           + docs[1::2]]
+
+
 def test_the_tokenizer_record_is_kept_by_a_merge_and_mixed_tokenizers_are_refused(tmp_path):
     """P.meta.json names the tokenizer a dataset's ids come from: a merge of datasets of one
     tokenizer keeps it, of several is refused (their ids mean different text), and a dataset

@@ -39,6 +39,13 @@ def test_without_drop_last_the_tail_is_split_as_far_as_it_goes():
     assert batches(total=9, consumed=0, mb=2, dp=2, drop_last=False)[1] == [[2, 3], [6, 7]]
     assert len(MegatronPretrainingSampler(9, 0, 2, 1, 2, drop_last=False)) == 2
     assert len(MegatronPretrainingSampler(11, 0, 2, 1, 2, drop_last=False)) == 3
+    for total in range(1, 14):          # len() is what iterating gives, at every boundary
+        for mb in (1, 2, 3):
+            for dp in (1, 2, 3):
+                for rank in range(dp):
+                    for drop_last in (False, True):
+                        s = MegatronPretrainingSampler(total, 0, mb, rank, dp, drop_last=drop_last)
+                        assert len(s) == len(list(s)), (total, mb, rank, dp, drop_last)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -167,6 +167,11 @@ def test_padded_examples_mask_padding_and_count_truncation(tok):
     assert short["loss_mask"][n - 1:].sum() == 0
     assert short["loss_mask"][:n - 1].tolist() == ex.loss_mask[1:n].astype(float).tolist()
     assert tok.decode(short["labels"][short["loss_mask"] == 1]) == " Hello there.\n<|endoftext|>"
+    cut = ds[[int(e) for e in ds.order].index(1)]    # its first seq_length + 1 tokens, whole
+    lo = int(ex.offsets[1])
+    assert cut["tokens"].tolist() == ex.tokens[lo:lo + 24].tolist()
+    assert cut["labels"].tolist() == ex.tokens[lo + 1:lo + 25].tolist()
+    assert cut["loss_mask"].tolist() == ex.loss_mask[lo + 1:lo + 25].astype(float).tolist()
     assert SFTDataset(ex, 24, num_samples=5, packing=False, seed=0, pad_id=0).order.tolist().count(0) >= 2
 
 

@@ -37,9 +37,11 @@ def ours_from(model, m: ModelConfig, attention="eager") -> GPTStage:
     return stage.eval()
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_logits_and_loss_equal_gpt2(attention):
-    m = small_model_config()
+@pytest.mark.parametrize("attention, shape", [
+    ("eager", {}), ("sdpa", {}),
+    ("eager", {"layernorm_eps": 1e-2, "ffn_hidden_size": 96})])   # the exported config carries them
+def test_logits_and_loss_equal_gpt2(attention, shape):
+    m = small_model_config(**shape)
     hf = hf_model(m)
     ours = ours_from(hf, m, attention)
     ids = torch.randint(0, m.vocab_size, (3, 20))
@@ -83,6 +85,8 @@ def test_labels_of_minus_100_are_left_out_and_others_outside_the_vocabulary_refu
         wrong[1, 2] = 5000
         mask[1, 2] = 0                               # a label left out is not read
         torch.testing.assert_close(ours(ids, wrong, mask)[1], torch.tensor(17.0))
+        wrong[1, 2] = 1020      # in the padding columns, whose logits the loss never reads
+        torch.testing.assert_close(ours(ids, wrong, mask), ours(ids, labels, mask))
         with pytest.raises(ValueError, match=r"labels has shape \(2, 11\) but the tokens are "
                                              r"\(2, 10\) \(batch, sequence\); labels\[b, j\] is "
                                              r"the token after x\[b, j\]"):
@@ -151,6 +155,24 @@ def test_same_seed_same_weights_and_different_seed_differs():
             assert not torch.equal(pa, pc)
     wte = a.embedding.wte.weight
     assert torch.all(wte[m.vocab_size:] == 0) and wte[:m.vocab_size].std() > 0.01
+
+
+def test_the_initialisation_is_gpt2s():
+    """N(0, init_std) weights, the residual projections' divided by sqrt(2 x n_layers) (GPT-2's
+    and Megatron's scaled init), zero biases and the vocabulary padding, unit norm weights."""
+    m = small_model_config(d_model=256, n_layers=8, vocab_size=2000, init_std=0.03)
+    stage = GPTStage(m, KernelsConfig(attention="eager", **TORCH_KERNELS),
+                     stage_spec(m.n_layers, 0, 1))
+    init_weights(stage, m, 1)
+    for name, p in stage.named_parameters():
+        if name.endswith(".bias"):
+            assert torch.all(p == 0), name
+        elif "ln" in name:
+            assert torch.all(p == 1), name
+        else:
+            want = m.init_std / (4 if name.endswith(("proj.weight", "fc2.weight")) else 1)
+            values = p[:m.vocab_size] if name == "embedding.wte.weight" else p
+            assert values.std().item() == pytest.approx(want, rel=0.05), name
 
 
 def test_parameter_counts_from_the_meta_device_match_the_validator():
