@@ -9,6 +9,8 @@ restores the variable (re-importing the kernels later breaks Triton's interprete
 keep the plain-torch path and its speed.
 """
 
+import zlib
+
 import pytest
 import torch
 
@@ -40,6 +42,13 @@ def _triton_mode(monkeypatch):
     from megagpt.kernels._utils import triton_runs_on
 
     assert triton_runs_on(DEVICE), "the kernel tests would compare the reference with itself"
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """Each test's random inputs are drawn from a seed of its own name: a comparison at a
+    tolerance's edge fails every run, or none, instead of now and then."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(autouse=True)
