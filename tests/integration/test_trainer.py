@@ -856,6 +856,43 @@ def test_fp16_overflows_lower_the_scale_without_stopping_the_run(tmp_path):
     assert status == "aborted" and skipped == 2, message
 
 
+def _fresh_run(rank, world, run_dir, save_dir):
+    cfg = run_config(Path(run_dir), 3, checkpoint__save_dir=str(Path(run_dir) / save_dir))
+    Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None).train()
+
+
+def test_a_fresh_run_into_a_used_run_dir_sets_the_old_metrics_aside(tmp_path):
+    """A run that starts at step 0 where another wrote its metrics moves that file aside
+    (metrics.jsonl.previous-<date-time>): one file, one run's steps."""
+    run_distributed(_fresh_run, 1, str(tmp_path), "ckpt")
+    run_distributed(_fresh_run, 1, str(tmp_path), "other_ckpt")
+    assert [step for step, _ in losses(tmp_path)] == [1, 2, 3]
+    (kept,) = tmp_path.glob("metrics.jsonl.previous-*")
+    assert [json.loads(x)["step"] for x in kept.read_text().splitlines()
+            if "loss" in json.loads(x)] == [1, 2, 3]
+
+
+def _fp16_resume(rank, world, run_dir, until):
+    from megagpt.training.precision import DynamicLossScaler
+    cfg = run_config(Path(run_dir), 10, training__precision="fp16")
+    trainer = Trainer(cfg, state.initialize_parallel(1, 1), log=lambda *a: None)
+    if trainer.step == 0:         # a scale far too high: the run backs it off, skipping steps
+        trainer.engine.scaler = DynamicLossScaler(2.0 ** 40)
+    trainer.train(until=until)
+    return trainer.engine.scaler.state_dict(), trainer.skipped_total
+
+
+def test_an_fp16_resume_continues_the_loss_scale(tmp_path):
+    """The loss scaler's state (scale, growth and hysteresis counts) comes back with the
+    checkpoint: a resumed fp16 run backs off and grows as the straight run does, and its losses
+    are the same (without it, the scale restarted at 2**16 and the losses parted at step 7)."""
+    straight = run_distributed(_fp16_resume, 1, str(tmp_path / "a"), 10)[0]
+    run_distributed(_fp16_resume, 1, str(tmp_path / "b"), 5)
+    resumed = run_distributed(_fp16_resume, 1, str(tmp_path / "b"), 10)[0]
+    assert straight == resumed and straight[0]["scale"] < 2.0 ** 40 and straight[1] > 5
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
 def test_metrics_reach_weights_and_biases_and_a_resume_continues_the_run(tmp_path, monkeypatch):
     """logging.wandb_project with the real wandb package, offline: the run's id is kept in the
     run dir, its records are written under <run_dir>/wandb/, and a resume logs to the same id."""

@@ -513,3 +513,20 @@ def test_a_save_dir_given_for_a_step_folder_is_named_as_one(tmp_path):
                                               rf"\({tmp_path}/step_NNNNNNN\), or read its latest "
                                               rf"with megagpt.convert.load_source"):
         full_state_from_checkpoint(tmp_path)
+
+
+def test_the_cuda_stream_is_saved_and_restored_where_there_is_one(monkeypatch):
+    """On a GPU the device's generator (dropout masks drawn on it) goes into the checkpoint and
+    comes back on resume; on a CPU-only machine a GPU checkpoint's is skipped. Stand-ins for
+    torch.cuda: this machine has no GPU."""
+    device_state, restored = torch.tensor([1, 2, 3], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: device_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    state = capture_rng_state({})
+    assert torch.equal(state["cuda"], device_state)
+    restore_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], device_state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    restore_rng_state(state)
+    assert len(restored) == 1

@@ -145,6 +145,26 @@ def test_tensorboard_scalars(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("val_loss")] == [(200, 3.5)]
 
 
+def test_a_resume_continues_tensorboard_from_the_checkpoints_step(tmp_path):
+    """Resuming from step 5's checkpoint drops TensorBoard's records of later steps (a run that
+    went on past its last save) and keeps step 5's own: the loss curve has each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb")
+    for step in range(1, 8):
+        writer.write(dict(TRAIN, step=step))
+    writer.close()
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb",
+                           resume_step=5)
+    for step in range(6, 9):
+        writer.write(dict(TRAIN, step=step))
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
 class FakeRun:
     def __init__(self):
         self.logged, self.finished = [], None

@@ -34,6 +34,10 @@ def test_make_scaler():
     assert isinstance(make_scaler("bf16"), ConstantScaler)
     scaler = make_scaler("fp16")
     assert isinstance(scaler, DynamicLossScaler) and scaler.scale == 2.0 ** 16
+    # Megatron's defaults: a scale halved on the second overflow in a row, doubled after
+    # 1000 clean steps, never below 1
+    assert (scaler.hysteresis, scaler.growth_interval, scaler.min_scale) == (2, 1000, 1.0)
+    assert (scaler.backoff_factor, scaler.growth_factor) == (0.5, 2.0)
 
 
 def test_constant_scaler_never_changes():
@@ -58,13 +62,15 @@ def test_backoff_waits_for_hysteresis_then_halves_each_bad_step():
 
 def test_growth_after_interval_refills_hysteresis():
     scaler = DynamicLossScaler(initial_scale=4.0, growth_interval=3, hysteresis=2)
+    scaler.update(True)                      # one of the two overflows hysteresis allows
+    assert scaler.scale == 4.0 and scaler.state_dict()["hysteresis_tracker"] == 1
     for _ in range(2):
         scaler.update(False)
     assert scaler.scale == 4.0
     scaler.update(False)
-    assert scaler.scale == 8.0
+    assert scaler.scale == 8.0 and scaler.state_dict()["hysteresis_tracker"] == 2
     scaler.update(True)
-    assert scaler.scale == 8.0               # hysteresis refilled by the growth
+    assert scaler.scale == 8.0               # hysteresis refilled by the growth: no backoff
     for _ in range(2):
         scaler.update(False)
     scaler.update(True)                      # a bad step resets the growth count
