@@ -50,9 +50,12 @@ def run_config(run_dir: Path, steps: int, ds: str | None = None, **overrides):
     return tiny_config(dp=2, steps=steps, **{**settings, **overrides})
 
 
-def losses(run_dir) -> list[float]:
+def losses(run_dir, key: str = "loss") -> list[float]:
     lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in lines if "loss" in r]
+    return [r[key] for r in lines if key in r]
+
+
+EVALUATED = dict(training__eval_interval=3, training__eval_iters=1)   # steps 3 and 6
 
 
 # ---- the merged config and its messages (no deepspeed needed) --------------------------------
@@ -267,18 +270,22 @@ def _train(rank, world, run_dir, steps, ds=None, max_steps=None, **overrides):
 def native(tmp_path_factory):
     """The native data-parallel path, dp 2: losses, final weights, and its save dir."""
     run_dir = tmp_path_factory.mktemp("native")
-    weights = run_distributed(_train, 2, str(run_dir), STEPS)[0]
-    return losses(run_dir), weights, run_dir / "ckpt"
+    weights = run_distributed(_train, 2, str(run_dir), STEPS, **EVALUATED)[0]
+    return losses(run_dir), weights, run_dir / "ckpt", losses(run_dir, "val_loss")
 
 
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_losses_equal_the_native_data_parallel_path(tmp_path, native, stage):
     weights = run_distributed(_train, 2, str(tmp_path), STEPS, ds_file(f"zero{stage}"),
-                              timeout=300)[0]
+                              timeout=300, **EVALUATED)[0]
     ours, reference = losses(tmp_path), native[0]
     assert len(ours) == STEPS
     assert ours == pytest.approx(reference, rel=LOSS_RTOL, abs=0)
+    # validation sums both replicas' batches, as the native path does (one replica's alone was
+    # half the loss)
+    assert len(native[3]) == 2
+    assert losses(tmp_path, "val_loss") == pytest.approx(native[3], rel=LOSS_RTOL, abs=0)
     for name, value in native[1].items():          # the native gather leaves out the padding
         assert torch.allclose(weights[name][:len(value)], value, rtol=0, atol=1e-5), name
     meta = json.loads((tmp_path / "ckpt" / "step_0000006" / "meta.json").read_text())
