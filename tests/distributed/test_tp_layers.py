@@ -106,13 +106,13 @@ def test_column_row_and_embedding_equal_one_process(sequence_parallel):
     close(unshard([o["demb"] for o in outs], 0), params[4].grad)
 
 
-def _cross_entropy(rank, world, fused=False):
+def _cross_entropy(rank, world, fused=False, vocab=37, padded=40):
     if fused:    # the Triton shard kernels, interpreted on the CPU (this forked worker only)
         os.environ["TRITON_INTERPRET"] = "1"
     ps = state.initialize_parallel(world, 1)
     torch.manual_seed(1)
-    vocab, padded = 37, 40
     logits = torch.randn(5, 3, padded) * 3
+    logits[..., vocab:] = 5.0          # padding that would win the softmax if it were read
     target = torch.randint(0, vocab, (5, 3))
     local = logits.chunk(world, -1)[ps.tp_rank].clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(local, target, vocab, ps.tp_group, fused=fused)
@@ -122,12 +122,14 @@ def _cross_entropy(rank, world, fused=False):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_vocab_parallel_cross_entropy_ignores_padding(world, fused):
-    """padded 40 = 4 x 10: at world 4 the last shard holds 7 classes and 3 padding columns."""
-    outs = run_distributed(_cross_entropy, world, fused=fused)
+@pytest.mark.parametrize("world, vocab, padded", [(1, 37, 40), (2, 37, 40), (4, 37, 40),
+                                                  (4, 5, 8)])
+def test_vocab_parallel_cross_entropy_ignores_padding(world, vocab, padded, fused):
+    """padded 40 = 4 x 10: at world 4 the last shard holds 7 classes and 3 padding columns;
+    5 classes padded to 8 over 4 ranks: the last two shards are padding only (a 65-character
+    vocabulary padded to 256 at tp 2 makes one)."""
+    outs = run_distributed(_cross_entropy, world, fused=fused, vocab=vocab, padded=padded)
     _, _, logits, target = outs[0]
-    vocab = 37
     full = logits.clone().requires_grad_()
     ref = F.cross_entropy(full[..., :vocab].reshape(-1, vocab), target.reshape(-1),
                           reduction="none").view(5, 3)

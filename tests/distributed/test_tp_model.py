@@ -138,6 +138,10 @@ def test_dropout_agrees_where_tensor_parallel_ranks_hold_the_same_activations():
         draws.append((torch.rand(8), heads))
     assert torch.equal(draws[0][0], draws[1][0])        # the default stream: replicated
     assert not torch.equal(draws[0][1], draws[1][1])    # the tensor-parallel one: per rank
+    seed_everything(7, 0, pp_rank=1)                    # another stage: streams of its own
+    with get_rng_tracker().fork():
+        heads = torch.rand(8)
+    assert not torch.equal(torch.rand(8), draws[0][0]) and not torch.equal(heads, draws[0][1])
 
 
 @pytest.mark.parametrize("recompute, attention", [

@@ -681,3 +681,31 @@ def test_a_collective_timeout_shorter_than_rank_0s_waits_is_refused():
                             "pretrain; fix: training.mode=finetune")])
 def test_layout_and_mode_refusals_give_a_fix(overrides, problem):
     assert problem in problems_of(tiny_raw(), overrides)
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["--model.dropout=1.0"], "model.dropout=1.0: must be in [0, 1)"),
+    (["--parallel.distributed_timeout_minutes=2"],
+     "parallel.distributed_timeout_minutes=2.0: must be at least 3"),
+    (["--training.lr_decay_steps=50", "--training.warmup_steps=51"],
+     "training.warmup_steps=51: exceeds the decay length"),
+    (["--training.learning_rate=0.001", "--training.min_lr=0.0015"],
+     "training.min_lr=0.0015: must not exceed training.learning_rate=0.001"),
+])
+def test_each_bound_is_refused_just_past_it(overrides, problem):
+    assert any(p.startswith(problem) for p in problems_of(tiny_raw(), overrides)), problem
+    ok = {"--model.dropout=1.0": "--model.dropout=0.99",
+          "--parallel.distributed_timeout_minutes=2": "--parallel.distributed_timeout_minutes=3",
+          "--training.warmup_steps=51": "--training.warmup_steps=50",
+          "--training.min_lr=0.0015": "--training.min_lr=0.001"}
+    load_config(TINY, [ok.get(o, o) for o in overrides])          # at the bound: valid
+
+
+def test_the_vocabulary_is_padded_as_megatron_pads_it():
+    """The smallest multiple of make_vocab_size_divisible_by x tp, for odd tp too (12 heads
+    split 3 ways): each rank's embedding shard holds as many rows."""
+    m = load_config(TINY).model
+    for tp in range(1, 9):
+        multiple = m.make_vocab_size_divisible_by * tp
+        padded = m.padded_vocab_size(tp)
+        assert padded % multiple == 0 and m.vocab_size <= padded < m.vocab_size + multiple, tp

@@ -177,6 +177,10 @@ def test_mixed_precision_states_follow_megatron():
     n, dp = zero.params_per_gpu, 8
     assert (zero.weights, zero.master_weights) == (2 * n, 4 * n / dp)
     assert zero.gradients == 4 * n and zero.optimizer == 8 * n / dp
+    # without ZeRO every replica holds all of its states
+    whole = estimate_memory(load_config(ROOT / "configs/training/base_model.json",
+                                        ["--parallel.zero_stage=0"]))
+    assert (whole.master_weights, whole.gradients, whole.optimizer) == (4 * n, 4 * n, 8 * n)
 
 
 def test_deepspeed_states_follow_the_zero_paper():
@@ -185,6 +189,10 @@ def test_deepspeed_states_follow_the_zero_paper():
     n = est.params_per_gpu
     assert (est.weights, est.gradients) == (2 * n, 2 * n / dp)          # ZeRO-2: gradients sharded
     assert (est.master_weights, est.optimizer) == (4 * n / dp, 8 * n / dp)
+    one = estimate_memory(load_config(ROOT / "configs/training/tiny_deepspeed.json", [
+        "--training.precision=bf16", "--parallel.zero_stage=1",
+        "--parallel.deepspeed_config=configs/deepspeed/zero1.json"]))
+    assert one.gradients == 2 * n and one.optimizer == 8 * n / dp    # ZeRO-1: the states only
 
 
 def test_fixed_and_device_terms(monkeypatch):
