@@ -96,6 +96,17 @@ def test_auto_values_and_agreeing_values_are_accepted():
     assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["bf16"] == {"enabled": True}
     assert merged["optimizer"]["params"]["lr"] == cfg.training.learning_rate
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    # "auto" precision sections (Hugging Face's files) resolve to training.precision's
+    fp32 = tiny_config(dp=2)
+    merged, problems = merge_deepspeed_config(
+        {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, fp32, dp=2)
+    assert problems == [] and not merged["bf16"]["enabled"] and not merged["fp16"]["enabled"]
+    # agreeing means equal: a learning rate 0.5% off, or a bool for a number, is refused
+    lr = fp32.training.learning_rate
+    assert len(merge_deepspeed_config({"optimizer": {"type": "AdamW", "params": {
+        "lr": lr * 1.005}}}, fp32, dp=2)[1]) == 1
+    clip_1 = tiny_config(dp=2, training__grad_clip=1.0)
+    assert len(merge_deepspeed_config({"gradient_clipping": True}, clip_1, dp=2)[1]) == 1
 
 
 def test_torch_autocast_and_the_old_bf16_name_count_as_precision_settings():

@@ -711,6 +711,17 @@ def test_generate_tool_with_a_smaller_tokenizer_says_so_and_chooses_only_its_ids
     assert all(new), out.out          # every row printed text of its own
 
 
+def test_a_tokenizer_one_id_larger_than_the_vocabulary_is_refused(ours):
+    import dataclasses as dc
+    from megagpt.convert import source_tokenizer
+    source = load_source(ours / "tp1pp1")
+    assert source_tokenizer(source, "gpt2").vocab_size == source.model.vocab_size == 50257
+    smaller = dc.replace(source, model=dc.replace(source.model, vocab_size=50256))
+    with pytest.raises(ConversionError, match="--tokenizer gpt2 has 50257 ids but the model's "
+                                              "vocabulary is 50256"):
+        source_tokenizer(smaller, "gpt2")
+
+
 def test_a_tokenizer_given_that_is_not_the_one_trained_with_is_refused(tmp_path, full, capsys):
     """--tokenizer of generate.py and convert_checkpoint.py --to hf: one whose fingerprint is not
     the recorded one would read the prompt as other ids and write other text: refused as

@@ -292,6 +292,30 @@ def test_a_merge_on_a_full_disk_names_the_output_and_leaves_nothing(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.idx"]
 
 
+def test_a_sigterm_during_the_merge_tool_leaves_only_its_inputs(tmp_path, monkeypatch):
+    """The tool turns SIGTERM (a scheduler, `timeout`) into SystemExit(143), so the writer
+    removes its temporary files, as on Ctrl-C."""
+    import signal
+    import time
+    main = runpy.run_path(str(MERGE_TOOL))["main"]
+    write_documents(tmp_path / "a", [[1, 2], [3]])
+    copy = IndexedDatasetWriter.add_dataset
+
+    def terminated(self, ds):
+        copy(self, ds)                       # something written under the temporary names
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)                        # the handler raises before this ends
+    monkeypatch.setattr(IndexedDatasetWriter, "add_dataset", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["--inputs", str(tmp_path / "a"), "--output-prefix", str(tmp_path / "m")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.idx"]
+
+
 def test_merge_tool(tmp_path, capsys):
     main = runpy.run_path(str(MERGE_TOOL))["main"]
     write_documents(tmp_path / "a", [[1, 2], [3]])

@@ -75,12 +75,15 @@ def test_output_identical_for_any_worker_count_and_gzip(tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS] + [b"{bad"])
     gz = tmp_path / "in.jsonl.gz"
     gz.write_bytes(gzip.compress(src.read_bytes()))
+    unnamed = tmp_path / "compressed.jsonl"        # gzip is known by its bytes, not its name
+    unnamed.write_bytes(gz.read_bytes())
     outputs = []
-    for name, path, workers in (("w1", src, 1), ("w2", src, 2), ("gz", gz, 2)):
+    for name, path, workers in (("w1", src, 1), ("w2", src, 2), ("gz", gz, 2),
+                                ("unnamed", unnamed, 1)):
         preprocess_jsonl(path, tmp_path / name, append_eod=True, workers=workers, chunk_bytes=200,
                          progress=False)
         outputs.append([(tmp_path / f"{name}_text_document{ext}").read_bytes() for ext in (".bin", ".idx")])
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
 
 
 def test_every_bad_line_class_is_counted_and_skipped(tmp_path, gpt2):

@@ -44,6 +44,17 @@ def test_write_file_atomically_flushes_before_and_after_the_rename(tmp_path, dis
     assert dest.read_bytes() == b"x" * 1000
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit, OSError])
+def test_write_file_atomically_leaves_nothing_when_the_block_is_stopped(tmp_path, stop):
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (SystemExit in the tools) while an index cache is
+    written removes the temporary file beside a corpus others may share, as an error does."""
+    with pytest.raises(stop):
+        with fsutil.write_file_atomically(tmp_path / "cache.npy") as f:
+            f.write(b"x" * 1000)
+            raise stop()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_dataset_is_on_disk_before_it_is_renamed_into_place(tmp_path, disk_log):
     with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
         w.add_document([1, 2, 3])

@@ -36,6 +36,15 @@ def test_invalid_config_exits_1_listing_every_problem():
     assert "parallel.world_size=6: must be a multiple of" in result.stderr
 
 
+def test_every_config_is_reported_when_an_earlier_one_is_invalid(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(TINY.read_text().replace('"batch_size": 2', '"batch_size": 0'))
+    result = validate("--config", str(bad), str(TINY))
+    assert result.returncode == 1
+    assert f"{bad}: invalid" in result.stderr + result.stdout
+    assert f"{TINY}: valid" in result.stdout
+
+
 def test_an_override_whose_value_has_a_space_is_an_override():
     """argparse put '--data.train_data_path=0.3 a 0.7' among the config files: the config was
     reported valid without it, and the override as an unreadable file."""
