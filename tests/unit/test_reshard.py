@@ -47,3 +47,19 @@ def test_shards_have_the_model_shapes_and_names():
     stage = GPTStage(M, KERNELS, stage_spec(M.n_layers, 1, 2, 1, 2))
     stage.load_state_dict(last_chunk)
     assert torch.equal(stage.output_weight[:M.vocab_size], full["embedding.wte.weight"])
+
+
+def test_the_vocabulary_padding_of_a_sharded_state_is_zero_as_the_model_holds_it():
+    """shard_full_state gives each rank what its stage's state_dict() holds: the rows past the
+    vocabulary (the last shard's, at tp 2) are zeros, as init_weights leaves them."""
+    full = single_process_state()
+    states = shard_full_state(full, M, 2, 1)
+    last = states[(1, 0)]["chunk0"]["embedding.wte.weight"]
+    rows = M.padded_vocab_size(2) // 2
+    pad = M.padded_vocab_size(2) - M.vocab_size
+    assert torch.all(last[rows - pad:] == 0) and torch.any(last[:rows - pad] != 0)
+    model = GPTStage(M, KERNELS, stage_spec(M.n_layers, 0, 1))
+    init_weights(model, M, seed=3)
+    own = model.state_dict()["embedding.wte.weight"]
+    assert torch.equal(shard_full_state(full, M, 1, 1)[(0, 0)]["chunk0"]["embedding.wte.weight"],
+                       own)
