@@ -622,10 +622,15 @@ HF_TO_MODEL = {"vocab_size": "vocab_size", "n_embd": "d_model", "n_head": "n_hea
 HF_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
+def _is_deepspeed_config(raw: dict) -> bool:
+    return any(k in raw for k in ("zero_optimization", "train_batch_size",
+                                  "train_micro_batch_size_per_gpu"))
+
+
 def model_fields_from_hf(hf: dict, path: str, problems: list[str]) -> dict:
     """Map a Hugging Face GPT-2 config dict onto `model` fields, noting what cannot be expressed."""
     kind = ("a training config" if "model" in hf or "training" in hf else
-            "a DeepSpeed config" if "zero_optimization" in hf or "train_batch_size" in hf
+            "a DeepSpeed config" if _is_deepspeed_config(hf)
             else "a dataset file" if "train_data_path" in hf else None)
     if kind or not any(key in hf for key in (*HF_TO_MODEL, "model_type")):
         what = f"it is {kind}" if kind else f"it has none of {', '.join(HF_TO_MODEL)}"
@@ -791,8 +796,7 @@ def _other_kind_of_file(raw: dict) -> tuple[str, str] | None:
         return "a model architecture file (Hugging Face GPT-2 config)", "model.config_file"
     if "train_data_path" in raw or "format" in raw:
         return "a dataset file", "data.config_file"
-    if "zero_optimization" in raw or "train_batch_size" in raw \
-            or "train_micro_batch_size_per_gpu" in raw:
+    if _is_deepspeed_config(raw):
         return "a DeepSpeed config", "parallel.deepspeed_config"
     return None
 
