@@ -114,14 +114,6 @@ class ParallelState:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.layout.pp - 1
 
-    @property
-    def next_rank(self) -> int | None:
-        return None if self.is_last_stage else self.pp_ranks[self.pp_rank + 1]
-
-    @property
-    def prev_rank(self) -> int | None:
-        return None if self.is_first_stage else self.pp_ranks[self.pp_rank - 1]
-
 
 _STATE: ParallelState | None = None
 

@@ -44,3 +44,16 @@ def test_getters_fail_clearly_before_initialisation():
         state.get_tensor_parallel_group()
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         state.initialize_parallel(2, 1)
+
+
+def test_a_ranks_place_in_the_layout():
+    layout = RankLayout(world_size=16, tp=2, pp=4)
+    stages = []
+    for rank in (0, 5, 15):
+        pp_ranks = next(g for g in layout.pp_groups() if rank in g)
+        s = state.ParallelState(layout=layout, rank=rank, tp_group=None, dp_group=None,
+                                pp_group=None, embedding_group=None, model_parallel_group=None,
+                                pp_ranks=pp_ranks)
+        stages.append((s.tp_rank, s.dp_rank, s.pp_rank, s.is_first_stage, s.is_last_stage))
+        assert (s.tp_world_size, s.dp_world_size, s.pp_world_size) == (2, 2, 4)
+    assert stages == [(0, 0, 0, True, False), (1, 0, 1, False, False), (1, 1, 3, False, True)]
