@@ -67,7 +67,7 @@ class ModelConfig:
 @dataclass
 class TrainingConfig:
     mode: str = _field("pretrain", choices=("pretrain", "finetune"))
-    learning_rate: float = _field(doc="peak learning rate")
+    learning_rate: float = _field(doc="peak learning rate, above 0 and at most 1")
     min_lr: float = _field(0.0, doc="learning rate at the end of the decay")
     lr_schedule: str = _field("cosine", choices=("cosine", "linear", "constant"))
     warmup_steps: int = _field(0)
@@ -905,7 +905,10 @@ def validate(cfg: Config) -> list[str]:
                     positive("training.grad_accumulation_steps", t.grad_accumulation_steps),
                     positive("training.global_batch_size", t.global_batch_size, optional=True)])
     positive("training.max_steps", t.max_steps)
-    positive("training.learning_rate", t.learning_rate)
+    if positive("training.learning_rate", t.learning_rate) and t.learning_rate > 1:
+        p.append(f"training.learning_rate={t.learning_rate}: must be at most 1 (AdamW moves each "
+                 f"weight by up to the learning rate a step; a larger one overflows or diverges at "
+                 f"once); fix: GPT models train at 1e-4 to 1e-3, e.g. 6e-4 for Small")
     positive("training.log_interval", t.log_interval)
     if t.eval_interval and t.eval_iters is not None and t.eval_iters < 1:
         p.append(f"training.eval_iters={t.eval_iters}: validation every {t.eval_interval} steps "

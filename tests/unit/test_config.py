@@ -155,11 +155,11 @@ def test_wrong_type():
 
 def test_overrides_take_the_forms_python_and_shells_write():
     """.1 and 1. are numbers, True/False booleans, None null: as a user would type them."""
-    cfg = load_config(TINY, ["--model.dropout=.1", "--training.learning_rate=3.",
+    cfg = load_config(TINY, ["--model.dropout=.1", "--training.learning_rate=1.",
                              "--training.max_steps=+70", "--data.mock=True",
                              "--parallel.sequence_parallel=False",
                              "--parallel.deepspeed_config=None"], raw=tiny_raw())
-    assert (cfg.model.dropout, cfg.training.learning_rate, cfg.training.max_steps) == (0.1, 3.0, 70)
+    assert (cfg.model.dropout, cfg.training.learning_rate, cfg.training.max_steps) == (0.1, 1.0, 70)
     assert cfg.data.mock is True and cfg.parallel.sequence_parallel is False
     assert cfg.parallel.deepspeed_config is None
     problems = problems_of(tiny_raw(), ["--checkpoint.load=None", "--training.max_steps=1e3",
@@ -471,6 +471,11 @@ def test_native_zero_stage_and_deepspeed_layout():
 
 
 def test_learning_rate_rules():
+    assert load_config(TINY, ["--training.learning_rate=1"]).training.learning_rate == 1
+    problems = problems_of(tiny_raw(), ["--training.learning_rate=1e38"])
+    assert problems == ["training.learning_rate=1e+38: must be at most 1 (AdamW moves each weight "
+                        "by up to the learning rate a step; a larger one overflows or diverges at "
+                        "once); fix: GPT models train at 1e-4 to 1e-3, e.g. 6e-4 for Small"]
     problems = problems_of(tiny_raw(), ["--training.min_lr=0.01", "--training.warmup_steps=500"])
     assert any(p.startswith("training.min_lr=0.01: must not exceed training.learning_rate=0.003") for p in problems)
     assert any(p.startswith("training.warmup_steps=500: exceeds the decay length "
