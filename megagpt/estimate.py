@@ -453,13 +453,15 @@ def _gb(n: float) -> str:
     return f"{n / GiB:.2f} GB"
 
 
-def report(cfg: Config, gpu_memory: float) -> tuple[list[str], list[str]]:
+def report(cfg: Config, gpu_memory: float, overridden: bool = False) -> tuple[list[str], list[str]]:
     """A human summary of a validated config and the problems the estimates find.
 
     The parameter count comes from building the model on the meta device (no memory, no init).
 
-    Problems: `model.estimated_parameters` more than 1% off the exact count; a layout whose
-    estimated memory per GPU exceeds `gpu_memory` bytes.
+    Problems: `model.estimated_parameters` more than 1% off the exact count (with the command
+    line's way to fix it too when the config was `overridden` there, where a model's size is
+    often changed for a trial); a layout whose estimated memory per GPU exceeds `gpu_memory`
+    bytes.
     """
     from megagpt.model.gpt import count_model_parameters   # imports torch and the kernels
 
@@ -476,7 +478,9 @@ def report(cfg: Config, gpu_memory: float) -> tuple[list[str], list[str]]:
                                                                         f"{off:.1%} off")
         if off > 0.01:
             problems.append(f"model.estimated_parameters={m.estimated_parameters:,}: differs from the "
-                            f"exact count by {off:.1%} (more than 1%); fix: set it to {n:,}")
+                            f"exact count by {off:.1%} (more than 1%); fix: set it to {n:,}"
+                            + (f" (on the command line: --model.estimated_parameters={n}, or "
+                               f"=null to skip the check)" if overridden else ""))
     gbs = t.batch_size * t.grad_accumulation_steps * dp
     est = estimate_memory(cfg)
     fits = est.total <= gpu_memory

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             print(f"{path}: invalid, {e}", file=sys.stderr)
             status = max(status, 1)
             continue
-        lines, problems = report(cfg, gpu_memory)
+        lines, problems = report(cfg, gpu_memory, overridden=bool(overrides))
         print(f"{path}: {'valid' if not problems else 'invalid'}")
         print("\n".join("  " + line for line in lines))
         for problem in problems:

@@ -54,11 +54,27 @@ def test_an_override_whose_value_has_a_space_is_an_override():
     assert validate("--data.train_data_path=x", "--config").returncode == 2
 
 
-def test_wrong_estimated_parameters_exits_1_with_the_right_number():
-    result = validate("--config", str(TINY), "--model.estimated_parameters=7000000")
+def test_wrong_estimated_parameters_exits_1_with_the_right_number(tmp_path):
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(TINY.read_text().replace('"estimated_parameters": 7242624',
+                                              '"estimated_parameters": 7000000'))
+    result = validate("--config", str(wrong))
     assert result.returncode == 1
-    assert "model.estimated_parameters=7,000,000: differs from the exact count by 3.3% (more than 1%); " \
-           "fix: set it to 7,242,624" in result.stderr
+    assert result.stderr.strip() == "- model.estimated_parameters=7,000,000: differs from the " \
+        "exact count by 3.3% (more than 1%); fix: set it to 7,242,624"
+
+
+def test_a_size_changed_on_the_command_line_is_told_the_command_lines_fix():
+    """The file's estimate was stale for the overridden size, and the fix named the file only."""
+    result = validate("--config", str(TINY), "--model.d_model=256")
+    assert result.returncode == 1
+    assert "model.estimated_parameters=7,242,624: differs from the exact count by 54.9% (more " \
+           "than 1%); fix: set it to 16,058,112 (on the command line: " \
+           "--model.estimated_parameters=16058112, or =null to skip the check)" in result.stderr
+    for fix in ("16058112", "null"):
+        result = validate("--config", str(TINY), "--model.d_model=256",
+                          f"--model.estimated_parameters={fix}")
+        assert result.returncode == 0, result.stderr
 
 
 def test_not_fitting_exits_1_with_fixes():
