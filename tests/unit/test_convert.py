@@ -134,7 +134,7 @@ def test_the_exported_tokenizer_and_configs_load_offline(tmp_path, ours):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config == dict(hf_config_dict(M), bos_token_id=50256, eos_token_id=50256)
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
-    assert generation.eos_token_id == 50256
+    assert generation.eos_token_id == generation.pad_token_id == generation.bos_token_id == 50256
 
 
 def test_verify_reports_the_largest_logit_difference(tmp_path, ours):

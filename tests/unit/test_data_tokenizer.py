@@ -207,6 +207,18 @@ def test_a_folder_of_megatrons_gpt2_vocab_and_merges_files_loads(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_the_end_of_document_token_is_gpt2s_before_the_others(tmp_path):
+    """A vocabulary may hold several candidates: <|endoftext|> wins, then </s>, by their order."""
+    for vocab, eod in [('{"a": 0, "b": 1, "ab": 2, "</s>": 3, "<|endoftext|>": 4}', 4),
+                       ('{"a": 0, "b": 1, "ab": 2, "<eos>": 3, "</s>": 4}', 4),
+                       ('{"a": 0, "b": 1, "ab": 2, "[SEP]": 3, "<eos>": 4}', 4)]:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        (folder / "vocab.json").write_text(vocab)
+        (folder / "merges.txt").write_text("#version: 0.2\na b\n")
+        assert load_tokenizer(folder).eod_id == eod, vocab
+
+
 CORPUS = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer",
           "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"] * 5
 

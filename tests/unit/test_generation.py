@@ -144,6 +144,9 @@ def test_filter_logits_keeps_the_top_k_and_the_top_p_sets():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()       # probabilities, unsorted
     kept = lambda out: set(torch.isfinite(out[0]).nonzero().flatten().tolist())  # noqa: E731
     assert kept(filter_logits(logits, top_k=2)) == {1, 3}
+    assert kept(filter_logits(logits, top_k=3)) == {1, 2, 3}       # all but one of the vocabulary
+    assert kept(filter_logits(logits, top_k=4)) == kept(filter_logits(logits, top_k=9)) == \
+        {0, 1, 2, 3}
     assert kept(filter_logits(logits, top_p=0.5)) == {1}            # 0.5 reaches 0.5
     assert kept(filter_logits(logits, top_p=0.6)) == {1, 3}         # 0.5 + 0.3 reaches 0.6
     assert kept(filter_logits(logits, top_p=0.96)) == {0, 1, 2, 3}
