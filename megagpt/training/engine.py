@@ -83,8 +83,8 @@ class Engine:
                        prev_rank=state.pp_ranks[(state.pp_rank - 1) % pp],
                        next_rank=state.pp_ranks[(state.pp_rank + 1) % pp],
                        shape=(seq, cfg.training.batch_size, m.d_model), dtype=dtype,
-                       device=self.device,   # gloo's timed exchange: 300 s, or the collectives'
-                       timeout_s=p2p_timeout_s or min(300.0, 60 * par.distributed_timeout_minutes))
+                       device=self.device,   # gloo's exchange waits as long as a collective
+                       timeout_s=p2p_timeout_s or 60 * par.distributed_timeout_minutes)
         named = [np for w in self.wrappers for np in w.optimizer_params()]
         self.optimizer = build_optimizer(named, cfg.training, self.device)
         # what the optimizer steps, in its order: checkpoints keep it beside the state

@@ -91,11 +91,12 @@ def test_a_sent_output_is_freed_before_its_backward(vp, recompute):
 
 
 def _evaluate(rank, world, vp):
-    """eval_step's loss, its forwards, and the most of their outputs alive at a forward."""
-    cfg = tiny_config(pp=world, vp=vp, micro=1)
+    """eval_step's loss, its forwards, the most of their outputs alive at a forward, and the
+    exchange's timeout (the collectives')."""
+    cfg = tiny_config(pp=world, vp=vp, micro=1, parallel__distributed_timeout_minutes=7)
     ps = state.initialize_parallel(1, world)
     seed_everything(1, 0, ps.pp_rank)
-    engine = Engine(cfg, ps, p2p_timeout_s=60)
+    engine = Engine(cfg, ps)
     made, alive, forward = [], [], pipeline._forward_step
 
     def recording_forward(st, chunk_id, x):
@@ -106,16 +107,17 @@ def _evaluate(rank, world, vp):
 
     pipeline._forward_step = recording_forward
     loss = engine.eval_step(split_microbatches(fixed_batches(1)[0], 0, 1, 1))
-    return loss, len(made), max(alive)
+    return loss, len(made), max(alive), engine.p2p.timeout_s
 
 
 @pytest.mark.parametrize("pp,vp", [(2, 1), (2, 2)])
 def test_evaluation_matches_one_process_and_keeps_no_output(pp, vp):
     """Evaluation runs every forward first and keeps no output for a backward (it kept them all)."""
     reference = run_distributed(_evaluate, 1, 1)[0][0]
-    for loss, made, alive in run_distributed(_evaluate, pp, vp):
+    for loss, made, alive, timeout_s in run_distributed(_evaluate, pp, vp):
         assert loss == pytest.approx(reference, rel=1e-6)
         assert made == 8 * vp and alive == 0       # 8 micro-batches, vp chunks each
+        assert timeout_s == 7 * 60     # a CPU stage of a large model takes minutes a micro-batch
 
 
 def _never_sends(rank, world):
