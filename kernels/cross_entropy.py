@@ -397,7 +397,9 @@ def cross_entropy_shard_stats_reference(logits, target, vocab_start, vocab_size=
     x = logits[..., :n_classes].float()
     row_max = x.max(dim=-1).values if n_classes else torch.full(target.shape, float("-inf"),
                                                                  device=logits.device)
-    sum_exp = torch.exp(x - row_max.unsqueeze(-1)).sum(dim=-1)
+    # a row whose classes here are all -inf: exp(-inf - 0) = 0, not exp(-inf - -inf) = NaN
+    safe_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    sum_exp = torch.exp(x - safe_max.unsqueeze(-1)).sum(dim=-1)
     local = target.long() - vocab_start
     in_shard = (local >= 0) & (local < n_classes)
     picked = x.gather(-1, local.clamp(0, max(n_classes - 1, 0)).unsqueeze(-1)).squeeze(-1) \

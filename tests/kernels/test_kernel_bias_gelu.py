@@ -28,6 +28,20 @@ def test_large_arguments(compare, device):
             ["x", "bias"])
 
 
+@pytest.mark.parametrize("dtype,magnitude", [(F32, 1e4), (F16, 6e4)], ids=str)
+def test_huge_arguments_are_the_identity_or_zero(device, dtype, magnitude):
+    """Far out in the tails GeLU is u (gradient 1) or 0 (gradient 0): no overflow to NaN."""
+    u = torch.tensor([-1.0, -0.5, -0.01, 0.01, 0.5, 1.0], device=device) * magnitude
+    x = u.to(dtype).repeat(3, 1).requires_grad_()
+    bias = torch.zeros(6, device=device, dtype=dtype, requires_grad=True)
+    y = bias_gelu(x, bias)
+    y.backward(torch.ones_like(y))
+    expected = torch.where(x > 0, x, torch.zeros_like(x)).detach()
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(x.grad, (x > 0).to(dtype))
+    torch.testing.assert_close(bias.grad, 3 * (x[0] > 0).to(dtype))
+
+
 @pytest.mark.parametrize("x_dtype", [F16, BF16], ids=str)
 def test_half_activations_with_float32_bias(compare, device, x_dtype):
     compare(bias_gelu, bias_gelu_reference, _inputs((21, 130), x_dtype, F32, device), x_dtype,

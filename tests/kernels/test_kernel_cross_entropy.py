@@ -35,6 +35,26 @@ def test_matches_reference(compare, device, rows_shape, vocab, dtype):
     _check(compare, rows_shape, vocab, dtype, device)
 
 
+@pytest.mark.parametrize("dtype,scale", [(F16, 3e4), (F32, 1e30)], ids=str)
+def test_huge_logits(device, dtype, scale):
+    """Logits of fp16's range (whose loss, up to twice the scale, still fits it) or at 1e30: the
+    loss and its gradient against float64, no overflow in the running max or the sum of
+    exponentials."""
+    logits = (torch.rand(9, 300, device=device) * 2 - 1) * scale
+    logits[:, 7] = scale                       # one large winner a row, and some ties with it
+    logits = logits.to(dtype).requires_grad_()
+    target = torch.randint(0, 300, (9,), device=device)
+    target[0], target[1] = 7, -100
+    loss = cross_entropy(logits, target)
+    loss.backward()
+    x64 = logits.detach().double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(x64, target)
+    want.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-3, atol=0)
+    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-3, atol=1e-3)
+
+
 def test_bf16_interpreted_or_compiled(compare, device):
     _check(compare, (13,), 500, BF16, device)
 
@@ -263,6 +283,23 @@ def test_padded_shards_recombine(device):
                                       vocab_size=700) for a, b in shards]
     torch.testing.assert_close(torch.cat(grads, dim=-1), ref_logits.grad, rtol=1e-5, atol=1e-7)
     assert torch.all(grads[3] == 0) and torch.all(grads[2][:, 188:] == 0)
+
+
+def test_a_shard_whose_classes_are_all_minus_inf_recombines(device):
+    """Its max is -inf and its sum of exponentials 0, in the kernel and the reference alike (the
+    reference's exp(-inf - -inf) made the sum, then the recombined loss, NaN)."""
+    logits = torch.randn(3, 8, device=device)
+    logits[:, :4] = float("-inf")                   # shard 0: every class -inf, no padding
+    target = torch.tensor([5, 6, 7], device=device)
+    for stats in (cross_entropy_shard_stats, cross_entropy_shard_stats_reference):
+        row_max, sum_exp, picked = stats(logits[:, :4].contiguous(), target, 0)
+        assert torch.all(row_max == float("-inf")) and torch.all(sum_exp == 0)
+        assert torch.all(picked == 0)
+        other = stats(logits[:, 4:].contiguous(), target, 4)
+        top = torch.maximum(row_max, other[0])
+        lse = top + torch.log(sum_exp * torch.exp(row_max - top) + other[1] * torch.exp(other[0] - top))
+        torch.testing.assert_close(lse - other[2], torch.nn.functional.cross_entropy(
+            logits, target, reduction="none"))
 
 
 def test_shard_grad_in_place_and_defaults(device):

@@ -30,6 +30,27 @@ def test_half_activations_with_float32_parameters(compare, device, x_dtype):
     compare(layer_norm, layer_norm_reference, inputs, x_dtype, ["x", "weight", "bias"])
 
 
+def test_rows_far_from_zero_and_constant_rows(device):
+    """A row offset by 1e4 (a two-pass variance, no E[x^2] - E[x]^2 cancellation) and a row
+    of one value (variance 0: the output is the bias) against float64."""
+    x = torch.randn(4, 96, device=device)
+    x[0] += 1e4          # E[x^2] - E[x]^2 in float32 would be off by more than the variance
+    x[1] = 3.0
+    x[2] = 0.0
+    x.requires_grad_()
+    weight = (1 + 0.3 * torch.randn(96, device=device)).requires_grad_()
+    bias = (0.3 * torch.randn(96, device=device)).requires_grad_()
+    grad = torch.randn(4, 96, device=device)
+    y = layer_norm(x, weight, bias)
+    got = (y, *torch.autograd.grad(y, (x, weight, bias), grad))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    y64 = torch.nn.functional.layer_norm(x64, (96,), w64, b64, eps=1e-5)
+    want = (y64, *torch.autograd.grad(y64, (x64, w64, b64), grad.double()))
+    for name, g, w in zip(["y", "dx", "dweight", "dbias"], got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=2e-3, msg=name)
+    torch.testing.assert_close(y[1:3], bias.detach().expand(2, 96))
+
+
 def test_eps(compare, device):
     compare(lambda x, w, b: layer_norm(x, w, b, eps=0.1),
             lambda x, w, b: layer_norm_reference(x, w, b, eps=0.1),
