@@ -228,10 +228,17 @@ def _save_error(save_dir: Path, step: int, what: str, e: BaseException) -> Check
     if isinstance(e, CheckpointError):
         return e
     cause = next((c for c in (e, e.__cause__, e.__context__) if isinstance(c, OSError)), e)
-    if getattr(cause, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+    code = getattr(cause, "errno", None)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = f"fix: make checkpoint.save_dir={save_dir} writable, or choose another"
-    else:   # a full disk, also as torch.save reports it (a RuntimeError without an errno)
+    elif code in (None, errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        # a full disk or quota, also as torch.save reports it (a RuntimeError without an errno)
         fix = f"fix: free space in checkpoint.save_dir={save_dir} or choose another"
+    elif code in (errno.EEXIST, errno.ENOTDIR):     # a file where a folder goes
+        fix = (f"fix: checkpoint.save_dir={save_dir} or a folder above it is now a file: move "
+               f"it away, or choose another save_dir")
+    else:   # an I/O error, ...
+        fix = f"fix: see to checkpoint.save_dir={save_dir} as the cause says, or choose another"
     error = CheckpointError(f"saving {save_dir / step_dir_name(step)}: {what} "
                             f"({getattr(cause, 'strerror', None) or cause}); {fix} (the previous "
                             f"checkpoint is still `latest`)")
@@ -544,13 +551,27 @@ def is_complete(path: str | Path) -> bool:
     return _incomplete_reason(Path(path)) is None
 
 
-def complete_checkpoints(save_dir: str | Path) -> list[Path]:
-    """The complete step folders of `save_dir`, oldest step first."""
-    save_dir = Path(save_dir)
+def _step_folders(save_dir: Path) -> list[Path]:
+    """Every step_NNNNNNN folder of `save_dir`, complete or not, oldest step first."""
     if not save_dir.is_dir():
         return []
-    found = [p for p in save_dir.iterdir() if p.is_dir() and STEP_RE.fullmatch(p.name)]
-    return sorted((p for p in found if is_complete(p)), key=lambda p: p.name)
+    return sorted((p for p in save_dir.iterdir() if p.is_dir() and STEP_RE.fullmatch(p.name)),
+                  key=lambda p: p.name)
+
+
+def complete_checkpoints(save_dir: str | Path) -> list[Path]:
+    """The complete step folders of `save_dir`, oldest step first."""
+    return [p for p in _step_folders(Path(save_dir)) if is_complete(p)]
+
+
+def damaged_checkpoints(save_dir: str | Path, after_step: int = -1) -> list[tuple[Path, str]]:
+    """The step folders of `save_dir` past `after_step` that are not complete checkpoints (a
+    file missing or of another size than meta.json records, or no meta.json: saves are renamed
+    into place whole, so these were damaged afterwards), each with why, oldest step first."""
+    later = (p for p in _step_folders(Path(save_dir))
+             if int(STEP_RE.fullmatch(p.name).group(1)) > after_step)
+    found = ((p, _incomplete_reason(p)) for p in later)
+    return [(p, reason) for p, reason in found if reason is not None]
 
 
 def find_latest(save_dir: str | Path, warn: Callable[[str], None] | None = None) -> Path | None:
@@ -564,10 +585,14 @@ def find_latest(save_dir: str | Path, warn: Callable[[str], None] | None = None)
     latest = save_dir / LATEST_FILE
     passed_over = None
     if latest.is_file():
-        named = save_dir / latest.read_text(encoding="utf-8").strip()
-        if STEP_RE.fullmatch(named.name) and is_complete(named):
-            return named
-        passed_over = _incomplete_reason(named) if named.exists() else f"{named} does not exist"
+        try:
+            named = save_dir / latest.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:      # damaged: its bytes are no folder's name
+            passed_over = "it is not text, where a step_NNNNNNN name was written"
+        else:
+            if STEP_RE.fullmatch(named.name) and is_complete(named):
+                return named
+            passed_over = _incomplete_reason(named) if named.exists() else f"{named} does not exist"
     complete = complete_checkpoints(save_dir)
     if passed_over and warn is not None:
         instead = f"using {complete[-1].name}, the latest complete one" if complete else \

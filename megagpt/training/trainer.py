@@ -54,6 +54,7 @@ from megagpt.parallel.state import AnotherRankFailed, ParallelState, run_agreed
 from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, SHARED_SAVE_DIR_FIX,
                                          CheckpointError, capture_rng_state, check_compatible,
                                          check_optimizer_layout, complete_checkpoints,
+                                         damaged_checkpoints,
                                          find_latest, load_checkpoint, read_meta,
                                          resolve_load_path, restore_rng_state, save_checkpoint,
                                          start_checkpoint_save)
@@ -718,7 +719,8 @@ class Trainer:
             if latest is not None and latest.name == path.name:   # not when going back
                 self.saved_step = read_meta(path)["step"]
         else:
-            self._refuse_replacing_another_run(path)
+            self._read_agreed(lambda: self._refuse_replacing_another_run(path),
+                              "start without replacing the checkpoints of checkpoint.save_dir")
         if self.deepspeed:
             return self._resume_deepspeed(path)
         if path is None:
@@ -958,13 +960,21 @@ class Trainer:
         adds later steps."""
         held = complete_checkpoints(self.save_dir)
         start = read_meta(path)["step"] if path is not None else 0
-        if not held or start >= read_meta(held[-1])["step"]:
-            return
         how = f"continues from {path}" if path is not None else "starts fresh"
         where = ("checkpoint.save_dir" if self.cfg.checkpoint.save_dir else
                  "checkpoint.save_dir (or logging.run_dir, under which it is by default)"
                  if self.cfg.logging.run_dir else
                  "checkpoint.save_dir (or --name, the run dir runs/<name> holding it by default)")
+        damaged = damaged_checkpoints(self.save_dir, after_step=start)
+        if not held and damaged:     # every checkpoint of a run damaged: not a reason to start over
+            raise CheckpointError(
+                f"checkpoint.save_dir={self.save_dir} holds no complete checkpoint, only damaged "
+                f"ones ({', '.join(p.name for p, _ in damaged)}; {damaged[-1][1]}), and this run "
+                f"{how} at step {start} (checkpoint.load={self.cfg.checkpoint.load}): its saves "
+                f"would replace them; fix: restore the missing or damaged files (meta.json lists "
+                f"them with their sizes), or choose a new {where} to start over")
+        if not held or start >= read_meta(held[-1])["step"]:
+            return
         raise CheckpointError(
             f"checkpoint.save_dir={self.save_dir} already holds checkpoints up to "
             f"{held[-1].name}, and this run {how} at step {start} "

@@ -333,6 +333,34 @@ def test_a_fresh_run_does_not_replace_another_runs_checkpoints(tmp_path):
     assert (ckpt / "step_0000006").is_dir()
 
 
+def test_a_save_dir_whose_every_checkpoint_is_damaged_is_not_started_over(tmp_path):
+    """checkpoint.load=auto found no complete checkpoint (each has a file cut short, as an
+    interrupted copy leaves it) and trained from step 0 over them: refused, naming them and why;
+    a damaged checkpoint before a run's start is no reason to refuse."""
+    run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__save_interval=2))
+    ckpt = tmp_path / "ckpt"
+    for step in ("step_0000002", "step_0000004"):
+        cut = next(f for f in sorted((ckpt / step).iterdir()) if f.name.startswith("model"))
+        cut.write_bytes(cut.read_bytes()[:1000])
+    for load in ("auto", "none"):
+        with pytest.raises(RuntimeError, match=rf"checkpoint.save_dir={ckpt} holds no complete "
+                                               rf"checkpoint, only damaged ones \(step_0000002, "
+                                               rf"step_0000004; {ckpt / 'step_0000004'} is not a "
+                                               rf"complete checkpoint: model.* has 1000 bytes, "
+                                               rf"meta.json records \d+\), and this run starts "
+                                               rf"fresh at step 0 \(checkpoint.load={load}\): its "
+                                               rf"saves would replace them; fix: restore the "
+                                               rf"missing or damaged files"):
+            run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__load=load))
+    assert sorted(p.name for p in ckpt.iterdir() if p.name != ".lock") == [
+        "latest", "step_0000002", "step_0000004"]
+    shutil.rmtree(ckpt / "step_0000004")
+    run_distributed(_start, 1, str(tmp_path / "later"), 2, dict(checkpoint__save_interval=2))
+    run_distributed(_start, 1, str(tmp_path), 4, dict(
+        checkpoint__load=str(tmp_path / "later" / "ckpt" / "step_0000002")))
+    assert (ckpt / "step_0000004").is_dir()
+
+
 def _sigterm_at_start(rank, world, run_dir, overrides):
     messages = []
     cfg = run_config(Path(run_dir), 6, **overrides)

@@ -5,6 +5,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -130,6 +131,32 @@ def test_an_engine_save_that_fails_on_one_rank_is_an_error_on_every_rank(tmp_pat
                                   f"left on device); fix: free space"), messages
     assert messages[0].startswith(f"saving {step}: the engine's files were not written ("), messages
     assert not step.exists()
+
+
+@pytest.mark.parametrize("cause,fix", [
+    (OSError(errno.ENOSPC, "No space left on device"), "fix: free space in checkpoint.save_dir="),
+    (RuntimeError("PytorchStreamWriter failed writing file data/0"), "fix: free space in "),
+    (OSError(errno.EROFS, "Read-only file system"), "fix: make checkpoint.save_dir="),
+    (OSError(errno.EIO, "Input/output error"), "fix: see to checkpoint.save_dir="),
+    (None, "fix: checkpoint.save_dir={} or a folder above it is now a file: move it away")])
+def test_a_failed_save_names_the_fix_its_cause_calls_for(tmp_path, cause, fix):
+    """Every cause but a permission was told to free space: a file where the save dir was, too."""
+    save_dir = tmp_path / "ckpt"
+    save_one(save_dir, 1)
+    if cause is None:              # the save dir replaced by a file while the run goes on
+        shutil.rmtree(save_dir)
+        save_dir.write_text("")
+        with pytest.raises(CheckpointError, match=re.escape(fix.format(save_dir))):
+            save_one(save_dir, 2)
+        return
+
+    def write_extra(tmp):
+        raise cause
+    with pytest.raises(CheckpointError) as info:
+        save_one(save_dir, 2, write_extra=write_extra)
+    assert fix in str(info.value) and str(info.value).endswith("(the previous checkpoint is "
+                                                               "still `latest`)")
+    assert find_latest(save_dir) == save_dir / "step_0000001"
 
 
 def test_a_link_to_nothing_where_the_step_goes_is_replaced(tmp_path):
@@ -276,6 +303,11 @@ def test_passing_over_what_latest_names_is_said(tmp_path):
     find_latest(tmp_path, warn=said.append)
     assert said[-1].endswith(f"({tmp_path / 'step_0000007'} does not exist); using step_0000001, "
                              f"the latest complete one")
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\x80garbage")     # was a UnicodeDecodeError
+    assert find_latest(tmp_path, warn=said.append) == tmp_path / "step_0000001"
+    assert said[-1] == (f"{tmp_path / 'latest'} names a checkpoint that cannot be used (it is "
+                        f"not text, where a step_NNNNNNN name was written); using step_0000001, "
+                        f"the latest complete one")
 
 
 def test_keep_last_prunes_oldest(tmp_path):
