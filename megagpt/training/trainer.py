@@ -1076,21 +1076,27 @@ def pretrained_state(source: str, m: ModelConfig,
             f"checkpoint.pretrained={source} does not exist; fix: point it at {where}, or set "
             f"checkpoint.pretrained=null to start from random weights")
     src = load_source(source, "checkpoint.pretrained")
-    if tokenizer_path is not None:      # first: another vocabulary's size is its symptom
-        mismatch = tokenizer_mismatch(src, load_tokenizer(tokenizer_path, "data.tokenizer_path"),
-                                      "data.tokenizer_path")
-        if mismatch:
-            raise CheckpointError(f"checkpoint.pretrained: {mismatch}")
     saved = dataclasses.asdict(src.model)
     if saved["seq_length"] >= m.seq_length:        # a model may use fewer learned positions
         saved["seq_length"] = m.seq_length
-    _check_architecture(saved, m, source)
+    problems = _architecture_problems(saved, m, source)
+    mismatch = tokenizer_path is not None and tokenizer_mismatch(
+        src, load_tokenizer(tokenizer_path, "data.tokenizer_path"), "data.tokenizer_path")
+    listed = "".join(f"\n  - {p}" for p in problems)
+    fix = ("give the config the checkpoint's architecture (its model section or "
+           "model.config_file)")
+    if mismatch:     # first (another vocabulary's size is its symptom), but with every fix
+        raise CheckpointError(f"checkpoint.pretrained: {mismatch}" + (
+            f"\nand its architecture is not the config's (fix: {fix}):{listed}" if problems else ""))
+    if problems:
+        raise CheckpointError(f"checkpoint.pretrained does not fit this config:{listed}\nfix: "
+                              f"{fix}, or choose a checkpoint of this one")
     full = dict(src.full_state)
     full["embedding.wpe.weight"] = full["embedding.wpe.weight"][:m.seq_length]
     return full
 
 
-def _check_architecture(saved: dict, m: ModelConfig, source: str) -> None:
+def _architecture_problems(saved: dict, m: ModelConfig, source: str) -> list[str]:
     wanted = dataclasses.asdict(m)
     problems = []
     for name in ARCHITECTURE_FIELDS:
@@ -1099,8 +1105,4 @@ def _check_architecture(saved: dict, m: ModelConfig, source: str) -> None:
             a, b = a or 4 * saved["d_model"], b or 4 * m.d_model
         if name != "make_vocab_size_divisible_by" and a != b:
             problems.append(f"{source} has model.{name}={a}, the config says {b}")
-    if problems:
-        raise CheckpointError("checkpoint.pretrained does not fit this config:\n" +
-                              "\n".join(f"  - {p}" for p in problems) +
-                              "\nfix: give the config the checkpoint's architecture (its model "
-                              "section or model.config_file), or choose a checkpoint of this one")
+    return problems

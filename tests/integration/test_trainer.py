@@ -1,4 +1,5 @@
 """The trainer in-process on gloo: exact resume, skipped steps, aborts, SIGTERM."""
+import dataclasses
 import functools
 import json
 import logging
@@ -1446,6 +1447,13 @@ def test_pretrained_weights_of_another_tokenizer_are_refused(tmp_path):
                                               rf"data.tokenizer_path=gpt2 is another .*; fix: set "
                                               rf"data.tokenizer_path={hf}"):
         pretrained_state(hf, m, "gpt2")
+    with pytest.raises(CheckpointError) as info:      # and another architecture: both named
+        pretrained_state(hf, dataclasses.replace(m, n_layers=m.n_layers + 1), "gpt2")
+    assert str(info.value).endswith(
+        f"; fix: set data.tokenizer_path={hf}\nand its architecture is not the config's (fix: "
+        f"give the config the checkpoint's architecture (its model section or "
+        f"model.config_file)):\n  - {hf} has model.n_layers={m.n_layers}, the config says "
+        f"{m.n_layers + 1}"), str(info.value)
     assert pretrained_state(hf, m, str(tmp_path / "tok")).keys()  # the same tokenizer: accepted
     assert pretrained_state(str(tmp_path / "bare"), m, "gpt2").keys()   # unknown: not checked
     convert(str(tmp_path / "bare"), tmp_path / "bare_ours", "megagpt", log=lambda line: None)
