@@ -8,6 +8,7 @@ model and data, train, and tear down whatever happens.
 import argparse
 import datetime
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,25 @@ def report_error(message: str | None, wait_s: float = 5.0) -> None:
             store.add(ACKS_KEY, 1)
         except RuntimeError:
             pass
+
+
+GLOO_LOCATION = re.compile(r"^\[[^\]]*\] ")     # "[.../gloo/transport/tcp/pair.cc:553] "
+
+
+def lost_peer(error: RuntimeError, timeout_minutes: float) -> str | None:
+    """What a collective's failure on the CPU (gloo) means, in one line, or None for another
+    error: another rank ended (its log says why; this one's traceback would only show where it
+    waited), or sent nothing for the collectives' timeout."""
+    text = GLOO_LOCATION.sub("", (str(error).strip().splitlines() or [""])[0])
+    if "closed by peer" in text or "reset by peer" in text:
+        return (f"another rank ended while this one waited for it in a collective "
+                f"({text.split('. ')[0]}); the first rank to fail says why in its log")
+    if "Timed out waiting" in text:
+        return (f"another rank sent nothing for parallel.distributed_timeout_minutes="
+                f"{timeout_minutes:g} ({text}): it froze, or works far longer than this one "
+                f"between collectives; the ranks' logs say which; fix: if it was only slow (a "
+                f"save to a slow disk, say), raise the timeout")
+    return None
 
 
 def tensor_parallel_across_nodes(cfg, per_node: int) -> str | None:
@@ -216,6 +236,12 @@ def main(argv=None) -> int:
         cause = e.__cause__    # the library error underneath, unless the message quotes it
         cause = f" ({type(cause).__name__}: {cause})" if cause and str(cause) not in str(e) else ""
         report_error(f"{e}{cause}")
+        return 1
+    except RuntimeError as e:   # on the CPU, a collective that another rank left
+        lost = lost_peer(e, cfg.parallel.distributed_timeout_minutes)
+        if lost is None:
+            raise
+        print(f"error (rank {os.environ.get('RANK', '0')}): {lost}", file=sys.stderr, flush=True)
         return 1
     finally:
         destroy_parallel()

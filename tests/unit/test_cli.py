@@ -164,3 +164,51 @@ def test_tensor_parallel_groups_across_nodes_are_warned_of():
     assert program.tensor_parallel_across_nodes(cfg, 3).startswith(
         "parallel.tensor_parallel_size=2 does not divide the 3 processes a node runs: "
         "tensor-parallel groups span nodes")
+
+
+def _collective_left(rank, mode, port, queue):
+    """Rank 0 all-reduces; rank 1 ends ("die") or sleeps past the 5 s timeout ("freeze")."""
+    import datetime
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=5))
+    if rank == 1:
+        time.sleep(1 if mode == "die" else 10)
+        os._exit(0)
+    try:
+        dist.all_reduce(torch.ones(3))
+    except RuntimeError as e:
+        queue.put(_pretrain_gpt().lost_peer(e, 5 / 60))
+    queue.close()
+    queue.join_thread()            # sent before the exit that skips Python's own clean-up
+    os._exit(0)
+
+
+@pytest.mark.parametrize("mode, said", [
+    ("die", r"another rank ended while this one waited for it in a collective \(Connection "
+            r"closed by peer \[127.0.0.1\]:\d+\); the first rank to fail says why in its log"),
+    ("freeze", r"another rank sent nothing for parallel.distributed_timeout_minutes=0.0833333 "
+               r"\(Timed out waiting 5000ms for recv operation to complete\): it froze, or works "
+               r"far longer than this one between collectives; .*fix: if it was only slow .*")])
+def test_a_collective_another_rank_left_is_one_line(mode, said):
+    """gloo's errors (a C++ source location, "GLHF!") reached the user as a traceback of where
+    this rank waited; now one line each."""
+    import multiprocessing
+    import re
+
+    from megagpt.testing import free_port
+    context = multiprocessing.get_context("fork")
+    queue, port = context.Queue(), free_port()
+    workers = [context.Process(target=_collective_left, args=(r, mode, port, queue))
+               for r in range(2)]
+    for w in workers:
+        w.start()
+    message = queue.get(timeout=60)
+    for w in workers:
+        w.join(timeout=30)
+    assert re.fullmatch(said, message), message
+    assert _pretrain_gpt().lost_peer(RuntimeError("CUDA error: out of memory"), 30) is None
