@@ -31,7 +31,7 @@ from megatron.core.datasets.utils import Split  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # megatron-core's NumPy use
 
-CORPUS = Path(__file__).resolve().parents[2] / "megagpt" / "data" / "assets" / "shakespeare.jsonl.gz"
+CORPUS = Path(__file__).resolve().parents[2] / "megagpt/data/assets/shakespeare.jsonl.gz"
 DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.int64, np.float64, np.float32, np.uint16]
 # what Megatron's GPTDataset reads of a tokenizer (its cache description and end of document)
 TOKENIZER = types.SimpleNamespace(vocab_size=1000, eod=999, unique_identifiers={"name": "stub"})
@@ -82,7 +82,8 @@ def test_our_writer_and_merge_write_megatrons_bytes(tmp_path):
     merge_datasets([tmp_path / "theirs", tmp_path / "ours"], tmp_path / "ours_merged")
     for ours, theirs in (("ours", "theirs"), ("ours_merged", "theirs_merged")):
         for ext in (".bin", ".idx"):
-            assert (tmp_path / (ours + ext)).read_bytes() == (tmp_path / (theirs + ext)).read_bytes()
+            assert (tmp_path / (ours + ext)).read_bytes() == \
+                (tmp_path / (theirs + ext)).read_bytes()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -183,4 +184,5 @@ def test_blending_counts_are_within_one_of_megatrons(weights):
     helpers_cpp.build_blending_indices(theirs, their_sample, w, len(w), 1000, False)
     ours, _ = blending_indices(weights, 1000)
     one_hot = np.eye(len(w), dtype=np.int64)
-    assert np.abs(np.cumsum(one_hot[ours.astype(int)], 0) - np.cumsum(one_hot[theirs], 0)).max() <= 1
+    counts = np.cumsum(one_hot[ours.astype(int)], 0), np.cumsum(one_hot[theirs], 0)
+    assert np.abs(counts[0] - counts[1]).max() <= 1
