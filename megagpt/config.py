@@ -219,7 +219,6 @@ class Config:
 SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "data": DataConfig,
             "parallel": ParallelConfig, "kernels": KernelsConfig,
             "checkpoint": CheckpointConfig, "logging": LoggingConfig}
-OPTIONAL_SECTIONS = ("parallel", "kernels", "checkpoint", "logging")
 
 
 class ConfigError(ValueError):

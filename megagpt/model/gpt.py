@@ -311,7 +311,6 @@ class GPTStage(nn.Module):
                 self.output_weight = nn.Parameter(torch.empty(model.padded_vocab_size(tp) // tp,
                                                               model.d_model))
                 self.output_weight.tp_dim, self.output_weight.tp_stride = 0, 1
-                self.output_weight.shared_embedding = True
         self.to(device)
 
     def word_embedding_weight(self) -> nn.Parameter:
