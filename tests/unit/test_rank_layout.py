@@ -57,3 +57,23 @@ def test_a_ranks_place_in_the_layout():
         stages.append((s.tp_rank, s.dp_rank, s.pp_rank, s.is_first_stage, s.is_last_stage))
         assert (s.tp_world_size, s.dp_world_size, s.pp_world_size) == (2, 2, 4)
     assert stages == [(0, 0, 0, True, False), (1, 0, 1, False, False), (1, 1, 3, False, True)]
+
+
+def _getters(rank, world):
+    ps = state.initialize_parallel(2, 2)
+    got = [state.get_tensor_parallel_rank(), state.get_tensor_parallel_world_size(),
+           state.get_data_parallel_rank(), state.get_data_parallel_world_size(),
+           state.get_pipeline_parallel_rank(), state.get_pipeline_parallel_world_size()]
+    groups = [state.get_tensor_parallel_group() is ps.tp_group,
+              state.get_data_parallel_group() is ps.dp_group,
+              state.get_pipeline_parallel_group() is ps.pp_group,
+              state.get_embedding_group() is ps.embedding_group, state.get_state() is ps]
+    return got, groups
+
+
+def test_the_getters_give_this_ranks_place_and_groups():
+    from megagpt.testing import run_distributed
+    results = run_distributed(_getters, 8)
+    assert [got for got, _ in results] == [
+        [rank % 2, 2, rank // 2 % 2, 2, rank // 4, 2] for rank in range(8)]
+    assert all(all(groups) for _, groups in results)
