@@ -107,19 +107,25 @@ def report_error(message: str | None, wait_s: float = 5.0) -> None:
 GLOO_LOCATION = re.compile(r"^\[[^\]]*\] ")     # "[.../gloo/transport/tcp/pair.cc:553] "
 
 
-def lost_peer(error: RuntimeError, timeout_minutes: float) -> str | None:
-    """What a collective's failure on the CPU (gloo) means, in one line, or None for another
-    error: another rank ended (its log says why; this one's traceback would only show where it
-    waited), or sent nothing for the collectives' timeout."""
+def outside_failure(error: RuntimeError, cfg) -> str | None:
+    """What a failure from outside this rank's own code means, in one line, or None for another
+    error: on the CPU (gloo), another rank ended while this one waited for it in a collective
+    (its log says why; this one's traceback would only show where it waited) or sent nothing for
+    the collectives' timeout; a data loader worker killed (most often by the out-of-memory
+    killer)."""
     text = GLOO_LOCATION.sub("", (str(error).strip().splitlines() or [""])[0])
     if "closed by peer" in text or "reset by peer" in text:
         return (f"another rank ended while this one waited for it in a collective "
                 f"({text.split('. ')[0]}); the first rank to fail says why in its log")
     if "Timed out waiting" in text:
         return (f"another rank sent nothing for parallel.distributed_timeout_minutes="
-                f"{timeout_minutes:g} ({text}): it froze, or works far longer than this one "
-                f"between collectives; the ranks' logs say which; fix: if it was only slow (a "
-                f"save to a slow disk, say), raise the timeout")
+                f"{cfg.parallel.distributed_timeout_minutes:g} ({text}): it froze, or works far "
+                f"longer than this one between collectives; the ranks' logs say which; fix: if "
+                f"it was only slow (a save to a slow disk, say), raise the timeout")
+    if text.startswith("DataLoader worker"):
+        return (f"{text.rstrip('. ')} (the out-of-memory killer, most often: `dmesg` says); fix: "
+                f"fewer loader processes (data.num_workers={cfg.data.num_workers}), or more "
+                f"memory")
     return None
 
 
@@ -237,11 +243,12 @@ def main(argv=None) -> int:
         cause = f" ({type(cause).__name__}: {cause})" if cause and str(cause) not in str(e) else ""
         report_error(f"{e}{cause}")
         return 1
-    except RuntimeError as e:   # on the CPU, a collective that another rank left
-        lost = lost_peer(e, cfg.parallel.distributed_timeout_minutes)
-        if lost is None:
+    except RuntimeError as e:   # a collective that another rank left, a killed loader, ...
+        failure = outside_failure(e, cfg)
+        if failure is None:
             raise
-        print(f"error (rank {os.environ.get('RANK', '0')}): {lost}", file=sys.stderr, flush=True)
+        print(f"error (rank {os.environ.get('RANK', '0')}): {failure}", file=sys.stderr,
+              flush=True)
         return 1
     finally:
         destroy_parallel()

@@ -1,6 +1,7 @@
 """What the command-line programs share: how they exit, and the override syntax in --help."""
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,9 @@ def _collective_left(rank, mode, port, queue):
     try:
         dist.all_reduce(torch.ones(3))
     except RuntimeError as e:
-        queue.put(_pretrain_gpt().lost_peer(e, 5 / 60))
+        cfg = types.SimpleNamespace(parallel=types.SimpleNamespace(
+            distributed_timeout_minutes=5 / 60))
+        queue.put(_pretrain_gpt().outside_failure(e, cfg))
     queue.close()
     queue.join_thread()            # sent before the exit that skips Python's own clean-up
     os._exit(0)
@@ -211,4 +214,14 @@ def test_a_collective_another_rank_left_is_one_line(mode, said):
     for w in workers:
         w.join(timeout=30)
     assert re.fullmatch(said, message), message
-    assert _pretrain_gpt().lost_peer(RuntimeError("CUDA error: out of memory"), 30) is None
+
+
+def test_a_killed_loader_worker_is_one_line_with_the_fix():
+    cfg = types.SimpleNamespace(data=types.SimpleNamespace(num_workers=4))
+    program = _pretrain_gpt()
+    killed = RuntimeError("DataLoader worker (pid 31668) is killed by signal: Killed. ")
+    assert program.outside_failure(killed, cfg) == (
+        "DataLoader worker (pid 31668) is killed by signal: Killed (the out-of-memory killer, "
+        "most often: `dmesg` says); fix: fewer loader processes (data.num_workers=4), or more "
+        "memory")
+    assert program.outside_failure(RuntimeError("CUDA error: out of memory"), cfg) is None
