@@ -2,6 +2,7 @@
 the vocab-parallel building blocks: shard statistics and gradients recombine to the full loss."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megagpt.kernels import (cross_entropy, cross_entropy_reference, cross_entropy_shard_grad,
                              cross_entropy_shard_grad_reference, cross_entropy_shard_stats,
@@ -48,7 +49,7 @@ def test_huge_logits(device, dtype, scale):
     loss = cross_entropy(logits, target)
     loss.backward()
     x64 = logits.detach().double().requires_grad_()
-    want = torch.nn.functional.cross_entropy(x64, target)
+    want = F.cross_entropy(x64, target)
     want.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
     torch.testing.assert_close(loss.double(), want, rtol=1e-3, atol=0)
@@ -84,12 +85,19 @@ def test_narrow_integer_targets(compare, device, dtype):
             [logits], F32, ["logits"])
     for backend in (cross_entropy, cross_entropy_torch):
         backend(logits.detach(), target)              # in range: no error
-    if dtype != torch.uint8:
-        lse = torch.logsumexp(logits.detach(), -1)
-        grad = cross_entropy_shard_grad(logits.detach(), target, 0, lse)
-        assert torch.all(grad[5] == 0)
-        want = cross_entropy_shard_grad_reference(logits.detach(), target, 0, lse)
-        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+    weight = torch.rand(12, device=device) + 0.5     # the weighted mean's divisor too
+    wide = target.long()
+    expected = (F.cross_entropy(logits.detach(), wide, reduction="none") * weight).sum() / \
+        weight[wide != -100].sum()
+    torch.testing.assert_close(cross_entropy(logits.detach(), target, weight=weight), expected)
+    # the vocab-parallel loss's gradient of a shard: softmax - one-hot, zero on ignored rows
+    lse = torch.logsumexp(logits.detach(), -1)
+    grad = cross_entropy_shard_grad(logits.detach(), target, 0, lse)
+    want = cross_entropy_shard_grad_reference(logits.detach(), target, 0, lse)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+    exact = torch.softmax(logits.detach(), -1) - F.one_hot(wide.clamp(min=0), vocab)
+    torch.testing.assert_close(want, exact.masked_fill((wide == -100)[:, None], 0.0),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_all_rows_ignored_gives_nan_and_zero_grad(device):
@@ -297,8 +305,9 @@ def test_a_shard_whose_classes_are_all_minus_inf_recombines(device):
         assert torch.all(picked == 0)
         other = stats(logits[:, 4:].contiguous(), target, 4)
         top = torch.maximum(row_max, other[0])
-        lse = top + torch.log(sum_exp * torch.exp(row_max - top) + other[1] * torch.exp(other[0] - top))
-        torch.testing.assert_close(lse - other[2], torch.nn.functional.cross_entropy(
+        lse = top + torch.log(sum_exp * torch.exp(row_max - top)
+                              + other[1] * torch.exp(other[0] - top))
+        torch.testing.assert_close(lse - other[2], F.cross_entropy(
             logits, target, reduction="none"))
 
 
@@ -418,7 +427,7 @@ def test_row_weights(compare, device, dtype, reduction):
             lambda x: cross_entropy_reference(x, target, reduction=reduction,
                                               weight=weight).to(dtype),
             [logits], dtype, ["logits"])
-    losses = torch.nn.functional.cross_entropy(logits.detach().float().reshape(-1, 300),
+    losses = F.cross_entropy(logits.detach().float().reshape(-1, 300),
                                                target.reshape(-1), reduction="none")
     kept = (target.reshape(-1) != -100).float() * weight.reshape(-1)
     expected = (losses * kept).sum() / (kept.sum() if reduction == "mean" else 1.0)
