@@ -137,6 +137,8 @@ def test_an_engine_save_that_fails_on_one_rank_is_an_error_on_every_rank(tmp_pat
     (OSError(errno.ENOSPC, "No space left on device"), "fix: free space in checkpoint.save_dir="),
     (RuntimeError("PytorchStreamWriter failed writing file data/0"), "fix: free space in "),
     (OSError(errno.EROFS, "Read-only file system"), "fix: make checkpoint.save_dir="),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "fix: free space in checkpoint.save_dir="),
+    (OSError(errno.ENOTDIR, "Not a directory"), "or a folder above it is now a file"),
     (OSError(errno.EIO, "Input/output error"), "fix: see to checkpoint.save_dir="),
     (None, "fix: checkpoint.save_dir={} or a folder above it is now a file: move it away")])
 def test_a_failed_save_names_the_fix_its_cause_calls_for(tmp_path, cause, fix):

@@ -225,3 +225,7 @@ def test_a_killed_loader_worker_is_one_line_with_the_fix():
         "most often: `dmesg` says); fix: fewer loader processes (data.num_workers=4), or more "
         "memory")
     assert program.outside_failure(RuntimeError("CUDA error: out of memory"), cfg) is None
+    reset = RuntimeError("[../gloo/transport/tcp/pair.cc:598] Connection reset by peer. more")
+    assert program.outside_failure(reset, cfg) == (
+        "another rank ended while this one waited for it in a collective (Connection reset by "
+        "peer); the first rank to fail says why in its log")

@@ -397,6 +397,15 @@ def test_a_model_config_file_of_another_kind_is_refused(other, kind):
                f"it is {kind}" in p for p in problems), problems
 
 
+@pytest.mark.parametrize("key", ["zero_optimization", "train_batch_size",
+                                 "train_micro_batch_size_per_gpu"])
+def test_a_deepspeed_file_is_known_by_any_of_its_batch_or_zero_keys(tmp_path, key):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({key: 4 if key != "zero_optimization" else {"stage": 1}}))
+    problems = problems_of(tiny_raw(), [f"--model.config_file={path}"])
+    assert any("it is a DeepSpeed config" in p for p in problems), problems
+
+
 def test_top_level_fields_can_be_overridden_and_odd_values_stay_whole():
     """--name was refused as not of the form --section.field (the README says any field can be
     changed on the command line); a value holding '; ' garbled an unknown section's message."""
@@ -472,6 +481,8 @@ def test_native_zero_stage_and_deepspeed_layout():
 
 def test_learning_rate_rules():
     assert load_config(TINY, ["--training.learning_rate=1"]).training.learning_rate == 1
+    assert problems_of(tiny_raw(), ["--training.learning_rate=1.5"])[0].startswith(
+        "training.learning_rate=1.5: must be at most 1")
     problems = problems_of(tiny_raw(), ["--training.learning_rate=1e38"])
     assert problems == ["training.learning_rate=1e+38: must be at most 1 (AdamW moves each weight "
                         "by up to the learning rate a step; a larger one overflows or diverges at "

@@ -219,10 +219,11 @@ def test_an_hf_gpt2_with_different_dropouts_converts_with_its_residual_one(tmp_p
     folder = tmp_path / "drops"
     shutil.copytree(hf_folder, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(attn_pdrop=0.0, resid_pdrop=0.1, embd_pdrop=0.2)
-    (folder / "config.json").write_text(json.dumps(config))
-    source = load_source(folder)
-    assert source.model.dropout == 0.1
+    for drops in (dict(attn_pdrop=0.0, resid_pdrop=0.1, embd_pdrop=0.1),   # two values, three
+                  dict(attn_pdrop=0.0, resid_pdrop=0.1, embd_pdrop=0.2)):
+        (folder / "config.json").write_text(json.dumps(dict(config, **drops)))
+        source = load_source(folder)
+        assert source.model.dropout == 0.1
     assert source.full_state.keys() == load_source(hf_folder).full_state.keys()
     monkeypatch.chdir(tmp_path)
     quiet("drops", tmp_path / "ours", "megagpt", verify=True)
