@@ -305,9 +305,13 @@ def test_the_data_digest_follows_the_documents_lengths_and_the_blend(tmp_path):
     assert GPTDataset(a, np.arange(4), 8, 30, seed=2, cache_dir=tmp_path).data_digest == digest
     assert GPTDataset(b, np.arange(4), 8, 10, seed=1, cache_dir=tmp_path).data_digest != digest
     assert GPTDataset(a, np.arange(3), 8, 10, seed=1, cache_dir=tmp_path).data_digest != digest
+    swapped = IndexedDataset(write_documents(tmp_path / "s", [docs[1], docs[0]] + docs[2:]).prefix)
+    assert GPTDataset(swapped, np.arange(4), 8, 10, seed=1,          # the same lengths in
+                      cache_dir=tmp_path).data_digest != digest      # another order
     parts = [GPTDataset(x, np.arange(4), 8, 10, seed=1, cache_dir=tmp_path) for x in (a, b)]
     index, sample = blending_indices([0.5, 0.5], 10)
     blend = BlendedDataset(parts, [0.5, 0.5], index, sample).data_digest
+    assert BlendedDataset([parts[0], parts[0]], [0.5, 0.5], index, sample).data_digest != blend
     parts.reverse()
     assert BlendedDataset(parts, [0.5, 0.5], index, sample).data_digest != blend
     mock = MockGPTDataset(10, 8, 100, seed=1)

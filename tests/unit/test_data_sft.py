@@ -273,6 +273,9 @@ def test_the_data_digest_follows_the_examples_tokens():
     turns = [[("user", "Who wrote Hamlet?"), ("assistant", "Shakespeare.")],
              [("user", "When?"), ("assistant", "Around 1600.")]]
     changed = [turns[0], [("user", "When?"), ("assistant", "Around 1601.")]]
-    digests = [SFTDataset(tokenize_examples(t, tok), 16, None, True, 1, tok.eod_id).data_digest
-               for t in (turns, turns, changed)]
-    assert digests[0] == digests[1] != digests[2] and len(digests[0]) == 16
+    same_lengths = [[("user", "Who wrote Hamlet?"), ("assistant", "Bacon.")], turns[1]]
+    examples = [tokenize_examples(t, tok) for t in (turns, turns, changed, same_lengths)]
+    assert np.array_equal(examples[3].offsets, examples[0].offsets)   # other tokens alone
+    digests = [SFTDataset(x, 16, None, True, 1, tok.eod_id).data_digest for x in examples]
+    assert digests[0] == digests[1] and len(digests[0]) == 16
+    assert digests[2] != digests[0] and digests[3] != digests[0]
