@@ -355,10 +355,14 @@ def test_a_save_dir_whose_every_checkpoint_is_damaged_is_not_started_over(tmp_pa
             run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__load=load))
     assert sorted(p.name for p in ckpt.iterdir() if p.name != ".lock") == [
         "latest", "step_0000002", "step_0000004"]
-    shutil.rmtree(ckpt / "step_0000004")
+    # a run going on from another save dir's step 2 would replace the damaged step 4 too
     run_distributed(_start, 1, str(tmp_path / "later"), 2, dict(checkpoint__save_interval=2))
-    run_distributed(_start, 1, str(tmp_path), 4, dict(
-        checkpoint__load=str(tmp_path / "later" / "ckpt" / "step_0000002")))
+    elsewhere = str(tmp_path / "later" / "ckpt" / "step_0000002")
+    with pytest.raises(RuntimeError, match=rf"only damaged ones \(step_0000004; .*and this run "
+                                           rf"continues from {elsewhere} at step 2"):
+        run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__load=elsewhere))
+    shutil.rmtree(ckpt / "step_0000004")
+    run_distributed(_start, 1, str(tmp_path), 4, dict(checkpoint__load=elsewhere))
     assert (ckpt / "step_0000004").is_dir()
 
 
