@@ -820,6 +820,8 @@ def test_generate_tool_chat_sends_the_prompt_as_fine_tuning_encodes_it(ours, cap
     assert sent[0] == example.tokens[:-len(done) - 1].tolist()   # up to the answer
     assert sent[0] != tok.encode(f"System: Be brief.\nUser: {question}\nAssistant:")
     assert sent[1] == tok.encode("System: Be brief.\nUser: Who?\nAssistant:")
+    assert module.main(["--checkpoint", str(ours / "tp1pp1"), "--chat", "--prompt", "Who?"]) == 0
+    assert capsys.readouterr().out.startswith("User: Who?\nAssistant:")   # one prompt: streamed
     with pytest.raises(SystemExit) as info:
         module.main(["--checkpoint", str(ours / "tp1pp1"), "--system", "x", "--prompt", "y"])
     assert info.value.code == 2
