@@ -226,6 +226,26 @@ def test_a_worker_that_dies_fails_the_run_instead_of_hanging(tmp_path, monkeypat
     assert files(tmp_path) == ["in.jsonl"]
 
 
+def test_an_encoding_worker_ignores_ctrl_c_and_ends_at_sigterm_without_unwinding():
+    """As the pool starts one (forked): Ctrl-C, which reaches the whole group, is the parent's
+    to handle; SIGTERM's default action ends it at once (a SystemExit raised inside the pool's
+    queue code could leave a lock taken and hang the run)."""
+    import megagpt.data.preprocess as preprocess
+    pid = os.fork()
+    if pid == 0:
+        try:     # the parent's handlers, inherited by the fork: a stop signal raises
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            preprocess._init_worker("gpt2", ("text",), False, "uint16")
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            os._exit(0)               # reached only when a signal did not end it
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+
+
 def test_a_dataset_already_there_survives_a_failed_run(tmp_path, monkeypatch):
     """Two keys: the second key's index fails to write, so neither output replaces the pair a
     previous run left (before, the first key's new pair had replaced it and was then deleted)."""
