@@ -34,8 +34,8 @@ setup(
         # needs only an unpinned torch, so it keeps the CPU torch the Makefile installs first
         "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "safetensors",
                  "deepspeed==0.19.8; sys_platform == 'linux'", "wandb>=0.19",
-                 # Megatron's own data code, which tests/unit/test_data_megatron_core.py runs
-                 # against ours (wheels for Linux x86-64; it needs torch, numpy, packaging)
+                 # Megatron's own data and model code, which tests/unit/test_*_megatron_core.py
+                 # run beside ours (wheels for Linux x86-64; it needs torch, numpy, packaging)
                  "megatron-core==0.16.1; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         "hf": ["transformers>=4.40", "safetensors"],
         "wandb": ["wandb>=0.19"],
