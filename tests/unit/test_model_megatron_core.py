@@ -4,6 +4,7 @@ megatron-core's on one rank. GPT-2 equivalence needs megatron's tanh GeLU (`acti
 openai_gelu`, or F.gelu with `bias_activation_fusion=True`, whose fused kernel is tanh); its
 default F.gelu is erf. Megatron's loss also counts the padding columns; ours leaves them out."""
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -15,11 +16,13 @@ from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
 from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 pytest.importorskip("megatron.core", reason="megatron-core is a test extra on Linux x86-64 only")
-from megatron.core import parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
-from megatron.core.transformer.utils import openai_gelu  # noqa: E402
+with warnings.catch_warnings():    # at import: Apex and TransformerEngine are absent, ...
+    warnings.simplefilter("ignore")
+    from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+    from megatron.core.models.gpt import GPTModel  # noqa: E402
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+    from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+    from megatron.core.transformer.utils import openai_gelu  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")     # Apex / TransformerEngine absent, etc.
 M = ModelConfig(vocab_size=1001, d_model=64, n_heads=4, n_layers=3, seq_length=32, dropout=0.0)
