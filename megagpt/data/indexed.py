@@ -19,10 +19,12 @@ record describes other files (written over by a tool that keeps none), is read a
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import shutil
+import socket
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -237,12 +239,47 @@ class IndexedDataset:
         return int(self.sizes.sum(dtype=np.int64))
 
 
+TEMPORARY_KINDS = ("bin", "sizes", "docs", "idx")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # another user's: alive
+        return True
+    return True
+
+
+def remove_leftovers(prefix: str) -> list[str]:
+    """Remove the temporary files a writer to `prefix` on this host left when it was killed
+    outright (SIGKILL, the out-of-memory killer: no chance to clean up), and return their
+    paths. Their names carry the host and the process id; a process that still runs (a run
+    writing the same prefix now, or the id taken by another program since) keeps its files,
+    and so do other hosts' (on a shared file system their processes cannot be seen from here)."""
+    host, removed = socket.gethostname(), []
+    for kind in TEMPORARY_KINDS:
+        for path in sorted(glob.glob(glob.escape(f"{prefix}.{kind}.tmp-{host}-") + "*")):
+            pid = path.rsplit("-", 1)[1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:       # another run removing it at the same time
+                continue
+            removed.append(path)
+    return removed
+
+
 class IndexedDatasetWriter:
     """Writes a `.bin`/`.idx` pair by streaming; the files appear only when `finalize` completes.
 
     Use as a context manager: leaving the block with an exception removes every temporary file.
     Sequence lengths and document boundaries are spooled to temporary files, so memory does not
-    grow with the number of sequences.
+    grow with the number of sequences. The temporary files that an earlier writer to the same
+    prefix left when it was killed outright are removed first (`remove_leftovers`; the paths
+    are in `removed_leftovers`).
 
     Args:
         prefix: writes `prefix.bin` and `prefix.idx`.
@@ -258,11 +295,10 @@ class IndexedDatasetWriter:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype {self.dtype} has no code in the index format; use one of "
                              f"{sorted(str(np.dtype(d)) for d in DTYPES.values())}")
-        suffix = f".tmp-{os.getpid()}"
-        self._tmp_bin = Path(f"{self.prefix}.bin{suffix}")
-        self._tmp_sizes = Path(f"{self.prefix}.sizes{suffix}")
-        self._tmp_docs = Path(f"{self.prefix}.docs{suffix}")
-        self._tmp_idx = Path(f"{self.prefix}.idx{suffix}")
+        self.removed_leftovers = remove_leftovers(self.prefix)
+        suffix = f".tmp-{socket.gethostname()}-{os.getpid()}"
+        self._tmp_bin, self._tmp_sizes, self._tmp_docs, self._tmp_idx = (
+            Path(f"{self.prefix}.{kind}{suffix}") for kind in TEMPORARY_KINDS)
         self._files = [open(p, "wb") for p in (self._tmp_bin, self._tmp_sizes, self._tmp_docs)]
         self._bin, self._sizes, self._docs = self._files
         self.num_sequences = 0

@@ -56,6 +56,7 @@ class PreprocessSummary:
     output_bytes: int = 0
     seconds: float = 0.0
     skipped: jsonl.SkipLog = field(default_factory=jsonl.SkipLog)
+    removed_leftovers: list[str] = field(default_factory=list)   # a killed run's temporary files
 
     @property
     def mb_per_s(self) -> float:
@@ -71,6 +72,10 @@ class PreprocessSummary:
                  f"time: {self.seconds:.1f} s  {self.mb_per_s:,.2f} MB/s  "
                  f"{self.tokens_per_s:,.0f} tokens/s"]
         lines += [f"wrote {p}.bin, {p}.idx and {p}.meta.json" for p in self.outputs]
+        if self.removed_leftovers:
+            lines.append(f"removed {len(self.removed_leftovers)} temporary file(s) that a run "
+                         f"killed outright had left: "
+                         f"{', '.join(os.path.basename(p) for p in self.removed_leftovers)}")
         if self.skipped.total:
             lines.append(f"skipped {self.skipped.total:,} line(s):")
             lines += self.skipped.lines()
@@ -349,6 +354,7 @@ def preprocess_jsonl(input_path: str | os.PathLike, output_prefix: str | os.Path
                     writers.append(_open_writer(p, dtype, dict(
                         tokenizer_record(tok), json_key=key, append_eod=append_eod,
                         made_by="tools/preprocess_data.py"), output_prefix))
+                    summary.removed_leftovers += writers[-1].removed_leftovers
                 _encode_in_order(stream, pool, writers, summary, chunk_bytes, 2 * workers + 2,
                                  progress, os.fspath(output_prefix))
                 _complete(writers, summary, keys, output_prefix)

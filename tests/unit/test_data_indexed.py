@@ -337,3 +337,27 @@ def test_a_missing_relative_prefix_says_where_it_was_looked_for(tmp_path, monkey
                                                   rf"exist \(a relative path is read from the "
                                                   rf"current directory, {tmp_path}\)"):
         IndexedDataset("runs/data/x_text_document")
+
+
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_one(tmp_path):
+    """Named by host and process: a dead process's on this host are removed; a live one's (a
+    run writing the same prefix now) and another host's (unseen processes) are kept."""
+    import socket
+    import subprocess
+    import sys
+    from megagpt.data.indexed import IndexedDatasetWriter
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host, prefix = socket.gethostname(), tmp_path / "d"
+    dead = [tmp_path / f"d.{kind}.tmp-{host}-{ended.pid}" for kind in ("bin", "sizes", "idx")]
+    kept = [tmp_path / f"d.bin.tmp-{host}-{os.getppid()}",
+            tmp_path / f"d.bin.tmp-other-host-{ended.pid}",
+            tmp_path / f"e.bin.tmp-{host}-{ended.pid}"]          # another prefix's
+    for path in dead + kept:
+        path.write_bytes(b"partial")
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        assert sorted(writer.removed_leftovers) == sorted(str(p) for p in dead)
+        writer.add_document(np.arange(3))
+        writer.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["d.bin", "d.idx"] + [p.name for p in kept])

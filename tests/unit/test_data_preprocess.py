@@ -346,6 +346,15 @@ def test_a_stop_signal_mid_run_leaves_nothing_behind(tmp_path, to_group, signum,
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("worker processes outlived the interrupted run")
+    if signum == signal.SIGKILL:     # the next run to the same output removes what it left
+        small = write_lines(tmp_path / "small.jsonl", [{"text": "hello"}])
+        again = run_tool("--input", str(small), "--output-prefix", str(out / "c"), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        said = again.stdout.split(f"removed {len(left)} temporary file(s) that a run killed "
+                                  f"outright had left: ")[1].splitlines()[0]
+        assert sorted(said.split(", ")) == left, again.stdout
+        assert sorted(f.name for f in out.iterdir()) == [
+            "c_text_document.bin", "c_text_document.idx", "c_text_document.meta.json"]
 
 
 def test_command_line_errors_exit_2(tmp_path, capsys):
