@@ -130,6 +130,30 @@ def test_decay_boundaries_and_monotonic(schedule):
         assert quarter == pytest.approx(3e-4 - 2.7e-4 * 0.25)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_the_schedule_is_megatrons_one_update_ahead_in_the_warm_up(schedule):
+    """megatron-core's OptimizerParamScheduler (a test extra), as docs/training.md says: its
+    update k uses its rate at k steps done, k / warmup of the peak in the warm-up (0 first);
+    ours (k + 1) / warmup, and the same rate from the end of the warm-up on."""
+    pytest.importorskip("megatron.core", reason="megatron-core is a test extra on Linux x86-64")
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    t = training_config(lr_schedule=schedule, lr_decay_steps=100)
+    optimizer = types.SimpleNamespace(param_groups=[{}])
+    theirs = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.learning_rate, min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.lr_decay_steps,
+        lr_decay_style=schedule, start_wd=0.1, end_wd=0.1, wd_incr_steps=100,
+        wd_incr_style="constant")
+    megatron = []
+    for _ in range(130):
+        megatron.append(optimizer.param_groups[0]["lr"])      # the rate of the next update
+        theirs.step(1)
+    ours = [lr_at(k, t) for k in range(130)]
+    assert megatron[0] == 0.0
+    assert ours[:t.warmup_steps] == pytest.approx(megatron[1:t.warmup_steps + 1], rel=1e-12)
+    assert ours[t.warmup_steps:] == pytest.approx(megatron[t.warmup_steps:], rel=1e-12)
+
+
 def test_lr_decay_steps_overrides_max_steps():
     t = training_config(lr_decay_steps=60)
     assert lr_at(60, t) == pytest.approx(3e-5)
