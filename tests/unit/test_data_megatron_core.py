@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megagpt.data.blend import blending_indices
+from megagpt.data.documents import DocumentCollate
 from megagpt.data.gpt_dataset import GPTDataset, build_gpt_datasets
 from megagpt.data.indexed import (IndexedDataset, IndexedDatasetWriter, best_dtype, merge_datasets,
                                   write_documents)
@@ -24,6 +25,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: E
     BlendedMegatronDatasetBuilder)
 from megatron.core.datasets.gpt_dataset import GPTDataset as MegatronGPTDataset  # noqa: E402
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig  # noqa: E402
+from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids  # noqa: E402
 from megatron.core.datasets.indexed_dataset import DType  # noqa: E402
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexed  # noqa: E402
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
@@ -186,3 +188,26 @@ def test_blending_counts_are_within_one_of_megatrons(weights):
     one_hot = np.eye(len(w), dtype=np.int64)
     counts = np.cumsum(one_hot[ours.astype(int)], 0), np.cumsum(one_hot[theirs], 0)
     assert np.abs(counts[0] - counts[1]).max() <= 1
+
+
+@pytest.mark.parametrize("reset_mask,reset_positions,eod_mask_loss", [
+    (True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+def test_the_document_settings_are_megatrons_masks_and_positions(reset_mask, reset_positions,
+                                                                 eod_mask_loss):
+    """data.reset_attention_mask, reset_position_ids and eod_mask_loss against Megatron's
+    _get_ltor_masks_and_position_ids on random windows (end of document 3 of 6 ids, so windows
+    start, end and run with ends of documents)."""
+    generator, eod = torch.Generator().manual_seed(0), 3
+    collate = DocumentCollate(eod, reset_attention_mask=reset_mask,
+                              reset_position_ids=reset_positions, eod_mask_loss=eod_mask_loss)
+    for _ in range(100):
+        s = int(torch.randint(1, 40, (1,), generator=generator))
+        tokens = torch.randint(0, 6, (s,), generator=generator)
+        masked, loss_mask, positions = _get_ltor_masks_and_position_ids(
+            tokens, eod, reset_positions, reset_mask, eod_mask_loss, True)
+        batch = collate([{"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(s)}])
+        documents = batch.get("document_ids", torch.zeros(1, s, dtype=torch.long))[0]
+        visible = (documents[:, None] == documents[None, :]) & torch.ones(s, s).tril().bool()
+        assert torch.equal(~visible, masked[0])               # Megatron's True: not attended
+        assert torch.equal(batch.get("position_ids", torch.arange(s)[None])[0], positions)
+        assert torch.equal(batch["loss_mask"][0], loss_mask)
