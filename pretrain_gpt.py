@@ -247,8 +247,9 @@ def main(argv=None) -> int:
         failure = outside_failure(e, cfg)
         if failure is None:
             raise
-        print(f"error (rank {os.environ.get('RANK', '0')}): {failure}", file=sys.stderr,
-              flush=True)
+        rank = os.environ.get("RANK", "0")
+        print(f"{'error' if rank == '0' else f'error (rank {rank})'}: {failure}",
+              file=sys.stderr, flush=True)
         return 1
     finally:
         destroy_parallel()

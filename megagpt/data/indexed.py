@@ -260,13 +260,14 @@ def remove_leftovers(prefix: str) -> list[str]:
     and so do other hosts' (on a shared file system their processes cannot be seen from here)."""
     host, removed = socket.gethostname(), []
     for kind in TEMPORARY_KINDS:
-        for path in sorted(glob.glob(glob.escape(f"{prefix}.{kind}.tmp-{host}-") + "*")):
-            pid = path.rsplit("-", 1)[1]
+        start = f"{prefix}.{kind}.tmp-{host}-"
+        for path in sorted(glob.glob(glob.escape(start) + "*")):
+            pid = path[len(start):]         # host "node" also matches host "node-2"'s files
             if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
                 continue
             try:
                 os.unlink(path)
-            except FileNotFoundError:       # another run removing it at the same time
+            except OSError:     # removed by another run meanwhile, or not ours to remove
                 continue
             removed.append(path)
     return removed

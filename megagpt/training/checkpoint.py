@@ -586,11 +586,16 @@ def find_latest(save_dir: str | Path, warn: Callable[[str], None] | None = None)
     passed_over = None
     if latest.is_file():
         try:
-            named = save_dir / latest.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:      # damaged: its bytes are no folder's name
-            passed_over = "it is not text, where a step_NNNNNNN name was written"
+            name = latest.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            name = None
+        if name is None or not STEP_RE.fullmatch(name):    # damaged: no step's name
+            passed_over = (f"it does not hold a step_NNNNNNN name but "
+                           f"{'bytes that are not text' if name is None else repr(name[:40])}"
+                           f"{'...' if name and len(name) > 40 else ''}")
         else:
-            if STEP_RE.fullmatch(named.name) and is_complete(named):
+            named = save_dir / name
+            if is_complete(named):
                 return named
             passed_over = _incomplete_reason(named) if named.exists() else f"{named} does not exist"
     complete = complete_checkpoints(save_dir)

@@ -305,11 +305,16 @@ def test_passing_over_what_latest_names_is_said(tmp_path):
     find_latest(tmp_path, warn=said.append)
     assert said[-1].endswith(f"({tmp_path / 'step_0000007'} does not exist); using step_0000001, "
                              f"the latest complete one")
-    (tmp_path / "latest").write_bytes(b"\xff\xfe\x80garbage")     # was a UnicodeDecodeError
-    assert find_latest(tmp_path, warn=said.append) == tmp_path / "step_0000001"
-    assert said[-1] == (f"{tmp_path / 'latest'} names a checkpoint that cannot be used (it is "
-                        f"not text, where a step_NNNNNNN name was written); using step_0000001, "
-                        f"the latest complete one")
+    # damaged: not text (a UnicodeDecodeError), a name too long for the file system (an
+    # OSError from exists()), zero bytes (printed whole): all passed over in one short line
+    for content, held in [(b"\xff\xfe\x80garbage", "bytes that are not text"),
+                          (b"x" * 300, repr("x" * 40) + "..."),
+                          (b"\0" * 4096, repr("\0" * 40) + "...")]:
+        (tmp_path / "latest").write_bytes(content)
+        assert find_latest(tmp_path, warn=said.append) == tmp_path / "step_0000001"
+        assert said[-1] == (f"{tmp_path / 'latest'} names a checkpoint that cannot be used (it "
+                            f"does not hold a step_NNNNNNN name but {held}); using step_0000001, "
+                            f"the latest complete one")
 
 
 def test_keep_last_prunes_oldest(tmp_path):

@@ -339,7 +339,8 @@ def test_a_missing_relative_prefix_says_where_it_was_looked_for(tmp_path, monkey
         IndexedDataset("runs/data/x_text_document")
 
 
-def test_a_killed_writers_temporary_files_are_removed_by_the_next_one(tmp_path):
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_one(tmp_path,
+                                                                     monkeypatch):
     """Named by host and process: a dead process's on this host are removed; a live one's (a
     run writing the same prefix now) and another host's (unseen processes) are kept."""
     import socket
@@ -352,6 +353,7 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_one(tmp_path):
     dead = [tmp_path / f"d.{kind}.tmp-{host}-{ended.pid}" for kind in ("bin", "sizes", "idx")]
     kept = [tmp_path / f"d.bin.tmp-{host}-{os.getppid()}",
             tmp_path / f"d.bin.tmp-other-host-{ended.pid}",
+            tmp_path / f"d.bin.tmp-{host}-2-{ended.pid}",       # host "vm-2" when this is "vm"
             tmp_path / f"e.bin.tmp-{host}-{ended.pid}"]          # another prefix's
     for path in dead + kept:
         path.write_bytes(b"partial")
@@ -361,3 +363,17 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_one(tmp_path):
         writer.finalize()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["d.bin", "d.idx"] + [p.name for p in kept])
+    # one it may not remove (another user's, in a shared folder) is left, and the writer writes
+    dead[0].write_bytes(b"partial")
+    real_unlink = os.unlink
+
+    def refused(path, *args, **kwargs):
+        if str(path) == str(dead[0]):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_unlink(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", refused)
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as writer:
+        assert writer.removed_leftovers == []
+        writer.add_document(np.arange(3))
+        writer.finalize()
+    assert dead[0].exists()
