@@ -246,6 +246,31 @@ def test_an_encoding_worker_ignores_ctrl_c_and_ends_at_sigterm_without_unwinding
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
 
 
+def test_a_stop_signal_stops_reading_the_input_at_the_next_chunk(tmp_path, monkeypatch):
+    """Noted while the pool runs, a stop signal is acted on before the next chunk is sent: the
+    run read on to the end of the input before (nothing was left behind, but a large corpus
+    kept a stopped run going for as long as a whole one)."""
+    import megagpt.data.preprocess as preprocess
+    chunks, read = preprocess._chunks, []
+
+    def chunks_then_sigterm(stream, chunk_bytes):
+        for chunk in chunks(stream, chunk_bytes):
+            read.append(chunk)
+            if len(read) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield chunk
+    monkeypatch.setattr(preprocess, "_chunks", chunks_then_sigterm)
+    src = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in DOCS * 200])
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # as run_main's tools
+    try:
+        with pytest.raises(SystemExit) as info:
+            preprocess_jsonl(src, tmp_path / "o", workers=1, chunk_bytes=256, progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.code == 143 and len(read) == 3      # of 2,800 chunks
+    assert files(tmp_path) == ["in.jsonl"]
+
+
 def test_a_dataset_already_there_survives_a_failed_run(tmp_path, monkeypatch):
     """Two keys: the second key's index fails to write, so neither output replaces the pair a
     previous run left (before, the first key's new pair had replaced it and was then deleted)."""
