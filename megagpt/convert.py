@@ -1,19 +1,23 @@
-"""Checkpoint conversion: ours (any layout) or Hugging Face GPT-2 in, either out.
+"""Checkpoint conversion: ours (any layout), Hugging Face GPT-2 or Megatron-LM's in; ours or
+Hugging Face's out.
 
-    convert(input, output, to="hf")                  # ours -> a Hugging Face GPT-2 folder
-    convert(input, output, to="megagpt", tp=1, pp=2)  # ours or Hugging Face -> ours, any layout
+    convert(input, output, to="hf")                  # ours or Megatron-LM's -> Hugging Face
+    convert(input, output, to="megagpt", tp=1, pp=2)  # any of the three -> ours, any layout
 
 Every source is first read into one unsharded state dict keyed by our canonical parameter names
 (`load_source`): a checkpoint of ours through `megagpt.model.reshard.full_state_from_checkpoint`
-(hashes checked), a Hugging Face folder through `megagpt.hf.from_hf`. From there:
+(hashes checked), a Hugging Face folder through `megagpt.hf.from_hf`, a Megatron-LM checkpoint
+(megatron-core's GPTModel, any tensor and pipeline layout) through `megagpt.megatron_lm`. From
+there:
 - `to="hf"` writes config.json, model.safetensors (the vocabulary padding dropped, `lm_head`
   left to the tied embedding), the tokenizer files and generation_config.json, which
   `GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load offline;
 - `to="megagpt"` cuts the weights for the target layout (`shard_full_state`) and writes a
   weights-only checkpoint (`write_checkpoint_offline`): the trainer resumes its weights, step
   and consumed samples, and starts the optimizer state fresh. Its meta.json holds the source's
-  config (for a Hugging Face source: the model from config.json, the other sections from
-  configs/training/small_model.json) with the parallel section set to the new layout.
+  config (for a Hugging Face or Megatron-LM source: the model from its config or arguments, the
+  other sections from configs/training/small_model.json) with the parallel section set to the
+  new layout.
 
 The output is written under a temporary name beside it and renamed when complete (after the
 optional verification), so a failure leaves nothing at the output path. `verify=True` runs a
@@ -38,6 +42,8 @@ from megagpt.config import (HF_DROPOUTS, HF_TO_MODEL, ConfigError, KernelsConfig
 from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_to
 from megagpt.fsutil import give_default_mode, replace_folder_atomically, why_not_a_folder
 from megagpt.hf import from_hf, hf_config_dict, to_hf
+from megagpt.megatron_lm import (TRACKER, MegatronCheckpointError, find_checkpoint,
+                                 read_checkpoint)
 from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
 from megagpt.model.reshard import (full_state_from_checkpoint, full_state_shapes, model_config_of,
                                    shard_full_state)
@@ -60,8 +66,9 @@ class ConversionError(ValueError):
 class Source:
     """A model read for conversion or generation, whatever its format."""
 
-    kind: str                           # "megagpt" or "hf"
-    path: Path                          # our step folder, or the Hugging Face folder
+    kind: str                           # "megagpt", "hf" or "megatron"
+    path: Path                          # our step folder, the Hugging Face folder, or
+                                        # Megatron-LM's iteration folder
     model: ModelConfig
     full_state: dict[str, torch.Tensor]  # canonical names, unsharded, the embedding unpadded
     config: dict                        # a whole training config dict
@@ -74,26 +81,36 @@ class Source:
     skipped_total: int = 0              # steps the run skipped (the lr schedule did not advance)
     tokenizer_fingerprint: str | None = None   # the run's tokenizer's (meta.json), when recorded
     tokenizer_known: bool = True        # False: a Hugging Face folder without tokenizer files
+    notes: list[str] = dataclasses.field(default_factory=list)   # what reading it assumed
 
     def describe(self) -> str:
         if self.kind == "hf":
             return f"Hugging Face GPT-2 folder {self.path}"
         tp, pp, vp = self.layout
-        return f"checkpoint {self.path} (step {self.step}, tp {tp} x pp {pp} x vp {vp})"
+        what = "Megatron-LM checkpoint" if self.kind == "megatron" else "checkpoint"
+        return f"{what} {self.path} (step {self.step}, tp {tp} x pp {pp} x vp {vp})"
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 def locate(path: str | Path, argument: str = "--input") -> tuple[str, Path]:
-    """("megagpt", step folder) or ("hf", folder) for a user-given path; ConversionError if it is
-    neither, naming `argument` (the flag the path came from)."""
+    """("megagpt", step folder), ("hf", folder) or ("megatron", iteration folder) for a
+    user-given path; ConversionError if it is none, naming `argument` (the flag the path came
+    from)."""
     p = Path(path)
     if not p.exists():
         raise ConversionError(f"{argument} {p} does not exist; fix: give a save dir or a "
-                              f"step_NNNNNNN folder of ours, or a Hugging Face GPT-2 folder")
+                              f"step_NNNNNNN folder of ours, a Hugging Face GPT-2 folder, or a "
+                              f"Megatron-LM save dir")
     if (p / "config.json").is_file() and not (p / META_FILE).exists():
         return "hf", p
+    try:
+        megatron = find_checkpoint(p)
+    except MegatronCheckpointError as e:
+        raise ConversionError(f"{argument}: {e}") from e
+    if megatron is not None:
+        return "megatron", megatron
     if (p / META_FILE).exists() or STEP_RE.fullmatch(p.name) or p.name.endswith(".tmp"):
         _check_complete(p, argument)
         return "megagpt", p
@@ -115,10 +132,11 @@ def locate(path: str | Path, argument: str = "--input") -> tuple[str, Path]:
         raise ConversionError(f"{argument} {p} is a run's folder (found: {', '.join(found)}); "
                               f"fix: give its save dir, {argument} {p / 'checkpoints'}")
     raise ConversionError(f"{argument} {p} is neither a checkpoint of ours nor a Hugging Face "
-                          f"folder (found: {', '.join(found) or 'nothing'}); fix: give a save dir "
-                          f"(step_NNNNNNN folders and `latest`), a step folder (with {META_FILE}), "
-                          f"or a Hugging Face GPT-2 folder (config.json + model.safetensors or "
-                          f"pytorch_model.bin)")
+                          f"or Megatron-LM one (found: {', '.join(found) or 'nothing'}); fix: "
+                          f"give a save dir (step_NNNNNNN folders and `latest`), a step folder "
+                          f"(with {META_FILE}), a Hugging Face GPT-2 folder (config.json + "
+                          f"model.safetensors or pytorch_model.bin), or a Megatron-LM save dir "
+                          f"({TRACKER} and iter_NNNNNNN folders)")
 
 
 def _check_complete(step_dir: Path, argument: str) -> None:
@@ -136,14 +154,16 @@ def _check_complete(step_dir: Path, argument: str) -> None:
                           f"or a copy that did not finish); fix: give a complete step folder")
 
 
-def _architecture_problems(fields: dict) -> list[str]:
-    """The config validator's problems with a Hugging Face config's architecture (types, sizes,
-    heads dividing the width), under config.json's names."""
+def _architecture_problems(fields: dict, renamed: bool = True) -> list[str]:
+    """The config validator's problems with an architecture (types, sizes, heads dividing the
+    width), under config.json's names when `renamed`."""
     raw = read_json(HF_CONFIG_TEMPLATE)
     raw["model"] = fields
     try:
         load_config(raw=raw)
     except ConfigError as e:
+        if not renamed:
+            return [p for p in e.problems if p.startswith("model.")]
         hf_name = {ours: theirs for theirs, ours in HF_TO_MODEL.items()}
         hf_name["dropout"] = "resid_pdrop/embd_pdrop/attn_pdrop"
         ours = re.compile(r"(?:model\.)?\b(" + "|".join(hf_name) + r")\b")
@@ -248,12 +268,14 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
                           f"{', '.join(HF_WEIGHT_FILES)}")
 
 
-def config_from_hf(m: ModelConfig, path: Path, tokenizer_path: str) -> dict:
-    """A training config dict for a Hugging Face model: its architecture and tokenizer, the other
-    sections from configs/training/small_model.json (GPT-2 small's recipe), one process."""
+def config_from_hf(m: ModelConfig, path: Path, tokenizer_path: str,
+                   what: str = "the Hugging Face GPT-2 folder") -> dict:
+    """A training config dict for a Hugging Face (or Megatron-LM) model: its architecture and
+    tokenizer, the other sections from configs/training/small_model.json (GPT-2 small's recipe),
+    one process."""
     cfg = load_config(HF_CONFIG_TEMPLATE).to_dict()
     cfg["name"] = path.name
-    cfg["description"] = f"converted from the Hugging Face GPT-2 folder {path}"
+    cfg["description"] = f"converted from {what} {path}"
     cfg["model"] = dataclasses.asdict(m)
     cfg["data"].update(config_file=None, tokenizer_path=tokenizer_path)
     cfg["checkpoint"].update(save_dir=None, load="auto")
@@ -266,6 +288,8 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
     hashes checked) or a Hugging Face GPT-2 folder into a `Source`; `argument` names the flag
     the path came from in messages."""
     kind, where = locate(path, argument)
+    if kind == "megatron":
+        return _megatron_source(where)
     if kind == "hf":
         m, full = read_hf_folder(where)
         has_tokenizer = (where / "tokenizer.json").is_file() or (
@@ -284,6 +308,37 @@ def load_source(path: str | Path, argument: str = "--input") -> Source:
                   # a run on mock data used no tokenizer, whatever its config names
                   tokenizer_known=meta.get("tokenizer_known", True)
                   and not config["data"].get("mock", False))
+
+
+def _megatron_source(folder: Path) -> Source:
+    """A Megatron-LM iteration folder as a Source: the config from configs/training/
+    small_model.json with the run's architecture, tokenizer and precision, the layout it was
+    saved with."""
+    try:
+        ckpt = read_checkpoint(folder)
+        problems = _architecture_problems(dataclasses.asdict(ckpt.model), renamed=False)
+    except MegatronCheckpointError as e:
+        raise ConversionError(str(e)) from e
+    if problems:
+        raise ConversionError(f"{folder} is a GPT this model cannot express:\n"
+                              + "\n".join(f"  - {p}" for p in problems))
+    expected = full_state_shapes(ckpt.model)
+    wrong = [f"  - {name}: missing" for name in expected if name not in ckpt.full_state]
+    wrong += [f"  - {name}: {tuple(value.shape)} in the weights, {expected[name]} from the "
+              f"arguments" for name, value in ckpt.full_state.items()
+              if tuple(value.shape) != expected.get(name)]
+    if wrong:
+        raise ConversionError(f"{folder}: the weights are not the model its arguments describe "
+                              f"(--num-layers {ckpt.model.n_layers}, --hidden-size "
+                              f"{ckpt.model.d_model}, --num-attention-heads {ckpt.model.n_heads}):\n"
+                              + "\n".join(wrong[:8]))
+    config = config_from_hf(ckpt.model, folder.absolute(), ckpt.tokenizer_path,
+                            "the Megatron-LM checkpoint")
+    config["name"] = folder.absolute().parent.name
+    config["training"]["precision"] = ckpt.precision
+    return Source("megatron", folder, ckpt.model, ckpt.full_state, config, ckpt.iteration,
+                  ckpt.consumed_samples, ckpt.layout, ckpt.tokenizer_path,
+                  tokenizer_known=ckpt.tokenizer_known, notes=ckpt.notes)
 
 
 def source_tokenizer(source: Source, given: str | None) -> Tokenizer:
@@ -565,7 +620,7 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
         raise ConversionError(f"--input {source.path} is already a Hugging Face folder; fix: "
                               f"--to megagpt to make a checkpoint of ours")
     log(f"read {source.describe()}")
-    notes = []
+    notes = list(source.notes)
     tok = None
     if to == "megagpt":
         tp, pp, vp = (v if v is not None else d for v, d in zip((tp, pp, vp), source.layout))

@@ -393,8 +393,8 @@ BAD_INPUTS = {
                   "--input {0} is a run's folder (found: checkpoints, metrics.jsonl); fix: give "
                   "its save dir, --input {0}/checkpoints"),
     "neither": (lambda root, full: _folder(root / "junk", {"notes.txt": "hi"}),
-                "--input {} is neither a checkpoint of ours nor a Hugging Face folder "
-                "(found: notes.txt)"),
+                "--input {} is neither a checkpoint of ours nor a Hugging Face or Megatron-LM "
+                "one (found: notes.txt)"),
     "unfinished save": (lambda root, full: _folder(root / "save" / "step_0000003.tmp", {"x.pt": ""}).parent,
                         "--input {} holds no complete checkpoint (step_0000003.tmp: saves that did "
                         "not finish)"),

@@ -1,0 +1,354 @@
+"""Reading Megatron-LM checkpoints (megagpt/megatron_lm.py) without megatron installed: files
+written in Megatron-LM's 'torch' layout from one of our models' weights, cut as Megatron cuts
+them, read back equal in every tensor and pipeline layout; every architecture the model cannot
+express refused naming Megatron's argument; damaged or partial folders refused with the fix.
+What megatron-core itself writes is checked in test_model_megatron_core.py and
+tests/distributed/test_megatron_lm_layouts.py."""
+import argparse
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from megagpt.config import ModelConfig
+from megagpt.convert import ConversionError, convert, load_source, our_logits
+from megagpt.megatron_lm import merge_stages
+from megagpt.model.reshard import full_state_shapes
+
+M = ModelConfig(vocab_size=100, d_model=32, n_heads=4, n_layers=4, seq_length=16, dropout=0.0,
+                init_std=0.1)
+_OURS_TO_MEGATRON = {
+    "ln1": "input_layernorm", "attn.qkv": "self_attention.linear_qkv",
+    "attn.proj": "self_attention.linear_proj", "ln2": "pre_mlp_layernorm",
+    "mlp.fc1": "mlp.linear_fc1", "mlp.fc2": "mlp.linear_fc2"}
+_SPLIT = {"self_attention.linear_qkv.weight": 0, "self_attention.linear_qkv.bias": 0,
+          "mlp.linear_fc1.weight": 0, "mlp.linear_fc1.bias": 0,
+          "self_attention.linear_proj.weight": 1, "mlp.linear_fc2.weight": 1}
+
+
+def random_state(m=M, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = full_state_shapes(m)
+    return {name: torch.randn(shape, generator=g) * 0.2 for name, shape in shapes.items()}
+
+
+def megatron_args(**changes):
+    args = dict(num_layers=M.n_layers, hidden_size=M.d_model, num_attention_heads=M.n_heads,
+                ffn_hidden_size=4 * M.d_model, max_position_embeddings=M.seq_length,
+                seq_length=M.seq_length, tokenizer_type="NullTokenizer",
+                vocab_size=M.vocab_size - 1, padded_vocab_size=128,
+                make_vocab_size_divisible_by=128, normalization="LayerNorm", norm_epsilon=1e-5,
+                position_embedding_type="learned_absolute", openai_gelu=False,
+                bias_gelu_fusion=True, swiglu=False, add_bias_linear=True,
+                untie_embeddings_and_output_weights=False, hidden_dropout=0.0,
+                attention_dropout=0.0, init_method_std=0.1, bf16=True,
+                consumed_train_samples=448, transformer_impl="local")
+    args.update(changes)
+    return argparse.Namespace(**args)
+
+
+def megatron_stage(full, m, layers, first, last, t, tp, te_names=False):
+    """One stage's weights on tensor-parallel rank t, in megatron-core's names and cuts."""
+    out = {}
+    for local, i in enumerate(layers):
+        for ours, theirs in _OURS_TO_MEGATRON.items():
+            for leaf in ("weight", "bias"):
+                value = full[f"layers.{i}.{ours}.{leaf}"]
+                if ours == "attn.qkv":    # ours [q, k, v][head], Megatron's [head][q, k, v]
+                    value = value.reshape(3, m.n_heads, -1, *value.shape[1:]).transpose(0, 1) \
+                        .reshape(value.shape)
+                name = f"{theirs}.{leaf}"
+                if te_names and theirs.endswith("layernorm"):
+                    into = ("self_attention.linear_qkv" if theirs == "input_layernorm"
+                            else "mlp.linear_fc1")
+                    name = f"{into}.layer_norm_{leaf}"
+                dim = _SPLIT.get(name)
+                if dim is not None:
+                    value = value.chunk(tp, dim)[t]
+                out[f"decoder.layers.{local}.{name}"] = value.clone()
+            out[f"decoder.layers.{local}.mlp.linear_fc1._extra_state"] = None
+    rows = m.padded_vocab_size(tp)
+    if first:
+        wte = torch.cat([full["embedding.wte.weight"],
+                         torch.zeros(rows - m.vocab_size, m.d_model)])
+        out["embedding.word_embeddings.weight"] = wte.chunk(tp, 0)[t].clone()
+        out["embedding.position_embeddings.weight"] = full["embedding.wpe.weight"].clone()
+    if last:
+        out["decoder.final_layernorm.weight"] = full["final_ln.weight"].clone()
+        out["decoder.final_layernorm.bias"] = full["final_ln.bias"].clone()
+        if not first:
+            out["output_layer.weight"] = torch.zeros(rows // tp, m.d_model)
+    return out
+
+
+def write_megatron(root, full, m=M, tp=1, pp=1, vp=1, iteration=7, args=None, te_names=False):
+    """A Megatron-LM save dir in the 'torch' format holding `full` (our names) at tp x pp x vp."""
+    args = args or megatron_args(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    per = m.n_layers // (pp * vp)
+    folder = Path(root) / f"iter_{iteration:07d}"
+    for t in range(tp):
+        for r in range(pp):
+            chunks = []
+            for c in range(vp):
+                stage = c * pp + r
+                chunks.append(megatron_stage(full, m, range(stage * per, (stage + 1) * per),
+                                             stage == 0, stage == pp * vp - 1, t, tp, te_names))
+            state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration}
+            state.update({"model": chunks[0]} if vp == 1 else
+                         {f"model{c}": chunk for c, chunk in enumerate(chunks)})
+            name = f"mp_rank_{t:02d}" + (f"_{r:03d}" if pp > 1 else "")
+            (folder / name).mkdir(parents=True)
+            torch.save(state, folder / name / "model_optim_rng.pt")
+    (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return Path(root)
+
+
+@pytest.mark.parametrize("tp,pp,vp", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2),
+                                      (4, 1, 1)])
+def test_every_layout_reads_back_the_weights_it_was_cut_from(tmp_path, tp, pp, vp):
+    full = random_state()
+    source = load_source(write_megatron(tmp_path / "mlm", full, tp=tp, pp=pp, vp=vp))
+    assert source.kind == "megatron" and source.layout == (tp, pp, vp)
+    assert (source.step, source.consumed_samples) == (7, 448)
+    assert dataclasses.replace(source.model, config_file=None) == M
+    assert set(source.full_state) == set(full)
+    for name, value in full.items():
+        assert torch.equal(source.full_state[name], value), name
+
+
+def test_transformer_engine_names_and_zero_centred_norms(tmp_path):
+    full = random_state()
+    shifted = {k: v - 1 if k.endswith(("ln1.weight", "ln2.weight", "final_ln.weight")) else v
+               for k, v in full.items()}
+    args = megatron_args(apply_layernorm_1p=True, transformer_impl="transformer_engine")
+    source = load_source(write_megatron(tmp_path / "mlm", shifted, args=args, te_names=True))
+    for name, value in full.items():
+        torch.testing.assert_close(source.full_state[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_an_iteration_folder_a_release_and_the_run_config(tmp_path):
+    full = random_state()
+    root = write_megatron(tmp_path / "mlm", full, iteration=12)
+    source = load_source(root / "iter_0000012")
+    assert source.step == 12 and source.config["training"]["precision"] == "bf16"
+    assert source.config["model"]["vocab_size"] == M.vocab_size
+    assert source.tokenizer_known is False and any("NullTokenizer" in n for n in source.notes)
+    (root / "iter_0000012").rename(root / "release")
+    (root / "latest_checkpointed_iteration.txt").write_text("release\n")
+    assert load_source(root).path.name == "release"
+
+
+def test_gpt2_tokenizer_runs_name_the_bundled_tokenizer(tmp_path):
+    m = dataclasses.replace(M, vocab_size=50257, n_layers=1)
+    args = megatron_args(tokenizer_type="GPT2BPETokenizer", vocab_file="/gone/gpt2-vocab.json",
+                         merge_file="/gone/gpt2-merges.txt", num_layers=1, vocab_size=None)
+    full = random_state(m)
+    root = tmp_path / "mlm"
+    folder = root / "iter_0000001" / "mp_rank_00"
+    folder.mkdir(parents=True)
+    state = megatron_stage(full, m, range(1), True, True, 0, 1)
+    torch.save({"args": args, "iteration": 1, "model": state}, folder / "model_optim_rng.pt")
+    source = load_source(root / "iter_0000001")
+    assert (source.tokenizer_path, source.tokenizer_known, source.model.vocab_size) == \
+        ("gpt2", True, 50257)
+    assert torch.equal(source.full_state["embedding.wte.weight"], full["embedding.wte.weight"])
+
+
+def test_converts_to_ours_and_to_hugging_face_with_the_same_logits(tmp_path):
+    pytest.importorskip("transformers")
+    full = random_state()
+    root = write_megatron(tmp_path / "mlm", full, tp=2, pp=2)
+    ours = convert(root, tmp_path / "ours", "megagpt", tp=1, pp=1, verify=True, log=lambda _: None)
+    assert ours.max_logit_difference <= 1e-5
+    assert any("NullTokenizer" in note for note in ours.notes)
+    back = load_source(tmp_path / "ours")
+    assert back.step == 7 and back.consumed_samples == 448
+    ids = torch.randint(0, M.vocab_size, (2, 9))
+    torch.testing.assert_close(our_logits(back.model, back.full_state, ids),
+                               our_logits(M, full, ids), rtol=0, atol=1e-5)
+    with pytest.raises(ConversionError, match="has 50257 ids but the model's vocabulary is 100"):
+        convert(root, tmp_path / "hf", "hf", log=lambda _: None)
+    assert not (tmp_path / "hf").exists()
+
+
+ARCHITECTURES = [
+    (dict(normalization="RMSNorm"), "--normalization RMSNorm"),
+    (dict(swiglu=True), "--swiglu"),
+    (dict(squared_relu=True), "--squared-relu"),
+    (dict(position_embedding_type="rope"), "--position-embedding-type rope"),
+    (dict(position_embedding_type=None, use_rotary_position_embeddings=True),
+     "--position-embedding-type rope"),
+    (dict(untie_embeddings_and_output_weights=True), "--untie-embeddings-and-output-weights"),
+    (dict(group_query_attention=True, num_query_groups=2), "--num-query-groups 2"),
+    (dict(kv_channels=16), "--kv-channels 16"),
+    (dict(multi_latent_attention=True), "--multi-latent-attention"),
+    (dict(qk_layernorm=True), "--qk-layernorm"),
+    (dict(num_experts=8), "--num-experts 8"),
+    (dict(add_bias_linear=False), "--disable-bias-linear"),
+    (dict(apply_residual_connection_post_layernorm=True),
+     "--apply-residual-connection-post-layernorm"),
+    (dict(bias_gelu_fusion=False), "--no-bias-gelu-fusion"),
+    (dict(use_legacy_models=True), "--use-legacy-models"),
+]
+
+
+@pytest.mark.parametrize("changes,flag", ARCHITECTURES, ids=[f for _, f in ARCHITECTURES])
+def test_an_architecture_the_model_cannot_express_is_refused_naming_the_argument(
+        tmp_path, changes, flag):
+    root = write_megatron(tmp_path / "mlm", random_state(), args=megatron_args(**changes))
+    with pytest.raises(ConversionError, match="cannot express") as e:
+        load_source(root)
+    assert flag in str(e.value)
+
+
+def test_openai_gelu_does_not_make_megatron_core_s_unfused_gelu_tanh(tmp_path):
+    args = megatron_args(bias_gelu_fusion=False, openai_gelu=True)
+    with pytest.raises(ConversionError, match="--no-bias-gelu-fusion: the run's MLP computed erf"):
+        load_source(write_megatron(tmp_path / "mlm", random_state(), args=args))
+
+
+def test_weights_with_no_place_and_the_legacy_model_are_refused(tmp_path):
+    root = write_megatron(tmp_path / "mlm", random_state())
+    path = root / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    state["model"]["decoder.layers.0.self_attention.q_layernorm.weight"] = torch.ones(8)
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match=r"no place for: decoder\.layers\.<i>\."
+                                              r"self_attention\.q_layernorm\.weight"):
+        load_source(root)
+    state["model"] = {"language_model": {"embedding": {}}}
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match="legacy model.*--saver core"):
+        load_source(root)
+
+
+def test_weights_of_other_sizes_than_the_arguments_are_refused(tmp_path):
+    root = write_megatron(tmp_path / "mlm", random_state(), args=megatron_args(num_layers=5))
+    with pytest.raises(ConversionError, match="layers.4.ln1.weight: missing"):
+        load_source(root)
+    root = write_megatron(tmp_path / "mlm2", random_state(), args=megatron_args(
+        max_position_embeddings=32))
+    with pytest.raises(ConversionError, match=r"embedding.wpe.weight: \(16, 32\) in the weights, "
+                                              r"\(32, 32\) from the arguments"):
+        load_source(root)
+
+
+def test_damaged_or_partial_folders_are_refused_with_the_fix(tmp_path):
+    root = write_megatron(tmp_path / "mlm", random_state(), tp=2, pp=2)
+    (root / "latest_checkpointed_iteration.txt").write_text("9")
+    with pytest.raises(ConversionError, match="names iteration 9, but iter_0000009 is not in"):
+        load_source(root)
+    (root / "latest_checkpointed_iteration.txt").write_text("\x00garbage")
+    with pytest.raises(ConversionError, match="neither an iteration number nor 'release'"):
+        load_source(root)
+    (root / "latest_checkpointed_iteration.txt").write_text("7")
+    (root / "iter_0000007" / "mp_rank_01_001" / "model_optim_rng.pt").unlink()
+    with pytest.raises(ConversionError, match="lacks mp_rank_01_001/model_optim_rng.pt of its "
+                                              "tp 2 x pp 2 ranks' files"):
+        load_source(root)
+    file = root / "iter_0000007" / "mp_rank_00_001" / "model_optim_rng.pt"
+    file.write_bytes(file.read_bytes()[:1000])
+    (root / "iter_0000007" / "mp_rank_01_001").rmdir()
+    with pytest.raises(ConversionError, match="lacks mp_rank_01_001"):
+        load_source(root)
+    (root / "iter_0000007" / "mp_rank_01_001").mkdir()
+    torch.save({}, root / "iter_0000007" / "mp_rank_01_001" / "model_optim_rng.pt")
+    with pytest.raises(ConversionError, match="mp_rank_00_001.*cannot be read.*truncated"):
+        load_source(root)
+
+
+def test_expert_parallel_ranks_are_refused(tmp_path):
+    root = write_megatron(tmp_path / "mlm", random_state())
+    (root / "iter_0000007" / "mp_rank_00").rename(root / "iter_0000007" / "mp_rank_00_000_000")
+    with pytest.raises(ConversionError, match="expert-parallel.*mixture-of-experts"):
+        load_source(root)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_reading_a_file_runs_none_of_the_code_its_pickle_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = write_megatron(tmp_path / "mlm", random_state())
+    path = root / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    state["optimizer"] = _Payload()
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match="refused by torch's weights-only loader .*"
+                                              "GLOBAL posix.system"):
+        load_source(root)
+    assert not (tmp_path / "pwned").exists()
+    state["optimizer"] = {"param_groups": [{"lr": torch.tensor(1.0)}], "kind": _Inert()}
+    torch.save(state, path)
+    assert load_source(root).model == M     # another class of the run's: a stand-in
+
+
+class _Inert:
+    def __reduce__(self):
+        return (_Inert, ())
+
+
+def test_stages_whose_tensor_parallel_ranks_differ_are_refused():
+    a = {"decoder.final_layernorm.weight": torch.ones(4)}
+    with pytest.raises(ValueError, match="rank 1 holds other weights than rank 0"):
+        merge_stages([[a, {}]], 2)
+
+
+def write_torch_dist(root, full, m=M, args=None, iteration=7):
+    """A Megatron-LM save dir in the 'torch_dist' format, as megatron-core lays it out: whole
+    tensors, each block weight stacked over the layers, the layer norms under Transformer
+    Engine's names, the arguments in common.pt (written with torch.distributed.checkpoint here;
+    megatron-core's own writer is checked in test_model_megatron_core.py)."""
+    import torch.distributed.checkpoint as dcp
+
+    stage = megatron_stage(full, m, range(m.n_layers), True, True, 0, 1, te_names=True)
+    state = {k: v for k, v in stage.items() if not k.startswith("decoder.layers.")}
+    for key in [k for k in stage if k.startswith("decoder.layers.0.")]:
+        rest = key.removeprefix("decoder.layers.0.")
+        if stage[key] is not None:
+            state[f"decoder.layers.{rest}"] = torch.stack(
+                [stage[f"decoder.layers.{i}.{rest}"] for i in range(m.n_layers)])
+    state["optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight"] = torch.zeros(3)
+    folder = Path(root) / f"iter_{iteration:07d}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    torch.save({"args": args or megatron_args(), "checkpoint_version": 3.0,
+                "iteration": iteration}, folder / "common.pt")
+    (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return Path(root)
+
+
+def test_the_torch_dist_format_reads_back_the_weights(tmp_path):
+    full = random_state()
+    args = megatron_args(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    source = load_source(write_torch_dist(tmp_path / "mlm", full, args=args))
+    assert source.kind == "megatron" and source.layout == (2, 2, 1) and source.step == 7
+    assert set(source.full_state) == set(full)
+    for name, value in full.items():
+        assert torch.equal(source.full_state[name], value), name
+
+
+def test_a_torch_dist_folder_missing_its_index_or_arguments_is_refused(tmp_path):
+    root = write_torch_dist(tmp_path / "mlm", random_state())
+    (root / "iter_0000007" / ".metadata").unlink()
+    with pytest.raises(ConversionError, match="lacks .metadata: a torch_dist save that did not "
+                                              "finish"):
+        load_source(root)
+    root = write_torch_dist(tmp_path / "mlm2", random_state())
+    (root / "iter_0000007" / "common.pt").unlink()
+    with pytest.raises(ConversionError, match="lacks common.pt"):
+        load_source(root)
+    root = write_torch_dist(tmp_path / "mlm3", random_state(), args=megatron_args(swiglu=True))
+    with pytest.raises(ConversionError, match="--swiglu"):
+        load_source(root)
+    root = write_torch_dist(tmp_path / "mlm4", random_state())
+    for data in (root / "iter_0000007").glob("*.distcp"):
+        data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ConversionError, match="cannot be read .*truncated or corrupt"):
+        load_source(root)
