@@ -330,7 +330,8 @@ def _megatron_source(folder: Path) -> Source:
     if wrong:
         raise ConversionError(f"{folder}: the weights are not the model its arguments describe "
                               f"(--num-layers {ckpt.model.n_layers}, --hidden-size "
-                              f"{ckpt.model.d_model}, --num-attention-heads {ckpt.model.n_heads}):\n"
+                              f"{ckpt.model.d_model}, --num-attention-heads "
+                              f"{ckpt.model.n_heads}):\n"
                               + "\n".join(wrong[:8]))
     config = config_from_hf(ckpt.model, folder.absolute(), ckpt.tokenizer_path,
                             "the Megatron-LM checkpoint")

@@ -60,7 +60,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 ITERATION_RE = re.compile(r"iter_(\d{7,})|release")
 RANK_RE = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(_\d{3})?")
 FILE = "model_optim_rng.pt"
-DIST_METADATA = ".metadata"          # torch_dist: torch.distributed.checkpoint's index, last written
+DIST_METADATA = ".metadata"      # torch_dist: torch.distributed.checkpoint's index, written last
 COMMON = "common.pt"                 # torch_dist: the arguments and the iteration
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 GPT2_TOKENIZERS = ("GPT2BPETokenizer",)
@@ -226,7 +226,8 @@ def architecture_problems(args) -> list[str]:
         (_arg(args, "normalization", default="LayerNorm") != "LayerNorm",
          f"--normalization {_arg(args, 'normalization')}: the model's norms are LayerNorm"),
         (_arg(args, "swiglu", default=False), "--swiglu: the model's MLP is a GeLU MLP"),
-        (_arg(args, "squared_relu", default=False), "--squared-relu: the model's MLP is a GeLU MLP"),
+        (_arg(args, "squared_relu", default=False),
+         "--squared-relu: the model's MLP is a GeLU MLP"),
         (_position_type(args) != "learned_absolute",
          f"--position-embedding-type {_position_type(args)}: the model learns absolute positions"),
         (_arg(args, "untie_embeddings_and_output_weights", default=False),
@@ -463,7 +464,8 @@ def read_checkpoint(folder: Path) -> MegatronCheckpoint:
     full = merge_stages(stages, args.num_attention_heads, str(folder))
     notes: list[str] = []
     if _arg(args, "apply_layernorm_1p", default=False):
-        for name in [k for k in full if k.endswith(("ln1.weight", "ln2.weight", "final_ln.weight"))]:
+        norms = [k for k in full if k.endswith(("ln1.weight", "ln2.weight", "final_ln.weight"))]
+        for name in norms:
             full[name] = full[name] + 1
     m, tokenizer_path, known = model_config(args, full["embedding.wte.weight"].shape[0], notes)
     full["embedding.wte.weight"] = full["embedding.wte.weight"][:m.vocab_size]

@@ -155,3 +155,74 @@ def test_vocab_parallel_cross_entropy_equals_megatron_core(dtype, fused):
     padded = vocab_parallel_cross_entropy(logits, target, 1001)  # ours leaves the padding out
     torch.testing.assert_close(padded, tensor_parallel.vocab_parallel_cross_entropy(
         logits[..., :1001].contiguous(), target))
+
+
+# -- Megatron-LM checkpoints of this GPTModel, read by megagpt.megatron_lm (convert.load_source) -
+
+def megatron_args(**changes):
+    """The arguments Megatron-LM's pretrain_gpt.py saves, for megatron_model()'s sizes."""
+    import argparse
+
+    args = dict(num_layers=M.n_layers, hidden_size=M.d_model, num_attention_heads=M.n_heads,
+                ffn_hidden_size=4 * M.d_model, max_position_embeddings=M.seq_length,
+                seq_length=M.seq_length, tokenizer_type="NullTokenizer",
+                vocab_size=M.vocab_size - 1, padded_vocab_size=M.padded_vocab_size(1),
+                make_vocab_size_divisible_by=128, position_embedding_type="learned_absolute",
+                normalization="LayerNorm", norm_epsilon=1e-5, bias_gelu_fusion=True,
+                hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.1,
+                tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                consumed_train_samples=96, bf16=False, params_dtype=torch.float32)
+    args.update(changes)
+    return argparse.Namespace(**args)
+
+
+def megatron_reference(megatron, ids):
+    s = ids.shape[1]
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
+    with torch.no_grad():
+        return megatron(ids, torch.arange(s).expand_as(ids), causal)[..., :M.vocab_size]
+
+
+@pytest.mark.parametrize("names", ["local", "transformer_engine"])
+def test_a_megatron_lm_torch_checkpoint_gives_megatron_core_s_logits(tmp_path, names):
+    from megagpt.convert import load_source, our_logits
+
+    megatron = megatron_model(bias_activation_fusion=True)      # Megatron-LM's default MLP
+    state = megatron.state_dict_for_save_checkpoint()
+    if names == "transformer_engine":     # the local spec's own map to the TE spec's names
+        spec = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
+        for key in list(state):
+            for local, te in spec.items():
+                if f".{local}" in key:
+                    state[key.replace(f".{local}", f".{te}")] = state.pop(key)
+    assert any("layer_norm_weight" in k for k in state) == (names == "transformer_engine")
+    folder = tmp_path / "save" / "iter_0000005" / "mp_rank_00"
+    folder.mkdir(parents=True)
+    torch.save({"args": megatron_args(), "checkpoint_version": 3.0, "iteration": 5,
+                "model": state}, folder / "model_optim_rng.pt")
+    (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("5")
+    source = load_source(tmp_path / "save")
+    assert (source.step, source.consumed_samples, source.layout) == (5, 96, (1, 1, 1))
+    ids = torch.randint(0, M.vocab_size, (3, 20))
+    logits = our_logits(source.model, source.full_state, ids)
+    assert (logits - megatron_reference(megatron, ids)).abs().max().item() <= 1e-5
+
+
+def test_a_megatron_lm_torch_dist_checkpoint_gives_megatron_core_s_logits(tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from megagpt.convert import load_source, our_logits
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)   # CUDA-only spots
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")       # of the writer
+    megatron = megatron_model(bias_activation_fusion=True)
+    folder = tmp_path / "save" / "iter_0000005"
+    folder.mkdir(parents=True)
+    dist_checkpointing.save({"args": megatron_args(), "checkpoint_version": 3.0, "iteration": 5,
+                             "model": megatron.sharded_state_dict()}, str(folder))
+    (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("5")
+    source = load_source(tmp_path / "save")
+    assert (source.step, source.layout) == (5, (1, 1, 1))
+    ids = torch.randint(0, M.vocab_size, (3, 20))
+    logits = our_logits(source.model, source.full_state, ids)
+    assert (logits - megatron_reference(megatron, ids)).abs().max().item() <= 1e-5
