@@ -352,3 +352,40 @@ def test_a_torch_dist_folder_missing_its_index_or_arguments_is_refused(tmp_path)
         data.write_bytes(data.read_bytes()[:100])
     with pytest.raises(ConversionError, match="cannot be read .*truncated or corrupt"):
         load_source(root)
+
+
+def gpt2_sized_run(root, tp=2):
+    """A one-block run with GPT-2's tokenizer, saved at tp 2 (its weights in our names too)."""
+    m = dataclasses.replace(M, vocab_size=50257, n_layers=1)
+    full = random_state(m, seed=3)
+    args = megatron_args(tokenizer_type="GPT2BPETokenizer", vocab_size=None, num_layers=1,
+                         tensor_model_parallel_size=tp)
+    return write_megatron(root, full, m, tp=tp, args=args), m, full
+
+
+def test_the_command_line_writes_a_hugging_face_folder_from_a_megatron_run(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    root, m, full = gpt2_sized_run(tmp_path / "mlm")
+    tool = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
+    run = subprocess.run([sys.executable, str(tool), "--input", str(root), "--output",
+                          str(tmp_path / "hf"), "--to", "hf", "--verify"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "read Megatron-LM checkpoint" in run.stdout and "largest logit difference" in run.stdout
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, m.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, our_logits(m, full, ids), rtol=0, atol=1e-4)
+
+
+def test_checkpoint_pretrained_starts_from_a_megatron_run(tmp_path):
+    from megagpt.training.trainer import pretrained_state
+
+    root, m, full = gpt2_sized_run(tmp_path / "mlm")
+    weights = pretrained_state(str(root), m, "gpt2")
+    assert all(torch.equal(weights[name], value) for name, value in full.items())
+    with pytest.raises(Exception, match="has model.n_layers=1, the config says 2"):
+        pretrained_state(str(root), dataclasses.replace(m, n_layers=2), "gpt2")
