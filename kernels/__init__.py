@@ -8,7 +8,8 @@ kernels cannot run, i.e. on a CPU without ``TRITON_INTERPRET=1``):
                               document_ids=None)   qkv (batch, seq, 3, heads, head_dim), any strides
     layer_norm(x, weight, bias, eps=1e-5)                       over the last dimension
     scaled_masked_softmax(x, scale=1.0, causal=False)           over the last dimension
-    bias_gelu(x, bias)                                          GPT-2's tanh GeLU of x + bias
+    bias_gelu(x, bias, approximate="tanh")                      GeLU of x + bias: GPT-2's tanh,
+                                                                or "none": the exact one (erf)
     cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
                   inplace_backward=False, weight=None)
                                                                 mean (or float32 sum) over non-ignored rows

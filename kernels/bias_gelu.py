@@ -1,10 +1,13 @@
-"""Bias add + GPT-2's tanh GeLU, fused in Triton.
+"""Bias add + GeLU, fused in Triton: GPT-2's tanh GeLU, or the exact one (erf).
 
 Owns `bias_gelu` (the public function), its autograd Function, the launchers, the kernels and
 `bias_gelu_reference`.
 
-y = gelu_tanh(x + bias) = 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))), u = x + bias, the
-GeLU of GPT-2 (Hugging Face's "gelu_new", torch's ``approximate="tanh"``).
+y = gelu(x + bias), u = x + bias, as torch's ``F.gelu(u, approximate=...)``:
+- ``approximate="tanh"`` (the default): 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))), the GeLU
+  of GPT-2 (Hugging Face's "gelu_new"; megatron-core's fused bias-GeLU);
+- ``approximate="none"``: 0.5 u (1 + erf(u / sqrt(2))) (Hugging Face's "gelu"; megatron-core's
+  unfused ``F.gelu``).
 
 Shapes: x is (..., n) (rows x n once flattened), bias is (n,); they may differ in dtype (float16 or
 bfloat16 activations with a float32 bias). y has x's dtype; the arithmetic is float32.
@@ -28,6 +31,9 @@ from ._utils import (KERNELS_INTERPRETED, Autotuned, cdiv, check_float, check_la
 # cannot multiply a constexpr by a tensor).
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_COEF = tl.constexpr(0.044715)
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+APPROXIMATIONS = ("tanh", "none")
 
 
 @triton.jit
@@ -45,7 +51,26 @@ def _tanh_arg(u):
 
 
 @triton.jit
-def _bias_gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, BLOCK_M: tl.constexpr,
+def _gelu(u, TANH: tl.constexpr):
+    if TANH:
+        return 0.5 * u * (1.0 + _tanh(_tanh_arg(u)))
+    else:
+        return 0.5 * u * (1.0 + tl.math.erf(u * SQRT_HALF))
+
+
+@triton.jit
+def _gelu_grad(u, TANH: tl.constexpr):
+    """d gelu(u) / du."""
+    if TANH:
+        t = _tanh(_tanh_arg(u))
+        return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * (
+            1.0 + u * u * (3.0 * GELU_COEF)) * SQRT_2_OVER_PI
+    else:
+        return 0.5 * (1.0 + tl.math.erf(u * SQRT_HALF)) + u * tl.exp(-0.5 * u * u) * INV_SQRT_2PI
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, TANH: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile; the tiles of a row block are consecutive programs."""
     col_blocks = tl.cdiv(n_cols, BLOCK_N)
@@ -57,13 +82,12 @@ def _bias_gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, BLOCK_M: tl.constexpr,
     offsets = rows[:, None] * n_cols + cols[None, :]
     b = tl.load(BIAS + cols, mask=in_cols, other=0.0).to(tl.float32)
     u = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) + b[None, :]
-    y = 0.5 * u * (1.0 + _tanh(_tanh_arg(u)))
-    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offsets, _gelu(u, TANH).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bias_gelu_bwd_kernel(X, BIAS, DY, DX, DBIAS_PARTIAL, n_rows, n_cols, rows_per_program,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,10 +102,7 @@ def _bias_gelu_bwd_kernel(X, BIAS, DY, DX, DBIAS_PARTIAL, n_rows, n_cols, rows_p
         offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
         u = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) + b[None, :]
         dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-        t = _tanh(_tanh_arg(u))
-        dgelu = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * (
-            1.0 + u * u * (3.0 * GELU_COEF)) * SQRT_2_OVER_PI
-        dx = dy * dgelu
+        dx = dy * _gelu_grad(u, TANH)
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
         dbias += dx
     tl.store(DBIAS_PARTIAL + pid_m * n_cols + cols, tl.sum(dbias, 0), mask=in_cols)
@@ -102,9 +123,9 @@ _INTERPRETER_FWD_CONFIG = triton.Config({"BLOCK_M": 8, "BLOCK_N": 32}, num_warps
 _INTERPRETER_BWD_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)
 
 _fwd_kernel = Autotuned(_bias_gelu_fwd_kernel, _FWD_CONFIGS, _INTERPRETER_FWD_CONFIG,
-                        key=["n_cols"])
+                        key=["n_cols", "TANH"])
 _bwd_kernel = Autotuned(_bias_gelu_bwd_kernel, _BWD_CONFIGS, _INTERPRETER_BWD_CONFIG,
-                        key=["n_cols"])
+                        key=["n_cols", "TANH"])
 
 
 def _bwd_row_ranges(n_rows: int, n_cols: int, device: torch.device):
@@ -126,15 +147,16 @@ class BiasGeluFunction(torch.autograd.Function):
     """Autograd for the Triton kernels; saves x and bias (u = x + bias is recomputed)."""
 
     @staticmethod
-    def forward(ctx, x, bias):
+    def forward(ctx, x, bias, tanh):
         x, bias = x.contiguous(), bias.contiguous()
         n_cols = x.shape[-1]
         n_rows = x.numel() // n_cols
         y = torch.empty_like(x)
         _fwd_kernel[lambda meta: (cdiv(n_rows, meta["BLOCK_M"])
                                   * cdiv(n_cols, meta["BLOCK_N"]),)](
-            x, bias, y, n_rows, n_cols)
+            x, bias, y, n_rows, n_cols, tanh)
         ctx.save_for_backward(x, bias)
+        ctx.tanh = tanh
         return y
 
     @staticmethod
@@ -147,11 +169,14 @@ class BiasGeluFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         partial = torch.empty((row_ranges, n_cols), device=x.device, dtype=torch.float32)
         _bwd_kernel[lambda meta: (cdiv(n_cols, meta["BLOCK_N"]), row_ranges)](
-            x, bias, dy, dx, partial, n_rows, n_cols, rows_per_program)
-        return dx, partial.sum(0).to(bias.dtype)
+            x, bias, dy, dx, partial, n_rows, n_cols, rows_per_program, ctx.tanh)
+        return dx, partial.sum(0).to(bias.dtype), None
 
 
-def _check_inputs(x, bias):
+def _check_inputs(x, bias, approximate):
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate={approximate!r}: must be \"tanh\" (GPT-2's GeLU) or "
+                         f"\"none\" (the exact GeLU, with erf)")
     check_float("x", x)
     check_float("bias", bias)
     check_same_device(x=x, bias=bias)
@@ -160,28 +185,29 @@ def _check_inputs(x, bias):
     check_last_dim("bias", bias, x.shape[-1], "x")
 
 
-def bias_gelu_reference(x, bias):
-    """Plain torch: F.gelu(x + bias, approximate="tanh") in float32, returned in x's dtype."""
-    return torch.nn.functional.gelu(x.float() + bias.float(), approximate="tanh").to(x.dtype)
+def bias_gelu_reference(x, bias, approximate="tanh"):
+    """Plain torch: F.gelu(x + bias, approximate=approximate) in float32, in x's dtype."""
+    return torch.nn.functional.gelu(x.float() + bias.float(), approximate=approximate).to(x.dtype)
 
 
-def bias_gelu(x, bias):
-    """GPT-2's tanh GeLU of (x + bias) with the fused Triton kernels.
+def bias_gelu(x, bias, approximate="tanh"):
+    """The GeLU of (x + bias) with the fused Triton kernels.
 
     Args:
         x: (..., n) float16/bfloat16/float32. Non-contiguous x is copied.
         bias: (n,) on x's device.
+        approximate: "tanh" (GPT-2's GeLU) or "none" (the exact one, with erf), as F.gelu's.
     Returns:
         x's shape and dtype; the backward gives dx and the reduced dbias. Runs
         `bias_gelu_reference` where the kernels cannot run and for empty x.
     """
-    _check_inputs(x, bias)
+    _check_inputs(x, bias, approximate)
     if x.numel() == 0 or not triton_runs_on(x.device):
-        return bias_gelu_reference(x, bias)
-    return BiasGeluFunction.apply(x, bias)
+        return bias_gelu_reference(x, bias, approximate)
+    return BiasGeluFunction.apply(x, bias, approximate == "tanh")
 
 
-def bias_gelu_torch(x, bias):
+def bias_gelu_torch(x, bias, approximate="tanh"):
     """The `torch` backend: `bias_gelu_reference` after `bias_gelu`'s checks of its inputs."""
-    _check_inputs(x, bias)
-    return bias_gelu_reference(x, bias)
+    _check_inputs(x, bias, approximate)
+    return bias_gelu_reference(x, bias, approximate)

@@ -23,7 +23,7 @@ Every backend of an op has the op's signature:
               document_ids (batch, seq) keeps each document's tokens to themselves
     layernorm(x, weight, bias, eps=1e-5)
     softmax(x, scale=1.0, causal=False)
-    bias_gelu(x, bias)
+    bias_gelu(x, bias, approximate="tanh")
     cross_entropy(logits, target, ignore_index=-100, vocab_size=None, reduction="mean",
                   inplace_backward=False, weight=None)
 """

@@ -49,6 +49,9 @@ class ModelConfig:
     seq_length: int = _field(1024, doc="context length (learned positions)")
     ffn_hidden_size: int | None = _field(None, doc="MLP width; default 4 * d_model")
     dropout: float = _field(0.1, doc="dropout on embeddings, residuals and attention")
+    activation: str = _field("gelu_tanh", choices=("gelu_tanh", "gelu"),
+                             doc="the MLP's GeLU: gelu_tanh (GPT-2's tanh approximation) or gelu "
+                                 "(the exact one, with erf)")
     layernorm_eps: float = _field(1e-5)
     init_std: float = _field(0.02, doc="std of the normal initialisation")
     make_vocab_size_divisible_by: int = _field(128, doc="pad the vocabulary to a multiple of this x tp")
@@ -371,7 +374,10 @@ MEGATRON_ARGUMENTS = {
     "attention-backend": "kernels.attention (auto: auto; flash: flash_attn or triton; fused: "
                          "sdpa; unfused or local: eager)",
     "no-masked-softmax-fusion": "kernels.softmax=torch",
-    "no-bias-gelu-fusion": "kernels.bias_gelu=torch",
+    "no-bias-gelu-fusion": "model.activation=gelu (megatron-core's unfused MLP computes the "
+                           "exact GeLU, with erf; kernels.bias_gelu=torch runs the unfused op)",
+    "openai-gelu": "model.activation=gelu_tanh, the default (megatron-core's MLP never reads "
+                   "--openai-gelu; its default fused bias-GeLU is the tanh GeLU)",
     "save": "checkpoint.save_dir",
     "load": "checkpoint.load: leave it auto when it is --save's folder (it resumes, and starts "
             "fresh when there is nothing to resume, as Megatron's); another folder must hold a "
@@ -619,6 +625,7 @@ HF_TO_MODEL = {"vocab_size": "vocab_size", "n_embd": "d_model", "n_head": "n_hea
                "n_layer": "n_layers", "n_positions": "seq_length", "n_inner": "ffn_hidden_size",
                "layer_norm_epsilon": "layernorm_eps", "initializer_range": "init_std"}
 HF_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 def _is_deepspeed_config(raw: dict) -> bool:
@@ -640,9 +647,10 @@ def model_fields_from_hf(hf: dict, path: str, problems: list[str]) -> dict:
         problems.append(f"model.config_file={path}: model_type={hf.get('model_type')!r}; "
                         f"only GPT-2 configs (model_type \"gpt2\") are supported")
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        problems.append(f"model.config_file={path}: activation_function={act!r}; the model uses "
-                        f"GPT-2's tanh GeLU, so set it to \"gelu_new\"")
+    if act not in HF_ACTIVATIONS:
+        problems.append(f"model.config_file={path}: activation_function={act!r}; the model "
+                        f"computes GPT-2's tanh GeLU (\"gelu_new\") or the exact one "
+                        f"(\"gelu\")")
     if hf.get("tie_word_embeddings", True) is not True:
         problems.append(f"model.config_file={path}: tie_word_embeddings="
                         f"{json.dumps(hf['tie_word_embeddings'])}; the model always ties the input "
@@ -659,6 +667,8 @@ def model_fields_from_hf(hf: dict, path: str, problems: list[str]) -> dict:
                         f"Stanford CRFM GPT-2s); the model does not also divide layer i's scores "
                         f"by i + 1 (false), so this checkpoint's attention cannot be expressed")
     out = {ours: hf[theirs] for theirs, ours in HF_TO_MODEL.items() if theirs in hf}
+    if act in HF_ACTIVATIONS:
+        out["activation"] = HF_ACTIVATIONS[act]
     drops = {hf[k] for k in HF_DROPOUTS if k in hf}
     if len(drops) > 1:
         problems.append(f"model.config_file={path}: resid_pdrop, embd_pdrop and attn_pdrop differ "

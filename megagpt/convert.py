@@ -42,8 +42,9 @@ from megagpt.config import (HF_DROPOUTS, HF_TO_MODEL, ConfigError, KernelsConfig
 from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_to
 from megagpt.fsutil import give_default_mode, replace_folder_atomically, why_not_a_folder
 from megagpt.hf import from_hf, hf_config_dict, to_hf
-from megagpt.megatron_lm import (TRACKER, MegatronCheckpointError, find_checkpoint,
-                                 read_checkpoint)
+from megagpt.megatron_lm import FILE as RANK_FILE
+from megagpt.megatron_lm import (ITERATION_RE, RANK_RE, TRACKER, MegatronCheckpointError,
+                                 find_checkpoint, read_checkpoint)
 from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
 from megagpt.model.reshard import (full_state_from_checkpoint, full_state_shapes, model_config_of,
                                    shard_full_state)
@@ -111,12 +112,18 @@ def locate(path: str | Path, argument: str = "--input") -> tuple[str, Path]:
         raise ConversionError(f"{argument}: {e}") from e
     if megatron is not None:
         return "megatron", megatron
+    rank = p.parent if p.name == RANK_FILE else p
+    if RANK_RE.fullmatch(rank.name) and ITERATION_RE.fullmatch(rank.parent.name):
+        raise ConversionError(f"{argument} {p} is one rank's part of a Megatron-LM checkpoint; "
+                              f"fix: give the iteration folder holding every rank's, "
+                              f"{argument} {rank.parent}")
     if (p / META_FILE).exists() or STEP_RE.fullmatch(p.name) or p.name.endswith(".tmp"):
         _check_complete(p, argument)
         return "megagpt", p
     if not p.is_dir():
         raise ConversionError(f"{argument} {p} is a file; fix: give a folder (a save dir, a "
-                              f"step_NNNNNNN folder, or a Hugging Face GPT-2 folder)")
+                              f"step_NNNNNNN folder, a Hugging Face GPT-2 folder, or a "
+                              f"Megatron-LM save dir)")
     latest = find_latest(p, warn=lambda message: print(f"note: {argument}: {message}",
                                                        file=sys.stderr))
     if latest is not None:
@@ -592,7 +599,8 @@ def convert(input_path: str | Path, output: str | Path, to: str, *, tp: int | No
     """Convert the model at `input_path` and write it to `output`.
 
     Args:
-        input_path: a save dir or step folder of ours (any layout), or a Hugging Face GPT-2 folder.
+        input_path: a save dir or step folder of ours (any layout), a Hugging Face GPT-2 folder,
+            or a Megatron-LM save dir or iteration folder.
         output: the folder to create (absent or empty): a Hugging Face folder (to="hf") or a save
             dir holding `step_<N>/` and `latest` (to="megagpt").
         to: "hf" or "megagpt".

@@ -60,7 +60,8 @@ def hf_config_dict(m: ModelConfig) -> dict:
     """A GPT2Config dict for our architecture (config.json of an exported folder)."""
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": m.vocab_size,
             "n_positions": m.seq_length, "n_embd": m.d_model, "n_layer": m.n_layers,
-            "n_head": m.n_heads, "n_inner": m.ffn_hidden_size, "activation_function": "gelu_new",
+            "n_head": m.n_heads, "n_inner": m.ffn_hidden_size,
+            "activation_function": "gelu_new" if m.activation == "gelu_tanh" else "gelu",
             "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
             "layer_norm_epsilon": m.layernorm_eps, "initializer_range": m.init_std,
             "tie_word_embeddings": True}

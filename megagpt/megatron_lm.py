@@ -35,12 +35,14 @@ Engine's layer spec keeps each block's layer norms inside the projections that f
 (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`). `--apply-layernorm-1p`
 stores weight - 1; the 1 is added back.
 
+The GeLU: megatron-core's MLP computes the tanh GeLU (GPT-2's) with its default fused
+bias-GeLU, and the exact one (erf, `F.gelu`) under --no-bias-gelu-fusion, with or without
+--openai-gelu, which its MLP never reads: model.activation gelu_tanh or gelu.
+
 What the model cannot express is refused, naming Megatron's argument: RMSNorm, SwiGLU, squared
 ReLU, rotary or no positions, untied output weights, grouped-query or multi-latent attention,
-QK layer norm, experts, no biases, post-layer-norm residuals, erf GeLU (megatron-core's MLP
-computes the tanh GeLU, GPT-2's and ours, with its default bias-GeLU fusion; under
---no-bias-gelu-fusion it computes erf, with or without --openai-gelu, which its MLP never
-reads). So is the legacy (non-core) model, whose keys start with 'language_model'.
+QK layer norm, experts, no biases, post-layer-norm residuals. So is the legacy (non-core)
+model, whose keys start with 'language_model'.
 """
 from __future__ import annotations
 
@@ -94,6 +96,9 @@ _OUTER_NAMES = {
 }
 # the last stage's copy of the tied embedding (Megatron keeps the two equal)
 _SKIPPED = ("output_layer.weight",)
+# a module's extra state: None, BytesIO, or (Transformer Engine 2) a uint8 tensor of a pickle
+EXTRA_STATE = "._extra_state"
+REQUIRED_ARGS = ("num_layers", "hidden_size", "num_attention_heads")
 
 
 class MegatronCheckpointError(ValueError):
@@ -249,10 +254,6 @@ def architecture_problems(args) -> list[str]:
          "--disable-bias-linear: the model's linear layers have biases"),
         (_arg(args, "apply_residual_connection_post_layernorm", default=False),
          "--apply-residual-connection-post-layernorm: the model's residuals skip the norms"),
-        (not _arg(args, "bias_gelu_fusion", default=True),
-         "--no-bias-gelu-fusion: the run's MLP computed erf GeLU (megatron-core's unfused F.gelu; "
-         "--openai-gelu does not reach its MLP); the model computes the tanh GeLU, GPT-2's and "
-         "that of Megatron's default fused bias-GeLU"),
     ]
     return [message for broken, message in rules if broken]
 
@@ -310,6 +311,8 @@ def model_config(args, vocab_rows: int, notes: list[str]) -> tuple[ModelConfig, 
                     seq_length=_arg(args, "max_position_embeddings", "seq_length"),
                     ffn_hidden_size=None if ffn == 4 * hidden else ffn,
                     dropout=_arg(args, "hidden_dropout", default=0.1),
+                    activation=("gelu_tanh" if _arg(args, "bias_gelu_fusion", default=True)
+                                else "gelu"),
                     layernorm_eps=_arg(args, "norm_epsilon", "layernorm_epsilon", default=1e-5),
                     init_std=_arg(args, "init_method_std", default=0.02),
                     make_vocab_size_divisible_by=_arg(args, "make_vocab_size_divisible_by",
@@ -358,12 +361,16 @@ def merge_stages(stages: list[list[dict[str, torch.Tensor]]], n_heads: int,
                     f"{where}: tensor-parallel rank {t} holds other weights than rank 0 "
                     f"({', '.join(sorted(set(state) ^ keys)[:3])}); the files are of different "
                     f"runs or stages")
-        blocks = sorted({int(k.split(".")[2]) for k in keys if k.startswith("decoder.layers.")})
+        numbers = {k.split(".")[2] for k in keys if k.startswith("decoder.layers.")}
+        if not all(n.isdigit() for n in numbers):
+            raise MegatronCheckpointError(f"{where}: block keys numbered {sorted(numbers)[:4]} "
+                                          f"(decoder.layers.<number>. expected)")
+        blocks = sorted(map(int, numbers))
         if blocks != list(range(len(blocks))):
             raise MegatronCheckpointError(f"{where}: a stage's blocks are numbered {blocks}, not "
                                           f"from 0 one by one")
         for key in sorted(keys):
-            if key in _SKIPPED:
+            if key in _SKIPPED or key.endswith(EXTRA_STATE):
                 continue
             if key.startswith("decoder.layers."):
                 _, _, i, rest = key.split(".", 3)
@@ -415,6 +422,13 @@ def _read_torch_dist(folder: Path):
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    if (folder / DIST_METADATA).is_file() and not any(
+            (folder / name).is_file() for name in (COMMON, "metadata.json")):
+        raise MegatronCheckpointError(
+            f"{folder} holds torch.distributed.checkpoint files without Megatron's common.pt "
+            f"and metadata.json: a --ckpt-format torch_dcp or fsdp_dtensor save, which is not "
+            f"read here; fix: save it with --ckpt-format torch_dist or torch (Megatron-LM "
+            f"converts on load: --ckpt-convert-format torch --ckpt-convert-save DIR)")
     for name in (DIST_METADATA, COMMON):
         if not (folder / name).is_file():
             raise MegatronCheckpointError(
@@ -450,6 +464,11 @@ def _read_torch_dist(folder: Path):
 
 
 def _refuse_architecture(args, folder: Path) -> None:
+    missing = [name for name in REQUIRED_ARGS if _arg(args, name) is None]
+    if missing:
+        raise MegatronCheckpointError(f"{folder}: the run's saved arguments lack "
+                                      f"{', '.join(missing)}; it is not a GPT of Megatron-LM's "
+                                      f"pretrain_gpt.py")
     problems = architecture_problems(args)
     if problems:
         raise MegatronCheckpointError(f"{folder} is a GPT this model cannot express:\n"
@@ -462,11 +481,19 @@ def read_checkpoint(folder: Path) -> MegatronCheckpoint:
     first, stages, layout = read(folder)
     args = first["args"]
     full = merge_stages(stages, args.num_attention_heads, str(folder))
+    if "embedding.wte.weight" not in full:
+        raise MegatronCheckpointError(f"{folder} holds no embedding.word_embeddings.weight (the "
+                                      f"first pipeline stage's); fix: copy the whole iteration "
+                                      f"folder")
     notes: list[str] = []
     if _arg(args, "apply_layernorm_1p", default=False):
+        # 1 + a 16-bit weight is not a 16-bit number: float32 holds it exactly, for every weight
+        full = {k: v.float() for k, v in full.items()}
         norms = [k for k in full if k.endswith(("ln1.weight", "ln2.weight", "final_ln.weight"))]
         for name in norms:
             full[name] = full[name] + 1
+        notes.append("--apply-layernorm-1p: the norms' weights are stored less 1; with the 1 "
+                     "added back, the weights are written in float32, which holds them exactly")
     m, tokenizer_path, known = model_config(args, full["embedding.wte.weight"].shape[0], notes)
     full["embedding.wte.weight"] = full["embedding.wte.weight"][:m.vocab_size]
     precision = "bf16" if _arg(args, "bf16", default=False) else (

@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""Convert a checkpoint: ours (any layout) -> Hugging Face GPT-2, or ours / Hugging Face -> ours.
+"""Convert a checkpoint: ours (any layout) or Megatron-LM's -> Hugging Face GPT-2, or ours /
+Hugging Face / Megatron-LM's -> ours.
 
     python tools/convert_checkpoint.py --input runs/tiny_model/checkpoints --output runs/tiny_hf --to hf
     python tools/convert_checkpoint.py --input runs/tiny_model/checkpoints --output runs/tiny_1x1 \
         --to megagpt --tensor-parallel-size 1 --pipeline-parallel-size 1 --verify
 
---input: a save dir (its latest checkpoint), a step_NNNNNNN folder, or a Hugging Face GPT-2
-folder (config.json + model.safetensors or pytorch_model.bin). --output must not exist or be
-empty; it is written under a temporary name and renamed when complete. The logic lives in
+--input: a save dir (its latest checkpoint), a step_NNNNNNN folder, a Hugging Face GPT-2
+folder (config.json + model.safetensors or pytorch_model.bin), or a Megatron-LM save dir or
+iter_NNNNNNN folder (megatron-core's GPTModel; docs/models.md, "Megatron-LM checkpoints").
+--output must not exist or be empty; it is written under a temporary name and renamed when
+complete. The logic lives in
 megagpt/convert.py.
 
 Exit status: 0 converted (and verified with --verify), 1 refused or failed (nothing written).
@@ -27,7 +30,8 @@ from megagpt.training.checkpoint import CheckpointError  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="save dir, step folder, or Hugging Face folder")
+    parser.add_argument("--input", required=True,
+                        help="save dir, step folder, Hugging Face folder, or Megatron-LM save dir")
     parser.add_argument("--output", required=True, help="folder to create (absent or empty)")
     parser.add_argument("--to", required=True, choices=("hf", "megagpt"))
     parser.add_argument("--tensor-parallel-size", type=int, help="--to megagpt: default the source's")

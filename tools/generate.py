@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Generate text from a checkpoint of ours (any layout, merged to one process) or a Hugging Face
-GPT-2 folder, on the CPU.
+"""Generate text from a checkpoint of ours (any layout, merged to one process), a Hugging Face
+GPT-2 folder or a Megatron-LM checkpoint, on the CPU.
 
     python tools/generate.py --checkpoint runs/tiny_model/checkpoints --prompt "ROMEO:" \
         --max-new-tokens 40 --temperature 0.8 --top-k 40 --seed 1
@@ -69,7 +69,8 @@ def chat_text(text: str, system: str | None) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="save dir, step folder (ours, any layout) or Hugging Face GPT-2 folder")
+                        help="save dir, step folder (ours, any layout), Hugging Face GPT-2 "
+                             "folder, or Megatron-LM save dir")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true", help="take the most likely token")

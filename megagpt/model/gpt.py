@@ -2,8 +2,9 @@
 at a time.
 
 The architecture is GPT-2's: learned token and position embeddings, pre-LayerNorm blocks of
-causal self-attention and a tanh-GeLU MLP (4x wide), a final LayerNorm, and an output projection
-tied to the token embedding, every linear layer with a bias. Per block, under tensor parallelism:
+causal self-attention and a GeLU MLP (4x wide; GPT-2's tanh GeLU, or the exact one with
+`model.activation=gelu`), a final LayerNorm, and an output projection tied to the token
+embedding, every linear layer with a bias. Per block, under tensor parallelism:
 
     x ─ LN ─ QKV (column: heads split) ─ attention on my heads ─ proj (row: all-reduce) ─ + ─┐
     ┌──────────────────────────────────────────────────────────────────────────────────────┘
@@ -221,9 +222,11 @@ class MLP(nn.Module):
         self.fc2 = RowParallelLinear(m.ffn_size, m.d_model, tp_group=tp_group,
                                      sequence_parallel=sequence_parallel)
         self.ops = ops
+        self.approximate = "tanh" if m.activation == "gelu_tanh" else "none"
 
     def forward(self, x):
-        return self.fc2(self.ops.bias_gelu(self.fc1(x, add_bias=False), self.fc1.bias))
+        return self.fc2(self.ops.bias_gelu(self.fc1(x, add_bias=False), self.fc1.bias,
+                                           self.approximate))
 
 
 class Block(nn.Module):

@@ -68,7 +68,9 @@ META_FILE = "meta.json"
 HASH_SUFFIX = ".sha256"
 STEP_RE = re.compile(r"step_(\d{7})")
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_heads", "n_layers", "seq_length",
-                       "ffn_hidden_size", "make_vocab_size_divisible_by")
+                       "ffn_hidden_size", "activation", "make_vocab_size_divisible_by")
+# what a field a checkpoint's config lacks (written before the field existed) was
+ARCHITECTURE_DEFAULTS = {"activation": "gelu_tanh"}
 PARALLEL_KEYS = ("tp", "pp", "dp", "vp")
 
 
@@ -729,7 +731,8 @@ def check_compatible(meta: dict, model_cfg, parallel_sizes: dict, *,
     saved_model = meta["config"]["model"]
     problems = []
     for name in ARCHITECTURE_FIELDS:
-        saved, wanted = saved_model.get(name), model_cfg.get(name)
+        saved = saved_model.get(name, ARCHITECTURE_DEFAULTS.get(name))
+        wanted = model_cfg.get(name, ARCHITECTURE_DEFAULTS.get(name))
         if name == "ffn_hidden_size":
             saved = saved or 4 * saved_model["d_model"]
             wanted = wanted or 4 * model_cfg["d_model"]

@@ -1,4 +1,7 @@
-"""bias_gelu against bias_gelu_reference: output and dx, dbias; the GeLU's tails; bad input."""
+"""bias_gelu against bias_gelu_reference, for the tanh GeLU and the exact one: output and dx,
+dbias; the GeLU's tails; bad input."""
+import functools
+
 import pytest
 import torch
 
@@ -6,6 +9,12 @@ from megagpt.kernels import bias_gelu, bias_gelu_reference
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU")
+APPROXIMATE = pytest.mark.parametrize("approximate", ["tanh", "none"])
+
+
+def _pair(approximate):
+    return (functools.partial(bias_gelu, approximate=approximate),
+            functools.partial(bias_gelu_reference, approximate=approximate))
 
 
 def _inputs(shape, x_dtype, bias_dtype, device, spread=3.0):
@@ -17,24 +26,26 @@ def _inputs(shape, x_dtype, bias_dtype, device, spread=3.0):
 # Rows not a multiple of the backward's tile and column block; odd widths.
 @pytest.mark.parametrize("shape", [(37, 100), (2, 19, 300), (50, 33), (3, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
-def test_matches_reference(compare, device, shape, dtype):
-    compare(bias_gelu, bias_gelu_reference, _inputs(shape, dtype, dtype, device), dtype,
-            ["x", "bias"])
+@APPROXIMATE
+def test_matches_reference(compare, device, shape, dtype, approximate):
+    compare(*_pair(approximate), _inputs(shape, dtype, dtype, device), dtype, ["x", "bias"])
 
 
-def test_large_arguments(compare, device):
+@APPROXIMATE
+def test_large_arguments(compare, device, approximate):
     """|x + bias| up to ~100: the tanh must neither overflow nor lose the tails."""
-    compare(bias_gelu, bias_gelu_reference, _inputs((16, 64), F32, F32, device, spread=30.0), F32,
+    compare(*_pair(approximate), _inputs((16, 64), F32, F32, device, spread=30.0), F32,
             ["x", "bias"])
 
 
 @pytest.mark.parametrize("dtype,magnitude", [(F32, 1e4), (F16, 6e4)], ids=str)
-def test_huge_arguments_are_the_identity_or_zero(device, dtype, magnitude):
+@APPROXIMATE
+def test_huge_arguments_are_the_identity_or_zero(device, dtype, magnitude, approximate):
     """Far out in the tails GeLU is u (gradient 1) or 0 (gradient 0): no overflow to NaN."""
     u = torch.tensor([-1.0, -0.5, -0.01, 0.01, 0.5, 1.0], device=device) * magnitude
     x = u.to(dtype).repeat(3, 1).requires_grad_()
     bias = torch.zeros(6, device=device, dtype=dtype, requires_grad=True)
-    y = bias_gelu(x, bias)
+    y = bias_gelu(x, bias, approximate)
     y.backward(torch.ones_like(y))
     expected = torch.where(x > 0, x, torch.zeros_like(x)).detach()
     torch.testing.assert_close(y, expected)
@@ -43,8 +54,9 @@ def test_huge_arguments_are_the_identity_or_zero(device, dtype, magnitude):
 
 
 @pytest.mark.parametrize("x_dtype", [F16, BF16], ids=str)
-def test_half_activations_with_float32_bias(compare, device, x_dtype):
-    compare(bias_gelu, bias_gelu_reference, _inputs((21, 130), x_dtype, F32, device), x_dtype,
+@APPROXIMATE
+def test_half_activations_with_float32_bias(compare, device, x_dtype, approximate):
+    compare(*_pair(approximate), _inputs((21, 130), x_dtype, F32, device), x_dtype,
             ["x", "bias"])
 
 
@@ -56,11 +68,27 @@ def test_is_gpt2_gelu(device):
     torch.testing.assert_close(bias_gelu(x, bias), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_exact_gelu_and_its_gradient(device):
+    """approximate="none": 0.5 u (1 + erf(u / sqrt(2))), gradient Phi(u) + u phi(u); it differs
+    from the tanh GeLU (by up to 4.7e-4, at |u| = 2.7)."""
+    x = torch.linspace(-6, 6, 97, device=device, dtype=torch.float64).float().reshape(1, 97)
+    x.requires_grad_()
+    bias = torch.zeros(97, device=device)
+    y = bias_gelu(x, bias, "none")
+    y.backward(torch.ones_like(y))
+    u = x.detach().double()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    torch.testing.assert_close(y.double(), u * normal.cdf(u), rtol=1e-5, atol=1e-6)
+    grad = normal.cdf(u) + u * normal.log_prob(u).exp()
+    torch.testing.assert_close(x.grad.double(), grad, rtol=1e-5, atol=1e-6)
+    assert 3e-4 < (y - bias_gelu(x, bias)).abs().max().item() < 5e-4
+
+
 @needs_cuda
 @pytest.mark.parametrize("width", [3072, 8192])
-def test_bf16_on_gpu(compare, width):
-    compare(bias_gelu, bias_gelu_reference, _inputs((4096, width), BF16, BF16, "cuda"), BF16,
-            ["x", "bias"])
+@APPROXIMATE
+def test_bf16_on_gpu(compare, width, approximate):
+    compare(*_pair(approximate), _inputs((4096, width), BF16, BF16, "cuda"), BF16, ["x", "bias"])
 
 
 @pytest.mark.parametrize("make_inputs,message", [
@@ -72,6 +100,8 @@ def test_bf16_on_gpu(compare, width):
      "x is on .* but bias is on meta"),
     (lambda d: (torch.tensor(1.0, device=d), torch.randn(1, device=d)),
      "x must have at least one dimension"),
+    (lambda d: (torch.randn(4, 8, device=d), torch.randn(8, device=d), "erf"),
+     "approximate='erf': must be \"tanh\" .* or \"none\""),
 ])
 def test_bad_input(device, make_inputs, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -186,6 +186,7 @@ def test_attention_backends_agree(device):
                              torch.randn(40, device=d))),
     ("softmax", lambda d: (torch.randn(2, 9, 9, device=d), 0.5, True)),
     ("bias_gelu", lambda d: (torch.randn(5, 40, device=d), torch.randn(40, device=d))),
+    ("bias_gelu", lambda d: (torch.randn(5, 40, device=d) * 2, torch.randn(40, device=d), "none")),
     ("cross_entropy", lambda d: (torch.randn(6, 40, device=d),
                                  torch.randint(0, 40, (6,), device=d))),
 ])

@@ -371,6 +371,16 @@ def test_incompatible_architecture_names_both_values():
     check_compatible(meta, dict(MODEL, ffn_hidden_size=64, dropout=0.0), LAYOUT)  # same width
 
 
+def test_the_gelu_is_part_of_the_architecture_and_older_checkpoints_had_the_tanh_one():
+    from megagpt.config import ModelConfig
+    meta = make_meta(1)
+    assert "activation" not in meta["config"]["model"]   # as written before the field existed
+    check_compatible(meta, ModelConfig(**MODEL), LAYOUT)
+    with pytest.raises(CheckpointError, match="checkpoint has model.activation=gelu_tanh, the "
+                                              "config says gelu"):
+        check_compatible(meta, ModelConfig(**MODEL, activation="gelu"), LAYOUT)
+
+
 def test_model_config_dataclass_is_accepted():
     from megagpt.config import ModelConfig
     check_compatible(make_meta(1), ModelConfig(**MODEL), LAYOUT)

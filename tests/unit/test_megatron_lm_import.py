@@ -190,7 +190,6 @@ ARCHITECTURES = [
     (dict(add_bias_linear=False), "--disable-bias-linear"),
     (dict(apply_residual_connection_post_layernorm=True),
      "--apply-residual-connection-post-layernorm"),
-    (dict(bias_gelu_fusion=False), "--no-bias-gelu-fusion"),
     (dict(use_legacy_models=True), "--use-legacy-models"),
 ]
 
@@ -204,10 +203,12 @@ def test_an_architecture_the_model_cannot_express_is_refused_naming_the_argument
     assert flag in str(e.value)
 
 
-def test_openai_gelu_does_not_make_megatron_core_s_unfused_gelu_tanh(tmp_path):
-    args = megatron_args(bias_gelu_fusion=False, openai_gelu=True)
-    with pytest.raises(ConversionError, match="--no-bias-gelu-fusion: the run's MLP computed erf"):
-        load_source(write_megatron(tmp_path / "mlm", random_state(), args=args))
+@pytest.mark.parametrize("openai_gelu", [False, True])
+def test_megatron_core_s_unfused_gelu_is_the_exact_one_openai_gelu_or_not(tmp_path, openai_gelu):
+    args = megatron_args(bias_gelu_fusion=False, openai_gelu=openai_gelu)
+    source = load_source(write_megatron(tmp_path / "mlm", random_state(), args=args))
+    assert source.model == dataclasses.replace(M, activation="gelu")
+    assert source.config["model"]["activation"] == "gelu"
 
 
 def test_weights_with_no_place_and_the_legacy_model_are_refused(tmp_path):
@@ -302,8 +303,9 @@ def test_stages_whose_tensor_parallel_ranks_differ_are_refused():
 def write_torch_dist(root, full, m=M, args=None, iteration=7):
     """A Megatron-LM save dir in the 'torch_dist' format, as megatron-core lays it out: whole
     tensors, each block weight stacked over the layers, the layer norms under Transformer
-    Engine's names, the arguments in common.pt (written with torch.distributed.checkpoint here;
-    megatron-core's own writer is checked in test_model_megatron_core.py)."""
+    Engine's names, the arguments in common.pt, Megatron's metadata.json (written with
+    torch.distributed.checkpoint here; megatron-core's own writer is checked in
+    test_model_megatron_core.py)."""
     import torch.distributed.checkpoint as dcp
 
     stage = megatron_stage(full, m, range(m.n_layers), True, True, 0, 1, te_names=True)
@@ -320,6 +322,9 @@ def write_torch_dist(root, full, m=M, args=None, iteration=7):
         dcp.save(state, checkpoint_id=str(folder), no_dist=True)
     torch.save({"args": args or megatron_args(), "checkpoint_version": 3.0,
                 "iteration": iteration}, folder / "common.pt")
+    (folder / "metadata.json").write_text('{"sharded_backend": "torch_dist", '
+                                          '"sharded_backend_version": 1, "common_backend": '
+                                          '"torch", "common_backend_version": 1}')
     (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return Path(root)
 
@@ -389,3 +394,67 @@ def test_checkpoint_pretrained_starts_from_a_megatron_run(tmp_path):
     assert all(torch.equal(weights[name], value) for name, value in full.items())
     with pytest.raises(Exception, match="has model.n_layers=1, the config says 2"):
         pretrained_state(str(root), dataclasses.replace(m, n_layers=2), "gpt2")
+
+
+def test_transformer_engine_2_extra_state_tensors_are_passed_over(tmp_path):
+    """Transformer Engine 2 saves each module's extra state as a uint8 tensor of a pickle."""
+    import pickle
+
+    full = random_state()
+    root = write_megatron(tmp_path / "mlm", full, te_names=True)
+    path = root / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    for i in range(M.n_layers):
+        for module in ("self_attention.linear_qkv", "self_attention.core_attention",
+                       "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+            state["model"][f"decoder.layers.{i}.{module}._extra_state"] = torch.frombuffer(
+                bytearray(pickle.dumps(None)), dtype=torch.uint8)
+    torch.save(state, path)
+    source = load_source(root)
+    assert all(torch.equal(source.full_state[k], v) for k, v in full.items())
+
+
+def test_zero_centred_norms_of_a_bf16_run_keep_their_gain_exactly(tmp_path):
+    full = {k: v.bfloat16() for k, v in random_state().items()}
+    shifted = {k: v - 1 if k.endswith(("ln1.weight", "ln2.weight", "final_ln.weight")) else v
+               for k, v in full.items()}
+    args = megatron_args(apply_layernorm_1p=True)
+    source = load_source(write_megatron(tmp_path / "mlm", shifted, args=args))
+    assert {v.dtype for v in source.full_state.values()} == {torch.float32}
+    for name, value in shifted.items():
+        norm = name.endswith(("ln1.weight", "ln2.weight", "final_ln.weight"))
+        expected = value.float() + 1 if norm else value.float()
+        assert torch.equal(source.full_state[name], expected), name
+    assert any("float32" in note for note in source.notes)
+
+
+def test_other_distributed_formats_and_partial_arguments_are_named(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp" / "iter_0000005"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": torch.zeros(2)}}, checkpoint_id=str(folder), no_dist=True)
+    with pytest.raises(ConversionError, match="--ckpt-format torch_dcp or fsdp_dtensor save, "
+                                              "which is not read here"):
+        load_source(folder)
+    root = write_megatron(tmp_path / "noargs", random_state(), args=argparse.Namespace(
+        num_layers=4, tokenizer_type="NullTokenizer"))
+    with pytest.raises(ConversionError, match="arguments lack hidden_size, num_attention_heads"):
+        load_source(root)
+
+
+def test_a_checkpoint_without_its_first_stage_or_given_by_one_rank_is_refused(tmp_path):
+    root = write_megatron(tmp_path / "mlm", random_state())
+    path = root / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("embedding.")}
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match="holds no embedding.word_embeddings.weight"):
+        load_source(root)
+    for given in (path, path.parent):
+        with pytest.raises(ConversionError, match=rf"is one rank's part of a Megatron-LM "
+                                                  rf"checkpoint; fix: give the iteration folder "
+                                                  rf"holding every rank's, --input "
+                                                  rf"{root / 'iter_0000007'}$"):
+            load_source(given)

@@ -1,9 +1,11 @@
 """The single-process model equals megatron-core's own GPTModel (local layer spec, learned
 positions, tied embedding) on the same weights, and our vocab-parallel cross-entropy equals
-megatron-core's on one rank. GPT-2 equivalence needs megatron's tanh GeLU (`activation_func=
-openai_gelu`, or F.gelu with `bias_activation_fusion=True`, whose fused kernel is tanh); its
-default F.gelu is erf. Megatron's loss also counts the padding columns; ours leaves them out."""
+megatron-core's on one rank. Megatron's tanh GeLU (`activation_func=openai_gelu`, or F.gelu with
+`bias_activation_fusion=True`, whose fused kernel is tanh) is our default, GPT-2's; its unfused
+F.gelu is erf, our model.activation=gelu. Megatron's loss also counts the padding columns; ours
+leaves them out."""
 import contextlib
+import dataclasses
 import warnings
 
 import pytest
@@ -93,9 +95,9 @@ def megatron_model(**fields):
     return model
 
 
-def run_both(megatron, attention, ids):
-    ours = GPTStage(M, KernelsConfig(attention=attention, **KERNELS),
-                    StageSpec(0, M.n_layers, True, True))
+def run_both(megatron, attention, ids, m=M):
+    ours = GPTStage(m, KernelsConfig(attention=attention, **KERNELS),
+                    StageSpec(0, m.n_layers, True, True))
     load_full_state_dict(ours, from_megatron_core(megatron.state_dict(), M.n_heads))
     s = ids.shape[1]
     causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]   # None: a CUDA mask
@@ -125,11 +127,13 @@ def test_logits_loss_and_gradients_equal_megatron_core(attention, fields):
         torch.testing.assert_close(g, theirs[name][:g.shape[0]], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_megatron_defaults_differ_erf_gelu_and_padding_in_the_loss():
+def test_megatron_s_unfused_erf_gelu_is_model_activation_gelu_and_padding_is_in_its_loss():
     megatron = megatron_model()                       # activation_func=F.gelu: erf
     ids, labels = torch.randint(0, M.vocab_size, (2, 16)), torch.randint(0, M.vocab_size, (2, 16))
     with torch.no_grad():
-        _, logits, ref = run_both(megatron, "eager", ids)
+        _, logits, ref = run_both(megatron, "eager", ids, dataclasses.replace(M, activation="gelu"))
+        assert (logits - ref).abs().max().item() <= 1e-5
+        _, logits, ref = run_both(megatron, "eager", ids)        # the tanh GeLU
         assert (logits - ref).abs().max().item() > 1e-4
         s = ids.shape[1]
         causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
