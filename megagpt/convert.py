@@ -42,9 +42,8 @@ from megagpt.config import (HF_DROPOUTS, HF_TO_MODEL, ConfigError, KernelsConfig
 from megagpt.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_to
 from megagpt.fsutil import give_default_mode, replace_folder_atomically, why_not_a_folder
 from megagpt.hf import from_hf, hf_config_dict, to_hf
-from megagpt.megatron_lm import FILE as RANK_FILE
-from megagpt.megatron_lm import (ITERATION_RE, RANK_RE, TRACKER, MegatronCheckpointError,
-                                 find_checkpoint, read_checkpoint)
+from megagpt.megatron_lm import (ITERATION_RE, RANK_FILE, RANK_RE, TRACKER,
+                                 MegatronCheckpointError, find_checkpoint, read_checkpoint)
 from megagpt.model.gpt import GPTStage, StageSpec, load_full_state_dict
 from megagpt.model.reshard import (full_state_from_checkpoint, full_state_shapes, model_config_of,
                                    shard_full_state)

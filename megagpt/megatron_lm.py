@@ -61,7 +61,7 @@ from megagpt.data.tokenizer import TokenizerError, load_tokenizer
 TRACKER = "latest_checkpointed_iteration.txt"
 ITERATION_RE = re.compile(r"iter_(\d{7,})|release")
 RANK_RE = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(_\d{3})?")
-FILE = "model_optim_rng.pt"
+RANK_FILE = "model_optim_rng.pt"
 DIST_METADATA = ".metadata"      # torch_dist: torch.distributed.checkpoint's index, written last
 COMMON = "common.pt"                 # torch_dist: the arguments and the iteration
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
@@ -159,14 +159,14 @@ def _rank_files(folder: Path) -> dict[tuple[int, int], Path]:
             continue
         if match[3]:
             expert.append(p.name)
-        files[(int(match[1]), int(match[2] or 0))] = p / FILE
+        files[(int(match[1]), int(match[2] or 0))] = p / RANK_FILE
     if expert:
         raise MegatronCheckpointError(f"{folder} is split over expert-parallel ranks ("
                                       f"{expert[0]}, ...): a mixture-of-experts model, which "
                                       f"this GPT cannot express")
     tp = 1 + max(t for t, _ in files)
     pp = 1 + max(q for _, q in files)
-    missing = [f"{f.parent.name}/{FILE}" for f in files.values() if not f.is_file()]
+    missing = [f"{f.parent.name}/{RANK_FILE}" for f in files.values() if not f.is_file()]
     missing += [f"mp_rank_{t:02d}" + (f"_{q:03d}" if pp > 1 else "") for t in range(tp)
                 for q in range(pp) if (t, q) not in files]
     if missing:
