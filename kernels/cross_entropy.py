@@ -60,7 +60,8 @@ def _aligned_row(BASE, row, width):
     align: tl.constexpr = 128 // BASE.dtype.element_ty.primitive_bitwidth
     start = row * width
     lead = start % align
-    return BASE + tl.multiple_of(start - lead, align), lead
+    # lead in 32 bits: the column arithmetic of every element follows its type
+    return BASE + tl.multiple_of(start - lead, align), lead.to(tl.int32)
 
 
 @triton.jit
@@ -178,8 +179,10 @@ def _grad_kernel(LOGITS, TARGET, LSE, SCALE, GRAD, n_cols, width, vocab_start, i
             scale = tl.load(SCALE + row).to(tl.float32)
         else:
             scale = tl.load(SCALE).to(tl.float32)
-        _write_row_grad(ptr, grad_ptr, lead, n_cols, width, tl.load(LSE + row),
-                        target - vocab_start, scale, BLOCK_V)
+        local = target - vocab_start      # compared in 32 bits; -1 when outside the shard
+        local = tl.where((local >= 0) & (local < n_cols), local, -1).to(tl.int32)
+        _write_row_grad(ptr, grad_ptr, lead, n_cols, width, tl.load(LSE + row), local, scale,
+                        BLOCK_V)
 
 
 # (BLOCK_V, warps): the vocabulary chunk of one loop step, 8 or 16 elements a thread.
