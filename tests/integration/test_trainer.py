@@ -934,6 +934,9 @@ def test_metrics_reach_weights_and_biases_and_a_resume_continues_the_run(tmp_pat
     overrides = dict(logging__wandb_project="megagpt-tests", checkpoint__save_interval=2)
     run_distributed(_resume_with, 1, str(tmp_path), 4, 2, overrides)
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    # wandb names an offline run's folder by the second it starts, and these runs take less
+    # than one: the resume starts in the next second, so that its records get a folder of their own
+    time.sleep(1.0 - time.time() % 1.0)
     run_distributed(_resume_with, 1, str(tmp_path), 4, 4, overrides)
     assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
     files = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))

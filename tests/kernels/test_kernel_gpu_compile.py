@@ -112,11 +112,13 @@ def main():
         _compile_configs(sm._bwd_kernel(block_n),
                          dict(Y=bf16, DY=bf16, DX=bf16, n_rows="i32", n_cols="i32",
                               scale="fp32"), dict(BLOCK_N=block_n))
-    _compile_configs(bg._fwd_kernel, dict(X=bf16, BIAS="*fp32", Y=bf16, n_rows="i32",
-                                          n_cols="i32"), {})
-    _compile_configs(bg._bwd_kernel,
-                     dict(X=bf16, BIAS=bf16, DY=bf16, DX=bf16, DBIAS_PARTIAL="*fp32",
-                          n_rows="i32", n_cols="i32", rows_per_program="i32"), {})
+    for tanh in (True, False):     # GPT-2's tanh GeLU; the exact one (erf)
+        _compile_configs(bg._fwd_kernel, dict(X=bf16, BIAS="*fp32", Y=bf16, n_rows="i32",
+                                              n_cols="i32"), dict(TANH=tanh))
+        _compile_configs(bg._bwd_kernel,
+                         dict(X=bf16, BIAS=bf16, DY=bf16, DX=bf16, DBIAS_PARTIAL="*fp32",
+                              n_rows="i32", n_cols="i32", rows_per_program="i32"),
+                         dict(TANH=tanh))
     ce_fwd = dict(LOGITS=bf16, TARGET="*i64", WEIGHT="*fp32", LOSS="*fp32", LSE="*fp32",
                   N_VALID="*fp32", n_cols="i32", width="i32", ignore_index="i32")
     ce_grad = dict(LOGITS=bf16, TARGET="*i64", LSE="*fp32", SCALE="*fp32", GRAD=bf16,
