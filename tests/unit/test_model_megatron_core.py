@@ -74,6 +74,12 @@ def megatron_on_one_cpu_rank(tmp_path_factory):
         mp.setattr(tensor_parallel, "get_cuda_rng_tracker", lambda *a, **k: _NoCudaRng())
         yield
     parallel_state.destroy_model_parallel()
+    # megatron-core 0.16.1's destroy leaves its intra-partial data-parallel groups set; a
+    # process forked later (the gloo tests of tests/distributed, in the same pytest) would free
+    # them, and freeing a gloo group without its threads aborts or hangs the child
+    for name, value in list(vars(parallel_state).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(parallel_state, name, None)
     if created:
         dist.destroy_process_group()
 
