@@ -458,3 +458,63 @@ def test_a_checkpoint_without_its_first_stage_or_given_by_one_rank_is_refused(tm
                                                   rf"holding every rank's, --input "
                                                   rf"{root / 'iter_0000007'}$"):
             load_source(given)
+
+
+def test_the_run_s_epsilon_dropout_and_precision_are_taken(tmp_path):
+    args = megatron_args(norm_epsilon=1e-6, hidden_dropout=0.1, attention_dropout=0.0,
+                         bf16=False, fp16=True)
+    source = load_source(write_megatron(tmp_path / "fp16", random_state(), args=args))
+    assert (source.model.layernorm_eps, source.model.dropout) == (1e-6, 0.1)
+    assert source.config["training"]["precision"] == "fp16"
+    assert any("--hidden-dropout and --attention-dropout differ" in n for n in source.notes)
+    args = megatron_args(bf16=False, layernorm_epsilon=1e-6, norm_epsilon=None)
+    source = load_source(write_megatron(tmp_path / "fp32", random_state(), args=args))
+    assert source.config["training"]["precision"] == "fp32"
+    assert source.model.layernorm_eps == 1e-6           # the argument's older name
+
+
+def test_the_torch_dist_layout_is_the_run_s_tensor_and_pipeline_sizes(tmp_path):
+    args = megatron_args(tensor_model_parallel_size=2, pipeline_model_parallel_size=1,
+                         virtual_pipeline_model_parallel_size=None)
+    assert load_source(write_torch_dist(tmp_path / "mlm", random_state(),
+                                        args=args)).layout == (2, 1, 1)
+
+
+def test_arguments_without_the_gelu_fusion_flag_and_an_exactly_full_vocabulary(tmp_path):
+    args = megatron_args(vocab_size=127)                # 127 ids + the end-of-document one
+    del args.bias_gelu_fusion                           # Megatron's default: fused, tanh
+    m = dataclasses.replace(M, vocab_size=128)
+    source = load_source(write_megatron(tmp_path / "mlm", random_state(m), m, args=args))
+    assert source.model.activation == "gelu_tanh" and source.model.vocab_size == 128
+    assert not any("not recorded" in note for note in source.notes)
+
+
+def test_a_model_the_config_validator_refuses_is_named(tmp_path):
+    args = megatron_args(max_position_embeddings=None, seq_length=None)
+    with pytest.raises(ConversionError, match="cannot express:\n  - model.seq_length"):
+        load_source(write_megatron(tmp_path / "mlm", random_state(), args=args))
+
+
+def test_blocks_not_numbered_from_zero_are_named():
+    stage = {"decoder.layers.1.input_layernorm.weight": torch.ones(4),
+             "decoder.layers.2.input_layernorm.weight": torch.ones(4)}
+    with pytest.raises(ValueError, match=r"numbered \[1, 2\], not from 0 one by one"):
+        merge_stages([[stage]], 2)
+
+
+def test_checkpoint_pretrained_reads_a_checkpoint_of_ours_from_before_model_activation(tmp_path):
+    import json
+
+    from megagpt.training.checkpoint import CheckpointError
+    from megagpt.training.trainer import pretrained_state
+
+    convert(write_megatron(tmp_path / "mlm", random_state()), tmp_path / "ours", "megagpt",
+            tp=1, pp=1, log=lambda _: None)
+    meta_path = tmp_path / "ours" / "step_0000007" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["model"]["activation"]           # as written before the field existed
+    meta_path.write_text(json.dumps(meta))
+    assert pretrained_state(str(tmp_path / "ours"), M).keys()
+    with pytest.raises(CheckpointError, match="has model.activation=gelu_tanh, the config says "
+                                              "gelu"):
+        pretrained_state(str(tmp_path / "ours"), dataclasses.replace(M, activation="gelu"))
