@@ -51,10 +51,10 @@ from megagpt.fsutil import FolderLock, why_not_a_folder
 from megagpt.model.gpt import load_full_state_dict
 from megagpt.parallel.random import get_rng_tracker, seed_everything
 from megagpt.parallel.state import AnotherRankFailed, ParallelState, run_agreed
-from megagpt.training.checkpoint import (ARCHITECTURE_DEFAULTS, ARCHITECTURE_FIELDS,
-                                         SHARED_SAVE_DIR_FIX, CheckpointError, capture_rng_state,
-                                         check_compatible, check_optimizer_layout,
-                                         complete_checkpoints, damaged_checkpoints,
+from megagpt.training.checkpoint import (ARCHITECTURE_FIELDS, SHARED_SAVE_DIR_FIX,
+                                         CheckpointError, capture_rng_state, check_compatible,
+                                         check_optimizer_layout, complete_checkpoints,
+                                         damaged_checkpoints,
                                          find_latest, load_checkpoint, read_meta,
                                          resolve_load_path, restore_rng_state, save_checkpoint,
                                          start_checkpoint_save)
@@ -1100,7 +1100,7 @@ def _architecture_problems(saved: dict, m: ModelConfig, source: str) -> list[str
     wanted = dataclasses.asdict(m)
     problems = []
     for name in ARCHITECTURE_FIELDS:
-        a, b = saved.get(name, ARCHITECTURE_DEFAULTS.get(name)), wanted.get(name)
+        a, b = saved.get(name), wanted.get(name)
         if name == "ffn_hidden_size":
             a, b = a or 4 * saved["d_model"], b or 4 * m.d_model
         if name != "make_vocab_size_divisible_by" and a != b:
