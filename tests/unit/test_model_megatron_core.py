@@ -6,6 +6,7 @@ F.gelu is erf, our model.activation=gelu. Megatron's loss also counts the paddin
 leaves them out."""
 import contextlib
 import dataclasses
+import os
 import warnings
 
 import pytest
@@ -152,6 +153,9 @@ def test_megatron_s_unfused_erf_gelu_is_model_activation_gelu_and_padding_is_in_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fused", [False, True])
 def test_vocab_parallel_cross_entropy_equals_megatron_core(dtype, fused):
+    if fused and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the fused loss runs its Triton kernel, whose bf16 arithmetic Triton's "
+                    "interpreter gets wrong (bf16 is checked on a GPU)")
     torch.manual_seed(0)
     logits, target = 3 * torch.randn(7, 3, 1024), torch.randint(0, 1001, (7, 3))
     ours_in, theirs_in = (logits.to(dtype).clone().requires_grad_() for _ in range(2))
