@@ -176,13 +176,15 @@ def softmax_case(name, tokens, n_heads, seq, device, dtype) -> Case:
                 "GB/s", _elementwise_work(batch * n_heads * seq * seq, dtype))
 
 
-def bias_gelu_case(name, tokens, d_model, device, dtype) -> Case:
+def bias_gelu_case(name, tokens, d_model, device, dtype, approximate="tanh") -> Case:
+    """GPT-2's tanh GeLU, or with approximate="none" the exact one (model.activation=gelu)."""
     width = 4 * d_model
-    return Case("bias_gelu", name, f"({tokens}, {width})",
+    return Case("bias_gelu", name if approximate == "tanh" else f"{name}, exact (erf)",
+                f"({tokens}, {width})",
                 lambda: [_leaf(tokens, width, device=device, dtype=dtype),
                          _leaf(width, device=device, dtype=dtype)],
-                {"triton": bias_gelu,
-                 "torch": lambda x, b: F.gelu(x + b, approximate="tanh")},
+                {"triton": lambda x, b: bias_gelu(x, b, approximate),
+                 "torch": lambda x, b: F.gelu(x + b, approximate=approximate)},
                 "GB/s", _elementwise_work(tokens * width, dtype))
 
 
@@ -262,6 +264,7 @@ def build_cases(quick, device, dtype, on_gpu) -> List[Case]:
     cases.append(cross_entropy_case(tokens, vocab, device, dtype))
     cases.append(cross_entropy_case(tokens, vocab, device, dtype, width=-(-vocab // 128) * 128))
     for name, (d_model, n_heads, seq) in configs.items():   # last: the extras
+        cases.append(bias_gelu_case(name, tokens, d_model, device, dtype, approximate="none"))
         cases.append(attention_in_model_case(name, tokens // seq, n_heads, seq, d_model // n_heads,
                                              device, dtype, on_gpu))
     for name, (d_model, n_heads, seq) in configs.items():
