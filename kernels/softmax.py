@@ -35,8 +35,10 @@ def _softmax_fwd_kernel(X, Y, n_rows, n_cols, sq, scale, CAUSAL: tl.constexpr,
         keep = keep & (cols[None, :] <= (rows % sq)[:, None])
     offsets = rows[:, None] * n_cols + cols[None, :]
     x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
-    x = tl.where(keep, x * (scale * LOG2E), float("-inf"))   # exp(a) = exp2(a log2 e)
-    e = tl.exp2(x - tl.max(x, 1)[:, None])
+    x = tl.where(keep, x * scale, float("-inf"))
+    # exp(a) = exp2(a log2 e), log2 e applied after the subtraction: to the scores themselves,
+    # their rounding would grow with their size, not with their distance from the maximum
+    e = tl.exp2((x - tl.max(x, 1)[:, None]) * LOG2E)
     y = e * (1.0 / tl.sum(e, 1))[:, None]      # one division a row, not one an element
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=inside)
 

@@ -625,7 +625,10 @@ HF_TO_MODEL = {"vocab_size": "vocab_size", "n_embd": "d_model", "n_head": "n_hea
                "n_layer": "n_layers", "n_positions": "seq_length", "n_inner": "ffn_hidden_size",
                "layer_norm_epsilon": "layernorm_eps", "initializer_range": "init_std"}
 HF_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
-HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# transformers' names of the two GeLUs (gelu_fast: the old Megatron GPT-2 converter's)
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_fast": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "gelu": "gelu",
+                  "gelu_python": "gelu"}
 
 
 def _is_deepspeed_config(raw: dict) -> bool:

@@ -233,6 +233,8 @@ def architecture_problems(args) -> list[str]:
         (_arg(args, "swiglu", default=False), "--swiglu: the model's MLP is a GeLU MLP"),
         (_arg(args, "squared_relu", default=False),
          "--squared-relu: the model's MLP is a GeLU MLP"),
+        (_arg(args, "quick_geglu", default=False),
+         "--quick-geglu: the model's MLP is a GeLU MLP, not a gated one"),
         (_position_type(args) != "learned_absolute",
          f"--position-embedding-type {_position_type(args)}: the model learns absolute positions"),
         (_arg(args, "untie_embeddings_and_output_weights", default=False),

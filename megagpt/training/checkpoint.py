@@ -636,12 +636,15 @@ def resolve_load_path(load: str | None, save_dir: str | Path | None,
             raise CheckpointError(f"checkpoint.load={load}: {reason}; {fix}")
         return path
     latest = find_latest(path, warn)
-    if latest is None and (path / "config.json").is_file():     # a Hugging Face model folder
-        raise CheckpointError(f"checkpoint.load={load}: {path} is a Hugging Face model folder, "
-                              f"not a checkpoint of ours; fix: start from its weights with "
+    kind = ("a Hugging Face model folder" if (path / "config.json").is_file() else
+            "a Megatron-LM checkpoint" if (path / "latest_checkpointed_iteration.txt").is_file()
+            or re.fullmatch(r"iter_\d{7,}|release", path.name) else None)
+    if latest is None and kind:
+        raise CheckpointError(f"checkpoint.load={load}: {path} is {kind}, not a checkpoint of "
+                              f"ours; fix: start from its weights with "
                               f"checkpoint.pretrained={load} (and checkpoint.load=auto), or "
                               f"convert it with tools/convert_checkpoint.py --input {load} "
-                              f"--output DIR --to megagpt and load DIR")
+                              f"--output DIR --to megagpt (which keeps its step) and load DIR")
     if latest is None:
         raise CheckpointError(f"checkpoint.load={load}: {path} holds no complete checkpoint (a "
                               f"step_NNNNNNN folder with {META_FILE}); {fix}")

@@ -35,6 +35,19 @@ def test_bf16_interpreted_or_compiled(compare, device):
     _check(compare, (2, 2, 19, 19), 0.25, True, BF16, device)
 
 
+@pytest.mark.parametrize("scale,offset", [(0.125, 0.0), (0.125, 400.0), (0.1020620726, 400.0)])
+def test_large_scores_keep_float32_precision(device, scale, offset):
+    """The rounding of the exponent follows a score's distance from its row's maximum, not the
+    score's size: scores around 400 (+-8) keep every probability above 1e-4 within 1e-6 of the
+    reference in float32. (Scaling by log2 e before subtracting the maximum gave 3.6e-6.)"""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 64, device=device) * (80.0 if offset == 0 else 8.0) + offset
+    ref = scaled_masked_softmax_reference(x.double(), scale, True)
+    y = scaled_masked_softmax(x, scale, causal=True).double()
+    kept = ref > 1e-4
+    assert ((y - ref).abs() / ref)[kept].max().item() < 1e-6
+
+
 def test_causal_mask_is_megatron_upper_triangle(device):
     """Key j > query i gets probability 0; the rest sums to 1 (sq > sk: late rows see all)."""
     y = scaled_masked_softmax(torch.randn(3, 6, 4, device=device), 1.0, causal=True)

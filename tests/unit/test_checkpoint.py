@@ -462,6 +462,14 @@ def test_bad_load_paths_are_named(tmp_path):
                                               rf"checkpoint of ours; fix: .*checkpoint.pretrained"
                                               rf"={hf}"):
         resolve_load_path(str(hf), None)
+    megatron = tmp_path / "megatron"
+    (megatron / "iter_0000010").mkdir(parents=True)
+    (megatron / "latest_checkpointed_iteration.txt").write_text("10")
+    for given in (megatron, megatron / "iter_0000010"):
+        with pytest.raises(CheckpointError, match=rf"{given} is a Megatron-LM checkpoint, not a "
+                                                  rf"checkpoint of ours; fix: .*checkpoint."
+                                                  rf"pretrained={given}.*which keeps its step"):
+            resolve_load_path(str(given), None)
     (tmp_path / "step_0000004").mkdir()
     with pytest.raises(CheckpointError, match=r"checkpoint.load=.*step_0000004: .*step_0000004 is "
                                               r"not a complete checkpoint: it has no meta.json"):

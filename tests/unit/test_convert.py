@@ -212,21 +212,23 @@ def test_hf_to_ours_to_hf_gives_identical_tensors(tmp_path, hf_folder):
         assert torch.equal(back[k], v), k
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh", "gelu_fast", "gelu_python"])
 def test_an_hf_gpt2_with_another_gelu_converts_both_ways_with_its_logits(tmp_path, hf_folder,
                                                                           activation):
-    """activation_function "gelu" (the exact GeLU) is model.activation=gelu, and back;
-    "gelu_pytorch_tanh" is GPT-2's tanh GeLU (gelu_tanh, exported as "gelu_new")."""
+    """activation_function "gelu" (the exact GeLU; "gelu_python" too) is model.activation=gelu,
+    and back; "gelu_pytorch_tanh" and "gelu_fast" (the old Megatron GPT-2 converter's) are GPT-2's
+    tanh GeLU (gelu_tanh, exported as "gelu_new")."""
     folder = tmp_path / activation
     shutil.copytree(hf_folder, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, activation_function=activation)))
     source = load_source(folder)
-    assert source.model.activation == ("gelu" if activation == "gelu" else "gelu_tanh")
+    exact = activation in ("gelu", "gelu_python")
+    assert source.model.activation == ("gelu" if exact else "gelu_tanh")
     quiet(folder, tmp_path / "ours", "megagpt", tp=2, verify=True)
     quiet(tmp_path / "ours", tmp_path / "back", "hf", verify=True)
     exported = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert exported["activation_function"] == ("gelu" if activation == "gelu" else "gelu_new")
+    assert exported["activation_function"] == ("gelu" if exact else "gelu_new")
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder, local_files_only=True).eval()
     ids = torch.randint(0, M.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -234,8 +236,7 @@ def test_an_hf_gpt2_with_another_gelu_converts_both_ways_with_its_logits(tmp_pat
     ours = our_logits(source.model, source.full_state, ids)
     assert (ours - theirs).abs().max().item() <= 1e-4
     tanh = dataclasses.replace(source.model, activation="gelu_tanh")
-    assert ((our_logits(tanh, source.full_state, ids) - theirs).abs().max().item() > 1e-4) == (
-        activation == "gelu")
+    assert ((our_logits(tanh, source.full_state, ids) - theirs).abs().max().item() > 1e-4) == exact
 
 
 def test_an_hf_gpt2_with_different_dropouts_converts_with_its_residual_one(tmp_path, hf_folder,

@@ -178,6 +178,7 @@ ARCHITECTURES = [
     (dict(normalization="RMSNorm"), "--normalization RMSNorm"),
     (dict(swiglu=True), "--swiglu"),
     (dict(squared_relu=True), "--squared-relu"),
+    (dict(quick_geglu=True), "--quick-geglu"),
     (dict(position_embedding_type="rope"), "--position-embedding-type rope"),
     (dict(position_embedding_type=None, use_rotary_position_embeddings=True),
      "--position-embedding-type rope"),
