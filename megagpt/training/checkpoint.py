@@ -69,7 +69,7 @@ HASH_SUFFIX = ".sha256"
 STEP_RE = re.compile(r"step_(\d{7})")
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_heads", "n_layers", "seq_length",
                        "ffn_hidden_size", "activation", "make_vocab_size_divisible_by")
-# what a field a checkpoint's config lacks (written before the field existed) was
+# the value of a field a checkpoint's config lacks (it was saved before the field existed)
 ARCHITECTURE_DEFAULTS = {"activation": "gelu_tanh"}
 PARALLEL_KEYS = ("tp", "pp", "dp", "vp")
 
